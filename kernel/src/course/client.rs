@@ -1,0 +1,225 @@
+//! The client's side of a course: join, train on request, evaluate on request, stop on finish.
+//!
+//! Training and evaluation run on tokio's blocking pool through
+//! [`Ctx::spawn_blocking`], so the client keeps handling messages (and
+//! shutdown) while its trainer computes. The update it sends carries the
+//! sample count that FedAvg weighs it by, the mean training loss, and the
+//! seconds of compute it took.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tracing::{info, info_span};
+
+use crate::bus::Transport;
+use crate::codec::EncodeOptions;
+use crate::config::CourseConfig;
+use crate::course::trainer::{derive_seed, SharedTrainer, TrainContext, TrainerError};
+use crate::message::{Envelope, MsgKind, Party};
+use crate::params::ParamSet;
+use crate::worker::{Ctx, Flow, HandlerError, HandlerResult, Worker};
+
+/// What a client keeps between messages; returned when it stops.
+pub struct ClientState {
+    id: u32,
+    seed: u64,
+    trainer: SharedTrainer,
+    joined: bool,
+    latest_global: Option<ParamSet>,
+    rounds_trained: Vec<u64>,
+}
+
+impl ClientState {
+    /// This client's id.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// True once the server assigned the id.
+    pub fn joined(&self) -> bool {
+        self.joined
+    }
+
+    /// The last global parameters received (at the end: the final ones).
+    pub fn latest_global(&self) -> Option<&ParamSet> {
+        self.latest_global.as_ref()
+    }
+
+    /// The rounds this client was asked to train in.
+    pub fn rounds_trained(&self) -> &[u64] {
+        &self.rounds_trained
+    }
+}
+
+/// Builds the worker of client `id`.
+pub fn client_worker(
+    id: u32,
+    cfg: &CourseConfig,
+    trainer: SharedTrainer,
+    transport: Arc<dyn Transport>,
+) -> Worker<ClientState> {
+    let state = ClientState {
+        id,
+        seed: cfg.course.seed,
+        trainer,
+        joined: false,
+        latest_global: None,
+        rounds_trained: Vec::new(),
+    };
+    Worker::new(Party::Client(id), cfg.course.name.clone(), transport, state)
+        .with_encoding(EncodeOptions {
+            quantization: cfg.wire.quantization,
+            compression: cfg.wire.compression,
+        })
+        .with_limits(cfg.wire.limits())
+        .on_start(|s, ctx| {
+            let join = Envelope::new(
+                ctx.course(),
+                0,
+                ctx.me(),
+                vec![Party::Server],
+                MsgKind::JoinIn,
+            );
+            ctx.send(join)?;
+            info!(client = s.id, "asked to join");
+            Ok(Flow::Continue)
+        })
+        .on(MsgKind::AssignId, on_assign_id)
+        .on(MsgKind::ModelPara, on_model_para)
+        .on(MsgKind::Train, on_train)
+        .on(MsgKind::Evaluate, on_evaluate)
+        .on(MsgKind::Finish, on_finish)
+}
+
+fn from_server(env: &Envelope) -> Result<(), HandlerError> {
+    if env.from == Party::Server {
+        Ok(())
+    } else {
+        Err(HandlerError::Reject(format!(
+            "{} may only come from the server",
+            env.kind
+        )))
+    }
+}
+
+fn on_assign_id(s: &mut ClientState, env: Envelope, _ctx: &mut Ctx) -> HandlerResult {
+    from_server(&env)?;
+    if env.meta_u64("client_id") != Some(u64::from(s.id)) {
+        return Err(HandlerError::Reject(format!(
+            "assign_id for another id ({:?})",
+            env.meta.get("client_id")
+        )));
+    }
+    s.joined = true;
+    Ok(Flow::Continue)
+}
+
+fn on_model_para(s: &mut ClientState, env: Envelope, _ctx: &mut Ctx) -> HandlerResult {
+    from_server(&env)?;
+    s.latest_global = Some(
+        env.payload
+            .ok_or_else(|| HandlerError::Reject("model_para without parameters".into()))?,
+    );
+    Ok(Flow::Continue)
+}
+
+/// The context and shared trainer a job needs, taken from a server request.
+fn job_inputs(
+    s: &ClientState,
+    env: &Envelope,
+    ctx: &Ctx,
+) -> Result<(ParamSet, TrainContext), HandlerError> {
+    from_server(env)?;
+    let global = env
+        .payload
+        .clone()
+        .ok_or_else(|| HandlerError::Reject(format!("{} without parameters", env.kind)))?;
+    let tctx = TrainContext::new(
+        env.round,
+        derive_seed(s.seed, s.id, env.round),
+        env.meta.clone(),
+        ctx.cancel_flag(),
+    );
+    Ok((global, tctx))
+}
+
+fn trainer_failed(id: u32, what: &str, round: u64, e: TrainerError) -> TrainerError {
+    format!("client {id}: {what} in round {round} failed: {e}").into()
+}
+
+fn on_train(s: &mut ClientState, env: Envelope, ctx: &mut Ctx) -> HandlerResult {
+    let (global, tctx) = job_inputs(s, &env, ctx)?;
+    let (id, round, trainer) = (s.id, env.round, s.trainer.clone());
+    s.rounds_trained.push(round);
+    s.latest_global = Some(global.clone());
+    let course = ctx.course().to_string();
+    ctx.spawn_blocking(move || {
+        let _span = info_span!("train", client = id, round).entered();
+        let started = Instant::now();
+        let update = {
+            let mut trainer = trainer
+                .lock()
+                .map_err(|_| "the shared trainer panicked earlier")?;
+            trainer
+                .train(id, &global, &tctx)
+                .map_err(|e| trainer_failed(id, "training", round, e))?
+        };
+        let compute_s = started.elapsed().as_secs_f64();
+        let mut reply = Envelope::new(
+            course,
+            round,
+            Party::Client(id),
+            vec![Party::Server],
+            MsgKind::Update,
+        )
+        .with_meta("n_samples", update.n_samples)
+        .with_meta("compute_s", compute_s)
+        .with_payload(update.params);
+        if let Some(loss) = update.loss {
+            reply = reply.with_meta("train_loss", loss);
+        }
+        if !update.metrics.is_empty() {
+            reply = reply.with_meta("metrics", serde_json::to_value(update.metrics)?);
+        }
+        Ok(vec![reply])
+    });
+    Ok(Flow::Continue)
+}
+
+fn on_evaluate(s: &mut ClientState, env: Envelope, ctx: &mut Ctx) -> HandlerResult {
+    let (global, tctx) = job_inputs(s, &env, ctx)?;
+    let (id, round, trainer) = (s.id, env.round, s.trainer.clone());
+    let course = ctx.course().to_string();
+    ctx.spawn_blocking(move || {
+        let _span = info_span!("evaluate", client = id, round).entered();
+        let started = Instant::now();
+        let results = {
+            let mut trainer = trainer
+                .lock()
+                .map_err(|_| "the shared trainer panicked earlier")?;
+            trainer
+                .evaluate(id, &global, &tctx)
+                .map_err(|e| trainer_failed(id, "evaluation", round, e))?
+        };
+        let reply = Envelope::new(
+            course,
+            round,
+            Party::Client(id),
+            vec![Party::Server],
+            MsgKind::Metrics,
+        )
+        .with_meta("results", serde_json::to_value(results)?)
+        .with_meta("compute_s", started.elapsed().as_secs_f64());
+        Ok(vec![reply])
+    });
+    Ok(Flow::Continue)
+}
+
+fn on_finish(s: &mut ClientState, env: Envelope, _ctx: &mut Ctx) -> HandlerResult {
+    from_server(&env)?;
+    if let Some(params) = env.payload {
+        s.latest_global = Some(params);
+    }
+    info!(client = s.id, "course finished");
+    Ok(Flow::Stop)
+}

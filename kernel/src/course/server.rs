@@ -1,0 +1,564 @@
+//! The server's side of a course: admit clients, run rounds, aggregate, evaluate, finish.
+//!
+//! The server is a [`Worker`] whose state is a small phase machine:
+//!
+//! ```text
+//! Joining ──all clients joined──▶ [Evaluating 0] ─▶ Training r ─▶ [Evaluating r] ─▶ … ─▶ Finished
+//! ```
+//!
+//! Each training round samples `sample_clients` of the joined clients (seeded by
+//! the course seed and the round, so a run is reproducible and a resumed run
+//! samples the same clients), sends them `train` with the global parameters,
+//! waits for one `update` from each, and aggregates them in client-id order.
+//! Every `eval_every` rounds, and after the last, all clients evaluate the new
+//! global parameters. Updates or metrics that do not belong to the current
+//! step (wrong round, a client that was not asked, a second answer, mismatched
+//! shapes) are rejected and counted without disturbing the round.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use tracing::{info, info_span};
+
+use crate::aggregate::{Aggregator, ClientUpdate};
+use crate::bus::Transport;
+use crate::config::CourseConfig;
+use crate::course::trainer::SplitEval;
+use crate::message::{Envelope, MsgKind, Party};
+use crate::metrics::{Event, MetricsLog, Record};
+use crate::params::ParamSet;
+use crate::worker::{Ctx, Flow, HandlerError, HandlerResult, Worker};
+
+/// The sample-weighted mean of one split's evaluation over all clients, after one round.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoundEval {
+    /// The round (0 = before training).
+    pub round: u64,
+    /// The split.
+    pub split: String,
+    /// Sample-weighted mean loss.
+    pub loss: f64,
+    /// Total samples.
+    pub samples: u64,
+}
+
+/// A request sent to one client and not yet answered.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    sent_at: Instant,
+    bytes_down: usize,
+}
+
+#[derive(Debug)]
+enum Phase {
+    Joining,
+    Training {
+        round: u64,
+        pending: BTreeMap<u32, Pending>,
+        updates: Vec<ClientUpdate>,
+        started: Instant,
+        bytes_up: u64,
+        bytes_down: u64,
+    },
+    Evaluating {
+        round: u64,
+        pending: BTreeMap<u32, Pending>,
+        results: Vec<(u32, Vec<SplitEval>)>,
+    },
+    Finished,
+}
+
+/// Everything the server knows during a course; returned when it ends.
+pub struct ServerState {
+    cfg: CourseConfig,
+    global: ParamSet,
+    aggregator: Box<dyn Aggregator>,
+    joined: BTreeSet<u32>,
+    phase: Phase,
+    log: MetricsLog,
+    evals: Vec<RoundEval>,
+    sampled: Vec<(u64, Vec<u32>)>,
+    last_evaluated: Option<u64>,
+    started: Instant,
+}
+
+impl ServerState {
+    /// The current (at the end: final) global parameters.
+    pub fn global(&self) -> &ParamSet {
+        &self.global
+    }
+
+    /// The metrics written so far.
+    pub fn records(&self) -> &[Record] {
+        self.log.records()
+    }
+
+    /// Sample-weighted evaluation means, in the order they happened.
+    pub fn evals(&self) -> &[RoundEval] {
+        &self.evals
+    }
+
+    /// The clients sampled in each training round.
+    pub fn sampled(&self) -> &[(u64, Vec<u32>)] {
+        &self.sampled
+    }
+
+    /// True once the last round was evaluated and `finish` went out.
+    pub fn is_finished(&self) -> bool {
+        matches!(self.phase, Phase::Finished)
+    }
+
+    /// Takes the pieces a course report is made of.
+    pub fn into_parts(self) -> (ParamSet, Vec<Record>, Vec<RoundEval>, Vec<(u64, Vec<u32>)>) {
+        (
+            self.global,
+            self.log.into_records(),
+            self.evals,
+            self.sampled,
+        )
+    }
+}
+
+/// Builds the server worker of a course.
+pub fn server_worker(
+    cfg: CourseConfig,
+    initial: ParamSet,
+    aggregator: Box<dyn Aggregator>,
+    log: MetricsLog,
+    transport: Arc<dyn Transport>,
+) -> Worker<ServerState> {
+    let name = cfg.course.name.clone();
+    let limits = cfg.wire.limits();
+    let encode = crate::codec::EncodeOptions {
+        quantization: cfg.wire.quantization,
+        compression: cfg.wire.compression,
+    };
+    let state = ServerState {
+        cfg,
+        global: initial,
+        aggregator,
+        joined: BTreeSet::new(),
+        phase: Phase::Joining,
+        log,
+        evals: Vec::new(),
+        sampled: Vec::new(),
+        last_evaluated: None,
+        started: Instant::now(),
+    };
+    Worker::new(Party::Server, name, transport, state)
+        .with_encoding(encode)
+        .with_limits(limits)
+        .on(MsgKind::JoinIn, on_join_in)
+        .on(MsgKind::Update, on_update)
+        .on(MsgKind::Metrics, on_metrics)
+}
+
+/// Picks `k` of `ids` for `round`, reproducibly from `seed`; the result is sorted.
+pub fn sample_clients(ids: &[u32], k: usize, seed: u64, round: u64) -> Vec<u32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(round);
+    let mut picked: Vec<u32> = rand::seq::index::sample(&mut rng, ids.len(), k.min(ids.len()))
+        .into_iter()
+        .map(|i| ids[i])
+        .collect();
+    picked.sort_unstable();
+    picked
+}
+
+fn client_id(env: &Envelope) -> Result<u32, HandlerError> {
+    match env.from {
+        Party::Client(id) => Ok(id),
+        Party::Server => Err(HandlerError::Reject("the server cannot be a client".into())),
+    }
+}
+
+fn on_join_in(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResult {
+    let id = client_id(&env)?;
+    if id == 0 || id > s.cfg.course.clients {
+        return Err(HandlerError::Reject(format!(
+            "client id {id} is outside 1..={}",
+            s.cfg.course.clients
+        )));
+    }
+    let first_time = s.joined.insert(id);
+    let reply = Envelope::new(
+        ctx.course(),
+        0,
+        Party::Server,
+        vec![Party::Client(id)],
+        MsgKind::AssignId,
+    )
+    .with_meta("client_id", id)
+    .with_meta("rounds", s.cfg.course.rounds)
+    .with_meta("clients", s.cfg.course.clients);
+    ctx.send(reply)?;
+    if first_time {
+        info!(
+            client = id,
+            joined = s.joined.len(),
+            expected = s.cfg.course.clients,
+            "client joined"
+        );
+    }
+    if matches!(s.phase, Phase::Joining) && s.joined.len() == s.cfg.course.clients as usize {
+        info!(
+            clients = s.joined.len(),
+            "all clients joined; the course starts"
+        );
+        s.started = Instant::now();
+        if s.cfg.course.eval_before_training {
+            begin_eval(s, 0, ctx)?;
+        } else {
+            begin_round(s, 1, ctx)?;
+        }
+    }
+    Ok(Flow::Continue)
+}
+
+fn begin_round(s: &mut ServerState, round: u64, ctx: &mut Ctx) -> Result<(), HandlerError> {
+    let ids: Vec<u32> = s.joined.iter().copied().collect();
+    let picked = sample_clients(
+        &ids,
+        s.cfg.clients_per_round() as usize,
+        s.cfg.course.seed,
+        round,
+    );
+    let _span = info_span!("round", n = round).entered();
+    info!(clients = ?picked, "round starts");
+    let env = Envelope::new(
+        ctx.course(),
+        round,
+        Party::Server,
+        picked.iter().map(|&c| Party::Client(c)).collect(),
+        MsgKind::Train,
+    )
+    .with_payload(s.global.clone());
+    let bytes = ctx.send(env)?;
+    let now = Instant::now();
+    let pending = picked
+        .iter()
+        .map(|&c| {
+            (
+                c,
+                Pending {
+                    sent_at: now,
+                    bytes_down: bytes,
+                },
+            )
+        })
+        .collect();
+    s.sampled.push((round, picked.clone()));
+    s.phase = Phase::Training {
+        round,
+        pending,
+        updates: Vec::new(),
+        started: now,
+        bytes_up: 0,
+        bytes_down: (bytes * picked.len()) as u64,
+    };
+    Ok(())
+}
+
+fn begin_eval(s: &mut ServerState, round: u64, ctx: &mut Ctx) -> Result<(), HandlerError> {
+    let env = Envelope::new(
+        ctx.course(),
+        round,
+        Party::Server,
+        s.joined.iter().map(|&c| Party::Client(c)).collect(),
+        MsgKind::Evaluate,
+    )
+    .with_payload(s.global.clone());
+    let bytes = ctx.send(env)?;
+    let now = Instant::now();
+    s.phase = Phase::Evaluating {
+        round,
+        pending: s
+            .joined
+            .iter()
+            .map(|&c| {
+                (
+                    c,
+                    Pending {
+                        sent_at: now,
+                        bytes_down: bytes,
+                    },
+                )
+            })
+            .collect(),
+        results: Vec::new(),
+    };
+    Ok(())
+}
+
+/// Takes `id` out of the pending set of the step for `round`, or explains why the answer does not fit.
+fn claim(
+    pending: &mut BTreeMap<u32, Pending>,
+    round: u64,
+    env: &Envelope,
+    id: u32,
+) -> Result<Pending, HandlerError> {
+    if env.round != round {
+        return Err(HandlerError::Reject(format!(
+            "{} for round {} arrived during round {round}",
+            env.kind, env.round
+        )));
+    }
+    pending.remove(&id).ok_or_else(|| {
+        HandlerError::Reject(format!(
+            "client {id} was not asked for a {} in round {round}, or already answered",
+            env.kind
+        ))
+    })
+}
+
+fn record(s: &mut ServerState, r: Record) -> Result<(), HandlerError> {
+    s.log
+        .push(r)
+        .map_err(|e| HandlerError::Fatal(format!("cannot write metrics: {e}")))
+}
+
+fn on_update(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResult {
+    let id = client_id(&env)?;
+    let Phase::Training { round, pending, .. } = &mut s.phase else {
+        return Err(HandlerError::Reject("no training round is running".into()));
+    };
+    let round = *round;
+    // Validate everything before claiming, so a bad update leaves the round as it was.
+    let n_samples = env
+        .meta_u64("n_samples")
+        .filter(|&n| n > 0)
+        .ok_or_else(|| HandlerError::Reject("update without a positive `n_samples`".into()))?;
+    let params = env
+        .payload
+        .as_ref()
+        .ok_or_else(|| HandlerError::Reject("update without parameters".into()))?;
+    s.global.check_compatible(params).map_err(|e| {
+        HandlerError::Reject(format!("update does not match the global parameters: {e}"))
+    })?;
+    let p = claim(pending, round, &env, id)?;
+    let mut r = Record::new(Event::Train, round, Some(id));
+    r.split = Some("train".into());
+    r.loss = env.meta_f64("train_loss");
+    r.samples = Some(n_samples);
+    r.bytes_up = ctx.received_bytes() as u64;
+    r.bytes_down = p.bytes_down as u64;
+    r.compute_s = env.meta_f64("compute_s").unwrap_or(0.0);
+    r.wall_s = p.sent_at.elapsed().as_secs_f64();
+    let bytes_up_now = r.bytes_up;
+    record(s, r)?;
+    let Phase::Training {
+        pending,
+        updates,
+        bytes_up,
+        ..
+    } = &mut s.phase
+    else {
+        unreachable!("phase checked above");
+    };
+    *bytes_up += bytes_up_now;
+    updates.push(ClientUpdate {
+        client: id,
+        n_samples,
+        params: env.payload.expect("checked above"),
+    });
+    if !pending.is_empty() {
+        return Ok(Flow::Continue);
+    }
+    finish_round(s, ctx)
+}
+
+fn finish_round(s: &mut ServerState, ctx: &mut Ctx) -> HandlerResult {
+    let Phase::Training {
+        round,
+        updates,
+        started,
+        bytes_up,
+        bytes_down,
+        ..
+    } = std::mem::replace(&mut s.phase, Phase::Joining)
+    else {
+        unreachable!("called when a training round completes");
+    };
+    let mut updates = updates;
+    updates.sort_by_key(|u| u.client);
+    let global = s
+        .aggregator
+        .aggregate(&s.global, &updates, round)
+        .map_err(|e| {
+            HandlerError::Fatal(format!(
+                "round {round}: {} failed: {e}",
+                s.aggregator.name()
+            ))
+        })?;
+    global
+        .check_finite()
+        .map_err(|e| HandlerError::Fatal(format!("round {round}: aggregation produced {e}")))?;
+    s.global = global;
+    let mut r = Record::new(Event::Round, round, None);
+    r.samples = Some(updates.iter().map(|u| u.n_samples).sum());
+    r.bytes_up = bytes_up;
+    r.bytes_down = bytes_down;
+    r.wall_s = started.elapsed().as_secs_f64();
+    r.extra.insert("clients".into(), updates.len() as f64);
+    r.extra.insert("global_norm".into(), s.global.l2_norm());
+    record(s, r)?;
+    info!(round, clients = updates.len(), "round aggregated");
+    next_step(s, round, ctx)
+}
+
+/// After round `round` is aggregated (or, for round 0, evaluated): evaluate, train on, or finish.
+fn next_step(s: &mut ServerState, round: u64, ctx: &mut Ctx) -> HandlerResult {
+    let c = &s.cfg.course;
+    let evaluated = s.last_evaluated == Some(round);
+    let due = round > 0 && (round % c.eval_every == 0 || round == c.rounds);
+    if due && !evaluated {
+        begin_eval(s, round, ctx)?;
+        return Ok(Flow::Continue);
+    }
+    if round < c.rounds {
+        begin_round(s, round + 1, ctx)?;
+        return Ok(Flow::Continue);
+    }
+    let env = Envelope::new(
+        ctx.course(),
+        round,
+        Party::Server,
+        s.joined.iter().map(|&c| Party::Client(c)).collect(),
+        MsgKind::Finish,
+    )
+    .with_payload(s.global.clone());
+    ctx.send(env)?;
+    s.phase = Phase::Finished;
+    info!(
+        rounds = round,
+        wall_s = s.started.elapsed().as_secs_f64(),
+        "course finished"
+    );
+    Ok(Flow::Stop)
+}
+
+fn on_metrics(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResult {
+    let id = client_id(&env)?;
+    let Phase::Evaluating { round, pending, .. } = &mut s.phase else {
+        return Err(HandlerError::Reject("no evaluation is running".into()));
+    };
+    let round = *round;
+    let splits: Vec<SplitEval> = env
+        .meta
+        .get("results")
+        .cloned()
+        .ok_or_else(|| HandlerError::Reject("metrics without `results`".into()))
+        .and_then(|v| {
+            serde_json::from_value(v)
+                .map_err(|e| HandlerError::Reject(format!("malformed `results`: {e}")))
+        })?;
+    if let Some(bad) = splits.iter().find(|e| !e.loss.is_finite()) {
+        return Err(HandlerError::Reject(format!(
+            "split `{}` has a non-finite loss",
+            bad.split
+        )));
+    }
+    let p = claim(pending, round, &env, id)?;
+    let compute_s = env.meta_f64("compute_s").unwrap_or(0.0);
+    for (i, split) in splits.iter().enumerate() {
+        let mut r = Record::new(Event::Eval, round, Some(id));
+        r.split = Some(split.split.clone());
+        r.loss = Some(split.loss);
+        r.samples = Some(split.samples);
+        r.extra = split.metrics.clone();
+        // Costs belong to the exchange, not to each split: count them once.
+        if i == 0 {
+            r.bytes_up = ctx.received_bytes() as u64;
+            r.bytes_down = p.bytes_down as u64;
+            r.compute_s = compute_s;
+            r.wall_s = p.sent_at.elapsed().as_secs_f64();
+        }
+        record(s, r)?;
+    }
+    let Phase::Evaluating {
+        pending, results, ..
+    } = &mut s.phase
+    else {
+        unreachable!("phase checked above");
+    };
+    results.push((id, splits));
+    if !pending.is_empty() {
+        return Ok(Flow::Continue);
+    }
+    let Phase::Evaluating { results, .. } = std::mem::replace(&mut s.phase, Phase::Joining) else {
+        unreachable!("phase checked above");
+    };
+    // Sample-weighted mean per split: the loss over the union of the clients' data.
+    let mut by_split: BTreeMap<String, (f64, u64)> = BTreeMap::new();
+    for (_, splits) in &results {
+        for e in splits {
+            let acc = by_split.entry(e.split.clone()).or_default();
+            acc.0 += e.loss * e.samples as f64;
+            acc.1 += e.samples;
+        }
+    }
+    for (split, (weighted, samples)) in by_split {
+        let loss = if samples > 0 {
+            weighted / samples as f64
+        } else {
+            f64::NAN
+        };
+        let mut r = Record::new(Event::Eval, round, None);
+        r.split = Some(split.clone());
+        r.loss = Some(loss);
+        r.samples = Some(samples);
+        record(s, r)?;
+        info!(round, split = %split, loss, samples, "evaluation");
+        s.evals.push(RoundEval {
+            round,
+            split,
+            loss,
+            samples,
+        });
+    }
+    s.last_evaluated = Some(round);
+    next_step(s, round, ctx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sampling_is_reproducible_sized_and_varies_by_round() {
+        let ids: Vec<u32> = (1..=10).collect();
+        let a = sample_clients(&ids, 4, 7, 3);
+        assert_eq!(a, sample_clients(&ids, 4, 7, 3));
+        assert_eq!(a.len(), 4);
+        assert!(
+            a.windows(2).all(|w| w[0] < w[1]),
+            "sorted, no repeats: {a:?}"
+        );
+        let rounds: BTreeSet<Vec<u32>> = (1..=20).map(|r| sample_clients(&ids, 4, 7, r)).collect();
+        assert!(rounds.len() > 10, "rounds draw different subsets");
+        assert_eq!(
+            sample_clients(&ids, 99, 7, 1),
+            ids,
+            "asking for more than exist takes all"
+        );
+    }
+
+    #[test]
+    fn sampling_is_close_to_uniform() {
+        // 10 ids, 3 per round, 3,000 rounds: each id is expected 900 times
+        // (binomial sd ≈ 25); allow 5 sd.
+        let ids: Vec<u32> = (1..=10).collect();
+        let mut counts = BTreeMap::new();
+        for round in 0..3000 {
+            for id in sample_clients(&ids, 3, 11, round) {
+                *counts.entry(id).or_insert(0u32) += 1;
+            }
+        }
+        for (id, n) in counts {
+            assert!((775..=1025).contains(&n), "client {id} sampled {n} times");
+        }
+    }
+}

@@ -1,0 +1,387 @@
+//! Whole courses in one process with the numeric least-squares trainer.
+
+use std::sync::{Arc, Mutex};
+
+use fedtune_kernel::course::{
+    client_worker, run_in_process, server_worker, LeastSquaresTrainer, LocalTrainer, LocalUpdate,
+    SplitEval, SyntheticSpec, TrainContext, TrainerError,
+};
+use fedtune_kernel::{
+    encode, CourseConfig, EncodeOptions, Envelope, Event, FedAvg, InProcTransport, MetricsLog,
+    MsgKind, ParamSet, Party, Shutdown, Transport,
+};
+
+fn config(text: &str) -> CourseConfig {
+    CourseConfig::from_toml(text, "<test>").unwrap()
+}
+
+fn trainer(spec: SyntheticSpec, steps: usize) -> LeastSquaresTrainer {
+    LeastSquaresTrainer::synthetic(spec, 0.1, steps)
+}
+
+async fn run(cfg: &CourseConfig, t: LeastSquaresTrainer) -> fedtune_kernel::course::CourseReport {
+    let initial = t.initial_params();
+    run_in_process(
+        cfg,
+        initial,
+        Arc::new(Mutex::new(t)),
+        Box::new(FedAvg),
+        MetricsLog::in_memory(),
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_course_over_three_clients_and_five_rounds_lowers_the_global_loss() {
+    let cfg = config("[course]\nrounds = 5\nclients = 3\n");
+    let report = run(&cfg, trainer(SyntheticSpec::default(), 5)).await;
+    let curve = report.loss_curve("test");
+    let rounds: Vec<u64> = curve.iter().map(|(r, _)| *r).collect();
+    assert_eq!(
+        rounds,
+        vec![0, 1, 2, 3, 4, 5],
+        "evaluated before training and after every round"
+    );
+    for pair in curve.windows(2) {
+        assert!(
+            pair[1].1 < pair[0].1,
+            "loss must fall every round: {curve:?}"
+        );
+    }
+    assert!(curve[5].1 < 0.2 * curve[0].1, "{curve:?}");
+
+    // One train record per client per round, one round record per round.
+    let train: Vec<_> = report
+        .records
+        .iter()
+        .filter(|r| r.event == Event::Train)
+        .collect();
+    assert_eq!(train.len(), 15);
+    assert!(train
+        .iter()
+        .all(|r| r.bytes_up > 0 && r.bytes_down > 0 && r.samples == Some(200)));
+    for round in 1..=5 {
+        let up: u64 = train
+            .iter()
+            .filter(|r| r.round == round)
+            .map(|r| r.bytes_up)
+            .sum();
+        let rec = report
+            .records
+            .iter()
+            .find(|r| r.event == Event::Round && r.round == round)
+            .unwrap();
+        assert_eq!(
+            rec.bytes_up, up,
+            "round {round} totals its clients' uploads"
+        );
+        assert_eq!(rec.samples, Some(600));
+    }
+    assert_eq!(report.server_stats.rejected, 0);
+    assert_eq!(report.client_stats.len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_iid_clients_fedavg_approaches_the_centralized_solution() {
+    let cfg = config("[course]\nrounds = 40\nclients = 4\neval_every = 40\n");
+    let t = trainer(
+        SyntheticSpec {
+            clients: 4,
+            ..SyntheticSpec::default()
+        },
+        5,
+    );
+    let central = t.centralized_solution();
+    let central_loss = t.global_train_loss(&central).unwrap();
+    let judge = t.clone();
+    let report = run(&cfg, t).await;
+    let gap = report.final_params.sub(&central).unwrap().l2_norm() / central.l2_norm();
+    let fed_loss = judge.global_train_loss(&report.final_params).unwrap();
+    assert!(
+        gap < 0.01,
+        "relative distance to the centralized solution: {gap}"
+    );
+    assert!(
+        fed_loss < central_loss * 1.01,
+        "federated {fed_loss} vs centralized {central_loss}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_participation_samples_the_configured_number_reproducibly() {
+    let cfg = config(
+        "[course]\nrounds = 12\nclients = 6\nsample_clients = 2\neval_every = 4\nseed = 5\n",
+    );
+    let spec = SyntheticSpec {
+        clients: 6,
+        ..SyntheticSpec::default()
+    };
+    let a = run(&cfg, trainer(spec, 3)).await;
+    let b = run(&cfg, trainer(spec, 3)).await;
+    assert_eq!(a.sampled.len(), 12);
+    for (round, picked) in &a.sampled {
+        assert_eq!(picked.len(), 2, "round {round}");
+        let trained: Vec<u32> = a
+            .records
+            .iter()
+            .filter(|r| r.event == Event::Train && r.round == *round)
+            .map(|r| r.client.unwrap())
+            .collect();
+        let mut trained = trained;
+        trained.sort();
+        assert_eq!(
+            &trained, picked,
+            "exactly the sampled clients trained in round {round}"
+        );
+    }
+    assert_eq!(a.sampled, b.sampled, "same seed, same schedule");
+    assert_eq!(
+        a.final_params, b.final_params,
+        "same seed, bit-identical result"
+    );
+    let distinct: std::collections::BTreeSet<_> =
+        a.sampled.iter().map(|(_, p)| p.clone()).collect();
+    assert!(
+        distinct.len() > 3,
+        "rounds draw different subsets: {:?}",
+        a.sampled
+    );
+
+    let other = config(
+        "[course]\nrounds = 12\nclients = 6\nsample_clients = 2\neval_every = 4\nseed = 6\n",
+    );
+    let c = run(&other, trainer(spec, 3)).await;
+    assert_ne!(a.sampled, c.sampled, "another seed, another schedule");
+    // Evaluation every 4 rounds (plus the initial one) involves all clients.
+    let eval_rounds: Vec<u64> = a.loss_curve("test").iter().map(|(r, _)| *r).collect();
+    assert_eq!(eval_rounds, vec![0, 4, 8, 12]);
+    let evals_round_4 = a
+        .records
+        .iter()
+        .filter(|r| {
+            r.event == Event::Eval
+                && r.round == 4
+                && r.client.is_some()
+                && r.split.as_deref() == Some("test")
+        })
+        .count();
+    assert_eq!(evals_round_4, 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quantized_and_compressed_courses_still_learn_and_send_fewer_bytes() {
+    let plain = config("[course]\nrounds = 4\nclients = 3\n");
+    let small = config("[course]\nrounds = 4\nclients = 3\n[wire]\nquantization = \"int8\"\ncompression = \"deflate\"\n");
+    let spec = SyntheticSpec {
+        dim: 256,
+        ..SyntheticSpec::default()
+    };
+    let a = run(&plain, trainer(spec, 5)).await;
+    let b = run(&small, trainer(spec, 5)).await;
+    let (a0, a_end) = (
+        a.loss_curve("test")[0].1,
+        a.loss_curve("test").last().unwrap().1,
+    );
+    let b_end = b.loss_curve("test").last().unwrap().1;
+    assert!(b_end < 0.5 * a0, "int8 course learns: {a0} → {b_end}");
+    assert!(
+        (b_end - a_end).abs() < 0.05 * a0,
+        "and lands near the f32 course: {a_end} vs {b_end}"
+    );
+    let bytes = |r: &fedtune_kernel::course::CourseReport| {
+        r.server_stats.bytes_out + r.server_stats.bytes_in
+    };
+    assert!(
+        bytes(&b) * 2 < bytes(&a),
+        "int8+deflate {} vs f32 {}",
+        bytes(&b),
+        bytes(&a)
+    );
+}
+
+/// A trainer that fails for one client: the course must end with that error, not hang.
+struct Failing(LeastSquaresTrainer);
+
+impl LocalTrainer for Failing {
+    fn train(
+        &mut self,
+        client: u32,
+        global: &ParamSet,
+        ctx: &TrainContext,
+    ) -> Result<LocalUpdate, TrainerError> {
+        if client == 2 && ctx.round == 2 {
+            return Err("disk full".into());
+        }
+        self.0.train(client, global, ctx)
+    }
+
+    fn evaluate(
+        &mut self,
+        client: u32,
+        global: &ParamSet,
+        ctx: &TrainContext,
+    ) -> Result<Vec<SplitEval>, TrainerError> {
+        self.0.evaluate(client, global, ctx)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_trainer_ends_the_course_with_its_error() {
+    let cfg = config("[course]\nrounds = 5\nclients = 3\n");
+    let t = trainer(SyntheticSpec::default(), 2);
+    let initial = t.initial_params();
+    let err = run_in_process(
+        &cfg,
+        initial,
+        Arc::new(Mutex::new(Failing(t))),
+        Box::new(FedAvg),
+        MetricsLog::in_memory(),
+    )
+    .await
+    .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("client 2: training in round 2 failed: disk full"),
+        "{msg}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rogue_messages_are_rejected_without_disturbing_the_course() {
+    let cfg = config("[course]\nname = \"guarded\"\nrounds = 2\nclients = 2\n");
+    let t = trainer(
+        SyntheticSpec {
+            clients: 2,
+            ..SyntheticSpec::default()
+        },
+        3,
+    );
+    let initial = t.initial_params();
+    let shared: fedtune_kernel::course::SharedTrainer = Arc::new(Mutex::new(t));
+    let bus = InProcTransport::new();
+    let transport: Arc<dyn Transport> = Arc::new(bus.clone());
+    let server = server_worker(
+        cfg.clone(),
+        initial.clone(),
+        Box::new(FedAvg),
+        MetricsLog::in_memory(),
+        transport.clone(),
+    );
+    let sub = transport.subscribe(Party::Server).await.unwrap();
+
+    // Before anyone joins: garbage, an out-of-range id, an update nobody asked for,
+    // and an update with the wrong shapes.
+    let frame = |env: &Envelope| encode(env, EncodeOptions::default()).unwrap();
+    bus.send(
+        Party::Client(1),
+        Party::Server,
+        bytes::Bytes::from_static(b"\x00garbage"),
+    )
+    .await
+    .unwrap();
+    let stranger = Envelope::new(
+        "guarded",
+        0,
+        Party::Client(7),
+        vec![Party::Server],
+        MsgKind::JoinIn,
+    );
+    bus.send(Party::Client(7), Party::Server, frame(&stranger))
+        .await
+        .unwrap();
+    let early = Envelope::new(
+        "guarded",
+        1,
+        Party::Client(1),
+        vec![Party::Server],
+        MsgKind::Update,
+    )
+    .with_meta("n_samples", 5u64)
+    .with_payload(initial.clone());
+    bus.send(Party::Client(1), Party::Server, frame(&early))
+        .await
+        .unwrap();
+
+    let server_task = tokio::spawn(server.run_subscribed(sub, Shutdown::never()));
+    let clients: Vec<_> = (1..=2)
+        .map(|id| {
+            tokio::spawn(
+                client_worker(id, &cfg, shared.clone(), transport.clone()).run(Shutdown::never()),
+            )
+        })
+        .collect();
+    let out = server_task.await.unwrap().unwrap();
+    for c in clients {
+        let c = c.await.unwrap().unwrap();
+        assert_eq!(
+            c.state.latest_global(),
+            Some(out.state.global()),
+            "clients got the final model"
+        );
+    }
+    assert!(out.state.is_finished());
+    assert_eq!(
+        out.stats.rejected, 3,
+        "garbage, stranger, unrequested update"
+    );
+    assert_eq!(out.state.evals().last().unwrap().round, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_written_as_json_lines_while_the_course_runs() {
+    let dir = tempdir();
+    let path = dir.join("metrics.jsonl");
+    let cfg = config("[course]\nrounds = 2\nclients = 2\n");
+    let t = trainer(
+        SyntheticSpec {
+            clients: 2,
+            ..SyntheticSpec::default()
+        },
+        2,
+    );
+    let initial = t.initial_params();
+    let report = run_in_process(
+        &cfg,
+        initial,
+        Arc::new(Mutex::new(t)),
+        Box::new(FedAvg),
+        MetricsLog::to_file(&path).unwrap(),
+    )
+    .await
+    .unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), report.records.len());
+    for key in [
+        "event",
+        "round",
+        "client",
+        "split",
+        "loss",
+        "samples",
+        "bytes_up",
+        "bytes_down",
+        "compute_s",
+        "wall_s",
+    ] {
+        assert!(
+            lines.iter().all(|l| l.get(key).is_some()),
+            "every line has `{key}`"
+        );
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+fn tempdir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "fedtune-course-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
