@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::codec::{Compression, DecodeLimits, Quantization};
+use crate::codec::{Compression, DecodeLimits, EncodeOptions, Quantization};
 
 /// A configuration problem, with enough context to fix it.
 #[derive(Debug, Error)]
@@ -270,6 +270,8 @@ pub struct WireSection {
     pub quantization: Quantization,
     /// Body compression: `none`, `deflate` or `gzip`.
     pub compression: Compression,
+    /// DEFLATE effort, 0–9 (1: fast, nearly as small as 9 on float payloads).
+    pub compression_level: u32,
     /// Largest message accepted, in MiB (after decompression).
     pub max_message_mib: u64,
 }
@@ -279,12 +281,22 @@ impl Default for WireSection {
         Self {
             quantization: Quantization::None,
             compression: Compression::None,
+            compression_level: 1,
             max_message_mib: 1024,
         }
     }
 }
 
 impl WireSection {
+    /// How outgoing messages are encoded.
+    pub fn encode_options(&self) -> EncodeOptions {
+        EncodeOptions {
+            quantization: self.quantization,
+            compression: self.compression,
+            level: self.compression_level,
+        }
+    }
+
     /// The decode bounds this section sets.
     pub fn limits(&self) -> DecodeLimits {
         let bytes =
@@ -364,6 +376,15 @@ impl CourseConfig {
         }
         if c.eval_every == 0 {
             return err("course.eval_every", "must be at least 1".into());
+        }
+        if self.wire.compression_level > 9 {
+            return err(
+                "wire.compression_level",
+                format!(
+                    "must be between 0 and 9, got {}",
+                    self.wire.compression_level
+                ),
+            );
         }
         if self.wire.max_message_mib == 0 {
             return err("wire.max_message_mib", "must be at least 1".into());

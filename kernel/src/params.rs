@@ -344,7 +344,7 @@ impl ParamSet {
         let Some(((first, _), rest)) = sets.split_first() else {
             return Err(ParamError::BadWeights { count: 0, total });
         };
-        if !weights_ok || !(total > 0.0 && total.is_finite()) {
+        if !(weights_ok && total > 0.0 && total.is_finite()) {
             return Err(ParamError::BadWeights {
                 count: sets.len(),
                 total,
@@ -496,9 +496,9 @@ mod tests {
         // weights 10, 30, 60 → (0.1, 0.3, 0.6)
         let m = ParamSet::weighted_mean(&[(&a, 10.0), (&b, 30.0), (&c, 60.0)]).unwrap();
         let expected = [
-            0.1 * 1.0 + 0.3 * 4.0 + 0.6 * -1.0,
+            0.1 * 1.0 + 0.3 * 4.0 - 0.6 * 1.0,
             0.1 * 0.0 + 0.3 * 2.0 + 0.6 * 8.0,
-            0.1 * -2.0 + 0.3 * 2.0 + 0.6 * 0.5,
+            -0.1 * 2.0 + 0.3 * 2.0 + 0.6 * 0.5,
         ];
         for (got, want) in m.get("w").unwrap().data().iter().zip(expected) {
             assert!((f64::from(*got) - want).abs() < 1e-6, "{got} vs {want}");

@@ -12,7 +12,6 @@ use std::time::Instant;
 use tracing::{info, info_span};
 
 use crate::bus::Transport;
-use crate::codec::EncodeOptions;
 use crate::config::CourseConfig;
 use crate::course::trainer::{derive_seed, SharedTrainer, TrainContext, TrainerError};
 use crate::message::{Envelope, MsgKind, Party};
@@ -67,10 +66,7 @@ pub fn client_worker(
         rounds_trained: Vec::new(),
     };
     Worker::new(Party::Client(id), cfg.course.name.clone(), transport, state)
-        .with_encoding(EncodeOptions {
-            quantization: cfg.wire.quantization,
-            compression: cfg.wire.compression,
-        })
+        .with_encoding(cfg.wire.encode_options())
         .with_limits(cfg.wire.limits())
         .on_start(|s, ctx| {
             let join = Envelope::new(

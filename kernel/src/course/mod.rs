@@ -13,7 +13,7 @@ mod trainer;
 
 pub use client::{client_worker, ClientState};
 pub use least_squares::{LeastSquaresTrainer, SyntheticSpec};
-pub use server::{sample_clients, server_worker, RoundEval, ServerState};
+pub use server::{sample_clients, server_worker, RoundEval, ServerResults, ServerState};
 pub use trainer::{
     derive_seed, LocalTrainer, LocalUpdate, SharedTrainer, SplitEval, TrainContext, TrainerError,
 };
@@ -142,12 +142,12 @@ pub async fn run_in_process(
         return Err(CourseError::Incomplete(reason));
     }
     client_stats.sort_by_key(|(id, _)| *id);
-    let (final_params, records, evals, sampled) = state.into_parts();
+    let results = state.into_results();
     Ok(CourseReport {
-        final_params,
-        records,
-        evals,
-        sampled,
+        final_params: results.global,
+        records: results.records,
+        evals: results.evals,
+        sampled: results.sampled,
         server_stats,
         client_stats,
         wall_s: started.elapsed().as_secs_f64(),

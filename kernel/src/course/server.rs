@@ -45,6 +45,19 @@ pub struct RoundEval {
     pub samples: u64,
 }
 
+/// What the server hands over when its course ends.
+#[derive(Debug)]
+pub struct ServerResults {
+    /// The final global parameters.
+    pub global: ParamSet,
+    /// Every metrics record, in order.
+    pub records: Vec<Record>,
+    /// Sample-weighted evaluation means.
+    pub evals: Vec<RoundEval>,
+    /// The clients sampled in each round.
+    pub sampled: Vec<(u64, Vec<u32>)>,
+}
+
 /// A request sent to one client and not yet answered.
 #[derive(Debug, Clone, Copy)]
 struct Pending {
@@ -112,13 +125,13 @@ impl ServerState {
     }
 
     /// Takes the pieces a course report is made of.
-    pub fn into_parts(self) -> (ParamSet, Vec<Record>, Vec<RoundEval>, Vec<(u64, Vec<u32>)>) {
-        (
-            self.global,
-            self.log.into_records(),
-            self.evals,
-            self.sampled,
-        )
+    pub fn into_results(self) -> ServerResults {
+        ServerResults {
+            global: self.global,
+            records: self.log.into_records(),
+            evals: self.evals,
+            sampled: self.sampled,
+        }
     }
 }
 
@@ -132,10 +145,7 @@ pub fn server_worker(
 ) -> Worker<ServerState> {
     let name = cfg.course.name.clone();
     let limits = cfg.wire.limits();
-    let encode = crate::codec::EncodeOptions {
-        quantization: cfg.wire.quantization,
-        compression: cfg.wire.compression,
-    };
+    let encode = cfg.wire.encode_options();
     let state = ServerState {
         cfg,
         global: initial,

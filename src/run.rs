@@ -1,0 +1,317 @@
+//! `fedtune run`: a whole course in one process.
+//!
+//! The config names the trainer. `lora` — the LLM fine-tuning course that is
+//! fedtune's main job — needs the training core, which this build does not
+//! have yet, and says so. `least-squares` is the kernel's numeric reference
+//! task: linear regression on synthetic per-client data, with a known
+//! centralized answer. It runs every part of the course machinery (sampling,
+//! the wire codec, FedAvg, evaluation, cost accounting) in well under a second.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use fedtune_kernel::course::{run_in_process, CourseReport, LeastSquaresTrainer, SyntheticSpec};
+use fedtune_kernel::{ConfigDoc, CourseConfig, Event, FedAvg, MetricsLog};
+use serde::{Deserialize, Serialize};
+
+/// Arguments of `fedtune run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The course configuration (TOML).
+    config: PathBuf,
+    /// Override a config value: `--set course.rounds=3` (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    set: Vec<String>,
+    /// Output directory (default: runs/<course>-<timestamp>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Print the fully resolved configuration and stop.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print only the final summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `[trainer]`: what trains on the clients.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct TrainerSection {
+    /// `lora` (the LLM) or `least-squares` (the numeric reference task).
+    kind: TrainerKind,
+}
+
+impl Default for TrainerSection {
+    fn default() -> Self {
+        Self {
+            kind: TrainerKind::Lora,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum TrainerKind {
+    Lora,
+    LeastSquares,
+}
+
+/// `[least_squares]`: the numeric reference task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct LeastSquaresSection {
+    dim: usize,
+    samples_per_client: usize,
+    noise: f64,
+    heterogeneity: f64,
+    lr: f64,
+    local_steps: usize,
+    data_seed: u64,
+}
+
+impl Default for LeastSquaresSection {
+    fn default() -> Self {
+        let spec = SyntheticSpec::default();
+        Self {
+            dim: spec.dim,
+            samples_per_client: spec.samples_per_client,
+            noise: spec.noise,
+            heterogeneity: spec.heterogeneity,
+            lr: 0.1,
+            local_steps: 5,
+            data_seed: spec.seed,
+        }
+    }
+}
+
+/// The whole configuration as the run resolved it, written to `config.toml`.
+#[derive(Debug, Serialize)]
+struct Resolved<'a> {
+    course: &'a fedtune_kernel::config::CourseSection,
+    wire: &'a fedtune_kernel::config::WireSection,
+    trainer: &'a TrainerSection,
+    least_squares: &'a LeastSquaresSection,
+}
+
+const SECTIONS: [&str; 4] = ["course", "wire", "trainer", "least_squares"];
+
+pub fn run(args: RunArgs) -> Result<()> {
+    let mut doc = ConfigDoc::load(&args.config)?;
+    for arg in &args.set {
+        doc.apply_override(arg)?;
+    }
+    doc.check_sections(&SECTIONS)?;
+    let cfg = CourseConfig::from_doc(&doc)?;
+    let trainer: TrainerSection = doc.section("trainer")?;
+    let ls: LeastSquaresSection = doc.section("least_squares")?;
+    let resolved = toml::to_string(&Resolved {
+        course: &cfg.course,
+        wire: &cfg.wire,
+        trainer: &trainer,
+        least_squares: &ls,
+    })?;
+    if args.dry_run {
+        print!("{resolved}");
+        return Ok(());
+    }
+    if trainer.kind == TrainerKind::Lora {
+        bail!(
+            "{}: `trainer.kind = \"lora\"` needs the LLM training core, which this build does not have yet \
+             (it arrives with the issue \"Training core: a real LLM in candle, LoRA, and the hook-based trainer\"). \
+             The kernel's course machinery can be tried now: fedtune run configs/least-squares.toml",
+            doc.origin()
+        );
+    }
+    if ls.dim == 0
+        || ls.samples_per_client == 0
+        || ls.local_steps == 0
+        || ls.lr.is_nan()
+        || ls.lr <= 0.0
+    {
+        bail!(
+            "{}: [least_squares] dim, samples_per_client, local_steps and lr must be positive",
+            doc.origin()
+        );
+    }
+
+    let out = args
+        .out
+        .unwrap_or_else(|| default_run_dir(&cfg.course.name));
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    std::fs::write(out.join("config.toml"), &resolved)?;
+    let log = MetricsLog::to_file(&out.join("metrics.jsonl"))
+        .with_context(|| format!("cannot write metrics to {}", out.display()))?;
+    let spec = SyntheticSpec {
+        clients: cfg.course.clients,
+        samples_per_client: ls.samples_per_client,
+        dim: ls.dim,
+        noise: ls.noise,
+        heterogeneity: ls.heterogeneity,
+        seed: ls.data_seed,
+    };
+    let task = LeastSquaresTrainer::synthetic(spec, ls.lr, ls.local_steps);
+    let initial = task.initial_params();
+    let central_loss = task.global_train_loss(&task.centralized_solution()).ok();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let report = runtime.block_on(run_in_process(
+        &cfg,
+        initial,
+        Arc::new(Mutex::new(task)),
+        Box::new(FedAvg),
+        log,
+    ))?;
+    let summary = summarize(&cfg, &report, central_loss);
+    std::fs::write(
+        out.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?,
+    )?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print_table(&report);
+        println!(
+            "\n{} rounds, {} clients ({} per round): {:.1} KB up, {:.1} KB down, {:.3} s wall",
+            cfg.course.rounds,
+            cfg.course.clients,
+            cfg.clients_per_round(),
+            summary.bytes_up as f64 / 1e3,
+            summary.bytes_down as f64 / 1e3,
+            report.wall_s
+        );
+        if let Some(c) = central_loss {
+            println!("centralized least-squares training loss (the optimum): {c:.6}");
+        }
+        println!("results in {}", out.display());
+    }
+    Ok(())
+}
+
+#[derive(Debug, Serialize)]
+struct Summary {
+    course: String,
+    rounds: u64,
+    clients: u32,
+    /// Loss per split before training and after the last round.
+    initial_loss: std::collections::BTreeMap<String, f64>,
+    final_loss: std::collections::BTreeMap<String, f64>,
+    centralized_train_loss: Option<f64>,
+    bytes_up: u64,
+    bytes_down: u64,
+    wall_s: f64,
+    rejected_messages: u64,
+}
+
+fn summarize(cfg: &CourseConfig, report: &CourseReport, central: Option<f64>) -> Summary {
+    let rounds: Vec<&fedtune_kernel::Record> = report
+        .records
+        .iter()
+        .filter(|r| r.event == Event::Round)
+        .collect();
+    let first_round = report.evals.first().map(|e| e.round);
+    let last_round = report.evals.last().map(|e| e.round);
+    let at = |round: Option<u64>| {
+        report
+            .evals
+            .iter()
+            .filter(|e| Some(e.round) == round)
+            .map(|e| (e.split.clone(), e.loss))
+            .collect()
+    };
+    Summary {
+        course: cfg.course.name.clone(),
+        rounds: cfg.course.rounds,
+        clients: cfg.course.clients,
+        initial_loss: at(first_round),
+        final_loss: at(last_round),
+        centralized_train_loss: central,
+        bytes_up: rounds.iter().map(|r| r.bytes_up).sum(),
+        bytes_down: rounds.iter().map(|r| r.bytes_down).sum(),
+        wall_s: report.wall_s,
+        rejected_messages: report.server_stats.rejected,
+    }
+}
+
+fn print_table(report: &CourseReport) {
+    let splits: std::collections::BTreeSet<&str> =
+        report.evals.iter().map(|e| e.split.as_str()).collect();
+    print!("{:>5}", "round");
+    for s in &splits {
+        print!("  {:>12}", format!("{s} loss"));
+    }
+    println!("  {:>10}  {:>10}", "KB up", "KB down");
+    let mut rounds: Vec<u64> = report.evals.iter().map(|e| e.round).collect();
+    rounds.dedup();
+    for round in rounds {
+        print!("{round:>5}");
+        for s in &splits {
+            match report
+                .evals
+                .iter()
+                .find(|e| e.round == round && e.split == *s)
+            {
+                Some(e) => print!("  {:>12.6}", e.loss),
+                None => print!("  {:>12}", "-"),
+            }
+        }
+        let rec = report
+            .records
+            .iter()
+            .find(|r| r.event == Event::Round && r.round == round);
+        match rec {
+            Some(r) => println!(
+                "  {:>10.1}  {:>10.1}",
+                r.bytes_up as f64 / 1e3,
+                r.bytes_down as f64 / 1e3
+            ),
+            None => println!("  {:>10}  {:>10}", "-", "-"),
+        }
+    }
+}
+
+/// `runs/<course>-<UTC timestamp>`.
+fn default_run_dir(course: &str) -> PathBuf {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    Path::new("runs").join(format!("{course}-{}", utc_timestamp(secs)))
+}
+
+/// `YYYYMMDD-HHMMSS` in UTC (civil-from-days, after Howard Hinnant).
+fn utc_timestamp(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_utc_calendar_dates() {
+        assert_eq!(utc_timestamp(0), "19700101-000000");
+        assert_eq!(utc_timestamp(951_782_400), "20000229-000000");
+        assert_eq!(utc_timestamp(1_795_563_330), "20261124-233530");
+    }
+}

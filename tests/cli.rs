@@ -1,0 +1,161 @@
+//! End-to-end tests of the `fedtune` binary.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn fedtune(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fedtune"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("the fedtune binary runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn run_trains_the_reference_course_and_writes_its_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let out_s = out.to_str().unwrap();
+    let o = fedtune(&[
+        "run",
+        "configs/least-squares.toml",
+        "--set",
+        "course.rounds=6",
+        "--set",
+        "wire.quantization=int8",
+        "--out",
+        out_s,
+        "--json",
+    ]);
+    assert!(o.status.success(), "stderr: {}", text(&o.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(summary["rounds"], 6);
+    let before = summary["initial_loss"]["test"].as_f64().unwrap();
+    let after = summary["final_loss"]["test"].as_f64().unwrap();
+    assert!(after < 0.1 * before, "{before} → {after}");
+    assert!(summary["bytes_up"].as_u64().unwrap() > 0);
+    for file in ["config.toml", "metrics.jsonl", "summary.json"] {
+        assert!(out.join(file).is_file(), "{file} written");
+    }
+    let resolved = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(
+        resolved.contains("rounds = 6") && resolved.contains("quantization = \"int8\""),
+        "{resolved}"
+    );
+    let lines = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let rounds = lines
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["event"] == "round")
+        .count();
+    assert_eq!(rounds, 6);
+}
+
+#[test]
+fn a_mistyped_key_names_the_file_and_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(&cfg, "[course]\nrounds = 3\nsample_clinets = 2\n").unwrap();
+    let o = fedtune(&["run", cfg.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("bad.toml:3: `course.sample_clinets`: unknown field"),
+        "{err}"
+    );
+
+    let o = fedtune(&[
+        "run",
+        "configs/least-squares.toml",
+        "--set",
+        "course.rounds=many",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("--set course.rounds=many: `course.rounds`: invalid type"),
+        "{}",
+        text(&o.stderr)
+    );
+
+    let o = fedtune(&["run", "no/such/file.toml"]);
+    assert!(
+        text(&o.stderr).contains("cannot read config no/such/file.toml"),
+        "{}",
+        text(&o.stderr)
+    );
+}
+
+#[test]
+fn the_llm_trainer_says_it_is_not_built_yet() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("llm.toml");
+    std::fs::write(&cfg, "[course]\nrounds = 1\n[trainer]\nkind = \"lora\"\n").unwrap();
+    let o = fedtune(&["run", cfg.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("needs the LLM training core"),
+        "{}",
+        text(&o.stderr)
+    );
+}
+
+#[test]
+fn dry_run_prints_the_resolved_configuration() {
+    let o = fedtune(&[
+        "run",
+        "configs/least-squares.toml",
+        "--dry-run",
+        "--set",
+        "course.seed=7",
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let resolved: toml::Table = text(&o.stdout).parse().unwrap();
+    assert_eq!(resolved["course"]["seed"].as_integer(), Some(7));
+    assert_eq!(
+        resolved["wire"]["compression_level"].as_integer(),
+        Some(1),
+        "defaults are filled in"
+    );
+}
+
+#[test]
+fn bench_codec_reports_every_encoding() {
+    let o = fedtune(&[
+        "bench", "codec", "--params", "20000", "--reps", "1", "--json",
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(rows.len(), 12, "4 quantizations × 3 compressions");
+    let bytes = |q: &str, c: &str| {
+        rows.iter()
+            .find(|r| r["quantization"] == q && r["compression"] == c)
+            .and_then(|r| r["bytes"].as_u64())
+            .unwrap()
+    };
+    assert!(bytes("int8", "none") * 3 < bytes("none", "none"));
+    assert!(bytes("f16", "none") * 3 < bytes("none", "none") * 2);
+    assert_eq!(
+        rows.iter().find(|r| r["quantization"] == "none").unwrap()["max_abs_error"],
+        0.0
+    );
+}
+
+#[test]
+fn shipped_configs_parse() {
+    for entry in std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("configs")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let o = fedtune(&["run", path.to_str().unwrap(), "--dry-run"]);
+            assert!(
+                o.status.success(),
+                "{}: {}",
+                path.display(),
+                text(&o.stderr)
+            );
+        }
+    }
+}
