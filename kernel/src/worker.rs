@@ -318,23 +318,19 @@ impl<S: Send + 'static> Worker<S> {
         mut sub: Subscription,
         shutdown: Shutdown,
     ) -> Result<WorkerOutcome<S>, WorkerError> {
+        let mut worker = self;
+        let on_start = worker.on_start.take();
         let mut lp = Loop {
-            me: self.me,
-            course: self.course,
-            transport: self.transport,
-            encode: self.encode,
-            limits: self.limits,
-            handlers: self.handlers,
-            state: self.state,
+            w: worker,
             stats: WorkerStats::default(),
             jobs: JoinSet::new(),
             cancel: Arc::new(AtomicBool::new(false)),
         };
         let mut shutdown = shutdown;
         let mut reason = None;
-        if let Some(start) = self.on_start {
+        if let Some(start) = on_start {
             let mut ctx = lp.ctx(0);
-            let flow = start(&mut lp.state, &mut ctx).map_err(|e| lp.fatal(e.to_string()))?;
+            let flow = start(&mut lp.w.state, &mut ctx).map_err(|e| lp.fatal(e.to_string()))?;
             if lp.flush(ctx).await? == Flow::Stop || flow == Flow::Stop {
                 reason = Some(StopReason::Finished);
             }
@@ -346,8 +342,8 @@ impl<S: Send + 'static> Worker<S> {
                 Some(done) = lp.jobs.join_next(), if !lp.jobs.is_empty() => {
                     let envelopes = match done {
                         Ok(Ok(envs)) => envs,
-                        Ok(Err(e)) => return Err(WorkerError::Job { party: lp.me, message: e.to_string() }),
-                        Err(e) => return Err(WorkerError::Job { party: lp.me, message: e.to_string() }),
+                        Ok(Err(e)) => return Err(WorkerError::Job { party: lp.w.me, message: e.to_string() }),
+                        Err(e) => return Err(WorkerError::Job { party: lp.w.me, message: e.to_string() }),
                     };
                     let mut ctx = lp.ctx(0);
                     for env in envelopes {
@@ -370,27 +366,20 @@ impl<S: Send + 'static> Worker<S> {
         lp.cancel.store(true, Ordering::SeqCst);
         while let Some(done) = lp.jobs.join_next().await {
             if let Ok(Err(e)) = done {
-                debug!(party = %lp.me, "job ended during shutdown: {e}");
+                debug!(party = %lp.w.me, "job ended during shutdown: {e}");
             }
         }
         Ok(WorkerOutcome {
-            state: lp.state,
+            state: lp.w.state,
             stats: lp.stats,
             reason: reason.unwrap_or(StopReason::Finished),
         })
     }
 }
 
-/// The running loop's state, split from [`Worker`] so that handlers can be
-/// borrowed while the rest of the loop is mutated.
+/// A worker while its loop runs: the worker plus what only a running loop has.
 struct Loop<S> {
-    me: Party,
-    course: String,
-    transport: Arc<dyn Transport>,
-    encode: EncodeOptions,
-    limits: DecodeLimits,
-    handlers: HashMap<MsgKind, Handler<S>>,
-    state: S,
+    w: Worker<S>,
     stats: WorkerStats,
     jobs: JoinSet<Result<Vec<Envelope>, JobError>>,
     cancel: Arc<AtomicBool>,
@@ -399,9 +388,9 @@ struct Loop<S> {
 impl<S: Send + 'static> Loop<S> {
     fn ctx(&self, received_bytes: usize) -> Ctx {
         Ctx {
-            me: self.me,
-            course: self.course.clone(),
-            encode: self.encode,
+            me: self.w.me,
+            course: self.w.course.clone(),
+            encode: self.w.encode,
             received_bytes,
             outbox: Vec::new(),
             local: Vec::new(),
@@ -412,7 +401,7 @@ impl<S: Send + 'static> Loop<S> {
 
     fn fatal(&self, message: String) -> WorkerError {
         WorkerError::Fatal {
-            party: self.me,
+            party: self.w.me,
             message,
         }
     }
@@ -420,23 +409,23 @@ impl<S: Send + 'static> Loop<S> {
     /// Decodes and checks one frame, then dispatches it.
     async fn receive(&mut self, d: Delivery) -> Result<Flow, WorkerError> {
         self.stats.bytes_in += d.frame.len() as u64;
-        let env = match codec::decode(&d.frame, &self.limits) {
+        let env = match codec::decode(&d.frame, &self.w.limits) {
             Ok(env) => env,
             Err(e) => {
                 self.stats.rejected += 1;
-                warn!(party = %self.me, from = %d.from, "dropped an undecodable frame: {e}");
+                warn!(party = %self.w.me, from = %d.from, "dropped an undecodable frame: {e}");
                 return Ok(Flow::Continue);
             }
         };
         self.stats.received += 1;
-        if env.course != self.course {
+        if env.course != self.w.course {
             self.stats.rejected += 1;
-            warn!(party = %self.me, from = %d.from, "dropped a message of course `{}`", env.course);
+            warn!(party = %self.w.me, from = %d.from, "dropped a message of course `{}`", env.course);
             return Ok(Flow::Continue);
         }
         if env.from != d.from {
             self.stats.rejected += 1;
-            warn!(party = %self.me, from = %d.from, "dropped a message claiming to come from {}", env.from);
+            warn!(party = %self.w.me, from = %d.from, "dropped a message claiming to come from {}", env.from);
             return Ok(Flow::Continue);
         }
         self.dispatch(env, d.frame.len()).await
@@ -449,18 +438,18 @@ impl<S: Send + 'static> Loop<S> {
         received_bytes: usize,
     ) -> Result<Flow, WorkerError> {
         let mut ctx = self.ctx(received_bytes);
-        let Some(handler) = self.handlers.get_mut(&env.kind) else {
+        let Some(handler) = self.w.handlers.get_mut(&env.kind) else {
             self.stats.unhandled += 1;
-            debug!(party = %self.me, kind = %env.kind, from = %env.from, "no handler for this kind");
+            debug!(party = %self.w.me, kind = %env.kind, from = %env.from, "no handler for this kind");
             return Ok(Flow::Continue);
         };
         let kind = env.kind.clone();
         let from = env.from;
-        let flow = match handler(&mut self.state, env, &mut ctx) {
+        let flow = match handler(&mut self.w.state, env, &mut ctx) {
             Ok(flow) => flow,
             Err(HandlerError::Reject(reason)) => {
                 self.stats.rejected += 1;
-                warn!(party = %self.me, %kind, %from, "message rejected: {reason}");
+                warn!(party = %self.w.me, %kind, %from, "message rejected: {reason}");
                 Flow::Continue
             }
             Err(HandlerError::Fatal(message)) => return Err(self.fatal(message)),
@@ -477,14 +466,14 @@ impl<S: Send + 'static> Loop<S> {
     async fn flush(&mut self, ctx: Ctx) -> Result<Flow, WorkerError> {
         for (recipients, frame) in ctx.outbox {
             for to in recipients {
-                match self.transport.send(self.me, to, frame.clone()).await {
+                match self.w.transport.send(self.w.me, to, frame.clone()).await {
                     Ok(()) => {
                         self.stats.sent += 1;
                         self.stats.bytes_out += frame.len() as u64;
                     }
                     Err(e) => {
                         self.stats.send_failures += 1;
-                        warn!(party = %self.me, %to, "send failed: {e}");
+                        warn!(party = %self.w.me, %to, "send failed: {e}");
                     }
                 }
             }

@@ -13,10 +13,12 @@ use tracing::{info, info_span};
 
 use crate::bus::Transport;
 use crate::config::CourseConfig;
-use crate::course::trainer::{derive_seed, SharedTrainer, TrainContext, TrainerError};
+use crate::course::trainer::{
+    derive_seed, LocalTrainer, SharedTrainer, TrainContext, TrainerError,
+};
 use crate::message::{Envelope, MsgKind, Party};
 use crate::params::ParamSet;
-use crate::worker::{Ctx, Flow, HandlerError, HandlerResult, Worker};
+use crate::worker::{Ctx, Flow, HandlerError, HandlerResult, JobError, Worker};
 
 /// What a client keeps between messages; returned when it stops.
 pub struct ClientState {
@@ -139,8 +141,24 @@ fn job_inputs(
     Ok((global, tctx))
 }
 
-fn trainer_failed(id: u32, what: &str, round: u64, e: TrainerError) -> TrainerError {
-    format!("client {id}: {what} in round {round} failed: {e}").into()
+/// Runs `work` on the shared trainer; returns its result and the seconds it
+/// took, or an error naming the client, the round and what failed.
+fn with_trainer<T>(
+    trainer: &SharedTrainer,
+    (id, round, what): (u32, u64, &str),
+    work: impl FnOnce(&mut dyn LocalTrainer) -> Result<T, TrainerError>,
+) -> Result<(T, f64), JobError> {
+    let started = Instant::now();
+    let mut guard = trainer
+        .lock()
+        .map_err(|_| "the shared trainer panicked earlier")?;
+    let out = work(&mut *guard)
+        .map_err(|e| format!("client {id}: {what} in round {round} failed: {e}"))?;
+    Ok((out, started.elapsed().as_secs_f64()))
+}
+
+fn reply(course: String, id: u32, round: u64, kind: MsgKind) -> Envelope {
+    Envelope::new(course, round, Party::Client(id), vec![Party::Server], kind)
 }
 
 fn on_train(s: &mut ClientState, env: Envelope, ctx: &mut Ctx) -> HandlerResult {
@@ -151,26 +169,13 @@ fn on_train(s: &mut ClientState, env: Envelope, ctx: &mut Ctx) -> HandlerResult 
     let course = ctx.course().to_string();
     ctx.spawn_blocking(move || {
         let _span = info_span!("train", client = id, round).entered();
-        let started = Instant::now();
-        let update = {
-            let mut trainer = trainer
-                .lock()
-                .map_err(|_| "the shared trainer panicked earlier")?;
-            trainer
-                .train(id, &global, &tctx)
-                .map_err(|e| trainer_failed(id, "training", round, e))?
-        };
-        let compute_s = started.elapsed().as_secs_f64();
-        let mut reply = Envelope::new(
-            course,
-            round,
-            Party::Client(id),
-            vec![Party::Server],
-            MsgKind::Update,
-        )
-        .with_meta("n_samples", update.n_samples)
-        .with_meta("compute_s", compute_s)
-        .with_payload(update.params);
+        let (update, compute_s) = with_trainer(&trainer, (id, round, "training"), |t| {
+            t.train(id, &global, &tctx)
+        })?;
+        let mut reply = reply(course, id, round, MsgKind::Update)
+            .with_meta("n_samples", update.n_samples)
+            .with_meta("compute_s", compute_s)
+            .with_payload(update.params);
         if let Some(loss) = update.loss {
             reply = reply.with_meta("train_loss", loss);
         }
@@ -188,24 +193,12 @@ fn on_evaluate(s: &mut ClientState, env: Envelope, ctx: &mut Ctx) -> HandlerResu
     let course = ctx.course().to_string();
     ctx.spawn_blocking(move || {
         let _span = info_span!("evaluate", client = id, round).entered();
-        let started = Instant::now();
-        let results = {
-            let mut trainer = trainer
-                .lock()
-                .map_err(|_| "the shared trainer panicked earlier")?;
-            trainer
-                .evaluate(id, &global, &tctx)
-                .map_err(|e| trainer_failed(id, "evaluation", round, e))?
-        };
-        let reply = Envelope::new(
-            course,
-            round,
-            Party::Client(id),
-            vec![Party::Server],
-            MsgKind::Metrics,
-        )
-        .with_meta("results", serde_json::to_value(results)?)
-        .with_meta("compute_s", started.elapsed().as_secs_f64());
+        let (results, compute_s) = with_trainer(&trainer, (id, round, "evaluation"), |t| {
+            t.evaluate(id, &global, &tctx)
+        })?;
+        let reply = reply(course, id, round, MsgKind::Metrics)
+            .with_meta("results", serde_json::to_value(results)?)
+            .with_meta("compute_s", compute_s);
         Ok(vec![reply])
     });
     Ok(Flow::Continue)
