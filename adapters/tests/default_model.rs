@@ -42,3 +42,94 @@ fn gguf_tokenizer_round_trips_exactly() {
         .as_deref()
         .is_some_and(|t| t.contains("<|im_start|>")));
 }
+
+#[test]
+fn twenty_adamw_steps_halve_the_loss_and_the_exported_adapter_reloads_exactly() {
+    use candle_core::Tensor;
+    use fedtune_adapters::lora::{Lora, LoraConfig};
+    use fedtune_adapters::loss::IGNORE_INDEX;
+    use fedtune_adapters::peft::{load_lora, save_lora};
+    use fedtune_adapters::train::{fit, Batch, LoraStepper, NoHooks, TrainConfig};
+
+    let (m, tok) = loaded();
+    let model = &m.model;
+    let device = Device::Cpu;
+    let ids = tok.encode(TEXT).unwrap();
+    let (t, rows) = (64usize, 2usize);
+    assert!(ids.len() >= t * rows);
+    let tokens: Vec<u32> = ids[..t * rows].to_vec();
+    // The first 8 tokens of each row are "prompt": no loss there.
+    let labels: Vec<i64> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, &id)| {
+            if i % t < 8 {
+                IGNORE_INDEX
+            } else {
+                i64::from(id)
+            }
+        })
+        .collect();
+    let batch = Batch {
+        tokens: Tensor::from_vec(tokens, (rows, t), &device).unwrap(),
+        attention_mask: Tensor::ones((rows, t), DType::U32, &device).unwrap(),
+        labels: Tensor::from_vec(labels, (rows, t), &device).unwrap(),
+    };
+    let lora = Lora::new(
+        model.config(),
+        LoraConfig::default(),
+        1,
+        DType::F32,
+        &device,
+    )
+    .unwrap();
+    assert_eq!(
+        lora.num_parameters(),
+        30 * 2 * (8 * 576 + 576 * 8 + 8 * 576 + 192 * 8) / 2
+    );
+    let tc = TrainConfig {
+        lr: 3e-3,
+        ..TrainConfig::default()
+    };
+    let mut stepper = LoraStepper::new(&lora, tc).unwrap();
+    let reports = fit(
+        model,
+        &lora,
+        &mut stepper,
+        std::slice::from_ref(&batch),
+        20,
+        &mut NoHooks,
+    )
+    .unwrap();
+    let (first, last) = (reports[0].loss, reports[19].loss);
+    println!("LoRA loss over 20 AdamW steps: {first:.4} → {last:.4}");
+    assert!(last <= 0.5 * first, "loss {first} → {last}");
+
+    let dir = std::env::temp_dir().join(format!("fedtune-adapter-{}", std::process::id()));
+    save_lora(
+        &dir,
+        lora.config(),
+        &lora.to_param_set().unwrap(),
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+    )
+    .unwrap();
+    let (config, params) = load_lora(&dir).unwrap();
+    let reloaded = Lora::new(model.config(), config, 2, DType::F32, &device).unwrap();
+    reloaded.load_param_set(&params).unwrap();
+    let a = model
+        .forward(&batch.tokens, Some(&batch.attention_mask), Some(&lora))
+        .unwrap();
+    let b = model
+        .forward(&batch.tokens, Some(&batch.attention_mask), Some(&reloaded))
+        .unwrap();
+    let diff = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(diff, 0.0, "re-imported adapter gives identical logits");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -1,0 +1,421 @@
+//! The training step: LoRA updates with AdamW or SGD, accumulation, clipping, schedules, hooks.
+//!
+//! [`LoraStepper`] owns one client's optimizer state and applies optimizer
+//! steps to that client's [`Lora`] over a frozen, shared [`Llama`]. One step
+//! consumes `grad_accum` micro-batches: each micro-batch's loss is divided by
+//! `grad_accum` and back-propagated, gradients are summed, clipped to
+//! `max_grad_norm` (global L2 norm), and the optimizer moves at the learning
+//! rate the schedule gives for this step.
+//!
+//! Hook points fire in the order of DESIGN.md (`on_fit_start`,
+//! `on_epoch_start`, `on_batch_start`, `on_batch_forward`,
+//! `on_batch_backward`, `on_batch_end`, `on_epoch_end`, `on_fit_end`); a hook
+//! sees the batch and the loss and may add a differentiable term to the loss
+//! (FedProx, Ditto, distillation) or stop training.
+
+use std::collections::HashMap;
+
+use candle_core::backprop::GradStore;
+use candle_core::{Result, Tensor, TensorId};
+use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW, SGD};
+use serde::{Deserialize, Serialize};
+
+use crate::lora::Lora;
+use crate::loss::causal_lm_loss;
+use crate::model::Llama;
+
+/// Which optimizer moves the adapter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    /// AdamW (Loshchilov & Hutter), decoupled weight decay.
+    AdamW,
+    /// Plain stochastic gradient descent.
+    Sgd,
+}
+
+/// How the learning rate evolves over a fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// The base rate throughout (after warm-up).
+    Constant,
+    /// Cosine decay from the base rate to zero at the last step (after warm-up).
+    Cosine,
+}
+
+/// Local training hyperparameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Optimizer.
+    pub optimizer: OptimizerKind,
+    /// Base learning rate.
+    pub lr: f64,
+    /// AdamW's decoupled weight decay.
+    pub weight_decay: f64,
+    /// AdamW's β₁.
+    pub beta1: f64,
+    /// AdamW's β₂.
+    pub beta2: f64,
+    /// AdamW's ε.
+    pub eps: f64,
+    /// Global gradient-norm clip (none when unset).
+    pub max_grad_norm: Option<f64>,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Steps of linear warm-up from 0 to the base rate.
+    pub warmup_steps: usize,
+    /// Schedule after warm-up.
+    pub schedule: Schedule,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            optimizer: OptimizerKind::AdamW,
+            lr: 3e-4,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            max_grad_norm: Some(1.0),
+            grad_accum: 1,
+            warmup_steps: 0,
+            schedule: Schedule::Constant,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// The learning rate of step `step` (0-based) of a fit of `total` steps.
+    pub fn lr_at(&self, step: usize, total: usize) -> f64 {
+        if step < self.warmup_steps {
+            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        match self.schedule {
+            Schedule::Constant => self.lr,
+            Schedule::Cosine => {
+                let span = total.saturating_sub(self.warmup_steps).max(1) as f64;
+                let progress = ((step - self.warmup_steps) as f64 / span).min(1.0);
+                self.lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+            }
+        }
+    }
+}
+
+/// One micro-batch: token ids and attention mask `(b, t)` (u32) and labels `(b, t)` (i64, −100 = ignored).
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// Token ids.
+    pub tokens: Tensor,
+    /// 1 for real tokens, 0 for padding.
+    pub attention_mask: Tensor,
+    /// Target ids aligned with `tokens`; −100 where no loss is taken.
+    pub labels: Tensor,
+}
+
+/// What a hook sees and may change.
+pub struct HookCtx<'a> {
+    /// Optimizer steps taken so far in this fit.
+    pub step: usize,
+    /// Index of the micro-batch within the step.
+    pub micro_batch: usize,
+    /// The learning rate of this step.
+    pub lr: f64,
+    /// The current micro-batch.
+    pub batch: &'a Batch,
+    /// The adapter being trained.
+    pub lora: &'a Lora,
+    /// The micro-batch's loss, once computed (before any added terms).
+    pub loss: Option<f64>,
+    extra: Option<Tensor>,
+    stop: bool,
+}
+
+impl HookCtx<'_> {
+    /// Adds a differentiable scalar to this micro-batch's loss (only in `on_batch_forward`).
+    pub fn add_loss(&mut self, term: Tensor) -> Result<()> {
+        self.extra = Some(match self.extra.take() {
+            Some(e) => (e + term)?,
+            None => term,
+        });
+        Ok(())
+    }
+
+    /// Ends the fit after the current step.
+    pub fn stop(&mut self) {
+        self.stop = true;
+    }
+}
+
+/// Trainer hook points, all no-ops unless overridden.
+#[allow(unused_variables)]
+pub trait TrainHooks {
+    /// Before the first step.
+    fn on_fit_start(&mut self, lora: &Lora) -> Result<()> {
+        Ok(())
+    }
+    /// Before each pass over the data.
+    fn on_epoch_start(&mut self, epoch: usize) -> Result<()> {
+        Ok(())
+    }
+    /// Before a micro-batch's forward pass.
+    fn on_batch_start(&mut self, ctx: &mut HookCtx) -> Result<()> {
+        Ok(())
+    }
+    /// After the forward pass: `ctx.loss` is set; terms may be added with `ctx.add_loss`.
+    fn on_batch_forward(&mut self, ctx: &mut HookCtx) -> Result<()> {
+        Ok(())
+    }
+    /// After the backward pass of a micro-batch.
+    fn on_batch_backward(&mut self, ctx: &mut HookCtx) -> Result<()> {
+        Ok(())
+    }
+    /// After the optimizer step that closed this micro-batch's step (last micro-batch only).
+    fn on_batch_end(&mut self, ctx: &mut HookCtx) -> Result<()> {
+        Ok(())
+    }
+    /// After each pass over the data.
+    fn on_epoch_end(&mut self, epoch: usize) -> Result<()> {
+        Ok(())
+    }
+    /// After the last step.
+    fn on_fit_end(&mut self, lora: &Lora) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Hooks that do nothing.
+pub struct NoHooks;
+impl TrainHooks for NoHooks {}
+
+enum Optim {
+    AdamW(AdamW),
+    Sgd(SGD),
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport {
+    /// Mean LM loss over the step's micro-batches (without hook terms).
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// A hook asked to stop.
+    pub stop: bool,
+}
+
+/// One client's optimizer state, stepping its adapter.
+pub struct LoraStepper {
+    cfg: TrainConfig,
+    optim: Optim,
+    steps_taken: usize,
+}
+
+impl LoraStepper {
+    /// A fresh optimizer over `lora`'s variables.
+    pub fn new(lora: &Lora, cfg: TrainConfig) -> Result<Self> {
+        if cfg.grad_accum == 0 {
+            candle_core::bail!("grad_accum must be at least 1")
+        }
+        let vars = lora.vars();
+        let optim = match cfg.optimizer {
+            OptimizerKind::AdamW => Optim::AdamW(AdamW::new(
+                vars,
+                ParamsAdamW {
+                    lr: cfg.lr,
+                    beta1: cfg.beta1,
+                    beta2: cfg.beta2,
+                    eps: cfg.eps,
+                    weight_decay: cfg.weight_decay,
+                },
+            )?),
+            OptimizerKind::Sgd => Optim::Sgd(SGD::new(vars, cfg.lr)?),
+        };
+        Ok(Self {
+            cfg,
+            optim,
+            steps_taken: 0,
+        })
+    }
+
+    /// Steps taken since creation.
+    pub fn steps_taken(&self) -> usize {
+        self.steps_taken
+    }
+
+    /// One optimizer step over `micro_batches` (`grad_accum` of them), step
+    /// `step` of a fit of `total_steps` (for the schedule).
+    pub fn step(
+        &mut self,
+        model: &Llama,
+        lora: &Lora,
+        micro_batches: &[Batch],
+        (step, total_steps): (usize, usize),
+        hooks: &mut dyn TrainHooks,
+    ) -> Result<StepReport> {
+        if micro_batches.len() != self.cfg.grad_accum {
+            candle_core::bail!(
+                "a step takes grad_accum = {} micro-batches, got {}",
+                self.cfg.grad_accum,
+                micro_batches.len()
+            )
+        }
+        let lr = self.cfg.lr_at(step, total_steps);
+        let vars = lora.vars();
+        let mut summed: HashMap<TensorId, Tensor> = HashMap::new();
+        let mut last: Option<GradStore> = None;
+        let mut loss_sum = 0.0;
+        let mut stop = false;
+        let n = micro_batches.len();
+        for (i, batch) in micro_batches.iter().enumerate() {
+            let mut ctx = HookCtx {
+                step,
+                micro_batch: i,
+                lr,
+                batch,
+                lora,
+                loss: None,
+                extra: None,
+                stop: false,
+            };
+            hooks.on_batch_start(&mut ctx)?;
+            let logits = model.forward(&batch.tokens, Some(&batch.attention_mask), Some(lora))?;
+            let loss = causal_lm_loss(&logits, &batch.labels)?;
+            let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            ctx.loss = Some(value);
+            hooks.on_batch_forward(&mut ctx)?;
+            let total = match ctx.extra.take() {
+                Some(extra) => (loss + extra)?,
+                None => loss,
+            };
+            let grads = (total / n as f64)?.backward()?;
+            for v in &vars {
+                if let Some(g) = grads.get(v.as_tensor()) {
+                    let acc = match summed.remove(&v.as_tensor().id()) {
+                        Some(prev) => (prev + g)?,
+                        None => g.clone(),
+                    };
+                    summed.insert(v.as_tensor().id(), acc);
+                }
+            }
+            hooks.on_batch_backward(&mut ctx)?;
+            loss_sum += value;
+            stop |= ctx.stop;
+            last = Some(grads);
+        }
+        let mut grads = last.expect("at least one micro-batch");
+        let mut sq = 0.0;
+        for g in summed.values() {
+            sq += g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?;
+        }
+        let grad_norm = sq.sqrt();
+        let clip = match self.cfg.max_grad_norm {
+            Some(max) if grad_norm > max => max / (grad_norm + 1e-6),
+            _ => 1.0,
+        };
+        for v in &vars {
+            if let Some(g) = summed.remove(&v.as_tensor().id()) {
+                let g = if clip < 1.0 { (g * clip)? } else { g };
+                grads.insert(v.as_tensor(), g);
+            }
+        }
+        match &mut self.optim {
+            Optim::AdamW(o) => {
+                o.set_learning_rate(lr);
+                o.step(&grads)?;
+            }
+            Optim::Sgd(o) => {
+                o.set_learning_rate(lr);
+                o.step(&grads)?;
+            }
+        }
+        self.steps_taken += 1;
+        let mut ctx = HookCtx {
+            step,
+            micro_batch: n - 1,
+            lr,
+            batch: &micro_batches[n - 1],
+            lora,
+            loss: Some(loss_sum / n as f64),
+            extra: None,
+            stop,
+        };
+        hooks.on_batch_end(&mut ctx)?;
+        Ok(StepReport {
+            loss: loss_sum / n as f64,
+            grad_norm,
+            lr,
+            stop: ctx.stop,
+        })
+    }
+}
+
+/// Runs `epochs` passes over `batches` (micro-batches, `grad_accum` per step;
+/// a trailing remainder smaller than that is skipped), calling every hook
+/// point, until done or a hook stops it. Returns one report per step.
+pub fn fit(
+    model: &Llama,
+    lora: &Lora,
+    stepper: &mut LoraStepper,
+    batches: &[Batch],
+    epochs: usize,
+    hooks: &mut dyn TrainHooks,
+) -> Result<Vec<StepReport>> {
+    let per_epoch = batches.len() / stepper.cfg.grad_accum;
+    if per_epoch == 0 {
+        candle_core::bail!(
+            "{} micro-batches are fewer than grad_accum = {}",
+            batches.len(),
+            stepper.cfg.grad_accum
+        )
+    }
+    let total = per_epoch * epochs;
+    let mut reports = Vec::with_capacity(total);
+    hooks.on_fit_start(lora)?;
+    'epochs: for epoch in 0..epochs {
+        hooks.on_epoch_start(epoch)?;
+        for chunk in batches.chunks_exact(stepper.cfg.grad_accum) {
+            let report = stepper.step(model, lora, chunk, (reports.len(), total), hooks)?;
+            reports.push(report);
+            if report.stop {
+                hooks.on_epoch_end(epoch)?;
+                break 'epochs;
+            }
+        }
+        hooks.on_epoch_end(epoch)?;
+    }
+    hooks.on_fit_end(lora)?;
+    Ok(reports)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedules_warm_up_then_hold_or_decay() {
+        let cfg = TrainConfig {
+            lr: 1.0,
+            warmup_steps: 4,
+            ..TrainConfig::default()
+        };
+        assert_eq!(cfg.lr_at(0, 10), 0.25);
+        assert_eq!(cfg.lr_at(3, 10), 1.0);
+        assert_eq!(cfg.lr_at(9, 10), 1.0);
+        let cos = TrainConfig {
+            schedule: Schedule::Cosine,
+            ..cfg
+        };
+        assert_eq!(cos.lr_at(4, 10), 1.0);
+        assert!((cos.lr_at(7, 10) - 0.5).abs() < 1e-12);
+        assert!(cos.lr_at(9, 10) < 0.1);
+    }
+}
