@@ -1,6 +1,7 @@
 //! The `fedtune` command line: run courses, benchmark the pieces.
 
 mod bench;
+mod bench_train;
 mod run;
 
 use std::io::IsTerminal;
@@ -57,6 +58,21 @@ enum BenchCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Seconds and GFLOP/s of one LoRA training step (r 8, q/v, AdamW, f32) on the default model.
+    TrainStep {
+        /// Sequences per batch.
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        /// Tokens per sequence.
+        #[arg(long, default_value_t = 128)]
+        seq_len: usize,
+        /// Timed steps (after one warm-up step).
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn fetch_model() -> anyhow::Result<()> {
@@ -81,6 +97,12 @@ fn main() -> ExitCode {
             json,
             out,
         }) => bench::codec(params, reps, json, out.as_deref()),
+        Command::Bench(BenchCommand::TrainStep {
+            batch,
+            seq_len,
+            steps,
+            json,
+        }) => bench_train::train_step(batch, seq_len, steps, json),
         Command::Model(ModelCommand::Fetch) => fetch_model(),
     };
     match result {

@@ -1,0 +1,169 @@
+//! `fedtune bench train-step`: one LoRA training step on the default model, timed.
+//!
+//! Settings follow the reference measurement in DESIGN.md: SmolLM2-135M in
+//! f32, LoRA r 8 / alpha 16 on q_proj and v_proj, AdamW, batch 4 × 128 tokens.
+//! FLOPs are counted as 4 × parameters × tokens (a forward pass, plus the
+//! backward pass to the inputs; frozen weights need no weight gradients).
+
+use std::time::Instant;
+
+use anyhow::{ensure, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use fedtune_adapters::fetch::ensure_default_model;
+use fedtune_adapters::lora::{Lora, LoraConfig};
+use fedtune_adapters::loss::causal_lm_loss;
+use fedtune_adapters::model::load_gguf;
+use fedtune_adapters::train::{Batch, LoraStepper, NoHooks, TrainConfig};
+use serde::Serialize;
+
+#[derive(Debug, Serialize)]
+struct TrainStepReport {
+    batch: usize,
+    seq_len: usize,
+    steps: usize,
+    model_parameters: usize,
+    lora_parameters: usize,
+    seconds_per_step: f64,
+    gflop_per_step: f64,
+    gflop_per_s: f64,
+    forward_s: f64,
+    backward_s: f64,
+    optimizer_s: f64,
+    peak_rss_mib: Option<f64>,
+    threads: usize,
+}
+
+pub fn train_step(batch: usize, seq_len: usize, steps: usize, json: bool) -> Result<()> {
+    ensure!(
+        batch > 0 && seq_len > 1 && steps > 0,
+        "--batch, --seq-len (> 1) and --steps must be positive"
+    );
+    let path = ensure_default_model(|line| eprintln!("{line}"))?;
+    let device = Device::Cpu;
+    let loaded = load_gguf(&path, DType::F32, &device).context("loading the default model")?;
+    let model = &loaded.model;
+    let cfg = model.config();
+    ensure!(
+        seq_len <= cfg.max_position_embeddings,
+        "--seq-len exceeds the model's context"
+    );
+    let lora = Lora::new(
+        cfg,
+        LoraConfig {
+            lora_dropout: 0.0,
+            ..LoraConfig::default()
+        },
+        1,
+        DType::F32,
+        &device,
+    )?;
+    // Seeded token ids spread over the vocabulary; every position counts in the loss.
+    let n = batch * seq_len;
+    let ids: Vec<u32> = (0..n as u64)
+        .map(|i| ((i.wrapping_mul(2_654_435_761) >> 7) % cfg.vocab_size as u64) as u32)
+        .collect();
+    let labels: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
+    let b = Batch {
+        tokens: Tensor::from_vec(ids, (batch, seq_len), &device)?,
+        attention_mask: Tensor::ones((batch, seq_len), DType::U32, &device)?,
+        labels: Tensor::from_vec(labels, (batch, seq_len), &device)?,
+    };
+    let mut stepper = LoraStepper::new(&lora, TrainConfig::default())?;
+    // One untimed step warms allocators and caches.
+    stepper.step(
+        model,
+        &lora,
+        std::slice::from_ref(&b),
+        (0, steps + 1),
+        &mut NoHooks,
+    )?;
+    let started = Instant::now();
+    for s in 0..steps {
+        stepper.step(
+            model,
+            &lora,
+            std::slice::from_ref(&b),
+            (s + 1, steps + 1),
+            &mut NoHooks,
+        )?;
+    }
+    let per_step = started.elapsed().as_secs_f64() / steps as f64;
+
+    // Where the time goes: the same work split into forward, backward and update.
+    let t = Instant::now();
+    let logits = model.forward(&b.tokens, Some(&b.attention_mask), Some(&lora))?;
+    let loss = causal_lm_loss(&logits, &b.labels)?;
+    let _ = loss.to_scalar::<f32>()?;
+    let forward_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let grads = loss.backward()?;
+    let backward_s = t.elapsed().as_secs_f64();
+    drop(grads);
+    let optimizer_s = (per_step - forward_s - backward_s).max(0.0);
+
+    let params = model_parameters(model);
+    let gflop = 4.0 * params as f64 * n as f64 / 1e9;
+    let report = TrainStepReport {
+        batch,
+        seq_len,
+        steps,
+        model_parameters: params,
+        lora_parameters: lora.num_parameters(),
+        seconds_per_step: per_step,
+        gflop_per_step: gflop,
+        gflop_per_s: gflop / per_step,
+        forward_s,
+        backward_s,
+        optimizer_s,
+        peak_rss_mib: peak_rss_mib(),
+        threads: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "LoRA step (r 8, q/v, AdamW, f32), batch {batch} x {seq_len}, {} threads, mean of {steps} steps:\n\
+             {:.3} s/step, {:.1} GFLOP/step, {:.1} GFLOP/s\n\
+             forward + loss {:.3} s, backward {:.3} s, rest (optimizer, clipping) ~{:.3} s\n\
+             model {} parameters, LoRA {} parameters, peak RSS {}",
+            report.threads,
+            per_step,
+            gflop,
+            report.gflop_per_s,
+            forward_s,
+            backward_s,
+            optimizer_s,
+            params,
+            report.lora_parameters,
+            report.peak_rss_mib.map(|m| format!("{m:.0} MiB")).unwrap_or_else(|| "unknown".into())
+        );
+    }
+    Ok(())
+}
+
+/// Parameters that cost FLOPs per token: every block's weights plus the output head
+/// (tied embeddings counted once, as the head).
+fn model_parameters(model: &fedtune_adapters::model::Llama) -> usize {
+    let c = model.config();
+    let per_layer: usize = fedtune_adapters::model::Projection::ALL
+        .iter()
+        .map(|p| {
+            let (i, o) = p.dims(c);
+            i * o
+        })
+        .sum::<usize>()
+        + 2 * c.hidden_size;
+    c.num_hidden_layers * per_layer
+        + c.vocab_size * c.hidden_size * if c.tie_word_embeddings { 1 } else { 2 }
+        + c.hidden_size
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`).
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
