@@ -72,13 +72,16 @@ impl TextTokenizer {
             .map_err(|e| TokenizerError::Tokenizers(e.to_string()))
     }
 
-    /// Loads `tokenizer.json`; `eos` names the end-of-sequence token.
-    pub fn from_file(path: &Path, eos: &str) -> Result<Self, TokenizerError> {
+    /// Loads `tokenizer.json`, with the end-of-sequence id from the model's config.
+    pub fn from_file(path: &Path, eos_id: u32) -> Result<Self, TokenizerError> {
         let inner = Tokenizer::from_file(path)
             .map_err(|e| TokenizerError::Tokenizers(format!("{}: {e}", path.display())))?;
-        let eos_id = inner.token_to_id(eos).ok_or_else(|| {
-            TokenizerError::Metadata(format!("{} has no token `{eos}`", path.display()))
-        })?;
+        if inner.id_to_token(eos_id).is_none() {
+            return Err(TokenizerError::Metadata(format!(
+                "{} has no token with id {eos_id}",
+                path.display()
+            )));
+        }
         Ok(Self {
             inner,
             bos_id: None,

@@ -283,6 +283,37 @@ impl Llama {
         self.embed_tokens.device()
     }
 
+    /// Every weight under its Hugging Face name (`lm_head.weight` only when untied).
+    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![
+            (
+                "model.embed_tokens.weight".to_string(),
+                self.embed_tokens.clone(),
+            ),
+            ("model.norm.weight".to_string(), self.norm.clone()),
+        ];
+        if let Some(head) = &self.lm_head {
+            out.push(("lm_head.weight".to_string(), head.clone()));
+        }
+        for (i, l) in self.layers.iter().enumerate() {
+            out.push((
+                format!("model.layers.{i}.input_layernorm.weight"),
+                l.input_layernorm.clone(),
+            ));
+            out.push((
+                format!("model.layers.{i}.post_attention_layernorm.weight"),
+                l.post_attention_layernorm.clone(),
+            ));
+            for p in Projection::ALL {
+                out.push((
+                    format!("model.layers.{i}.{}.weight", p.path()),
+                    l.weight(p).clone(),
+                ));
+            }
+        }
+        out
+    }
+
     /// The output head: `lm_head`, or the token embeddings when tied.
     pub fn output_weight(&self) -> &Tensor {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)

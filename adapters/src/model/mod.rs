@@ -10,8 +10,10 @@
 
 mod config;
 mod gguf;
+mod hf;
 mod llama;
 
 pub use config::LlamaConfig;
 pub use gguf::{load_gguf, GgufModel};
+pub use hf::{load_hf_dir, HfModel};
 pub use llama::{LayerWeights, Llama, Projection, ProjectionAdapter};
