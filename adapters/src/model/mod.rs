@@ -16,4 +16,4 @@ mod llama;
 pub use config::LlamaConfig;
 pub use gguf::{load_gguf, GgufModel};
 pub use hf::{load_hf_dir, HfModel};
-pub use llama::{LayerWeights, Llama, Projection, ProjectionAdapter};
+pub use llama::{frozen_linear, KvCache, LayerWeights, Llama, Projection, ProjectionAdapter};

@@ -1,0 +1,71 @@
+//! The KV-cached forward pass matches the full forward pass position by position.
+
+use candle_core::{DType, Device, Tensor};
+use fedtune_adapters::lora::{Lora, LoraConfig};
+use fedtune_adapters::model::{KvCache, Llama, LlamaConfig};
+use fedtune_kernel::ParamSet;
+
+#[test]
+fn cached_chunks_reproduce_the_full_forward() {
+    let cfg = LlamaConfig {
+        vocab_size: 30,
+        hidden_size: 24,
+        intermediate_size: 32,
+        num_hidden_layers: 2,
+        num_attention_heads: 6,
+        num_key_value_heads: 2,
+        rms_norm_eps: 1e-6,
+        rope_theta: 10_000.0,
+        max_position_embeddings: 32,
+        tie_word_embeddings: true,
+    };
+    let device = Device::Cpu;
+    let model = Llama::random(cfg.clone(), 4, DType::F64, &device).unwrap();
+    // A LoRA with non-zero B, so the adapter path is part of what is compared.
+    let lora = Lora::new(&cfg, LoraConfig::default(), 2, DType::F64, &device).unwrap();
+    let mut p = ParamSet::new();
+    for (name, t) in lora.to_param_set().unwrap().iter() {
+        p.insert(name, t.shape().to_vec(), vec![0.05; t.len()])
+            .unwrap();
+    }
+    lora.load_param_set(&p).unwrap();
+
+    let ids: Vec<u32> = vec![3, 14, 15, 9, 26, 5, 3, 5, 8, 9];
+    let full = model
+        .forward(
+            &Tensor::new(ids.as_slice(), &device)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+            None,
+            Some(&lora),
+        )
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let mut cache = KvCache::new(cfg.num_hidden_layers);
+    let mut start = 0;
+    for chunk in [3usize, 1, 4, 2] {
+        let part = Tensor::new(&ids[start..start + chunk], &device)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let got = model
+            .forward_cached(&part, &mut cache, Some(&lora))
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let want = full.narrow(0, start, chunk).unwrap();
+        let diff = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(diff < 1e-10, "positions {start}..{}: {diff}", start + chunk);
+        start += chunk;
+        assert_eq!(cache.len(), start);
+    }
+}
