@@ -8,6 +8,8 @@
 //! is also how they cross the wire as a kernel [`ParamSet`].
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use fedtune_kernel::ParamSet;
@@ -95,11 +97,18 @@ struct Factors {
 }
 
 /// The trainable LoRA state of one model.
-#[derive(Debug, Clone)]
+///
+/// Dropout on the LoRA branch's input (PEFT's `lora_dropout`) applies only
+/// while [`Lora::set_training`] is on — the training step turns it on for its
+/// forward passes — and draws its masks from a generator seeded with the
+/// adapter, so training is reproducible.
+#[derive(Debug)]
 pub struct Lora {
     config: LoraConfig,
     scaling: f64,
     factors: BTreeMap<(usize, Projection), Factors>,
+    training: AtomicBool,
+    dropout_rng: Mutex<ChaCha8Rng>,
 }
 
 impl Lora {
@@ -136,7 +145,45 @@ impl Lora {
             scaling: config.scaling(),
             config,
             factors,
+            training: AtomicBool::new(false),
+            dropout_rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed ^ 0xD50D_0D0F)),
         })
+    }
+
+    /// Turns dropout on (training) or off (evaluation, generation).
+    pub fn set_training(&self, on: bool) {
+        self.training.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether dropout is on.
+    pub fn is_training(&self) -> bool {
+        self.training.load(Ordering::Relaxed)
+    }
+
+    /// `x` with each element zeroed with probability `p` and the rest scaled by `1 / (1 − p)`.
+    fn dropout(&self, x: &Tensor) -> Result<Tensor> {
+        let p = self.config.lora_dropout;
+        if p <= 0.0 || !self.is_training() {
+            return Ok(x.clone());
+        }
+        let keep = 1.0 / (1.0 - p);
+        let mask: Vec<f32> = {
+            let mut rng = self
+                .dropout_rng
+                .lock()
+                .map_err(|_| candle_core::Error::msg("LoRA dropout generator poisoned"))?;
+            (0..x.elem_count())
+                .map(|_| {
+                    if rng.random::<f64>() < p {
+                        0.0
+                    } else {
+                        keep as f32
+                    }
+                })
+                .collect()
+        };
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x * mask
     }
 
     /// The hyperparameters.
@@ -207,7 +254,7 @@ impl ProjectionAdapter for Lora {
             return Ok(None);
         };
         // (n, in) · Aᵀ → (n, r) · Bᵀ → (n, out)
-        let low = x.matmul(&f.a.as_tensor().t()?)?;
+        let low = self.dropout(x)?.matmul(&f.a.as_tensor().t()?)?;
         let up = low.matmul(&f.b.as_tensor().t()?)?;
         Ok(Some((up * self.scaling)?))
     }

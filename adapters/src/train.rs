@@ -283,7 +283,10 @@ impl LoraStepper {
                 stop: false,
             };
             hooks.on_batch_start(&mut ctx)?;
-            let logits = model.forward(&batch.tokens, Some(&batch.attention_mask), Some(lora))?;
+            lora.set_training(true);
+            let logits = model.forward(&batch.tokens, Some(&batch.attention_mask), Some(lora));
+            lora.set_training(false);
+            let logits = logits?;
             let loss = causal_lm_loss(&logits, &batch.labels)?;
             let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
             ctx.loss = Some(value);

@@ -307,3 +307,59 @@ fn tempdir() -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+#[test]
+fn lora_dropout_is_seeded_and_only_on_while_training() {
+    let (model, cfg) = tiny();
+    let make = || {
+        let lc = LoraConfig {
+            r: 4,
+            lora_alpha: 8.0,
+            lora_dropout: 0.5,
+            target_modules: vec!["q_proj".into(), "v_proj".into()],
+        };
+        let l = Lora::new(&cfg, lc, 3, DType::F64, &Device::Cpu).unwrap();
+        // Non-zero B so the branch (and its dropout) shows in the output.
+        let mut p = ParamSet::new();
+        for (name, t) in l.to_param_set().unwrap().iter() {
+            p.insert(name, t.shape().to_vec(), vec![0.2; t.len()])
+                .unwrap();
+        }
+        l.load_param_set(&p).unwrap();
+        l
+    };
+    let b = batch();
+    let run = |l: &Lora| {
+        model
+            .forward(&b.tokens, Some(&b.attention_mask), Some(l))
+            .unwrap()
+    };
+    let max_diff = |x: &Tensor, y: &Tensor| {
+        (x - y)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let (l1, l2) = (make(), make());
+    let eval = run(&l1);
+    assert_eq!(
+        max_diff(&eval, &run(&l1)),
+        0.0,
+        "no dropout outside training"
+    );
+    l1.set_training(true);
+    l2.set_training(true);
+    let (t1, t2) = (run(&l1), run(&l2));
+    assert_eq!(max_diff(&t1, &t2), 0.0, "same seed, same masks");
+    assert!(
+        max_diff(&t1, &eval) > 1e-6,
+        "dropout changes the training forward"
+    );
+    assert!(max_diff(&t1, &run(&l1)) > 1e-6, "fresh masks on every pass");
+    l1.set_training(false);
+    assert_eq!(max_diff(&eval, &run(&l1)), 0.0);
+}
