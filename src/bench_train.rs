@@ -11,7 +11,6 @@ use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use fedtune_adapters::fetch::ensure_default_model;
 use fedtune_adapters::lora::{Lora, LoraConfig};
-use fedtune_adapters::loss::causal_lm_loss;
 use fedtune_adapters::model::load_gguf;
 use fedtune_adapters::train::{Batch, LoraStepper, NoHooks, TrainConfig};
 use serde::Serialize;
@@ -91,8 +90,7 @@ pub fn train_step(batch: usize, seq_len: usize, steps: usize, json: bool) -> Res
 
     // Where the time goes: the same work split into forward, backward and update.
     let t = Instant::now();
-    let logits = model.forward(&b.tokens, Some(&b.attention_mask), Some(&lora))?;
-    let loss = causal_lm_loss(&logits, &b.labels)?;
+    let loss = model.causal_lm_loss(&b.tokens, Some(&b.attention_mask), &b.labels, Some(&lora))?;
     let _ = loss.to_scalar::<f32>()?;
     let forward_s = t.elapsed().as_secs_f64();
     let t = Instant::now();

@@ -1,6 +1,13 @@
 //! The causal language-modelling loss.
+//!
+//! Two forms: [`causal_lm_loss`] takes full logits and is written with
+//! composite candle ops (the reference); [`cross_entropy_rows`] is the fused
+//! form the training step uses through `Llama::causal_lm_loss`, which selects
+//! the positions whose labels count before the output head. Over a 49,152-word
+//! vocabulary the composite log-softmax makes about a dozen passes over the
+//! logits forward and backward; the fused op makes two.
 
-use candle_core::{Result, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor, D};
 
 /// Label value of positions that do not count (prompt, padding), as in PyTorch and Hugging Face.
 pub const IGNORE_INDEX: i64 = -100;
@@ -12,6 +19,7 @@ pub const IGNORE_INDEX: i64 = -100;
 /// ops (log-softmax, gather) whose backward reaches the logits.
 pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let (b, t, v) = logits.dims3()?;
+    let (rows, picks) = counted_positions(labels, v)?;
     if labels.dims() != [b, t] {
         candle_core::bail!(
             "labels have shape {:?}, logits {:?}",
@@ -19,30 +27,183 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
             logits.dims()
         )
     }
-    if t < 2 {
-        candle_core::bail!("a sequence needs at least 2 tokens to predict one")
-    }
-    let targets: Vec<i64> = labels.narrow(1, 1, t - 1)?.flatten_all()?.to_vec1()?;
-    let mut rows = Vec::new();
-    let mut picks = Vec::new();
-    for (i, &label) in targets.iter().enumerate() {
-        if label == IGNORE_INDEX {
-            continue;
-        }
-        if label < 0 || label as usize >= v {
-            candle_core::bail!("label {label} is outside the vocabulary of {v}")
-        }
-        rows.push(i as u32);
-        picks.push(label as u32);
-    }
-    if rows.is_empty() {
-        candle_core::bail!("every label is {IGNORE_INDEX}: nothing to learn from this batch")
-    }
     let device = logits.device();
     let n = rows.len();
-    let flat = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
+    // Rows index the flat (b·t) positions; row r predicts the label at r + 1.
+    let flat = logits.reshape((b * t, v))?;
     let kept = flat.index_select(&Tensor::from_vec(rows, n, device)?, 0)?;
     let logp = candle_nn::ops::log_softmax(&kept, D::Minus1)?;
     let picked = logp.gather(&Tensor::from_vec(picks, (n, 1), device)?, 1)?;
     picked.mean_all()?.neg()
+}
+
+/// The positions whose next-token label counts, as flat `(b·t)` row indices,
+/// and the target id each predicts.
+pub fn counted_positions(labels: &Tensor, vocab: usize) -> Result<(Vec<u32>, Vec<u32>)> {
+    let (b, t) = labels.dims2()?;
+    if t < 2 {
+        candle_core::bail!("a sequence needs at least 2 tokens to predict one")
+    }
+    let all: Vec<i64> = labels.flatten_all()?.to_vec1()?;
+    let mut rows = Vec::new();
+    let mut picks = Vec::new();
+    for seq in 0..b {
+        for pos in 0..t - 1 {
+            let label = all[seq * t + pos + 1];
+            if label == IGNORE_INDEX {
+                continue;
+            }
+            if label < 0 || label as usize >= vocab {
+                candle_core::bail!("label {label} is outside the vocabulary of {vocab}")
+            }
+            rows.push((seq * t + pos) as u32);
+            picks.push(label as u32);
+        }
+    }
+    if rows.is_empty() {
+        candle_core::bail!("every label is {IGNORE_INDEX}: nothing to learn from this batch")
+    }
+    Ok((rows, picks))
+}
+
+/// Mean cross-entropy of `logits` `(k, vocab)` against one target per row.
+/// Fused on the CPU (log-sum-exp forward, `softmax − onehot` backward);
+/// composite ops elsewhere.
+pub fn cross_entropy_rows(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    let (k, v) = logits.dims2()?;
+    if targets.len() != k || targets.iter().any(|&t| t as usize >= v) {
+        candle_core::bail!(
+            "{} targets for {k} rows, or a target outside the vocabulary of {v}",
+            targets.len()
+        )
+    }
+    if !logits.device().is_cpu() {
+        let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+        let idx = Tensor::from_slice(targets, (k, 1), logits.device())?;
+        return logp.gather(&idx, 1)?.mean_all()?.neg();
+    }
+    let logits = logits.contiguous()?;
+    logits
+        .apply_op1(RowCrossEntropy {
+            targets: targets.to_vec(),
+        })?
+        .mean_all()
+}
+
+/// Per-row negative log-likelihood; see [`cross_entropy_rows`].
+struct RowCrossEntropy {
+    targets: Vec<u32>,
+}
+
+/// Runs `f` over row chunks on the machine's cores, writing into `out` (`width` values per row).
+fn par_rows<T: Send>(out: &mut [T], width: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    let rows = out.len() / width.max(1);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(rows.max(1));
+    let per = rows.div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        for (c, chunk) in out.chunks_mut(per * width).enumerate() {
+            let f = &f;
+            s.spawn(move || {
+                for (i, row) in chunk.chunks_mut(width).enumerate() {
+                    f(c * per + i, row);
+                }
+            });
+        }
+    });
+}
+
+macro_rules! row_ce_impl {
+    ($t:ty, $fwd:ident, $bwd:ident) => {
+        fn $fwd(data: &[$t], v: usize, targets: &[u32]) -> Vec<$t> {
+            let mut out = vec![0 as $t; targets.len()];
+            par_rows(&mut out, 1, |r, o| {
+                let row = &data[r * v..(r + 1) * v];
+                let max = row.iter().copied().fold(<$t>::NEG_INFINITY, <$t>::max);
+                let sum: $t = row.iter().map(|&x| (x - max).exp()).sum();
+                o[0] = max + sum.ln() - row[targets[r] as usize];
+            });
+            out
+        }
+
+        fn $bwd(data: &[$t], v: usize, targets: &[u32], grad: &[$t]) -> Vec<$t> {
+            let mut out = vec![0 as $t; data.len()];
+            par_rows(&mut out, v, |r, o| {
+                let row = &data[r * v..(r + 1) * v];
+                let max = row.iter().copied().fold(<$t>::NEG_INFINITY, <$t>::max);
+                let mut sum: $t = 0.0;
+                for (o, &x) in o.iter_mut().zip(row) {
+                    *o = (x - max).exp();
+                    sum += *o;
+                }
+                let scale = grad[r] / sum;
+                o.iter_mut().for_each(|x| *x *= scale);
+                o[targets[r] as usize] -= grad[r];
+            });
+            out
+        }
+    };
+}
+
+row_ce_impl!(f32, nll_rows_f32, grad_rows_f32);
+row_ce_impl!(f64, nll_rows_f64, grad_rows_f64);
+
+/// A contiguous CPU tensor's data.
+fn cpu_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<(&'a CpuStorage, usize)> {
+    if !layout.is_contiguous() {
+        candle_core::bail!("row-cross-entropy needs contiguous logits")
+    }
+    Ok((storage, layout.start_offset()))
+}
+
+impl CustomOp1 for RowCrossEntropy {
+    fn name(&self) -> &'static str {
+        "row-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (k, v) = layout.shape().dims2()?;
+        let (storage, off) = cpu_slice(storage, layout)?;
+        let out = match storage {
+            CpuStorage::F32(d) => {
+                CpuStorage::F32(nll_rows_f32(&d[off..off + k * v], v, &self.targets))
+            }
+            CpuStorage::F64(d) => {
+                CpuStorage::F64(nll_rows_f64(&d[off..off + k * v], v, &self.targets))
+            }
+            _ => candle_core::bail!("row-cross-entropy supports f32 and f64 logits"),
+        };
+        Ok((out, Shape::from(k)))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let (k, v) = arg.dims2()?;
+        let grad = grad_res.contiguous()?;
+        let (storage, layout) = arg.storage_and_layout();
+        let Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("row-cross-entropy: logits left the CPU")
+        };
+        let (cpu, off) = cpu_slice(cpu, layout)?;
+        let out = match cpu {
+            CpuStorage::F32(d) => {
+                let g: Vec<f32> = grad.to_dtype(DType::F32)?.to_vec1()?;
+                Tensor::from_vec(
+                    grad_rows_f32(&d[off..off + k * v], v, &self.targets, &g),
+                    (k, v),
+                    arg.device(),
+                )?
+            }
+            CpuStorage::F64(d) => {
+                let g: Vec<f64> = grad.to_dtype(DType::F64)?.to_vec1()?;
+                Tensor::from_vec(
+                    grad_rows_f64(&d[off..off + k * v], v, &self.targets, &g),
+                    (k, v),
+                    arg.device(),
+                )?
+            }
+            _ => candle_core::bail!("row-cross-entropy supports f32 and f64 logits"),
+        };
+        Ok(Some(out))
+    }
 }

@@ -22,7 +22,7 @@ use fedtune_kernel::ParamSet;
 use serde::{Deserialize, Serialize};
 
 use crate::lora::{Lora, LoraConfig};
-use crate::loss::{causal_lm_loss, IGNORE_INDEX};
+use crate::loss::counted_positions;
 use crate::model::Llama;
 use crate::train::{Batch, LoraStepper, NoHooks, TrainConfig};
 
@@ -145,13 +145,6 @@ impl RoundRobinTrainer {
     }
 }
 
-/// Number of positions a batch's loss averages over (labels after the shift that are not ignored).
-fn counted_tokens(batch: &Batch) -> Result<usize, TrainerError> {
-    let t = batch.labels.dim(1)?;
-    let labels: Vec<i64> = batch.labels.narrow(1, 1, t - 1)?.flatten_all()?.to_vec1()?;
-    Ok(labels.iter().filter(|&&l| l != IGNORE_INDEX).count())
-}
-
 impl LocalTrainer for RoundRobinTrainer {
     fn train(
         &mut self,
@@ -212,11 +205,18 @@ impl LocalTrainer for RoundRobinTrainer {
         for (split, batches) in &slot.data.eval {
             let (mut weighted, mut tokens, mut samples) = (0.0, 0usize, 0u64);
             for b in batches {
-                let logits = model.forward(&b.tokens, Some(&b.attention_mask), Some(&slot.lora))?;
-                let loss = causal_lm_loss(&logits, &b.labels)?
+                let loss = model
+                    .causal_lm_loss(
+                        &b.tokens,
+                        Some(&b.attention_mask),
+                        &b.labels,
+                        Some(&slot.lora),
+                    )?
                     .to_dtype(DType::F64)?
                     .to_scalar::<f64>()?;
-                let n = counted_tokens(b)?;
+                let n = counted_positions(&b.labels, model.config().vocab_size)?
+                    .0
+                    .len();
                 weighted += loss * n as f64;
                 tokens += n;
                 samples += b.tokens.dim(0)? as u64;

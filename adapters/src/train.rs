@@ -21,7 +21,6 @@ use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW, SGD};
 use serde::{Deserialize, Serialize};
 
 use crate::lora::Lora;
-use crate::loss::causal_lm_loss;
 use crate::model::Llama;
 
 /// Which optimizer moves the adapter.
@@ -284,10 +283,14 @@ impl LoraStepper {
             };
             hooks.on_batch_start(&mut ctx)?;
             lora.set_training(true);
-            let logits = model.forward(&batch.tokens, Some(&batch.attention_mask), Some(lora));
+            let loss = model.causal_lm_loss(
+                &batch.tokens,
+                Some(&batch.attention_mask),
+                &batch.labels,
+                Some(lora),
+            );
             lora.set_training(false);
-            let logits = logits?;
-            let loss = causal_lm_loss(&logits, &batch.labels)?;
+            let loss = loss?;
             let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
             ctx.loss = Some(value);
             hooks.on_batch_forward(&mut ctx)?;

@@ -13,6 +13,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::config::LlamaConfig;
+use crate::loss::{counted_positions, cross_entropy_rows};
 
 /// A score small enough that softmax gives it zero weight, yet finite, so a
 /// row with every key masked yields a uniform distribution rather than NaN.
@@ -334,6 +335,32 @@ impl Llama {
         let hidden = self.hidden_states(tokens, attention_mask, adapter)?;
         let logits = frozen_linear(&hidden, self.output_weight())?;
         logits.reshape((b, t, self.cfg.vocab_size))
+    }
+
+    /// The training loss: mean next-token cross-entropy over the positions whose
+    /// label (shifted, −100 = ignored) counts. Only those positions go through
+    /// the output head, and the loss is the fused [`cross_entropy_rows`]; the
+    /// value equals [`crate::loss::causal_lm_loss`] of [`Llama::forward`].
+    pub fn causal_lm_loss(
+        &self,
+        tokens: &Tensor,
+        attention_mask: Option<&Tensor>,
+        labels: &Tensor,
+        adapter: Option<&dyn ProjectionAdapter>,
+    ) -> Result<Tensor> {
+        if labels.dims() != tokens.dims() {
+            candle_core::bail!(
+                "labels have shape {:?}, tokens {:?}",
+                labels.dims(),
+                tokens.dims()
+            )
+        }
+        let (rows, targets) = counted_positions(labels, self.cfg.vocab_size)?;
+        let hidden = self.hidden_states(tokens, attention_mask, adapter)?;
+        let n = rows.len();
+        let kept = hidden.index_select(&Tensor::from_vec(rows, n, self.device())?, 0)?;
+        let logits = frozen_linear(&kept, self.output_weight())?;
+        cross_entropy_rows(&logits, &targets)
     }
 
     /// The final-norm hidden states, flattened to `(batch · seq, hidden)`.
