@@ -1,6 +1,7 @@
 //! The `fedtune` command line: run courses, benchmark the pieces.
 
 mod bench;
+mod bench_matmul;
 mod bench_train;
 mod run;
 
@@ -58,6 +59,15 @@ enum BenchCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// candle's CPU matmul throughput in f32, bf16 and f16 at the default model's shapes.
+    Matmul {
+        /// Rows of the activation matrix (tokens in a batch).
+        #[arg(long, default_value_t = 512)]
+        tokens: usize,
+        /// Repetitions per shape and dtype (the fastest counts).
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+    },
     /// Seconds and GFLOP/s of one LoRA training step (r 8, q/v, AdamW, f32) on the default model.
     TrainStep {
         /// Sequences per batch.
@@ -103,6 +113,7 @@ fn main() -> ExitCode {
             steps,
             json,
         }) => bench_train::train_step(batch, seq_len, steps, json),
+        Command::Bench(BenchCommand::Matmul { tokens, reps }) => bench_matmul::matmul(tokens, reps),
         Command::Model(ModelCommand::Fetch) => fetch_model(),
     };
     match result {
