@@ -41,6 +41,17 @@ fn gguf_tokenizer_round_trips_exactly() {
         .chat_template
         .as_deref()
         .is_some_and(|t| t.contains("<|im_start|>")));
+
+    // Saved as tokenizer.json, it loads as a Hugging Face tokenizer and encodes identically.
+    let dir = std::env::temp_dir().join(format!("fedtune-tok-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tokenizer.json");
+    tok.inner.save(&path, false).unwrap();
+    let again = TextTokenizer::from_file(&path, tok.eos_id).unwrap();
+    for text in [TEXT, "<|im_start|>assistant\nx = 3.14159<|im_end|>"] {
+        assert_eq!(again.encode(text).unwrap(), tok.encode(text).unwrap());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -122,14 +133,7 @@ fn twenty_adamw_steps_halve_the_loss_and_the_exported_adapter_reloads_exactly() 
     let b = model
         .forward(&batch.tokens, Some(&batch.attention_mask), Some(&reloaded))
         .unwrap();
-    let diff = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = common::max_abs_diff(&a, &b);
     assert_eq!(diff, 0.0, "re-imported adapter gives identical logits");
     std::fs::remove_dir_all(dir).unwrap();
 }

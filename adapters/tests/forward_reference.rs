@@ -46,14 +46,7 @@ fn compare(ours: &Tensor, theirs: &Tensor) -> (f64, f32) {
     let a = ours.argmax(D::Minus1).unwrap().to_vec1::<u32>().unwrap();
     let b = theirs.argmax(D::Minus1).unwrap().to_vec1::<u32>().unwrap();
     let agree = a.iter().zip(&b).filter(|(x, y)| x == y).count();
-    let diff = (ours - theirs)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = common::max_abs_diff(&ours, &theirs);
     (agree as f64 / a.len() as f64, diff)
 }
 

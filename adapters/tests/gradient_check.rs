@@ -4,28 +4,15 @@
 //! any real error in the backward pass (such as a fused op that drops its
 //! input's gradient) stands out.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use fedtune_adapters::lora::{Lora, LoraConfig};
 use fedtune_adapters::loss::{causal_lm_loss, IGNORE_INDEX};
-use fedtune_adapters::model::{Llama, LlamaConfig};
+use fedtune_adapters::model::Llama;
 use fedtune_kernel::ParamSet;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-
-fn tiny_config() -> LlamaConfig {
-    LlamaConfig {
-        vocab_size: 40,
-        hidden_size: 16,
-        intermediate_size: 24,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
-        max_position_embeddings: 32,
-        tie_word_embeddings: true,
-    }
-}
 
 fn all_modules() -> LoraConfig {
     LoraConfig {
@@ -62,7 +49,7 @@ fn batch(device: &Device) -> (Tensor, Tensor, Tensor) {
 #[test]
 fn lora_gradients_match_finite_differences() {
     let device = Device::Cpu;
-    let cfg = tiny_config();
+    let cfg = common::tiny_config(true);
     let model = Llama::random(cfg.clone(), 7, DType::F64, &device).unwrap();
     let lora = Lora::new(&cfg, all_modules(), 11, DType::F64, &device).unwrap();
     // B starts at zero, which would make every A-gradient zero: randomize it.
@@ -79,16 +66,41 @@ fn lora_gradients_match_finite_differences() {
     lora.load_param_set(&start).unwrap();
 
     let (tokens, mask, labels) = batch(&device);
+    // The training path: only counted positions reach the head; fused cross-entropy.
     let loss_of = |lora: &Lora| -> f64 {
-        let logits = model.forward(&tokens, Some(&mask), Some(lora)).unwrap();
-        causal_lm_loss(&logits, &labels)
+        model
+            .causal_lm_loss(&tokens, Some(&mask), &labels, Some(lora))
             .unwrap()
             .to_scalar::<f64>()
             .unwrap()
     };
-    let logits = model.forward(&tokens, Some(&mask), Some(&lora)).unwrap();
-    let loss = causal_lm_loss(&logits, &labels).unwrap();
+    let loss = model
+        .causal_lm_loss(&tokens, Some(&mask), &labels, Some(&lora))
+        .unwrap();
     let grads = loss.backward().unwrap();
+
+    // It equals the composite reference on full logits, in value and in gradients.
+    let logits = model.forward(&tokens, Some(&mask), Some(&lora)).unwrap();
+    let reference = causal_lm_loss(&logits, &labels).unwrap();
+    let (fused, composite) = (
+        loss.to_scalar::<f64>().unwrap(),
+        reference.to_scalar::<f64>().unwrap(),
+    );
+    assert!(
+        (fused - composite).abs() < 1e-12,
+        "fused {fused} vs composite {composite}"
+    );
+    let reference_grads = reference.backward().unwrap();
+    for (name, var) in lora.named_vars() {
+        let diff = common::max_abs_diff(
+            grads.get(var.as_tensor()).unwrap(),
+            reference_grads.get(var.as_tensor()).unwrap(),
+        );
+        assert!(
+            diff < 1e-12,
+            "{name}: fused and composite gradients differ by {diff}"
+        );
+    }
 
     let eps = 1e-5;
     let mut checked = 0;
@@ -137,41 +149,27 @@ fn lora_gradients_match_finite_differences() {
 #[test]
 fn fresh_lora_leaves_the_model_unchanged_and_padding_does_not_leak() {
     let device = Device::Cpu;
-    let cfg = tiny_config();
+    let cfg = common::tiny_config(true);
     let model = Llama::random(cfg.clone(), 7, DType::F64, &device).unwrap();
     let lora = Lora::new(&cfg, LoraConfig::default(), 1, DType::F64, &device).unwrap();
     let (tokens, mask, _) = batch(&device);
     let base = model.forward(&tokens, Some(&mask), None).unwrap();
     let adapted = model.forward(&tokens, Some(&mask), Some(&lora)).unwrap();
-    let diff = (base.clone() - adapted)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
+    let diff = common::max_abs_diff(&base, &adapted);
     assert_eq!(diff, 0.0, "B = 0 at initialization");
 
     // The real tokens of the padded row see exactly what they would see unpadded.
     let short = Tensor::new(&[[8u32, 8, 14, 2, 39]], &device).unwrap();
     let alone = model.forward(&short, None, None).unwrap();
     let padded_row = base.narrow(0, 1, 1).unwrap().narrow(1, 0, 5).unwrap();
-    let diff = (alone - padded_row)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
+    let diff = common::max_abs_diff(&alone, &padded_row);
     assert!(diff < 1e-12, "padding changed real positions by {diff}");
 }
 
 #[test]
 fn lora_round_trips_through_the_kernel_param_set() {
     let device = Device::Cpu;
-    let cfg = tiny_config();
+    let cfg = common::tiny_config(true);
     let a = Lora::new(&cfg, LoraConfig::default(), 1, DType::F32, &device).unwrap();
     let b = Lora::new(&cfg, LoraConfig::default(), 2, DType::F32, &device).unwrap();
     let pa = a.to_param_set().unwrap();

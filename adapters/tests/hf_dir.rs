@@ -1,5 +1,7 @@
 //! Loading from a Hugging Face directory: a random model written in HF layout reads back exactly.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -67,14 +69,7 @@ fn models_written_in_hf_layout_load_back_exactly() {
         assert!(loaded.tokenizer.is_none(), "no tokenizer.json was written");
         let a = model.forward(&tokens, None, None).unwrap();
         let b = loaded.model.forward(&tokens, None, None).unwrap();
-        let diff = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = common::max_abs_diff(&a, &b);
         assert_eq!(diff, 0.0, "tied {tied}, {shards} shard(s)");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -1,5 +1,7 @@
 //! The KV-cached forward pass matches the full forward pass position by position.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use fedtune_adapters::lora::{Lora, LoraConfig};
 use fedtune_adapters::model::{KvCache, Llama, LlamaConfig};
@@ -56,14 +58,7 @@ fn cached_chunks_reproduce_the_full_forward() {
             .squeeze(0)
             .unwrap();
         let want = full.narrow(0, start, chunk).unwrap();
-        let diff = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let diff = common::max_abs_diff(&got, &want);
         assert!(diff < 1e-10, "positions {start}..{}: {diff}", start + chunk);
         start += chunk;
         assert_eq!(cache.len(), start);

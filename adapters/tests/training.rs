@@ -1,5 +1,7 @@
 //! The training step on a tiny random model (f64): hooks, accumulation, clipping, PEFT files.
 
+mod common;
+
 use candle_core::{DType, Device, Result, Tensor};
 use fedtune_adapters::lora::{Lora, LoraConfig};
 use fedtune_adapters::loss::IGNORE_INDEX;
@@ -11,18 +13,7 @@ use fedtune_adapters::train::{
 use fedtune_kernel::ParamSet;
 
 fn tiny() -> (Llama, LlamaConfig) {
-    let cfg = LlamaConfig {
-        vocab_size: 40,
-        hidden_size: 16,
-        intermediate_size: 24,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
-        max_position_embeddings: 32,
-        tie_word_embeddings: false,
-    };
+    let cfg = common::tiny_config(false);
     (
         Llama::random(cfg.clone(), 5, DType::F64, &Device::Cpu).unwrap(),
         cfg,
@@ -334,16 +325,7 @@ fn lora_dropout_is_seeded_and_only_on_while_training() {
             .forward(&b.tokens, Some(&b.attention_mask), Some(l))
             .unwrap()
     };
-    let max_diff = |x: &Tensor, y: &Tensor| {
-        (x - y)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    };
+    let max_diff = common::max_abs_diff;
     let (l1, l2) = (make(), make());
     let eval = run(&l1);
     assert_eq!(

@@ -1,8 +1,37 @@
-//! Fixtures shared by the tests that use the real default model.
+//! Fixtures shared by the adapters' integration tests (each test binary uses a part).
+#![allow(dead_code)]
 
 use std::sync::OnceLock;
 
+use candle_core::{DType, Tensor};
 use fedtune_adapters::fetch::ensure_default_model;
+use fedtune_adapters::model::LlamaConfig;
+
+/// The largest absolute difference between two tensors of one shape.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.max_all())
+        .and_then(|d| d.to_dtype(DType::F64))
+        .and_then(|d| d.to_scalar::<f64>())
+        .expect("tensors of one shape")
+}
+
+/// A two-layer model small enough for finite differences: 4 query heads over 2 kv heads.
+pub fn tiny_config(tie_word_embeddings: bool) -> LlamaConfig {
+    LlamaConfig {
+        vocab_size: 40,
+        hidden_size: 16,
+        intermediate_size: 24,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10_000.0,
+        max_position_embeddings: 32,
+        tie_word_embeddings,
+    }
+}
 
 /// About 150 tokens of GSM8K-style English with numbers.
 pub const TEXT: &str = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. \
