@@ -42,11 +42,11 @@ fn reference_logits(ids: Vec<u32>) -> Tensor {
 }
 
 /// (argmax agreement rate, max |logit difference|).
-fn compare(ours: &Tensor, theirs: &Tensor) -> (f64, f32) {
+fn compare(ours: &Tensor, theirs: &Tensor) -> (f64, f64) {
     let a = ours.argmax(D::Minus1).unwrap().to_vec1::<u32>().unwrap();
     let b = theirs.argmax(D::Minus1).unwrap().to_vec1::<u32>().unwrap();
     let agree = a.iter().zip(&b).filter(|(x, y)| x == y).count();
-    let diff = common::max_abs_diff(&ours, &theirs);
+    let diff = common::max_abs_diff(ours, theirs);
     (agree as f64 / a.len() as f64, diff)
 }
 
