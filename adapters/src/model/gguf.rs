@@ -16,7 +16,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::config::LlamaConfig;
-use super::llama::{LayerWeights, Llama};
+use super::llama::{LayerWeights, Llama, Projection};
 
 /// A model read from GGUF, with the metadata other parts (the tokenizer) need.
 pub struct GgufModel {
@@ -97,18 +97,26 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<GgufModel
     let embed = get("token_embd.weight")?;
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
     for i in 0..cfg.num_hidden_layers {
-        let p = |s: &str| format!("blk.{i}.{s}.weight");
-        layers.push(LayerWeights {
-            input_layernorm: get(&p("attn_norm"))?,
-            q_proj: unpermute_rope_rows(&get(&p("attn_q"))?, cfg.num_attention_heads)?,
-            k_proj: unpermute_rope_rows(&get(&p("attn_k"))?, cfg.num_key_value_heads)?,
-            v_proj: get(&p("attn_v"))?,
-            o_proj: get(&p("attn_output"))?,
-            post_attention_layernorm: get(&p("ffn_norm"))?,
-            gate_proj: get(&p("ffn_gate"))?,
-            up_proj: get(&p("ffn_up"))?,
-            down_proj: get(&p("ffn_down"))?,
-        });
+        let name = |s: &str| format!("blk.{i}.{s}.weight");
+        let input_norm = get(&name("attn_norm"))?;
+        let post_norm = get(&name("ffn_norm"))?;
+        layers.push(LayerWeights::from_parts(
+            input_norm,
+            post_norm,
+            |p| match p {
+                Projection::Q => {
+                    unpermute_rope_rows(&get(&name("attn_q"))?, cfg.num_attention_heads)
+                }
+                Projection::K => {
+                    unpermute_rope_rows(&get(&name("attn_k"))?, cfg.num_key_value_heads)
+                }
+                Projection::V => get(&name("attn_v")),
+                Projection::O => get(&name("attn_output")),
+                Projection::Gate => get(&name("ffn_gate")),
+                Projection::Up => get(&name("ffn_up")),
+                Projection::Down => get(&name("ffn_down")),
+            },
+        )?);
     }
     let norm = get("output_norm.weight")?;
     let lm_head = if cfg.tie_word_embeddings {

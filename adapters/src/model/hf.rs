@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use serde::Deserialize;
 
 use super::config::LlamaConfig;
-use super::llama::{LayerWeights, Llama, Projection};
+use super::llama::{LayerWeights, Llama};
 use crate::tokenizer::TextTokenizer;
 
 /// A model read from a Hugging Face directory.
@@ -91,31 +91,11 @@ pub fn load_hf_dir(dir: &Path, dtype: DType, device: &Device) -> Result<HfModel>
     let embed = take("model.embed_tokens.weight")?;
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
     for i in 0..cfg.num_hidden_layers {
-        let mut proj = |p: Projection| take(&format!("model.layers.{i}.{}.weight", p.path()));
-        let (q, k, v, o) = (
-            proj(Projection::Q)?,
-            proj(Projection::K)?,
-            proj(Projection::V)?,
-            proj(Projection::O)?,
-        );
-        let (g, u, d) = (
-            proj(Projection::Gate)?,
-            proj(Projection::Up)?,
-            proj(Projection::Down)?,
-        );
-        layers.push(LayerWeights {
-            input_layernorm: take(&format!("model.layers.{i}.input_layernorm.weight"))?,
-            q_proj: q,
-            k_proj: k,
-            v_proj: v,
-            o_proj: o,
-            post_attention_layernorm: take(&format!(
-                "model.layers.{i}.post_attention_layernorm.weight"
-            ))?,
-            gate_proj: g,
-            up_proj: u,
-            down_proj: d,
-        });
+        let input_norm = take(&format!("model.layers.{i}.input_layernorm.weight"))?;
+        let post_norm = take(&format!("model.layers.{i}.post_attention_layernorm.weight"))?;
+        layers.push(LayerWeights::from_parts(input_norm, post_norm, |p| {
+            take(&format!("model.layers.{i}.{}.weight", p.path()))
+        })?);
     }
     let norm = take("model.norm.weight")?;
     let lm_head = if cfg.tie_word_embeddings {

@@ -128,6 +128,26 @@ pub struct LayerWeights {
 }
 
 impl LayerWeights {
+    /// Assembles a block from its two norm weights and a source of projection
+    /// weights (called once per projection, in block order).
+    pub fn from_parts(
+        input_layernorm: Tensor,
+        post_attention_layernorm: Tensor,
+        mut projection: impl FnMut(Projection) -> Result<Tensor>,
+    ) -> Result<Self> {
+        Ok(Self {
+            input_layernorm,
+            q_proj: projection(Projection::Q)?,
+            k_proj: projection(Projection::K)?,
+            v_proj: projection(Projection::V)?,
+            o_proj: projection(Projection::O)?,
+            post_attention_layernorm,
+            gate_proj: projection(Projection::Gate)?,
+            up_proj: projection(Projection::Up)?,
+            down_proj: projection(Projection::Down)?,
+        })
+    }
+
     /// The weight of one projection.
     pub fn weight(&self, p: Projection) -> &Tensor {
         match p {
@@ -233,32 +253,20 @@ impl Llama {
         let embed = tensor(&[v, h], 0.0, 0.5)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for _ in 0..cfg.num_hidden_layers {
-            let mut w = |p: Projection| {
-                let (din, dout) = p.dims(&cfg);
-                tensor(&[dout, din], 0.0, 1.0 / (din as f32).sqrt())
-            };
-            let (q, k, vv, o) = (
-                w(Projection::Q)?,
-                w(Projection::K)?,
-                w(Projection::V)?,
-                w(Projection::O)?,
-            );
-            let (g, u, d) = (
-                w(Projection::Gate)?,
-                w(Projection::Up)?,
-                w(Projection::Down)?,
-            );
-            layers.push(LayerWeights {
-                input_layernorm: tensor(&[h], 1.0, 0.1)?,
-                q_proj: q,
-                k_proj: k,
-                v_proj: vv,
-                o_proj: o,
-                post_attention_layernorm: tensor(&[h], 1.0, 0.1)?,
-                gate_proj: g,
-                up_proj: u,
-                down_proj: d,
-            });
+            // Draw order (projections, then the two norms) fixes what a seed means.
+            let mut projections = Projection::ALL
+                .iter()
+                .map(|p| {
+                    let (din, dout) = p.dims(&cfg);
+                    tensor(&[dout, din], 0.0, 1.0 / (din as f32).sqrt())
+                })
+                .collect::<Result<Vec<_>>>()?
+                .into_iter();
+            let input_norm = tensor(&[h], 1.0, 0.1)?;
+            let post_norm = tensor(&[h], 1.0, 0.1)?;
+            layers.push(LayerWeights::from_parts(input_norm, post_norm, |_| {
+                Ok(projections.next().expect("one weight per projection"))
+            })?);
         }
         let norm = tensor(&[h], 1.0, 0.1)?;
         let lm_head = if cfg.tie_word_embeddings {
