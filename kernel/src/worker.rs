@@ -194,8 +194,8 @@ impl ShutdownHandle {
 impl Shutdown {
     /// A signal that never fires.
     pub fn never() -> Self {
-        let (tx, rx) = watch::channel(false);
-        std::mem::forget(tx);
+        // With its sender dropped, `wait` knows nobody can trigger it and pends forever.
+        let (_, rx) = watch::channel(false);
         Shutdown(rx)
     }
 
