@@ -19,7 +19,6 @@ pub const IGNORE_INDEX: i64 = -100;
 /// ops (log-softmax, gather) whose backward reaches the logits.
 pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let (b, t, v) = logits.dims3()?;
-    let (rows, picks) = counted_positions(labels, v)?;
     if labels.dims() != [b, t] {
         candle_core::bail!(
             "labels have shape {:?}, logits {:?}",
@@ -27,14 +26,19 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
             logits.dims()
         )
     }
-    let device = logits.device();
-    let n = rows.len();
+    let (rows, picks) = counted_positions(labels, v)?;
     // Rows index the flat (b·t) positions; row r predicts the label at r + 1.
     let flat = logits.reshape((b * t, v))?;
-    let kept = flat.index_select(&Tensor::from_vec(rows, n, device)?, 0)?;
-    let logp = candle_nn::ops::log_softmax(&kept, D::Minus1)?;
-    let picked = logp.gather(&Tensor::from_vec(picks, (n, 1), device)?, 1)?;
-    picked.mean_all()?.neg()
+    let kept = flat.index_select(&Tensor::from_vec(rows, picks.len(), logits.device())?, 0)?;
+    composite_cross_entropy(&kept, &picks)
+}
+
+/// Mean cross-entropy of `(k, vocab)` logits against one target per row,
+/// written with composite ops (log-softmax, gather).
+fn composite_cross_entropy(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let idx = Tensor::from_slice(targets, (targets.len(), 1), logits.device())?;
+    logp.gather(&idx, 1)?.mean_all()?.neg()
 }
 
 /// The positions whose next-token label counts, as flat `(b·t)` row indices,
@@ -78,9 +82,7 @@ pub fn cross_entropy_rows(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
         )
     }
     if !logits.device().is_cpu() {
-        let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-        let idx = Tensor::from_slice(targets, (k, 1), logits.device())?;
-        return logp.gather(&idx, 1)?.mean_all()?.neg();
+        return composite_cross_entropy(logits, targets);
     }
     let logits = logits.contiguous()?;
     logits
