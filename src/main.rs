@@ -91,7 +91,29 @@ fn fetch_model() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Keeps freed memory in the process for reuse.
+///
+/// A training step allocates and frees hundreds of activation buffers of
+/// 1–100 MB. By default glibc serves the large ones with fresh `mmap`s and
+/// trims the heap after frees, so every step pays for the kernel zeroing the
+/// same pages again (a third of a step's CPU time went to page faults). A
+/// fixed 32 MiB mmap threshold, no trimming and one arena let the buffers be
+/// reused; peak RSS does not change.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn tune_allocator() {
+    // SAFETY: mallopt only adjusts allocator parameters; called before any other thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn tune_allocator() {}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cli.log));
     tracing_subscriber::fmt()

@@ -6,6 +6,7 @@
 //!
 //! - [`model`]: the Llama-family decoder (forward pass safe for training), loaded from GGUF;
 //! - [`lora`]: LoRA factors with PEFT names, to and from the kernel's `ParamSet`;
+//! - [`kernels`]: fused CPU ops (linear, RMSNorm, softmax, SwiGLU, RoPE) with analytic backward passes;
 //! - [`loss`]: the causal language-modelling loss with prompt masking;
 //! - [`tokenizer`]: byte-level BPE rebuilt from GGUF metadata, or `tokenizer.json`;
 //! - [`train`]: optimizer steps on a LoRA adapter (AdamW/SGD, accumulation, clipping, schedules, hooks);
@@ -18,10 +19,12 @@
 
 pub mod fetch;
 pub mod generate;
+pub mod kernels;
 pub mod lora;
 pub mod loss;
 pub mod model;
 pub mod peft;
 pub mod round_robin;
+pub mod simd;
 pub mod tokenizer;
 pub mod train;

@@ -9,6 +9,9 @@
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor, D};
 
+use crate::kernels::par_blocks;
+use crate::simd;
+
 /// Label value of positions that do not count (prompt, padding), as in PyTorch and Hugging Face.
 pub const IGNORE_INDEX: i64 = -100;
 
@@ -97,59 +100,55 @@ struct RowCrossEntropy {
     targets: Vec<u32>,
 }
 
-/// Runs `f` over row chunks on the machine's cores, writing into `out` (`width` values per row).
-fn par_rows<T: Send>(out: &mut [T], width: usize, f: impl Fn(usize, &mut [T]) + Sync) {
-    let rows = out.len() / width.max(1);
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(rows.max(1));
-    let per = rows.div_ceil(threads).max(1);
-    std::thread::scope(|s| {
-        for (c, chunk) in out.chunks_mut(per * width).enumerate() {
-            let f = &f;
-            s.spawn(move || {
-                for (i, row) in chunk.chunks_mut(width).enumerate() {
-                    f(c * per + i, row);
-                }
-            });
-        }
+fn nll_rows_f32(data: &[f32], v: usize, targets: &[u32]) -> Vec<f32> {
+    let mut out = vec![0f32; targets.len()];
+    par_blocks(&mut out, 1, 1, |r, o| {
+        let row = &data[r * v..(r + 1) * v];
+        let max = simd::max(row);
+        o[0] = max + simd::exp_sum(row, max).ln() - row[targets[r] as usize];
     });
+    out
 }
 
-macro_rules! row_ce_impl {
-    ($t:ty, $fwd:ident, $bwd:ident) => {
-        fn $fwd(data: &[$t], v: usize, targets: &[u32]) -> Vec<$t> {
-            let mut out = vec![0 as $t; targets.len()];
-            par_rows(&mut out, 1, |r, o| {
-                let row = &data[r * v..(r + 1) * v];
-                let max = row.iter().copied().fold(<$t>::NEG_INFINITY, <$t>::max);
-                let sum: $t = row.iter().map(|&x| (x - max).exp()).sum();
-                o[0] = max + sum.ln() - row[targets[r] as usize];
-            });
-            out
-        }
-
-        fn $bwd(data: &[$t], v: usize, targets: &[u32], grad: &[$t]) -> Vec<$t> {
-            let mut out = vec![0 as $t; data.len()];
-            par_rows(&mut out, v, |r, o| {
-                let row = &data[r * v..(r + 1) * v];
-                let max = row.iter().copied().fold(<$t>::NEG_INFINITY, <$t>::max);
-                let mut sum: $t = 0.0;
-                for (o, &x) in o.iter_mut().zip(row) {
-                    *o = (x - max).exp();
-                    sum += *o;
-                }
-                let scale = grad[r] / sum;
-                o.iter_mut().for_each(|x| *x *= scale);
-                o[targets[r] as usize] -= grad[r];
-            });
-            out
-        }
-    };
+fn grad_rows_f32(data: &[f32], v: usize, targets: &[u32], grad: &[f32]) -> Vec<f32> {
+    let mut out = vec![0f32; data.len()];
+    par_blocks(&mut out, v, 1, |r, o| {
+        let row = &data[r * v..(r + 1) * v];
+        let max = simd::max(row);
+        let sum = simd::exp_store(row, max, o);
+        simd::scale(o, grad[r] / sum);
+        o[targets[r] as usize] -= grad[r];
+    });
+    out
 }
 
-row_ce_impl!(f32, nll_rows_f32, grad_rows_f32);
-row_ce_impl!(f64, nll_rows_f64, grad_rows_f64);
+fn nll_rows_f64(data: &[f64], v: usize, targets: &[u32]) -> Vec<f64> {
+    let mut out = vec![0f64; targets.len()];
+    par_blocks(&mut out, 1, 1, |r, o| {
+        let row = &data[r * v..(r + 1) * v];
+        let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let sum: f64 = row.iter().map(|&x| (x - max).exp()).sum();
+        o[0] = max + sum.ln() - row[targets[r] as usize];
+    });
+    out
+}
+
+fn grad_rows_f64(data: &[f64], v: usize, targets: &[u32], grad: &[f64]) -> Vec<f64> {
+    let mut out = vec![0f64; data.len()];
+    par_blocks(&mut out, v, 1, |r, o| {
+        let row = &data[r * v..(r + 1) * v];
+        let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let mut sum = 0f64;
+        for (o, &x) in o.iter_mut().zip(row) {
+            *o = (x - max).exp();
+            sum += *o;
+        }
+        let scale = grad[r] / sum;
+        o.iter_mut().for_each(|x| *x *= scale);
+        o[targets[r] as usize] -= grad[r];
+    });
+    out
+}
 
 /// A contiguous CPU tensor's data.
 fn cpu_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<(&'a CpuStorage, usize)> {

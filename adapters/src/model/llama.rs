@@ -4,15 +4,12 @@
 //! `(out, in)`, rotary embeddings rotate the two halves of each head), so
 //! adapters trained here carry PEFT's names and shapes and load into PEFT.
 
-use std::sync::Mutex;
-
-use candle_core::{
-    CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Storage, Tensor, D,
-};
+use candle_core::{DType, Device, Result, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::config::LlamaConfig;
+use crate::kernels::{frozen_linear, rms_norm, rope, softmax_last_dim, swiglu};
 use crate::loss::{counted_positions, cross_entropy_rows};
 
 /// A score small enough that softmax gives it zero weight, yet finite, so a
@@ -426,7 +423,7 @@ impl Llama {
             let x = rms_norm(&h, &layer.post_attention_layernorm, self.cfg.rms_norm_eps)?;
             let gate = self.project(i, Projection::Gate, layer, &x, adapter)?;
             let up = self.project(i, Projection::Up, layer, &x, adapter)?;
-            let mlp = self.project(i, Projection::Down, layer, &(gate.silu()? * up)?, adapter)?;
+            let mlp = self.project(i, Projection::Down, layer, &swiglu(&gate, &up)?, adapter)?;
             h = (h + mlp)?;
         }
         rms_norm(&h, &self.norm, self.cfg.rms_norm_eps)
@@ -475,8 +472,8 @@ impl Llama {
         let v = heads(self.project(i, Projection::V, layer, x, adapter)?, nkv)?;
         let cos = self.cos.narrow(0, offset, t)?;
         let sin = self.sin.narrow(0, offset, t)?;
-        let q = candle_nn::rotary_emb::rope_slow(&q, &cos, &sin)?;
-        let k = candle_nn::rotary_emb::rope_slow(&k, &cos, &sin)?;
+        let q = rope(&q, &cos, &sin)?;
+        let k = rope(&k, &cos, &sin)?;
         let (k, v) = match cache {
             None => (k, v),
             Some(slot) => {
@@ -495,7 +492,7 @@ impl Llama {
         let q = q.reshape((b, nkv, groups * t, hd))?;
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?; // (b, nkv, groups·t, offset + t)
         let scores = scores.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let probs = softmax_last_dim(&scores)?;
         let y = probs.matmul(&v)?; // (b, nkv, groups·t, hd)
         let y = y
             .reshape((b, nh, t, hd))?
@@ -567,68 +564,6 @@ impl KvCache {
     }
 }
 
-/// `x · Wᵀ` for a frozen weight `W`.
-///
-/// candle's matmul backward computes both operands' gradients, so a plain
-/// matmul spends a weight-sized matmul and buffer per projection per step on a
-/// gradient nobody uses — about half of a LoRA step's backward pass. Here the
-/// product is computed untracked and re-attached to `x` through a custom op
-/// whose backward is `grad · W` alone. Off the CPU (no custom kernel there yet)
-/// it falls back to the plain matmul.
-pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if !x.track_op() {
-        return x.matmul(&w.t()?);
-    }
-    if !x.device().is_cpu() {
-        return x.matmul(&w.t()?);
-    }
-    let y = x.detach().matmul(&w.t()?)?;
-    x.apply_op1(FrozenLinear {
-        w: w.clone(),
-        y: Mutex::new(Some(y)),
-    })
-}
-
-/// The custom op behind [`frozen_linear`]: forward hands over the product
-/// computed beforehand, backward maps the output gradient to the input only.
-struct FrozenLinear {
-    w: Tensor,
-    y: Mutex<Option<Tensor>>,
-}
-
-impl CustomOp1 for FrozenLinear {
-    fn name(&self) -> &'static str {
-        "frozen-linear"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        let y = self
-            .y
-            .lock()
-            .map_err(|_| candle_core::Error::msg("frozen-linear: poisoned"))?
-            .take()
-            .ok_or_else(|| candle_core::Error::msg("frozen-linear: forward ran twice"))?;
-        let (storage, layout) = y.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) if layout.is_contiguous() && layout.start_offset() == 0 => {
-                Ok((s.clone(), layout.shape().clone()))
-            }
-            _ => candle_core::bail!("frozen-linear: expected a contiguous CPU product"),
-        }
-    }
-
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.matmul(&self.w)?))
-    }
-}
-
-/// RMSNorm written with differentiable tensor ops: `x / sqrt(mean(x²) + eps) · w`.
-fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
-    let inv = (mean_sq + eps)?.sqrt()?.recip()?;
-    x.broadcast_mul(&inv)?.broadcast_mul(weight)
-}
-
 /// Cosine and sine tables `(max_positions, head_dim / 2)` of the rotary embedding.
 fn rope_tables(cfg: &LlamaConfig, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
     let hd = cfg.head_dim();
@@ -645,50 +580,4 @@ fn rope_tables(cfg: &LlamaConfig, dtype: DType, device: &Device) -> Result<(Tens
     let cos = Tensor::from_vec(cos, (n, hd / 2), device)?.to_dtype(dtype)?;
     let sin = Tensor::from_vec(sin, (n, hd / 2), device)?.to_dtype(dtype)?;
     Ok((cos, sin))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::Var;
-
-    #[test]
-    fn frozen_linear_matches_matmul_and_gives_the_weight_no_gradient() {
-        let dev = Device::Cpu;
-        let x = Var::from_tensor(
-            &Tensor::arange(0f64, 12.0, &dev)
-                .unwrap()
-                .reshape((3, 4))
-                .unwrap(),
-        )
-        .unwrap();
-        let w = (Tensor::arange(0f64, 20.0, &dev)
-            .unwrap()
-            .reshape((5, 4))
-            .unwrap()
-            * 0.1)
-            .unwrap();
-        let wv = Var::from_tensor(&w).unwrap();
-        let ours = frozen_linear(x.as_tensor(), &w).unwrap();
-        let plain = x.as_tensor().matmul(&wv.as_tensor().t().unwrap()).unwrap();
-        assert_eq!(
-            ours.to_vec2::<f64>().unwrap(),
-            plain.to_vec2::<f64>().unwrap()
-        );
-        let g_ours = ours.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-        let g_plain = plain.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-        assert_eq!(
-            g_ours.get(x.as_tensor()).unwrap().to_vec2::<f64>().unwrap(),
-            g_plain
-                .get(x.as_tensor())
-                .unwrap()
-                .to_vec2::<f64>()
-                .unwrap()
-        );
-        assert!(
-            g_plain.get(wv.as_tensor()).is_some(),
-            "a plain matmul computes the weight's gradient"
-        );
-        assert!(g_ours.get(&w).is_none(), "frozen_linear does not");
-    }
 }
