@@ -172,45 +172,108 @@ impl Linear {
         }
         let m = x.len() / k.max(1);
         let mut out = vec![T::from_f64(0.0); m * n];
-        let transposed = self.transposed;
+        // rhs (k × n): Wᵀ when transposed (W is n × k), else W (k × n).
+        let (rhs_cs, rhs_rs) = if self.transposed { (k, 1) } else { (1, n) };
+        let threads = candle_core::utils::barrier_pool().n_workers() + 1;
         with_data::<T, _>(&self.w, "linear", |w| {
-            let per = m.div_ceil(2 * (candle_core::utils::barrier_pool().n_workers() + 1));
-            par_blocks(&mut out, n, per, |row, dst| {
-                let rows = dst.len() / n.max(1);
-                let lhs = &x[row * k..(row + rows) * k];
-                // rhs (k × n): Wᵀ when transposed (W is n × k), else W (k × n).
-                let (rhs_cs, rhs_rs) = if transposed { (k, 1) } else { (1, n) };
-                // SAFETY: lhs is rows × k, w holds k·n values laid out by the strides
-                // above, dst is rows × n; all row-major and in bounds.
-                unsafe {
-                    gemm::gemm(
-                        rows,
-                        n,
-                        k,
-                        dst.as_mut_ptr(),
-                        1,
-                        n as isize,
-                        false,
-                        lhs.as_ptr(),
-                        1,
-                        k as isize,
-                        w.as_ptr(),
-                        rhs_cs as isize,
-                        rhs_rs as isize,
-                        T::from_f64(0.0),
-                        T::from_f64(1.0),
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    )
-                }
-            });
+            if n >= m && threads > 1 {
+                // Wide outputs (the vocabulary head, the MLP's up projections):
+                // one column block per thread, so each packs only its share of W.
+                let per = n.div_ceil(threads).next_multiple_of(16);
+                let dst = SharedMut(out.as_mut_ptr());
+                candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(per), |blocks| {
+                    for b in blocks {
+                        let (c0, cols) = (b * per, per.min(n - b * per));
+                        // SAFETY: x is m × k; columns c0..c0+cols of rhs lie inside w by
+                        // the strides above; each block writes only its own columns of
+                        // the m × n output, which outlives the pool call.
+                        unsafe {
+                            gemm_rows(
+                                (m, cols, k),
+                                dst.at(c0),
+                                n,
+                                x.as_ptr(),
+                                w.as_ptr().add(c0 * rhs_cs),
+                                (rhs_cs, rhs_rs),
+                            )
+                        }
+                    }
+                });
+            } else {
+                // Tall outputs: one row block per thread.
+                par_blocks(&mut out, n, m.div_ceil(threads), |row, dst| {
+                    let rows = dst.len() / n.max(1);
+                    let lhs = &x[row * k..(row + rows) * k];
+                    // SAFETY: lhs is rows × k, w holds k · n values laid out by the
+                    // strides above, dst is rows × n.
+                    unsafe {
+                        gemm_rows(
+                            (rows, n, k),
+                            dst.as_mut_ptr(),
+                            n,
+                            lhs.as_ptr(),
+                            w.as_ptr(),
+                            (rhs_cs, rhs_rs),
+                        )
+                    }
+                });
+            }
         })?;
         let mut shape = dims.to_vec();
         *shape.last_mut().expect("rank ≥ 1") = n;
         Ok((out, Shape::from(shape)))
     }
+}
+
+/// A raw output pointer shared by pool threads that write disjoint parts.
+struct SharedMut<T>(*mut T);
+// SAFETY: only used for disjoint writes from the pool threads of one call.
+unsafe impl<T: Send> Sync for SharedMut<T> {}
+
+impl<T> SharedMut<T> {
+    /// The pointer `offset` elements in.
+    ///
+    /// # Safety
+    /// `offset` must lie inside the allocation.
+    unsafe fn at(&self, offset: usize) -> *mut T {
+        self.0.add(offset)
+    }
+}
+
+/// `dst (rows × cols, row stride dst_rs) = lhs (rows × k, row-major) · rhs (k × cols)`
+/// with `rhs` at the given (column, row) strides, on the calling thread.
+///
+/// # Safety
+/// Every pointer must be valid for the extents its shape and strides imply.
+unsafe fn gemm_rows<T: 'static + WithDType>(
+    (rows, cols, k): (usize, usize, usize),
+    dst: *mut T,
+    dst_rs: usize,
+    lhs: *const T,
+    rhs: *const T,
+    (rhs_cs, rhs_rs): (usize, usize),
+) {
+    gemm::gemm(
+        rows,
+        cols,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        false,
+        lhs,
+        1,
+        k as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        T::from_f64(0.0),
+        T::from_f64(1.0),
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
 }
 
 impl CustomOp1 for Linear {
