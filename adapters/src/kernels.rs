@@ -188,13 +188,13 @@ impl Linear {
                         // the strides above; each block writes only its own columns of
                         // the m × n output, which outlives the pool call.
                         unsafe {
-                            gemm_rows(
+                            gemm_into(
                                 (m, cols, k),
                                 dst.at(c0),
                                 n,
-                                x.as_ptr(),
-                                w.as_ptr().add(c0 * rhs_cs),
-                                (rhs_cs, rhs_rs),
+                                false,
+                                View::new(x.as_ptr(), k, 1),
+                                View::new(w.as_ptr().add(c0 * rhs_cs), rhs_rs, rhs_cs),
                             )
                         }
                     }
@@ -207,13 +207,13 @@ impl Linear {
                     // SAFETY: lhs is rows × k, w holds k · n values laid out by the
                     // strides above, dst is rows × n.
                     unsafe {
-                        gemm_rows(
+                        gemm_into(
                             (rows, n, k),
                             dst.as_mut_ptr(),
                             n,
-                            lhs.as_ptr(),
-                            w.as_ptr(),
-                            (rhs_cs, rhs_rs),
+                            false,
+                            View::new(lhs.as_ptr(), k, 1),
+                            View::new(w.as_ptr(), rhs_rs, rhs_cs),
                         )
                     }
                 });
@@ -240,34 +240,57 @@ impl<T> SharedMut<T> {
     }
 }
 
-/// `dst (rows × cols, row stride dst_rs) = lhs (rows × k, row-major) · rhs (k × cols)`
-/// with `rhs` at the given (column, row) strides, on the calling thread.
+/// A strided matrix operand: element `(r, c)` is at `ptr + r·rs + c·cs`.
+#[derive(Clone, Copy)]
+struct View<T> {
+    ptr: *const T,
+    rs: usize,
+    cs: usize,
+}
+
+impl<T> View<T> {
+    fn new(ptr: *const T, rs: usize, cs: usize) -> Self {
+        Self { ptr, rs, cs }
+    }
+
+    /// The transposed view of the same data.
+    fn t(self) -> Self {
+        Self {
+            ptr: self.ptr,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+}
+
+/// `dst (m × n, row stride dst_rs) (+)= a (m × k) · b (k × n)` on the calling
+/// thread; `accumulate` adds to what `dst` holds.
 ///
 /// # Safety
 /// Every pointer must be valid for the extents its shape and strides imply.
-unsafe fn gemm_rows<T: 'static + WithDType>(
-    (rows, cols, k): (usize, usize, usize),
+unsafe fn gemm_into<T: 'static + WithDType>(
+    (m, n, k): (usize, usize, usize),
     dst: *mut T,
     dst_rs: usize,
-    lhs: *const T,
-    rhs: *const T,
-    (rhs_cs, rhs_rs): (usize, usize),
+    accumulate: bool,
+    a: View<T>,
+    b: View<T>,
 ) {
     gemm::gemm(
-        rows,
-        cols,
+        m,
+        n,
         k,
         dst,
         1,
         dst_rs as isize,
-        false,
-        lhs,
-        1,
-        k as isize,
-        rhs,
-        rhs_cs as isize,
-        rhs_rs as isize,
-        T::from_f64(0.0),
+        accumulate,
+        a.ptr,
+        a.cs as isize,
+        a.rs as isize,
+        b.ptr,
+        b.cs as isize,
+        b.rs as isize,
+        T::from_f64(if accumulate { 1.0 } else { 0.0 }),
         T::from_f64(1.0),
         false,
         false,
@@ -638,17 +661,13 @@ impl CustomOp1 for Rope {
                             let row = r0 + i;
                             let xr = &x[row * d..(row + 1) * d];
                             let pos = (row % t) * half;
-                            let (c, s) = (&cos[pos..pos + half], &sin[pos..pos + half]);
-                            let (lo, hi) = o.split_at_mut(half);
-                            for j in 0..half {
-                                let s = if self.inverse {
-                                    T::from_f64(0.0) - s[j]
-                                } else {
-                                    s[j]
-                                };
-                                lo[j] = xr[j] * c[j] - xr[j + half] * s;
-                                hi[j] = xr[j + half] * c[j] + xr[j] * s;
-                            }
+                            rotate(
+                                xr,
+                                o,
+                                &cos[pos..pos + half],
+                                &sin[pos..pos + half],
+                                self.inverse,
+                            );
                         }
                     })
                 })
@@ -664,6 +683,397 @@ impl CustomOp1 for Rope {
             inverse: !self.inverse,
         };
         Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&back)?))
+    }
+}
+
+/// Rotates one head's `x` (two halves) by the angles whose cosines and sines
+/// are `cos` and `sin` (by their negatives when `inverse`) into `out`.
+#[inline]
+fn rotate<T: WithDType>(x: &[T], out: &mut [T], cos: &[T], sin: &[T], inverse: bool) {
+    let half = cos.len();
+    let (lo, hi) = out.split_at_mut(half);
+    let (xl, xh) = x.split_at(half);
+    for j in 0..half {
+        let s = if inverse {
+            T::from_f64(0.0) - sin[j]
+        } else {
+            sin[j]
+        };
+        lo[j] = xl[j] * cos[j] - xh[j] * s;
+        hi[j] = xh[j] * cos[j] + xl[j] * s;
+    }
+}
+
+// ---------------------------------------------------------------- attention
+
+/// The shape of a grouped-query attention call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionDims {
+    /// Sequences.
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub seq: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (dividing `heads`).
+    pub kv_heads: usize,
+    /// Features per head (even).
+    pub head_dim: usize,
+}
+
+/// True when [`attention`] takes these tensors (else use composite ops).
+pub fn attention_fuses(q: &Tensor) -> bool {
+    fused(q)
+}
+
+/// Causal grouped-query self-attention with rotary embeddings, as one op.
+///
+/// `q` `(batch·seq, heads·head_dim)` and `k`, `v` `(batch·seq,
+/// kv_heads·head_dim)` are laid out as the projections produce them;
+/// `cos`/`sin` are `(seq, head_dim / 2)`; `bias` `(1 or batch, 1,
+/// groups·seq, seq)` is the additive causal/padding bias, its rows the query
+/// positions of each head in a group in turn. Returns `(batch·seq,
+/// heads·head_dim)`, ready for the output projection. Scores, probabilities
+/// and the head reshuffles stay inside the op; the probabilities are kept for
+/// the backward pass.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    bias: &Tensor,
+    dims: AttentionDims,
+) -> Result<Tensor> {
+    let AttentionDims {
+        batch: b,
+        seq: t,
+        heads: nh,
+        kv_heads: nkv,
+        head_dim: hd,
+    } = dims;
+    if !fused(q) || nkv == 0 || nh % nkv != 0 || hd % 2 != 0 {
+        candle_core::bail!("attention: unsupported tensors or shape {dims:?}")
+    }
+    let g = nh / nkv;
+    let want = |x: &Tensor, d: &[usize], name: &str| -> Result<()> {
+        if x.dims() != d || x.dtype() != q.dtype() {
+            candle_core::bail!(
+                "attention: {name} is {:?} {:?}, expected {d:?} {:?}",
+                x.dims(),
+                x.dtype(),
+                q.dtype()
+            )
+        }
+        Ok(())
+    };
+    want(q, &[b * t, nh * hd], "q")?;
+    want(k, &[b * t, nkv * hd], "k")?;
+    want(v, &[b * t, nkv * hd], "v")?;
+    want(cos, &[t, hd / 2], "cos")?;
+    want(sin, &[t, hd / 2], "sin")?;
+    let mb = bias.dim(0)?;
+    if !(mb == 1 || mb == b) {
+        candle_core::bail!("attention: bias batch {mb} is neither 1 nor {b}")
+    }
+    want(bias, &[mb, 1, g * t, t], "bias")?;
+    q.contiguous()?.apply_op3(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        Attention {
+            dims,
+            cos: cos.contiguous()?,
+            sin: sin.contiguous()?,
+            bias: bias.contiguous()?,
+            saved: Mutex::new(None),
+        },
+    )
+}
+
+struct Attention {
+    dims: AttentionDims,
+    cos: Tensor,
+    sin: Tensor,
+    bias: Tensor,
+    /// Rotated queries `(b, heads, t, hd)`, rotated keys `(b, kv_heads, t, hd)`
+    /// and probabilities `(b, kv_heads, groups·t, t)` from the forward pass.
+    saved: Mutex<Option<[CpuStorage; 3]>>,
+}
+
+impl Attention {
+    fn forward<T: Real>(&self, q: &[T], k: &[T], v: &[T]) -> Result<(Vec<T>, [CpuStorage; 3])> {
+        let AttentionDims {
+            batch: b,
+            seq: t,
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: hd,
+        } = self.dims;
+        let (g, half, qw, kw) = (nh / nkv, hd / 2, nh * hd, nkv * hd);
+        let scale = T::from_f64(1.0 / (hd as f64).sqrt());
+        let zero = T::from_f64(0.0);
+        let mut qr = vec![zero; b * nh * t * hd];
+        let mut kr = vec![zero; b * nkv * t * hd];
+        let mut p = vec![zero; b * nkv * g * t * t];
+        let mut y = vec![zero; b * t * qw];
+        with_data::<T, _>(&self.cos, "attention", |cos| {
+            with_data::<T, _>(&self.sin, "attention", |sin| {
+                // Rotate into head-major buffers: row (batch, head, position).
+                for (src, dst, heads, width) in [(q, &mut qr, nh, qw), (k, &mut kr, nkv, kw)] {
+                    par_blocks(dst, hd, block_rows(b * heads * t), |r0, out| {
+                        for (i, o) in out.chunks_mut(hd).enumerate() {
+                            let r = r0 + i;
+                            let (bi, h, pos) = (r / (heads * t), (r / t) % heads, r % t);
+                            let x = &src[(bi * t + pos) * width + h * hd..][..hd];
+                            let (c, s) = (&cos[pos * half..][..half], &sin[pos * half..][..half]);
+                            rotate(x, o, c, s, false);
+                        }
+                    });
+                }
+            })
+        })??;
+        let yp = SharedMut(y.as_mut_ptr());
+        with_data::<T, _>(&self.bias, "attention", |bias| {
+            let mb = self.bias.dims()[0];
+            // One block per (sequence, kv head): its g·t × t probabilities.
+            par_blocks(&mut p, g * t * t, 1, |item, probs| {
+                let (bi, kv) = (item / nkv, item % nkv);
+                let qg = &qr[(bi * nh + kv * g) * t * hd..][..g * t * hd];
+                let kg = &kr[(bi * nkv + kv) * t * hd..][..t * hd];
+                // SAFETY: qg is g·t × hd and kg is t × hd, row-major; probs is g·t × t.
+                unsafe {
+                    gemm_into(
+                        (g * t, t, hd),
+                        probs.as_mut_ptr(),
+                        t,
+                        false,
+                        View::new(qg.as_ptr(), hd, 1),
+                        View::new(kg.as_ptr(), hd, 1).t(),
+                    )
+                }
+                let bias = &bias[if mb == 1 { 0 } else { bi } * g * t * t..][..g * t * t];
+                let mut row = vec![zero; t];
+                for (pr, br) in probs.chunks_mut(t).zip(bias.chunks(t)) {
+                    for ((r, &s), &bb) in row.iter_mut().zip(pr.iter()).zip(br) {
+                        *r = s * scale + bb;
+                    }
+                    let sum = T::exp_store(&row, T::max_of(&row), pr);
+                    let inv = T::from_f64(1.0) / sum;
+                    pr.iter_mut().for_each(|x| *x *= inv);
+                }
+                for hh in 0..g {
+                    let h = kv * g + hh;
+                    // SAFETY: probs rows hh·t.. are t × t; v's rows for this sequence
+                    // start at (bi·t)·kw, head kv at column kv·hd; the output block
+                    // (rows of sequence bi, columns of head h) belongs to this item alone.
+                    unsafe {
+                        gemm_into(
+                            (t, hd, t),
+                            yp.at(bi * t * qw + h * hd),
+                            qw,
+                            false,
+                            View::new(probs.as_ptr().add(hh * t * t), t, 1),
+                            View::new(v.as_ptr().add(bi * t * kw + kv * hd), kw, 1),
+                        )
+                    }
+                }
+            });
+        })?;
+        let saved = [
+            T::to_cpu_storage_owned(qr),
+            T::to_cpu_storage_owned(kr),
+            T::to_cpu_storage_owned(p),
+        ];
+        Ok((y, saved))
+    }
+
+    fn backward<T: Real>(
+        &self,
+        v: &[T],
+        dy: &[T],
+        [qr, kr, p]: &[CpuStorage; 3],
+    ) -> Result<[Vec<T>; 3]> {
+        let AttentionDims {
+            batch: b,
+            seq: t,
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: hd,
+        } = self.dims;
+        let (g, half, qw, kw) = (nh / nkv, hd / 2, nh * hd, nkv * hd);
+        let scale = T::from_f64(1.0 / (hd as f64).sqrt());
+        let zero = T::from_f64(0.0);
+        let (qr, kr, p) = (
+            T::cpu_storage_as_slice(qr)?,
+            T::cpu_storage_as_slice(kr)?,
+            T::cpu_storage_as_slice(p)?,
+        );
+        let mut dq = vec![zero; b * t * qw];
+        let mut dk = vec![zero; b * t * kw];
+        let mut dv = vec![zero; b * t * kw];
+        let (dqp, dkp, dvp) = (
+            SharedMut(dq.as_mut_ptr()),
+            SharedMut(dk.as_mut_ptr()),
+            SharedMut(dv.as_mut_ptr()),
+        );
+        with_data::<T, _>(&self.cos, "attention", |cos| {
+            with_data::<T, _>(&self.sin, "attention", |sin| {
+                let pool = candle_core::utils::barrier_pool();
+                pool.execute_chunked(b * nkv, |items| {
+                    let mut ds = vec![zero; t * t];
+                    let mut dqh = vec![zero; t * hd];
+                    let mut dkg = vec![zero; t * hd];
+                    for item in items {
+                        let (bi, kv) = (item / nkv, item % nkv);
+                        let kg = &kr[(bi * nkv + kv) * t * hd..][..t * hd];
+                        let vg = View::new(v[bi * t * kw + kv * hd..].as_ptr(), kw, 1);
+                        for hh in 0..g {
+                            let h = kv * g + hh;
+                            let ph = &p[((bi * nkv + kv) * g + hh) * t * t..][..t * t];
+                            let qh = &qr[(bi * nh + h) * t * hd..][..t * hd];
+                            let dyh = View::new(dy[bi * t * qw + h * hd..].as_ptr(), qw, 1);
+                            // SAFETY (all gemms below): views and outputs are in bounds by
+                            // the layouts above; dv/dk/dq blocks of (bi, kv) belong to
+                            // this item alone.
+                            unsafe {
+                                // dP = dY · Vᵀ
+                                gemm_into((t, t, hd), ds.as_mut_ptr(), t, false, dyh, vg.t());
+                                // dV += Pᵀ · dY
+                                gemm_into(
+                                    (t, hd, t),
+                                    dvp.at(bi * t * kw + kv * hd),
+                                    kw,
+                                    hh > 0,
+                                    View::new(ph.as_ptr(), t, 1).t(),
+                                    dyh,
+                                );
+                            }
+                            // dS = P ⊙ (dP − ⟨dP, P⟩) · scale
+                            for (dr, pr) in ds.chunks_mut(t).zip(ph.chunks(t)) {
+                                let mut dot = zero;
+                                for (&d, &p) in dr.iter().zip(pr) {
+                                    dot += d * p;
+                                }
+                                for (d, &p) in dr.iter_mut().zip(pr) {
+                                    *d = p * (*d - dot) * scale;
+                                }
+                            }
+                            let dsv = View::new(ds.as_ptr(), t, 1);
+                            unsafe {
+                                // dQ = dS · K
+                                gemm_into(
+                                    (t, hd, t),
+                                    dqh.as_mut_ptr(),
+                                    hd,
+                                    false,
+                                    dsv,
+                                    View::new(kg.as_ptr(), hd, 1),
+                                );
+                                // dK += dSᵀ · Q
+                                gemm_into(
+                                    (t, hd, t),
+                                    dkg.as_mut_ptr(),
+                                    hd,
+                                    hh > 0,
+                                    dsv.t(),
+                                    View::new(qh.as_ptr(), hd, 1),
+                                );
+                            }
+                            for (pos, row) in dqh.chunks(hd).enumerate() {
+                                // SAFETY: row (bi·t + pos), columns of head h, owned by this item.
+                                let out = unsafe {
+                                    std::slice::from_raw_parts_mut(
+                                        dqp.at((bi * t + pos) * qw + h * hd),
+                                        hd,
+                                    )
+                                };
+                                let (c, s) =
+                                    (&cos[pos * half..][..half], &sin[pos * half..][..half]);
+                                rotate(row, out, c, s, true);
+                            }
+                        }
+                        for (pos, row) in dkg.chunks(hd).enumerate() {
+                            // SAFETY: row (bi·t + pos), columns of kv head kv, owned by this item.
+                            let out = unsafe {
+                                std::slice::from_raw_parts_mut(
+                                    dkp.at((bi * t + pos) * kw + kv * hd),
+                                    hd,
+                                )
+                            };
+                            let (c, s) = (&cos[pos * half..][..half], &sin[pos * half..][..half]);
+                            rotate(row, out, c, s, true);
+                        }
+                    }
+                });
+            })
+        })??;
+        Ok([dq, dk, dv])
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(s1, "attention", |T| {
+            let (y, saved) = self.forward::<T>(
+                data(s1, l1, "attention")?,
+                data(s2, l2, "attention")?,
+                data(s3, l3, "attention")?,
+            )?;
+            *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
+            Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
+        })
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(saved) = saved.as_ref() else {
+            candle_core::bail!("attention: backward before forward")
+        };
+        let dev = q.device();
+        let (dq, dk, dv) = match q.dtype() {
+            DType::F32 => {
+                let [dq, dk, dv] = with_data::<f32, _>(v, "attention", |vd| {
+                    with_data::<f32, _>(&grad, "attention", |g| self.backward(vd, g, saved))
+                })???;
+                (
+                    Tensor::from_vec(dq, q.shape(), dev)?,
+                    Tensor::from_vec(dk, k.shape(), dev)?,
+                    Tensor::from_vec(dv, v.shape(), dev)?,
+                )
+            }
+            DType::F64 => {
+                let [dq, dk, dv] = with_data::<f64, _>(v, "attention", |vd| {
+                    with_data::<f64, _>(&grad, "attention", |g| self.backward(vd, g, saved))
+                })???;
+                (
+                    Tensor::from_vec(dq, q.shape(), dev)?,
+                    Tensor::from_vec(dk, k.shape(), dev)?,
+                    Tensor::from_vec(dv, v.shape(), dev)?,
+                )
+            }
+            other => candle_core::bail!("attention: unsupported dtype {other:?}"),
+        };
+        Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
 
@@ -801,6 +1211,60 @@ mod tests {
                     &cos.to_dtype(x[0].dtype())?,
                     &sin.to_dtype(x[0].dtype())?,
                 )
+            },
+        );
+    }
+
+    #[test]
+    fn attention_matches_the_composite_path_with_gqa_and_padding() {
+        let dims = AttentionDims {
+            batch: 2,
+            seq: 5,
+            heads: 6,
+            kv_heads: 2,
+            head_dim: 4,
+        };
+        let (b, t, nh, nkv, hd) = (2, 5, 6, 2, 4);
+        let g = nh / nkv;
+        let cos = seeded(&[t, hd / 2], 7).cos().unwrap();
+        let sin = seeded(&[t, hd / 2], 7).sin().unwrap();
+        // Causal, and the second sequence's last two keys are padding.
+        let bias: Vec<f64> = (0..b * g * t * t)
+            .map(|idx| {
+                let (bi, row, j) = (idx / (g * t * t), (idx / t) % (g * t), idx % t);
+                let masked = j > row % t || (bi == 1 && j >= 3);
+                if masked {
+                    -1e9
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let bias = Tensor::from_vec(bias, (b, 1, g * t, t), &Device::Cpu).unwrap();
+        let cast = |x: &Tensor, like: &Tensor| x.to_dtype(like.dtype());
+        agree(
+            &[&[b * t, nh * hd], &[b * t, nkv * hd], &[b * t, nkv * hd]],
+            |x| {
+                let c = |y: &Tensor| cast(y, &x[0]);
+                attention(&x[0], &x[1], &x[2], &c(&cos)?, &c(&sin)?, &c(&bias)?, dims)
+            },
+            |x| {
+                let c = |y: &Tensor| cast(y, &x[0]);
+                let heads = |y: &Tensor, n: usize| -> Result<Tensor> {
+                    y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
+                };
+                let q = candle_nn::rotary_emb::rope_slow(&heads(&x[0], nh)?, &c(&cos)?, &c(&sin)?)?;
+                let k =
+                    candle_nn::rotary_emb::rope_slow(&heads(&x[1], nkv)?, &c(&cos)?, &c(&sin)?)?;
+                let v = heads(&x[2], nkv)?;
+                let q = q.reshape((b, nkv, g * t, hd))?;
+                let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+                let probs = candle_nn::ops::softmax(&scores.broadcast_add(&c(&bias)?)?, D::Minus1)?;
+                probs
+                    .matmul(&v)?
+                    .reshape((b, nh, t, hd))?
+                    .transpose(1, 2)?
+                    .reshape((b * t, nh * hd))
             },
         );
     }

@@ -9,7 +9,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::config::LlamaConfig;
-use crate::kernels::{frozen_linear, rms_norm, rope, softmax_last_dim, swiglu};
+use crate::kernels::{
+    attention, attention_fuses, frozen_linear, rms_norm, rope, softmax_last_dim, swiglu,
+    AttentionDims,
+};
 use crate::loss::{counted_positions, cross_entropy_rows};
 
 /// A score small enough that softmax gives it zero weight, yet finite, so a
@@ -463,15 +466,27 @@ impl Llama {
             self.cfg.num_key_value_heads,
             self.cfg.head_dim(),
         );
+        let q = self.project(i, Projection::Q, layer, x, adapter)?;
+        let k = self.project(i, Projection::K, layer, x, adapter)?;
+        let v = self.project(i, Projection::V, layer, x, adapter)?;
+        let cos = self.cos.narrow(0, offset, t)?;
+        let sin = self.sin.narrow(0, offset, t)?;
+        if cache.is_none() && attention_fuses(&q) {
+            let dims = AttentionDims {
+                batch: b,
+                seq: t,
+                heads: nh,
+                kv_heads: nkv,
+                head_dim: hd,
+            };
+            let y = attention(&q, &k, &v, &cos, &sin, mask, dims)?;
+            return self.project(i, Projection::O, layer, &y, adapter);
+        }
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             // (b·t, n·hd) → (b, n, t, hd)
             y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
         };
-        let q = heads(self.project(i, Projection::Q, layer, x, adapter)?, nh)?;
-        let k = heads(self.project(i, Projection::K, layer, x, adapter)?, nkv)?;
-        let v = heads(self.project(i, Projection::V, layer, x, adapter)?, nkv)?;
-        let cos = self.cos.narrow(0, offset, t)?;
-        let sin = self.sin.narrow(0, offset, t)?;
+        let (q, k, v) = (heads(q, nh)?, heads(k, nkv)?, heads(v, nkv)?);
         let q = rope(&q, &cos, &sin)?;
         let k = rope(&k, &cos, &sin)?;
         let (k, v) = match cache {
