@@ -320,6 +320,284 @@ impl CustomOp1 for Linear {
     }
 }
 
+// ---------------------------------------------------------------- LoRA linear
+
+/// A low-rank term `scale · (x ⊙ mask) Aᵀ Bᵀ` added to a frozen projection.
+#[derive(Debug, Clone)]
+pub struct LowRank {
+    /// `(r, in)`
+    pub a: Tensor,
+    /// `(out, r)`
+    pub b: Tensor,
+    /// `alpha / r` for LoRA.
+    pub scale: f64,
+    /// Dropout on the input of `A`: zeros and `1 / (1 − p)`, shaped like `x`.
+    pub mask: Option<Tensor>,
+}
+
+/// `x Wᵀ + scale · (x ⊙ mask) Aᵀ Bᵀ` as one op, with gradients for `x`, `A`
+/// and `B` (none for the frozen `W`).
+pub fn lora_linear(x: &Tensor, w: &Tensor, term: &LowRank) -> Result<Tensor> {
+    let LowRank { a, b, scale, mask } = term;
+    let simple = fused(x)
+        && [w, a, b]
+            .iter()
+            .all(|t| t.dtype() == x.dtype() && t.rank() == 2)
+        && mask.as_ref().is_none_or(|m| m.dims() == x.dims());
+    if !simple {
+        let xd = match mask {
+            Some(m) => (x * m.to_dtype(x.dtype())?)?,
+            None => x.clone(),
+        };
+        let low = xd.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
+        return frozen_linear(x, w)? + (low * *scale)?;
+    }
+    x.contiguous()?.apply_op3(
+        &a.contiguous()?,
+        &b.contiguous()?,
+        LoraLinear {
+            w: w.contiguous()?,
+            scale: *scale,
+            mask: mask.as_ref().map(|m| m.contiguous()).transpose()?,
+        },
+    )
+}
+
+struct LoraLinear {
+    w: Tensor,
+    scale: f64,
+    mask: Option<Tensor>,
+}
+
+/// `x ⊙ mask`, or `x` itself.
+fn masked<'a, T: WithDType>(x: &'a [T], mask: Option<&[T]>) -> std::borrow::Cow<'a, [T]> {
+    match mask {
+        None => std::borrow::Cow::Borrowed(x),
+        Some(m) => std::borrow::Cow::Owned(x.iter().zip(m).map(|(&x, &m)| x * m).collect()),
+    }
+}
+
+/// `a (m × k) · bᵀ` for `b` `(n × k)`, row-major, on the calling thread.
+fn matmul_t<T: WithDType>(a: &[T], b: &[T], (m, k, n): (usize, usize, usize)) -> Vec<T> {
+    let mut out = vec![T::from_f64(0.0); m * n];
+    // SAFETY: a is m × k, b is n × k, out is m × n, all row-major.
+    unsafe {
+        gemm_into(
+            (m, n, k),
+            out.as_mut_ptr(),
+            n,
+            false,
+            View::new(a.as_ptr(), k, 1),
+            View::new(b.as_ptr(), k, 1).t(),
+        )
+    }
+    out
+}
+
+impl LoraLinear {
+    fn mask<T: WithDType, R>(&self, f: impl FnOnce(Option<&[T]>) -> R) -> Result<R> {
+        match &self.mask {
+            None => Ok(f(None)),
+            Some(m) => with_data::<T, _>(m, "lora-linear", |m| f(Some(m))),
+        }
+    }
+
+    fn forward<T: WithDType>(
+        &self,
+        x: &[T],
+        xl: &Layout,
+        a: &[T],
+        b: &[T],
+    ) -> Result<(Vec<T>, Shape)> {
+        let (r, k) = (b.len() / self.w.dim(0)?, *xl.dims().last().unwrap_or(&1));
+        let m = x.len() / k.max(1);
+        let n = self.w.dim(0)?;
+        let base = Linear {
+            w: self.w.clone(),
+            transposed: true,
+        };
+        let (mut y, shape) = base.run::<T>(x, xl.dims())?;
+        let scale = T::from_f64(self.scale);
+        let h: Vec<T> = self.mask::<T, _>(|mask| {
+            let xd = masked(x, mask);
+            matmul_t(&xd, a, (m, k, r))
+                .into_iter()
+                .map(|v| v * scale)
+                .collect()
+        })?;
+        // y += (scale · h) Bᵀ, row blocks on the pool.
+        par_blocks(&mut y, n, block_rows(m), |row, dst| {
+            let rows = dst.len() / n.max(1);
+            // SAFETY: h rows row.. are rows × r; b is n × r; dst is rows × n.
+            unsafe {
+                gemm_into(
+                    (rows, n, r),
+                    dst.as_mut_ptr(),
+                    n,
+                    true,
+                    View::new(h[row * r..].as_ptr(), r, 1),
+                    View::new(b.as_ptr(), r, 1).t(),
+                )
+            }
+        });
+        Ok((y, shape))
+    }
+
+    /// `(dx, dA, dB)` for output gradient `dy`.
+    fn backward<T: WithDType>(
+        &self,
+        x: &[T],
+        dims: &[usize],
+        a: &[T],
+        b: &[T],
+        dy: &[T],
+    ) -> Result<[Vec<T>; 3]> {
+        let n = self.w.dim(0)?;
+        let (r, k) = (b.len() / n, *dims.last().unwrap_or(&1));
+        let m = x.len() / k.max(1);
+        let scale = T::from_f64(self.scale);
+        let back = Linear {
+            w: self.w.clone(),
+            transposed: false,
+        };
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("rank ≥ 1") = n;
+        let (mut dx, _) = back.run::<T>(dy, &out_dims)?;
+        self.mask::<T, _>(|mask| {
+            let xd = masked(x, mask);
+            // h = scale · xd Aᵀ (m × r); dh = scale · dy B (m × r).
+            let h: Vec<T> = matmul_t(&xd, a, (m, k, r))
+                .into_iter()
+                .map(|v| v * scale)
+                .collect();
+            let mut dh = vec![T::from_f64(0.0); m * r];
+            // SAFETY (the gemms below): shapes and row-major layouts as named.
+            unsafe {
+                gemm_into(
+                    (m, r, n),
+                    dh.as_mut_ptr(),
+                    r,
+                    false,
+                    View::new(dy.as_ptr(), n, 1),
+                    View::new(b.as_ptr(), r, 1),
+                )
+            }
+            dh.iter_mut().for_each(|v| *v *= scale);
+            // dB = dyᵀ h (n × r); dA = dhᵀ xd (r × k).
+            let mut db = vec![T::from_f64(0.0); n * r];
+            let mut da = vec![T::from_f64(0.0); r * k];
+            unsafe {
+                gemm_into(
+                    (n, r, m),
+                    db.as_mut_ptr(),
+                    r,
+                    false,
+                    View::new(dy.as_ptr(), n, 1).t(),
+                    View::new(h.as_ptr(), r, 1),
+                );
+                gemm_into(
+                    (r, k, m),
+                    da.as_mut_ptr(),
+                    k,
+                    false,
+                    View::new(dh.as_ptr(), r, 1).t(),
+                    View::new(xd.as_ptr(), k, 1),
+                );
+            }
+            // dx += (dh A) ⊙ mask, row blocks on the pool.
+            par_blocks(&mut dx, k, block_rows(m), |row, dst| {
+                let rows = dst.len() / k.max(1);
+                let low = {
+                    let mut low = vec![T::from_f64(0.0); rows * k];
+                    unsafe {
+                        gemm_into(
+                            (rows, k, r),
+                            low.as_mut_ptr(),
+                            k,
+                            false,
+                            View::new(dh[row * r..].as_ptr(), r, 1),
+                            View::new(a.as_ptr(), k, 1),
+                        )
+                    }
+                    low
+                };
+                match mask {
+                    Some(mk) => {
+                        let mk = &mk[row * k..][..rows * k];
+                        for ((d, &l), &mv) in dst.iter_mut().zip(&low).zip(mk) {
+                            *d += l * mv;
+                        }
+                    }
+                    None => dst.iter_mut().zip(&low).for_each(|(d, &l)| *d += l),
+                }
+            });
+            [dx, da, db]
+        })
+    }
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(s1, "lora-linear", |T| {
+            let (y, shape) = self.forward::<T>(
+                data(s1, l1, "lora-linear")?,
+                l1,
+                data(s2, l2, "lora-linear")?,
+                data(s3, l3, "lora-linear")?,
+            )?;
+            Ok((T::to_cpu_storage_owned(y), shape))
+        })
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        macro_rules! go {
+            ($t:ty) => {{
+                let [dx, da, db] = with_data::<$t, _>(x, "lora-linear", |xd| {
+                    with_data::<$t, _>(a, "lora-linear", |ad| {
+                        with_data::<$t, _>(b, "lora-linear", |bd| {
+                            with_data::<$t, _>(&grad, "lora-linear", |g| {
+                                self.backward(xd, x.dims(), ad, bd, g)
+                            })
+                        })
+                    })
+                })?????;
+                let dev = x.device();
+                (
+                    Tensor::from_vec(dx, x.shape(), dev)?,
+                    Tensor::from_vec(da, a.shape(), dev)?,
+                    Tensor::from_vec(db, b.shape(), dev)?,
+                )
+            }};
+        }
+        let (dx, da, db) = match x.dtype() {
+            DType::F32 => go!(f32),
+            DType::F64 => go!(f64),
+            other => candle_core::bail!("lora-linear: unsupported dtype {other:?}"),
+        };
+        Ok((Some(dx), Some(da), Some(db)))
+    }
+}
+
 // ---------------------------------------------------------------- RMSNorm
 
 /// RMSNorm with a frozen weight: `x / sqrt(mean(x²) + eps) · w` over the last dimension.
@@ -1267,5 +1545,40 @@ mod tests {
                     .reshape((b * t, nh * hd))
             },
         );
+    }
+
+    #[test]
+    fn lora_linear_matches_the_composite_form_with_and_without_dropout() {
+        let (m, k, n, r) = (11, 7, 9, 3);
+        let w = seeded(&[n, k], 21);
+        let keep: Vec<f64> = (0..m * k)
+            .map(|i| if i % 3 == 0 { 0.0 } else { 1.5 })
+            .collect();
+        let keep = Tensor::from_vec(keep, (m, k), &Device::Cpu).unwrap();
+        for mask in [None, Some(keep)] {
+            let term = |t: &[Tensor]| -> Result<LowRank> {
+                Ok(LowRank {
+                    a: t[1].clone(),
+                    b: t[2].clone(),
+                    scale: 2.0,
+                    mask: mask
+                        .as_ref()
+                        .map(|m| m.to_dtype(t[0].dtype()))
+                        .transpose()?,
+                })
+            };
+            agree(
+                &[&[m, k], &[r, k], &[n, r]],
+                |t| lora_linear(&t[0], &w.to_dtype(t[0].dtype())?, &term(t)?),
+                |t| {
+                    let xd = match &mask {
+                        Some(mk) => (&t[0] * mk.to_dtype(t[0].dtype())?)?,
+                        None => t[0].clone(),
+                    };
+                    let base = t[0].matmul(&w.to_dtype(t[0].dtype())?.t()?)?;
+                    base + (xd.matmul(&t[1].t()?)?.matmul(&t[2].t()?)? * 2.0)?
+                },
+            );
+        }
     }
 }

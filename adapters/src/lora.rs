@@ -17,7 +17,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{LlamaConfig, Projection, ProjectionAdapter};
+use crate::model::{LlamaConfig, LowRank, Projection, ProjectionAdapter};
 
 /// LoRA hyperparameters, as in PEFT's `LoraConfig`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -160,11 +160,12 @@ impl Lora {
         self.training.load(Ordering::Relaxed)
     }
 
-    /// `x` with each element zeroed with probability `p` and the rest scaled by `1 / (1 − p)`.
-    fn dropout(&self, x: &Tensor) -> Result<Tensor> {
+    /// A dropout mask shaped like `x` (each element 0 with probability `p`,
+    /// else `1 / (1 − p)`), or `None` when dropout is off.
+    fn dropout_mask(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let p = self.config.lora_dropout;
         if p <= 0.0 || !self.is_training() {
-            return Ok(x.clone());
+            return Ok(None);
         }
         let keep = 1.0 / (1.0 - p);
         let mask: Vec<f32> = {
@@ -182,8 +183,9 @@ impl Lora {
                 })
                 .collect()
         };
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        x * mask
+        Ok(Some(
+            Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?,
+        ))
     }
 
     /// The hyperparameters.
@@ -250,12 +252,27 @@ impl Lora {
 
 impl ProjectionAdapter for Lora {
     fn delta(&self, layer: usize, proj: Projection, x: &Tensor) -> Result<Option<Tensor>> {
+        let Some(term) = self.low_rank(layer, proj, x)? else {
+            return Ok(None);
+        };
+        let xd = match &term.mask {
+            Some(m) => (x * m)?,
+            None => x.clone(),
+        };
+        // (n, in) · Aᵀ → (n, r) · Bᵀ → (n, out)
+        let low = xd.matmul(&term.a.t()?)?.matmul(&term.b.t()?)?;
+        Ok(Some((low * term.scale)?))
+    }
+
+    fn low_rank(&self, layer: usize, proj: Projection, x: &Tensor) -> Result<Option<LowRank>> {
         let Some(f) = self.factors.get(&(layer, proj)) else {
             return Ok(None);
         };
-        // (n, in) · Aᵀ → (n, r) · Bᵀ → (n, out)
-        let low = self.dropout(x)?.matmul(&f.a.as_tensor().t()?)?;
-        let up = low.matmul(&f.b.as_tensor().t()?)?;
-        Ok(Some((up * self.scaling)?))
+        Ok(Some(LowRank {
+            a: f.a.as_tensor().clone(),
+            b: f.b.as_tensor().clone(),
+            scale: self.scaling,
+            mask: self.dropout_mask(x)?,
+        }))
     }
 }

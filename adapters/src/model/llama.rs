@@ -10,8 +10,8 @@ use rand_chacha::ChaCha8Rng;
 
 use super::config::LlamaConfig;
 use crate::kernels::{
-    attention, attention_fuses, frozen_linear, rms_norm, rope, softmax_last_dim, swiglu,
-    AttentionDims,
+    attention, attention_fuses, frozen_linear, lora_linear, rms_norm, rope, softmax_last_dim,
+    swiglu, AttentionDims, LowRank,
 };
 use crate::loss::{counted_positions, cross_entropy_rows};
 
@@ -102,6 +102,13 @@ pub trait ProjectionAdapter {
     /// The term added to projection `proj` of block `layer` for inputs `x`
     /// of shape `(tokens, in)`, as `(tokens, out)`; `None` leaves it alone.
     fn delta(&self, layer: usize, proj: Projection, x: &Tensor) -> Result<Option<Tensor>>;
+
+    /// The same term when it is low-rank, `scale · (x ⊙ mask) Aᵀ Bᵀ`, so the
+    /// projection and the term run as one fused op; draws any dropout mask
+    /// (call it instead of [`ProjectionAdapter::delta`], not as well).
+    fn low_rank(&self, _layer: usize, _proj: Projection, _x: &Tensor) -> Result<Option<LowRank>> {
+        Ok(None)
+    }
 }
 
 /// The frozen weights of one decoder block.
@@ -440,13 +447,16 @@ impl Llama {
         x: &Tensor,
         adapter: Option<&dyn ProjectionAdapter>,
     ) -> Result<Tensor> {
-        let y = frozen_linear(x, weights.weight(p))?;
-        match adapter {
-            Some(a) => match a.delta(layer, p, x)? {
-                Some(d) => y + d,
-                None => Ok(y),
-            },
-            None => Ok(y),
+        let w = weights.weight(p);
+        let Some(a) = adapter else {
+            return frozen_linear(x, w);
+        };
+        if let Some(term) = a.low_rank(layer, p, x)? {
+            return lora_linear(x, w, &term);
+        }
+        match a.delta(layer, p, x)? {
+            Some(d) => frozen_linear(x, w)? + d,
+            None => frozen_linear(x, w),
         }
     }
 

@@ -12,7 +12,7 @@ mod gguf;
 mod hf;
 mod llama;
 
-pub use crate::kernels::frozen_linear;
+pub use crate::kernels::{frozen_linear, LowRank};
 pub use config::LlamaConfig;
 pub use gguf::{load_gguf, GgufModel};
 pub use hf::{load_hf_dir, HfModel};
