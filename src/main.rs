@@ -1,5 +1,6 @@
 //! The `fedtune` command line: run courses, benchmark the pieces.
 
+mod alloc;
 mod bench;
 mod bench_matmul;
 mod bench_train;
@@ -90,6 +91,9 @@ fn fetch_model() -> anyhow::Result<()> {
     println!("{}", path.display());
     Ok(())
 }
+
+#[global_allocator]
+static GLOBAL: alloc::CachingAlloc = alloc::CachingAlloc::new();
 
 /// Keeps freed memory in the process for reuse.
 ///

@@ -171,53 +171,54 @@ impl Linear {
             )
         }
         let m = x.len() / k.max(1);
-        let mut out = vec![T::from_f64(0.0); m * n];
         // rhs (k × n): Wᵀ when transposed (W is n × k), else W (k × n).
         let (rhs_cs, rhs_rs) = if self.transposed { (k, 1) } else { (1, n) };
         let threads = candle_core::utils::barrier_pool().n_workers() + 1;
+        // Wide outputs (the vocabulary head, the MLP's up projections) split by
+        // column blocks, so each thread packs only its share of W; tall ones by rows.
+        let by_cols = n >= m;
+        let per = if by_cols {
+            n.div_ceil(threads).next_multiple_of(16)
+        } else {
+            m.div_ceil(threads)
+        };
+        let blocks = if by_cols { n } else { m }.div_ceil(per.max(1));
+        let mut out: Vec<T> = Vec::with_capacity(m * n);
         with_data::<T, _>(&self.w, "linear", |w| {
-            if n >= m && threads > 1 {
-                // Wide outputs (the vocabulary head, the MLP's up projections):
-                // one column block per thread, so each packs only its share of W.
-                let per = n.div_ceil(threads).next_multiple_of(16);
-                let dst = SharedMut(out.as_mut_ptr());
-                candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(per), |blocks| {
-                    for b in blocks {
-                        let (c0, cols) = (b * per, per.min(n - b * per));
-                        // SAFETY: x is m × k; columns c0..c0+cols of rhs lie inside w by
-                        // the strides above; each block writes only its own columns of
-                        // the m × n output, which outlives the pool call.
-                        unsafe {
-                            gemm_into(
-                                (m, cols, k),
-                                dst.at(c0),
-                                n,
-                                false,
-                                View::new(x.as_ptr(), k, 1),
-                                View::new(w.as_ptr().add(c0 * rhs_cs), rhs_rs, rhs_cs),
-                            )
-                        }
-                    }
-                });
-            } else {
-                // Tall outputs: one row block per thread.
-                par_blocks(&mut out, n, m.div_ceil(threads), |row, dst| {
-                    let rows = dst.len() / n.max(1);
-                    let lhs = &x[row * k..(row + rows) * k];
-                    // SAFETY: lhs is rows × k, w holds k · n values laid out by the
-                    // strides above, dst is rows × n.
-                    unsafe {
-                        gemm_into(
-                            (rows, n, k),
-                            dst.as_mut_ptr(),
-                            n,
-                            false,
-                            View::new(lhs.as_ptr(), k, 1),
-                            View::new(w.as_ptr(), rhs_rs, rhs_cs),
-                        )
-                    }
-                });
+            if k == 0 {
+                out.resize(m * n, T::from_f64(0.0));
+                return;
             }
+            let dst = SharedMut(out.as_mut_ptr());
+            let block = |b: usize| {
+                let (r0, rows, c0, cols) = if by_cols {
+                    (0, m, b * per, per.min(n - b * per))
+                } else {
+                    (b * per, per.min(m - b * per), 0, n)
+                };
+                // SAFETY: x is m × k, w holds k · n values laid out by the strides
+                // above; block b writes rows r0.. and columns c0.. of the m × n
+                // output, disjoint from every other block, inside its capacity.
+                unsafe {
+                    gemm_into(
+                        (rows, cols, k),
+                        dst.at(r0 * n + c0),
+                        n,
+                        false,
+                        View::new(x.as_ptr().add(r0 * k), k, 1),
+                        View::new(w.as_ptr().add(c0 * rhs_cs), rhs_rs, rhs_cs),
+                    )
+                }
+            };
+            if blocks > 1 {
+                candle_core::utils::barrier_pool()
+                    .execute_chunked(blocks, |range| range.for_each(block));
+            } else {
+                (0..blocks).for_each(block);
+            }
+            // SAFETY: the blocks cover every row and column, and gemm without
+            // read_dst writes each output element.
+            unsafe { out.set_len(m * n) };
         })?;
         let mut shape = dims.to_vec();
         *shape.last_mut().expect("rank ≥ 1") = n;
@@ -249,6 +250,15 @@ struct View<T> {
 }
 
 impl<T> View<T> {
+    /// The view starting `rows` rows further down.
+    fn offset_rows(self, rows: usize) -> Self {
+        Self {
+            // Only ever moved inside the matrix the view describes.
+            ptr: self.ptr.wrapping_add(rows * self.rs),
+            ..self
+        }
+    }
+
     fn new(ptr: *const T, rs: usize, cs: usize) -> Self {
         Self { ptr, rs, cs }
     }
@@ -984,6 +994,16 @@ fn rotate<T: WithDType>(x: &[T], out: &mut [T], cos: &[T], sin: &[T], inverse: b
 
 // ---------------------------------------------------------------- attention
 
+/// Query rows per causal block: rows `i0..i1` need keys `0..i1` only.
+const CAUSAL_BLOCK: usize = 32;
+
+/// The `(i0, i1)` row blocks of a causal `t × t` attention.
+fn causal_blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..t)
+        .step_by(CAUSAL_BLOCK)
+        .map(move |i0| (i0, (i0 + CAUSAL_BLOCK).min(t)))
+}
+
 /// The shape of a grouped-query attention call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttentionDims {
@@ -1118,41 +1138,50 @@ impl Attention {
                 let (bi, kv) = (item / nkv, item % nkv);
                 let qg = &qr[(bi * nh + kv * g) * t * hd..][..g * t * hd];
                 let kg = &kr[(bi * nkv + kv) * t * hd..][..t * hd];
-                // SAFETY: qg is g·t × hd and kg is t × hd, row-major; probs is g·t × t.
-                unsafe {
-                    gemm_into(
-                        (g * t, t, hd),
-                        probs.as_mut_ptr(),
-                        t,
-                        false,
-                        View::new(qg.as_ptr(), hd, 1),
-                        View::new(kg.as_ptr(), hd, 1).t(),
-                    )
-                }
                 let bias = &bias[if mb == 1 { 0 } else { bi } * g * t * t..][..g * t * t];
+                let vg = View::new(v[bi * t * kw + kv * hd..].as_ptr(), kw, 1);
                 let mut row = vec![zero; t];
-                for (pr, br) in probs.chunks_mut(t).zip(bias.chunks(t)) {
-                    for ((r, &s), &bb) in row.iter_mut().zip(pr.iter()).zip(br) {
-                        *r = s * scale + bb;
-                    }
-                    let sum = T::exp_store(&row, T::max_of(&row), pr);
-                    let inv = T::from_f64(1.0) / sum;
-                    pr.iter_mut().for_each(|x| *x *= inv);
-                }
                 for hh in 0..g {
                     let h = kv * g + hh;
-                    // SAFETY: probs rows hh·t.. are t × t; v's rows for this sequence
-                    // start at (bi·t)·kw, head kv at column kv·hd; the output block
-                    // (rows of sequence bi, columns of head h) belongs to this item alone.
-                    unsafe {
-                        gemm_into(
-                            (t, hd, t),
-                            yp.at(bi * t * qw + h * hd),
-                            qw,
-                            false,
-                            View::new(probs.as_ptr().add(hh * t * t), t, 1),
-                            View::new(v.as_ptr().add(bi * t * kw + kv * hd), kw, 1),
-                        )
+                    // Causal: query rows i0..i1 attend keys 0..i1 only; the rest of
+                    // their probabilities stay zero.
+                    for (i0, i1) in causal_blocks(t) {
+                        let r0 = hh * t + i0;
+                        // SAFETY: qg is g·t × hd and kg is t × hd, row-major; probs is
+                        // g·t × t; v's rows for this sequence start at (bi·t)·kw, head kv
+                        // at column kv·hd; the output block (rows of sequence bi,
+                        // columns of head h) belongs to this item alone.
+                        unsafe {
+                            gemm_into(
+                                (i1 - i0, i1, hd),
+                                probs.as_mut_ptr().add(r0 * t),
+                                t,
+                                false,
+                                View::new(qg.as_ptr().add(r0 * hd), hd, 1),
+                                View::new(kg.as_ptr(), hd, 1).t(),
+                            )
+                        }
+                        for r in r0..r0 + (i1 - i0) {
+                            let pr = &mut probs[r * t..r * t + i1];
+                            let row = &mut row[..i1];
+                            for ((x, &s), &bb) in row.iter_mut().zip(pr.iter()).zip(&bias[r * t..])
+                            {
+                                *x = s * scale + bb;
+                            }
+                            let sum = T::exp_store(row, T::max_of(row), pr);
+                            let inv = T::from_f64(1.0) / sum;
+                            pr.iter_mut().for_each(|x| *x *= inv);
+                        }
+                        unsafe {
+                            gemm_into(
+                                (i1 - i0, hd, i1),
+                                yp.at((bi * t + i0) * qw + h * hd),
+                                qw,
+                                false,
+                                View::new(probs.as_ptr().add(r0 * t), t, 1),
+                                vg,
+                            )
+                        }
                     }
                 }
             });
@@ -1205,57 +1234,73 @@ impl Attention {
                         let (bi, kv) = (item / nkv, item % nkv);
                         let kg = &kr[(bi * nkv + kv) * t * hd..][..t * hd];
                         let vg = View::new(v[bi * t * kw + kv * hd..].as_ptr(), kw, 1);
+                        dkg.fill(zero);
                         for hh in 0..g {
                             let h = kv * g + hh;
                             let ph = &p[((bi * nkv + kv) * g + hh) * t * t..][..t * t];
                             let qh = &qr[(bi * nh + h) * t * hd..][..t * hd];
                             let dyh = View::new(dy[bi * t * qw + h * hd..].as_ptr(), qw, 1);
-                            // SAFETY (all gemms below): views and outputs are in bounds by
-                            // the layouts above; dv/dk/dq blocks of (bi, kv) belong to
-                            // this item alone.
-                            unsafe {
-                                // dP = dY · Vᵀ
-                                gemm_into((t, t, hd), ds.as_mut_ptr(), t, false, dyh, vg.t());
-                                // dV += Pᵀ · dY
-                                gemm_into(
-                                    (t, hd, t),
-                                    dvp.at(bi * t * kw + kv * hd),
-                                    kw,
-                                    hh > 0,
-                                    View::new(ph.as_ptr(), t, 1).t(),
-                                    dyh,
-                                );
-                            }
-                            // dS = P ⊙ (dP − ⟨dP, P⟩) · scale
-                            for (dr, pr) in ds.chunks_mut(t).zip(ph.chunks(t)) {
-                                let mut dot = zero;
-                                for (&d, &p) in dr.iter().zip(pr) {
-                                    dot += d * p;
+                            // Causal blocks as in the forward pass: rows i0..i1 see keys 0..i1.
+                            for (i0, i1) in causal_blocks(t) {
+                                let (rows, dyb) = (i1 - i0, dyh.offset_rows(i0));
+                                let pb = View::new(ph[i0 * t..].as_ptr(), t, 1);
+                                // SAFETY (all gemms below): views and outputs are in bounds
+                                // by the layouts above; dv/dk/dq blocks of (bi, kv) belong
+                                // to this item alone.
+                                unsafe {
+                                    // dP = dY · Vᵀ
+                                    gemm_into(
+                                        (rows, i1, hd),
+                                        ds.as_mut_ptr(),
+                                        t,
+                                        false,
+                                        dyb,
+                                        vg.t(),
+                                    );
+                                    // dV += Pᵀ · dY
+                                    gemm_into(
+                                        (i1, hd, rows),
+                                        dvp.at(bi * t * kw + kv * hd),
+                                        kw,
+                                        true,
+                                        pb.t(),
+                                        dyb,
+                                    );
                                 }
-                                for (d, &p) in dr.iter_mut().zip(pr) {
-                                    *d = p * (*d - dot) * scale;
+                                // dS = P ⊙ (dP − ⟨dP, P⟩) · scale
+                                for (dr, pr) in
+                                    ds.chunks_mut(t).zip(ph[i0 * t..].chunks(t)).take(rows)
+                                {
+                                    let (dr, pr) = (&mut dr[..i1], &pr[..i1]);
+                                    let mut dot = zero;
+                                    for (&d, &p) in dr.iter().zip(pr) {
+                                        dot += d * p;
+                                    }
+                                    for (d, &p) in dr.iter_mut().zip(pr) {
+                                        *d = p * (*d - dot) * scale;
+                                    }
                                 }
-                            }
-                            let dsv = View::new(ds.as_ptr(), t, 1);
-                            unsafe {
-                                // dQ = dS · K
-                                gemm_into(
-                                    (t, hd, t),
-                                    dqh.as_mut_ptr(),
-                                    hd,
-                                    false,
-                                    dsv,
-                                    View::new(kg.as_ptr(), hd, 1),
-                                );
-                                // dK += dSᵀ · Q
-                                gemm_into(
-                                    (t, hd, t),
-                                    dkg.as_mut_ptr(),
-                                    hd,
-                                    hh > 0,
-                                    dsv.t(),
-                                    View::new(qh.as_ptr(), hd, 1),
-                                );
+                                let dsv = View::new(ds.as_ptr(), t, 1);
+                                unsafe {
+                                    // dQ = dS · K
+                                    gemm_into(
+                                        (rows, hd, i1),
+                                        dqh.as_mut_ptr().add(i0 * hd),
+                                        hd,
+                                        false,
+                                        dsv,
+                                        View::new(kg.as_ptr(), hd, 1),
+                                    );
+                                    // dK += dSᵀ · Q
+                                    gemm_into(
+                                        (i1, hd, rows),
+                                        dkg.as_mut_ptr(),
+                                        hd,
+                                        true,
+                                        dsv.t(),
+                                        View::new(qh[i0 * hd..].as_ptr(), hd, 1),
+                                    );
+                                }
                             }
                             for (pos, row) in dqh.chunks(hd).enumerate() {
                                 // SAFETY: row (bi·t + pos), columns of head h, owned by this item.
@@ -1495,14 +1540,21 @@ mod tests {
 
     #[test]
     fn attention_matches_the_composite_path_with_gqa_and_padding() {
+        // 5 positions fit one causal block; 70 need three, the last one ragged.
+        for t in [5, 70] {
+            attention_case(t);
+        }
+    }
+
+    fn attention_case(t: usize) {
+        let (b, nh, nkv, hd) = (2, 6, 2, 4);
         let dims = AttentionDims {
-            batch: 2,
-            seq: 5,
-            heads: 6,
-            kv_heads: 2,
-            head_dim: 4,
+            batch: b,
+            seq: t,
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: hd,
         };
-        let (b, t, nh, nkv, hd) = (2, 5, 6, 2, 4);
         let g = nh / nkv;
         let cos = seeded(&[t, hd / 2], 7).cos().unwrap();
         let sin = seeded(&[t, hd / 2], 7).sin().unwrap();
@@ -1510,7 +1562,7 @@ mod tests {
         let bias: Vec<f64> = (0..b * g * t * t)
             .map(|idx| {
                 let (bi, row, j) = (idx / (g * t * t), (idx / t) % (g * t), idx % t);
-                let masked = j > row % t || (bi == 1 && j >= 3);
+                let masked = j > row % t || (bi == 1 && j >= t - 2);
                 if masked {
                     -1e9
                 } else {
