@@ -453,14 +453,15 @@ impl LoraLinear {
         Ok((y, shape))
     }
 
-    /// `(dx, dA, dB)` for output gradient `dy`.
+    /// `(dx, dA, dB)` for output gradient `dy`; `dx` is left empty unless
+    /// `want_dx` (the first layer's input needs none).
     fn backward<T: WithDType>(
         &self,
         x: &[T],
         dims: &[usize],
-        a: &[T],
-        b: &[T],
+        (a, b): (&[T], &[T]),
         dy: &[T],
+        want_dx: bool,
     ) -> Result<[Vec<T>; 3]> {
         let n = self.w.dim(0)?;
         let (r, k) = (b.len() / n, *dims.last().unwrap_or(&1));
@@ -472,7 +473,11 @@ impl LoraLinear {
         };
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().expect("rank ≥ 1") = n;
-        let (mut dx, _) = back.run::<T>(dy, &out_dims)?;
+        let mut dx = if want_dx {
+            back.run::<T>(dy, &out_dims)?.0
+        } else {
+            Vec::new()
+        };
         self.mask::<T, _>(|mask| {
             let xd = masked(x, mask);
             // h = scale · xd Aᵀ (m × r); dh = scale · dy B (m × r).
@@ -513,6 +518,9 @@ impl LoraLinear {
                     View::new(dh.as_ptr(), r, 1).t(),
                     View::new(xd.as_ptr(), k, 1),
                 );
+            }
+            if !want_dx {
+                return [dx, da, db];
             }
             // dx += (dh A) ⊙ mask, row blocks on the pool.
             par_blocks(&mut dx, k, block_rows(m), |row, dst| {
@@ -580,20 +588,23 @@ impl CustomOp3 for LoraLinear {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
+        let want_dx = x.track_op();
         macro_rules! go {
             ($t:ty) => {{
                 let [dx, da, db] = with_data::<$t, _>(x, "lora-linear", |xd| {
                     with_data::<$t, _>(a, "lora-linear", |ad| {
                         with_data::<$t, _>(b, "lora-linear", |bd| {
                             with_data::<$t, _>(&grad, "lora-linear", |g| {
-                                self.backward(xd, x.dims(), ad, bd, g)
+                                self.backward(xd, x.dims(), (ad, bd), g, want_dx)
                             })
                         })
                     })
                 })?????;
                 let dev = x.device();
                 (
-                    Tensor::from_vec(dx, x.shape(), dev)?,
+                    want_dx
+                        .then(|| Tensor::from_vec(dx, x.shape(), dev))
+                        .transpose()?,
                     Tensor::from_vec(da, a.shape(), dev)?,
                     Tensor::from_vec(db, b.shape(), dev)?,
                 )
@@ -604,7 +615,7 @@ impl CustomOp3 for LoraLinear {
             DType::F64 => go!(f64),
             other => candle_core::bail!("lora-linear: unsupported dtype {other:?}"),
         };
-        Ok((Some(dx), Some(da), Some(db)))
+        Ok((dx, Some(da), Some(db)))
     }
 }
 
