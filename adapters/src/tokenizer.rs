@@ -65,6 +65,15 @@ impl TextTokenizer {
         Ok(ids)
     }
 
+    /// Encodes text that continues a sequence: never a bos token in front.
+    pub fn encode_continuation(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| TokenizerError::Tokenizers(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
     /// Decodes ids back to text, special tokens included.
     pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
         self.inner
