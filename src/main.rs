@@ -4,6 +4,7 @@ mod alloc;
 mod bench;
 mod bench_matmul;
 mod bench_train;
+mod data_cmd;
 mod run;
 
 use std::io::IsTerminal;
@@ -34,6 +35,9 @@ enum Command {
     /// Manage models.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Inspect and download data sets.
+    #[command(subcommand)]
+    Data(data_cmd::DataCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -141,6 +145,7 @@ fn main() -> ExitCode {
         }) => bench_train::train_step(batch, seq_len, steps, json),
         Command::Bench(BenchCommand::Matmul { tokens, reps }) => bench_matmul::matmul(tokens, reps),
         Command::Model(ModelCommand::Fetch) => fetch_model(),
+        Command::Data(cmd) => data_cmd::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

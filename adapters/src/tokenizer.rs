@@ -65,6 +65,21 @@ impl TextTokenizer {
         Ok(ids)
     }
 
+    /// The tokenizer of a GGUF model file, without loading its weights.
+    pub fn from_gguf_path(path: &Path) -> Result<Self, TokenizerError> {
+        let file = std::fs::File::open(path).map_err(|e| {
+            TokenizerError::Metadata(format!("cannot open {}: {e}", path.display()))
+        })?;
+        let content =
+            gguf_file::Content::read(&mut std::io::BufReader::new(file)).map_err(|e| {
+                TokenizerError::Metadata(format!(
+                    "{} is not a readable GGUF file: {e}",
+                    path.display()
+                ))
+            })?;
+        Self::from_gguf(&content)
+    }
+
     /// Encodes text that continues a sequence: never a bos token in front.
     pub fn encode_continuation(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
         let enc = self

@@ -85,12 +85,17 @@ pub fn fetch_builtin(
         path: path.to_path_buf(),
         msg: e.to_string(),
     };
-    let hash = |path: &Path| sha256_file(path).map_err(|e| DataError::File {
-        path: path.to_path_buf(),
-        msg: e.to_string(),
-    });
+    let hash = |path: &Path| {
+        sha256_file(path).map_err(|e| DataError::File {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })
+    };
     if dest.is_file() && hash(&dest)? == src.sha256 {
-        progress(&format!("{} is already there, checksum verified", dest.display()));
+        progress(&format!(
+            "{} is already there, checksum verified",
+            dest.display()
+        ));
         return Ok(dest);
     }
     let dir = dest.parent().unwrap_or(root);
@@ -126,6 +131,10 @@ pub fn fetch_builtin(
         });
     }
     std::fs::rename(&part, &dest).map_err(|e| io(&dest, e))?;
-    progress(&format!("{} ({} verified)", dest.display(), &src.sha256[..12]));
+    progress(&format!(
+        "{} ({} verified)",
+        dest.display(),
+        &src.sha256[..12]
+    ));
     Ok(dest)
 }

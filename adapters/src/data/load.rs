@@ -111,9 +111,7 @@ fn read_records(path: &Path) -> Result<Records, DataError> {
     let mut reader = BufReader::new(reader);
     // Peek at the first non-blank byte: `[` is a JSON array, anything else JSON Lines.
     let first = loop {
-        let buf = reader
-            .fill_buf()
-            .map_err(|e| broken(path, 1, gz, &e))?;
+        let buf = reader.fill_buf().map_err(|e| broken(path, 1, gz, &e))?;
         match buf.iter().position(|b| !b.is_ascii_whitespace()) {
             Some(i) => break Some(buf[i]),
             None if buf.is_empty() => break None,
@@ -126,7 +124,17 @@ fn read_records(path: &Path) -> Result<Records, DataError> {
     if first == Some(b'[') {
         let mut text = String::new();
         reader.read_to_string(&mut text).map_err(|e| {
-            DataError::file(path, &format!("{}: {e}", if gz { "broken gzip stream or not UTF-8" } else { "not UTF-8" }))
+            DataError::file(
+                path,
+                &format!(
+                    "{}: {e}",
+                    if gz {
+                        "broken gzip stream or not UTF-8"
+                    } else {
+                        "not UTF-8"
+                    }
+                ),
+            )
         })?;
         return array_records(path, &text);
     }
@@ -370,7 +378,11 @@ mod tests {
         );
         let l = load(&p, Format::Dolly, None, false).unwrap();
         assert_eq!(l.examples[0].meta["category"], "open_qa");
-        let p = write(d.path(), "c.jsonl", b"{\"q\": \"x\", \"a\": \"y\", \"n\": 3}\n");
+        let p = write(
+            d.path(),
+            "c.jsonl",
+            b"{\"q\": \"x\", \"a\": \"y\", \"n\": 3}\n",
+        );
         let f = Fields {
             instruction: "q".into(),
             input: None,
@@ -385,29 +397,63 @@ mod tests {
     fn malformed_records_name_file_and_line() {
         let d = tempdir();
         let cases: [(&str, &[u8], &str); 5] = [
-            ("missing.jsonl", b"{\"instruction\": \"a\", \"output\": \"b\"}\n{\"instruction\": \"a\"}\n", ":2: missing field `output`"),
-            ("type.jsonl", b"\n\n{\"instruction\": 3, \"output\": \"b\"}\n", ":3: field `instruction` is a number"),
-            ("syntax.jsonl", b"{\"instruction\": \"a\", \"output\": \"b\"}\n{oops\n", ":2: not valid JSON"),
-            ("array.json", b"[\n {\"instruction\": \"a\", \"output\": \"b\"},\n\n {\"instruction\": \"a\"}\n]", ":4: missing field `output`"),
+            (
+                "missing.jsonl",
+                b"{\"instruction\": \"a\", \"output\": \"b\"}\n{\"instruction\": \"a\"}\n",
+                ":2: missing field `output`",
+            ),
+            (
+                "type.jsonl",
+                b"\n\n{\"instruction\": 3, \"output\": \"b\"}\n",
+                ":3: field `instruction` is a number",
+            ),
+            (
+                "syntax.jsonl",
+                b"{\"instruction\": \"a\", \"output\": \"b\"}\n{oops\n",
+                ":2: not valid JSON",
+            ),
+            (
+                "array.json",
+                b"[\n {\"instruction\": \"a\", \"output\": \"b\"},\n\n {\"instruction\": \"a\"}\n]",
+                ":4: missing field `output`",
+            ),
             ("scalar.jsonl", b"[1]\n", ":1: expected a JSON object"),
         ];
         for (name, body, want) in cases {
             let p = write(d.path(), name, body);
-            let e = load(&p, Format::Instruction, None, false).unwrap_err().to_string();
+            let e = load(&p, Format::Instruction, None, false)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(name) && e.contains(want), "{name}: {e}");
         }
         // Truncated gzip: an error naming the line it broke at, never a silent short read.
         let body: Vec<u8> = (0..2000)
-            .flat_map(|i| format!("{{\"instruction\": \"{i}\", \"output\": \"x{i}\"}}\n").into_bytes())
+            .flat_map(|i| {
+                format!("{{\"instruction\": \"{i}\", \"output\": \"x{i}\"}}\n").into_bytes()
+            })
             .collect();
         let mut z = gz(&body);
         z.truncate(z.len() / 2);
         let p = write(d.path(), "cut.jsonl.gz", &z);
-        let e = load(&p, Format::Instruction, None, false).unwrap_err().to_string();
-        assert!(e.contains("cut.jsonl.gz:") && e.contains("broken gzip"), "{e}");
-        let p = write(d.path(), "gsm.jsonl", b"{\"question\": \"q\", \"answer\": \"no marker\"}\n");
-        let e = load(&p, Format::Gsm8k, None, false).unwrap_err().to_string();
-        assert!(e.contains("gsm.jsonl:1: the answer has no `#### <number>` line"), "{e}");
+        let e = load(&p, Format::Instruction, None, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("cut.jsonl.gz:") && e.contains("broken gzip"),
+            "{e}"
+        );
+        let p = write(
+            d.path(),
+            "gsm.jsonl",
+            b"{\"question\": \"q\", \"answer\": \"no marker\"}\n",
+        );
+        let e = load(&p, Format::Gsm8k, None, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("gsm.jsonl:1: the answer has no `#### <number>` line"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -420,6 +466,9 @@ mod tests {
         );
         let l = load(&p, Format::Instruction, None, true).unwrap();
         assert_eq!(l.examples.len(), 2);
-        assert_eq!(l.skipped.iter().map(|s| s.0).collect::<Vec<_>>(), vec![2, 3]);
+        assert_eq!(
+            l.skipped.iter().map(|s| s.0).collect::<Vec<_>>(),
+            vec![2, 3]
+        );
     }
 }

@@ -88,12 +88,18 @@ pub const BUILT_IN: [BuiltIn; 7] = [
     },
     BuiltIn {
         name: "codealpaca",
-        paths: &["codealpaca/new_codealpaca.jsonl.gz", "codealpaca/new_codealpaca.json"],
+        paths: &[
+            "codealpaca/new_codealpaca.jsonl.gz",
+            "codealpaca/new_codealpaca.json",
+        ],
         format: Format::Instruction,
     },
     BuiltIn {
         name: "codealpaca-2k",
-        paths: &["codealpaca/code_alpaca_2k.jsonl.gz", "codealpaca/code_alpaca_2k.json"],
+        paths: &[
+            "codealpaca/code_alpaca_2k.jsonl.gz",
+            "codealpaca/code_alpaca_2k.json",
+        ],
         format: Format::Instruction,
     },
     BuiltIn {
@@ -206,7 +212,11 @@ pub struct ClientSplit {
 impl ClientSplit {
     /// All of the client's examples.
     pub fn all(&self) -> impl Iterator<Item = usize> + '_ {
-        self.train.iter().chain(&self.val).chain(&self.test).copied()
+        self.train
+            .iter()
+            .chain(&self.val)
+            .chain(&self.test)
+            .copied()
     }
 }
 
@@ -236,7 +246,11 @@ pub fn resolve_path(spec: &DataSpec, root: &Path) -> Result<(PathBuf, Format), D
             BUILT_IN.map(|b| b.name).join(", ")
         ))),
         (None, Some(p)) => {
-            let path = if p.is_absolute() { p.clone() } else { root.join(p) };
+            let path = if p.is_absolute() {
+                p.clone()
+            } else {
+                root.join(p)
+            };
             let format = spec.format.ok_or_else(|| {
                 DataError::Config(
                     "[data] `path` needs `format` (instruction, dolly, gsm8k, humaneval or custom)"
@@ -291,7 +305,14 @@ pub fn build(spec: &DataSpec, root: &Path, clients: usize) -> Result<FederatedDa
         .label
         .as_deref()
         .or(spec.labeler.as_ref().map(|l| l.field.as_str()));
-    let parts = split(&examples, spec.splitter, clients, label, spec.alpha, spec.seed)?;
+    let parts = split(
+        &examples,
+        spec.splitter,
+        clients,
+        label,
+        spec.alpha,
+        spec.seed,
+    )?;
     let names: Vec<String> = match (spec.splitter, label) {
         (SplitterKind::Meta, Some(f)) => meta_values(&examples, f),
         _ => (0..parts.len()).map(|c| c.to_string()).collect(),

@@ -91,7 +91,9 @@ pub fn meta_values(examples: &[Example], field: &str) -> Vec<String> {
 
 fn check_clients(n: usize, clients: usize) -> Result<(), DataError> {
     if clients == 0 {
-        return Err(DataError::Config("the course needs at least one client".into()));
+        return Err(DataError::Config(
+            "the course needs at least one client".into(),
+        ));
     }
     if n < clients {
         return Err(DataError::Config(format!(
@@ -259,9 +261,7 @@ impl Labeler {
             .map(|r| {
                 Regex::new(&r.pattern)
                     .map(|re| (re, r.label.as_str()))
-                    .map_err(|e| {
-                        DataError::Config(format!("labeler rule `{}`: {e}", r.label))
-                    })
+                    .map_err(|e| DataError::Config(format!("labeler rule `{}`: {e}", r.label)))
             })
             .collect::<Result<_, _>>()?;
         fn pick<'e>(source: &str, e: &'e Example) -> Result<&'e str, DataError> {
@@ -344,7 +344,11 @@ mod tests {
     fn assert_partition(parts: &[Vec<usize>], n: usize) {
         let mut all: Vec<usize> = parts.iter().flatten().copied().collect();
         all.sort_unstable();
-        assert_eq!(all, (0..n).collect::<Vec<_>>(), "every example exactly once");
+        assert_eq!(
+            all,
+            (0..n).collect::<Vec<_>>(),
+            "every example exactly once"
+        );
     }
 
     /// Mean total-variation distance between each client's label histogram and the global one.
@@ -397,14 +401,38 @@ mod tests {
         let examples = labelled(&labels);
         let (mut low, mut high) = (0.0, 0.0);
         for seed in 0..5 {
-            let a = split(&examples, SplitterKind::Dirichlet, 10, Some("label"), 0.1, seed).unwrap();
-            let b = split(&examples, SplitterKind::Dirichlet, 10, Some("label"), 100.0, seed).unwrap();
+            let a = split(
+                &examples,
+                SplitterKind::Dirichlet,
+                10,
+                Some("label"),
+                0.1,
+                seed,
+            )
+            .unwrap();
+            let b = split(
+                &examples,
+                SplitterKind::Dirichlet,
+                10,
+                Some("label"),
+                100.0,
+                seed,
+            )
+            .unwrap();
             assert_partition(&a, labels.len());
             assert_partition(&b, labels.len());
             assert!(a.iter().all(|p| !p.is_empty()) && b.iter().all(|p| !p.is_empty()));
             assert_eq!(
                 a,
-                split(&examples, SplitterKind::Dirichlet, 10, Some("label"), 0.1, seed).unwrap(),
+                split(
+                    &examples,
+                    SplitterKind::Dirichlet,
+                    10,
+                    Some("label"),
+                    0.1,
+                    seed
+                )
+                .unwrap(),
                 "reproducible from the seed"
             );
             low += mean_tv(&a, &labels) / 5.0;
@@ -421,7 +449,10 @@ mod tests {
         for shape in [0.1, 0.5, 1.0, 4.0] {
             let n = 20_000;
             let mean: f64 = (0..n).map(|_| gamma(&mut rng, shape)).sum::<f64>() / n as f64;
-            assert!((mean - shape).abs() < 0.05 * shape.max(1.0), "shape {shape}: mean {mean}");
+            assert!(
+                (mean - shape).abs() < 0.05 * shape.max(1.0),
+                "shape {shape}: mean {mean}"
+            );
         }
     }
 
@@ -431,7 +462,11 @@ mod tests {
         let parts = split(&examples, SplitterKind::Meta, 0, Some("label"), 1.0, 0).unwrap();
         assert_eq!(parts, vec![vec![0, 2], vec![1], vec![3]]);
         let e = split(&examples, SplitterKind::Meta, 2, Some("label"), 1.0, 0).unwrap_err();
-        assert!(e.to_string().contains("found 3 values of `label` (x, y, z)"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("found 3 values of `label` (x, y, z)"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -446,8 +481,14 @@ mod tests {
             field: "language".into(),
             source: "instruction".into(),
             rules: vec![
-                Rule { label: "JavaScript".into(), pattern: r"(?i)\bjavascript\b".into() },
-                Rule { label: "Java".into(), pattern: r"(?i)\bjava\b".into() },
+                Rule {
+                    label: "JavaScript".into(),
+                    pattern: r"(?i)\bjavascript\b".into(),
+                },
+                Rule {
+                    label: "Java".into(),
+                    pattern: r"(?i)\bjava\b".into(),
+                },
             ],
             unmatched: Unmatched::Drop,
         };
@@ -456,7 +497,10 @@ mod tests {
         assert_eq!(ex.len(), 2);
         assert_eq!(ex[0].meta["language"], "Java");
         assert_eq!(ex[1].meta["language"], "JavaScript");
-        let pool = Labeler { unmatched: Unmatched::Pool, ..lab };
+        let pool = Labeler {
+            unmatched: Unmatched::Pool,
+            ..lab
+        };
         let mut ex = vec![mk("Rust")];
         assert_eq!(pool.apply(&mut ex).unwrap(), 1);
         assert_eq!(ex[0].meta["language"], "other");

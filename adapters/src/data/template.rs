@@ -17,8 +17,14 @@ use crate::train::Batch;
 
 /// The templates shipped in `configs/templates/`, by name.
 const BUILT_IN: [(&str, &str); 2] = [
-    ("alpaca", include_str!("../../../configs/templates/alpaca.toml")),
-    ("chatml", include_str!("../../../configs/templates/chatml.toml")),
+    (
+        "alpaca",
+        include_str!("../../../configs/templates/alpaca.toml"),
+    ),
+    (
+        "chatml",
+        include_str!("../../../configs/templates/chatml.toml"),
+    ),
 ];
 
 /// A prompt template.
@@ -64,7 +70,10 @@ impl Template {
     pub fn parse(text: &str, origin: &str) -> Result<Self, DataError> {
         let t: Template = toml::from_str(text)
             .map_err(|e| DataError::Config(format!("{origin}: {}", e.message())))?;
-        for (key, body) in [("with_input", &t.with_input), ("without_input", &t.without_input)] {
+        for (key, body) in [
+            ("with_input", &t.with_input),
+            ("without_input", &t.without_input),
+        ] {
             if !body.contains("{instruction}") {
                 return Err(DataError::Config(format!(
                     "{origin}: `{key}` has no {{instruction}} placeholder"
@@ -211,8 +220,14 @@ mod tests {
             "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\nSay hi\n\n### Response:"
         );
         assert!(Template::resolve("nope", Path::new(".")).is_err());
-        let bad = Template::parse("name='x'\nwith_input='{input}'\nwithout_input='{instruction}'", "t");
-        assert!(bad.unwrap_err().to_string().contains("`with_input` has no {instruction}"));
+        let bad = Template::parse(
+            "name='x'\nwith_input='{input}'\nwithout_input='{instruction}'",
+            "t",
+        );
+        assert!(bad
+            .unwrap_err()
+            .to_string()
+            .contains("`with_input` has no {instruction}"));
     }
 
     #[test]
@@ -230,7 +245,10 @@ mod tests {
             response_cut: 0,
         };
         let batch = collate(&[&a, &b], 0, &Device::Cpu).unwrap();
-        assert_eq!(batch.tokens.to_vec2::<u32>().unwrap(), vec![vec![5, 6, 7], vec![8, 0, 0]]);
+        assert_eq!(
+            batch.tokens.to_vec2::<u32>().unwrap(),
+            vec![vec![5, 6, 7], vec![8, 0, 0]]
+        );
         assert_eq!(
             batch.attention_mask.to_vec2::<u32>().unwrap(),
             vec![vec![1, 1, 1], vec![1, 0, 0]]
