@@ -54,8 +54,8 @@ pub struct SplitArgs {
 pub struct ShowArgs {
     #[command(flatten)]
     source: Source,
-    /// Client id.
-    #[arg(long, default_value_t = 0)]
+    /// Client id (1-based, as in the course).
+    #[arg(long, default_value_t = 1)]
     client: usize,
     /// Number of examples.
     #[arg(long, default_value_t = 3)]
@@ -104,7 +104,7 @@ fn load(src: &Source) -> Result<Loaded> {
     for s in &src.set {
         doc.apply_override(s)?;
     }
-    let course: CourseSection = doc.section("course")?;
+    let course: CourseSection = doc.section("federate")?;
     let spec: DataSpec = doc.section("data")?;
     if spec == DataSpec::default() {
         bail!("{}: no [data] section", src.config.display());
@@ -210,7 +210,7 @@ fn split(a: SplitArgs) -> Result<()> {
             None => None,
         };
         clients.push(ClientReport {
-            id,
+            id: id + 1,
             name: c.name.clone(),
             samples: all.len(),
             train: c.train.len(),
@@ -245,9 +245,9 @@ fn show(a: ShowArgs) -> Result<()> {
         data,
         template,
     } = load(&a.source)?;
-    let Some(c) = data.clients.get(a.client) else {
+    let Some(c) = a.client.checked_sub(1).and_then(|i| data.clients.get(i)) else {
         bail!(
-            "--client {}: the split has clients 0..{}",
+            "--client {}: the split has clients 1 to {}",
             a.client,
             data.clients.len()
         );

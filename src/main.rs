@@ -6,6 +6,7 @@ mod bench_matmul;
 mod bench_train;
 mod data_cmd;
 mod run;
+mod run_llm;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;

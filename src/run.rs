@@ -12,6 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
+
+use crate::run_llm;
 use clap::Args;
 use fedtune_kernel::course::{run_in_process, CourseReport, LeastSquaresTrainer, SyntheticSpec};
 use fedtune_kernel::{ConfigDoc, CourseConfig, Event, FedAvg, MetricsLog};
@@ -22,7 +24,7 @@ use serde::{Deserialize, Serialize};
 pub struct RunArgs {
     /// The course configuration (TOML).
     config: PathBuf,
-    /// Override a config value: `--set course.rounds=3` (repeatable).
+    /// Override a config value: `--set federate.rounds=3` (repeatable).
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     set: Vec<String>,
     /// Output directory (default: runs/<course>-<timestamp>).
@@ -34,6 +36,12 @@ pub struct RunArgs {
     /// Print only the final summary as JSON.
     #[arg(long)]
     json: bool,
+    /// No progress lines, only the final table.
+    #[arg(long)]
+    quiet: bool,
+    /// Data root (default: $FEDTUNE_DATA_ROOT, else ./data, else ../shared/data).
+    #[arg(long)]
+    data_root: Option<PathBuf>,
 }
 
 /// `[trainer]`: what trains on the clients.
@@ -90,13 +98,36 @@ impl Default for LeastSquaresSection {
 /// The whole configuration as the run resolved it, written to `config.toml`.
 #[derive(Debug, Serialize)]
 struct Resolved<'a> {
-    course: &'a fedtune_kernel::config::CourseSection,
+    federate: &'a fedtune_kernel::config::CourseSection,
     wire: &'a fedtune_kernel::config::WireSection,
     trainer: &'a TrainerSection,
     least_squares: &'a LeastSquaresSection,
 }
 
-const SECTIONS: [&str; 4] = ["course", "wire", "trainer", "least_squares"];
+/// The resolved configuration of a LoRA course.
+#[derive(Debug, Serialize)]
+struct ResolvedLlm<'a> {
+    federate: &'a fedtune_kernel::config::CourseSection,
+    wire: &'a fedtune_kernel::config::WireSection,
+    trainer: &'a TrainerSection,
+    model: &'a run_llm::ModelSection,
+    lora: &'a fedtune_adapters::lora::LoraConfig,
+    train: &'a run_llm::TrainSection,
+    optim: &'a fedtune_adapters::train::TrainConfig,
+    data: &'a fedtune_adapters::data::DataSpec,
+}
+
+const SECTIONS: [&str; 9] = [
+    "federate",
+    "wire",
+    "trainer",
+    "least_squares",
+    "data",
+    "model",
+    "lora",
+    "train",
+    "optim",
+];
 
 pub fn run(args: RunArgs) -> Result<()> {
     let mut doc = ConfigDoc::load(&args.config)?;
@@ -106,9 +137,47 @@ pub fn run(args: RunArgs) -> Result<()> {
     doc.check_sections(&SECTIONS)?;
     let cfg = CourseConfig::from_doc(&doc)?;
     let trainer: TrainerSection = doc.section("trainer")?;
+    if trainer.kind == TrainerKind::Lora {
+        let llm = run_llm::LlmSections::from_doc(&doc)?;
+        run_llm::check(&cfg)?;
+        let resolved = toml::to_string(&ResolvedLlm {
+            federate: &cfg.course,
+            wire: &cfg.wire,
+            trainer: &trainer,
+            model: &llm.model,
+            lora: &llm.lora,
+            train: &llm.train,
+            optim: &llm.optim,
+            data: &llm.data,
+        })?;
+        if args.dry_run {
+            print!("{resolved}");
+            return Ok(());
+        }
+        let out = args
+            .out
+            .unwrap_or_else(|| default_run_dir(&cfg.course.name));
+        std::fs::create_dir_all(&out)
+            .with_context(|| format!("cannot create {}", out.display()))?;
+        std::fs::write(out.join("config.toml"), &resolved)?;
+        let log = MetricsLog::to_file(&out.join("metrics.jsonl"))
+            .with_context(|| format!("cannot write metrics to {}", out.display()))?;
+        return run_llm::run(
+            &doc,
+            &cfg,
+            &llm,
+            log,
+            &run_llm::Output {
+                dir: out,
+                data_root: args.data_root,
+                quiet: args.quiet,
+                json: args.json,
+            },
+        );
+    }
     let ls: LeastSquaresSection = doc.section("least_squares")?;
     let resolved = toml::to_string(&Resolved {
-        course: &cfg.course,
+        federate: &cfg.course,
         wire: &cfg.wire,
         trainer: &trainer,
         least_squares: &ls,
@@ -116,14 +185,6 @@ pub fn run(args: RunArgs) -> Result<()> {
     if args.dry_run {
         print!("{resolved}");
         return Ok(());
-    }
-    if trainer.kind == TrainerKind::Lora {
-        bail!(
-            "{}: `trainer.kind = \"lora\"` needs the LLM training core, which this build does not have yet \
-             (it arrives with the issue \"Training core: a real LLM in candle, LoRA, and the hook-based trainer\"). \
-             The kernel's course machinery can be tried now: fedtune run configs/least-squares.toml",
-            doc.origin()
-        );
     }
     if ls.dim == 0
         || ls.samples_per_client == 0

@@ -24,7 +24,7 @@ fn run_trains_the_reference_course_and_writes_its_outputs() {
         "run",
         "configs/least-squares.toml",
         "--set",
-        "course.rounds=6",
+        "federate.rounds=6",
         "--set",
         "wire.quantization=int8",
         "--out",
@@ -59,12 +59,12 @@ fn run_trains_the_reference_course_and_writes_its_outputs() {
 fn a_mistyped_key_names_the_file_and_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("bad.toml");
-    std::fs::write(&cfg, "[course]\nrounds = 3\nsample_clinets = 2\n").unwrap();
+    std::fs::write(&cfg, "[federate]\nrounds = 3\nsample_clinets = 2\n").unwrap();
     let o = fedtune(&["run", cfg.to_str().unwrap()]);
     assert!(!o.status.success());
     let err = text(&o.stderr);
     assert!(
-        err.contains("bad.toml:3: `course.sample_clinets`: unknown field"),
+        err.contains("bad.toml:3: `federate.sample_clinets`: unknown field"),
         "{err}"
     );
 
@@ -72,11 +72,11 @@ fn a_mistyped_key_names_the_file_and_the_key() {
         "run",
         "configs/least-squares.toml",
         "--set",
-        "course.rounds=many",
+        "federate.rounds=many",
     ]);
     assert!(!o.status.success());
     assert!(
-        text(&o.stderr).contains("--set course.rounds=many: `course.rounds`: invalid type"),
+        text(&o.stderr).contains("--set federate.rounds=many: `federate.rounds`: invalid type"),
         "{}",
         text(&o.stderr)
     );
@@ -90,14 +90,15 @@ fn a_mistyped_key_names_the_file_and_the_key() {
 }
 
 #[test]
-fn the_llm_trainer_says_it_is_not_built_yet() {
+fn a_lora_course_without_data_says_what_is_missing() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("llm.toml");
-    std::fs::write(&cfg, "[course]\nrounds = 1\n[trainer]\nkind = \"lora\"\n").unwrap();
+    std::fs::write(&cfg, "[federate]\nrounds = 1\n[trainer]\nkind = \"lora\"\n").unwrap();
     let o = fedtune(&["run", cfg.to_str().unwrap()]);
     assert!(!o.status.success());
     assert!(
-        text(&o.stderr).contains("needs the LLM training core"),
+        text(&o.stderr)
+            .contains("llm.toml: a LoRA course needs a [data] section with `name` or `path`"),
         "{}",
         text(&o.stderr)
     );
@@ -110,11 +111,11 @@ fn dry_run_prints_the_resolved_configuration() {
         "configs/least-squares.toml",
         "--dry-run",
         "--set",
-        "course.seed=7",
+        "federate.seed=7",
     ]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     let resolved: toml::Table = text(&o.stdout).parse().unwrap();
-    assert_eq!(resolved["course"]["seed"].as_integer(), Some(7));
+    assert_eq!(resolved["federate"]["seed"].as_integer(), Some(7));
     assert_eq!(
         resolved["wire"]["compression_level"].as_integer(),
         Some(1),

@@ -164,7 +164,7 @@ fn a_data_set_with_a_bad_record_is_refused_with_file_and_line() {
     std::fs::write(
         &cfg,
         format!(
-            "[course]\nclients = 1\n[data]\npath = {:?}\nformat = \"instruction\"\ntest_fraction = 0.0\n",
+            "[federate]\nclients = 1\n[data]\npath = {:?}\nformat = \"instruction\"\ntest_fraction = 0.0\n",
             data.to_str().unwrap()
         ),
     )

@@ -108,6 +108,7 @@ pub struct Lora {
     scaling: f64,
     factors: BTreeMap<(usize, Projection), Factors>,
     training: AtomicBool,
+    grad_enabled: AtomicBool,
     dropout_rng: Mutex<ChaCha8Rng>,
 }
 
@@ -146,6 +147,7 @@ impl Lora {
             config,
             factors,
             training: AtomicBool::new(false),
+            grad_enabled: AtomicBool::new(true),
             dropout_rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed ^ 0xD50D_0D0F)),
         })
     }
@@ -153,6 +155,13 @@ impl Lora {
     /// Turns dropout on (training) or off (evaluation, generation).
     pub fn set_training(&self, on: bool) {
         self.training.store(on, Ordering::Relaxed);
+    }
+
+    /// Turns gradient tracking of the factors on (the default) or off: off,
+    /// forward passes through this adapter record no graph, which saves the
+    /// memory of every activation during evaluation and generation.
+    pub fn set_grad_enabled(&self, on: bool) {
+        self.grad_enabled.store(on, Ordering::Relaxed);
     }
 
     /// Whether dropout is on.
@@ -268,9 +277,16 @@ impl ProjectionAdapter for Lora {
         let Some(f) = self.factors.get(&(layer, proj)) else {
             return Ok(None);
         };
+        // With gradients off, detached factors keep the forward pass from
+        // recording a graph (and holding every activation until it drops).
+        let (a, b) = if self.grad_enabled.load(Ordering::Relaxed) {
+            (f.a.as_tensor().clone(), f.b.as_tensor().clone())
+        } else {
+            (f.a.as_tensor().detach(), f.b.as_tensor().detach())
+        };
         Ok(Some(LowRank {
-            a: f.a.as_tensor().clone(),
-            b: f.b.as_tensor().clone(),
+            a,
+            b,
             scale: self.scaling,
             mask: self.dropout_mask(x)?,
         }))

@@ -66,11 +66,15 @@ struct ClientSlot {
     cursor: usize,
 }
 
+/// Told after every local optimizer step: client, step (1-based), steps this round, loss.
+pub type StepProgress = Arc<dyn Fn(u32, usize, usize, f64) + Send + Sync>;
+
 /// LoRA fine-tuning of one shared frozen model for many clients.
 pub struct RoundRobinTrainer {
     model: Arc<Llama>,
     training: LocalTraining,
     clients: BTreeMap<u32, ClientSlot>,
+    progress: Option<StepProgress>,
 }
 
 impl RoundRobinTrainer {
@@ -119,7 +123,14 @@ impl RoundRobinTrainer {
             model,
             training,
             clients,
+            progress: None,
         })
+    }
+
+    /// Reports every local step to `progress`.
+    pub fn with_progress(mut self, progress: StepProgress) -> Self {
+        self.progress = Some(progress);
+        self
     }
 
     /// The initial global adapter: fresh LoRA factors from `seed`, as the server would make them.
@@ -154,6 +165,7 @@ impl LocalTrainer for RoundRobinTrainer {
     ) -> Result<LocalUpdate, TrainerError> {
         let model = self.model.clone();
         let training = self.training.clone();
+        let progress = self.progress.clone();
         let slot = self.slot(client)?;
         slot.lora.load_param_set(global)?;
         if !training.keep_optimizer_state {
@@ -178,6 +190,9 @@ impl LocalTrainer for RoundRobinTrainer {
                 &mut NoHooks,
             )?;
             losses.push(report.loss);
+            if let Some(p) = &progress {
+                p(client, step + 1, training.local_steps, report.loss);
+            }
         }
         let mut metrics = BTreeMap::new();
         metrics.insert(
@@ -201,40 +216,47 @@ impl LocalTrainer for RoundRobinTrainer {
         let model = self.model.clone();
         let slot = self.slot(client)?;
         slot.lora.load_param_set(global)?;
-        let mut out = Vec::new();
-        for (split, batches) in &slot.data.eval {
-            let (mut weighted, mut tokens, mut samples) = (0.0, 0usize, 0u64);
-            for b in batches {
-                let loss = model
-                    .causal_lm_loss(
-                        &b.tokens,
-                        Some(&b.attention_mask),
-                        &b.labels,
-                        Some(&slot.lora),
-                    )?
-                    .to_dtype(DType::F64)?
-                    .to_scalar::<f64>()?;
-                let n = counted_positions(&b.labels, model.config().vocab_size)?
-                    .0
-                    .len();
-                weighted += loss * n as f64;
-                tokens += n;
-                samples += b.tokens.dim(0)? as u64;
-            }
-            if tokens == 0 {
-                continue;
-            }
-            let loss = weighted / tokens as f64;
-            let mut metrics = BTreeMap::new();
-            metrics.insert("perplexity".to_string(), loss.exp());
-            metrics.insert("tokens".to_string(), tokens as f64);
-            out.push(SplitEval {
-                split: split.clone(),
-                loss,
-                samples,
-                metrics,
-            });
-        }
-        Ok(out)
+        slot.lora.set_grad_enabled(false);
+        let result = evaluate_splits(&model, &slot.lora, &slot.data.eval);
+        slot.lora.set_grad_enabled(true);
+        result
     }
+}
+
+/// Token-weighted mean loss of each split.
+fn evaluate_splits(
+    model: &Llama,
+    lora: &Lora,
+    splits: &[(String, Vec<Batch>)],
+) -> Result<Vec<SplitEval>, TrainerError> {
+    let mut out = Vec::new();
+    for (split, batches) in splits {
+        let (mut weighted, mut tokens, mut samples) = (0.0, 0usize, 0u64);
+        for b in batches {
+            let loss = model
+                .causal_lm_loss(&b.tokens, Some(&b.attention_mask), &b.labels, Some(lora))?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+            let n = counted_positions(&b.labels, model.config().vocab_size)?
+                .0
+                .len();
+            weighted += loss * n as f64;
+            tokens += n;
+            samples += b.tokens.dim(0)? as u64;
+        }
+        if tokens == 0 {
+            continue;
+        }
+        let loss = weighted / tokens as f64;
+        let mut metrics = BTreeMap::new();
+        metrics.insert("perplexity".to_string(), loss.exp());
+        metrics.insert("tokens".to_string(), tokens as f64);
+        out.push(SplitEval {
+            split: split.clone(),
+            loss,
+            samples,
+            metrics,
+        });
+    }
+    Ok(out)
 }

@@ -86,7 +86,7 @@ async fn a_federated_lora_course_lowers_every_clients_loss() {
     let initial = RoundRobinTrainer::initial_adapter(&model, &lora, 99).unwrap();
     let trainer = RoundRobinTrainer::new(model.clone(), lora, training, data, 99).unwrap();
     let course = CourseConfig::from_toml(
-        "[course]\nname = \"lora\"\nrounds = 5\nclients = 3\n",
+        "[federate]\nname = \"lora\"\nrounds = 5\nclients = 3\n",
         "<test>",
     )
     .unwrap();

@@ -1,6 +1,6 @@
 //! Course configuration: TOML files, `--set` overrides, and errors that name the key.
 //!
-//! A configuration file has one table per concern (`[course]`, `[wire]`, and the
+//! A configuration file has one table per concern (`[federate]`, `[wire]`, and the
 //! adapters' `[model]`, `[lora]`, `[data]`, …). The kernel does not know every
 //! section: a [`ConfigDoc`] holds the parsed document, each owner deserializes
 //! its own section with [`ConfigDoc::section`], and the binary, which knows the
@@ -8,7 +8,7 @@
 //!
 //! Every section type denies unknown fields, so a typo fails loudly. Errors name
 //! the file, the line where it can be found, and the full key path
-//! (`course.roundz`) — or, when the value came from the command line, the
+//! (`federate.roundz`) — or, when the value came from the command line, the
 //! `--set` argument that supplied it.
 
 use std::path::{Path, PathBuf};
@@ -98,7 +98,7 @@ impl ConfigDoc {
         let path: Vec<&str> = key.split('.').collect();
         if path.len() < 2 || path.iter().any(|p| p.is_empty()) {
             return Err(bad(
-                "the key must name a section and a field, as in course.rounds",
+                "the key must name a section and a field, as in federate.rounds",
             ));
         }
         let value = parse_override_value(raw.trim());
@@ -228,7 +228,7 @@ fn find_key_line(text: &str, key: &str) -> Option<usize> {
     None
 }
 
-/// `[course]`: who takes part, for how long, and how often to evaluate.
+/// `[federate]`: who takes part, for how long, and how often to evaluate.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CourseSection {
@@ -246,6 +246,24 @@ pub struct CourseSection {
     pub eval_before_training: bool,
     /// Seed of client sampling (and of anything else random in the course).
     pub seed: u64,
+    /// The scenario, as in FS-LLM's Table 2: `fed` (federated), `global`
+    /// (one client holding all data, the centralized reference) or `local`
+    /// (each client trains alone). The runner builds the course accordingly;
+    /// the kernel's course itself is always federated.
+    pub mode: Mode,
+}
+
+/// See [`CourseSection::mode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Federated training with aggregation.
+    #[default]
+    Fed,
+    /// All data on one client.
+    Global,
+    /// Every client alone, no aggregation.
+    Local,
 }
 
 impl Default for CourseSection {
@@ -258,6 +276,7 @@ impl Default for CourseSection {
             eval_every: 1,
             eval_before_training: true,
             seed: 42,
+            mode: Mode::Fed,
         }
     }
 }
@@ -308,7 +327,7 @@ impl WireSection {
     }
 }
 
-/// The kernel's part of a configuration: `[course]` and `[wire]`.
+/// The kernel's part of a configuration: `[federate]` and `[wire]`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CourseConfig {
     /// The course section.
@@ -319,12 +338,12 @@ pub struct CourseConfig {
 
 impl CourseConfig {
     /// The sections this type reads.
-    pub const SECTIONS: [&'static str; 2] = ["course", "wire"];
+    pub const SECTIONS: [&'static str; 2] = ["federate", "wire"];
 
     /// Reads and validates the kernel's sections of `doc`.
     pub fn from_doc(doc: &ConfigDoc) -> Result<Self, ConfigError> {
         let cfg = Self {
-            course: doc.section("course")?,
+            course: doc.section("federate")?,
             wire: doc.section("wire")?,
         };
         cfg.validate(doc)?;
@@ -353,29 +372,29 @@ impl CourseConfig {
                 .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
         {
             return err(
-                "course.name",
+                "federate.name",
                 format!("`{}` must be non-empty and use only letters, digits, `-` and `_` (it names NATS subjects and folders)", c.name),
             );
         }
         if c.rounds == 0 {
-            return err("course.rounds", "must be at least 1".into());
+            return err("federate.rounds", "must be at least 1".into());
         }
         if c.clients == 0 {
-            return err("course.clients", "must be at least 1".into());
+            return err("federate.clients", "must be at least 1".into());
         }
         if let Some(k) = c.sample_clients {
             if k == 0 || k > c.clients {
                 return err(
-                    "course.sample_clients",
+                    "federate.sample_clients",
                     format!(
-                        "must be between 1 and course.clients ({}), got {k}",
+                        "must be between 1 and federate.clients ({}), got {k}",
                         c.clients
                     ),
                 );
             }
         }
         if c.eval_every == 0 {
-            return err("course.eval_every", "must be at least 1".into());
+            return err("federate.eval_every", "must be at least 1".into());
         }
         if self.wire.compression_level > 9 {
             return err(
@@ -399,7 +418,7 @@ mod tests {
 
     const SAMPLE: &str = r#"
 # a course
-[course]
+[federate]
 name = "demo"
 rounds = 7
 clients = 4
@@ -432,7 +451,7 @@ compression = "gzip"
             .unwrap_err()
             .to_string();
         assert!(
-            err.starts_with("demo.toml:5: `course.roundz`: unknown field `roundz`"),
+            err.starts_with("demo.toml:5: `federate.roundz`: unknown field `roundz`"),
             "{err}"
         );
         assert!(err.contains("`rounds`"), "lists the expected keys: {err}");
@@ -445,7 +464,7 @@ compression = "gzip"
             .unwrap_err()
             .to_string();
         assert!(
-            err.starts_with("demo.toml:6: `course.clients`: invalid type: string"),
+            err.starts_with("demo.toml:6: `federate.clients`: invalid type: string"),
             "{err}"
         );
         let text = SAMPLE.replace("\"int8\"", "\"int4\"");
@@ -466,13 +485,13 @@ compression = "gzip"
             .to_string();
         assert_eq!(
             err,
-            "x.toml:1: `cuorse`: unknown section, expected one of `course`, `wire`"
+            "x.toml:1: `cuorse`: unknown section, expected one of `federate`, `wire`"
         );
     }
 
     #[test]
     fn syntax_errors_name_the_file() {
-        let err = CourseConfig::from_toml("[course\n", "bad.toml")
+        let err = CourseConfig::from_toml("[federate\n", "bad.toml")
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("bad.toml: invalid TOML"), "{err}");
@@ -486,37 +505,39 @@ compression = "gzip"
             .to_string();
         assert_eq!(
             err,
-            "demo.toml:7: `course.sample_clients`: must be between 1 and course.clients (4), got 9"
+            "demo.toml:7: `federate.sample_clients`: must be between 1 and federate.clients (4), got 9"
         );
-        let err = CourseConfig::from_toml("[course]\nname = \"a b\"\n", "n.toml")
+        let err = CourseConfig::from_toml("[federate]\nname = \"a b\"\n", "n.toml")
             .unwrap_err()
             .to_string();
-        assert!(err.starts_with("n.toml:2: `course.name`"), "{err}");
+        assert!(err.starts_with("n.toml:2: `federate.name`"), "{err}");
     }
 
     #[test]
     fn overrides_replace_values_and_are_blamed_for_their_errors() {
         let mut doc = ConfigDoc::parse(SAMPLE, "demo.toml").unwrap();
-        doc.apply_override("course.rounds=11").unwrap();
+        doc.apply_override("federate.rounds=11").unwrap();
         doc.apply_override("wire.compression=deflate").unwrap();
-        doc.apply_override("course.name = \"other\"").unwrap();
+        doc.apply_override("federate.name = \"other\"").unwrap();
         let cfg = CourseConfig::from_doc(&doc).unwrap();
         assert_eq!(cfg.course.rounds, 11);
         assert_eq!(cfg.course.name, "other");
         assert_eq!(cfg.wire.compression, Compression::Deflate);
 
-        doc.apply_override("course.rounds=eleven").unwrap();
+        doc.apply_override("federate.rounds=eleven").unwrap();
         let err = CourseConfig::from_doc(&doc).unwrap_err().to_string();
         assert!(
-            err.starts_with("--set course.rounds=eleven: `course.rounds`: invalid type: string"),
+            err.starts_with(
+                "--set federate.rounds=eleven: `federate.rounds`: invalid type: string"
+            ),
             "{err}"
         );
 
         let mut doc = ConfigDoc::parse(SAMPLE, "demo.toml").unwrap();
-        doc.apply_override("course.seedz=3").unwrap();
+        doc.apply_override("federate.seedz=3").unwrap();
         let err = CourseConfig::from_doc(&doc).unwrap_err().to_string();
         assert!(
-            err.starts_with("--set course.seedz=3: `course.seedz`: unknown field"),
+            err.starts_with("--set federate.seedz=3: `federate.seedz`: unknown field"),
             "{err}"
         );
     }
@@ -524,7 +545,7 @@ compression = "gzip"
     #[test]
     fn malformed_overrides_are_explained() {
         let mut doc = ConfigDoc::parse(SAMPLE, "demo.toml").unwrap();
-        for bad in ["rounds", "rounds=3", "course.=3", "course.rounds.x=1"] {
+        for bad in ["rounds", "rounds=3", "federate.=3", "federate.rounds.x=1"] {
             assert!(doc.apply_override(bad).is_err(), "{bad} should fail");
         }
     }

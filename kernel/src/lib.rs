@@ -22,7 +22,7 @@
 //! use fedtune_kernel::course::{run_in_process, LeastSquaresTrainer, SyntheticSpec};
 //! use fedtune_kernel::{CourseConfig, FedAvg, MetricsLog};
 //!
-//! let cfg = CourseConfig::from_toml("[course]\nrounds = 3\nclients = 3\n", "<doc>").unwrap();
+//! let cfg = CourseConfig::from_toml("[federate]\nrounds = 3\nclients = 3\n", "<doc>").unwrap();
 //! let trainer = LeastSquaresTrainer::synthetic(SyntheticSpec::default(), 0.1, 10);
 //! let initial = trainer.initial_params();
 //! let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();

@@ -73,10 +73,24 @@ impl Record {
 }
 
 /// The records of a course, kept in memory and optionally appended to a JSON-lines file.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct MetricsLog {
     records: Vec<Record>,
     file: Option<BufWriter<File>>,
+    observer: Option<Observer>,
+}
+
+/// Called with each record as it is logged (progress displays).
+pub type Observer = Box<dyn FnMut(&Record) + Send>;
+
+impl std::fmt::Debug for MetricsLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetricsLog")
+            .field("records", &self.records.len())
+            .field("file", &self.file.is_some())
+            .field("observer", &self.observer.is_some())
+            .finish()
+    }
 }
 
 impl MetricsLog {
@@ -91,7 +105,14 @@ impl MetricsLog {
         Ok(Self {
             records: Vec::new(),
             file: Some(BufWriter::new(file)),
+            observer: None,
         })
+    }
+
+    /// Also hands every record to `observer` as it is logged.
+    pub fn with_observer(mut self, observer: Observer) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// Adds a record, writing and flushing it to the file if there is one.
@@ -100,6 +121,9 @@ impl MetricsLog {
             serde_json::to_writer(&mut *file, &record)?;
             file.write_all(b"\n")?;
             file.flush()?;
+        }
+        if let Some(observe) = &mut self.observer {
+            observe(&record);
         }
         self.records.push(record);
         Ok(())

@@ -34,7 +34,7 @@ async fn run(cfg: &CourseConfig, t: LeastSquaresTrainer) -> fedtune_kernel::cour
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_course_over_three_clients_and_five_rounds_lowers_the_global_loss() {
-    let cfg = config("[course]\nrounds = 5\nclients = 3\n");
+    let cfg = config("[federate]\nrounds = 5\nclients = 3\n");
     let report = run(&cfg, trainer(SyntheticSpec::default(), 5)).await;
     let curve = report.loss_curve("test");
     let rounds: Vec<u64> = curve.iter().map(|(r, _)| *r).collect();
@@ -84,7 +84,7 @@ async fn a_course_over_three_clients_and_five_rounds_lowers_the_global_loss() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_iid_clients_fedavg_approaches_the_centralized_solution() {
-    let cfg = config("[course]\nrounds = 40\nclients = 4\neval_every = 40\n");
+    let cfg = config("[federate]\nrounds = 40\nclients = 4\neval_every = 40\n");
     let t = trainer(
         SyntheticSpec {
             clients: 4,
@@ -111,7 +111,7 @@ async fn with_iid_clients_fedavg_approaches_the_centralized_solution() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partial_participation_samples_the_configured_number_reproducibly() {
     let cfg = config(
-        "[course]\nrounds = 12\nclients = 6\nsample_clients = 2\neval_every = 4\nseed = 5\n",
+        "[federate]\nrounds = 12\nclients = 6\nsample_clients = 2\neval_every = 4\nseed = 5\n",
     );
     let spec = SyntheticSpec {
         clients: 6,
@@ -149,7 +149,7 @@ async fn partial_participation_samples_the_configured_number_reproducibly() {
     );
 
     let other = config(
-        "[course]\nrounds = 12\nclients = 6\nsample_clients = 2\neval_every = 4\nseed = 6\n",
+        "[federate]\nrounds = 12\nclients = 6\nsample_clients = 2\neval_every = 4\nseed = 6\n",
     );
     let c = run(&other, trainer(spec, 3)).await;
     assert_ne!(a.sampled, c.sampled, "another seed, another schedule");
@@ -171,8 +171,8 @@ async fn partial_participation_samples_the_configured_number_reproducibly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quantized_and_compressed_courses_still_learn_and_send_fewer_bytes() {
-    let plain = config("[course]\nrounds = 4\nclients = 3\n");
-    let small = config("[course]\nrounds = 4\nclients = 3\n[wire]\nquantization = \"int8\"\ncompression = \"deflate\"\n");
+    let plain = config("[federate]\nrounds = 4\nclients = 3\n");
+    let small = config("[federate]\nrounds = 4\nclients = 3\n[wire]\nquantization = \"int8\"\ncompression = \"deflate\"\n");
     let spec = SyntheticSpec {
         dim: 256,
         ..SyntheticSpec::default()
@@ -228,7 +228,7 @@ impl LocalTrainer for Failing {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_trainer_ends_the_course_with_its_error() {
-    let cfg = config("[course]\nrounds = 5\nclients = 3\n");
+    let cfg = config("[federate]\nrounds = 5\nclients = 3\n");
     let t = trainer(SyntheticSpec::default(), 2);
     let initial = t.initial_params();
     let err = run_in_process(
@@ -249,7 +249,7 @@ async fn a_failing_trainer_ends_the_course_with_its_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rogue_messages_are_rejected_without_disturbing_the_course() {
-    let cfg = config("[course]\nname = \"guarded\"\nrounds = 2\nclients = 2\n");
+    let cfg = config("[federate]\nname = \"guarded\"\nrounds = 2\nclients = 2\n");
     let t = trainer(
         SyntheticSpec {
             clients: 2,
@@ -332,7 +332,7 @@ async fn rogue_messages_are_rejected_without_disturbing_the_course() {
 async fn metrics_are_written_as_json_lines_while_the_course_runs() {
     let dir = tempdir();
     let path = dir.join("metrics.jsonl");
-    let cfg = config("[course]\nrounds = 2\nclients = 2\n");
+    let cfg = config("[federate]\nrounds = 2\nclients = 2\n");
     let t = trainer(
         SyntheticSpec {
             clients: 2,

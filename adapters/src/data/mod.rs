@@ -172,6 +172,8 @@ pub struct DataSpec {
     pub max_tokens: usize,
     /// Use at most this many examples per client and split (0: all), for quick runs.
     pub limit_per_client: usize,
+    /// Evaluate on at most this many validation and test examples per client (0: all).
+    pub eval_limit: usize,
 }
 
 impl Default for DataSpec {
@@ -192,6 +194,7 @@ impl Default for DataSpec {
             template: "alpaca".into(),
             max_tokens: 512,
             limit_per_client: 0,
+            eval_limit: 0,
         }
     }
 }
@@ -199,7 +202,7 @@ impl Default for DataSpec {
 /// One client's share: example indices into [`FederatedData::examples`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ClientSplit {
-    /// The client's name: its meta value for `meta` splits, else its number.
+    /// The client's name: its meta value for `meta` splits, else its id (1-based, as the course numbers clients).
     pub name: String,
     /// Training examples.
     pub train: Vec<usize>,
@@ -315,7 +318,7 @@ pub fn build(spec: &DataSpec, root: &Path, clients: usize) -> Result<FederatedDa
     )?;
     let names: Vec<String> = match (spec.splitter, label) {
         (SplitterKind::Meta, Some(f)) => meta_values(&examples, f),
-        _ => (0..parts.len()).map(|c| c.to_string()).collect(),
+        _ => (1..=parts.len()).map(|c| c.to_string()).collect(),
     };
     let clients = parts
         .iter()
@@ -331,6 +334,11 @@ pub fn build(spec: &DataSpec, root: &Path, clients: usize) -> Result<FederatedDa
             if spec.limit_per_client > 0 {
                 for part in [&mut train, &mut val, &mut test] {
                     part.truncate(spec.limit_per_client);
+                }
+            }
+            if spec.eval_limit > 0 {
+                for part in [&mut val, &mut test] {
+                    part.truncate(spec.eval_limit);
                 }
             }
             Ok(ClientSplit {

@@ -1,0 +1,590 @@
+//! `fedtune run` with `trainer.kind = "lora"`: federated LoRA fine-tuning of
+//! the LLM, in one process.
+//!
+//! The model is loaded once and shared by every simulated client (the
+//! round-robin trainer swaps adapters and optimizer state in). `mode` picks
+//! the scenario of FS-LLM's Table 2: `fed` runs the course as configured;
+//! `global` gives one client everyone's training data (the centralized
+//! reference) and the same total number of optimizer steps per round as the
+//! federated clients take together; `local` runs one single-client course
+//! per client, with no aggregation. In every mode each client's test split is
+//! evaluated before training and after the last round, so the three
+//! scenarios compare directly.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device};
+use fedtune_adapters::data::{self, collate, DataSpec, FederatedData, Template, Tokenized};
+use fedtune_adapters::fetch::ensure_default_model;
+use fedtune_adapters::lora::LoraConfig;
+use fedtune_adapters::model::load_gguf;
+use fedtune_adapters::peft::save_lora;
+use fedtune_adapters::round_robin::{ClientData, LocalTraining, RoundRobinTrainer, StepProgress};
+use fedtune_adapters::tokenizer::TextTokenizer;
+use fedtune_adapters::train::{Batch, TrainConfig};
+use fedtune_kernel::config::Mode;
+use fedtune_kernel::course::{run_in_process, CourseReport};
+use fedtune_kernel::{ConfigDoc, CourseConfig, Event, FedAvg, MetricsLog, ParamSet, Record};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+/// `[model]`: which base model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSection {
+    /// A GGUF file; the default model (SmolLM2-135M-Instruct, fetched on first use) when unset.
+    pub path: Option<PathBuf>,
+}
+
+/// `[train]`: local training on each client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainSection {
+    /// Optimizer steps per client per round.
+    pub local_steps: usize,
+    /// Examples per micro-batch.
+    pub batch_size: usize,
+    /// Examples per evaluation batch.
+    pub eval_batch_size: usize,
+    /// Keep AdamW's moments across rounds.
+    pub keep_optimizer_state: bool,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        Self {
+            local_steps: 10,
+            batch_size: 4,
+            eval_batch_size: 8,
+            keep_optimizer_state: false,
+        }
+    }
+}
+
+/// The LLM course's sections beyond the kernel's.
+#[derive(Debug, Clone, Serialize)]
+pub struct LlmSections {
+    pub data: DataSpec,
+    pub model: ModelSection,
+    pub lora: LoraConfig,
+    pub train: TrainSection,
+    pub optim: TrainConfig,
+}
+
+impl LlmSections {
+    pub fn from_doc(doc: &ConfigDoc) -> Result<Self> {
+        let s = Self {
+            data: doc.section("data")?,
+            model: doc.section("model")?,
+            lora: doc.section("lora")?,
+            train: doc.section("train")?,
+            optim: doc.section("optim")?,
+        };
+        let origin = doc.origin();
+        ensure!(
+            s.train.local_steps > 0 && s.train.batch_size > 0 && s.train.eval_batch_size > 0,
+            "{origin}: [train] local_steps, batch_size and eval_batch_size must be at least 1"
+        );
+        ensure!(
+            s.lora.r > 0 && !s.lora.target_modules.is_empty(),
+            "{origin}: [lora] needs r >= 1 and at least one target module"
+        );
+        ensure!(
+            s.optim.lr > 0.0 && s.optim.grad_accum > 0,
+            "{origin}: [optim] lr must be positive and grad_accum at least 1"
+        );
+        ensure!(
+            s.data.name.is_some() || s.data.path.is_some(),
+            "{origin}: a LoRA course needs a [data] section with `name` or `path`"
+        );
+        Ok(s)
+    }
+}
+
+/// What the caller decided about output.
+pub struct Output {
+    pub dir: PathBuf,
+    pub data_root: Option<PathBuf>,
+    pub quiet: bool,
+    pub json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct ClientSummary {
+    id: u32,
+    name: String,
+    train_examples: usize,
+    test_examples: usize,
+    test_loss_before: Option<f64>,
+    test_loss_after: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct Summary {
+    course: String,
+    mode: Mode,
+    rounds: u64,
+    clients: u32,
+    local_steps: usize,
+    /// Sample-weighted mean of the clients' test losses.
+    test_loss_before: Option<f64>,
+    test_loss_after: Option<f64>,
+    per_client: Vec<ClientSummary>,
+    bytes_up: u64,
+    bytes_down: u64,
+    wall_s: f64,
+    peak_rss_mib: Option<f64>,
+    adapter: String,
+}
+
+/// One client's tokenized data.
+struct Prepared {
+    name: String,
+    train: Vec<Tokenized>,
+    test: Vec<Tokenized>,
+    val: Vec<Tokenized>,
+}
+
+pub fn run(
+    doc: &ConfigDoc,
+    cfg: &CourseConfig,
+    llm: &LlmSections,
+    log: MetricsLog,
+    out: &Output,
+) -> Result<()> {
+    let started = Instant::now();
+    let say = |line: &str| {
+        if !out.quiet && !out.json {
+            eprintln!("[{:6.1} s] {line}", started.elapsed().as_secs_f64());
+        }
+    };
+    // The model and its tokenizer.
+    let path = match &llm.model.path {
+        Some(p) => p.clone(),
+        None => ensure_default_model(|l| say(l))?,
+    };
+    say(&format!("loading {}", path.display()));
+    let loaded = load_gguf(&path, DType::F32, &Device::Cpu)
+        .with_context(|| format!("loading the model {}", path.display()))?;
+    let tok = TextTokenizer::from_gguf(&loaded.content)?;
+    let model = Arc::new(loaded.model);
+
+    // The data, split and tokenized.
+    let root = data::data_root(out.data_root.as_deref());
+    let clients = cfg.course.clients as usize;
+    let fed = data::build(&llm.data, &root, clients)
+        .with_context(|| format!("{}: [data]", doc.origin()))?;
+    let dir = Path::new(doc.origin()).parent().unwrap_or(Path::new("."));
+    let template = Template::resolve(&llm.data.template, dir)?;
+    let prepared = prepare(&fed, &template, &tok, llm.data.max_tokens)?;
+    for (c, p) in prepared.iter().enumerate() {
+        ensure!(
+            !p.train.is_empty(),
+            "client {c} ({}) has no training examples",
+            p.name
+        );
+    }
+    say(&format!(
+        "{}: {} examples over {} clients ({}), template `{}`",
+        fed.path.display(),
+        fed.examples.len(),
+        prepared.len(),
+        prepared
+            .iter()
+            .map(|p| format!("{} {}", p.name, p.train.len()))
+            .collect::<Vec<_>>()
+            .join(", "),
+        template.name
+    ));
+
+    say("data tokenized");
+    let progress = step_progress(out.quiet || out.json);
+    let pad = tok.eos_id;
+    let seed = cfg.course.seed;
+    let training = LocalTraining {
+        local_steps: llm.train.local_steps,
+        keep_optimizer_state: llm.train.keep_optimizer_state,
+        optim: llm.optim.clone(),
+    };
+    let initial =
+        RoundRobinTrainer::initial_adapter(&model, &llm.lora, seed).map_err(trainer_error)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let batch = |items: &[Tokenized], size: usize, shuffle: Option<u64>| -> Result<Vec<Batch>> {
+        let mut order: Vec<&Tokenized> = items.iter().collect();
+        if let Some(s) = shuffle {
+            order.shuffle(&mut ChaCha8Rng::seed_from_u64(s));
+        }
+        order
+            .chunks(size)
+            .map(|c| collate(c, pad, &Device::Cpu).map_err(Into::into))
+            .collect()
+    };
+    let client_data = |p: &Prepared, c: u64| -> Result<ClientData> {
+        let mut eval = Vec::new();
+        if !p.val.is_empty() {
+            eval.push((
+                "val".to_string(),
+                batch(&p.val, llm.train.eval_batch_size, None)?,
+            ));
+        }
+        if !p.test.is_empty() {
+            eval.push((
+                "test".to_string(),
+                batch(&p.test, llm.train.eval_batch_size, None)?,
+            ));
+        }
+        Ok(ClientData {
+            train: batch(&p.train, llm.train.batch_size, Some(seed ^ c))?,
+            eval,
+            n_samples: p.train.len() as u64,
+        })
+    };
+
+    let log = Arc::new(Mutex::new(Some(log)));
+    let mut per_client: Vec<ClientSummary> = prepared
+        .iter()
+        .enumerate()
+        .map(|(c, p)| ClientSummary {
+            id: c as u32 + 1,
+            name: p.name.clone(),
+            train_examples: p.train.len(),
+            test_examples: p.test.len(),
+            test_loss_before: None,
+            test_loss_after: None,
+        })
+        .collect();
+    let (mut bytes_up, mut bytes_down) = (0u64, 0u64);
+    let adapter_dir = out.dir.join("adapter");
+    let base_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+
+    match cfg.course.mode {
+        Mode::Fed => {
+            let data: BTreeMap<u32, ClientData> = prepared
+                .iter()
+                .enumerate()
+                .map(|(c, p)| Ok((c as u32 + 1, client_data(p, c as u64)?)))
+                .collect::<Result<_>>()?;
+            let trainer =
+                RoundRobinTrainer::new(model.clone(), llm.lora.clone(), training, data, seed)
+                    .map_err(trainer_error)?
+                    .with_progress(progress);
+            let report = course(&runtime, cfg, initial, trainer, &log, None, out)?;
+            for s in per_client.iter_mut() {
+                (s.test_loss_before, s.test_loss_after) = split_losses(&report, s.id, "test");
+            }
+            (bytes_up, bytes_down) = traffic(&report);
+            save_lora(&adapter_dir, &llm.lora, &report.final_params, &base_name)?;
+        }
+        Mode::Global => {
+            // One client with everyone's training data, evaluated on each client's test split.
+            let all_train: Vec<Tokenized> = prepared.iter().flat_map(|p| p.train.clone()).collect();
+            let mut eval = Vec::new();
+            for (c, p) in prepared.iter().enumerate() {
+                if !p.test.is_empty() {
+                    eval.push((
+                        format!("test:{}", c + 1),
+                        batch(&p.test, llm.train.eval_batch_size, None)?,
+                    ));
+                }
+            }
+            let one = ClientData {
+                train: batch(&all_train, llm.train.batch_size, Some(seed))?,
+                eval,
+                n_samples: all_train.len() as u64,
+            };
+            let mut g_cfg = cfg.clone();
+            g_cfg.course.clients = 1;
+            g_cfg.course.sample_clients = None;
+            let steps = training.local_steps * cfg.clients_per_round() as usize;
+            let g_training = LocalTraining {
+                local_steps: steps,
+                ..training
+            };
+            let trainer = RoundRobinTrainer::new(
+                model.clone(),
+                llm.lora.clone(),
+                g_training,
+                BTreeMap::from([(1, one)]),
+                seed,
+            )
+            .map_err(trainer_error)?
+            .with_progress(progress);
+            let report = course(&runtime, &g_cfg, initial, trainer, &log, None, out)?;
+            for s in per_client.iter_mut() {
+                let split = format!("test:{}", s.id);
+                (s.test_loss_before, s.test_loss_after) = split_losses(&report, 1, &split);
+            }
+            (bytes_up, bytes_down) = traffic(&report);
+            save_lora(&adapter_dir, &llm.lora, &report.final_params, &base_name)?;
+        }
+        Mode::Local => {
+            let mut l_cfg = cfg.clone();
+            l_cfg.course.clients = 1;
+            l_cfg.course.sample_clients = None;
+            for (c, p) in prepared.iter().enumerate() {
+                say(&format!("local training of client {c} ({})", p.name));
+                let trainer = RoundRobinTrainer::new(
+                    model.clone(),
+                    llm.lora.clone(),
+                    training.clone(),
+                    BTreeMap::from([(1, client_data(p, c as u64)?)]),
+                    seed,
+                )
+                .map_err(trainer_error)?
+                .with_progress(progress.clone());
+                let report = course(
+                    &runtime,
+                    &l_cfg,
+                    initial.clone(),
+                    trainer,
+                    &log,
+                    Some(c as u32 + 1),
+                    out,
+                )?;
+                let s = &mut per_client[c];
+                (s.test_loss_before, s.test_loss_after) = split_losses(&report, 1, "test");
+                let (u, d) = traffic(&report);
+                bytes_up += u;
+                bytes_down += d;
+                save_lora(
+                    &adapter_dir.join(format!("client-{}", c + 1)),
+                    &llm.lora,
+                    &report.final_params,
+                    &base_name,
+                )?;
+            }
+        }
+    }
+
+    let mean = |f: fn(&ClientSummary) -> Option<f64>| -> Option<f64> {
+        let (mut num, mut den) = (0.0, 0.0);
+        for s in &per_client {
+            if let Some(v) = f(s) {
+                num += v * s.test_examples as f64;
+                den += s.test_examples as f64;
+            }
+        }
+        (den > 0.0).then(|| num / den)
+    };
+    let summary = Summary {
+        course: cfg.course.name.clone(),
+        mode: cfg.course.mode,
+        rounds: cfg.course.rounds,
+        clients: cfg.course.clients,
+        local_steps: llm.train.local_steps,
+        test_loss_before: mean(|s| s.test_loss_before),
+        test_loss_after: mean(|s| s.test_loss_after),
+        per_client,
+        bytes_up,
+        bytes_down,
+        wall_s: started.elapsed().as_secs_f64(),
+        peak_rss_mib: crate::bench_train::peak_rss_mib(),
+        adapter: adapter_dir.display().to_string(),
+    };
+    let text = serde_json::to_string_pretty(&summary)?;
+    std::fs::write(out.dir.join("summary.json"), &text)?;
+    if out.json {
+        println!("{text}");
+    } else {
+        print_summary(&summary, &out.dir);
+    }
+    Ok(())
+}
+
+fn trainer_error(e: fedtune_kernel::course::TrainerError) -> anyhow::Error {
+    anyhow::anyhow!(e)
+}
+
+/// Tokenizes every client's splits.
+fn prepare(
+    fed: &FederatedData,
+    template: &Template,
+    tok: &TextTokenizer,
+    max_tokens: usize,
+) -> Result<Vec<Prepared>> {
+    fed.clients
+        .iter()
+        .map(|c| {
+            Ok(Prepared {
+                name: c.name.clone(),
+                train: fed.tokenize(&c.train, template, tok, max_tokens)?,
+                val: fed.tokenize(&c.val, template, tok, max_tokens)?,
+                test: fed.tokenize(&c.test, template, tok, max_tokens)?,
+            })
+        })
+        .collect()
+}
+
+/// Runs one course on the in-process bus, logging to the shared log; records
+/// of a single-client course run for client `as_client` are logged under that id.
+fn course(
+    runtime: &tokio::runtime::Runtime,
+    cfg: &CourseConfig,
+    initial: ParamSet,
+    trainer: RoundRobinTrainer,
+    log: &Arc<Mutex<Option<MetricsLog>>>,
+    as_client: Option<u32>,
+    out: &Output,
+) -> Result<CourseReport> {
+    let shared = log.clone();
+    let quiet = out.quiet || out.json;
+    let rounds = cfg.course.rounds;
+    let relay = MetricsLog::in_memory().with_observer(Box::new(move |r: &Record| {
+        let mut r = r.clone();
+        if let (Some(id), Some(_)) = (as_client, r.client) {
+            r.client = Some(id);
+        }
+        if !quiet {
+            print_progress(&r, rounds);
+        }
+        if let Ok(mut guard) = shared.lock() {
+            if let Some(log) = guard.as_mut() {
+                if let Err(e) = log.push(r) {
+                    eprintln!("warning: cannot write metrics: {e}");
+                }
+            }
+        }
+    }));
+    let trainer: fedtune_kernel::course::SharedTrainer = Arc::new(Mutex::new(trainer));
+    let report = runtime.block_on(run_in_process(
+        cfg,
+        initial,
+        trainer,
+        Box::new(FedAvg),
+        relay,
+    ))?;
+    Ok(report)
+}
+
+/// The first and last evaluated loss of `split` for `client`.
+fn split_losses(report: &CourseReport, client: u32, split: &str) -> (Option<f64>, Option<f64>) {
+    let evals: Vec<&Record> = report
+        .records
+        .iter()
+        .filter(|r| {
+            r.event == Event::Eval && r.client == Some(client) && r.split.as_deref() == Some(split)
+        })
+        .collect();
+    (
+        evals.first().and_then(|r| r.loss),
+        evals.last().and_then(|r| r.loss),
+    )
+}
+
+fn traffic(report: &CourseReport) -> (u64, u64) {
+    report
+        .records
+        .iter()
+        .filter(|r| r.event == Event::Round)
+        .fold((0, 0), |(u, d), r| (u + r.bytes_up, d + r.bytes_down))
+}
+
+/// Local-step progress on one terminal line (nothing when quiet or not a terminal).
+fn step_progress(quiet: bool) -> StepProgress {
+    let live = !quiet && std::io::stderr().is_terminal();
+    Arc::new(move |client, step, steps, loss| {
+        if live {
+            eprint!("\r  client {client}: step {step}/{steps}, loss {loss:.4}   ");
+            if step == steps {
+                eprint!("\r{:60}\r", "");
+            }
+            let _ = std::io::stderr().flush();
+        }
+    })
+}
+
+/// One line per round and per evaluation.
+fn print_progress(r: &Record, rounds: u64) {
+    match (r.event, r.client) {
+        (Event::Round, None) => eprintln!(
+            "round {}/{rounds}: {} clients trained, {:.1} KB up, {:.1} KB down, {:.1} s",
+            r.round,
+            r.extra.get("clients").copied().unwrap_or(0.0),
+            r.bytes_up as f64 / 1e3,
+            r.bytes_down as f64 / 1e3,
+            r.wall_s
+        ),
+        (Event::Train, Some(c)) => eprintln!(
+            "  client {c}: mean train loss {:.4} over this round's steps",
+            r.loss.unwrap_or(f64::NAN),
+        ),
+        (Event::Eval, None) => eprintln!(
+            "  evaluation after round {}: {} loss {:.4} ({} examples)",
+            r.round,
+            r.split.as_deref().unwrap_or("?"),
+            r.loss.unwrap_or(f64::NAN),
+            r.samples.unwrap_or(0)
+        ),
+        _ => {}
+    }
+}
+
+fn print_summary(s: &Summary, dir: &Path) {
+    println!(
+        "\n{:>4}  {:<24} {:>8} {:>8}  {:>12} {:>12}",
+        "id", "client", "train", "test", "loss before", "loss after"
+    );
+    let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
+    for c in &s.per_client {
+        println!(
+            "{:>4}  {:<24} {:>8} {:>8}  {:>12} {:>12}",
+            c.id,
+            c.name,
+            c.train_examples,
+            c.test_examples,
+            fmt(c.test_loss_before),
+            fmt(c.test_loss_after)
+        );
+    }
+    println!(
+        "{:>4}  {:<24} {:>8} {:>8}  {:>12} {:>12}",
+        "",
+        "all (weighted)",
+        s.per_client.iter().map(|c| c.train_examples).sum::<usize>(),
+        s.per_client.iter().map(|c| c.test_examples).sum::<usize>(),
+        fmt(s.test_loss_before),
+        fmt(s.test_loss_after)
+    );
+    println!(
+        "\nmode {:?}, {} rounds × {} local steps: {:.1} KB up, {:.1} KB down, {:.0} s wall, peak RSS {}",
+        s.mode,
+        s.rounds,
+        s.local_steps,
+        s.bytes_up as f64 / 1e3,
+        s.bytes_down as f64 / 1e3,
+        s.wall_s,
+        s.peak_rss_mib.map_or("unknown".into(), |m| format!("{m:.0} MiB"))
+    );
+    println!(
+        "adapter (PEFT format) in {}\nresults in {}",
+        s.adapter,
+        dir.display()
+    );
+}
+
+/// Fails early, naming the section, when a LoRA course is configured oddly.
+pub fn check(cfg: &CourseConfig) -> Result<()> {
+    if cfg.course.mode != Mode::Fed
+        && cfg
+            .course
+            .sample_clients
+            .is_some_and(|k| k < cfg.course.clients)
+    {
+        // Sampling only means something for the federated scenario; say so rather than ignore it.
+        bail!("federate.sample_clients applies to mode = \"fed\" only");
+    }
+    Ok(())
+}
