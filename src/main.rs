@@ -7,13 +7,12 @@ mod bench_train;
 mod data_cmd;
 mod run;
 mod run_llm;
+mod runlog;
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 
 /// Federated fine-tuning of large language models.
 #[derive(Debug, Parser)]
@@ -124,12 +123,7 @@ fn tune_allocator() {}
 fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cli.log));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    runlog::init(&cli.log);
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Bench(BenchCommand::Codec {

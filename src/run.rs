@@ -160,6 +160,9 @@ pub fn run(args: RunArgs) -> Result<()> {
         std::fs::create_dir_all(&out)
             .with_context(|| format!("cannot create {}", out.display()))?;
         std::fs::write(out.join("config.toml"), &resolved)?;
+        crate::runlog::log_to_file(&out.join("run.log"))
+            .with_context(|| format!("cannot write {}", out.join("run.log").display()))?;
+        tracing::info!(config = %doc.origin(), out = %out.display(), "LoRA course starts");
         let log = MetricsLog::to_file(&out.join("metrics.jsonl"))
             .with_context(|| format!("cannot write metrics to {}", out.display()))?;
         return run_llm::run(

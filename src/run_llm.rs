@@ -29,7 +29,10 @@ use fedtune_adapters::tokenizer::TextTokenizer;
 use fedtune_adapters::train::{Batch, TrainConfig};
 use fedtune_kernel::config::Mode;
 use fedtune_kernel::course::{run_in_process, CourseReport};
-use fedtune_kernel::{ConfigDoc, CourseConfig, Event, FedAvg, MetricsLog, ParamSet, Record};
+use fedtune_kernel::{
+    AggregateError, Aggregator, ClientUpdate, ConfigDoc, CourseConfig, Event, FedAvg, MetricsLog,
+    ParamSet, Record,
+};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -270,6 +273,12 @@ pub fn run(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
 
+    let checkpoints = |sub: &str| Checkpointing {
+        every: cfg.course.save_every,
+        dir: out.dir.join("checkpoints").join(sub),
+        lora: llm.lora.clone(),
+        base: base_name.clone(),
+    };
     match cfg.course.mode {
         Mode::Fed => {
             let data: BTreeMap<u32, ClientData> = prepared
@@ -281,7 +290,16 @@ pub fn run(
                 RoundRobinTrainer::new(model.clone(), llm.lora.clone(), training, data, seed)
                     .map_err(trainer_error)?
                     .with_progress(progress);
-            let report = course(&runtime, cfg, initial, trainer, &log, None, out)?;
+            let report = course(
+                &runtime,
+                cfg,
+                initial,
+                trainer,
+                &log,
+                None,
+                out,
+                checkpoints(""),
+            )?;
             for s in per_client.iter_mut() {
                 (s.test_loss_before, s.test_loss_after) = split_losses(&report, s.id, "test");
             }
@@ -322,7 +340,16 @@ pub fn run(
             )
             .map_err(trainer_error)?
             .with_progress(progress);
-            let report = course(&runtime, &g_cfg, initial, trainer, &log, None, out)?;
+            let report = course(
+                &runtime,
+                &g_cfg,
+                initial,
+                trainer,
+                &log,
+                None,
+                out,
+                checkpoints(""),
+            )?;
             for s in per_client.iter_mut() {
                 let split = format!("test:{}", s.id);
                 (s.test_loss_before, s.test_loss_after) = split_losses(&report, 1, &split);
@@ -353,6 +380,7 @@ pub fn run(
                     &log,
                     Some(c as u32 + 1),
                     out,
+                    checkpoints(&format!("client-{}", c + 1)),
                 )?;
                 let s = &mut per_client[c];
                 (s.test_loss_before, s.test_loss_after) = split_losses(&report, 1, "test");
@@ -404,6 +432,45 @@ pub fn run(
     Ok(())
 }
 
+/// FedAvg that also writes the global adapter to `dir/round-NNNN/` (PEFT
+/// layout, plus `state.json` with the round) every `every` rounds.
+struct Checkpointing {
+    every: u64,
+    dir: PathBuf,
+    lora: LoraConfig,
+    base: String,
+}
+
+impl Aggregator for Checkpointing {
+    fn name(&self) -> &str {
+        "fedavg"
+    }
+
+    fn aggregate(
+        &mut self,
+        global: &ParamSet,
+        updates: &[ClientUpdate],
+        round: u64,
+    ) -> Result<ParamSet, AggregateError> {
+        let next = FedAvg.aggregate(global, updates, round)?;
+        if self.every > 0 && round % self.every == 0 {
+            let dir = self.dir.join(format!("round-{round:04}"));
+            let saved = save_lora(&dir, &self.lora, &next, &self.base)
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    let state = serde_json::json!({ "round": round, "clients": updates.len() });
+                    std::fs::write(dir.join("state.json"), state.to_string())
+                        .map_err(|e| e.to_string())
+                });
+            // A checkpoint that cannot be written must not pass unnoticed.
+            saved
+                .map_err(|e| AggregateError::Other(format!("checkpoint {}: {e}", dir.display())))?;
+            tracing::info!(round, dir = %dir.display(), "checkpoint written");
+        }
+        Ok(next)
+    }
+}
+
 fn trainer_error(e: fedtune_kernel::course::TrainerError) -> anyhow::Error {
     anyhow::anyhow!(e)
 }
@@ -430,6 +497,7 @@ fn prepare(
 
 /// Runs one course on the in-process bus, logging to the shared log; records
 /// of a single-client course run for client `as_client` are logged under that id.
+#[allow(clippy::too_many_arguments)]
 fn course(
     runtime: &tokio::runtime::Runtime,
     cfg: &CourseConfig,
@@ -438,6 +506,7 @@ fn course(
     log: &Arc<Mutex<Option<MetricsLog>>>,
     as_client: Option<u32>,
     out: &Output,
+    checkpoints: Checkpointing,
 ) -> Result<CourseReport> {
     let shared = log.clone();
     let quiet = out.quiet || out.json;
@@ -463,7 +532,7 @@ fn course(
         cfg,
         initial,
         trainer,
-        Box::new(FedAvg),
+        Box::new(checkpoints),
         relay,
     ))?;
     Ok(report)

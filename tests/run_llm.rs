@@ -54,8 +54,11 @@ fn the_quickstart_writes_every_output_and_lowers_every_clients_test_loss() {
         "config.toml",
         "metrics.jsonl",
         "summary.json",
+        "run.log",
         "adapter/adapter_config.json",
         "adapter/adapter_model.safetensors",
+        "checkpoints/round-0001/adapter_model.safetensors",
+        "checkpoints/round-0002/state.json",
     ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
@@ -98,6 +101,11 @@ fn the_quickstart_writes_every_output_and_lowers_every_clients_test_loss() {
         assert!(after < before, "client {}: {before} → {after}", c["id"]);
     }
     assert!(summary["peak_rss_mib"].as_f64().unwrap() > 0.0);
+    let log = std::fs::read_to_string(out.join("run.log")).unwrap();
+    assert!(
+        log.contains("round aggregated"),
+        "the kernel's info events reach run.log"
+    );
 }
 
 #[test]

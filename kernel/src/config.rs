@@ -251,6 +251,9 @@ pub struct CourseSection {
     /// (each client trains alone). The runner builds the course accordingly;
     /// the kernel's course itself is always federated.
     pub mode: Mode,
+    /// Save the global parameters every this many rounds (0: only at the end);
+    /// the runner decides where and how.
+    pub save_every: u64,
 }
 
 /// See [`CourseSection::mode`].
@@ -277,6 +280,7 @@ impl Default for CourseSection {
             eval_before_training: true,
             seed: 42,
             mode: Mode::Fed,
+            save_every: 0,
         }
     }
 }
