@@ -5,6 +5,7 @@ mod bench;
 mod bench_matmul;
 mod bench_train;
 mod data_cmd;
+mod report;
 mod run;
 mod run_llm;
 mod runlog;
@@ -38,6 +39,11 @@ enum Command {
     /// Inspect and download data sets.
     #[command(subcommand)]
     Data(data_cmd::DataCommand),
+    /// Write SVG charts (loss per round per client, bytes per round) and a Markdown report for a run directory.
+    Report {
+        /// A directory written by `fedtune run`.
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -141,6 +147,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Matmul { tokens, reps }) => bench_matmul::matmul(tokens, reps),
         Command::Model(ModelCommand::Fetch) => fetch_model(),
         Command::Data(cmd) => data_cmd::run(cmd),
+        Command::Report { dir } => report::report(&dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

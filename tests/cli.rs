@@ -160,3 +160,34 @@ fn shipped_configs_parse() {
         }
     }
 }
+
+#[test]
+fn report_charts_a_run_and_writes_markdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let o = fedtune(&[
+        "run",
+        "configs/least-squares.toml",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let o = fedtune(&["report", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for chart in ["eval_loss.svg", "train_loss.svg", "bytes.svg"] {
+        assert!(md.contains(&format!("](report/{chart})")), "{md}");
+        let svg = std::fs::read_to_string(out.join("report").join(chart)).unwrap();
+        assert!(
+            svg.starts_with("<svg") && svg.contains("<polyline"),
+            "{chart}"
+        );
+    }
+    // One line per client (5 in the reference course) in the training-loss chart.
+    let train = std::fs::read_to_string(out.join("report/train_loss.svg")).unwrap();
+    assert_eq!(train.matches("<polyline").count(), 5);
+    let o = fedtune(&["report", dir.path().to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(text(&o.stderr).contains("is "), "{}", text(&o.stderr));
+}
