@@ -12,7 +12,7 @@
 //! scenarios compare directly.
 
 use std::collections::BTreeMap;
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -33,6 +33,7 @@ use fedtune_kernel::{
     AggregateError, Aggregator, ClientUpdate, ConfigDoc, CourseConfig, Event, FedAvg, MetricsLog,
     ParamSet, Record,
 };
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -207,8 +208,12 @@ pub fn run(
         template.name
     ));
 
-    say("data tokenized");
-    let progress = step_progress(out.quiet || out.json);
+    let total_rounds = match cfg.course.mode {
+        Mode::Local => cfg.course.rounds * prepared.len() as u64,
+        _ => cfg.course.rounds,
+    };
+    let display = Progress::new(out.quiet || out.json, total_rounds);
+    let progress = display.steps();
     let pad = tok.eos_id;
     let seed = cfg.course.seed;
     let training = LocalTraining {
@@ -297,7 +302,7 @@ pub fn run(
                 trainer,
                 &log,
                 None,
-                out,
+                &display,
                 checkpoints(""),
             )?;
             for s in per_client.iter_mut() {
@@ -347,7 +352,7 @@ pub fn run(
                 trainer,
                 &log,
                 None,
-                out,
+                &display,
                 checkpoints(""),
             )?;
             for s in per_client.iter_mut() {
@@ -362,7 +367,7 @@ pub fn run(
             l_cfg.course.clients = 1;
             l_cfg.course.sample_clients = None;
             for (c, p) in prepared.iter().enumerate() {
-                say(&format!("local training of client {c} ({})", p.name));
+                display.line(format!("local training of client {} ({})", c + 1, p.name));
                 let trainer = RoundRobinTrainer::new(
                     model.clone(),
                     llm.lora.clone(),
@@ -379,7 +384,7 @@ pub fn run(
                     trainer,
                     &log,
                     Some(c as u32 + 1),
-                    out,
+                    &display,
                     checkpoints(&format!("client-{}", c + 1)),
                 )?;
                 let s = &mut per_client[c];
@@ -422,6 +427,7 @@ pub fn run(
         peak_rss_mib: crate::bench_train::peak_rss_mib(),
         adapter: adapter_dir.display().to_string(),
     };
+    display.finish();
     let text = serde_json::to_string_pretty(&summary)?;
     std::fs::write(out.dir.join("summary.json"), &text)?;
     if out.json {
@@ -505,24 +511,22 @@ fn course(
     trainer: RoundRobinTrainer,
     log: &Arc<Mutex<Option<MetricsLog>>>,
     as_client: Option<u32>,
-    out: &Output,
+    display: &Arc<Progress>,
     checkpoints: Checkpointing,
 ) -> Result<CourseReport> {
     let shared = log.clone();
-    let quiet = out.quiet || out.json;
+    let display = display.clone();
     let rounds = cfg.course.rounds;
     let relay = MetricsLog::in_memory().with_observer(Box::new(move |r: &Record| {
         let mut r = r.clone();
         if let (Some(id), Some(_)) = (as_client, r.client) {
             r.client = Some(id);
         }
-        if !quiet {
-            print_progress(&r, rounds);
-        }
+        display.record(&r, rounds);
         if let Ok(mut guard) = shared.lock() {
             if let Some(log) = guard.as_mut() {
                 if let Err(e) = log.push(r) {
-                    eprintln!("warning: cannot write metrics: {e}");
+                    display.line(format!("warning: cannot write metrics: {e}"));
                 }
             }
         }
@@ -561,43 +565,107 @@ fn traffic(report: &CourseReport) -> (u64, u64) {
         .fold((0, 0), |(u, d), r| (u + r.bytes_up, d + r.bytes_down))
 }
 
-/// Local-step progress on one terminal line (nothing when quiet or not a terminal).
-fn step_progress(quiet: bool) -> StepProgress {
-    let live = !quiet && std::io::stderr().is_terminal();
-    Arc::new(move |client, step, steps, loss| {
-        if live {
-            eprint!("\r  client {client}: step {step}/{steps}, loss {loss:.4}   ");
-            if step == steps {
-                eprint!("\r{:60}\r", "");
-            }
-            let _ = std::io::stderr().flush();
-        }
-    })
+/// The terminal display: a bar over the course's rounds and one over the
+/// current client's local steps, with log lines printed above them. Without
+/// a terminal (or with `--quiet`/`--json`) there are no bars, and the lines
+/// go to stderr as they are (or nowhere when quiet).
+struct Progress {
+    multi: MultiProgress,
+    rounds: ProgressBar,
+    steps: ProgressBar,
+    quiet: bool,
+    live: bool,
 }
 
-/// One line per round and per evaluation.
-fn print_progress(r: &Record, rounds: u64) {
-    match (r.event, r.client) {
-        (Event::Round, None) => eprintln!(
-            "round {}/{rounds}: {} clients trained, {:.1} KB up, {:.1} KB down, {:.1} s",
-            r.round,
-            r.extra.get("clients").copied().unwrap_or(0.0),
-            r.bytes_up as f64 / 1e3,
-            r.bytes_down as f64 / 1e3,
-            r.wall_s
-        ),
-        (Event::Train, Some(c)) => eprintln!(
-            "  client {c}: mean train loss {:.4} over this round's steps",
-            r.loss.unwrap_or(f64::NAN),
-        ),
-        (Event::Eval, None) => eprintln!(
-            "  evaluation after round {}: {} loss {:.4} ({} examples)",
-            r.round,
-            r.split.as_deref().unwrap_or("?"),
-            r.loss.unwrap_or(f64::NAN),
-            r.samples.unwrap_or(0)
-        ),
-        _ => {}
+impl Progress {
+    fn new(quiet: bool, total_rounds: u64) -> Arc<Self> {
+        let live = !quiet && std::io::stderr().is_terminal();
+        let target = if live {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        };
+        let multi = MultiProgress::with_draw_target(target);
+        let style = |t: &str| {
+            ProgressStyle::with_template(t)
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> ")
+        };
+        let rounds = multi.add(
+            ProgressBar::new(total_rounds)
+                .with_style(style(
+                    "{prefix:>7} [{bar:30}] {pos}/{len} rounds  {elapsed_precise} (eta {eta})",
+                ))
+                .with_prefix("course"),
+        );
+        let steps = multi.add(
+            ProgressBar::new(1)
+                .with_style(style("{prefix:>7} [{bar:30}] {pos}/{len} steps  {msg}"))
+                .with_prefix("local"),
+        );
+        Arc::new(Self {
+            multi,
+            rounds,
+            steps,
+            quiet,
+            live,
+        })
+    }
+
+    fn line(&self, text: String) {
+        if self.quiet {
+            return;
+        }
+        if self.live {
+            let _ = self.multi.println(text);
+        } else {
+            eprintln!("{text}");
+        }
+    }
+
+    /// A local-step callback for the trainer.
+    fn steps(self: &Arc<Self>) -> StepProgress {
+        let me = self.clone();
+        Arc::new(move |client, step, steps, loss| {
+            me.steps.set_length(steps as u64);
+            me.steps.set_position(step as u64);
+            me.steps
+                .set_message(format!("client {client}, loss {loss:.4}"));
+        })
+    }
+
+    fn finish(&self) {
+        self.steps.finish_and_clear();
+        self.rounds.finish_and_clear();
+    }
+
+    /// One line per round and per evaluation; the round bar advances.
+    fn record(&self, r: &Record, rounds: u64) {
+        match (r.event, r.client) {
+            (Event::Round, None) => {
+                self.rounds.inc(1);
+                self.line(format!(
+                    "round {}/{rounds}: {} clients trained, {:.1} KB up, {:.1} KB down, {:.1} s",
+                    r.round,
+                    r.extra.get("clients").copied().unwrap_or(0.0),
+                    r.bytes_up as f64 / 1e3,
+                    r.bytes_down as f64 / 1e3,
+                    r.wall_s
+                ));
+            }
+            (Event::Train, Some(c)) => self.line(format!(
+                "  client {c}: mean train loss {:.4} over this round's steps",
+                r.loss.unwrap_or(f64::NAN),
+            )),
+            (Event::Eval, None) => self.line(format!(
+                "  evaluation after round {}: {} loss {:.4} ({} examples)",
+                r.round,
+                r.split.as_deref().unwrap_or("?"),
+                r.loss.unwrap_or(f64::NAN),
+                r.samples.unwrap_or(0)
+            )),
+            _ => {}
+        }
     }
 }
 
