@@ -39,6 +39,10 @@ pub struct RunArgs {
     /// No progress lines, only the final table.
     #[arg(long)]
     quiet: bool,
+    /// Continue the LoRA course in --out DIR from its newest checkpoint
+    /// (the configuration must be the same, except for more rounds).
+    #[arg(long)]
+    resume: bool,
     /// Data root (default: $FEDTUNE_DATA_ROOT, else ./data, else ../shared/data).
     #[arg(long)]
     data_root: Option<PathBuf>,
@@ -154,6 +158,12 @@ pub fn run(args: RunArgs) -> Result<()> {
             print!("{resolved}");
             return Ok(());
         }
+        if args.resume {
+            let Some(dir) = &args.out else {
+                bail!("--resume needs --out DIR, the run directory to continue");
+            };
+            same_config_but_rounds(&dir.join("config.toml"), &resolved)?;
+        }
         let out = args
             .out
             .unwrap_or_else(|| default_run_dir(&cfg.course.name));
@@ -172,6 +182,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             log,
             &run_llm::Output {
                 dir: out,
+                resume: args.resume,
                 data_root: args.data_root,
                 quiet: args.quiet,
                 json: args.json,
@@ -336,6 +347,27 @@ fn print_table(report: &CourseReport) {
             None => println!("  {:>10}  {:>10}", "-", "-"),
         }
     }
+}
+
+/// Refuses to resume a run whose configuration changed in anything but
+/// `federate.rounds` (more rounds is how a finished course is extended).
+fn same_config_but_rounds(previous: &Path, resolved: &str) -> Result<()> {
+    let old = std::fs::read_to_string(previous)
+        .with_context(|| format!("--resume: cannot read {}", previous.display()))?;
+    let strip = |text: &str| -> Result<toml::Table> {
+        let mut t: toml::Table = text.parse()?;
+        if let Some(toml::Value::Table(f)) = t.get_mut("federate") {
+            f.remove("rounds");
+        }
+        Ok(t)
+    };
+    if strip(&old)? != strip(resolved)? {
+        bail!(
+            "--resume: the configuration differs from {} (only federate.rounds may change)",
+            previous.display()
+        );
+    }
+    Ok(())
 }
 
 /// `runs/<course>-<UTC timestamp>`.

@@ -23,12 +23,12 @@ use fedtune_adapters::data::{self, collate, DataSpec, FederatedData, Template, T
 use fedtune_adapters::fetch::ensure_default_model;
 use fedtune_adapters::lora::LoraConfig;
 use fedtune_adapters::model::load_gguf;
-use fedtune_adapters::peft::save_lora;
+use fedtune_adapters::peft::{load_lora, save_lora};
 use fedtune_adapters::round_robin::{ClientData, LocalTraining, RoundRobinTrainer, StepProgress};
 use fedtune_adapters::tokenizer::TextTokenizer;
 use fedtune_adapters::train::{Batch, TrainConfig};
 use fedtune_kernel::config::Mode;
-use fedtune_kernel::course::{run_in_process, CourseReport};
+use fedtune_kernel::course::{run_in_process_from, CourseReport};
 use fedtune_kernel::{
     AggregateError, Aggregator, ClientUpdate, ConfigDoc, CourseConfig, Event, FedAvg, MetricsLog,
     ParamSet, Record,
@@ -115,6 +115,8 @@ impl LlmSections {
 /// What the caller decided about output.
 pub struct Output {
     pub dir: PathBuf,
+    /// Continue from the newest checkpoint in `dir`.
+    pub resume: bool,
     pub data_root: Option<PathBuf>,
     pub quiet: bool,
     pub json: bool,
@@ -271,7 +273,6 @@ pub fn run(
             test_loss_after: None,
         })
         .collect();
-    let (mut bytes_up, mut bytes_down) = (0u64, 0u64);
     let adapter_dir = out.dir.join("adapter");
     let base_name = path
         .file_name()
@@ -283,6 +284,25 @@ pub fn run(
         dir: out.dir.join("checkpoints").join(sub),
         lora: llm.lora.clone(),
         base: base_name.clone(),
+    };
+    let start = if out.resume {
+        ensure!(
+            cfg.course.mode != Mode::Local,
+            "--resume continues fed and global courses; a local run is one course per client"
+        );
+        latest_checkpoint(&out.dir.join("checkpoints"))?
+    } else {
+        None
+    };
+    if let Some((round, _)) = &start {
+        display.line(format!(
+            "resuming after round {round} from {}",
+            out.dir.join("checkpoints").display()
+        ));
+    }
+    let initial = match start {
+        Some((round, params)) => Start::After(round, params),
+        None => Start::Fresh(initial),
     };
     match cfg.course.mode {
         Mode::Fed => {
@@ -305,10 +325,6 @@ pub fn run(
                 &display,
                 checkpoints(""),
             )?;
-            for s in per_client.iter_mut() {
-                (s.test_loss_before, s.test_loss_after) = split_losses(&report, s.id, "test");
-            }
-            (bytes_up, bytes_down) = traffic(&report);
             save_lora(&adapter_dir, &llm.lora, &report.final_params, &base_name)?;
         }
         Mode::Global => {
@@ -355,11 +371,6 @@ pub fn run(
                 &display,
                 checkpoints(""),
             )?;
-            for s in per_client.iter_mut() {
-                let split = format!("test:{}", s.id);
-                (s.test_loss_before, s.test_loss_after) = split_losses(&report, 1, &split);
-            }
-            (bytes_up, bytes_down) = traffic(&report);
             save_lora(&adapter_dir, &llm.lora, &report.final_params, &base_name)?;
         }
         Mode::Local => {
@@ -380,18 +391,13 @@ pub fn run(
                 let report = course(
                     &runtime,
                     &l_cfg,
-                    initial.clone(),
+                    Start::Fresh(initial.params().clone()),
                     trainer,
                     &log,
                     Some(c as u32 + 1),
                     &display,
                     checkpoints(&format!("client-{}", c + 1)),
                 )?;
-                let s = &mut per_client[c];
-                (s.test_loss_before, s.test_loss_after) = split_losses(&report, 1, "test");
-                let (u, d) = traffic(&report);
-                bytes_up += u;
-                bytes_down += d;
                 save_lora(
                     &adapter_dir.join(format!("client-{}", c + 1)),
                     &llm.lora,
@@ -402,6 +408,16 @@ pub fn run(
         }
     }
 
+    // Losses and traffic from the whole metrics file: a resumed course's
+    // "before" was logged by the run it continues.
+    let records = read_records(&out.dir.join("metrics.jsonl"))?;
+    for s in per_client.iter_mut() {
+        (s.test_loss_before, s.test_loss_after) = match cfg.course.mode {
+            Mode::Global => split_losses(&records, 1, &format!("test:{}", s.id)),
+            _ => split_losses(&records, s.id, "test"),
+        };
+    }
+    let (bytes_up, bytes_down) = traffic(&records);
     let mean = |f: fn(&ClientSummary) -> Option<f64>| -> Option<f64> {
         let (mut num, mut den) = (0.0, 0.0);
         for s in &per_client {
@@ -507,7 +523,7 @@ fn prepare(
 fn course(
     runtime: &tokio::runtime::Runtime,
     cfg: &CourseConfig,
-    initial: ParamSet,
+    start: Start,
     trainer: RoundRobinTrainer,
     log: &Arc<Mutex<Option<MetricsLog>>>,
     as_client: Option<u32>,
@@ -532,9 +548,14 @@ fn course(
         }
     }));
     let trainer: fedtune_kernel::course::SharedTrainer = Arc::new(Mutex::new(trainer));
-    let report = runtime.block_on(run_in_process(
+    let (completed, params) = match start {
+        Start::Fresh(p) => (0, p),
+        Start::After(round, p) => (round, p),
+    };
+    let report = runtime.block_on(run_in_process_from(
         cfg,
-        initial,
+        completed,
+        params,
         trainer,
         Box::new(checkpoints),
         relay,
@@ -542,10 +563,63 @@ fn course(
     Ok(report)
 }
 
+/// Where a course starts: from the initial adapter, or after a completed round.
+enum Start {
+    Fresh(ParamSet),
+    After(u64, ParamSet),
+}
+
+impl Start {
+    fn params(&self) -> &ParamSet {
+        match self {
+            Start::Fresh(p) | Start::After(_, p) => p,
+        }
+    }
+}
+
+/// The newest `round-NNNN` checkpoint under `dir`, if any.
+fn latest_checkpoint(dir: &Path) -> Result<Option<(u64, ParamSet)>> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(None);
+    };
+    let newest = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let round = name.strip_prefix("round-")?.parse::<u64>().ok()?;
+            e.path()
+                .join("adapter_model.safetensors")
+                .is_file()
+                .then_some((round, e.path()))
+        })
+        .max_by_key(|(round, _)| *round);
+    match newest {
+        None => Ok(None),
+        Some((round, path)) => {
+            let (_, params) = load_lora(&path)
+                .with_context(|| format!("loading the checkpoint {}", path.display()))?;
+            Ok(Some((round, params)))
+        }
+    }
+}
+
+/// Every record of a metrics file.
+fn read_records(path: &Path) -> Result<Vec<Record>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .with_context(|| format!("{}:{}: not a metrics record", path.display(), i + 1))
+        })
+        .collect()
+}
+
 /// The first and last evaluated loss of `split` for `client`.
-fn split_losses(report: &CourseReport, client: u32, split: &str) -> (Option<f64>, Option<f64>) {
-    let evals: Vec<&Record> = report
-        .records
+fn split_losses(records: &[Record], client: u32, split: &str) -> (Option<f64>, Option<f64>) {
+    let evals: Vec<&Record> = records
         .iter()
         .filter(|r| {
             r.event == Event::Eval && r.client == Some(client) && r.split.as_deref() == Some(split)
@@ -557,9 +631,8 @@ fn split_losses(report: &CourseReport, client: u32, split: &str) -> (Option<f64>
     )
 }
 
-fn traffic(report: &CourseReport) -> (u64, u64) {
-    report
-        .records
+fn traffic(records: &[Record]) -> (u64, u64) {
+    records
         .iter()
         .filter(|r| r.event == Event::Round)
         .fold((0, 0), |(u, d), r| (u + r.bytes_up, d + r.bytes_down))

@@ -131,3 +131,41 @@ fn global_and_local_scenarios_run_the_same_config() {
         );
     }
 }
+
+#[test]
+fn a_stopped_course_resumes_from_its_last_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    // One round, checkpointed (the quickstart saves every round) …
+    let first = quick(&out, &["--set", "federate.rounds=1"]);
+    assert!(out.join("checkpoints/round-0001/state.json").is_file());
+    // … then the same course asked for two rounds continues with round 2 only.
+    let resumed = quick(&out, &["--resume"]);
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let rounds: Vec<u64> = records
+        .iter()
+        .filter(|r| r["event"] == "round")
+        .map(|r| r["round"].as_u64().unwrap())
+        .collect();
+    assert_eq!(rounds, vec![1, 2], "round 1 is not trained again");
+    assert_eq!(resumed["test_loss_before"], first["test_loss_before"]);
+    assert!(resumed["test_loss_after"].as_f64() < first["test_loss_after"].as_f64());
+    assert!(out.join("checkpoints/round-0002/adapter_model.safetensors").is_file());
+
+    // A changed configuration is refused rather than mixed into the run.
+    let o = fedtune(&[
+        "run",
+        "configs/quickstart.toml",
+        "--set",
+        "lora.r=4",
+        "--out",
+        out.to_str().unwrap(),
+        "--resume",
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("only federate.rounds may change"));
+}

@@ -385,3 +385,45 @@ fn tempdir() -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_course_resumed_from_a_checkpoint_ends_where_an_uninterrupted_one_does() {
+    let spec = || SyntheticSpec {
+        clients: 4,
+        ..SyntheticSpec::default()
+    };
+    let text =
+        "[federate]\nrounds = 6\nclients = 4\nsample_clients = 2\neval_every = 3\nseed = 9\n";
+    let full = run(&config(text), trainer(spec(), 3)).await;
+
+    // Stop after round 4 (the "kill"), keep the parameters as a checkpoint would …
+    let first = run(
+        &config(&text.replace("rounds = 6", "rounds = 4")),
+        trainer(spec(), 3),
+    )
+    .await;
+    // … and resume a fresh server and fresh clients from there.
+    let resumed = fedtune_kernel::course::run_in_process_from(
+        &config(text),
+        4,
+        first.final_params.clone(),
+        Arc::new(Mutex::new(trainer(spec(), 3))),
+        Box::new(FedAvg),
+        MetricsLog::in_memory(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resumed.final_params, full.final_params, "bit for bit");
+    let rounds: Vec<u64> = resumed
+        .records
+        .iter()
+        .filter(|r| r.event == Event::Round)
+        .map(|r| r.round)
+        .collect();
+    assert_eq!(rounds, vec![5, 6], "only the rounds not yet done run again");
+    assert_eq!(
+        resumed.sampled,
+        full.sampled[4..].to_vec(),
+        "the same clients are sampled"
+    );
+}

@@ -13,7 +13,9 @@ mod trainer;
 
 pub use client::{client_worker, ClientState};
 pub use least_squares::{LeastSquaresTrainer, SyntheticSpec};
-pub use server::{sample_clients, server_worker, RoundEval, ServerResults, ServerState};
+pub use server::{
+    sample_clients, server_worker, server_worker_from, RoundEval, ServerResults, ServerState,
+};
 pub use trainer::{
     derive_seed, LocalTrainer, LocalUpdate, SharedTrainer, SplitEval, TrainContext, TrainerError,
 };
@@ -93,6 +95,20 @@ pub async fn run_in_process(
     aggregator: Box<dyn Aggregator>,
     log: MetricsLog,
 ) -> Result<CourseReport, CourseError> {
+    run_in_process_from(cfg, 0, initial, trainer, aggregator, log).await
+}
+
+/// [`run_in_process`] for a course resumed after `completed` rounds from
+/// their parameters `global` (see [`server::server_worker_from`]).
+pub async fn run_in_process_from(
+    cfg: &CourseConfig,
+    completed: u64,
+    global: ParamSet,
+    trainer: SharedTrainer,
+    aggregator: Box<dyn Aggregator>,
+    log: MetricsLog,
+) -> Result<CourseReport, CourseError> {
+    let initial = global;
     let started = Instant::now();
     let bus = InProcTransport::new();
     let transport: Arc<dyn Transport> = Arc::new(bus);
@@ -100,7 +116,14 @@ pub async fn run_in_process(
     let mut tasks = JoinSet::new();
 
     // The server subscribes before any client exists, so no join_in is lost.
-    let server = server_worker(cfg.clone(), initial, aggregator, log, transport.clone());
+    let server = server_worker_from(
+        cfg.clone(),
+        completed,
+        initial,
+        aggregator,
+        log,
+        transport.clone(),
+    );
     let server_sub = transport.subscribe(Party::Server).await?;
     let server_signal = signal.clone();
     tasks.spawn(async move {

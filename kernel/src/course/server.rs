@@ -96,6 +96,8 @@ pub struct ServerState {
     sampled: Vec<(u64, Vec<u32>)>,
     last_evaluated: Option<u64>,
     started: Instant,
+    /// Rounds already completed before this server started (a resumed course).
+    start_round: u64,
 }
 
 impl ServerState {
@@ -143,6 +145,24 @@ pub fn server_worker(
     log: MetricsLog,
     transport: Arc<dyn Transport>,
 ) -> Worker<ServerState> {
+    server_worker_from(cfg, 0, initial, aggregator, log, transport)
+}
+
+/// A server that resumes a course after `completed` rounds, with `global`
+/// the parameters those rounds produced (from a checkpoint): once every
+/// client has joined it goes on with round `completed + 1` (evaluating first
+/// if round `completed` was due an evaluation). Client sampling is seeded
+/// per round, so the resumed rounds pick the clients an uninterrupted course
+/// would have picked.
+pub fn server_worker_from(
+    cfg: CourseConfig,
+    completed: u64,
+    global: ParamSet,
+    aggregator: Box<dyn Aggregator>,
+    log: MetricsLog,
+    transport: Arc<dyn Transport>,
+) -> Worker<ServerState> {
+    let initial = global;
     let name = cfg.course.name.clone();
     let limits = cfg.wire.limits();
     let encode = cfg.wire.encode_options();
@@ -157,6 +177,7 @@ pub fn server_worker(
         sampled: Vec::new(),
         last_evaluated: None,
         started: Instant::now(),
+        start_round: completed,
     };
     Worker::new(Party::Server, name, transport, state)
         .with_encoding(encode)
@@ -219,6 +240,10 @@ fn on_join_in(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResul
             "all clients joined; the course starts"
         );
         s.started = Instant::now();
+        if s.start_round > 0 {
+            info!(round = s.start_round, "resuming after a completed round");
+            return next_step(s, s.start_round, ctx);
+        }
         if s.cfg.course.eval_before_training {
             begin_eval(s, 0, ctx)?;
         } else {
