@@ -154,7 +154,9 @@ fn a_stopped_course_resumes_from_its_last_checkpoint() {
     assert_eq!(rounds, vec![1, 2], "round 1 is not trained again");
     assert_eq!(resumed["test_loss_before"], first["test_loss_before"]);
     assert!(resumed["test_loss_after"].as_f64() < first["test_loss_after"].as_f64());
-    assert!(out.join("checkpoints/round-0002/adapter_model.safetensors").is_file());
+    assert!(out
+        .join("checkpoints/round-0002/adapter_model.safetensors")
+        .is_file());
 
     // A changed configuration is refused rather than mixed into the run.
     let o = fedtune(&[
