@@ -23,7 +23,7 @@ fn example(instruction: &str, output: &str) -> Example {
 
 #[test]
 fn prompts_are_masked_responses_kept_and_batches_padded() {
-    let tok = TextTokenizer::from_gguf_path(&common::model_path()).unwrap();
+    let tok = TextTokenizer::from_gguf_path(common::model_path()).unwrap();
     let t = Template::resolve("alpaca", Path::new("/nonexistent")).unwrap();
     let ex = example("Add 2 and 3.", "2 + 3 = 5\n#### 5");
     let prompt = t.render(&ex);
