@@ -16,7 +16,8 @@ use anyhow::{bail, Context, Result};
 use crate::run_llm;
 use clap::Args;
 use fedtune_kernel::course::{run_in_process, CourseReport, LeastSquaresTrainer, SyntheticSpec};
-use fedtune_kernel::{ConfigDoc, CourseConfig, Event, FedAvg, MetricsLog};
+use fedtune_kernel::script::{ScriptAggregator, ScriptHost};
+use fedtune_kernel::{Aggregator, ConfigDoc, CourseConfig, Event, FedAvg, MetricsLog};
 use serde::{Deserialize, Serialize};
 
 /// Arguments of `fedtune run`.
@@ -104,6 +105,8 @@ impl Default for LeastSquaresSection {
 struct Resolved<'a> {
     federate: &'a fedtune_kernel::config::CourseSection,
     wire: &'a fedtune_kernel::config::WireSection,
+    aggregator: &'a fedtune_kernel::script::AggregatorSection,
+    scripting: &'a fedtune_kernel::script::ScriptingSection,
     trainer: &'a TrainerSection,
     least_squares: &'a LeastSquaresSection,
 }
@@ -113,6 +116,8 @@ struct Resolved<'a> {
 struct ResolvedLlm<'a> {
     federate: &'a fedtune_kernel::config::CourseSection,
     wire: &'a fedtune_kernel::config::WireSection,
+    aggregator: &'a fedtune_kernel::script::AggregatorSection,
+    scripting: &'a fedtune_kernel::script::ScriptingSection,
     trainer: &'a TrainerSection,
     model: &'a run_llm::ModelSection,
     lora: &'a fedtune_adapters::lora::LoraConfig,
@@ -121,9 +126,11 @@ struct ResolvedLlm<'a> {
     data: &'a fedtune_adapters::data::DataSpec,
 }
 
-const SECTIONS: [&str; 9] = [
+const SECTIONS: [&str; 11] = [
     "federate",
     "wire",
+    "aggregator",
+    "scripting",
     "trainer",
     "least_squares",
     "data",
@@ -140,6 +147,8 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     doc.check_sections(&SECTIONS)?;
     let cfg = CourseConfig::from_doc(&doc)?;
+    // Find and compile the aggregator script now, so that --dry-run checks it too.
+    build_aggregator(&doc, &cfg)?;
     let trainer: TrainerSection = doc.section("trainer")?;
     if trainer.kind == TrainerKind::Lora {
         let llm = run_llm::LlmSections::from_doc(&doc)?;
@@ -147,6 +156,8 @@ pub fn run(args: RunArgs) -> Result<()> {
         let resolved = toml::to_string(&ResolvedLlm {
             federate: &cfg.course,
             wire: &cfg.wire,
+            aggregator: &cfg.aggregator,
+            scripting: &cfg.scripting,
             trainer: &trainer,
             model: &llm.model,
             lora: &llm.lora,
@@ -193,6 +204,8 @@ pub fn run(args: RunArgs) -> Result<()> {
     let resolved = toml::to_string(&Resolved {
         federate: &cfg.course,
         wire: &cfg.wire,
+        aggregator: &cfg.aggregator,
+        scripting: &cfg.scripting,
         trainer: &trainer,
         least_squares: &ls,
     })?;
@@ -238,7 +251,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         &cfg,
         initial,
         Arc::new(Mutex::new(task)),
-        Box::new(FedAvg),
+        build_aggregator(&doc, &cfg)?,
         log,
     ))?;
     let summary = summarize(&cfg, &report, central_loss);
@@ -398,6 +411,23 @@ fn utc_timestamp(secs: u64) -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+/// The configured aggregator: native FedAvg, or the `[aggregator]` script,
+/// found relative to the working directory or the config file.
+pub fn build_aggregator(doc: &ConfigDoc, cfg: &CourseConfig) -> Result<Box<dyn Aggregator>> {
+    let config_dir = std::path::Path::new(doc.origin()).parent();
+    let source = cfg
+        .aggregator
+        .resolve(config_dir)
+        .map_err(|message| doc.key_error("aggregator.script", message))?;
+    let Some(source) = source else {
+        return Ok(Box::new(FedAvg));
+    };
+    let host = ScriptHost::new(&cfg.scripting);
+    let aggregator = ScriptAggregator::new(host, &source, &cfg.aggregator.params)?;
+    tracing::info!(script = aggregator.origin(), "aggregation by script");
+    Ok(Box::new(aggregator))
 }
 
 #[cfg(test)]

@@ -166,6 +166,19 @@ pub fn run(
     out: &Output,
 ) -> Result<()> {
     let started = Instant::now();
+    // Build the aggregator first: a broken script fails before the model loads.
+    let mut aggregator = match cfg.course.mode {
+        Mode::Fed => Some(crate::run::build_aggregator(doc, cfg)?),
+        _ => {
+            if cfg.aggregator.script.is_some() {
+                tracing::warn!(
+                    "aggregator.script is ignored in {:?} mode: one client, nothing to combine",
+                    cfg.course.mode
+                );
+            }
+            None
+        }
+    };
     let say = |line: &str| {
         if !out.quiet && !out.json {
             eprintln!("[{:6.1} s] {line}", started.elapsed().as_secs_f64());
@@ -279,7 +292,8 @@ pub fn run(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
 
-    let checkpoints = |sub: &str| Checkpointing {
+    let checkpoints = |sub: &str, inner: Box<dyn Aggregator>| Checkpointing {
+        inner,
         every: cfg.course.save_every,
         dir: out.dir.join("checkpoints").join(sub),
         lora: llm.lora.clone(),
@@ -323,7 +337,7 @@ pub fn run(
                 &log,
                 None,
                 &display,
-                checkpoints(""),
+                checkpoints("", aggregator.take().expect("built for fed mode")),
             )?;
             save_lora(&adapter_dir, &llm.lora, &report.final_params, &base_name)?;
         }
@@ -369,7 +383,7 @@ pub fn run(
                 &log,
                 None,
                 &display,
-                checkpoints(""),
+                checkpoints("", Box::new(FedAvg)),
             )?;
             save_lora(&adapter_dir, &llm.lora, &report.final_params, &base_name)?;
         }
@@ -396,7 +410,7 @@ pub fn run(
                     &log,
                     Some(c as u32 + 1),
                     &display,
-                    checkpoints(&format!("client-{}", c + 1)),
+                    checkpoints(&format!("client-{}", c + 1), Box::new(FedAvg)),
                 )?;
                 save_lora(
                     &adapter_dir.join(format!("client-{}", c + 1)),
@@ -454,9 +468,10 @@ pub fn run(
     Ok(())
 }
 
-/// FedAvg that also writes the global adapter to `dir/round-NNNN/` (PEFT
+/// The configured aggregator, also writing the global adapter to `dir/round-NNNN/` (PEFT
 /// layout, plus `state.json` with the round) every `every` rounds.
 struct Checkpointing {
+    inner: Box<dyn Aggregator>,
     every: u64,
     dir: PathBuf,
     lora: LoraConfig,
@@ -465,7 +480,7 @@ struct Checkpointing {
 
 impl Aggregator for Checkpointing {
     fn name(&self) -> &str {
-        "fedavg"
+        self.inner.name()
     }
 
     fn aggregate(
@@ -474,7 +489,7 @@ impl Aggregator for Checkpointing {
         updates: &[ClientUpdate],
         round: u64,
     ) -> Result<ParamSet, AggregateError> {
-        let next = FedAvg.aggregate(global, updates, round)?;
+        let next = self.inner.aggregate(global, updates, round)?;
         if self.every > 0 && round % self.every == 0 {
             let dir = self.dir.join(format!("round-{round:04}"));
             let saved = save_lora(&dir, &self.lora, &next, &self.base)

@@ -191,3 +191,63 @@ fn report_charts_a_run_and_writes_markdown() {
     assert!(!o.status.success());
     assert!(text(&o.stderr).contains("is "), "{}", text(&o.stderr));
 }
+
+#[test]
+fn a_shipped_aggregator_script_runs_the_reference_course() {
+    let o = fedtune(&[
+        "run",
+        "configs/least-squares.toml",
+        "--set",
+        "aggregator.script=fedavgm",
+        "--set",
+        "aggregator.params.momentum=0.5",
+        "--out",
+        tempfile::tempdir()
+            .unwrap()
+            .path()
+            .join("run")
+            .to_str()
+            .unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "stderr: {}", text(&o.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let before = summary["initial_loss"]["test"].as_f64().unwrap();
+    let after = summary["final_loss"]["test"].as_f64().unwrap();
+    assert!(after < 0.1 * before, "{before} → {after}");
+}
+
+#[test]
+fn aggregator_script_errors_name_the_key_or_the_line() {
+    let o = fedtune(&[
+        "run",
+        "configs/least-squares.toml",
+        "--set",
+        "aggregator.script=fedmagic",
+        "--dry-run",
+    ]);
+    let err = text(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("aggregator.script") && err.contains("fedmagic") && err.contains("fedadam"),
+        "{err}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.rhai");
+    std::fs::write(
+        &bad,
+        "fn aggregate(global, updates, round) {\n    global +\n}\n",
+    )
+    .unwrap();
+    let set = format!("aggregator.script=\"{}\"", bad.display());
+    let o = fedtune(&[
+        "run",
+        "configs/least-squares.toml",
+        "--set",
+        &set,
+        "--dry-run",
+    ]);
+    let err = text(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains(&format!("{}:3:", bad.display())), "{err}");
+}

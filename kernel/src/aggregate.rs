@@ -75,16 +75,86 @@ impl Aggregator for FedAvg {
 
 /// `Σ nᵢ θᵢ / Σ nᵢ` over the updates, in client-id order whatever order they come in.
 pub fn aggregate_fedavg(updates: &[ClientUpdate]) -> Result<ParamSet, AggregateError> {
+    fedavg_of(&updates.iter().collect::<Vec<_>>())
+}
+
+/// [`aggregate_fedavg`] over borrowed updates (the script host's `weighted_mean`).
+pub fn fedavg_of(updates: &[&ClientUpdate]) -> Result<ParamSet, AggregateError> {
     if updates.is_empty() {
         return Err(AggregateError::Empty);
     }
-    let mut ordered: Vec<&ClientUpdate> = updates.iter().collect();
+    let mut ordered = updates.to_vec();
     ordered.sort_by_key(|u| u.client);
     let weighted: Vec<(&ParamSet, f64)> = ordered
         .iter()
         .map(|u| (&u.params, u.n_samples as f64))
         .collect();
     Ok(ParamSet::weighted_mean(&weighted)?)
+}
+
+/// The coordinate-wise median of the updates' parameters (Yin et al., 2018),
+/// unweighted; for an even count, the mean of the two middle values.
+pub fn coordinate_median(updates: &[ClientUpdate]) -> Result<ParamSet, AggregateError> {
+    coordinate_median_of(&updates.iter().collect::<Vec<_>>())
+}
+
+/// [`coordinate_median`] over borrowed updates.
+pub fn coordinate_median_of(updates: &[&ClientUpdate]) -> Result<ParamSet, AggregateError> {
+    coordinate_wise(updates, |column| {
+        let n = column.len();
+        if n % 2 == 1 {
+            column[n / 2]
+        } else {
+            (column[n / 2 - 1] + column[n / 2]) / 2.0
+        }
+    })
+}
+
+/// The coordinate-wise `beta`-trimmed mean (Yin et al., 2018): per element,
+/// drop the `⌊beta·n⌋` smallest and largest client values and average the rest.
+pub fn trimmed_mean(updates: &[ClientUpdate], beta: f64) -> Result<ParamSet, AggregateError> {
+    trimmed_mean_of(&updates.iter().collect::<Vec<_>>(), beta)
+}
+
+/// [`trimmed_mean`] over borrowed updates.
+pub fn trimmed_mean_of(updates: &[&ClientUpdate], beta: f64) -> Result<ParamSet, AggregateError> {
+    if !(0.0..0.5).contains(&beta) {
+        return Err(AggregateError::Other(format!(
+            "trimmed_mean: beta must be in [0, 0.5), got {beta}"
+        )));
+    }
+    let trim = (beta * updates.len() as f64).floor() as usize;
+    coordinate_wise(updates, |column| {
+        let kept = &column[trim..column.len() - trim];
+        let sum: f64 = kept.iter().map(|&x| f64::from(x)).sum();
+        (sum / kept.len() as f64) as f32
+    })
+}
+
+/// Applies `reduce` to the sorted client values of every element.
+fn coordinate_wise(
+    updates: &[&ClientUpdate],
+    reduce: impl Fn(&[f32]) -> f32,
+) -> Result<ParamSet, AggregateError> {
+    let first = updates.first().ok_or(AggregateError::Empty)?;
+    for u in &updates[1..] {
+        first.params.check_compatible(&u.params)?;
+    }
+    let mut out = first.params.clone();
+    let mut column = Vec::with_capacity(updates.len());
+    for (name, tensor) in out.iter_mut() {
+        let sources: Vec<&[f32]> = updates
+            .iter()
+            .map(|u| u.params.get(name).expect("checked compatible").data())
+            .collect();
+        for (i, slot) in tensor.data_mut().iter_mut().enumerate() {
+            column.clear();
+            column.extend(sources.iter().map(|s| s[i]));
+            column.sort_by(f32::total_cmp);
+            *slot = reduce(&column);
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -129,6 +199,34 @@ mod tests {
         assert_eq!(ab, ba, "bit-identical regardless of arrival order");
         assert_eq!(ab.get("w").unwrap().data(), &[2.0, 3.0]);
         assert_eq!(ab.get("b").unwrap().data(), &[0.0]);
+    }
+
+    #[test]
+    fn median_and_trimmed_mean_equal_hand_computed_values() {
+        // Element w[0] across clients: 1, 3, −1, 100 (an outlier), 2.
+        let updates = [
+            update(1, 1, [1.0, 2.0], 0.0),
+            update(2, 1, [3.0, -2.0], 4.0),
+            update(3, 1, [-1.0, 0.5], 1.0),
+            update(4, 1, [100.0, 0.0], -50.0),
+            update(5, 9, [2.0, 1.0], 2.0),
+        ];
+        let med = coordinate_median(&updates).unwrap();
+        // Sorted w[0]: −1 1 2 3 100 → 2; w[1]: −2 0 0.5 1 2 → 0.5; b: −50 0 1 2 4 → 1.
+        assert_eq!(med.get("w").unwrap().data(), &[2.0, 0.5]);
+        assert_eq!(med.get("b").unwrap().data(), &[1.0]);
+        // beta 0.2 of 5 drops one low and one high: w[0] = (1+2+3)/3, w[1] = (0+0.5+1)/3, b = (0+1+2)/3.
+        let tm = trimmed_mean(&updates, 0.2).unwrap();
+        assert_eq!(tm.get("w").unwrap().data(), &[2.0, 0.5]);
+        assert_eq!(tm.get("b").unwrap().data(), &[1.0]);
+        // Even count: the mean of the two middle values.
+        let med4 = coordinate_median(&updates[..4]).unwrap();
+        assert_eq!(med4.get("w").unwrap().data(), &[2.0, 0.25]);
+        // beta 0 is the plain (unweighted) mean.
+        let plain = trimmed_mean(&updates[..2], 0.0).unwrap();
+        assert_eq!(plain.get("w").unwrap().data(), &[2.0, 0.0]);
+        assert!(trimmed_mean(&updates, 0.5).is_err());
+        assert_eq!(coordinate_median(&[]), Err(AggregateError::Empty));
     }
 
     #[test]

@@ -331,24 +331,30 @@ impl WireSection {
     }
 }
 
-/// The kernel's part of a configuration: `[federate]` and `[wire]`.
+/// The kernel's part of a configuration: `[federate]`, `[wire]`, `[aggregator]`, `[scripting]`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CourseConfig {
     /// The course section.
     pub course: CourseSection,
     /// The wire section.
     pub wire: WireSection,
+    /// `[aggregator]`: native FedAvg, or a script and its hyperparameters.
+    pub aggregator: crate::script::AggregatorSection,
+    /// `[scripting]`: sandbox limits and the script error policy.
+    pub scripting: crate::script::ScriptingSection,
 }
 
 impl CourseConfig {
     /// The sections this type reads.
-    pub const SECTIONS: [&'static str; 2] = ["federate", "wire"];
+    pub const SECTIONS: [&'static str; 4] = ["federate", "wire", "aggregator", "scripting"];
 
     /// Reads and validates the kernel's sections of `doc`.
     pub fn from_doc(doc: &ConfigDoc) -> Result<Self, ConfigError> {
         let cfg = Self {
             course: doc.section("federate")?,
             wire: doc.section("wire")?,
+            aggregator: doc.section("aggregator")?,
+            scripting: doc.section("scripting")?,
         };
         cfg.validate(doc)?;
         Ok(cfg)
@@ -489,7 +495,7 @@ compression = "gzip"
             .to_string();
         assert_eq!(
             err,
-            "x.toml:1: `cuorse`: unknown section, expected one of `federate`, `wire`"
+            "x.toml:1: `cuorse`: unknown section, expected one of `federate`, `wire`, `aggregator`, `scripting`"
         );
     }
 

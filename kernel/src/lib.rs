@@ -10,6 +10,7 @@
 //! - [`worker`]: the event loop that decodes, dispatches by kind, runs heavy work off the executor, and sends;
 //! - [`course`]: the server and client behaviours, the [`LocalTrainer`] port and the in-process runner;
 //! - [`aggregate`]: [`Aggregator`]s, FedAvg first;
+//! - [`script`]: the Rhai script host (sandboxed, hot-reloaded) and scripted aggregators;
 //! - [`config`]: TOML course configuration with `--set` overrides and errors that name the key;
 //! - [`metrics`]: per-round, per-client cost records as JSON lines.
 //!
@@ -41,9 +42,13 @@ pub mod course;
 pub mod message;
 pub mod metrics;
 pub mod params;
+pub mod script;
 pub mod worker;
 
-pub use aggregate::{aggregate_fedavg, AggregateError, Aggregator, ClientUpdate, FedAvg};
+pub use aggregate::{
+    aggregate_fedavg, coordinate_median, trimmed_mean, AggregateError, Aggregator, ClientUpdate,
+    FedAvg,
+};
 pub use bus::{Delivery, InProcTransport, Subscription, Transport, TransportError};
 pub use codec::{
     decode, encode, CodecError, Compression, DecodeLimits, EncodeOptions, Quantization,

@@ -374,6 +374,26 @@ impl ParamSet {
         Ok(ParamSet { tensors })
     }
 
+    /// A new set with `f` applied to every element.
+    pub fn map_values(&self, f: impl Fn(f32) -> f32) -> ParamSet {
+        let mut out = self.clone();
+        for t in out.tensors.values_mut() {
+            t.data.iter_mut().for_each(|x| *x = f(*x));
+        }
+        out
+    }
+
+    /// A new set with `f(a, b)` of matching elements of `self` and `other`.
+    pub fn zip_map(
+        &self,
+        other: &ParamSet,
+        f: impl Fn(f32, f32) -> f32,
+    ) -> Result<ParamSet, ParamError> {
+        let mut out = self.clone();
+        out.zip_apply(other, |a, b| *a = f(*a, b))?;
+        Ok(out)
+    }
+
     fn zip_apply(
         &mut self,
         other: &ParamSet,
