@@ -124,13 +124,15 @@ struct ResolvedLlm<'a> {
     train: &'a run_llm::TrainSection,
     optim: &'a fedtune_adapters::train::TrainConfig,
     data: &'a fedtune_adapters::data::DataSpec,
+    hooks: &'a fedtune_kernel::script::ScriptSection,
 }
 
-const SECTIONS: [&str; 11] = [
+const SECTIONS: [&str; 12] = [
     "federate",
     "wire",
     "aggregator",
     "scripting",
+    "hooks",
     "trainer",
     "least_squares",
     "data",
@@ -153,6 +155,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     if trainer.kind == TrainerKind::Lora {
         let llm = run_llm::LlmSections::from_doc(&doc)?;
         run_llm::check(&cfg)?;
+        run_llm::check_hooks(&doc, &cfg, &llm)?;
         let resolved = toml::to_string(&ResolvedLlm {
             federate: &cfg.course,
             wire: &cfg.wire,
@@ -164,6 +167,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             train: &llm.train,
             optim: &llm.optim,
             data: &llm.data,
+            hooks: &llm.hooks,
         })?;
         if args.dry_run {
             print!("{resolved}");

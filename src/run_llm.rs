@@ -21,6 +21,7 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device};
 use fedtune_adapters::data::{self, collate, DataSpec, FederatedData, Template, Tokenized};
 use fedtune_adapters::fetch::ensure_default_model;
+use fedtune_adapters::hooks::HookScript;
 use fedtune_adapters::lora::LoraConfig;
 use fedtune_adapters::model::load_gguf;
 use fedtune_adapters::peft::{load_lora, save_lora};
@@ -29,6 +30,7 @@ use fedtune_adapters::tokenizer::TextTokenizer;
 use fedtune_adapters::train::{Batch, TrainConfig};
 use fedtune_kernel::config::Mode;
 use fedtune_kernel::course::{run_in_process_from, CourseReport};
+use fedtune_kernel::script::ScriptSection;
 use fedtune_kernel::{
     AggregateError, Aggregator, ClientUpdate, ConfigDoc, CourseConfig, Event, FedAvg, MetricsLog,
     ParamSet, Record,
@@ -80,6 +82,8 @@ pub struct LlmSections {
     pub lora: LoraConfig,
     pub train: TrainSection,
     pub optim: TrainConfig,
+    /// `[hooks]`: a trainer hook script and its hyperparameters.
+    pub hooks: ScriptSection,
 }
 
 impl LlmSections {
@@ -90,6 +94,7 @@ impl LlmSections {
             lora: doc.section("lora")?,
             train: doc.section("train")?,
             optim: doc.section("optim")?,
+            hooks: doc.section("hooks")?,
         };
         let origin = doc.origin();
         ensure!(
@@ -329,6 +334,7 @@ pub fn run(
                 RoundRobinTrainer::new(model.clone(), llm.lora.clone(), training, data, seed)
                     .map_err(trainer_error)?
                     .with_progress(progress);
+            let trainer = with_hooks(trainer, doc, cfg, llm)?;
             let report = course(
                 &runtime,
                 cfg,
@@ -375,6 +381,7 @@ pub fn run(
             )
             .map_err(trainer_error)?
             .with_progress(progress);
+            let trainer = with_hooks(trainer, doc, cfg, llm)?;
             let report = course(
                 &runtime,
                 &g_cfg,
@@ -402,6 +409,7 @@ pub fn run(
                 )
                 .map_err(trainer_error)?
                 .with_progress(progress.clone());
+                let trainer = with_hooks(trainer, doc, cfg, llm)?;
                 let report = course(
                     &runtime,
                     &l_cfg,
@@ -506,6 +514,33 @@ impl Aggregator for Checkpointing {
         }
         Ok(next)
     }
+}
+
+/// Finds and compiles the `[hooks]` script, so that `--dry-run` checks it.
+pub fn check_hooks(doc: &ConfigDoc, cfg: &CourseConfig, llm: &LlmSections) -> Result<()> {
+    let config_dir = std::path::Path::new(doc.origin()).parent();
+    HookScript::from_config(&llm.hooks, &cfg.scripting, config_dir)
+        .map_err(|message| doc.key_error("hooks.script", message))?;
+    Ok(())
+}
+
+/// Adds the `[hooks]` script, if one is configured, to a trainer.
+fn with_hooks(
+    trainer: RoundRobinTrainer,
+    doc: &ConfigDoc,
+    cfg: &CourseConfig,
+    llm: &LlmSections,
+) -> Result<RoundRobinTrainer> {
+    let config_dir = std::path::Path::new(doc.origin()).parent();
+    let hooks = HookScript::from_config(&llm.hooks, &cfg.scripting, config_dir)
+        .map_err(|message| doc.key_error("hooks.script", message))?;
+    Ok(match hooks {
+        Some(h) => {
+            tracing::info!(script = h.origin(), "trainer hooks by script");
+            trainer.with_hooks(h)
+        }
+        None => trainer,
+    })
 }
 
 fn trainer_error(e: fedtune_kernel::course::TrainerError) -> anyhow::Error {

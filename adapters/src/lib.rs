@@ -22,6 +22,7 @@
 pub mod data;
 pub mod fetch;
 pub mod generate;
+pub mod hooks;
 pub mod kernels;
 pub mod lora;
 pub mod loss;

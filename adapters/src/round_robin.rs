@@ -21,10 +21,11 @@ use fedtune_kernel::course::{LocalTrainer, LocalUpdate, SplitEval, TrainContext,
 use fedtune_kernel::ParamSet;
 use serde::{Deserialize, Serialize};
 
+use crate::hooks::HookScript;
 use crate::lora::{Lora, LoraConfig};
 use crate::loss::counted_positions;
 use crate::model::Llama;
-use crate::train::{Batch, LoraStepper, NoHooks, TrainConfig};
+use crate::train::{Batch, LoraStepper, NoHooks, TrainConfig, TrainHooks};
 
 /// One client's data, already tokenized into batches.
 #[derive(Debug, Clone)]
@@ -75,6 +76,7 @@ pub struct RoundRobinTrainer {
     training: LocalTraining,
     clients: BTreeMap<u32, ClientSlot>,
     progress: Option<StepProgress>,
+    hooks: Option<HookScript>,
 }
 
 impl RoundRobinTrainer {
@@ -124,6 +126,7 @@ impl RoundRobinTrainer {
             training,
             clients,
             progress: None,
+            hooks: None,
         })
     }
 
@@ -131,6 +134,17 @@ impl RoundRobinTrainer {
     pub fn with_progress(mut self, progress: StepProgress) -> Self {
         self.progress = Some(progress);
         self
+    }
+
+    /// Runs `hooks` around every client's local training.
+    pub fn with_hooks(mut self, hooks: HookScript) -> Self {
+        self.hooks = Some(hooks);
+        self
+    }
+
+    /// The hook script, if any.
+    pub fn hooks(&self) -> Option<&HookScript> {
+        self.hooks.as_ref()
     }
 
     /// The initial global adapter: fresh LoRA factors from `seed`, as the server would make them.
@@ -166,11 +180,27 @@ impl LocalTrainer for RoundRobinTrainer {
         let model = self.model.clone();
         let training = self.training.clone();
         let progress = self.progress.clone();
-        let slot = self.slot(client)?;
+        let slot = self
+            .clients
+            .get_mut(&client)
+            .ok_or_else(|| format!("this trainer has no data for client {client}"))?;
         slot.lora.load_param_set(global)?;
         if !training.keep_optimizer_state {
             slot.stepper = LoraStepper::new(&slot.lora, training.optim.clone())?;
         }
+        let mut bound = match self.hooks.as_mut() {
+            Some(h) => {
+                h.refresh();
+                let at = (client, ctx.round, slot.data.n_samples, training.local_steps);
+                Some(h.bind(&slot.lora, global, at)?)
+            }
+            None => None,
+        };
+        let hooks: &mut dyn TrainHooks = match bound.as_mut() {
+            Some(b) => b,
+            None => &mut NoHooks,
+        };
+        hooks.on_fit_start(&slot.lora)?;
         let accum = training.optim.grad_accum;
         let mut losses = Vec::with_capacity(training.local_steps);
         for step in 0..training.local_steps {
@@ -187,13 +217,17 @@ impl LocalTrainer for RoundRobinTrainer {
                 &slot.lora,
                 &micro,
                 (step, training.local_steps),
-                &mut NoHooks,
+                hooks,
             )?;
             losses.push(report.loss);
             if let Some(p) = &progress {
                 p(client, step + 1, training.local_steps, report.loss);
             }
+            if report.stop {
+                break;
+            }
         }
+        hooks.on_fit_end(&slot.lora)?;
         let mut metrics = BTreeMap::new();
         metrics.insert(
             "last_step_loss".to_string(),

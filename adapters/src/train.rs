@@ -142,6 +142,11 @@ impl HookCtx<'_> {
         Ok(())
     }
 
+    /// Sets this step's learning rate (in `on_batch_start` of the first micro-batch).
+    pub fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+
     /// Ends the fit after the current step.
     pub fn stop(&mut self) {
         self.stop = true;
@@ -263,7 +268,7 @@ impl LoraStepper {
                 micro_batches.len()
             )
         }
-        let lr = self.cfg.lr_at(step, total_steps);
+        let mut lr = self.cfg.lr_at(step, total_steps);
         let vars = lora.vars();
         let mut summed: HashMap<TensorId, Tensor> = HashMap::new();
         let mut last: Option<GradStore> = None;
@@ -282,6 +287,10 @@ impl LoraStepper {
                 stop: false,
             };
             hooks.on_batch_start(&mut ctx)?;
+            if i == 0 {
+                // A hook may set the step's learning rate before the first forward.
+                lr = ctx.lr;
+            }
             lora.set_training(true);
             let loss = model.causal_lm_loss(
                 &batch.tokens,

@@ -61,22 +61,29 @@ pub const BUILT_IN: [(&str, &str); 7] = [
     ),
 ];
 
-/// `[aggregator]`: how the server combines updates.
+/// `[aggregator]`: how the server combines updates (native FedAvg when no script is set).
+pub type AggregatorSection = ScriptSection;
+
+/// A config section that selects a script: `[aggregator]`, `[hooks]`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct AggregatorSection {
+pub struct ScriptSection {
     /// A script path (`scripts/aggregators/fedadam.rhai`) or the name of a
-    /// shipped one (`fedadam`). Unset: native FedAvg.
+    /// shipped one (`fedadam`). Unset: the native default.
     pub script: Option<String>,
     /// Hyperparameters, read by the script as `this.hp.NAME`.
     pub params: toml::Table,
 }
 
-impl AggregatorSection {
+impl ScriptSection {
     /// Finds the script: the path as given (relative to the working
     /// directory), then relative to `config_dir` and its parent, then a shipped
-    /// aggregator of that name. `Ok(None)` when no script is configured.
-    pub fn resolve(&self, config_dir: Option<&Path>) -> Result<Option<ScriptSource>, String> {
+    /// script of that name in `built_in`. `Ok(None)` when no script is configured.
+    pub fn resolve_in(
+        &self,
+        config_dir: Option<&Path>,
+        built_in: &'static [(&'static str, &'static str)],
+    ) -> Result<Option<ScriptSource>, String> {
         let Some(spec) = &self.script else {
             return Ok(None);
         };
@@ -90,17 +97,19 @@ impl AggregatorSection {
                 }
             }
         }
+        let mut seen = std::collections::HashSet::new();
+        tried.retain(|p| seen.insert(p.clone()));
         if let Some(found) = tried.iter().find(|p| p.is_file()) {
             return Ok(Some(ScriptSource::File(found.clone())));
         }
         let bare = spec.strip_suffix(".rhai").unwrap_or(spec);
         let bare = bare.rsplit('/').next().unwrap_or(bare);
-        if let Some((name, text)) = BUILT_IN.iter().find(|(n, _)| *n == bare) {
+        if let Some((name, text)) = built_in.iter().find(|(n, _)| *n == bare) {
             return Ok(Some(ScriptSource::BuiltIn { name, text }));
         }
-        let names: Vec<&str> = BUILT_IN.iter().map(|(n, _)| *n).collect();
+        let names: Vec<&str> = built_in.iter().map(|(n, _)| *n).collect();
         Err(format!(
-            "no script file `{spec}` (looked at {}) and no shipped aggregator of that name (shipped: {})",
+            "no script file `{spec}` (looked at {}) and no shipped script of that name (shipped: {})",
             tried
                 .iter()
                 .map(|p| p.display().to_string())
@@ -108,6 +117,19 @@ impl AggregatorSection {
                 .join(", "),
             names.join(", ")
         ))
+    }
+
+    /// [`Self::resolve_in`] among the shipped aggregators.
+    pub fn resolve(&self, config_dir: Option<&Path>) -> Result<Option<ScriptSource>, String> {
+        self.resolve_in(config_dir, &BUILT_IN)
+    }
+
+    /// The hyperparameters as a script map.
+    pub fn hp(&self) -> Map {
+        self.params
+            .iter()
+            .map(|(k, v)| (k.as_str().into(), toml_to_dynamic(v)))
+            .collect()
     }
 }
 
@@ -151,23 +173,14 @@ impl ScriptAggregator {
         source: &ScriptSource,
         params: &toml::Table,
     ) -> Result<Self, ScriptError> {
-        let (script, name) = match source {
-            ScriptSource::File(path) => (
-                ScriptFile::load(&host, path)?,
-                path.file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| "script".into()),
-            ),
-            ScriptSource::BuiltIn { name, text } => (
-                ScriptFile::from_text(&host, text, &format!("<built-in {name}>"))?,
-                (*name).to_string(),
-            ),
-        };
+        let script = ScriptFile::from_source(&host, source)?;
+        let name = script.name().to_string();
         script.require_fn("aggregate", 3)?;
-        let hp = params
-            .iter()
-            .map(|(k, v)| (k.as_str().into(), toml_to_dynamic(v)))
-            .collect();
+        let hp = ScriptSection {
+            script: None,
+            params: params.clone(),
+        }
+        .hp();
         Ok(Self {
             host,
             script,

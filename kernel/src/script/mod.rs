@@ -18,9 +18,11 @@
 pub mod aggregator;
 pub mod api;
 
-pub use aggregator::{AggregatorSection, ScriptAggregator};
+pub use aggregator::{toml_to_dynamic, AggregatorSection, ScriptAggregator, ScriptSection};
 pub use aggregator::{ScriptSource, BUILT_IN as BUILT_IN_AGGREGATORS};
 pub use api::{Tensor, Update};
+/// The Rhai crate, for callers that register more of their own API.
+pub use rhai;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -151,6 +153,11 @@ impl ScriptHost {
     /// Builds the engine once: limits from `limits`, the fedtune API registered,
     /// `print`/`debug` routed to the log.
     pub fn new(limits: &ScriptingSection) -> Self {
+        Self::with_api(limits, |_| {})
+    }
+
+    /// [`Self::new`], with more API registered by `extra` (the trainer's hook context, …).
+    pub fn with_api(limits: &ScriptingSection, extra: impl FnOnce(&mut Engine)) -> Self {
         let mut engine = Engine::new();
         engine
             .set_max_operations(limits.max_operations)
@@ -166,6 +173,7 @@ impl ScriptHost {
             tracing::debug!(target: "fedtune::script", source = source.unwrap_or("?"), %pos, "{text}")
         });
         api::register(&mut engine);
+        extra(&mut engine);
         Self {
             engine: Arc::new(engine),
             policy: limits.on_script_error,
@@ -271,6 +279,28 @@ impl ScriptFile {
             ast: host.compile(text, origin)?,
             reloads: 0,
         })
+    }
+
+    /// Loads a script file, or compiles a built-in copy.
+    pub fn from_source(host: &ScriptHost, source: &ScriptSource) -> Result<Self, ScriptError> {
+        match source {
+            ScriptSource::File(path) => Self::load(host, path),
+            ScriptSource::BuiltIn { name, text } => {
+                Self::from_text(host, text, &format!("<built-in {name}>"))
+            }
+        }
+    }
+
+    /// A short name: the file stem, or the built-in's name.
+    pub fn name(&self) -> &str {
+        match &self.path {
+            Some(p) => p.file_stem().and_then(|s| s.to_str()).unwrap_or("script"),
+            None => self
+                .origin
+                .strip_prefix("<built-in ")
+                .and_then(|s| s.strip_suffix('>'))
+                .unwrap_or(&self.origin),
+        }
     }
 
     /// Where the script came from, as errors name it.

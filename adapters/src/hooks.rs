@@ -1,0 +1,408 @@
+//! Trainer hooks as Rhai scripts (`scripts/hooks/*.rhai`).
+//!
+//! A hook script defines any of `on_fit_start`, `on_batch_start`,
+//! `on_batch_forward`, `on_batch_backward`, `on_batch_end`, `on_fit_end`, each
+//! taking one argument, the context `ctx`:
+//!
+//! | read | |
+//! |---|---|
+//! | `ctx.round`, `ctx.client` | the round and the client training |
+//! | `ctx.step`, `ctx.total_steps`, `ctx.micro_batch` | where in the local fit |
+//! | `ctx.loss` | the micro-batch's LM loss (`()` before the forward) |
+//! | `ctx.lr`, `ctx.samples` | learning rate, the client's training examples |
+//!
+//! | do | |
+//! |---|---|
+//! | `ctx.add_loss(term)` | add a differentiable term to this micro-batch's loss (`on_batch_forward`) |
+//! | `ctx.prox_sq_norm()` | the term ‖w − w_global‖² over the adapter (FedProx, Ditto, pFedMe) |
+//! | `ctx.sq_norm()` | the term ‖w‖² (L2 regularization) |
+//! | `ctx.set_lr(x)` | this step's learning rate (`on_batch_start`) |
+//! | `ctx.stop()` | end local training after this step |
+//!
+//! Terms combine with numbers (`mu / 2.0 * ctx.prox_sq_norm()`, `a + b`) and
+//! `value(term)` reads one. Tensors never cross into the script. As with
+//! aggregators, `this` is a map kept per client across rounds, `this.hp`
+//! holds `[hooks.params]`, the file reloads when it changes (from the next
+//! round), and errors name file and line.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use candle_core::{Result, Tensor, Var};
+use fedtune_kernel::script::rhai::{Dynamic, Engine, EvalAltResult, Map, Position};
+use fedtune_kernel::script::{
+    OnScriptError, ScriptError, ScriptFile, ScriptHost, ScriptSection, ScriptSource,
+    ScriptingSection,
+};
+use fedtune_kernel::ParamSet;
+
+use crate::lora::Lora;
+use crate::train::{HookCtx, TrainHooks};
+
+/// The hook scripts shipped in `scripts/hooks/`.
+pub const BUILT_IN_HOOKS: [(&str, &str); 2] = [
+    ("fedprox", include_str!("../../scripts/hooks/fedprox.rhai")),
+    (
+        "early_stop",
+        include_str!("../../scripts/hooks/early_stop.rhai"),
+    ),
+];
+
+const HOOK_POINTS: [&str; 6] = [
+    "on_fit_start",
+    "on_batch_start",
+    "on_batch_forward",
+    "on_batch_backward",
+    "on_batch_end",
+    "on_fit_end",
+];
+
+/// A differentiable scalar that a hook adds to the loss.
+#[derive(Clone)]
+pub struct LossTerm(Tensor);
+
+impl LossTerm {
+    fn map(
+        &self,
+        f: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> std::result::Result<Self, Box<EvalAltResult>> {
+        f(&self.0).map(LossTerm).map_err(script_err)
+    }
+
+    fn value(&self) -> std::result::Result<f64, Box<EvalAltResult>> {
+        self.0
+            .to_dtype(candle_core::DType::F64)
+            .and_then(|t| t.to_scalar::<f64>())
+            .map_err(script_err)
+    }
+}
+
+fn script_err(e: impl std::fmt::Display) -> Box<EvalAltResult> {
+    Box::new(EvalAltResult::ErrorRuntime(
+        Dynamic::from(e.to_string()),
+        Position::NONE,
+    ))
+}
+
+/// What a hook sees: a handle the script may copy, read and act through.
+#[derive(Clone)]
+pub struct HookContext(Arc<Mutex<CtxData>>);
+
+#[derive(Clone, Default)]
+struct CtxData {
+    phase: &'static str,
+    round: u64,
+    client: u32,
+    step: usize,
+    total_steps: usize,
+    micro_batch: usize,
+    loss: Option<f64>,
+    lr: f64,
+    samples: u64,
+    /// The adapter's variables and the anchor (the global adapter) by the same order.
+    vars: Arc<Vec<Var>>,
+    anchor: Arc<Vec<Tensor>>,
+    added: Option<Tensor>,
+    set_lr: Option<f64>,
+    stop: bool,
+}
+
+impl HookContext {
+    fn lock(&self) -> MutexGuard<'_, CtxData> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn add_loss(&mut self, term: LossTerm) -> std::result::Result<(), Box<EvalAltResult>> {
+        let mut d = self.lock();
+        if d.phase != "on_batch_forward" {
+            return Err(script_err(format!(
+                "ctx.add_loss works in on_batch_forward, not in {}",
+                d.phase
+            )));
+        }
+        d.added = Some(match d.added.take() {
+            Some(prev) => (prev + term.0).map_err(script_err)?,
+            None => term.0,
+        });
+        Ok(())
+    }
+
+    fn sum_sq(&self, minus_anchor: bool) -> std::result::Result<LossTerm, Box<EvalAltResult>> {
+        let d = self.lock();
+        let mut total: Option<Tensor> = None;
+        for (i, v) in d.vars.iter().enumerate() {
+            let t = v.as_tensor();
+            let diff = if minus_anchor {
+                (t - &d.anchor[i]).map_err(script_err)?
+            } else {
+                t.clone()
+            };
+            let s = diff.sqr().and_then(|x| x.sum_all()).map_err(script_err)?;
+            total = Some(match total {
+                Some(prev) => (prev + s).map_err(script_err)?,
+                None => s,
+            });
+        }
+        match total {
+            Some(t) => Ok(LossTerm(t)),
+            None => Err(script_err("the adapter has no parameters")),
+        }
+    }
+}
+
+/// Registers the hook context and loss terms on a script engine.
+pub fn register_hook_api(engine: &mut Engine) {
+    engine.register_type_with_name::<HookContext>("HookCtx");
+    engine.register_type_with_name::<LossTerm>("LossTerm");
+    engine.register_get("phase", |c: &mut HookContext| c.lock().phase.to_string());
+    engine.register_get("round", |c: &mut HookContext| c.lock().round as i64);
+    engine.register_get("client", |c: &mut HookContext| i64::from(c.lock().client));
+    engine.register_get("step", |c: &mut HookContext| c.lock().step as i64);
+    engine.register_get("total_steps", |c: &mut HookContext| {
+        c.lock().total_steps as i64
+    });
+    engine.register_get("micro_batch", |c: &mut HookContext| {
+        c.lock().micro_batch as i64
+    });
+    engine.register_get("samples", |c: &mut HookContext| c.lock().samples as i64);
+    engine.register_get("lr", |c: &mut HookContext| c.lock().lr);
+    engine.register_get("loss", |c: &mut HookContext| match c.lock().loss {
+        Some(l) => Dynamic::from(l),
+        None => Dynamic::UNIT,
+    });
+    engine.register_fn("add_loss", HookContext::add_loss);
+    engine.register_fn("set_lr", |c: &mut HookContext, lr: f64| {
+        if !(lr.is_finite() && lr >= 0.0) {
+            return Err(script_err(format!(
+                "ctx.set_lr({lr}): the rate must be finite and ≥ 0"
+            )));
+        }
+        let mut d = c.lock();
+        d.set_lr = Some(lr);
+        d.lr = lr;
+        Ok(())
+    });
+    engine.register_fn("stop", |c: &mut HookContext| c.lock().stop = true);
+    engine.register_fn("prox_sq_norm", |c: &mut HookContext| c.sum_sq(true));
+    engine.register_fn("sq_norm", |c: &mut HookContext| c.sum_sq(false));
+    engine.register_fn("*", |t: &mut LossTerm, x: f64| t.map(|t| t * x));
+    engine.register_fn("*", |x: f64, t: LossTerm| t.map(|t| t * x));
+    engine.register_fn("/", |t: &mut LossTerm, x: f64| t.map(|t| t / x));
+    engine.register_fn("+", |a: &mut LossTerm, b: LossTerm| a.map(|a| a + &b.0));
+    engine.register_fn("value", |t: &mut LossTerm| t.value());
+    engine.register_fn("to_string", |t: &mut LossTerm| match t.value() {
+        Ok(v) => format!("LossTerm({v})"),
+        Err(_) => "LossTerm(?)".to_string(),
+    });
+}
+
+/// A loaded hook script with per-client state.
+pub struct HookScript {
+    host: ScriptHost,
+    script: ScriptFile,
+    hp: Map,
+    defined: [bool; 6],
+    states: BTreeMap<u32, Dynamic>,
+    failures: u64,
+}
+
+impl HookScript {
+    /// Loads the script of `section` (`Ok(None)` when none is set).
+    pub fn from_config(
+        section: &ScriptSection,
+        scripting: &ScriptingSection,
+        config_dir: Option<&std::path::Path>,
+    ) -> std::result::Result<Option<Self>, String> {
+        let Some(source) = section.resolve_in(config_dir, &BUILT_IN_HOOKS)? else {
+            return Ok(None);
+        };
+        Self::new(scripting, &source, section.hp())
+            .map(Some)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Compiles `source`; it must define at least one hook point.
+    pub fn new(
+        scripting: &ScriptingSection,
+        source: &ScriptSource,
+        hp: Map,
+    ) -> std::result::Result<Self, ScriptError> {
+        let host = ScriptHost::with_api(scripting, register_hook_api);
+        let script = ScriptFile::from_source(&host, source)?;
+        let mut me = Self {
+            host,
+            script,
+            hp,
+            defined: [false; 6],
+            states: BTreeMap::new(),
+            failures: 0,
+        };
+        me.scan()?;
+        Ok(me)
+    }
+
+    fn scan(&mut self) -> std::result::Result<(), ScriptError> {
+        for (i, name) in HOOK_POINTS.iter().enumerate() {
+            self.defined[i] = self.script.has_fn(name, 1);
+        }
+        if self.defined.iter().any(|&d| d) {
+            return Ok(());
+        }
+        Err(ScriptError {
+            file: self.script.origin().to_string(),
+            line: 0,
+            column: 0,
+            message: format!(
+                "the script defines no hook (one of {}, each with one parameter, ctx)",
+                HOOK_POINTS.join(", ")
+            ),
+            doing: "loading".into(),
+        })
+    }
+
+    /// The script, as errors name it.
+    pub fn origin(&self) -> &str {
+        self.script.origin()
+    }
+
+    /// Hook calls that failed and were skipped (`on_script_error = "skip"`).
+    pub fn failures(&self) -> u64 {
+        self.failures
+    }
+
+    /// Picks up an edited script file (call between rounds).
+    pub fn refresh(&mut self) {
+        match self.script.refresh(&self.host) {
+            Ok(true) => match self.scan() {
+                Ok(()) => tracing::info!(
+                    script = self.script.origin(),
+                    "hook script changed on disk: the new version runs from now on"
+                ),
+                Err(e) => tracing::warn!("{e}"),
+            },
+            Ok(false) => {}
+            Err(e) => tracing::warn!("{e}; the previous version of the script stays in force"),
+        }
+    }
+
+    /// Hooks for one client's local fit in `round`, anchored at `global`.
+    pub fn bind<'a>(
+        &'a mut self,
+        lora: &Lora,
+        global: &ParamSet,
+        (client, round, samples, total_steps): (u32, u64, u64, usize),
+    ) -> Result<BoundHooks<'a>> {
+        let named = lora.named_vars();
+        let mut anchor = Vec::with_capacity(named.len());
+        for (name, var) in &named {
+            let t = global.get(name).ok_or_else(|| {
+                candle_core::Error::Msg(format!("the global adapter lacks {name}"))
+            })?;
+            anchor.push(
+                Tensor::from_slice(t.data(), t.shape(), var.device())?.to_dtype(var.dtype())?,
+            );
+        }
+        let base = CtxData {
+            round,
+            client,
+            samples,
+            total_steps,
+            vars: Arc::new(named.into_iter().map(|(_, v)| v).collect()),
+            anchor: Arc::new(anchor),
+            ..CtxData::default()
+        };
+        Ok(BoundHooks { script: self, base })
+    }
+}
+
+/// A [`HookScript`] bound to one client's fit: the [`TrainHooks`] the stepper calls.
+pub struct BoundHooks<'a> {
+    script: &'a mut HookScript,
+    base: CtxData,
+}
+
+impl BoundHooks<'_> {
+    /// Calls hook `point` with a context built from `fill`; returns what the script did.
+    fn call(&mut self, point: usize, fill: impl FnOnce(&mut CtxData)) -> Result<Option<CtxData>> {
+        if !self.script.defined[point] {
+            return Ok(None);
+        }
+        let mut data = self.base.clone();
+        data.phase = HOOK_POINTS[point];
+        fill(&mut data);
+        let ctx = HookContext(Arc::new(Mutex::new(data)));
+        let s = &mut *self.script;
+        let state = s
+            .states
+            .entry(self.base.client)
+            .or_insert_with(|| Dynamic::from_map(Map::new()));
+        if let Some(mut map) = state.write_lock::<Map>() {
+            map.insert("hp".into(), Dynamic::from_map(s.hp.clone()));
+        }
+        let doing = format!(
+            "{}, round {}, client {}, step {}",
+            HOOK_POINTS[point],
+            self.base.round,
+            self.base.client,
+            ctx.lock().step
+        );
+        match s
+            .host
+            .call(&s.script, HOOK_POINTS[point], state, (ctx.clone(),), &doing)
+        {
+            Ok(_) => Ok(Some(ctx.lock().clone())),
+            Err(e) => match s.host.policy() {
+                OnScriptError::Fail => Err(candle_core::Error::Msg(e.to_string())),
+                OnScriptError::Skip => {
+                    s.failures += 1;
+                    tracing::warn!("{e}; skipped (scripting.on_script_error = \"skip\")");
+                    Ok(None)
+                }
+            },
+        }
+    }
+
+    fn batch_hook(&mut self, point: usize, ctx: &mut HookCtx) -> Result<()> {
+        let (step, micro, loss, lr) = (ctx.step, ctx.micro_batch, ctx.loss, ctx.lr);
+        let Some(done) = self.call(point, |d| {
+            d.step = step;
+            d.micro_batch = micro;
+            d.loss = loss;
+            d.lr = lr;
+        })?
+        else {
+            return Ok(());
+        };
+        if let Some(term) = done.added {
+            ctx.add_loss(term)?;
+        }
+        if let Some(lr) = done.set_lr {
+            ctx.set_lr(lr);
+        }
+        if done.stop {
+            ctx.stop();
+        }
+        Ok(())
+    }
+}
+
+impl TrainHooks for BoundHooks<'_> {
+    fn on_fit_start(&mut self, _lora: &Lora) -> Result<()> {
+        self.call(0, |_| {}).map(|_| ())
+    }
+    fn on_batch_start(&mut self, ctx: &mut HookCtx) -> Result<()> {
+        self.batch_hook(1, ctx)
+    }
+    fn on_batch_forward(&mut self, ctx: &mut HookCtx) -> Result<()> {
+        self.batch_hook(2, ctx)
+    }
+    fn on_batch_backward(&mut self, ctx: &mut HookCtx) -> Result<()> {
+        self.batch_hook(3, ctx)
+    }
+    fn on_batch_end(&mut self, ctx: &mut HookCtx) -> Result<()> {
+        self.batch_hook(4, ctx)
+    }
+    fn on_fit_end(&mut self, _lora: &Lora) -> Result<()> {
+        self.call(5, |_| {}).map(|_| ())
+    }
+}
