@@ -3,6 +3,7 @@
 mod alloc;
 mod bench;
 mod bench_matmul;
+mod bench_scripts;
 mod bench_train;
 mod data_cmd;
 mod report;
@@ -79,6 +80,21 @@ enum BenchCommand {
         #[arg(long, default_value_t = 5)]
         reps: usize,
     },
+    /// What the Rhai script host costs per aggregation and per training step, against the native path.
+    Scripts {
+        /// Calls per measurement (the median counts).
+        #[arg(long, default_value_t = 100)]
+        calls: usize,
+        /// Client updates per aggregation.
+        #[arg(long, default_value_t = 3)]
+        clients: usize,
+        /// Real training steps timed (batch 4 x 128).
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Seconds and GFLOP/s of one LoRA training step (r 8, q/v, AdamW, f32) on the default model.
     TrainStep {
         /// Sequences per batch.
@@ -144,6 +160,12 @@ fn main() -> ExitCode {
             steps,
             json,
         }) => bench_train::train_step(batch, seq_len, steps, json),
+        Command::Bench(BenchCommand::Scripts {
+            calls,
+            clients,
+            steps,
+            json,
+        }) => bench_scripts::scripts(calls, clients, steps, json),
         Command::Bench(BenchCommand::Matmul { tokens, reps }) => bench_matmul::matmul(tokens, reps),
         Command::Model(ModelCommand::Fetch) => fetch_model(),
         Command::Data(cmd) => data_cmd::run(cmd),

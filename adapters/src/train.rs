@@ -132,7 +132,26 @@ pub struct HookCtx<'a> {
     stop: bool,
 }
 
-impl HookCtx<'_> {
+impl<'a> HookCtx<'a> {
+    /// A context for calling hooks outside a step (benchmarks, tests of hooks).
+    pub fn new(step: usize, micro_batch: usize, lr: f64, batch: &'a Batch, lora: &'a Lora) -> Self {
+        Self {
+            step,
+            micro_batch,
+            lr,
+            batch,
+            lora,
+            loss: None,
+            extra: None,
+            stop: false,
+        }
+    }
+
+    /// The loss term hooks added so far, if any.
+    pub fn added_loss(&self) -> Option<&Tensor> {
+        self.extra.as_ref()
+    }
+
     /// Adds a differentiable scalar to this micro-batch's loss (only in `on_batch_forward`).
     pub fn add_loss(&mut self, term: Tensor) -> Result<()> {
         self.extra = Some(match self.extra.take() {

@@ -53,13 +53,39 @@ pub struct ConfigDoc {
 }
 
 impl ConfigDoc {
-    /// Reads and parses a TOML file.
+    /// Reads and parses a TOML file. A top-level `extends = "other.toml"`
+    /// (relative to this file) starts from that file's settings: this file's
+    /// sections and keys are laid over it, so a variant states only what differs.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_nested(path, 0)
+    }
+
+    fn load_nested(path: &Path, depth: usize) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::parse(&text, &path.display().to_string())
+        let mut doc = Self::parse(&text, &path.display().to_string())?;
+        let Some(base) = doc.table.remove("extends") else {
+            return Ok(doc);
+        };
+        let Some(base) = base.as_str() else {
+            return Err(doc.key_error(
+                "extends",
+                "expected a file name, as in extends = \"quickstart.toml\"".into(),
+            ));
+        };
+        if depth >= 8 {
+            return Err(doc.key_error(
+                "extends",
+                "more than 8 levels of `extends` (a cycle?)".into(),
+            ));
+        }
+        let base_path = path.parent().unwrap_or(Path::new(".")).join(base);
+        let mut merged = Self::load_nested(&base_path, depth + 1)?.table;
+        merge_tables(&mut merged, std::mem::take(&mut doc.table));
+        doc.table = merged;
+        Ok(doc)
     }
 
     /// Parses TOML text; `origin` names it in errors (a path, or `<built-in>`).
@@ -174,6 +200,18 @@ impl ConfigDoc {
             location,
             key: key.to_string(),
             message: message.trim_end().to_string(),
+        }
+    }
+}
+
+/// Lays `over` onto `base`: tables merge key by key, anything else replaces.
+fn merge_tables(base: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge_tables(b, o),
+            (_, value) => {
+                base.insert(key, value);
+            }
         }
     }
 }
@@ -425,6 +463,41 @@ impl CourseConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn extends_lays_a_variant_over_its_base() {
+        let dir = std::env::temp_dir().join(format!("fedtune-extends-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("base.toml"),
+            "[federate]\nname = \"base\"\nrounds = 7\nclients = 4\n[wire]\nquantization = \"int8\"\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("variant.toml"),
+            "extends = \"base.toml\"\n[federate]\nrounds = 2\n[aggregator]\nscript = \"fedadam\"\n",
+        )
+        .unwrap();
+        let doc = ConfigDoc::load(&dir.join("variant.toml")).unwrap();
+        doc.check_sections(&CourseConfig::SECTIONS).unwrap();
+        let cfg = CourseConfig::from_doc(&doc).unwrap();
+        assert_eq!(
+            (
+                cfg.course.name.as_str(),
+                cfg.course.rounds,
+                cfg.course.clients
+            ),
+            ("base", 2, 4)
+        );
+        assert_eq!(cfg.wire.quantization, crate::Quantization::Int8);
+        assert_eq!(cfg.aggregator.script.as_deref(), Some("fedadam"));
+        std::fs::write(dir.join("loop.toml"), "extends = \"loop.toml\"\n").unwrap();
+        let err = ConfigDoc::load(&dir.join("loop.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("extends") && err.contains("cycle"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     const SAMPLE: &str = r#"
 # a course

@@ -459,6 +459,24 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_example_damps_disagreeing_updates() {
+        let text = include_str!("../../../scripts/aggregators/damped_momentum.rhai");
+        let mut agg = from_text(text, OnScriptError::Fail);
+        let x0 = update(0, 1, &[0.0, 0.0]).params;
+        // Agreeing clients: no spread, the full step.
+        let same = [update(1, 1, &[1.0, 1.0]), update(2, 1, &[1.0, 1.0])];
+        assert_eq!(w(&agg.aggregate(&x0, &same, 1).unwrap()), [1.0, 1.0]);
+        // Disagreeing clients around the same mean (1, 1): spread ‖(1,−1)‖ each, ‖Δ‖ = √2,
+        // so damp = 1/(1 + √2/√2) = 0.5; momentum m = 0.9·(1,1) + (1,1) = (1.9, 1.9).
+        let apart = [update(1, 1, &[2.0, 0.0]), update(2, 1, &[0.0, 2.0])];
+        let x2 = w(&agg.aggregate(&x0, &apart, 2).unwrap());
+        assert!(
+            (x2[0] - 0.95).abs() < 1e-5 && (x2[1] - 0.95).abs() < 1e-5,
+            "{x2:?}"
+        );
+    }
+
+    #[test]
     fn robust_scripts_call_the_native_rules() {
         let x0 = update(0, 1, &[0.0]).params;
         let ups: Vec<_> = [1.0, 2.0, 3.0, 4.0, 1000.0]
