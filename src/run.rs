@@ -125,14 +125,16 @@ struct ResolvedLlm<'a> {
     optim: &'a fedtune_adapters::train::TrainConfig,
     data: &'a fedtune_adapters::data::DataSpec,
     hooks: &'a fedtune_kernel::script::ScriptSection,
+    pfl: &'a fedtune_adapters::round_robin::PflConfig,
 }
 
-const SECTIONS: [&str; 12] = [
+const SECTIONS: [&str; 13] = [
     "federate",
     "wire",
     "aggregator",
     "scripting",
     "hooks",
+    "pfl",
     "trainer",
     "least_squares",
     "data",
@@ -168,6 +170,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             optim: &llm.optim,
             data: &llm.data,
             hooks: &llm.hooks,
+            pfl: &llm.pfl,
         })?;
         if args.dry_run {
             print!("{resolved}");

@@ -25,7 +25,9 @@ use fedtune_adapters::hooks::HookScript;
 use fedtune_adapters::lora::LoraConfig;
 use fedtune_adapters::model::load_gguf;
 use fedtune_adapters::peft::{load_lora, save_lora};
-use fedtune_adapters::round_robin::{ClientData, LocalTraining, RoundRobinTrainer, StepProgress};
+use fedtune_adapters::round_robin::{
+    ClientData, LocalTraining, PflAlgorithm, PflConfig, RoundRobinTrainer, StepProgress,
+};
 use fedtune_adapters::tokenizer::TextTokenizer;
 use fedtune_adapters::train::{Batch, TrainConfig};
 use fedtune_kernel::config::Mode;
@@ -84,6 +86,8 @@ pub struct LlmSections {
     pub optim: TrainConfig,
     /// `[hooks]`: a trainer hook script and its hyperparameters.
     pub hooks: ScriptSection,
+    /// `[pfl]`: personalized FL (Ditto, pFedMe).
+    pub pfl: PflConfig,
 }
 
 impl LlmSections {
@@ -95,7 +99,12 @@ impl LlmSections {
             train: doc.section("train")?,
             optim: doc.section("optim")?,
             hooks: doc.section("hooks")?,
+            pfl: doc.section("pfl")?,
         };
+        if let Err(message) = s.pfl.validate() {
+            let key = message.split(' ').next().unwrap_or("pfl").to_string();
+            return Err(doc.key_error(&key, message).into());
+        }
         let origin = doc.origin();
         ensure!(
             s.train.local_steps > 0 && s.train.batch_size > 0 && s.train.eval_batch_size > 0,
@@ -175,6 +184,12 @@ pub fn run(
     let mut aggregator = match cfg.course.mode {
         Mode::Fed => Some(crate::run::build_aggregator(doc, cfg)?),
         _ => {
+            if llm.pfl.algorithm != PflAlgorithm::None {
+                tracing::warn!(
+                    "pfl.algorithm is ignored in {:?} mode: personalization needs a federation",
+                    cfg.course.mode
+                );
+            }
             if cfg.aggregator.script.is_some() {
                 tracing::warn!(
                     "aggregator.script is ignored in {:?} mode: one client, nothing to combine",
@@ -333,7 +348,9 @@ pub fn run(
             let trainer =
                 RoundRobinTrainer::new(model.clone(), llm.lora.clone(), training, data, seed)
                     .map_err(trainer_error)?
-                    .with_progress(progress);
+                    .with_progress(progress)
+                    .with_personalization(llm.pfl.clone())
+                    .map_err(trainer_error)?;
             let trainer = with_hooks(trainer, doc, cfg, llm)?;
             let report = course(
                 &runtime,

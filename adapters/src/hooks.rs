@@ -129,24 +129,68 @@ impl HookContext {
 
     fn sum_sq(&self, minus_anchor: bool) -> std::result::Result<LossTerm, Box<EvalAltResult>> {
         let d = self.lock();
-        let mut total: Option<Tensor> = None;
-        for (i, v) in d.vars.iter().enumerate() {
-            let t = v.as_tensor();
-            let diff = if minus_anchor {
-                (t - &d.anchor[i]).map_err(script_err)?
-            } else {
-                t.clone()
-            };
-            let s = diff.sqr().and_then(|x| x.sum_all()).map_err(script_err)?;
-            total = Some(match total {
-                Some(prev) => (prev + s).map_err(script_err)?,
-                None => s,
-            });
+        let anchor = minus_anchor.then_some(&d.anchor[..]);
+        sq_distance(&d.vars, anchor)
+            .map(LossTerm)
+            .map_err(script_err)
+    }
+}
+
+/// `Σ ‖v − a‖²` over matching variables and anchors (`Σ ‖v‖²` without
+/// anchors): a differentiable scalar.
+pub fn sq_distance(vars: &[Var], anchor: Option<&[Tensor]>) -> Result<Tensor> {
+    let mut total: Option<Tensor> = None;
+    for (i, v) in vars.iter().enumerate() {
+        let t = v.as_tensor();
+        let diff = match anchor {
+            Some(a) => (t - &a[i])?,
+            None => t.clone(),
+        };
+        let s = diff.sqr()?.sum_all()?;
+        total = Some(match total {
+            Some(prev) => (prev + s)?,
+            None => s,
+        });
+    }
+    total.ok_or_else(|| candle_core::Error::Msg("the adapter has no parameters".into()))
+}
+
+/// The adapter's variables (PEFT-name order) and `anchor`'s tensors in the same order.
+pub fn anchor_tensors(lora: &Lora, anchor: &ParamSet) -> Result<(Vec<Var>, Vec<Tensor>)> {
+    let named = lora.named_vars();
+    let mut tensors = Vec::with_capacity(named.len());
+    for (name, var) in &named {
+        let t = anchor
+            .get(name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("the anchor adapter lacks {name}")))?;
+        tensors.push(Tensor::from_slice(t.data(), t.shape(), var.device())?.to_dtype(var.dtype())?);
+    }
+    Ok((named.into_iter().map(|(_, v)| v).collect(), tensors))
+}
+
+/// The native proximal term `mu/2 · ‖w − anchor‖²` as trainer hooks (Ditto's
+/// and pFedMe's personal objectives).
+pub struct Proximal {
+    mu: f64,
+    vars: Vec<Var>,
+    anchor: Vec<Tensor>,
+}
+
+impl Proximal {
+    /// The term for `lora`'s variables around `anchor`.
+    pub fn new(lora: &Lora, anchor: &ParamSet, mu: f64) -> Result<Self> {
+        let (vars, anchor) = anchor_tensors(lora, anchor)?;
+        Ok(Self { mu, vars, anchor })
+    }
+}
+
+impl TrainHooks for Proximal {
+    fn on_batch_forward(&mut self, ctx: &mut HookCtx) -> Result<()> {
+        if self.mu != 0.0 {
+            let term = (sq_distance(&self.vars, Some(&self.anchor))? * (self.mu / 2.0))?;
+            ctx.add_loss(term)?;
         }
-        match total {
-            Some(t) => Ok(LossTerm(t)),
-            None => Err(script_err("the adapter has no parameters")),
-        }
+        Ok(())
     }
 }
 
@@ -292,22 +336,13 @@ impl HookScript {
         global: &ParamSet,
         (client, round, samples, total_steps): (u32, u64, u64, usize),
     ) -> Result<BoundHooks<'a>> {
-        let named = lora.named_vars();
-        let mut anchor = Vec::with_capacity(named.len());
-        for (name, var) in &named {
-            let t = global.get(name).ok_or_else(|| {
-                candle_core::Error::Msg(format!("the global adapter lacks {name}"))
-            })?;
-            anchor.push(
-                Tensor::from_slice(t.data(), t.shape(), var.device())?.to_dtype(var.dtype())?,
-            );
-        }
+        let (vars, anchor) = anchor_tensors(lora, global)?;
         let base = CtxData {
             round,
             client,
             samples,
             total_steps,
-            vars: Arc::new(named.into_iter().map(|(_, v)| v).collect()),
+            vars: Arc::new(vars),
             anchor: Arc::new(anchor),
             ..CtxData::default()
         };

@@ -21,7 +21,7 @@ use fedtune_kernel::course::{LocalTrainer, LocalUpdate, SplitEval, TrainContext,
 use fedtune_kernel::ParamSet;
 use serde::{Deserialize, Serialize};
 
-use crate::hooks::HookScript;
+use crate::hooks::{HookScript, Proximal};
 use crate::lora::{Lora, LoraConfig};
 use crate::loss::counted_positions;
 use crate::model::Llama;
@@ -60,11 +60,86 @@ impl Default for LocalTraining {
     }
 }
 
+/// Personalized FL: which algorithm, and its knobs (the `[pfl]` section).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PflConfig {
+    /// `none`, `ditto` or `pfedme`.
+    pub algorithm: PflAlgorithm,
+    /// λ, the pull of the personal adapter towards the global one: the
+    /// personal objective is loss + λ/2 · ‖θ − w‖².
+    pub lambda: f64,
+    /// Ditto: optimizer steps on the personal adapter per round (default: `train.local_steps`).
+    pub personal_steps: Option<usize>,
+    /// Learning rate of the personal adapter (default: `optim.lr`).
+    pub personal_lr: Option<f64>,
+    /// pFedMe: steps K on the personal adapter per outer step; a round has
+    /// `local_steps / K` outer steps, so the gradient budget stays `local_steps`.
+    pub inner_steps: usize,
+    /// pFedMe: the outer rate η of w ← w − η·λ·(w − θ).
+    pub eta: f64,
+}
+
+impl Default for PflConfig {
+    fn default() -> Self {
+        Self {
+            algorithm: PflAlgorithm::None,
+            lambda: 0.1,
+            personal_steps: None,
+            personal_lr: None,
+            inner_steps: 2,
+            eta: 1.0,
+        }
+    }
+}
+
+/// A personalized-FL algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PflAlgorithm {
+    /// Everyone uses the global adapter.
+    None,
+    /// Ditto (Li et al., 2021): train the global copy as usual, and a personal
+    /// adapter with a proximal pull to the received global one; evaluate the personal one.
+    Ditto,
+    /// pFedMe (Dinh et al., 2020), with one local and one global adapter: the
+    /// personal adapter θ approximately minimizes loss + λ/2‖θ − w‖² (K steps),
+    /// then the local w moves towards it; w goes to the server, θ is evaluated.
+    Pfedme,
+}
+
+impl PflConfig {
+    /// Checks the knobs, naming the one at fault.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.lambda.is_finite() && self.lambda >= 0.0) {
+            return Err(format!("pfl.lambda must be ≥ 0, got {}", self.lambda));
+        }
+        if self.inner_steps == 0 {
+            return Err("pfl.inner_steps must be at least 1".into());
+        }
+        if self.personal_steps == Some(0) {
+            return Err("pfl.personal_steps must be at least 1".into());
+        }
+        if !(self.eta.is_finite() && self.eta > 0.0) {
+            return Err(format!("pfl.eta must be > 0, got {}", self.eta));
+        }
+        if let Some(lr) = self.personal_lr {
+            if !(lr.is_finite() && lr > 0.0) {
+                return Err(format!("pfl.personal_lr must be > 0, got {lr}"));
+            }
+        }
+        Ok(())
+    }
+}
+
 struct ClientSlot {
     data: ClientData,
     lora: Lora,
     stepper: LoraStepper,
     cursor: usize,
+    /// The personal adapter of Ditto / pFedMe, from the first round on.
+    personal: Option<Lora>,
+    personal_cursor: usize,
 }
 
 /// Told after every local optimizer step: client, step (1-based), steps this round, loss.
@@ -77,6 +152,9 @@ pub struct RoundRobinTrainer {
     clients: BTreeMap<u32, ClientSlot>,
     progress: Option<StepProgress>,
     hooks: Option<HookScript>,
+    pfl: PflConfig,
+    lora_cfg: LoraConfig,
+    seed: u64,
 }
 
 impl RoundRobinTrainer {
@@ -118,6 +196,8 @@ impl RoundRobinTrainer {
                     lora: factors,
                     stepper,
                     cursor: 0,
+                    personal: None,
+                    personal_cursor: 0,
                 },
             );
         }
@@ -127,6 +207,9 @@ impl RoundRobinTrainer {
             clients,
             progress: None,
             hooks: None,
+            pfl: PflConfig::default(),
+            lora_cfg: lora,
+            seed,
         })
     }
 
@@ -134,6 +217,21 @@ impl RoundRobinTrainer {
     pub fn with_progress(mut self, progress: StepProgress) -> Self {
         self.progress = Some(progress);
         self
+    }
+
+    /// Personalizes every client with `pfl` (Ditto or pFedMe).
+    pub fn with_personalization(mut self, pfl: PflConfig) -> Result<Self, TrainerError> {
+        pfl.validate()?;
+        self.pfl = pfl;
+        Ok(self)
+    }
+
+    /// Client `client`'s personal adapter, once it has one.
+    pub fn personal_adapter(&self, client: u32) -> Result<Option<ParamSet>, TrainerError> {
+        match self.clients.get(&client).and_then(|s| s.personal.as_ref()) {
+            Some(p) => Ok(Some(p.to_param_set()?)),
+            None => Ok(None),
+        }
     }
 
     /// Runs `hooks` around every client's local training.
@@ -202,33 +300,102 @@ impl LocalTrainer for RoundRobinTrainer {
         };
         hooks.on_fit_start(&slot.lora)?;
         let accum = training.optim.grad_accum;
-        let mut losses = Vec::with_capacity(training.local_steps);
-        for step in 0..training.local_steps {
-            if ctx.is_cancelled() {
-                return Err("training cancelled".into());
-            }
-            let n = slot.data.train.len();
-            let micro: Vec<Batch> = (0..accum)
-                .map(|k| slot.data.train[(slot.cursor + k) % n].clone())
-                .collect();
-            slot.cursor = (slot.cursor + accum) % n;
-            let report = slot.stepper.step(
-                &model,
-                &slot.lora,
-                &micro,
-                (step, training.local_steps),
-                hooks,
-            )?;
-            losses.push(report.loss);
+        let pfl = &self.pfl;
+        let personal_steps = pfl.personal_steps.unwrap_or(training.local_steps);
+        let budget = match pfl.algorithm {
+            PflAlgorithm::Ditto => training.local_steps + personal_steps,
+            _ => training.local_steps,
+        };
+        let mut done = 0;
+        let mut report = |loss: f64| {
+            done += 1;
             if let Some(p) = &progress {
-                p(client, step + 1, training.local_steps, report.loss);
+                p(client, done, budget, loss);
             }
-            if report.stop {
-                break;
-            }
-        }
-        hooks.on_fit_end(&slot.lora)?;
+        };
         let mut metrics = BTreeMap::new();
+        let personal_optim = TrainConfig {
+            lr: pfl.personal_lr.unwrap_or(training.optim.lr),
+            ..training.optim.clone()
+        };
+        let losses = match pfl.algorithm {
+            PflAlgorithm::None | PflAlgorithm::Ditto => {
+                let losses = run_steps(
+                    &model,
+                    &slot.lora,
+                    &mut slot.stepper,
+                    (&slot.data.train, &mut slot.cursor, accum),
+                    training.local_steps,
+                    hooks,
+                    ctx,
+                    &mut report,
+                )?;
+                if pfl.algorithm == PflAlgorithm::Ditto {
+                    // The personal adapter: its own steps, pulled towards the received global one.
+                    let personal = personal_adapter(
+                        &mut slot.personal,
+                        &model,
+                        &self.lora_cfg,
+                        self.seed,
+                        client,
+                        global,
+                    )?;
+                    let mut stepper = LoraStepper::new(personal, personal_optim)?;
+                    let mut prox = Proximal::new(personal, global, pfl.lambda)?;
+                    let p_losses = run_steps(
+                        &model,
+                        personal,
+                        &mut stepper,
+                        (&slot.data.train, &mut slot.personal_cursor, accum),
+                        personal_steps,
+                        &mut prox,
+                        ctx,
+                        &mut report,
+                    )?;
+                    metrics.insert("personal_loss".into(), mean(&p_losses));
+                }
+                losses
+            }
+            PflAlgorithm::Pfedme => {
+                let theta = personal_adapter(
+                    &mut slot.personal,
+                    &model,
+                    &self.lora_cfg,
+                    self.seed,
+                    client,
+                    global,
+                )?;
+                let mut stepper = LoraStepper::new(theta, personal_optim)?;
+                let outer = (training.local_steps / pfl.inner_steps).max(1);
+                let rate = pfl.eta * pfl.lambda;
+                let mut losses = Vec::new();
+                for _ in 0..outer {
+                    // θ ≈ argmin loss(θ) + λ/2‖θ − w‖², K steps from where θ is.
+                    let w = slot.lora.to_param_set()?;
+                    let mut prox = Proximal::new(theta, &w, pfl.lambda)?;
+                    losses.extend(run_steps(
+                        &model,
+                        theta,
+                        &mut stepper,
+                        (&slot.data.train, &mut slot.cursor, accum),
+                        pfl.inner_steps,
+                        &mut prox,
+                        ctx,
+                        &mut report,
+                    )?);
+                    // w ← w − η·λ·(w − θ)
+                    for ((_, wv), (_, tv)) in slot.lora.named_vars().iter().zip(theta.named_vars())
+                    {
+                        let moved =
+                            (wv.as_tensor() - ((wv.as_tensor() - tv.as_tensor())? * rate)?)?;
+                        wv.set(&moved)?;
+                    }
+                }
+                metrics.insert("personal_loss".into(), mean(&losses));
+                losses
+            }
+        };
+        hooks.on_fit_end(&slot.lora)?;
         metrics.insert(
             "last_step_loss".to_string(),
             *losses.last().unwrap_or(&f64::NAN),
@@ -236,7 +403,7 @@ impl LocalTrainer for RoundRobinTrainer {
         Ok(LocalUpdate {
             params: slot.lora.to_param_set()?,
             n_samples: slot.data.n_samples,
-            loss: Some(losses.iter().sum::<f64>() / losses.len() as f64),
+            loss: Some(mean(&losses)),
             metrics,
         })
     }
@@ -248,13 +415,81 @@ impl LocalTrainer for RoundRobinTrainer {
         _ctx: &TrainContext,
     ) -> Result<Vec<SplitEval>, TrainerError> {
         let model = self.model.clone();
+        let personalized = self.pfl.algorithm != PflAlgorithm::None;
         let slot = self.slot(client)?;
-        slot.lora.load_param_set(global)?;
-        slot.lora.set_grad_enabled(false);
-        let result = evaluate_splits(&model, &slot.lora, &slot.data.eval);
-        slot.lora.set_grad_enabled(true);
+        // Personalized runs evaluate each client with its own adapter, once it has one.
+        let lora = match (&slot.personal, personalized) {
+            (Some(p), true) => p,
+            _ => {
+                slot.lora.load_param_set(global)?;
+                &slot.lora
+            }
+        };
+        lora.set_grad_enabled(false);
+        let result = evaluate_splits(&model, lora, &slot.data.eval);
+        lora.set_grad_enabled(true);
         result
     }
+}
+
+fn mean(xs: &[f64]) -> f64 {
+    xs.iter().sum::<f64>() / xs.len().max(1) as f64
+}
+
+/// The client's personal adapter, created from `global` the first time.
+fn personal_adapter<'a>(
+    slot: &'a mut Option<Lora>,
+    model: &Llama,
+    cfg: &LoraConfig,
+    seed: u64,
+    client: u32,
+    global: &ParamSet,
+) -> Result<&'a Lora, TrainerError> {
+    if slot.is_none() {
+        let p = Lora::new(
+            model.config(),
+            cfg.clone(),
+            seed ^ u64::from(client) ^ 0x5eed,
+            model.dtype(),
+            model.device(),
+        )?;
+        p.load_param_set(global)?;
+        *slot = Some(p);
+    }
+    Ok(slot.as_ref().expect("just set"))
+}
+
+/// `n` optimizer steps of `lora` over `data` (micro-batches from `cursor`,
+/// `accum` per step, wrapping around); stops early when a hook asks.
+#[allow(clippy::too_many_arguments)]
+fn run_steps(
+    model: &Llama,
+    lora: &Lora,
+    stepper: &mut LoraStepper,
+    (data, cursor, accum): (&[Batch], &mut usize, usize),
+    n: usize,
+    hooks: &mut dyn TrainHooks,
+    ctx: &TrainContext,
+    report: &mut dyn FnMut(f64),
+) -> Result<Vec<f64>, TrainerError> {
+    let mut losses = Vec::with_capacity(n);
+    for step in 0..n {
+        if ctx.is_cancelled() {
+            return Err("training cancelled".into());
+        }
+        let len = data.len();
+        let micro: Vec<Batch> = (0..accum)
+            .map(|k| data[(*cursor + k) % len].clone())
+            .collect();
+        *cursor = (*cursor + accum) % len;
+        let r = stepper.step(model, lora, &micro, (step, n), hooks)?;
+        losses.push(r.loss);
+        report(r.loss);
+        if r.stop {
+            break;
+        }
+    }
+    Ok(losses)
 }
 
 /// Token-weighted mean loss of each split.

@@ -1,4 +1,5 @@
-//! Trainer hooks written as Rhai scripts, on a tiny random Llama.
+//! Trainer hooks written as Rhai scripts, and the personalized-FL algorithms
+//! (Ditto, pFedMe), on a tiny random Llama.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -8,7 +9,9 @@ use candle_core::{DType, Device, Tensor};
 use fedtune_adapters::hooks::HookScript;
 use fedtune_adapters::lora::LoraConfig;
 use fedtune_adapters::model::{Llama, LlamaConfig};
-use fedtune_adapters::round_robin::{ClientData, LocalTraining, RoundRobinTrainer};
+use fedtune_adapters::round_robin::{
+    ClientData, LocalTraining, PflAlgorithm, PflConfig, RoundRobinTrainer,
+};
 use fedtune_adapters::train::{Batch, TrainConfig};
 use fedtune_kernel::course::{LocalTrainer, TrainContext};
 use fedtune_kernel::script::{ScriptSection, ScriptSource, ScriptingSection};
@@ -58,7 +61,7 @@ fn trainer(steps: usize) -> (RoundRobinTrainer, ParamSet) {
         1,
         ClientData {
             train: batches(),
-            eval: vec![],
+            eval: vec![("test".into(), batches()[..1].to_vec())],
             n_samples: 6,
         },
     )]);
@@ -188,4 +191,107 @@ fn a_failing_hook_fails_training_with_file_and_line() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("on_batch_forward"), "{err}");
+}
+
+fn dist(a: &ParamSet, b: &ParamSet) -> f64 {
+    a.sub(b).unwrap().l2_norm()
+}
+
+fn personalized(steps: usize, pfl: PflConfig) -> (RoundRobinTrainer, ParamSet) {
+    let (t, global) = trainer(steps);
+    (t.with_personalization(pfl).unwrap(), global)
+}
+
+#[test]
+fn ditto_without_a_pull_trains_the_personal_adapter_like_the_global_copy() {
+    let ditto = |lambda: f64| PflConfig {
+        algorithm: PflAlgorithm::Ditto,
+        lambda,
+        ..PflConfig::default()
+    };
+    let (mut free, global) = personalized(4, ditto(0.0));
+    let update = train(&mut free, &global);
+    let personal = free.personal_adapter(1).unwrap().unwrap();
+    // Same start, same batches, fresh optimizers, no pull: the very same result.
+    assert_eq!(personal, update);
+    // Personalized evaluation uses the personal adapter, whatever global it is handed.
+    let (mut plain, _) = trainer(1);
+    let eval_update = plain.evaluate(1, &update, &ctx(1)).unwrap();
+    assert_eq!(free.evaluate(1, &global, &ctx(1)).unwrap(), eval_update);
+
+    // A strong pull keeps the personal adapter near the global one; the shared
+    // update is untouched by it.
+    let (mut pulled, _) = personalized(4, ditto(200.0));
+    assert_eq!(train(&mut pulled, &global), update);
+    let near = pulled.personal_adapter(1).unwrap().unwrap();
+    assert!(
+        dist(&near, &global) < 0.5 * dist(&update, &global),
+        "{} vs {}",
+        dist(&near, &global),
+        dist(&update, &global)
+    );
+}
+
+#[test]
+fn pfedme_moves_the_local_adapter_towards_the_personal_one() {
+    // One outer step of one inner step: θ₁ is a plain step from the global
+    // adapter (the pull is zero where θ = w), then w = g + ηλ·(θ₁ − g).
+    let (mut plain, global) = trainer(1);
+    let theta1 = train(&mut plain, &global);
+    let pfl = PflConfig {
+        algorithm: PflAlgorithm::Pfedme,
+        lambda: 0.5,
+        eta: 1.0,
+        inner_steps: 1,
+        ..PflConfig::default()
+    };
+    let (mut me, _) = personalized(1, pfl.clone());
+    let w = train(&mut me, &global);
+    assert_eq!(me.personal_adapter(1).unwrap().unwrap(), theta1);
+    let want = global
+        .add(&theta1.sub(&global).unwrap().scale(0.5))
+        .unwrap();
+    assert!(
+        dist(&w, &want) < 1e-6 * dist(&theta1, &global),
+        "{}",
+        dist(&w, &want)
+    );
+
+    // Over more steps the local adapter trails the personal one: between it and the global.
+    let (mut longer, _) = personalized(
+        6,
+        PflConfig {
+            inner_steps: 2,
+            ..pfl
+        },
+    );
+    let w = train(&mut longer, &global);
+    let theta = longer.personal_adapter(1).unwrap().unwrap();
+    assert!(dist(&w, &global) > 0.0 && dist(&w, &global) < dist(&theta, &global));
+}
+
+#[test]
+fn bad_personalization_knobs_are_refused() {
+    for bad in [
+        PflConfig {
+            lambda: -1.0,
+            ..PflConfig::default()
+        },
+        PflConfig {
+            inner_steps: 0,
+            ..PflConfig::default()
+        },
+        PflConfig {
+            eta: 0.0,
+            ..PflConfig::default()
+        },
+    ] {
+        let (t, _) = trainer(1);
+        let err = t
+            .with_personalization(bad)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.starts_with("pfl."), "{err}");
+    }
 }
