@@ -78,6 +78,9 @@ pub struct PflConfig {
     pub inner_steps: usize,
     /// pFedMe: the outer rate η of w ← w − η·λ·(w − θ).
     pub eta: f64,
+    /// local_adapter: a regular expression over PEFT tensor names; the matching
+    /// parts stay on the client (e.g. `"lora_B"`, or `"layers\\.(2[4-9])\\."`).
+    pub local_params: String,
 }
 
 impl Default for PflConfig {
@@ -89,6 +92,7 @@ impl Default for PflConfig {
             personal_lr: None,
             inner_steps: 2,
             eta: 1.0,
+            local_params: String::new(),
         }
     }
 }
@@ -106,6 +110,10 @@ pub enum PflAlgorithm {
     /// personal adapter θ approximately minimizes loss + λ/2‖θ − w‖² (K steps),
     /// then the local w moves towards it; w goes to the server, θ is evaluated.
     Pfedme,
+    /// FedBN-style local parts: the adapter tensors named by `local_params`
+    /// never leave the client; the rest is federated as usual.
+    #[serde(rename = "local_adapter")]
+    LocalAdapter,
 }
 
 impl PflConfig {
@@ -123,6 +131,13 @@ impl PflConfig {
         if !(self.eta.is_finite() && self.eta > 0.0) {
             return Err(format!("pfl.eta must be > 0, got {}", self.eta));
         }
+        if self.algorithm == PflAlgorithm::LocalAdapter {
+            if self.local_params.is_empty() {
+                return Err("pfl.local_params must name the local parts (a regular expression over tensor names, e.g. \"lora_B\")".into());
+            }
+            regex::Regex::new(&self.local_params)
+                .map_err(|e| format!("pfl.local_params is not a valid regular expression: {e}"))?;
+        }
         if let Some(lr) = self.personal_lr {
             if !(lr.is_finite() && lr > 0.0) {
                 return Err(format!("pfl.personal_lr must be > 0, got {lr}"));
@@ -139,6 +154,8 @@ struct ClientSlot {
     cursor: usize,
     /// The personal adapter of Ditto / pFedMe, from the first round on.
     personal: Option<Lora>,
+    /// local_adapter: the client's own values of the local parts.
+    local: Option<ParamSet>,
     personal_cursor: usize,
 }
 
@@ -197,6 +214,7 @@ impl RoundRobinTrainer {
                     stepper,
                     cursor: 0,
                     personal: None,
+                    local: None,
                     personal_cursor: 0,
                 },
             );
@@ -282,7 +300,8 @@ impl LocalTrainer for RoundRobinTrainer {
             .clients
             .get_mut(&client)
             .ok_or_else(|| format!("this trainer has no data for client {client}"))?;
-        slot.lora.load_param_set(global)?;
+        slot.lora
+            .load_param_set(&with_local(global, slot.local.as_ref()))?;
         if !training.keep_optimizer_state {
             slot.stepper = LoraStepper::new(&slot.lora, training.optim.clone())?;
         }
@@ -319,7 +338,7 @@ impl LocalTrainer for RoundRobinTrainer {
             ..training.optim.clone()
         };
         let losses = match pfl.algorithm {
-            PflAlgorithm::None | PflAlgorithm::Ditto => {
+            PflAlgorithm::None | PflAlgorithm::Ditto | PflAlgorithm::LocalAdapter => {
                 let losses = run_steps(
                     &model,
                     &slot.lora,
@@ -400,8 +419,27 @@ impl LocalTrainer for RoundRobinTrainer {
             "last_step_loss".to_string(),
             *losses.last().unwrap_or(&f64::NAN),
         );
+        let mut params = slot.lora.to_param_set()?;
+        if self.pfl.algorithm == PflAlgorithm::LocalAdapter {
+            // Keep the local parts; send the server back its own values for them.
+            let local_re = regex::Regex::new(&self.pfl.local_params)?;
+            let mut local = ParamSet::new();
+            let names: Vec<String> = params
+                .names()
+                .filter(|n| local_re.is_match(n))
+                .map(String::from)
+                .collect();
+            for name in names {
+                let mine = params.remove(&name).expect("listed above");
+                local.insert_tensor(name.clone(), mine);
+                let theirs = global.get(&name).expect("same names as the global adapter");
+                params.insert_tensor(name, theirs.clone());
+            }
+            metrics.insert("local_tensors".into(), local.len() as f64);
+            slot.local = Some(local);
+        }
         Ok(LocalUpdate {
-            params: slot.lora.to_param_set()?,
+            params,
             n_samples: slot.data.n_samples,
             loss: Some(mean(&losses)),
             metrics,
@@ -421,7 +459,8 @@ impl LocalTrainer for RoundRobinTrainer {
         let lora = match (&slot.personal, personalized) {
             (Some(p), true) => p,
             _ => {
-                slot.lora.load_param_set(global)?;
+                slot.lora
+                    .load_param_set(&with_local(global, slot.local.as_ref()))?;
                 &slot.lora
             }
         };
@@ -429,6 +468,23 @@ impl LocalTrainer for RoundRobinTrainer {
         let result = evaluate_splits(&model, lora, &slot.data.eval);
         lora.set_grad_enabled(true);
         result
+    }
+}
+
+/// `global` with the client's local parts laid over it.
+fn with_local<'a>(
+    global: &'a ParamSet,
+    local: Option<&ParamSet>,
+) -> std::borrow::Cow<'a, ParamSet> {
+    match local {
+        Some(local) => {
+            let mut merged = global.clone();
+            for (name, t) in local.iter() {
+                merged.insert_tensor(name, t.clone());
+            }
+            std::borrow::Cow::Owned(merged)
+        }
+        None => std::borrow::Cow::Borrowed(global),
     }
 }
 

@@ -295,3 +295,53 @@ fn bad_personalization_knobs_are_refused() {
         assert!(err.starts_with("pfl."), "{err}");
     }
 }
+
+#[test]
+fn local_adapter_parts_never_leave_the_client() {
+    let pfl = PflConfig {
+        algorithm: PflAlgorithm::LocalAdapter,
+        local_params: "lora_B".into(),
+        ..PflConfig::default()
+    };
+    let (mut t, global) = personalized(3, pfl);
+    let (mut plain, _) = trainer(3);
+    let full = train(&mut plain, &global);
+    let sent = train(&mut t, &global);
+    for (name, tensor) in sent.iter() {
+        if name.contains("lora_B") {
+            // What goes to the server is the server's own value, not the client's.
+            assert_eq!(tensor, global.get(name).unwrap(), "{name}");
+        } else {
+            assert_eq!(tensor, full.get(name).unwrap(), "{name} trains as usual");
+        }
+    }
+    // The client evaluates with its own B factors laid over whatever global it gets.
+    let mine = full.clone();
+    let (mut check, _) = trainer(1);
+    assert_eq!(
+        t.evaluate(1, &global, &ctx(1)).unwrap(),
+        check
+            .evaluate(
+                1,
+                &{
+                    let mut g = global.clone();
+                    for (name, x) in mine.iter().filter(|(n, _)| n.contains("lora_B")) {
+                        g.insert_tensor(name, x.clone());
+                    }
+                    g
+                },
+                &ctx(1)
+            )
+            .unwrap()
+    );
+    let (t, _) = trainer(1);
+    let err = t
+        .with_personalization(PflConfig {
+            algorithm: PflAlgorithm::LocalAdapter,
+            ..PflConfig::default()
+        })
+        .err()
+        .expect("local_params is required")
+        .to_string();
+    assert!(err.contains("pfl.local_params"), "{err}");
+}
