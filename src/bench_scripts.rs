@@ -16,12 +16,10 @@
 
 use std::time::Instant;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use candle_core::{DType, Device, Tensor};
-use fedtune_adapters::fetch::ensure_default_model;
 use fedtune_adapters::hooks::{HookScript, BUILT_IN_HOOKS};
 use fedtune_adapters::lora::{Lora, LoraConfig};
-use fedtune_adapters::model::load_gguf;
 use fedtune_adapters::train::{Batch, HookCtx, LoraStepper, NoHooks, TrainConfig, TrainHooks};
 use fedtune_kernel::script::{ScriptAggregator, ScriptHost, ScriptSource, ScriptingSection};
 use fedtune_kernel::{Aggregator, ClientUpdate, FedAvg};
@@ -67,9 +65,8 @@ pub fn scripts(calls: usize, clients: usize, steps: usize, json: bool) -> Result
         calls > 0 && clients > 0 && steps > 0,
         "--calls, --clients and --steps must be positive"
     );
-    let path = ensure_default_model(|line| eprintln!("{line}"))?;
     let device = Device::Cpu;
-    let loaded = load_gguf(&path, DType::F32, &device).context("loading the default model")?;
+    let loaded = crate::bench_train::default_model_f32()?;
     let model = &loaded.model;
     let lora_cfg = LoraConfig {
         lora_dropout: 0.0,

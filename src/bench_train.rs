@@ -39,9 +39,8 @@ pub fn train_step(batch: usize, seq_len: usize, steps: usize, json: bool) -> Res
         batch > 0 && seq_len > 1 && steps > 0,
         "--batch, --seq-len (> 1) and --steps must be positive"
     );
-    let path = ensure_default_model(|line| eprintln!("{line}"))?;
     let device = Device::Cpu;
-    let loaded = load_gguf(&path, DType::F32, &device).context("loading the default model")?;
+    let loaded = default_model_f32()?;
     let model = &loaded.model;
     let cfg = model.config();
     ensure!(
@@ -170,6 +169,12 @@ fn model_parameters(model: &fedtune_adapters::model::Llama) -> usize {
     c.num_hidden_layers * per_layer
         + c.vocab_size * c.hidden_size * if c.tie_word_embeddings { 1 } else { 2 }
         + c.hidden_size
+}
+
+/// The default model (fetched on first use), loaded in f32 on the CPU.
+pub(crate) fn default_model_f32() -> Result<fedtune_adapters::model::GgufModel> {
+    let path = ensure_default_model(|line| eprintln!("{line}"))?;
+    load_gguf(&path, DType::F32, &Device::Cpu).context("loading the default model")
 }
 
 /// Peak resident memory of this process (Linux `VmHWM`).

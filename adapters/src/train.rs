@@ -295,16 +295,7 @@ impl LoraStepper {
         let mut stop = false;
         let n = micro_batches.len();
         for (i, batch) in micro_batches.iter().enumerate() {
-            let mut ctx = HookCtx {
-                step,
-                micro_batch: i,
-                lr,
-                batch,
-                lora,
-                loss: None,
-                extra: None,
-                stop: false,
-            };
+            let mut ctx = HookCtx::new(step, i, lr, batch, lora);
             hooks.on_batch_start(&mut ctx)?;
             if i == 0 {
                 // A hook may set the step's learning rate before the first forward.
@@ -372,16 +363,9 @@ impl LoraStepper {
             }
         }
         self.steps_taken += 1;
-        let mut ctx = HookCtx {
-            step,
-            micro_batch: n - 1,
-            lr,
-            batch: &micro_batches[n - 1],
-            lora,
-            loss: Some(loss_sum / n as f64),
-            extra: None,
-            stop,
-        };
+        let mut ctx = HookCtx::new(step, n - 1, lr, &micro_batches[n - 1], lora);
+        ctx.loss = Some(loss_sum / n as f64);
+        ctx.stop = stop;
         hooks.on_batch_end(&mut ctx)?;
         Ok(StepReport {
             loss: loss_sum / n as f64,
