@@ -171,3 +171,37 @@ fn a_stopped_course_resumes_from_its_last_checkpoint() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("only federate.rounds may change"));
 }
+
+#[test]
+fn scripted_aggregation_hooks_and_ditto_run_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ditto");
+    let summary = quick(
+        &out,
+        &[
+            "--set",
+            "federate.rounds=1",
+            "--set",
+            "pfl.algorithm=ditto",
+            "--set",
+            "hooks.script=fedprox",
+            "--set",
+            "aggregator.script=fedadam",
+        ],
+    );
+    // Each client is evaluated with its personal adapter after the round.
+    for c in summary["per_client"].as_array().unwrap() {
+        assert!(
+            c["test_loss_after"].as_f64().unwrap() < c["test_loss_before"].as_f64().unwrap(),
+            "{c}"
+        );
+    }
+    let log = std::fs::read_to_string(out.join("run.log")).unwrap();
+    assert!(log.contains("aggregation by script"), "{log}");
+    assert!(log.contains("trainer hooks by script"), "{log}");
+    let resolved = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(
+        resolved.contains("algorithm = \"ditto\"") && resolved.contains("script = \"fedadam\""),
+        "{resolved}"
+    );
+}
