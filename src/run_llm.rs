@@ -156,6 +156,9 @@ struct Summary {
     /// Sample-weighted mean of the clients' test losses.
     test_loss_before: Option<f64>,
     test_loss_after: Option<f64>,
+    /// Unweighted mean over clients of their test loss after the last round
+    /// (each with its personal adapter in personalized runs), as FS-LLM reports pFL.
+    mean_client_test_loss_after: Option<f64>,
     per_client: Vec<ClientSummary>,
     bytes_up: u64,
     bytes_down: u64,
@@ -475,6 +478,13 @@ pub fn run(
         local_steps: llm.train.local_steps,
         test_loss_before: mean(|s| s.test_loss_before),
         test_loss_after: mean(|s| s.test_loss_after),
+        mean_client_test_loss_after: {
+            let after: Vec<f64> = per_client
+                .iter()
+                .filter_map(|c| c.test_loss_after)
+                .collect();
+            (!after.is_empty()).then(|| after.iter().sum::<f64>() / after.len() as f64)
+        },
         per_client,
         bytes_up,
         bytes_down,
@@ -834,6 +844,15 @@ fn print_summary(s: &Summary, dir: &Path) {
         s.per_client.iter().map(|c| c.test_examples).sum::<usize>(),
         fmt(s.test_loss_before),
         fmt(s.test_loss_after)
+    );
+    println!(
+        "{:>4}  {:<24} {:>8} {:>8}  {:>12} {:>12}",
+        "",
+        "mean over clients",
+        "",
+        "",
+        "",
+        fmt(s.mean_client_test_loss_after)
     );
     println!(
         "\nmode {:?}, {} rounds × {} local steps: {:.1} KB up, {:.1} KB down, {:.0} s wall, peak RSS {}",

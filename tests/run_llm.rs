@@ -189,8 +189,17 @@ fn scripted_aggregation_hooks_and_ditto_run_together() {
             "aggregator.script=fedadam",
         ],
     );
-    // Each client is evaluated with its personal adapter after the round.
-    for c in summary["per_client"].as_array().unwrap() {
+    // Each client is evaluated with its personal adapter after the round;
+    // the summary reports their plain mean, as FS-LLM does for pFL.
+    let clients = summary["per_client"].as_array().unwrap();
+    let mean = clients
+        .iter()
+        .map(|c| c["test_loss_after"].as_f64().unwrap())
+        .sum::<f64>()
+        / clients.len() as f64;
+    let reported = summary["mean_client_test_loss_after"].as_f64().unwrap();
+    assert!((reported - mean).abs() < 1e-12, "{reported} vs {mean}");
+    for c in clients {
         assert!(
             c["test_loss_after"].as_f64().unwrap() < c["test_loss_before"].as_f64().unwrap(),
             "{c}"
