@@ -17,10 +17,10 @@
 use std::time::Instant;
 
 use anyhow::{ensure, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use fedtune_adapters::hooks::{HookScript, BUILT_IN_HOOKS};
 use fedtune_adapters::lora::{Lora, LoraConfig};
-use fedtune_adapters::train::{Batch, HookCtx, LoraStepper, NoHooks, TrainConfig, TrainHooks};
+use fedtune_adapters::train::{HookCtx, LoraStepper, NoHooks, TrainConfig, TrainHooks};
 use fedtune_kernel::script::{ScriptAggregator, ScriptHost, ScriptSource, ScriptingSection};
 use fedtune_kernel::{Aggregator, ClientUpdate, FedAvg};
 use serde::Serialize;
@@ -119,17 +119,7 @@ pub fn scripts(calls: usize, clients: usize, steps: usize, json: bool) -> Result
     })?;
 
     // Training steps, as in `fedtune bench train-step`.
-    let cfg = model.config();
-    let (batch, seq_len) = (4usize, 128usize);
-    let ids: Vec<u32> = (0..(batch * seq_len) as u64)
-        .map(|i| ((i.wrapping_mul(2_654_435_761) >> 7) % cfg.vocab_size as u64) as u32)
-        .collect();
-    let labels: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
-    let b = Batch {
-        tokens: Tensor::from_vec(ids, (batch, seq_len), &device)?,
-        attention_mask: Tensor::ones((batch, seq_len), DType::U32, &device)?,
-        labels: Tensor::from_vec(labels, (batch, seq_len), &device)?,
-    };
+    let b = crate::bench_train::seeded_batch(model.config().vocab_size, 4, 128, &device)?;
     let one = std::slice::from_ref(&b);
     let mut stepper = LoraStepper::new(&lora, TrainConfig::default())?;
     stepper.step(model, &lora, one, (0, 1), &mut NoHooks)?;

@@ -57,17 +57,8 @@ pub fn train_step(batch: usize, seq_len: usize, steps: usize, json: bool) -> Res
         DType::F32,
         &device,
     )?;
-    // Seeded token ids spread over the vocabulary; every position counts in the loss.
     let n = batch * seq_len;
-    let ids: Vec<u32> = (0..n as u64)
-        .map(|i| ((i.wrapping_mul(2_654_435_761) >> 7) % cfg.vocab_size as u64) as u32)
-        .collect();
-    let labels: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
-    let b = Batch {
-        tokens: Tensor::from_vec(ids, (batch, seq_len), &device)?,
-        attention_mask: Tensor::ones((batch, seq_len), DType::U32, &device)?,
-        labels: Tensor::from_vec(labels, (batch, seq_len), &device)?,
-    };
+    let b = seeded_batch(cfg.vocab_size, batch, seq_len, &device)?;
     let mut stepper = LoraStepper::new(&lora, TrainConfig::default())?;
     // One untimed step warms allocators and caches.
     stepper.step(
@@ -169,6 +160,25 @@ fn model_parameters(model: &fedtune_adapters::model::Llama) -> usize {
     c.num_hidden_layers * per_layer
         + c.vocab_size * c.hidden_size * if c.tie_word_embeddings { 1 } else { 2 }
         + c.hidden_size
+}
+
+/// A `batch × seq_len` batch of seeded token ids spread over the vocabulary;
+/// every position counts in the loss.
+pub(crate) fn seeded_batch(
+    vocab_size: usize,
+    batch: usize,
+    seq_len: usize,
+    device: &Device,
+) -> Result<Batch> {
+    let ids: Vec<u32> = (0..(batch * seq_len) as u64)
+        .map(|i| ((i.wrapping_mul(2_654_435_761) >> 7) % vocab_size as u64) as u32)
+        .collect();
+    let labels: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
+    Ok(Batch {
+        tokens: Tensor::from_vec(ids, (batch, seq_len), device)?,
+        attention_mask: Tensor::ones((batch, seq_len), DType::U32, device)?,
+        labels: Tensor::from_vec(labels, (batch, seq_len), device)?,
+    })
 }
 
 /// The default model (fetched on first use), loaded in f32 on the CPU.

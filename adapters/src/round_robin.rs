@@ -170,6 +170,8 @@ pub struct RoundRobinTrainer {
     progress: Option<StepProgress>,
     hooks: Option<HookScript>,
     pfl: PflConfig,
+    /// `pfl.local_params`, compiled (local_adapter only).
+    local_re: Option<regex::Regex>,
     lora_cfg: LoraConfig,
     seed: u64,
 }
@@ -226,6 +228,7 @@ impl RoundRobinTrainer {
             progress: None,
             hooks: None,
             pfl: PflConfig::default(),
+            local_re: None,
             lora_cfg: lora,
             seed,
         })
@@ -240,6 +243,11 @@ impl RoundRobinTrainer {
     /// Personalizes every client with `pfl` (Ditto or pFedMe).
     pub fn with_personalization(mut self, pfl: PflConfig) -> Result<Self, TrainerError> {
         pfl.validate()?;
+        self.local_re = if pfl.algorithm == PflAlgorithm::LocalAdapter {
+            Some(regex::Regex::new(&pfl.local_params)?)
+        } else {
+            None
+        };
         self.pfl = pfl;
         Ok(self)
     }
@@ -420,9 +428,8 @@ impl LocalTrainer for RoundRobinTrainer {
             *losses.last().unwrap_or(&f64::NAN),
         );
         let mut params = slot.lora.to_param_set()?;
-        if self.pfl.algorithm == PflAlgorithm::LocalAdapter {
+        if let Some(local_re) = &self.local_re {
             // Keep the local parts; send the server back its own values for them.
-            let local_re = regex::Regex::new(&self.pfl.local_params)?;
             let mut local = ParamSet::new();
             let names: Vec<String> = params
                 .names()

@@ -25,7 +25,7 @@ use rhai::{Array, Dynamic, Map};
 use serde::{Deserialize, Serialize};
 
 use super::{OnScriptError, ScriptError, ScriptFile, ScriptHost};
-use crate::aggregate::{aggregate_fedavg, AggregateError, Aggregator, ClientUpdate};
+use crate::aggregate::{fedavg_of, AggregateError, Aggregator, ClientUpdate};
 use crate::params::ParamSet;
 
 /// The aggregators shipped in `scripts/aggregators/`, compiled into the binary
@@ -204,14 +204,14 @@ impl ScriptAggregator {
     fn run_script(
         &mut self,
         global: &ParamSet,
-        updates: &[ClientUpdate],
+        updates: &[&ClientUpdate],
         round: u64,
     ) -> Result<ParamSet, ScriptError> {
         let doing = format!("aggregate, round {round}");
         if let Some(map) = self.state.write_lock::<Map>().as_deref_mut() {
             map.insert("hp".into(), Dynamic::from_map(self.hp.clone()));
         }
-        let list: Array = updates.iter().cloned().map(Dynamic::from).collect();
+        let list: Array = updates.iter().map(|&u| Dynamic::from(u.clone())).collect();
         let out = self.host.call(
             &self.script,
             "aggregate",
@@ -263,7 +263,8 @@ impl Aggregator for ScriptAggregator {
             Ok(false) => {}
             Err(e) => tracing::warn!("{e}; the previous version of the script stays in force"),
         }
-        let mut ordered = updates.to_vec();
+        // Client-id order, as the native aggregators use; only references are sorted.
+        let mut ordered: Vec<&ClientUpdate> = updates.iter().collect();
         ordered.sort_by_key(|u| u.client);
         let state_before = self.state.clone();
         match self.run_script(global, &ordered, round) {
@@ -275,7 +276,7 @@ impl Aggregator for ScriptAggregator {
                     OnScriptError::Skip => {
                         self.fallbacks += 1;
                         tracing::warn!("{e}; this round falls back to native FedAvg (scripting.on_script_error = \"skip\")");
-                        aggregate_fedavg(&ordered)
+                        fedavg_of(&ordered)
                     }
                 }
             }
