@@ -331,6 +331,12 @@ pub fn run(
     } else {
         None
     };
+    // Where the newest checkpoint lies: an aggregator's saved state comes back from it.
+    let resumed_from = start.as_ref().map(|(round, _)| {
+        out.dir
+            .join("checkpoints")
+            .join(format!("round-{round:04}"))
+    });
     if let Some((round, _)) = &start {
         display.line(format!(
             "resuming after round {round} from {}",
@@ -363,7 +369,8 @@ pub fn run(
                 &log,
                 None,
                 &display,
-                checkpoints("", aggregator.take().expect("built for fed mode")),
+                checkpoints("", aggregator.take().expect("built for fed mode"))
+                    .restored(resumed_from.as_deref())?,
             )?;
             save_lora(&adapter_dir, &llm.lora, &report.final_params, &base_name)?;
         }
@@ -537,9 +544,53 @@ impl Aggregator for Checkpointing {
             // A checkpoint that cannot be written must not pass unnoticed.
             saved
                 .map_err(|e| AggregateError::Other(format!("checkpoint {}: {e}", dir.display())))?;
+            self.save_aggregator_state(&dir)?;
             tracing::info!(round, dir = %dir.display(), "checkpoint written");
         }
         Ok(next)
+    }
+}
+
+/// Where a stateful aggregator (a script's `this`) is saved in a checkpoint.
+const AGGREGATOR_STATE: &str = "aggregator_state.msgpack";
+
+impl Checkpointing {
+    /// Writes the aggregator's state next to the adapter (nothing for a stateless one).
+    fn save_aggregator_state(&self, dir: &Path) -> Result<(), AggregateError> {
+        let bytes = match self.inner.save_state() {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                // The adapter is saved; only the script's extra state is not.
+                tracing::warn!(
+                    "{e}; this checkpoint holds no aggregator state, so a course resumed from it starts the aggregator fresh"
+                );
+                return Ok(());
+            }
+        };
+        let path = dir.join(AGGREGATOR_STATE);
+        std::fs::write(&path, bytes)
+            .map_err(|e| AggregateError::Other(format!("checkpoint {}: {e}", path.display())))
+    }
+
+    /// Restores the aggregator's state from the checkpoint in `dir`, if it saved one.
+    fn restored(mut self, dir: Option<&Path>) -> Result<Self> {
+        let Some(path) = dir.map(|d| d.join(AGGREGATOR_STATE)) else {
+            return Ok(self);
+        };
+        if !path.is_file() {
+            return Ok(self);
+        }
+        let bytes =
+            std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        self.inner.load_state(&bytes).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: {e} (delete the file to resume with a fresh aggregator state)",
+                path.display()
+            )
+        })?;
+        tracing::info!(path = %path.display(), "aggregator state restored");
+        Ok(self)
     }
 }
 

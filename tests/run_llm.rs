@@ -137,10 +137,27 @@ fn a_stopped_course_resumes_from_its_last_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
     // One round, checkpointed (the quickstart saves every round) …
-    let first = quick(&out, &["--set", "federate.rounds=1"]);
+    // An aggregator script with state that must survive the restart: it
+    // refuses to run round 2 unless its `this` remembers round 1.
+    let script = dir.path().join("remembers.rhai");
+    std::fs::write(
+        &script,
+        "fn aggregate(global, updates, round) {\n\
+         \x20   if round > 1 && this.last != round - 1 { throw `state lost: this.last = ${this.last}`; }\n\
+         \x20   this.last = round;\n\
+         \x20   this.previous = global;\n\
+         \x20   weighted_mean(updates)\n\
+         }\n",
+    )
+    .unwrap();
+    let agg = format!("aggregator.script={}", script.display());
+    let first = quick(&out, &["--set", "federate.rounds=1", "--set", &agg]);
     assert!(out.join("checkpoints/round-0001/state.json").is_file());
+    assert!(out
+        .join("checkpoints/round-0001/aggregator_state.msgpack")
+        .is_file());
     // … then the same course asked for two rounds continues with round 2 only.
-    let resumed = quick(&out, &["--resume"]);
+    let resumed = quick(&out, &["--resume", "--set", &agg]);
     let records: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()

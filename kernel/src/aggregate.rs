@@ -50,6 +50,21 @@ pub trait Aggregator: Send {
         updates: &[ClientUpdate],
         round: u64,
     ) -> Result<ParamSet, AggregateError>;
+
+    /// State carried across rounds (server momentum, moments), as bytes for a
+    /// checkpoint; `Ok(None)` for an aggregator that keeps none.
+    fn save_state(&self) -> Result<Option<Vec<u8>>, AggregateError> {
+        Ok(None)
+    }
+
+    /// Restores what [`Self::save_state`] returned, when a course resumes.
+    fn load_state(&mut self, bytes: &[u8]) -> Result<(), AggregateError> {
+        let _ = bytes;
+        Err(AggregateError::Other(format!(
+            "the {} aggregator keeps no state to restore",
+            self.name()
+        )))
+    }
 }
 
 /// Federated averaging (McMahan et al.): the sample-weighted mean of the clients' parameters.

@@ -17,6 +17,7 @@
 
 pub mod aggregator;
 pub mod api;
+pub mod state;
 
 pub use aggregator::{toml_to_dynamic, AggregatorSection, ScriptAggregator, ScriptSection};
 pub use aggregator::{ScriptSource, BUILT_IN as BUILT_IN_AGGREGATORS};
