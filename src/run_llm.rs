@@ -25,8 +25,9 @@ use fedtune_adapters::hooks::HookScript;
 use fedtune_adapters::lora::LoraConfig;
 use fedtune_adapters::model::load_gguf;
 use fedtune_adapters::peft::{load_lora, save_lora};
+use fedtune_adapters::pfl::PflScript;
 use fedtune_adapters::round_robin::{
-    ClientData, LocalTraining, PflAlgorithm, PflConfig, RoundRobinTrainer, StepProgress,
+    ClientData, LocalTraining, PflConfig, RoundRobinTrainer, StepProgress,
 };
 use fedtune_adapters::tokenizer::TextTokenizer;
 use fedtune_adapters::train::{Batch, TrainConfig};
@@ -187,7 +188,7 @@ pub fn run(
     let mut aggregator = match cfg.course.mode {
         Mode::Fed => Some(crate::run::build_aggregator(doc, cfg)?),
         _ => {
-            if llm.pfl.algorithm != PflAlgorithm::None {
+            if llm.pfl.enabled() {
                 tracing::warn!(
                     "pfl.algorithm is ignored in {:?} mode: personalization needs a federation",
                     cfg.course.mode
@@ -358,8 +359,7 @@ pub fn run(
                 RoundRobinTrainer::new(model.clone(), llm.lora.clone(), training, data, seed)
                     .map_err(trainer_error)?
                     .with_progress(progress)
-                    .with_personalization(llm.pfl.clone())
-                    .map_err(trainer_error)?;
+                    .with_pfl_script(pfl_script(doc, cfg, llm)?);
             let trainer = with_hooks(trainer, doc, cfg, llm)?;
             let report = course(
                 &runtime,
@@ -594,12 +594,33 @@ impl Checkpointing {
     }
 }
 
-/// Finds and compiles the `[hooks]` script, so that `--dry-run` checks it.
+/// Finds and compiles the `[hooks]` and `[pfl]` scripts, so that `--dry-run` checks them.
 pub fn check_hooks(doc: &ConfigDoc, cfg: &CourseConfig, llm: &LlmSections) -> Result<()> {
     let config_dir = std::path::Path::new(doc.origin()).parent();
     HookScript::from_config(&llm.hooks, &cfg.scripting, config_dir)
         .map_err(|message| doc.key_error("hooks.script", message))?;
+    pfl_script(doc, cfg, llm)?;
     Ok(())
+}
+
+/// The `[pfl]` script, loaded and checked (none for `algorithm = "none"`).
+fn pfl_script(doc: &ConfigDoc, cfg: &CourseConfig, llm: &LlmSections) -> Result<Option<PflScript>> {
+    let config_dir = std::path::Path::new(doc.origin()).parent();
+    let script =
+        PflScript::from_config(&llm.pfl, &cfg.scripting, config_dir).map_err(|message| {
+            // A knob's error names the knob (`pfl.lambda must be ≥ 0`); a script's, the algorithm.
+            let key = message
+                .split_whitespace()
+                .next()
+                .filter(|k| k.starts_with("pfl."))
+                .unwrap_or("pfl.algorithm")
+                .to_string();
+            doc.key_error(&key, message)
+        })?;
+    if let Some(s) = &script {
+        tracing::info!(script = s.origin(), "personalized FL by script");
+    }
+    Ok(script)
 }
 
 /// Adds the `[hooks]` script, if one is configured, to a trainer.

@@ -240,14 +240,85 @@ pub fn register_hook_api(engine: &mut Engine) {
     });
 }
 
-/// A loaded hook script with per-client state.
-pub struct HookScript {
+/// A script run for each client: compiled once, a `this` map per client
+/// (holding `this.hp`), reloaded when its file changes, and the
+/// `on_script_error` policy applied to every call. Trainer hooks and pFL
+/// scripts both run this way.
+pub(crate) struct PerClientScript {
     host: ScriptHost,
     script: ScriptFile,
     hp: Map,
-    defined: [bool; 6],
     states: BTreeMap<u32, Dynamic>,
     failures: u64,
+}
+
+impl PerClientScript {
+    pub(crate) fn new(
+        scripting: &ScriptingSection,
+        source: &ScriptSource,
+        hp: Map,
+        api: impl FnOnce(&mut Engine),
+    ) -> std::result::Result<Self, ScriptError> {
+        let host = ScriptHost::with_api(scripting, api);
+        let script = ScriptFile::from_source(&host, source)?;
+        Ok(Self {
+            host,
+            script,
+            hp,
+            states: BTreeMap::new(),
+            failures: 0,
+        })
+    }
+
+    pub(crate) fn file(&self) -> &ScriptFile {
+        &self.script
+    }
+
+    /// Re-reads an edited file; `true` when a new version is now in force.
+    pub(crate) fn refresh(&mut self) -> bool {
+        match self.script.refresh(&self.host) {
+            Ok(changed) => changed,
+            Err(e) => {
+                tracing::warn!("{e}; the previous version of the script stays in force");
+                false
+            }
+        }
+    }
+
+    /// Calls `name(args)` with `client`'s `this`. `Ok(None)`: the call failed
+    /// and was skipped (policy `skip`); `Err`: it failed and the course stops.
+    pub(crate) fn call(
+        &mut self,
+        client: u32,
+        name: &str,
+        args: impl fedtune_kernel::script::rhai::FuncArgs,
+        doing: &str,
+    ) -> std::result::Result<Option<Dynamic>, ScriptError> {
+        let state = self
+            .states
+            .entry(client)
+            .or_insert_with(|| Dynamic::from_map(Map::new()));
+        if let Some(mut map) = state.write_lock::<Map>() {
+            map.insert("hp".into(), Dynamic::from_map(self.hp.clone()));
+        }
+        match self.host.call(&self.script, name, state, args, doing) {
+            Ok(out) => Ok(Some(out)),
+            Err(e) => match self.host.policy() {
+                OnScriptError::Fail => Err(e),
+                OnScriptError::Skip => {
+                    self.failures += 1;
+                    tracing::warn!("{e}; skipped (scripting.on_script_error = \"skip\")");
+                    Ok(None)
+                }
+            },
+        }
+    }
+}
+
+/// A loaded hook script with per-client state.
+pub struct HookScript {
+    inner: PerClientScript,
+    defined: [bool; 6],
 }
 
 impl HookScript {
@@ -271,15 +342,10 @@ impl HookScript {
         source: &ScriptSource,
         hp: Map,
     ) -> std::result::Result<Self, ScriptError> {
-        let host = ScriptHost::with_api(scripting, register_hook_api);
-        let script = ScriptFile::from_source(&host, source)?;
+        let inner = PerClientScript::new(scripting, source, hp, register_hook_api)?;
         let mut me = Self {
-            host,
-            script,
-            hp,
+            inner,
             defined: [false; 6],
-            states: BTreeMap::new(),
-            failures: 0,
         };
         me.scan()?;
         Ok(me)
@@ -287,13 +353,13 @@ impl HookScript {
 
     fn scan(&mut self) -> std::result::Result<(), ScriptError> {
         for (i, name) in HOOK_POINTS.iter().enumerate() {
-            self.defined[i] = self.script.has_fn(name, 1);
+            self.defined[i] = self.inner.file().has_fn(name, 1);
         }
         if self.defined.iter().any(|&d| d) {
             return Ok(());
         }
         Err(ScriptError {
-            file: self.script.origin().to_string(),
+            file: self.origin().to_string(),
             line: 0,
             column: 0,
             message: format!(
@@ -306,26 +372,24 @@ impl HookScript {
 
     /// The script, as errors name it.
     pub fn origin(&self) -> &str {
-        self.script.origin()
+        self.inner.file().origin()
     }
 
     /// Hook calls that failed and were skipped (`on_script_error = "skip"`).
     pub fn failures(&self) -> u64 {
-        self.failures
+        self.inner.failures
     }
 
     /// Picks up an edited script file (call between rounds).
     pub fn refresh(&mut self) {
-        match self.script.refresh(&self.host) {
-            Ok(true) => match self.scan() {
+        if self.inner.refresh() {
+            match self.scan() {
                 Ok(()) => tracing::info!(
-                    script = self.script.origin(),
+                    script = self.origin(),
                     "hook script changed on disk: the new version runs from now on"
                 ),
                 Err(e) => tracing::warn!("{e}"),
-            },
-            Ok(false) => {}
-            Err(e) => tracing::warn!("{e}; the previous version of the script stays in force"),
+            }
         }
     }
 
@@ -366,14 +430,6 @@ impl BoundHooks<'_> {
         data.phase = HOOK_POINTS[point];
         fill(&mut data);
         let ctx = HookContext(Arc::new(Mutex::new(data)));
-        let s = &mut *self.script;
-        let state = s
-            .states
-            .entry(self.base.client)
-            .or_insert_with(|| Dynamic::from_map(Map::new()));
-        if let Some(mut map) = state.write_lock::<Map>() {
-            map.insert("hp".into(), Dynamic::from_map(s.hp.clone()));
-        }
         let doing = format!(
             "{}, round {}, client {}, step {}",
             HOOK_POINTS[point],
@@ -381,20 +437,12 @@ impl BoundHooks<'_> {
             self.base.client,
             ctx.lock().step
         );
-        match s
-            .host
-            .call(&s.script, HOOK_POINTS[point], state, (ctx.clone(),), &doing)
-        {
-            Ok(_) => Ok(Some(ctx.lock().clone())),
-            Err(e) => match s.host.policy() {
-                OnScriptError::Fail => Err(candle_core::Error::Msg(e.to_string())),
-                OnScriptError::Skip => {
-                    s.failures += 1;
-                    tracing::warn!("{e}; skipped (scripting.on_script_error = \"skip\")");
-                    Ok(None)
-                }
-            },
-        }
+        let done = self
+            .script
+            .inner
+            .call(self.base.client, HOOK_POINTS[point], (ctx.clone(),), &doing)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        Ok(done.map(|_| ctx.lock().clone()))
     }
 
     fn batch_hook(&mut self, point: usize, ctx: &mut HookCtx) -> Result<()> {

