@@ -367,7 +367,7 @@ fn a_pfl_script_of_ones_own_runs_from_its_file() {
     let (mut plain, _) = trainer(2);
     let first = t.train(1, &global, &ctx(1)).unwrap();
     assert_eq!(first.params, train(&mut plain, &global));
-    assert!(first.metrics.get("personal_loss").is_none());
+    assert!(!first.metrics.contains_key("personal_loss"));
     assert!(
         t.personal_adapter(1).unwrap().is_none(),
         "round 1 is warm-up"
