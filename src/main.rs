@@ -6,6 +6,7 @@ mod bench_matmul;
 mod bench_scripts;
 mod bench_train;
 mod data_cmd;
+mod eval_cmd;
 mod report;
 mod run;
 mod run_llm;
@@ -34,6 +35,8 @@ enum Command {
     /// Measure the speed and sizes of fedtune's parts.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Evaluate the base model or an adapter on a benchmark (GSM8K, HumanEval, MMLU, …).
+    Eval(eval_cmd::EvalArgs),
     /// Manage models.
     #[command(subcommand)]
     Model(ModelCommand),
@@ -148,6 +151,7 @@ fn main() -> ExitCode {
     runlog::init(&cli.log);
     let result = match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Eval(args) => eval_cmd::eval(args),
         Command::Bench(BenchCommand::Codec {
             params,
             reps,

@@ -110,7 +110,7 @@ pub fn generate(
 }
 
 /// Greedy when `temperature` is 0, otherwise temperature + nucleus sampling.
-fn pick(logits: &Tensor, cfg: &GenerationConfig, rng: &mut ChaCha8Rng) -> Result<u32> {
+pub(crate) fn pick(logits: &Tensor, cfg: &GenerationConfig, rng: &mut ChaCha8Rng) -> Result<u32> {
     if cfg.temperature <= 0.0 {
         return logits.argmax(D::Minus1)?.to_scalar::<u32>();
     }

@@ -18,9 +18,10 @@
 //!
 //! - [`data`]: data set loaders, prompt templates, splitters and downloads.
 //!
-//! Evaluators come with their issue.
+//! - [`eval`]: GSM8K, HumanEval (sandboxed), MMLU, OpenBookQA, NQ-open and your own multiple-choice sets.
 
 pub mod data;
+pub mod eval;
 pub mod fetch;
 pub mod generate;
 pub mod hooks;

@@ -206,3 +206,88 @@ fn greedy_generation_with_the_cache_matches_recomputing_everything() {
     assert_eq!(stopped.finish, FinishReason::Stop(first_word.clone()));
     assert!(!stopped.text.contains(&first_word), "{:?}", stopped.text);
 }
+
+#[test]
+fn batched_generation_over_a_shared_prefix_matches_generating_alone() {
+    use fedtune_adapters::eval::batch::{
+        aligned_batches, generate_aligned, loglikelihoods, SharedPrefix,
+    };
+    use fedtune_adapters::generate::{generate, GenerationConfig};
+
+    let (m, tok) = loaded();
+    let prefix_text = "Q: What is 2 + 3?\nA: 2 + 3 = 5. The answer is 5.";
+    let questions = [
+        "\n\nQ: What is 4 + 4?\nA:",
+        "\n\nQ: What is 9 - 1?\nA:",
+        "\n\nQ: Name a fruit that is red.\nA:",
+        "\n\nQ: What is 7 + 6?\nA:",
+    ];
+    let cfg = GenerationConfig {
+        max_new_tokens: 10,
+        stop: vec!["\n\n".into()],
+        ..GenerationConfig::default()
+    };
+    let prefix = SharedPrefix::new(&m.model, tok, prefix_text, None).unwrap();
+    let ids: Vec<Vec<u32>> = questions
+        .iter()
+        .map(|q| {
+            prefix
+                .continuation(tok, q)
+                .unwrap()
+                .expect("clean boundary")
+        })
+        .collect();
+    let lengths: Vec<usize> = ids.iter().map(Vec::len).collect();
+    let groups = aligned_batches(&lengths, 8);
+    assert!(groups.iter().any(|g| g.len() >= 2), "{lengths:?}");
+    for group in groups {
+        let seqs: Vec<&[u32]> = group.iter().map(|&i| ids[i].as_slice()).collect();
+        let seeds = vec![0; seqs.len()];
+        let batched = generate_aligned(&m.model, tok, &prefix, &seqs, &seeds, &cfg, None).unwrap();
+        for (&i, got) in group.iter().zip(&batched) {
+            let whole = tok
+                .encode(&format!("{prefix_text}{}", questions[i]))
+                .unwrap();
+            let alone = generate(&m.model, tok, &whole, &cfg, None).unwrap();
+            assert_eq!(got.ids, alone.ids, "{:?}", questions[i]);
+            assert_eq!(got.text, alone.text);
+        }
+    }
+
+    // Log-likelihoods over the prefix cache equal a full forward pass's.
+    let ctx = &ids[0];
+    let choices: Vec<Vec<u32>> = [" 8", " 16 apples"]
+        .iter()
+        .map(|c| tok.encode_continuation(c).unwrap())
+        .collect();
+    let pairs: Vec<(&[u32], &[u32])> = choices.iter().map(|c| (&ctx[..], &c[..])).collect();
+    let fast = loglikelihoods(&m.model, &prefix, &pairs, None).unwrap();
+    for (c, got) in choices.iter().zip(fast) {
+        let mut all = tok
+            .encode(&format!("{prefix_text}{}", questions[0]))
+            .unwrap();
+        let start = all.len();
+        all.extend_from_slice(c);
+        let x = candle_core::Tensor::new(all.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = m.model.forward(&x, None, None).unwrap().squeeze(0).unwrap();
+        let logp = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1).unwrap();
+        let want: f64 = c
+            .iter()
+            .enumerate()
+            .map(|(j, &id)| {
+                f64::from(
+                    logp.get(start + j - 1)
+                        .unwrap()
+                        .get(id as usize)
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap(),
+                )
+            })
+            .sum();
+        assert!((got - want).abs() < 1e-3, "{got} vs {want}");
+    }
+}

@@ -100,6 +100,21 @@ pub fn load(
 /// Each record with the line it starts on: parsed, or why not.
 type Records = Vec<(usize, Result<Value, String>)>;
 
+/// Every record of a JSON Lines or JSON array file (gzip or not) with the
+/// line it starts on; the first malformed one is an error naming file and line.
+pub fn json_records(path: &Path) -> Result<Vec<(usize, Value)>, DataError> {
+    read_records(path)?
+        .into_iter()
+        .map(|(line, r)| {
+            r.map(|v| (line, v)).map_err(|msg| DataError::Record {
+                path: path.to_path_buf(),
+                line,
+                msg,
+            })
+        })
+        .collect()
+}
+
 fn read_records(path: &Path) -> Result<Records, DataError> {
     let file = File::open(path).map_err(|e| DataError::file(path, &format!("cannot open: {e}")))?;
     let gz = path.extension().is_some_and(|e| e == "gz");

@@ -587,6 +587,42 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// This cache of one sequence, repeated for a batch of `batch` sequences
+    /// that continue it (a shared few-shot prefix).
+    pub fn expand(&self, batch: usize) -> Result<Self> {
+        self.map_rows(|t| {
+            let (one, h, n, d) = t.dims4()?;
+            if one != 1 {
+                candle_core::bail!("only a cache of one sequence expands, this one has {one}")
+            }
+            t.broadcast_as((batch, h, n, d))?.contiguous()
+        })
+    }
+
+    /// Keeps the sequences at `rows` (in that order), dropping the others.
+    pub fn select(&self, rows: &[u32]) -> Result<Self> {
+        let Some(device) = self.layers.iter().flatten().map(|(k, _)| k.device()).next() else {
+            return Ok(self.clone());
+        };
+        let idx = Tensor::new(rows, device)?;
+        self.map_rows(|t| t.index_select(&idx, 0))
+    }
+
+    fn map_rows(&self, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Self> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|slot| match slot {
+                Some((k, v)) => Ok(Some((f(k)?, f(v)?))),
+                None => Ok(None),
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            layers,
+            len: self.len,
+        })
+    }
 }
 
 /// Cosine and sine tables `(max_positions, head_dim / 2)` of the rotary embedding.

@@ -1,0 +1,147 @@
+//! Scoring rules, each as its benchmark publishes it: GSM8K's final number,
+//! SQuAD-style answer normalization (NaturalQuestions exact match), and the
+//! unbiased pass@k estimator of Chen et al. (2021).
+
+/// The answer of a GSM8K completion: the last number in it, commas removed
+/// (`1,234` → `1234`), with its sign and decimals; a trailing `.` (end of
+/// sentence) is not a decimal point. `None` when the text has no number.
+pub fn gsm8k_answer(completion: &str) -> Option<String> {
+    let chars: Vec<char> = completion.chars().collect();
+    let mut last = None;
+    let mut i = 0;
+    while i < chars.len() {
+        if !chars[i].is_ascii_digit() {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        let mut text = String::new();
+        while i < chars.len() {
+            let c = chars[i];
+            let next_is_digit = chars.get(i + 1).is_some_and(|d| d.is_ascii_digit());
+            if c.is_ascii_digit() {
+                text.push(c);
+            } else if c == ',' && next_is_digit && !text.contains('.') {
+                // A thousands separator: 1,234 (not "1, 2").
+            } else if c == '.' && next_is_digit && !text.contains('.') {
+                text.push(c);
+            } else {
+                break;
+            }
+            i += 1;
+        }
+        let negative = start > 0 && chars[start - 1] == '-';
+        last = Some(if negative { format!("-{text}") } else { text });
+    }
+    last
+}
+
+/// Whether two numbers written as text are equal (`18` = `18.0` = `18.00`);
+/// texts that are not numbers compare as text.
+pub fn numbers_equal(a: &str, b: &str) -> bool {
+    let clean = |s: &str| s.trim().replace(',', "");
+    match (clean(a).parse::<f64>(), clean(b).parse::<f64>()) {
+        (Ok(x), Ok(y)) => (x - y).abs() <= 1e-9 * x.abs().max(y.abs()).max(1.0),
+        _ => clean(a) == clean(b),
+    }
+}
+
+/// SQuAD's answer normalization: lower case, punctuation and the articles
+/// `a`, `an`, `the` removed, whitespace collapsed.
+pub fn normalize_answer(s: &str) -> String {
+    let lower = s.to_lowercase();
+    let no_punct: String = lower
+        .chars()
+        .filter(|c| !c.is_ascii_punctuation())
+        .collect();
+    no_punct
+        .split_whitespace()
+        .filter(|w| !matches!(*w, "a" | "an" | "the"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Exact match after normalization against any of the gold answers.
+pub fn exact_match(prediction: &str, golds: &[String]) -> bool {
+    let p = normalize_answer(prediction);
+    golds.iter().any(|g| normalize_answer(g) == p)
+}
+
+/// The unbiased estimator of pass@k from `n` samples of which `c` passed:
+/// 1 − C(n − c, k) / C(n, k), computed as a stable product.
+pub fn pass_at_k(n: usize, c: usize, k: usize) -> f64 {
+    assert!(c <= n && k >= 1, "pass@k needs c ≤ n and k ≥ 1");
+    if n - c < k {
+        return 1.0;
+    }
+    // C(n−c, k)/C(n, k) = Π_{i=n−c+1}^{n} (1 − k/i)
+    let fail: f64 = ((n - c + 1)..=n)
+        .map(|i| 1.0 - k as f64 / i as f64)
+        .product();
+    1.0 - fail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gsm8k_takes_the_last_number_as_written() {
+        let cases = [
+            ("So she makes 9 * 2 = 18 dollars. The answer is 18.", "18"),
+            ("The total is 1,234,567 apples.", "1234567"),
+            ("He is left with -5 degrees, i.e. -5.", "-5"),
+            ("Each costs 2.50, so 3 cost 7.5.", "7.5"),
+            ("The answer is 42\n\nQ: what", "42"),
+            ("The answer is $1,000.00 per month", "1000.00"),
+            ("lists 1, 2, 3", "3"),
+            ("x = 3-2 = 1", "1"),
+            ("The answer is 8. Extra text follows without numbers.", "8"),
+        ];
+        for (text, want) in cases {
+            assert_eq!(gsm8k_answer(text).as_deref(), Some(want), "{text}");
+        }
+        assert_eq!(gsm8k_answer("no digits here"), None);
+        assert!(numbers_equal("1000.00", "1000"));
+        assert!(numbers_equal("1,000", "1000"));
+        assert!(!numbers_equal("18", "19"));
+        assert!(numbers_equal("-5", "-5.0"));
+    }
+
+    #[test]
+    fn gold_answers_come_from_the_hash_line() {
+        let gold = crate::data::gsm8k_gold("so 9*2 = 18\n#### 1,018").unwrap();
+        assert_eq!(gold, "1018");
+        assert!(numbers_equal(
+            &gsm8k_answer("The answer is 1,018.").unwrap(),
+            &gold
+        ));
+    }
+
+    #[test]
+    fn answers_normalize_as_squad_does() {
+        assert_eq!(normalize_answer("The  Beatles!"), "beatles");
+        assert_eq!(
+            normalize_answer("14 December, 1972 UTC"),
+            "14 december 1972 utc"
+        );
+        assert!(exact_match(
+            "the Bobby Scott.",
+            &["Bob Russell".into(), "Bobby Scott".into()]
+        ));
+        assert!(!exact_match("Bobby", &["Bobby Scott".into()]));
+    }
+
+    #[test]
+    fn pass_at_k_matches_hand_computed_values() {
+        // n = 5, c = 2, k = 1: 2/5.
+        assert!((pass_at_k(5, 2, 1) - 0.4).abs() < 1e-12);
+        // n = 5, c = 2, k = 2: 1 − C(3,2)/C(5,2) = 1 − 3/10.
+        assert!((pass_at_k(5, 2, 2) - 0.7).abs() < 1e-12);
+        // n = 10, c = 3, k = 5: 1 − C(7,5)/C(10,5) = 1 − 21/252.
+        assert!((pass_at_k(10, 3, 5) - (1.0 - 21.0 / 252.0)).abs() < 1e-12);
+        assert_eq!(pass_at_k(3, 0, 1), 0.0);
+        assert_eq!(pass_at_k(3, 2, 2), 1.0);
+        assert_eq!(pass_at_k(1, 1, 1), 1.0);
+    }
+}
