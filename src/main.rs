@@ -2,6 +2,7 @@
 
 mod alloc;
 mod bench;
+mod bench_generate;
 mod bench_matmul;
 mod bench_scripts;
 mod bench_train;
@@ -82,6 +83,18 @@ enum BenchCommand {
         /// Repetitions per shape and dtype (the fastest counts).
         #[arg(long, default_value_t = 5)]
         reps: usize,
+    },
+    /// Generation throughput on the default model with GSM8K's 8-shot prefix, by batch size.
+    Generate {
+        /// Batch sizes to measure, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+        batches: Vec<usize>,
+        /// Tokens generated per sequence.
+        #[arg(long, default_value_t = 32)]
+        tokens: usize,
+        /// Where the data sets are (default: $FEDTUNE_DATA_ROOT, ./data or ../shared/data).
+        #[arg(long)]
+        data_root: Option<PathBuf>,
     },
     /// What the Rhai script host costs per aggregation and per training step, against the native path.
     Scripts {
@@ -171,6 +184,15 @@ fn main() -> ExitCode {
             json,
         }) => bench_scripts::scripts(calls, clients, steps, json),
         Command::Bench(BenchCommand::Matmul { tokens, reps }) => bench_matmul::matmul(tokens, reps),
+        Command::Bench(BenchCommand::Generate {
+            batches,
+            tokens,
+            data_root,
+        }) => bench_generate::generate(
+            &batches,
+            tokens,
+            &fedtune_adapters::data::data_root(data_root.as_deref()),
+        ),
         Command::Model(ModelCommand::Fetch) => fetch_model(),
         Command::Data(cmd) => data_cmd::run(cmd),
         Command::Report { dir } => report::report(&dir),

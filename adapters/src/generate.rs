@@ -85,8 +85,9 @@ pub fn generate(
         if ids.len() >= cfg.max_new_tokens {
             break FinishReason::Length;
         }
-        let logits = model.forward_cached(&input, &mut cache, adapter)?;
-        let last = logits.get(0)?.get(logits.dim(1)? - 1)?; // (vocab)
+        let last = model
+            .forward_cached_last(&input, &mut cache, adapter)?
+            .squeeze(0)?; // (vocab)
         let next = pick(&last, cfg, &mut rng)?;
         if next == tokenizer.eos_id {
             break FinishReason::Eos;

@@ -64,3 +64,59 @@ fn cached_chunks_reproduce_the_full_forward() {
         assert_eq!(cache.len(), start);
     }
 }
+
+#[test]
+fn a_cache_grows_past_its_buffers_and_clones_do_not_share_them() {
+    let cfg = LlamaConfig {
+        vocab_size: 30,
+        hidden_size: 24,
+        intermediate_size: 32,
+        num_hidden_layers: 2,
+        num_attention_heads: 6,
+        num_key_value_heads: 2,
+        rms_norm_eps: 1e-6,
+        rope_theta: 10_000.0,
+        max_position_embeddings: 700,
+        tie_word_embeddings: true,
+    };
+    let device = Device::Cpu;
+    let model = Llama::random(cfg.clone(), 5, DType::F64, &device).unwrap();
+    let ids: Vec<u32> = (0..600u32).map(|i| (i * 7 + i / 13) % 30).collect();
+    let row = |x: &[u32]| Tensor::new(x, &device).unwrap().unsqueeze(0).unwrap();
+    let full = model
+        .forward(&row(&ids), None, None)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+
+    // Chunks that cross the first buffer (asked size + 256 positions) and its doubling.
+    let mut cache = KvCache::new(cfg.num_hidden_layers);
+    let mut start = 0;
+    for chunk in [3usize, 250, 1, 100, 1, 200] {
+        let got = model
+            .forward_cached(&row(&ids[start..start + chunk]), &mut cache, None)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let diff = common::max_abs_diff(&got, &full.narrow(0, start, chunk).unwrap());
+        assert!(diff < 1e-10, "positions {start}..{}: {diff}", start + chunk);
+        start += chunk;
+    }
+
+    // A clone continues the true sequence while the original writes other
+    // tokens into the positions after it: the clone must not see them.
+    let mut clone = cache.clone();
+    model
+        .forward_cached(&row(&ids[start..start + 2]), &mut clone, None)
+        .unwrap();
+    model
+        .forward_cached(&row(&[1, 2, 3, 4]), &mut cache, None)
+        .unwrap();
+    let got = model
+        .forward_cached_last(&row(&ids[start + 2..start + 4]), &mut clone, None)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let diff = common::max_abs_diff(&got, &full.get(start + 3).unwrap());
+    assert!(diff < 1e-10, "the clone's last logits: {diff}");
+}

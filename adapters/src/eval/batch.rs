@@ -41,7 +41,7 @@ impl SharedPrefix {
         };
         if !ids.is_empty() {
             let x = Tensor::new(ids.as_slice(), model.device())?.unsqueeze(0)?;
-            model.forward_cached(&x, &mut cache, adapter)?;
+            model.forward_cached_last(&x, &mut cache, adapter)?;
         }
         Ok(Self {
             text: text.to_string(),
@@ -125,8 +125,7 @@ pub fn generate_aligned(
     let mut cache = prefix.cache_for(b)?;
     let flat: Vec<u32> = items.iter().flat_map(|x| x.iter().copied()).collect();
     let input = Tensor::from_vec(flat, (b, s), device)?;
-    let logits = model.forward_cached(&input, &mut cache, adapter)?;
-    let mut last = logits.narrow(1, s - 1, 1)?.squeeze(1)?; // (rows, vocab)
+    let mut last = model.forward_cached_last(&input, &mut cache, adapter)?; // (rows, vocab)
     let mut rngs: Vec<ChaCha8Rng> = seeds
         .iter()
         .map(|&k| ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(k)))
@@ -170,9 +169,7 @@ pub fn generate_aligned(
             active = keep.iter().map(|&r| active[r as usize]).collect();
         }
         let input = Tensor::from_vec(next, (active.len(), 1), device)?;
-        last = model
-            .forward_cached(&input, &mut cache, adapter)?
-            .squeeze(1)?;
+        last = model.forward_cached_last(&input, &mut cache, adapter)?;
     }
     ids.into_iter()
         .zip(finish)

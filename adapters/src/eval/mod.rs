@@ -412,10 +412,9 @@ fn next_token_scores(
         .collect();
     let mut cache = prefix.cache_for(group.len())?;
     let x = Tensor::from_vec(flat, (group.len(), len), m.model.device())?;
-    let logits = m.model.forward_cached(&x, &mut cache, m.adapter)?;
-    let last = logits
-        .narrow(1, len - 1, 1)?
-        .squeeze(1)?
+    let last = m
+        .model
+        .forward_cached_last(&x, &mut cache, m.adapter)?
         .to_dtype(DType::F32)?;
     let logp = candle_nn::ops::log_softmax(&last, D::Minus1)?;
     group

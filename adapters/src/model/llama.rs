@@ -407,6 +407,28 @@ impl Llama {
         logits.reshape((b, t, self.cfg.vocab_size))
     }
 
+    /// As [`Llama::forward_cached`], but only the logits `(batch, vocab)` of
+    /// each sequence's last position: what generation needs, without the
+    /// output head's cost for every prompt token.
+    pub fn forward_cached_last(
+        &self,
+        tokens: &Tensor,
+        cache: &mut KvCache,
+        adapter: Option<&dyn ProjectionAdapter>,
+    ) -> Result<Tensor> {
+        let (b, t) = tokens.dims2()?;
+        if cache.layers.len() != self.layers.len() {
+            *cache = KvCache::new(self.layers.len());
+        }
+        let hidden = self.run(tokens, None, Some(cache), adapter)?;
+        cache.len += t;
+        let last = hidden
+            .reshape((b, t, self.cfg.hidden_size))?
+            .narrow(1, t - 1, 1)?
+            .squeeze(1)?;
+        frozen_linear(&last, self.output_weight())
+    }
+
     fn run(
         &self,
         tokens: &Tensor,
@@ -501,14 +523,7 @@ impl Llama {
         let k = rope(&k, &cos, &sin)?;
         let (k, v) = match cache {
             None => (k, v),
-            Some(slot) => {
-                let (k, v) = match slot.take() {
-                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-                    None => (k, v),
-                };
-                *slot = Some((k.clone(), v.clone()));
-                (k, v)
-            }
+            Some(slot) => append_kv(slot, &k, &v, offset)?,
         };
         // Grouped-query attention without copying keys and values: the query
         // heads that share a kv head are stacked along the sequence axis,
@@ -562,11 +577,67 @@ impl Llama {
     }
 }
 
+/// Writes the keys and values `(b, kv_heads, t, head_dim)` of positions
+/// `offset..offset + t` into a layer's cache buffers, growing them when full,
+/// and returns views of positions `0..offset + t`.
+///
+/// The buffers are preallocated along the sequence axis and written in place,
+/// so a decoding step copies only its own token's keys and values, where
+/// concatenation would copy the whole cache at every step.
+fn append_kv(
+    slot: &mut Option<(Tensor, Tensor)>,
+    k: &Tensor,
+    v: &Tensor,
+    offset: usize,
+) -> Result<(Tensor, Tensor)> {
+    let need = offset + k.dim(2)?;
+    let capacity = match slot {
+        Some((bk, _)) => bk.dim(2)?,
+        None => 0,
+    };
+    if need > capacity {
+        let grown = need.max(capacity * 2).max(need + KV_HEADROOM);
+        let old = slot.take();
+        let buffer = |new: &Tensor, old: Option<&Tensor>| -> Result<Tensor> {
+            let (b, h, _, d) = new.dims4()?;
+            let buf = Tensor::zeros((b, h, grown, d), new.dtype(), new.device())?;
+            if let Some(old) = old.filter(|_| offset > 0) {
+                buf.slice_set(&old.narrow(2, 0, offset)?.contiguous()?, 2, 0)?;
+            }
+            Ok(buf)
+        };
+        *slot = Some((
+            buffer(k, old.as_ref().map(|o| &o.0))?,
+            buffer(v, old.as_ref().map(|o| &o.1))?,
+        ));
+    }
+    let Some((bk, bv)) = slot.as_ref() else {
+        unreachable!("the slot was filled above")
+    };
+    bk.slice_set(&k.contiguous()?, 2, offset)?;
+    bv.slice_set(&v.contiguous()?, 2, offset)?;
+    Ok((bk.narrow(2, 0, need)?, bv.narrow(2, 0, need)?))
+}
+
+/// Positions a cache buffer has room for beyond what it was first asked to hold.
+const KV_HEADROOM: usize = 256;
+
 /// Keys and values of the positions processed so far, per layer.
-#[derive(Debug, Clone, Default)]
+///
+/// Each layer keeps preallocated buffers `(batch, kv_heads, capacity,
+/// head_dim)` written in place; `clone` copies them, so a clone never sees
+/// another's later positions.
+#[derive(Debug, Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     len: usize,
+}
+
+impl Clone for KvCache {
+    fn clone(&self) -> Self {
+        self.map_rows(Tensor::copy)
+            .expect("copying a KV cache of tensors already in memory")
+    }
 }
 
 impl KvCache {
@@ -591,12 +662,18 @@ impl KvCache {
     /// This cache of one sequence, repeated for a batch of `batch` sequences
     /// that continue it (a shared few-shot prefix).
     pub fn expand(&self, batch: usize) -> Result<Self> {
+        let len = self.len;
         self.map_rows(|t| {
-            let (one, h, n, d) = t.dims4()?;
+            let (one, h, cap, d) = t.dims4()?;
             if one != 1 {
                 candle_core::bail!("only a cache of one sequence expands, this one has {one}")
             }
-            t.broadcast_as((batch, h, n, d))?.contiguous()
+            let buf = Tensor::zeros((batch, h, cap, d), t.dtype(), t.device())?;
+            if len > 0 {
+                let rows = t.narrow(2, 0, len)?.broadcast_as((batch, h, len, d))?;
+                buf.slice_set(&rows.contiguous()?, 2, 0)?;
+            }
+            Ok(buf)
         })
     }
 
