@@ -4,10 +4,10 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device};
 use clap::Args;
-use fedtune_adapters::data;
+use fedtune_adapters::data::{self, collate, Template, Tokenized};
 use fedtune_adapters::eval::sandbox::{python_available, Limits};
 use fedtune_adapters::eval::tasks::{self, Items, Task};
 use fedtune_adapters::eval::{
@@ -16,11 +16,15 @@ use fedtune_adapters::eval::{
 use fedtune_adapters::fetch::ensure_default_model;
 use fedtune_adapters::generate::GenerationConfig;
 use fedtune_adapters::lora::Lora;
+use fedtune_adapters::loss::counted_positions;
 use fedtune_adapters::model::{load_gguf, Llama};
 use fedtune_adapters::peft::load_lora;
 use fedtune_adapters::tokenizer::TextTokenizer;
+use fedtune_kernel::config::{ConfigDoc, CourseConfig};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
+
+use crate::run_llm::LlmSections;
 
 /// `fedtune eval` arguments.
 #[derive(Debug, Args)]
@@ -62,6 +66,34 @@ pub struct EvalArgs {
     /// Print nothing but the result.
     #[arg(long)]
     pub quiet: bool,
+    /// The course config whose data split the `loss` task scores.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Which split of the config's data the `loss` task scores: test, val or train.
+    #[arg(long, default_value = "test")]
+    pub split: String,
+}
+
+/// A task as `fedtune eval` and `[eval] tasks` name it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Named {
+    /// A benchmark.
+    Task(Task),
+    /// Held-out loss on a course config's data split.
+    Loss,
+}
+
+/// Parses a task name; `helm-mini` is MMLU, NQ-open and OpenBookQA.
+pub fn parse_tasks(name: &str) -> std::result::Result<Vec<Named>, String> {
+    match name {
+        "helm-mini" => Ok(vec![
+            Named::Task(Task::Mmlu),
+            Named::Task(Task::NqOpen),
+            Named::Task(Task::OpenBookQa),
+        ]),
+        "loss" => Ok(vec![Named::Loss]),
+        name => Task::parse(name).map(|t| vec![Named::Task(t)]),
+    }
 }
 
 /// One task's outcome.
@@ -88,6 +120,9 @@ pub struct TaskReport {
     /// Per group (MMLU subjects).
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub groups: std::collections::BTreeMap<String, fedtune_adapters::eval::GroupScore>,
+    /// Other figures (the `loss` task's perplexity and token count).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub extra: std::collections::BTreeMap<String, f64>,
     /// The results file.
     pub out: PathBuf,
 }
@@ -168,10 +203,7 @@ pub struct Settings {
 pub fn eval(args: EvalArgs) -> Result<()> {
     ensure!(args.batch >= 1, "--batch must be at least 1");
     ensure!(args.samples >= 1, "--samples must be at least 1");
-    let tasks: Vec<Task> = match args.task.as_str() {
-        "helm-mini" => vec![Task::Mmlu, Task::NqOpen, Task::OpenBookQa],
-        name => vec![Task::parse(name).map_err(anyhow::Error::msg)?],
-    };
+    let tasks = parse_tasks(&args.task).map_err(anyhow::Error::msg)?;
     let settings = Settings {
         limit: args.limit,
         batch: args.batch,
@@ -183,21 +215,15 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         quiet: args.quiet,
         adapter: args.adapter.clone(),
     };
-    if tasks.contains(&Task::HumanEval) {
-        ensure!(
-            python_available(),
-            "humaneval runs the generated code with python3, which is not installed (apt-get install python3)"
-        );
-    }
-    // Load every task's items before the model: a missing file fails fast.
-    let loaded_items = tasks
-        .iter()
-        .map(|t| {
-            tasks::load(t, &settings.data_root, settings.limit)
-                .map_err(anyhow::Error::msg)
-                .with_context(|| format!("loading {}", t.name()))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let doc = match (&args.config, tasks.contains(&Named::Loss)) {
+        (Some(path), _) => Some(ConfigDoc::load(path)?),
+        (None, true) => {
+            bail!("the loss task scores a course's data: give its config with --config FILE")
+        }
+        (None, false) => None,
+    };
+    // Check python3 and load every task's items before the model: a missing file fails fast.
+    let loaded_items = load_items(&tasks, &settings)?;
     let say = |line: &str| {
         if !args.quiet {
             eprintln!("{line}");
@@ -205,17 +231,26 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     };
     let loaded = Loaded::load(args.model.as_deref(), args.adapter.as_deref(), &say)?;
     let mut reports = Vec::new();
-    for (task, items) in tasks.iter().zip(loaded_items) {
+    for (named, items) in tasks.iter().zip(loaded_items) {
+        let name = match named {
+            Named::Task(t) => file_name(t),
+            Named::Loss => format!("loss-{}", args.split),
+        };
         let out = match (&args.out, tasks.len()) {
             (Some(p), 1) => p.clone(),
             (Some(p), _) => p.with_file_name(format!(
-                "{}-{}.json",
+                "{}-{name}.json",
                 p.file_stem().unwrap_or_default().to_string_lossy(),
-                task.name()
             )),
-            (None, _) => default_out(task, args.adapter.as_deref()),
+            (None, _) => default_out(&name, args.adapter.as_deref()),
         };
-        let report = evaluate(&loaded, task, items, &settings, &out)?;
+        let report = match (named, items) {
+            (Named::Task(task), Some(items)) => evaluate(&loaded, task, items, &settings, &out)?,
+            _ => {
+                let doc = doc.as_ref().expect("checked above");
+                held_out_loss(&loaded, doc, &args.split, &settings, &out)?
+            }
+        };
         if !args.quiet {
             eprintln!(
                 "{}: {} = {:.4} over {} items ({:.1} s, {:.1} tokens/s); results in {}",
@@ -246,11 +281,169 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-fn default_out(task: &Task, adapter: Option<&Path>) -> PathBuf {
-    let name = match task {
+/// Each benchmark's items (`None` for the loss task), after checking that
+/// HumanEval can run its programs.
+fn load_items(tasks: &[Named], s: &Settings) -> Result<Vec<Option<Items>>> {
+    if tasks.contains(&Named::Task(Task::HumanEval)) {
+        ensure!(
+            python_available(),
+            "humaneval runs the generated code with python3, which is not installed (apt-get install python3)"
+        );
+    }
+    tasks
+        .iter()
+        .map(|named| match named {
+            Named::Task(t) => tasks::load(t, &s.data_root, s.limit)
+                .map(Some)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("loading {}", t.name())),
+            Named::Loss => Ok(None),
+        })
+        .collect()
+}
+
+/// Runs the task(s) `name` with `loaded`, writing results to `dir/TASK.json`;
+/// `doc` is the course whose test split the `loss` task scores.
+pub fn run_named(
+    loaded: &Loaded,
+    name: &str,
+    settings: &Settings,
+    dir: &Path,
+    doc: Option<&ConfigDoc>,
+) -> Result<Vec<TaskReport>> {
+    let tasks = parse_tasks(name).map_err(anyhow::Error::msg)?;
+    let items = load_items(&tasks, settings)?;
+    tasks
+        .iter()
+        .zip(items)
+        .map(|(named, items)| match (named, items, doc) {
+            (Named::Task(t), Some(items), _) => evaluate(
+                loaded,
+                t,
+                items,
+                settings,
+                &dir.join(format!("{}.json", file_name(t))),
+            ),
+            (_, _, Some(doc)) => {
+                held_out_loss(loaded, doc, "test", settings, &dir.join("loss-test.json"))
+            }
+            _ => bail!("the loss task needs a course config"),
+        })
+        .collect()
+}
+
+/// A task's name as a file name.
+fn file_name(task: &Task) -> String {
+    match task {
         Task::Mc(p) => format!("mc-{}", p.file_stem().unwrap_or_default().to_string_lossy()),
         t => t.name(),
+    }
+}
+
+/// Token-weighted mean loss (and perplexity) of `split` of the course `doc`'s
+/// data, per client and over all, with the loaded model and adapter.
+pub fn held_out_loss(
+    loaded: &Loaded,
+    doc: &ConfigDoc,
+    split: &str,
+    s: &Settings,
+    out: &Path,
+) -> Result<TaskReport> {
+    let started = Instant::now();
+    let cfg = CourseConfig::from_doc(doc)?;
+    let llm = LlmSections::from_doc(doc)?;
+    let fed = data::build(&llm.data, &s.data_root, cfg.course.clients as usize)
+        .with_context(|| format!("{}: [data]", doc.origin()))?;
+    let dir = Path::new(doc.origin()).parent().unwrap_or(Path::new("."));
+    let template = Template::resolve(&llm.data.template, dir)?;
+    let mut left = s.limit.unwrap_or(usize::MAX);
+    let (mut weighted, mut tokens, mut examples) = (0.0, 0usize, 0usize);
+    let mut groups = std::collections::BTreeMap::new();
+    let view = loaded.view();
+    for c in &fed.clients {
+        let idx = match split {
+            "test" => &c.test,
+            "val" => &c.val,
+            "train" => &c.train,
+            other => bail!("--split is test, val or train, not {other:?}"),
+        };
+        let idx = &idx[..idx.len().min(left)];
+        left -= idx.len();
+        let items = fed.tokenize(idx, &template, &loaded.tok, llm.data.max_tokens)?;
+        let (mut c_weighted, mut c_tokens) = (0.0, 0usize);
+        for chunk in items.chunks(s.batch.max(1)) {
+            let refs: Vec<&Tokenized> = chunk.iter().collect();
+            let b = collate(&refs, loaded.tok.eos_id, &Device::Cpu)?;
+            let loss = view
+                .model
+                .causal_lm_loss(&b.tokens, Some(&b.attention_mask), &b.labels, view.adapter)?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+            let n = counted_positions(&b.labels, view.model.config().vocab_size)?
+                .0
+                .len();
+            c_weighted += loss * n as f64;
+            c_tokens += n;
+        }
+        if c_tokens > 0 {
+            groups.insert(
+                format!("client {}", c.name),
+                fedtune_adapters::eval::GroupScore {
+                    items: items.len(),
+                    score: c_weighted / c_tokens as f64,
+                },
+            );
+        }
+        weighted += c_weighted;
+        tokens += c_tokens;
+        examples += items.len();
+    }
+    ensure!(
+        tokens > 0,
+        "{}: the {split} split has no scored tokens",
+        doc.origin()
+    );
+    let loss = weighted / tokens as f64;
+    let seconds = started.elapsed().as_secs_f64();
+    let report = TaskReport {
+        task: format!("loss:{split}"),
+        metric: "token-weighted mean loss (lower is better)".into(),
+        score: loss,
+        items: examples,
+        resumed_items: 0,
+        seconds,
+        generated_tokens: 0,
+        tokens_per_s: 0.0,
+        items_per_s: examples as f64 / seconds.max(1e-9),
+        groups,
+        extra: [
+            ("perplexity".to_string(), loss.exp()),
+            ("tokens".to_string(), tokens as f64),
+        ]
+        .into(),
+        out: out.to_path_buf(),
     };
+    let full = serde_json::json!({
+        "summary": report,
+        "settings": {
+            "config": doc.origin(),
+            "split": split,
+            "adapter": s.adapter.as_ref().map(|p| p.display().to_string()),
+        },
+    });
+    write_json(out, &full)?;
+    Ok(report)
+}
+
+fn write_json(out: &Path, value: &serde_json::Value) -> Result<()> {
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    std::fs::write(out, serde_json::to_string_pretty(value)?)
+        .with_context(|| format!("cannot write {}", out.display()))
+}
+
+fn default_out(name: &str, adapter: Option<&Path>) -> PathBuf {
     let who = match adapter {
         Some(dir) => format!(
             "-{}",
@@ -393,14 +586,11 @@ pub fn evaluate(
         tokens_per_s: generated as f64 / seconds.max(1e-9),
         items_per_s: (n - resumed.min(n)) as f64 / seconds.max(1e-9),
         groups,
+        extra: Default::default(),
         out: out.to_path_buf(),
     };
     let full = serde_json::json!({ "summary": report, "settings": header, "items": results });
-    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    std::fs::write(out, serde_json::to_string_pretty(&full)?)
-        .with_context(|| format!("cannot write {}", out.display()))?;
+    write_json(out, &full)?;
     Ok(report)
 }
 

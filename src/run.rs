@@ -126,9 +126,11 @@ struct ResolvedLlm<'a> {
     data: &'a fedtune_adapters::data::DataSpec,
     hooks: &'a fedtune_kernel::script::ScriptSection,
     pfl: &'a fedtune_adapters::round_robin::PflConfig,
+    eval: &'a run_llm::EvalSection,
 }
 
-const SECTIONS: [&str; 13] = [
+const SECTIONS: [&str; 14] = [
+    "eval",
     "federate",
     "wire",
     "aggregator",
@@ -171,6 +173,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             data: &llm.data,
             hooks: &llm.hooks,
             pfl: &llm.pfl,
+            eval: &llm.eval,
         })?;
         if args.dry_run {
             print!("{resolved}");

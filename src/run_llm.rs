@@ -52,6 +52,32 @@ pub struct ModelSection {
     pub path: Option<PathBuf>,
 }
 
+/// `[eval]`: benchmarks run on the final adapter when the course ends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalSection {
+    /// Tasks as `fedtune eval` names them: gsm8k, humaneval, mmlu,
+    /// openbookqa, nq-open, helm-mini, mc:FILE, loss (this course's test split).
+    pub tasks: Vec<String>,
+    /// Evaluate the first N items of each task only.
+    pub limit: Option<usize>,
+    /// Sequences per forward pass.
+    pub batch: usize,
+    /// Seconds a HumanEval program may run.
+    pub timeout_s: u64,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        Self {
+            tasks: Vec::new(),
+            limit: None,
+            batch: 8,
+            timeout_s: 10,
+        }
+    }
+}
+
 /// `[train]`: local training on each client.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -89,6 +115,8 @@ pub struct LlmSections {
     pub hooks: ScriptSection,
     /// `[pfl]`: personalized FL (Ditto, pFedMe).
     pub pfl: PflConfig,
+    /// `[eval]`: benchmarks at the end of the course.
+    pub eval: EvalSection,
 }
 
 impl LlmSections {
@@ -101,7 +129,18 @@ impl LlmSections {
             optim: doc.section("optim")?,
             hooks: doc.section("hooks")?,
             pfl: doc.section("pfl")?,
+            eval: doc.section("eval")?,
         };
+        for name in &s.eval.tasks {
+            if let Err(message) = crate::eval_cmd::parse_tasks(name) {
+                return Err(doc.key_error("eval.tasks", message).into());
+            }
+        }
+        ensure!(
+            s.eval.batch > 0,
+            "{}: [eval] batch must be at least 1",
+            doc.origin()
+        );
         if let Err(message) = s.pfl.validate() {
             let key = message.split(' ').next().unwrap_or("pfl").to_string();
             return Err(doc.key_error(&key, message).into());
@@ -166,14 +205,17 @@ struct Summary {
     wall_s: f64,
     peak_rss_mib: Option<f64>,
     adapter: String,
+    /// The `[eval]` tasks' results on the final adapter (each client's, in local mode).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    eval: Vec<crate::eval_cmd::TaskReport>,
 }
 
 /// One client's tokenized data.
-struct Prepared {
-    name: String,
-    train: Vec<Tokenized>,
-    test: Vec<Tokenized>,
-    val: Vec<Tokenized>,
+pub(crate) struct Prepared {
+    pub name: String,
+    pub train: Vec<Tokenized>,
+    pub test: Vec<Tokenized>,
+    pub val: Vec<Tokenized>,
 }
 
 pub fn run(
@@ -477,6 +519,7 @@ pub fn run(
         }
         (den > 0.0).then(|| num / den)
     };
+    let eval = evaluate_at_end(doc, cfg, llm, &path, &adapter_dir, out, &say)?;
     let summary = Summary {
         course: cfg.course.name.clone(),
         mode: cfg.course.mode,
@@ -498,6 +541,7 @@ pub fn run(
         wall_s: started.elapsed().as_secs_f64(),
         peak_rss_mib: crate::bench_train::peak_rss_mib(),
         adapter: adapter_dir.display().to_string(),
+        eval,
     };
     display.finish();
     let text = serde_json::to_string_pretty(&summary)?;
@@ -508,6 +552,63 @@ pub fn run(
         print_summary(&summary, &out.dir);
     }
     Ok(())
+}
+
+/// Runs the `[eval]` tasks on the final adapter (on each client's, in local
+/// mode), writing results under `OUT/eval/`.
+fn evaluate_at_end(
+    doc: &ConfigDoc,
+    cfg: &CourseConfig,
+    llm: &LlmSections,
+    model: &Path,
+    adapter_dir: &Path,
+    out: &Output,
+    say: &dyn Fn(&str),
+) -> Result<Vec<crate::eval_cmd::TaskReport>> {
+    if llm.eval.tasks.is_empty() {
+        return Ok(Vec::new());
+    }
+    let adapters: Vec<(String, PathBuf)> = match cfg.course.mode {
+        Mode::Local => (1..=cfg.course.clients)
+            .map(|c| {
+                (
+                    format!("client-{c}/"),
+                    adapter_dir.join(format!("client-{c}")),
+                )
+            })
+            .collect(),
+        _ => vec![(String::new(), adapter_dir.to_path_buf())],
+    };
+    let settings = crate::eval_cmd::Settings {
+        limit: llm.eval.limit,
+        batch: llm.eval.batch,
+        samples: 1,
+        temperature: 0.0,
+        timeout: std::time::Duration::from_secs(llm.eval.timeout_s.max(1)),
+        max_new_tokens: None,
+        data_root: data::data_root(out.data_root.as_deref()),
+        quiet: out.quiet || out.json,
+        adapter: None,
+    };
+    let mut reports = Vec::new();
+    for (who, dir) in adapters {
+        let loaded = crate::eval_cmd::Loaded::load(Some(model), Some(&dir), say)?;
+        let settings = crate::eval_cmd::Settings {
+            adapter: Some(dir.clone()),
+            ..settings.clone()
+        };
+        for name in &llm.eval.tasks {
+            say(&format!("evaluating {who}{name}"));
+            let eval_dir = out.dir.join("eval").join(who.trim_end_matches('/'));
+            let mut found =
+                crate::eval_cmd::run_named(&loaded, name, &settings, &eval_dir, Some(doc))?;
+            for r in &mut found {
+                r.task = format!("{who}{}", r.task);
+            }
+            reports.extend(found);
+        }
+    }
+    Ok(reports)
 }
 
 /// The configured aggregator, also writing the global adapter to `dir/round-NNNN/` (PEFT
@@ -647,7 +748,7 @@ fn trainer_error(e: fedtune_kernel::course::TrainerError) -> anyhow::Error {
 }
 
 /// Tokenizes every client's splits.
-fn prepare(
+pub(crate) fn prepare(
     fed: &FederatedData,
     template: &Template,
     tok: &TextTokenizer,

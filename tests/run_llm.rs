@@ -49,7 +49,8 @@ fn quick(out: &Path, extra: &[&str]) -> serde_json::Value {
 fn the_quickstart_writes_every_output_and_lowers_every_clients_test_loss() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let summary = quick(&out, &[]);
+    // The course ends by scoring its own test split with the final adapter.
+    let summary = quick(&out, &["--set", r#"eval.tasks=["loss"]"#]);
     for f in [
         "config.toml",
         "metrics.jsonl",
@@ -99,6 +100,21 @@ fn the_quickstart_writes_every_output_and_lowers_every_clients_test_loss() {
             c["test_loss_after"].as_f64().unwrap(),
         );
         assert!(after < before, "client {}: {before} → {after}", c["id"]);
+    }
+    // `[eval] tasks = ["loss"]` reproduces each client's last test loss.
+    let eval = &summary["eval"][0];
+    assert_eq!(eval["task"], "loss:test");
+    assert!(out.join("eval/loss-test.json").is_file());
+    for c in clients {
+        let got = eval["groups"][format!("client {}", c["id"])]["score"]
+            .as_f64()
+            .unwrap();
+        let want = c["test_loss_after"].as_f64().unwrap();
+        assert!(
+            (got - want).abs() < 1e-4,
+            "client {}: {got} vs {want}",
+            c["id"]
+        );
     }
     assert!(summary["peak_rss_mib"].as_f64().unwrap() > 0.0);
     let log = std::fs::read_to_string(out.join("run.log")).unwrap();

@@ -64,7 +64,7 @@ impl Task {
                 Some(path) if !path.is_empty() => Task::Mc(PathBuf::from(path)),
                 _ => {
                     return Err(format!(
-                    "unknown task `{other}` (tasks: gsm8k, humaneval, mmlu, openbookqa, nq-open, helm-mini, mc:FILE.jsonl)"
+                    "unknown task `{other}` (tasks: gsm8k, humaneval, mmlu, openbookqa, nq-open, helm-mini, mc:FILE.jsonl, loss)"
                 ))
                 }
             },
