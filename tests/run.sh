@@ -3,10 +3,14 @@
 # crates. This is the README's test command, and what CI runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# The HumanEval harness runs generated programs with python3.
-if ! command -v python3 >/dev/null 2>&1; then
-    echo "tests/run.sh: installing python3 (HumanEval's sandbox runs it)" >&2
+# What the tests run besides cargo: python3 (HumanEval's sandbox) and
+# nats-server (the NATS transport's tests start their own on a free port).
+missing=()
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
+command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || missing+=(nats-server)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "tests/run.sh: installing ${missing[*]} (Debian packages)" >&2
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq python3 >/dev/null
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 cargo test --workspace -j 2 "$@"

@@ -1,11 +1,14 @@
 //! fedtune's NATS side: where FL messages travel between machines.
 //!
-//! This crate will hold the NATS transport (async-nats), large-payload
-//! handling through JetStream, credentials and helpers that write a
-//! nats-server configuration or start a local server for tests. What exists
-//! now is the part everything else builds on: the subject hierarchy, defined in
-//! one place so that the transport, the permission files and the docs can
-//! never disagree.
+//! - [`subjects`]: the subject hierarchy, defined in one place so that the
+//!   transport, the permission files and the docs can never disagree;
+//! - [`transport`]: [`NatsTransport`], the kernel's transport over a NATS
+//!   connection, with frames of any size sent as digested parts;
+//! - [`local`]: starts a local `nats-server` for development and tests.
+//!
+//! Still to come (issue "Distributed mode over NATS"): credentials and
+//! per-client permissions, `fedtune server` / `fedtune client` processes,
+//! dropped-client handling.
 //!
 //! ```text
 //! fedtune.<course>.server.<client-id>   a client's messages to the server (only that client may publish here)
@@ -16,4 +19,9 @@
 //! The server learns who sent a message from the subject it arrived on, never
 //! from its payload.
 
+pub mod local;
 pub mod subjects;
+pub mod transport;
+
+pub use local::LocalNats;
+pub use transport::{NatsOptions, NatsStats, NatsTransport};

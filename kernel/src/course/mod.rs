@@ -108,10 +108,43 @@ pub async fn run_in_process_from(
     aggregator: Box<dyn Aggregator>,
     log: MetricsLog,
 ) -> Result<CourseReport, CourseError> {
+    let bus: Arc<dyn Transport> = Arc::new(InProcTransport::new());
+    let transports = Transports {
+        server: bus.clone(),
+        clients: (1..=cfg.course.clients)
+            .map(|id| (id, bus.clone()))
+            .collect(),
+    };
+    run_on(cfg, completed, global, trainer, aggregator, log, transports).await
+}
+
+/// Each party's transport: one shared bus in process, or one NATS
+/// connection per party.
+pub struct Transports {
+    /// The server's.
+    pub server: Arc<dyn Transport>,
+    /// Each client's, by id (1..=clients).
+    pub clients: std::collections::BTreeMap<u32, Arc<dyn Transport>>,
+}
+
+/// Runs a whole course in this process with each party on its own
+/// transport: [`run_in_process_from`] on any medium (e.g. NATS, one
+/// connection per party, as separate processes would use).
+pub async fn run_on(
+    cfg: &CourseConfig,
+    completed: u64,
+    global: ParamSet,
+    trainer: SharedTrainer,
+    aggregator: Box<dyn Aggregator>,
+    log: MetricsLog,
+    transports: Transports,
+) -> Result<CourseReport, CourseError> {
+    if let Some(id) = (1..=cfg.course.clients).find(|id| !transports.clients.contains_key(id)) {
+        return Err(TransportError::Other(format!("no transport for client {id}")).into());
+    }
     let initial = global;
     let started = Instant::now();
-    let bus = InProcTransport::new();
-    let transport: Arc<dyn Transport> = Arc::new(bus);
+    let transport = transports.server.clone();
     let (shutdown, signal) = ShutdownHandle::new();
     let mut tasks = JoinSet::new();
 
@@ -131,7 +164,8 @@ pub async fn run_in_process_from(
         Ok::<_, WorkerError>(Finished::Server(Box::new(out.state), out.stats, out.reason))
     });
     for id in 1..=cfg.course.clients {
-        let worker = client_worker(id, cfg, trainer.clone(), transport.clone());
+        let transport = transports.clients[&id].clone();
+        let worker = client_worker(id, cfg, trainer.clone(), transport);
         let client_signal = signal.clone();
         tasks.spawn(async move {
             let out = worker.run(client_signal).await?;

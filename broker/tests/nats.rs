@@ -1,0 +1,224 @@
+//! The NATS transport against a real nats-server (started per test on a free
+//! loopback port; tests/run.sh installs the Debian package when missing).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use fedtune_broker::{LocalNats, NatsOptions, NatsTransport};
+use fedtune_kernel::course::{
+    run_in_process, run_on, LeastSquaresTrainer, SyntheticSpec, Transports,
+};
+use fedtune_kernel::{CourseConfig, FedAvg, MetricsLog, Party, Transport};
+
+fn server() -> LocalNats {
+    LocalNats::start(None).expect("nats-server starts (tests/run.sh installs it)")
+}
+
+async fn connect(nats: &LocalNats, name: &str) -> NatsTransport {
+    let options = NatsOptions {
+        name: name.to_string(),
+        ..NatsOptions::default()
+    };
+    NatsTransport::connect(&nats.url(), "course-1", options)
+        .await
+        .unwrap()
+}
+
+fn frame(len: usize, seed: u64) -> Bytes {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_of_any_size_arrive_whole_with_the_sender_from_the_subject() {
+    let nats = server();
+    let srv = connect(&nats, "server").await;
+    let c1 = connect(&nats, "client-1").await;
+    let c2 = connect(&nats, "client-2").await;
+    // The default server's max_payload is 1 MiB: bigger frames travel in parts.
+    assert!(c1.chunk_bytes() < 1 << 20);
+    let mut inbox = srv.subscribe(Party::Server).await.unwrap();
+    let mut to_c2 = c2.subscribe(Party::Client(2)).await.unwrap();
+
+    let sizes = [
+        0usize,
+        1,
+        1000,
+        c1.chunk_bytes(),
+        c1.chunk_bytes() + 1,
+        64 << 20,
+    ];
+    for (i, &n) in sizes.iter().enumerate() {
+        let f = frame(n, i as u64);
+        c1.send(Party::Client(1), Party::Server, f.clone())
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(30), inbox.recv())
+            .await
+            .expect("delivered in time")
+            .unwrap();
+        assert_eq!(got.from, Party::Client(1));
+        assert!(got.frame == f, "frame of {n} bytes changed in transit");
+    }
+    let f = frame(3 << 20, 99);
+    srv.send(Party::Server, Party::Client(2), f.clone())
+        .await
+        .unwrap();
+    let got = to_c2.recv().await.unwrap();
+    assert_eq!(got.from, Party::Server);
+    assert!(got.frame == f);
+    assert_eq!(srv.stats().rejected(), 0);
+    assert_eq!(
+        srv.stats().delivered.load(Ordering::Relaxed),
+        sizes.len() as u64
+    );
+    // Clients talk only to the server.
+    assert!(c1
+        .send(Party::Client(1), Party::Client(2), Bytes::new())
+        .await
+        .is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_or_foreign_messages_are_counted_and_never_delivered() {
+    let nats = server();
+    let srv = connect(&nats, "server").await;
+    let raw = async_nats::connect(nats.url()).await.unwrap();
+    let mut inbox = srv.subscribe(Party::Server).await.unwrap();
+    let subject = "fedtune.course-1.server.1";
+    let good_sha = "0".repeat(64);
+
+    // No headers at all.
+    raw.publish(subject, Bytes::from_static(b"hello"))
+        .await
+        .unwrap();
+    // Headers whose digest does not match the payload.
+    let mut h = HeaderMap::new();
+    h.insert("Fedtune-Msg", "m1");
+    h.insert("Fedtune-Part", "0/1");
+    h.insert("Fedtune-Len", "5");
+    h.insert("Fedtune-Sha256", good_sha.as_str());
+    raw.publish_with_headers(subject, h, Bytes::from_static(b"hello"))
+        .await
+        .unwrap();
+    // A length that the parts do not add up to.
+    let mut h = HeaderMap::new();
+    h.insert("Fedtune-Msg", "m2");
+    h.insert("Fedtune-Part", "0/1");
+    h.insert("Fedtune-Len", "6");
+    h.insert(
+        "Fedtune-Sha256",
+        "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824",
+    );
+    raw.publish_with_headers(subject, h, Bytes::from_static(b"hello"))
+        .await
+        .unwrap();
+    // A part index past the count.
+    let mut h = HeaderMap::new();
+    h.insert("Fedtune-Msg", "m3");
+    h.insert("Fedtune-Part", "1/1");
+    h.insert("Fedtune-Len", "5");
+    h.insert("Fedtune-Sha256", good_sha.as_str());
+    raw.publish_with_headers(subject, h, Bytes::from_static(b"hello"))
+        .await
+        .unwrap();
+    // A sender id that is not canonical.
+    raw.publish("fedtune.course-1.server.01", Bytes::from_static(b"x"))
+        .await
+        .unwrap();
+    raw.flush().await.unwrap();
+
+    // A good frame after all that still arrives, and is the only delivery.
+    let client = connect(&nats, "client-3").await;
+    client
+        .send(Party::Client(3), Party::Server, Bytes::from_static(b"ok"))
+        .await
+        .unwrap();
+    let got = inbox.recv().await.unwrap();
+    assert_eq!((got.from, &got.frame[..]), (Party::Client(3), &b"ok"[..]));
+    let stats = srv.stats();
+    assert_eq!(
+        stats.malformed.load(Ordering::Relaxed),
+        2,
+        "no headers; bad part index"
+    );
+    assert_eq!(
+        stats.corrupt.load(Ordering::Relaxed),
+        2,
+        "bad digest; bad length"
+    );
+    assert_eq!(stats.unknown_subject.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.delivered.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_course_over_nats_ends_where_the_in_process_course_ends() {
+    let nats = server();
+    let cfg = CourseConfig::from_toml(
+        "[federate]\nname = \"course-1\"\nrounds = 3\nclients = 3\nseed = 7\n",
+        "<test>",
+    )
+    .unwrap();
+    let trainer = || {
+        Arc::new(Mutex::new(LeastSquaresTrainer::synthetic(
+            SyntheticSpec::default(),
+            0.1,
+            5,
+        )))
+    };
+    let initial = trainer().lock().unwrap().initial_params();
+    let local = run_in_process(
+        &cfg,
+        initial.clone(),
+        trainer(),
+        Box::new(FedAvg),
+        MetricsLog::in_memory(),
+    )
+    .await
+    .unwrap();
+
+    // One connection per party, as separate processes would have.
+    let server_t: Arc<dyn Transport> = Arc::new(connect(&nats, "server").await);
+    let mut clients: BTreeMap<u32, Arc<dyn Transport>> = BTreeMap::new();
+    for id in 1..=3 {
+        clients.insert(id, Arc::new(connect(&nats, &format!("client-{id}")).await));
+    }
+    let remote = run_on(
+        &cfg,
+        0,
+        initial,
+        trainer(),
+        Box::new(FedAvg),
+        MetricsLog::in_memory(),
+        Transports {
+            server: server_t,
+            clients,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(remote.final_params, local.final_params);
+    // Evaluation means are summed in arrival order, which NATS does not fix:
+    // equal up to rounding.
+    let (a, b) = (remote.loss_curve("test"), local.loss_curve("test"));
+    assert_eq!(a.len(), b.len());
+    for ((ra, la), (rb, lb)) in a.iter().zip(&b) {
+        assert_eq!(ra, rb);
+        assert!(
+            (la - lb).abs() <= 1e-12 * lb.abs(),
+            "round {ra}: {la} vs {lb}"
+        );
+    }
+}
