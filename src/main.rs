@@ -44,10 +44,36 @@ enum Command {
     /// Inspect and download data sets.
     #[command(subcommand)]
     Data(data_cmd::DataCommand),
+    /// NATS broker set-up for distributed courses.
+    #[command(subcommand)]
+    Broker(BrokerCommand),
     /// Write SVG charts (loss per round per client, bytes per round) and a Markdown report for a run directory.
     Report {
         /// A directory written by `fedtune run`.
         dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BrokerCommand {
+    /// Write a nats-server configuration with one user per party (each client may publish only
+    /// as itself and read only its own subjects) and the matching credentials files.
+    Config {
+        /// The course name (`federate.name`), part of every subject.
+        #[arg(long)]
+        course: String,
+        /// Number of clients.
+        #[arg(long)]
+        clients: u32,
+        /// Where to write nats-server.conf, server.json and client-N.json.
+        #[arg(long)]
+        out: PathBuf,
+        /// The address nats-server listens on (0.0.0.0 to accept other machines).
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// The port nats-server listens on.
+        #[arg(long, default_value_t = 4222)]
+        port: u16,
     },
 }
 
@@ -195,6 +221,25 @@ fn main() -> ExitCode {
         ),
         Command::Model(ModelCommand::Fetch) => fetch_model(),
         Command::Data(cmd) => data_cmd::run(cmd),
+        Command::Broker(BrokerCommand::Config {
+            course,
+            clients,
+            out,
+            host,
+            port,
+        }) => fedtune_broker::auth::write_config(&course, clients, (&host, port), &out)
+            .map_err(anyhow::Error::msg)
+            .map(|files| {
+                println!("nats-server configuration: {}", files.config.display());
+                println!("server credentials:        {}", files.server.display());
+                for (i, c) in files.clients.iter().enumerate() {
+                    println!("client {} credentials:     {}", i + 1, c.display());
+                }
+                println!(
+                    "start the broker with: nats-server -c {}",
+                    files.config.display()
+                );
+            }),
         Command::Report { dir } => report::report(&dir),
     };
     match result {

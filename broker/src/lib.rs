@@ -4,11 +4,12 @@
 //!   transport, the permission files and the docs can never disagree;
 //! - [`transport`]: [`NatsTransport`], the kernel's transport over a NATS
 //!   connection, with frames of any size sent as digested parts;
+//! - [`auth`]: a nats-server configuration with one user per party and
+//!   per-client permissions, and the credentials files;
 //! - [`local`]: starts a local `nats-server` for development and tests.
 //!
-//! Still to come (issue "Distributed mode over NATS"): credentials and
-//! per-client permissions, `fedtune server` / `fedtune client` processes,
-//! dropped-client handling.
+//! Still to come (issue "Distributed mode over NATS"): `fedtune server` /
+//! `fedtune client` processes, dropped-client handling.
 //!
 //! ```text
 //! fedtune.<course>.server.<client-id>   a client's messages to the server (only that client may publish here)
@@ -19,6 +20,7 @@
 //! The server learns who sent a message from the subject it arrived on, never
 //! from its payload.
 
+pub mod auth;
 pub mod local;
 pub mod subjects;
 pub mod transport;

@@ -27,9 +27,9 @@ pub fn nats_server_binary() -> Option<PathBuf> {
 }
 
 impl LocalNats {
-    /// Starts `nats-server -js` on a free loopback port, with `config` (a
-    /// nats-server configuration file) when given; waits until it accepts
-    /// connections.
+    /// Starts `nats-server` on a free loopback port, with `config` (a
+    /// nats-server configuration file) when given, else with JetStream in a
+    /// temporary directory; waits until it accepts connections.
     pub fn start(config: Option<&Path>) -> std::io::Result<Self> {
         let binary = nats_server_binary().ok_or_else(|| {
             std::io::Error::new(
@@ -42,14 +42,15 @@ impl LocalNats {
             .port();
         let store = tempfile::tempdir()?;
         let mut cmd = Command::new(binary);
-        cmd.args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(store.path())
+        cmd.args(["-a", "127.0.0.1", "-p", &port.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        if let Some(c) = config {
-            cmd.arg("-c").arg(c);
-        }
+        match config {
+            // The configuration names its own JetStream store.
+            Some(c) => cmd.arg("-c").arg(c),
+            None => cmd.arg("-js").arg("-sd").arg(store.path()),
+        };
         let mut child = cmd.spawn()?;
         let started = Instant::now();
         let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);

@@ -32,6 +32,7 @@ use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
+use crate::auth::Credentials;
 use crate::subjects::{Route, Subjects};
 
 /// Header: the message id (unique per sending connection).
@@ -59,8 +60,8 @@ pub struct NatsOptions {
     pub max_frame_bytes: usize,
     /// A partly received frame is dropped when no part of it arrived for this long.
     pub reassembly_timeout: Duration,
-    /// User and password, when the server requires them.
-    pub user_password: Option<(String, String)>,
+    /// User and password, when the server requires them (see [`crate::auth`]).
+    pub credentials: Option<Credentials>,
 }
 
 impl Default for NatsOptions {
@@ -70,7 +71,7 @@ impl Default for NatsOptions {
             chunk_bytes: None,
             max_frame_bytes: 1 << 30,
             reassembly_timeout: Duration::from_secs(120),
-            user_password: None,
+            credentials: None,
         }
     }
 }
@@ -124,8 +125,8 @@ impl NatsTransport {
         let mut connect = ConnectOptions::new()
             .name(&options.name)
             .connection_timeout(Duration::from_secs(5));
-        if let Some((user, pass)) = &options.user_password {
-            connect = connect.user_and_password(user.clone(), pass.clone());
+        if let Some(c) = &options.credentials {
+            connect = connect.user_and_password(c.user.clone(), c.password.clone());
         }
         let client = connect
             .connect(url)

@@ -222,3 +222,81 @@ async fn a_course_over_nats_ends_where_the_in_process_course_ends() {
         );
     }
 }
+
+/// A broker started from `fedtune broker config`'s files.
+fn secured(dir: &std::path::Path, clients: u32) -> (LocalNats, fedtune_broker::auth::BrokerFiles) {
+    let files =
+        fedtune_broker::auth::write_config("course-1", clients, ("127.0.0.1", 4222), dir).unwrap();
+    let nats = LocalNats::start(Some(&files.config)).expect("nats-server starts with the config");
+    (nats, files)
+}
+
+async fn login(nats: &LocalNats, creds: Option<&std::path::Path>) -> Result<NatsTransport, String> {
+    let options = NatsOptions {
+        credentials: creds.map(|p| fedtune_broker::auth::Credentials::load(p).unwrap()),
+        ..NatsOptions::default()
+    };
+    NatsTransport::connect(&nats.url(), "course-1", options)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_can_neither_read_another_clients_messages_nor_post_as_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (nats, files) = secured(dir.path(), 2);
+    let srv = login(&nats, Some(&files.server)).await.unwrap();
+    let c1 = login(&nats, Some(&files.clients[0])).await.unwrap();
+    let c2 = login(&nats, Some(&files.clients[1])).await.unwrap();
+    let mut inbox = srv.subscribe(Party::Server).await.unwrap();
+    let mut c2_inbox = c2.subscribe(Party::Client(2)).await.unwrap();
+    // Client 1 tries to listen to client 2's subject, and to post as client 2.
+    let mut snoop = c1.subscribe(Party::Client(2)).await.unwrap();
+    c1.send(
+        Party::Client(2),
+        Party::Server,
+        Bytes::from_static(b"forged"),
+    )
+    .await
+    .unwrap();
+    // What is allowed still flows.
+    c1.send(Party::Client(1), Party::Server, Bytes::from_static(b"mine"))
+        .await
+        .unwrap();
+    srv.send(
+        Party::Server,
+        Party::Client(2),
+        Bytes::from_static(b"for 2"),
+    )
+    .await
+    .unwrap();
+    let got = inbox.recv().await.unwrap();
+    assert_eq!((got.from, &got.frame[..]), (Party::Client(1), &b"mine"[..]));
+    let got = c2_inbox.recv().await.unwrap();
+    assert_eq!(&got.frame[..], b"for 2");
+    let quiet = Duration::from_millis(500);
+    assert!(
+        tokio::time::timeout(quiet, inbox.recv()).await.is_err(),
+        "the forged message reached the server"
+    );
+    assert!(
+        tokio::time::timeout(quiet, snoop.recv()).await.is_err(),
+        "client 1 read client 2's message"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_valid_credentials_nobody_connects() {
+    let dir = tempfile::tempdir().unwrap();
+    let (nats, files) = secured(dir.path(), 1);
+    let err = login(&nats, None).await.unwrap_err();
+    assert!(err.contains("cannot connect to NATS"), "{err}");
+    assert!(err.to_lowercase().contains("authoriz"), "{err}");
+    let wrong = dir.path().join("wrong.json");
+    let mut c = fedtune_broker::auth::Credentials::load(&files.clients[0]).unwrap();
+    c.password.push('x');
+    std::fs::write(&wrong, serde_json::to_string(&c).unwrap()).unwrap();
+    let err = login(&nats, Some(&wrong)).await.unwrap_err();
+    assert!(err.to_lowercase().contains("authoriz"), "{err}");
+    assert!(login(&nats, Some(&files.clients[0])).await.is_ok());
+}

@@ -1,0 +1,158 @@
+//! Per-party NATS users: a nats-server configuration in which each client may
+//! publish only on its own subject to the server and read only its own
+//! subjects, and the matching credentials files.
+//!
+//! | user | may publish | may subscribe |
+//! |---|---|---|
+//! | `server` | `fedtune.<course>.client.*`, `fedtune.<course>.all` | `fedtune.<course>.server.*` |
+//! | `client-<id>` | `fedtune.<course>.server.<id>` | `fedtune.<course>.client.<id>`, `fedtune.<course>.all` |
+//!
+//! So a client can neither read another client's messages nor post as another
+//! client: the server takes the sender from the subject, and the broker lets
+//! only client `id` publish on `…server.<id>`. Passwords are 128 random bits,
+//! written in plain text into the server configuration and the credentials
+//! files (mode 0600); keep the directory private, and use TLS (see the
+//! README) when traffic leaves the machine.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::subjects::{Route, Subjects, ROOT};
+
+/// One party's login, as a credentials file holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credentials {
+    /// The NATS user.
+    pub user: String,
+    /// Its password.
+    pub password: String,
+}
+
+impl Credentials {
+    /// Reads a credentials file written by [`write_config`].
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read credentials {}: {e}", path.display()))?;
+        serde_json::from_str(&text)
+            .map_err(|e| format!("{}: not a fedtune credentials file: {e}", path.display()))
+    }
+}
+
+/// What [`write_config`] wrote.
+#[derive(Debug, Clone)]
+pub struct BrokerFiles {
+    /// The nats-server configuration.
+    pub config: PathBuf,
+    /// The server's credentials.
+    pub server: PathBuf,
+    /// Each client's credentials, client 1 first.
+    pub clients: Vec<PathBuf>,
+}
+
+/// Writes `dir/nats-server.conf` (listening on `host:port`, JetStream stored
+/// in `dir/jetstream`) and `dir/server.json`, `dir/client-<id>.json` for a
+/// course of `clients` clients.
+pub fn write_config(
+    course: &str,
+    clients: u32,
+    (host, port): (&str, u16),
+    dir: &Path,
+) -> Result<BrokerFiles, String> {
+    let subjects = Subjects::new(course).map_err(|e| e.to_string())?;
+    if clients == 0 {
+        return Err("a course needs at least one client".into());
+    }
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let all = subjects.subject(Route::Broadcast);
+    let mut users = Vec::new();
+    let server = Credentials {
+        user: "server".into(),
+        password: random_password()?,
+    };
+    users.push(user_block(
+        &server,
+        &[&format!("{ROOT}.{course}.client.*"), &all],
+        &[&subjects.server_inbox()],
+    ));
+    let server_path = dir.join("server.json");
+    write_private(
+        &server_path,
+        &serde_json::to_string_pretty(&server).unwrap(),
+    )?;
+    let mut client_paths = Vec::new();
+    for id in 1..=clients {
+        let c = Credentials {
+            user: format!("client-{id}"),
+            password: random_password()?,
+        };
+        users.push(user_block(
+            &c,
+            &[&subjects.subject(Route::ToServerFrom(id))],
+            &[&subjects.subject(Route::ToClient(id)), &all],
+        ));
+        let path = dir.join(format!("client-{id}.json"));
+        write_private(&path, &serde_json::to_string_pretty(&c).unwrap())?;
+        client_paths.push(path);
+    }
+    let store = dir.join("jetstream");
+    let config = format!(
+        "# nats-server configuration for the fedtune course `{course}` ({clients} clients),\n\
+         # written by `fedtune broker config`. Start: nats-server -c {conf}\n\
+         # TLS: add a `tls {{ cert_file, key_file }}` block (see the fedtune README).\n\
+         host: {host:?}\n\
+         port: {port}\n\
+         max_payload: 1MB\n\
+         jetstream {{ store_dir: {store:?} }}\n\
+         authorization {{\n  users = [\n{users}\n  ]\n}}\n",
+        conf = dir.join("nats-server.conf").display(),
+        store = store.display().to_string(),
+        users = users.join(",\n"),
+    );
+    let config_path = dir.join("nats-server.conf");
+    write_private(&config_path, &config)?;
+    Ok(BrokerFiles {
+        config: config_path,
+        server: server_path,
+        clients: client_paths,
+    })
+}
+
+fn user_block(c: &Credentials, publish: &[&str], subscribe: &[&str]) -> String {
+    // Nothing else: fedtune uses no request/reply, so no `_INBOX.>` either.
+    let list = |xs: &[&str]| {
+        xs.iter()
+            .map(|s| format!("{s:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "    {{ user: {:?}, password: {:?}, permissions: {{ publish: [{}], subscribe: [{}] }} }}",
+        c.user,
+        c.password,
+        list(publish),
+        list(subscribe)
+    )
+}
+
+fn random_password() -> Result<String, String> {
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| format!("cannot read /dev/urandom: {e}"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn write_private(path: &Path, text: &str) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
