@@ -7,9 +7,9 @@ use fedtune_adapters::lora::{Lora, LoraConfig};
 use fedtune_adapters::model::{KvCache, Llama, LlamaConfig};
 use fedtune_kernel::ParamSet;
 
-#[test]
-fn cached_chunks_reproduce_the_full_forward() {
-    let cfg = LlamaConfig {
+/// A two-layer grouped-query model with room for `positions` tokens.
+fn tiny(positions: usize) -> LlamaConfig {
+    LlamaConfig {
         vocab_size: 30,
         hidden_size: 24,
         intermediate_size: 32,
@@ -18,9 +18,14 @@ fn cached_chunks_reproduce_the_full_forward() {
         num_key_value_heads: 2,
         rms_norm_eps: 1e-6,
         rope_theta: 10_000.0,
-        max_position_embeddings: 32,
+        max_position_embeddings: positions,
         tie_word_embeddings: true,
-    };
+    }
+}
+
+#[test]
+fn cached_chunks_reproduce_the_full_forward() {
+    let cfg = tiny(32);
     let device = Device::Cpu;
     let model = Llama::random(cfg.clone(), 4, DType::F64, &device).unwrap();
     // A LoRA with non-zero B, so the adapter path is part of what is compared.
@@ -67,18 +72,7 @@ fn cached_chunks_reproduce_the_full_forward() {
 
 #[test]
 fn a_cache_grows_past_its_buffers_and_clones_do_not_share_them() {
-    let cfg = LlamaConfig {
-        vocab_size: 30,
-        hidden_size: 24,
-        intermediate_size: 32,
-        num_hidden_layers: 2,
-        num_attention_heads: 6,
-        num_key_value_heads: 2,
-        rms_norm_eps: 1e-6,
-        rope_theta: 10_000.0,
-        max_position_embeddings: 700,
-        tie_word_embeddings: true,
-    };
+    let cfg = tiny(700);
     let device = Device::Cpu;
     let model = Llama::random(cfg.clone(), 5, DType::F64, &device).unwrap();
     let ids: Vec<u32> = (0..600u32).map(|i| (i * 7 + i / 13) % 30).collect();

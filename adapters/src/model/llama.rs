@@ -398,13 +398,26 @@ impl Llama {
         adapter: Option<&dyn ProjectionAdapter>,
     ) -> Result<Tensor> {
         let (b, t) = tokens.dims2()?;
+        let hidden = self.hidden_cached(tokens, cache, adapter)?;
+        let logits = frozen_linear(&hidden, self.output_weight())?;
+        logits.reshape((b, t, self.cfg.vocab_size))
+    }
+
+    /// Final-norm hidden states `(batch · seq, hidden)` of `tokens` after
+    /// `cache`, which grows by `seq`.
+    fn hidden_cached(
+        &self,
+        tokens: &Tensor,
+        cache: &mut KvCache,
+        adapter: Option<&dyn ProjectionAdapter>,
+    ) -> Result<Tensor> {
+        let t = tokens.dim(1)?;
         if cache.layers.len() != self.layers.len() {
             *cache = KvCache::new(self.layers.len());
         }
         let hidden = self.run(tokens, None, Some(cache), adapter)?;
         cache.len += t;
-        let logits = frozen_linear(&hidden, self.output_weight())?;
-        logits.reshape((b, t, self.cfg.vocab_size))
+        Ok(hidden)
     }
 
     /// As [`Llama::forward_cached`], but only the logits `(batch, vocab)` of
@@ -417,11 +430,7 @@ impl Llama {
         adapter: Option<&dyn ProjectionAdapter>,
     ) -> Result<Tensor> {
         let (b, t) = tokens.dims2()?;
-        if cache.layers.len() != self.layers.len() {
-            *cache = KvCache::new(self.layers.len());
-        }
-        let hidden = self.run(tokens, None, Some(cache), adapter)?;
-        cache.len += t;
+        let hidden = self.hidden_cached(tokens, cache, adapter)?;
         let last = hidden
             .reshape((b, t, self.cfg.hidden_size))?
             .narrow(1, t - 1, 1)?
