@@ -28,7 +28,7 @@ struct CodecRow {
 }
 
 /// A LoRA-shaped set of about `n` parameters with seeded values.
-fn lora_like(n: usize) -> Result<ParamSet> {
+pub(crate) fn lora_like(n: usize) -> Result<ParamSet> {
     const HIDDEN: usize = 576;
     const RANK: usize = 8;
     let mut state = 0x2545_F491_4F6C_DD1Du64;

@@ -6,6 +6,7 @@ mod bench_generate;
 mod bench_matmul;
 mod bench_scripts;
 mod bench_train;
+mod bench_wire;
 mod data_cmd;
 mod eval_cmd;
 mod report;
@@ -110,6 +111,18 @@ enum BenchCommand {
         #[arg(long, default_value_t = 5)]
         reps: usize,
     },
+    /// Seconds and bytes of one broadcast-collect round, in-process vs NATS, per wire encoding.
+    Wire {
+        /// Clients in the round.
+        #[arg(long, default_value_t = 8)]
+        clients: u32,
+        /// Rounds per configuration (the median counts).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// A NATS server to use (default: start a local nats-server).
+        #[arg(long)]
+        nats: Option<String>,
+    },
     /// Generation throughput on the default model with GSM8K's 8-shot prefix, by batch size.
     Generate {
         /// Batch sizes to measure, comma-separated.
@@ -210,6 +223,11 @@ fn main() -> ExitCode {
             json,
         }) => bench_scripts::scripts(calls, clients, steps, json),
         Command::Bench(BenchCommand::Matmul { tokens, reps }) => bench_matmul::matmul(tokens, reps),
+        Command::Bench(BenchCommand::Wire {
+            clients,
+            reps,
+            nats,
+        }) => bench_wire::wire(clients, reps, nats),
         Command::Bench(BenchCommand::Generate {
             batches,
             tokens,
