@@ -2,12 +2,13 @@
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device};
 use clap::Args;
-use fedtune_adapters::data::{self, collate, Template, Tokenized};
+use fedtune_adapters::data::{self, collate, Tokenized};
 use fedtune_adapters::eval::sandbox::{python_available, Limits};
 use fedtune_adapters::eval::tasks::{self, Items, Task};
 use fedtune_adapters::eval::{
@@ -16,15 +17,15 @@ use fedtune_adapters::eval::{
 use fedtune_adapters::fetch::ensure_default_model;
 use fedtune_adapters::generate::GenerationConfig;
 use fedtune_adapters::lora::Lora;
-use fedtune_adapters::loss::counted_positions;
 use fedtune_adapters::model::{load_gguf, Llama};
 use fedtune_adapters::peft::load_lora;
 use fedtune_adapters::tokenizer::TextTokenizer;
+use fedtune_adapters::train::summed_token_loss;
 use fedtune_kernel::config::{ConfigDoc, CourseConfig};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
-use crate::run_llm::LlmSections;
+use crate::run_llm::{course_data, LlmSections};
 
 /// `fedtune eval` arguments.
 #[derive(Debug, Args)]
@@ -127,10 +128,18 @@ pub struct TaskReport {
     pub out: PathBuf,
 }
 
+/// A base model already in memory, its tokenizer and where it came from.
+#[derive(Clone)]
+pub struct Base {
+    pub model: Arc<Llama>,
+    pub tok: Arc<TextTokenizer>,
+    pub path: PathBuf,
+}
+
 /// A loaded model, tokenizer and (optional) adapter.
 pub struct Loaded {
-    model: Llama,
-    tok: TextTokenizer,
+    model: Arc<Llama>,
+    tok: Arc<TextTokenizer>,
     lora: Option<Lora>,
     model_path: PathBuf,
 }
@@ -145,8 +154,21 @@ impl Loaded {
         say(&format!("loading {}", model_path.display()));
         let loaded = load_gguf(&model_path, DType::F32, &Device::Cpu)
             .with_context(|| format!("loading the model {}", model_path.display()))?;
-        let tok = TextTokenizer::from_gguf(&loaded.content)?;
-        let model = loaded.model;
+        let base = Base {
+            tok: Arc::new(TextTokenizer::from_gguf(&loaded.content)?),
+            model: Arc::new(loaded.model),
+            path: model_path,
+        };
+        Self::with_adapter(base, adapter, say)
+    }
+
+    /// `base` with the adapter in `adapter` (none: the base model alone).
+    pub fn with_adapter(base: Base, adapter: Option<&Path>, say: &dyn Fn(&str)) -> Result<Self> {
+        let Base {
+            model,
+            tok,
+            path: model_path,
+        } = base;
         let lora = match adapter {
             None => None,
             Some(dir) => {
@@ -352,10 +374,7 @@ pub fn held_out_loss(
     let started = Instant::now();
     let cfg = CourseConfig::from_doc(doc)?;
     let llm = LlmSections::from_doc(doc)?;
-    let fed = data::build(&llm.data, &s.data_root, cfg.course.clients as usize)
-        .with_context(|| format!("{}: [data]", doc.origin()))?;
-    let dir = Path::new(doc.origin()).parent().unwrap_or(Path::new("."));
-    let template = Template::resolve(&llm.data.template, dir)?;
+    let (fed, template) = course_data(doc, &cfg, &llm, &s.data_root)?;
     let mut left = s.limit.unwrap_or(usize::MAX);
     let (mut weighted, mut tokens, mut examples) = (0.0, 0usize, 0usize);
     let mut groups = std::collections::BTreeMap::new();
@@ -370,21 +389,14 @@ pub fn held_out_loss(
         let idx = &idx[..idx.len().min(left)];
         left -= idx.len();
         let items = fed.tokenize(idx, &template, &loaded.tok, llm.data.max_tokens)?;
-        let (mut c_weighted, mut c_tokens) = (0.0, 0usize);
-        for chunk in items.chunks(s.batch.max(1)) {
-            let refs: Vec<&Tokenized> = chunk.iter().collect();
-            let b = collate(&refs, loaded.tok.eos_id, &Device::Cpu)?;
-            let loss = view
-                .model
-                .causal_lm_loss(&b.tokens, Some(&b.attention_mask), &b.labels, view.adapter)?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?;
-            let n = counted_positions(&b.labels, view.model.config().vocab_size)?
-                .0
-                .len();
-            c_weighted += loss * n as f64;
-            c_tokens += n;
-        }
+        let batches = items
+            .chunks(s.batch.max(1))
+            .map(|chunk| {
+                let refs: Vec<&Tokenized> = chunk.iter().collect();
+                collate(&refs, loaded.tok.eos_id, &Device::Cpu)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let (c_weighted, c_tokens) = summed_token_loss(view.model, view.adapter, &batches)?;
         if c_tokens > 0 {
             groups.insert(
                 format!("client {}", c.name),

@@ -211,11 +211,11 @@ struct Summary {
 }
 
 /// One client's tokenized data.
-pub(crate) struct Prepared {
-    pub name: String,
-    pub train: Vec<Tokenized>,
-    pub test: Vec<Tokenized>,
-    pub val: Vec<Tokenized>,
+struct Prepared {
+    name: String,
+    train: Vec<Tokenized>,
+    test: Vec<Tokenized>,
+    val: Vec<Tokenized>,
 }
 
 pub fn run(
@@ -258,16 +258,12 @@ pub fn run(
     say(&format!("loading {}", path.display()));
     let loaded = load_gguf(&path, DType::F32, &Device::Cpu)
         .with_context(|| format!("loading the model {}", path.display()))?;
-    let tok = TextTokenizer::from_gguf(&loaded.content)?;
+    let tok = Arc::new(TextTokenizer::from_gguf(&loaded.content)?);
     let model = Arc::new(loaded.model);
 
     // The data, split and tokenized.
     let root = data::data_root(out.data_root.as_deref());
-    let clients = cfg.course.clients as usize;
-    let fed = data::build(&llm.data, &root, clients)
-        .with_context(|| format!("{}: [data]", doc.origin()))?;
-    let dir = Path::new(doc.origin()).parent().unwrap_or(Path::new("."));
-    let template = Template::resolve(&llm.data.template, dir)?;
+    let (fed, template) = course_data(doc, cfg, llm, &root)?;
     let prepared = prepare(&fed, &template, &tok, llm.data.max_tokens)?;
     for (c, p) in prepared.iter().enumerate() {
         ensure!(
@@ -519,7 +515,12 @@ pub fn run(
         }
         (den > 0.0).then(|| num / den)
     };
-    let eval = evaluate_at_end(doc, cfg, llm, &path, &adapter_dir, out, &say)?;
+    let base = crate::eval_cmd::Base {
+        model: model.clone(),
+        tok: tok.clone(),
+        path: path.clone(),
+    };
+    let eval = evaluate_at_end(doc, cfg, llm, &base, &adapter_dir, out, &say)?;
     let summary = Summary {
         course: cfg.course.name.clone(),
         mode: cfg.course.mode,
@@ -560,7 +561,7 @@ fn evaluate_at_end(
     doc: &ConfigDoc,
     cfg: &CourseConfig,
     llm: &LlmSections,
-    model: &Path,
+    base: &crate::eval_cmd::Base,
     adapter_dir: &Path,
     out: &Output,
     say: &dyn Fn(&str),
@@ -592,7 +593,8 @@ fn evaluate_at_end(
     };
     let mut reports = Vec::new();
     for (who, dir) in adapters {
-        let loaded = crate::eval_cmd::Loaded::load(Some(model), Some(&dir), say)?;
+        // The course's own base model, with the adapter it trained.
+        let loaded = crate::eval_cmd::Loaded::with_adapter(base.clone(), Some(&dir), say)?;
         let settings = crate::eval_cmd::Settings {
             adapter: Some(dir.clone()),
             ..settings.clone()
@@ -747,8 +749,22 @@ fn trainer_error(e: fedtune_kernel::course::TrainerError) -> anyhow::Error {
     anyhow::anyhow!(e)
 }
 
+/// The course's data, split over its clients, and its prompt template.
+pub(crate) fn course_data(
+    doc: &ConfigDoc,
+    cfg: &CourseConfig,
+    llm: &LlmSections,
+    root: &Path,
+) -> Result<(FederatedData, Template)> {
+    let fed = data::build(&llm.data, root, cfg.course.clients as usize)
+        .with_context(|| format!("{}: [data]", doc.origin()))?;
+    let dir = Path::new(doc.origin()).parent().unwrap_or(Path::new("."));
+    let template = Template::resolve(&llm.data.template, dir)?;
+    Ok((fed, template))
+}
+
 /// Tokenizes every client's splits.
-pub(crate) fn prepare(
+fn prepare(
     fed: &FederatedData,
     template: &Template,
     tok: &TextTokenizer,

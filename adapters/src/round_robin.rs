@@ -16,18 +16,16 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use candle_core::DType;
 use fedtune_kernel::course::{LocalTrainer, LocalUpdate, SplitEval, TrainContext, TrainerError};
 use fedtune_kernel::ParamSet;
 use serde::{Deserialize, Serialize};
 
 use crate::hooks::{HookScript, Proximal};
 use crate::lora::{Lora, LoraConfig};
-use crate::loss::counted_positions;
 use crate::model::Llama;
 pub use crate::pfl::PflConfig;
 use crate::pfl::{Anchor, FitAt, FitOp, PflScript};
-use crate::train::{Batch, LoraStepper, NoHooks, TrainConfig, TrainHooks};
+use crate::train::{summed_token_loss, Batch, LoraStepper, NoHooks, TrainConfig, TrainHooks};
 
 /// One client's data, already tokenized into batches.
 #[derive(Debug, Clone)]
@@ -498,19 +496,11 @@ fn evaluate_splits(
 ) -> Result<Vec<SplitEval>, TrainerError> {
     let mut out = Vec::new();
     for (split, batches) in splits {
-        let (mut weighted, mut tokens, mut samples) = (0.0, 0usize, 0u64);
-        for b in batches {
-            let loss = model
-                .causal_lm_loss(&b.tokens, Some(&b.attention_mask), &b.labels, Some(lora))?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?;
-            let n = counted_positions(&b.labels, model.config().vocab_size)?
-                .0
-                .len();
-            weighted += loss * n as f64;
-            tokens += n;
-            samples += b.tokens.dim(0)? as u64;
-        }
+        let (weighted, tokens) = summed_token_loss(model, Some(lora), batches)?;
+        let samples = batches
+            .iter()
+            .map(|b| b.tokens.dim(0).map(|n| n as u64))
+            .sum::<candle_core::Result<u64>>()?;
         if tokens == 0 {
             continue;
         }

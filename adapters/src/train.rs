@@ -21,7 +21,8 @@ use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW, SGD};
 use serde::{Deserialize, Serialize};
 
 use crate::lora::Lora;
-use crate::model::Llama;
+use crate::loss::counted_positions;
+use crate::model::{Llama, ProjectionAdapter};
 
 /// Which optimizer moves the adapter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,6 +113,28 @@ pub struct Batch {
     pub attention_mask: Tensor,
     /// Target ids aligned with `tokens`; −100 where no loss is taken.
     pub labels: Tensor,
+}
+
+/// The loss of `model` (with `adapter`) over `batches`, summed over counted
+/// tokens: `(sum, tokens)`, whose ratio is the token-weighted mean loss.
+pub fn summed_token_loss<'a>(
+    model: &Llama,
+    adapter: Option<&dyn ProjectionAdapter>,
+    batches: impl IntoIterator<Item = &'a Batch>,
+) -> Result<(f64, usize)> {
+    let (mut sum, mut tokens) = (0.0, 0usize);
+    for b in batches {
+        let loss = model
+            .causal_lm_loss(&b.tokens, Some(&b.attention_mask), &b.labels, adapter)?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
+        let n = counted_positions(&b.labels, model.config().vocab_size)?
+            .0
+            .len();
+        sum += loss * n as f64;
+        tokens += n;
+    }
+    Ok((sum, tokens))
 }
 
 /// What a hook sees and may change.
