@@ -292,6 +292,16 @@ pub struct CourseSection {
     /// Save the global parameters every this many rounds (0: only at the end);
     /// the runner decides where and how.
     pub save_every: u64,
+    /// Seconds the server waits for the clients of one step (joining, a
+    /// training round, an evaluation). When they pass, clients that have not
+    /// answered are dropped from the step — they take part again once they
+    /// rejoin — and the step completes if at least `min_clients` answered.
+    /// Unset: wait for every client, however long (the in-process default).
+    pub round_timeout_s: Option<f64>,
+    /// Answers a step needs to complete after `round_timeout_s` (default 1).
+    pub min_clients: u32,
+    /// Seconds between a client's `join_in` attempts until the server accepts it.
+    pub join_retry_s: f64,
 }
 
 /// See [`CourseSection::mode`].
@@ -319,6 +329,9 @@ impl Default for CourseSection {
             seed: 42,
             mode: Mode::Fed,
             save_every: 0,
+            round_timeout_s: None,
+            min_clients: 1,
+            join_retry_s: 2.0,
         }
     }
 }
@@ -440,6 +453,32 @@ impl CourseConfig {
                     ),
                 );
             }
+        }
+        if let Some(t) = c.round_timeout_s {
+            if !(t > 0.0 && t.is_finite()) {
+                return err(
+                    "federate.round_timeout_s",
+                    format!("must be a positive number of seconds, got {t}"),
+                );
+            }
+        }
+        if c.min_clients == 0 || c.min_clients > c.clients {
+            return err(
+                "federate.min_clients",
+                format!(
+                    "must be between 1 and federate.clients ({}), got {}",
+                    c.clients, c.min_clients
+                ),
+            );
+        }
+        if !(c.join_retry_s > 0.0 && c.join_retry_s.is_finite()) {
+            return err(
+                "federate.join_retry_s",
+                format!(
+                    "must be a positive number of seconds, got {}",
+                    c.join_retry_s
+                ),
+            );
         }
         if c.eval_every == 0 {
             return err("federate.eval_every", "must be at least 1".into());

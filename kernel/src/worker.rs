@@ -20,6 +20,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use thiserror::Error;
@@ -112,6 +113,7 @@ pub struct Ctx {
     outbox: Vec<(Vec<Party>, Bytes)>,
     local: Vec<Envelope>,
     jobs: Vec<Job>,
+    timers: Vec<(Duration, Envelope)>,
     cancel: Arc<AtomicBool>,
 }
 
@@ -157,6 +159,14 @@ impl Ctx {
         job: impl FnOnce() -> Result<Vec<Envelope>, JobError> + Send + 'static,
     ) {
         self.jobs.push(Box::new(job));
+    }
+
+    /// Sends `env` after `delay` (a timer): addressed to this worker, it is
+    /// dispatched to its own handler then, as the server's round timeout and
+    /// the client's join retry are. Timers still pending when the worker
+    /// stops are dropped.
+    pub fn send_after(&mut self, delay: Duration, env: Envelope) {
+        self.timers.push((delay, env));
     }
 
     /// Raised when the worker is shutting down; long jobs should poll it and stop early.
@@ -324,6 +334,7 @@ impl<S: Send + 'static> Worker<S> {
             w: worker,
             stats: WorkerStats::default(),
             jobs: JoinSet::new(),
+            timers: JoinSet::new(),
             cancel: Arc::new(AtomicBool::new(false)),
         };
         let mut shutdown = shutdown;
@@ -353,6 +364,14 @@ impl<S: Send + 'static> Worker<S> {
                         reason = Some(StopReason::Finished);
                     }
                 }
+                Some(fired) = lp.timers.join_next(), if !lp.timers.is_empty() => {
+                    let Ok(env) = fired else { continue };
+                    let mut ctx = lp.ctx(0);
+                    ctx.send(env).map_err(|e| lp.fatal(format!("cannot encode a timer's message: {e}")))?;
+                    if lp.flush(ctx).await? == Flow::Stop {
+                        reason = Some(StopReason::Finished);
+                    }
+                }
                 delivery = sub.recv() => match delivery {
                     None => reason = Some(StopReason::Disconnected),
                     Some(d) => {
@@ -364,6 +383,7 @@ impl<S: Send + 'static> Worker<S> {
             }
         }
         lp.cancel.store(true, Ordering::SeqCst);
+        lp.timers.abort_all();
         while let Some(done) = lp.jobs.join_next().await {
             if let Ok(Err(e)) = done {
                 debug!(party = %lp.w.me, "job ended during shutdown: {e}");
@@ -382,6 +402,7 @@ struct Loop<S> {
     w: Worker<S>,
     stats: WorkerStats,
     jobs: JoinSet<Result<Vec<Envelope>, JobError>>,
+    timers: JoinSet<Envelope>,
     cancel: Arc<AtomicBool>,
 }
 
@@ -395,6 +416,7 @@ impl<S: Send + 'static> Loop<S> {
             outbox: Vec::new(),
             local: Vec::new(),
             jobs: Vec::new(),
+            timers: Vec::new(),
             cancel: self.cancel.clone(),
         }
     }
@@ -480,6 +502,12 @@ impl<S: Send + 'static> Loop<S> {
         }
         for job in ctx.jobs {
             self.jobs.spawn_blocking(job);
+        }
+        for (delay, env) in ctx.timers {
+            self.timers.spawn(async move {
+                tokio::time::sleep(delay).await;
+                env
+            });
         }
         for env in ctx.local {
             if Box::pin(self.dispatch(env, 0)).await? == Flow::Stop {
@@ -634,6 +662,40 @@ mod tests {
         let outcome = worker.run(Shutdown::never()).await.unwrap();
         assert_eq!(outcome.state, vec!["step 0", "step 1", "step 2", "step 3"]);
         assert_eq!(outcome.stats.sent, 0, "nothing crossed the transport");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timers_fire_after_their_delay_and_die_with_the_worker() {
+        let bus = InProcTransport::new();
+        let tick = MsgKind::Custom("tick".into());
+        let t0 = tokio::time::Instant::now();
+        let worker = Worker::new(Party::Server, "c", Arc::new(bus), Vec::<(u64, u128)>::new())
+            .on(tick.clone(), move |log, e, ctx| {
+                log.push((e.round, t0.elapsed().as_millis()));
+                if e.round == 2 {
+                    // A timer armed but never due before the stop: dropped.
+                    let me = ctx.me();
+                    let late = Envelope::new("c", 99, me, vec![me], MsgKind::Custom("tick".into()));
+                    ctx.send_after(Duration::from_secs(3600), late);
+                    return Ok(Flow::Stop);
+                }
+                Ok(Flow::Continue)
+            })
+            .on_start(move |_, ctx| {
+                let me = ctx.me();
+                for (round, ms) in [(2, 300), (1, 100)] {
+                    let env =
+                        Envelope::new("c", round, me, vec![me], MsgKind::Custom("tick".into()));
+                    ctx.send_after(Duration::from_millis(ms), env);
+                }
+                Ok(Flow::Continue)
+            });
+        let outcome = worker.run(Shutdown::never()).await.unwrap();
+        assert_eq!(outcome.state, vec![(1, 100), (2, 300)]);
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "the pending timer did not hold the worker"
+        );
     }
 
     #[tokio::test]

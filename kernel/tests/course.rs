@@ -427,3 +427,223 @@ async fn a_course_resumed_from_a_checkpoint_ends_where_an_uninterrupted_one_does
         "the same clients are sampled"
     );
 }
+
+/// Client 3's trainer in the tests below: in round `hang_in` it reports that
+/// it started (the "kill" cue) and then waits until its worker is shut
+/// down, as a process killed mid-round never answers.
+struct Hangs {
+    inner: LeastSquaresTrainer,
+    hang_in: u64,
+    /// Each training takes at least this long (a real client is not instant).
+    delay: std::time::Duration,
+    started: tokio::sync::mpsc::UnboundedSender<u64>,
+}
+
+impl LocalTrainer for Hangs {
+    fn train(
+        &mut self,
+        client: u32,
+        global: &ParamSet,
+        ctx: &TrainContext,
+    ) -> Result<LocalUpdate, TrainerError> {
+        if ctx.round == self.hang_in {
+            let _ = self.started.send(ctx.round);
+            while !ctx.is_cancelled() {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            return Err("killed".into());
+        }
+        std::thread::sleep(self.delay);
+        self.inner.train(client, global, ctx)
+    }
+
+    fn evaluate(
+        &mut self,
+        client: u32,
+        global: &ParamSet,
+        ctx: &TrainContext,
+    ) -> Result<Vec<SplitEval>, TrainerError> {
+        self.inner.evaluate(client, global, ctx)
+    }
+}
+
+/// A server and three clients on one bus, client 3 on its own trainer that
+/// hangs in round 2 and is then "killed"; `restart` decides when client 3
+/// comes back (with a fresh trainer). Returns the server's outcome.
+async fn course_with_a_killed_client(
+    cfg: &CourseConfig,
+    restart_after_round: Option<u64>,
+) -> fedtune_kernel::worker::WorkerOutcome<fedtune_kernel::course::ServerState> {
+    use fedtune_kernel::ShutdownHandle;
+    let t = trainer(SyntheticSpec::default(), 3);
+    let initial = t.initial_params();
+    let bus = InProcTransport::new();
+    let transport: Arc<dyn Transport> = Arc::new(bus.clone());
+    let (rounds_tx, mut rounds_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    let log = MetricsLog::in_memory().with_observer(Box::new(move |r: &fedtune_kernel::Record| {
+        if r.event == Event::Round {
+            let _ = rounds_tx.send(r.round);
+        }
+    }));
+    let server = server_worker(
+        cfg.clone(),
+        initial,
+        Box::new(FedAvg),
+        log,
+        transport.clone(),
+    );
+    let sub = transport.subscribe(Party::Server).await.unwrap();
+    let server_task = tokio::spawn(server.run_subscribed(sub, Shutdown::never()));
+    let (started_tx, mut started_rx) = tokio::sync::mpsc::unbounded_channel();
+    let slow = |hang_in| Hangs {
+        inner: t.clone(),
+        hang_in,
+        delay: std::time::Duration::from_millis(20),
+        started: started_tx.clone(),
+    };
+    let shared: fedtune_kernel::course::SharedTrainer = Arc::new(Mutex::new(slow(0)));
+    let mut others = Vec::new();
+    for id in 1..=2 {
+        let w = client_worker(id, cfg, shared.clone(), transport.clone());
+        others.push(tokio::spawn(w.run(Shutdown::never())));
+    }
+    let (kill, signal) = ShutdownHandle::new();
+    let doomed = client_worker(3, cfg, Arc::new(Mutex::new(slow(2))), transport.clone());
+    let doomed = tokio::spawn(doomed.run(signal));
+    assert_eq!(started_rx.recv().await, Some(2), "client 3 began round 2");
+    kill.trigger();
+    doomed.await.unwrap().unwrap();
+    if let Some(after) = restart_after_round {
+        while let Some(r) = rounds_rx.recv().await {
+            if r >= after {
+                break;
+            }
+        }
+    }
+    let back = client_worker(3, cfg, Arc::new(Mutex::new(slow(0))), transport.clone());
+    let back = tokio::spawn(back.run(Shutdown::never()));
+    let out = server_task.await.unwrap().unwrap();
+    for c in others {
+        c.await.unwrap().unwrap();
+    }
+    let back = back.await.unwrap().unwrap();
+    assert_eq!(
+        back.state.latest_global(),
+        Some(out.state.global()),
+        "the restarted client got the final model"
+    );
+    out
+}
+
+fn round_record(
+    out: &fedtune_kernel::worker::WorkerOutcome<fedtune_kernel::course::ServerState>,
+    round: u64,
+) -> fedtune_kernel::Record {
+    out.state
+        .records()
+        .iter()
+        .find(|r| r.event == Event::Round && r.round == round)
+        .cloned()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_killed_mid_round_is_dropped_after_the_timeout_and_rejoins_the_next_round() {
+    let cfg = config(
+        "[federate]\nrounds = 5\nclients = 3\nround_timeout_s = 0.3\nmin_clients = 2\njoin_retry_s = 0.05\n",
+    );
+    let out = course_with_a_killed_client(&cfg, Some(2)).await;
+    assert!(out.state.is_finished());
+    let r2 = round_record(&out, 2);
+    assert_eq!(
+        r2.extra["clients"], 2.0,
+        "round 2 completed without client 3"
+    );
+    assert_eq!(r2.extra["dropped"], 1.0);
+    assert_eq!(
+        out.state.sampled()[1],
+        (2, vec![1, 2, 3]),
+        "client 3 was asked in round 2"
+    );
+    // It rejoins while round 3 or the evaluation before it runs, and takes
+    // part from the next round on.
+    let back = out
+        .state
+        .sampled()
+        .iter()
+        .find(|(r, ids)| *r > 2 && ids.contains(&3))
+        .map(|(r, _)| *r);
+    assert!(
+        matches!(back, Some(3 | 4)),
+        "client 3 back in round {back:?}"
+    );
+    assert_eq!(out.state.sampled()[4], (5, vec![1, 2, 3]));
+    assert_eq!(round_record(&out, 5).extra["clients"], 3.0);
+    assert!(!round_record(&out, 5).extra.contains_key("dropped"));
+    // The evaluation after round 2 went on without client 3; later ones include it.
+    let evaluated = |round: u64| {
+        out.state
+            .records()
+            .iter()
+            .filter(|r| {
+                r.event == Event::Eval
+                    && r.round == round
+                    && r.split.as_deref() == Some("test")
+                    && r.client.is_some()
+            })
+            .count()
+    };
+    assert_eq!(evaluated(1), 3);
+    assert_eq!(evaluated(2), 2);
+    assert_eq!(evaluated(5), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_restarted_before_the_timeout_gets_its_round_again_and_nothing_changes() {
+    // No timeout at all: the restarted client's join_in makes the server
+    // send round 2 again, and the course ends exactly as an uninterrupted one.
+    let cfg = config("[federate]\nrounds = 3\nclients = 3\njoin_retry_s = 0.05\n");
+    let out = course_with_a_killed_client(&cfg, None).await;
+    assert_eq!(round_record(&out, 2).extra["clients"], 3.0);
+    let t = trainer(SyntheticSpec::default(), 3);
+    let reference = run(&cfg, t).await;
+    assert_eq!(out.state.global(), &reference.final_params);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_started_before_the_server_keep_asking_until_it_answers() {
+    let cfg = config("[federate]\nrounds = 2\nclients = 2\njoin_retry_s = 0.05\n");
+    let t = trainer(
+        SyntheticSpec {
+            clients: 2,
+            ..SyntheticSpec::default()
+        },
+        3,
+    );
+    let initial = t.initial_params();
+    let bus = InProcTransport::new();
+    let transport: Arc<dyn Transport> = Arc::new(bus.clone());
+    let shared: fedtune_kernel::course::SharedTrainer = Arc::new(Mutex::new(t.clone()));
+    let clients: Vec<_> = (1..=2)
+        .map(|id| {
+            tokio::spawn(
+                client_worker(id, &cfg, shared.clone(), transport.clone()).run(Shutdown::never()),
+            )
+        })
+        .collect();
+    // Their first join_in found nobody (sends fail on the bus, as they vanish on NATS).
+    tokio::time::sleep(std::time::Duration::from_millis(120)).await;
+    let server = server_worker(
+        cfg.clone(),
+        initial,
+        Box::new(FedAvg),
+        MetricsLog::in_memory(),
+        transport.clone(),
+    );
+    let out = server.run(Shutdown::never()).await.unwrap();
+    assert!(out.state.is_finished());
+    for c in clients {
+        assert!(c.await.unwrap().unwrap().stats.send_failures >= 1);
+    }
+    assert_eq!(out.state.global(), &run(&cfg, t).await.final_params);
+}

@@ -6,10 +6,10 @@
 //! sample count that FedAvg weighs it by, the mean training loss, and the
 //! seconds of compute it took.
 
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use tracing::{info, info_span};
+use tracing::{info, info_span, warn};
 
 use crate::bus::Transport;
 use crate::config::CourseConfig;
@@ -26,8 +26,25 @@ pub struct ClientState {
     seed: u64,
     trainer: SharedTrainer,
     joined: bool,
+    join_attempts: u32,
+    join_retry: Duration,
     latest_global: Option<ParamSet>,
     rounds_trained: Vec<u64>,
+    /// The last training and evaluation asked for, and their answers once
+    /// ready: a request repeated by the server (after this client rejoined,
+    /// or a resumed server) is answered again without training twice.
+    last_update: Answer,
+    last_metrics: Answer,
+}
+
+/// See [`ClientState::last_update`].
+type Answer = Arc<Mutex<Option<Asked>>>;
+
+struct Asked {
+    round: u64,
+    global: ParamSet,
+    /// `None` while the job runs.
+    reply: Option<Envelope>,
 }
 
 impl ClientState {
@@ -64,29 +81,129 @@ pub fn client_worker(
         seed: cfg.course.seed,
         trainer,
         joined: false,
+        join_attempts: 0,
+        join_retry: Duration::from_secs_f64(cfg.course.join_retry_s),
         latest_global: None,
         rounds_trained: Vec::new(),
+        last_update: Answer::default(),
+        last_metrics: Answer::default(),
     };
     Worker::new(Party::Client(id), cfg.course.name.clone(), transport, state)
         .with_encoding(cfg.wire.encode_options())
         .with_limits(cfg.wire.limits())
         .on_start(|s, ctx| {
-            let join = Envelope::new(
-                ctx.course(),
-                0,
-                ctx.me(),
-                vec![Party::Server],
-                MsgKind::JoinIn,
-            );
-            ctx.send(join)?;
-            info!(client = s.id, "asked to join");
+            ask_to_join(s, ctx)?;
             Ok(Flow::Continue)
         })
+        .on(MsgKind::Custom(JOIN_RETRY.into()), on_join_retry)
+        .on(
+            MsgKind::Custom(super::server::ROLL_CALL.into()),
+            on_roll_call,
+        )
         .on(MsgKind::AssignId, on_assign_id)
         .on(MsgKind::ModelPara, on_model_para)
         .on(MsgKind::Train, on_train)
         .on(MsgKind::Evaluate, on_evaluate)
         .on(MsgKind::Finish, on_finish)
+}
+
+/// The kind of the client's own join-retry timer.
+const JOIN_RETRY: &str = "join_retry";
+
+/// Sends `join_in` and arms a retry: over a broker, a `join_in` sent before
+/// the server subscribed is lost, so the client asks again until accepted.
+fn ask_to_join(s: &mut ClientState, ctx: &mut Ctx) -> Result<(), HandlerError> {
+    send_join_in(ctx)?;
+    s.join_attempts += 1;
+    if s.join_attempts == 1 {
+        info!(client = s.id, "asked to join");
+    } else if s.join_attempts % 10 == 0 {
+        warn!(
+            client = s.id,
+            attempts = s.join_attempts,
+            "the server has not answered yet; still asking to join"
+        );
+    }
+    let me = ctx.me();
+    let retry = Envelope::new(
+        ctx.course(),
+        0,
+        me,
+        vec![me],
+        MsgKind::Custom(JOIN_RETRY.into()),
+    );
+    ctx.send_after(s.join_retry, retry);
+    Ok(())
+}
+
+fn on_join_retry(s: &mut ClientState, env: Envelope, ctx: &mut Ctx) -> HandlerResult {
+    if env.from != ctx.me() {
+        return Err(HandlerError::Reject(
+            "join retries come only from the client's own timer".into(),
+        ));
+    }
+    if !s.joined {
+        ask_to_join(s, ctx)?;
+    }
+    Ok(Flow::Continue)
+}
+
+/// A (possibly restarted) server asks its clients to join: answer, once.
+fn on_roll_call(s: &mut ClientState, env: Envelope, ctx: &mut Ctx) -> HandlerResult {
+    from_server(&env)?;
+    info!(client = s.id, "the server called the roll; joining");
+    send_join_in(ctx)?;
+    Ok(Flow::Continue)
+}
+
+fn send_join_in(ctx: &mut Ctx) -> Result<usize, HandlerError> {
+    let join = Envelope::new(
+        ctx.course(),
+        0,
+        ctx.me(),
+        vec![Party::Server],
+        MsgKind::JoinIn,
+    );
+    Ok(ctx.send(join)?)
+}
+
+/// Whether the request in `env` repeats the last one in `answer`; if so, the
+/// answer is sent again when it is ready (or will go out when its job ends).
+fn repeated(
+    answer: &Answer,
+    round: u64,
+    global: &ParamSet,
+    ctx: &mut Ctx,
+) -> Result<bool, HandlerError> {
+    let mut slot = answer
+        .lock()
+        .map_err(|_| HandlerError::Fatal("a job panicked holding the answer cache".into()))?;
+    match slot.as_ref() {
+        Some(a) if a.round == round && &a.global == global => {
+            if let Some(reply) = &a.reply {
+                info!(round, kind = %reply.kind, "a repeated request; sending the same answer again");
+                ctx.send(reply.clone())?;
+            }
+            Ok(true)
+        }
+        _ => {
+            *slot = Some(Asked {
+                round,
+                global: global.clone(),
+                reply: None,
+            });
+            Ok(false)
+        }
+    }
+}
+
+/// Keeps `reply` as the answer to the request it answers.
+fn remember(answer: &Answer, reply: &Envelope) {
+    if let Ok(mut slot) = answer.lock() {
+        if let Some(a) = slot.as_mut().filter(|a| a.round == reply.round) {
+            a.reply = Some(reply.clone());
+        }
+    }
 }
 
 fn from_server(env: &Envelope) -> Result<(), HandlerError> {
@@ -163,6 +280,10 @@ fn reply(course: String, id: u32, round: u64, kind: MsgKind) -> Envelope {
 
 fn on_train(s: &mut ClientState, env: Envelope, ctx: &mut Ctx) -> HandlerResult {
     let (global, tctx) = job_inputs(s, &env, ctx)?;
+    if repeated(&s.last_update, env.round, &global, ctx)? {
+        return Ok(Flow::Continue);
+    }
+    let answer = s.last_update.clone();
     let (id, round, trainer) = (s.id, env.round, s.trainer.clone());
     s.rounds_trained.push(round);
     s.latest_global = Some(global.clone());
@@ -182,6 +303,7 @@ fn on_train(s: &mut ClientState, env: Envelope, ctx: &mut Ctx) -> HandlerResult 
         if !update.metrics.is_empty() {
             reply = reply.with_meta("metrics", serde_json::to_value(update.metrics)?);
         }
+        remember(&answer, &reply);
         Ok(vec![reply])
     });
     Ok(Flow::Continue)
@@ -189,6 +311,10 @@ fn on_train(s: &mut ClientState, env: Envelope, ctx: &mut Ctx) -> HandlerResult 
 
 fn on_evaluate(s: &mut ClientState, env: Envelope, ctx: &mut Ctx) -> HandlerResult {
     let (global, tctx) = job_inputs(s, &env, ctx)?;
+    if repeated(&s.last_metrics, env.round, &global, ctx)? {
+        return Ok(Flow::Continue);
+    }
+    let answer = s.last_metrics.clone();
     let (id, round, trainer) = (s.id, env.round, s.trainer.clone());
     let course = ctx.course().to_string();
     ctx.spawn_blocking(move || {
@@ -199,6 +325,7 @@ fn on_evaluate(s: &mut ClientState, env: Envelope, ctx: &mut Ctx) -> HandlerResu
         let reply = reply(course, id, round, MsgKind::Metrics)
             .with_meta("results", serde_json::to_value(results)?)
             .with_meta("compute_s", compute_s);
+        remember(&answer, &reply);
         Ok(vec![reply])
     });
     Ok(Flow::Continue)

@@ -14,7 +14,8 @@ mod trainer;
 pub use client::{client_worker, ClientState};
 pub use least_squares::{LeastSquaresTrainer, SyntheticSpec};
 pub use server::{
-    sample_clients, server_worker, server_worker_from, RoundEval, ServerResults, ServerState,
+    roll_call, sample_clients, server_worker, server_worker_from, RoundEval, ServerResults,
+    ServerState, ROLL_CALL,
 };
 pub use trainer::{
     derive_seed, LocalTrainer, LocalUpdate, SharedTrainer, SplitEval, TrainContext, TrainerError,

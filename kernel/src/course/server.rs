@@ -17,11 +17,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use tracing::{info, info_span};
+use tracing::{info, info_span, warn};
 
 use crate::aggregate::{Aggregator, ClientUpdate};
 use crate::bus::Transport;
@@ -75,6 +75,7 @@ enum Phase {
         started: Instant,
         bytes_up: u64,
         bytes_down: u64,
+        dropped: Vec<u32>,
     },
     Evaluating {
         round: u64,
@@ -90,6 +91,9 @@ pub struct ServerState {
     global: ParamSet,
     aggregator: Box<dyn Aggregator>,
     joined: BTreeSet<u32>,
+    /// Clients dropped from a step for not answering in time; they take part
+    /// again once they rejoin or answer.
+    dropped: BTreeSet<u32>,
     phase: Phase,
     log: MetricsLog,
     evals: Vec<RoundEval>,
@@ -171,6 +175,7 @@ pub fn server_worker_from(
         global: initial,
         aggregator,
         joined: BTreeSet::new(),
+        dropped: BTreeSet::new(),
         phase: Phase::Joining,
         log,
         evals: Vec::new(),
@@ -185,6 +190,145 @@ pub fn server_worker_from(
         .on(MsgKind::JoinIn, on_join_in)
         .on(MsgKind::Update, on_update)
         .on(MsgKind::Metrics, on_metrics)
+        .on(MsgKind::Custom(TIMEOUT.into()), on_timeout)
+}
+
+/// The kind of the server's own timer message (never accepted from others).
+const TIMEOUT: &str = "timeout";
+
+/// The kind a server sends every expected client when it starts, asking it
+/// to (re)join: see [`roll_call`].
+pub const ROLL_CALL: &str = "roll_call";
+
+/// A start hook for a server that may find its clients already running (a
+/// server process, above all one resumed after a crash): it asks every
+/// expected client to join, so clients that joined the previous server
+/// come back without waiting. Install with
+/// `server_worker_from(..).on_start(roll_call)`.
+pub fn roll_call(s: &mut ServerState, ctx: &mut Ctx) -> HandlerResult {
+    let env = Envelope::new(
+        ctx.course(),
+        0,
+        Party::Server,
+        (1..=s.cfg.course.clients).map(Party::Client).collect(),
+        MsgKind::Custom(ROLL_CALL.into()),
+    );
+    ctx.send(env)?;
+    Ok(Flow::Continue)
+}
+
+/// Arms the timeout of `step` (`join`, `train` or `eval`) of `round`, when the course has one.
+fn arm_timeout(s: &ServerState, step: &str, round: u64, ctx: &mut Ctx) {
+    if let Some(t) = s.cfg.course.round_timeout_s {
+        let env = Envelope::new(
+            ctx.course(),
+            round,
+            Party::Server,
+            vec![Party::Server],
+            MsgKind::Custom(TIMEOUT.into()),
+        )
+        .with_meta("step", step);
+        ctx.send_after(Duration::from_secs_f64(t), env);
+    }
+}
+
+/// A step's time is up: drop the clients that have not answered and
+/// complete the step if enough did, else wait another timeout.
+fn on_timeout(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResult {
+    if env.from != Party::Server {
+        return Err(HandlerError::Reject(
+            "timeouts come only from the server's own timers".into(),
+        ));
+    }
+    let step = env.meta.get("step").and_then(|v| v.as_str()).unwrap_or("");
+    let min = s.cfg.course.min_clients as usize;
+    let timeout = s.cfg.course.round_timeout_s.unwrap_or(0.0);
+    match (&mut s.phase, step) {
+        (Phase::Joining, "join") => {
+            let expected = s.cfg.course.clients as usize;
+            if s.joined.len() >= min {
+                warn!(
+                    joined = s.joined.len(),
+                    expected, "starting without every client after {timeout} s"
+                );
+                return start_course(s, ctx);
+            }
+            warn!(
+                joined = s.joined.len(),
+                min, "too few clients after {timeout} s; waiting on"
+            );
+            arm_timeout(s, "join", 0, ctx);
+        }
+        (
+            Phase::Training {
+                round,
+                pending,
+                updates,
+                dropped,
+                ..
+            },
+            "train",
+        ) if *round == env.round => {
+            let round = *round;
+            let asked = pending.len() + updates.len();
+            if updates.len() >= min.min(asked) {
+                let late: Vec<u32> = std::mem::take(pending).into_keys().collect();
+                warn!(round, clients = ?late, "dropped from the round: no update after {timeout} s");
+                dropped.extend(&late);
+                drop_clients(s, &late);
+                return finish_round(s, ctx);
+            }
+            warn!(
+                round,
+                updates = updates.len(),
+                min,
+                "too few updates after {timeout} s; waiting on"
+            );
+            arm_timeout(s, "train", round, ctx);
+        }
+        (
+            Phase::Evaluating {
+                round,
+                pending,
+                results,
+            },
+            "eval",
+        ) if *round == env.round => {
+            let round = *round;
+            let asked = pending.len() + results.len();
+            if results.len() >= min.min(asked) {
+                let late: Vec<u32> = std::mem::take(pending).into_keys().collect();
+                warn!(round, clients = ?late, "dropped from the evaluation: no metrics after {timeout} s");
+                drop_clients(s, &late);
+                return finish_eval(s, ctx);
+            }
+            warn!(
+                round,
+                results = results.len(),
+                min,
+                "too few evaluations after {timeout} s; waiting on"
+            );
+            arm_timeout(s, "eval", round, ctx);
+        }
+        // A timer of a step that completed in time.
+        _ => {}
+    }
+    Ok(Flow::Continue)
+}
+
+fn drop_clients(s: &mut ServerState, ids: &[u32]) {
+    for id in ids {
+        s.joined.remove(id);
+        s.dropped.insert(*id);
+    }
+}
+
+/// A dropped client that answers is evidently back: it takes part from the next step.
+fn readmit(s: &mut ServerState, id: u32) {
+    if s.dropped.remove(&id) {
+        s.joined.insert(id);
+        info!(client = id, "a dropped client is back");
+    }
 }
 
 /// Picks `k` of `ids` for `round`, reproducibly from `seed`; the result is sorted.
@@ -215,6 +359,7 @@ fn on_join_in(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResul
         )));
     }
     let first_time = s.joined.insert(id);
+    s.dropped.remove(&id);
     let reply = Envelope::new(
         ctx.course(),
         0,
@@ -234,21 +379,55 @@ fn on_join_in(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResul
             "client joined"
         );
     }
-    if matches!(s.phase, Phase::Joining) && s.joined.len() == s.cfg.course.clients as usize {
-        info!(
-            clients = s.joined.len(),
-            "all clients joined; the course starts"
-        );
-        s.started = Instant::now();
-        if s.start_round > 0 {
-            info!(round = s.start_round, "resuming after a completed round");
-            return next_step(s, s.start_round, ctx);
+    // A client that restarted while the current step waited on it lost the
+    // request: send it again.
+    let lost = match &s.phase {
+        Phase::Training { round, pending, .. } if pending.contains_key(&id) => {
+            Some((MsgKind::Train, *round))
         }
-        if s.cfg.course.eval_before_training {
-            begin_eval(s, 0, ctx)?;
-        } else {
-            begin_round(s, 1, ctx)?;
+        Phase::Evaluating { round, pending, .. } if pending.contains_key(&id) => {
+            Some((MsgKind::Evaluate, *round))
         }
+        _ => None,
+    };
+    if let Some((kind, round)) = lost {
+        info!(client = id, round, %kind, "client rejoined mid-step; sending its request again");
+        let env = Envelope::new(
+            ctx.course(),
+            round,
+            Party::Server,
+            vec![Party::Client(id)],
+            kind,
+        )
+        .with_payload(s.global.clone());
+        ctx.send(env)?;
+    }
+    if matches!(s.phase, Phase::Joining) {
+        if s.joined.len() == s.cfg.course.clients as usize {
+            info!(
+                clients = s.joined.len(),
+                "all clients joined; the course starts"
+            );
+            return start_course(s, ctx);
+        }
+        if first_time && s.joined.len() == 1 {
+            arm_timeout(s, "join", 0, ctx);
+        }
+    }
+    Ok(Flow::Continue)
+}
+
+/// Leaves the joining phase: the first evaluation or round (or, resumed, the next step).
+fn start_course(s: &mut ServerState, ctx: &mut Ctx) -> HandlerResult {
+    s.started = Instant::now();
+    if s.start_round > 0 {
+        info!(round = s.start_round, "resuming after a completed round");
+        return next_step(s, s.start_round, ctx);
+    }
+    if s.cfg.course.eval_before_training {
+        begin_eval(s, 0, ctx)?;
+    } else {
+        begin_round(s, 1, ctx)?;
     }
     Ok(Flow::Continue)
 }
@@ -293,7 +472,9 @@ fn begin_round(s: &mut ServerState, round: u64, ctx: &mut Ctx) -> Result<(), Han
         started: now,
         bytes_up: 0,
         bytes_down: (bytes * picked.len()) as u64,
+        dropped: Vec::new(),
     };
+    arm_timeout(s, "train", round, ctx);
     Ok(())
 }
 
@@ -325,6 +506,7 @@ fn begin_eval(s: &mut ServerState, round: u64, ctx: &mut Ctx) -> Result<(), Hand
             .collect(),
         results: Vec::new(),
     };
+    arm_timeout(s, "eval", round, ctx);
     Ok(())
 }
 
@@ -357,6 +539,7 @@ fn record(s: &mut ServerState, r: Record) -> Result<(), HandlerError> {
 
 fn on_update(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResult {
     let id = client_id(&env)?;
+    readmit(s, id);
     let Phase::Training { round, pending, .. } = &mut s.phase else {
         return Err(HandlerError::Reject("no training round is running".into()));
     };
@@ -412,6 +595,7 @@ fn finish_round(s: &mut ServerState, ctx: &mut Ctx) -> HandlerResult {
         started,
         bytes_up,
         bytes_down,
+        dropped,
         ..
     } = std::mem::replace(&mut s.phase, Phase::Joining)
     else {
@@ -438,6 +622,9 @@ fn finish_round(s: &mut ServerState, ctx: &mut Ctx) -> HandlerResult {
     r.bytes_down = bytes_down;
     r.wall_s = started.elapsed().as_secs_f64();
     r.extra.insert("clients".into(), updates.len() as f64);
+    if !dropped.is_empty() {
+        r.extra.insert("dropped".into(), dropped.len() as f64);
+    }
     r.extra.insert("global_norm".into(), s.global.l2_norm());
     record(s, r)?;
     info!(round, clients = updates.len(), "round aggregated");
@@ -457,11 +644,15 @@ fn next_step(s: &mut ServerState, round: u64, ctx: &mut Ctx) -> HandlerResult {
         begin_round(s, round + 1, ctx)?;
         return Ok(Flow::Continue);
     }
+    // Dropped clients hear of the end too, so a slow one does not wait forever.
     let env = Envelope::new(
         ctx.course(),
         round,
         Party::Server,
-        s.joined.iter().map(|&c| Party::Client(c)).collect(),
+        s.joined
+            .union(&s.dropped)
+            .map(|&c| Party::Client(c))
+            .collect(),
         MsgKind::Finish,
     )
     .with_payload(s.global.clone());
@@ -477,6 +668,7 @@ fn next_step(s: &mut ServerState, round: u64, ctx: &mut Ctx) -> HandlerResult {
 
 fn on_metrics(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResult {
     let id = client_id(&env)?;
+    readmit(s, id);
     let Phase::Evaluating { round, pending, .. } = &mut s.phase else {
         return Err(HandlerError::Reject("no evaluation is running".into()));
     };
@@ -523,7 +715,13 @@ fn on_metrics(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResul
     if !pending.is_empty() {
         return Ok(Flow::Continue);
     }
-    let Phase::Evaluating { results, .. } = std::mem::replace(&mut s.phase, Phase::Joining) else {
+    finish_eval(s, ctx)
+}
+
+/// Every evaluation is in (or the rest timed out): record the means and go on.
+fn finish_eval(s: &mut ServerState, ctx: &mut Ctx) -> HandlerResult {
+    let Phase::Evaluating { round, results, .. } = std::mem::replace(&mut s.phase, Phase::Joining)
+    else {
         unreachable!("phase checked above");
     };
     // Sample-weighted mean per split: the loss over the union of the clients' data.
