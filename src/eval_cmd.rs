@@ -17,7 +17,7 @@ use fedtune_adapters::eval::{
 use fedtune_adapters::fetch::ensure_default_model;
 use fedtune_adapters::generate::GenerationConfig;
 use fedtune_adapters::lora::Lora;
-use fedtune_adapters::model::{load_gguf, Llama};
+use fedtune_adapters::model::{load_gguf, load_hf_dir, Llama};
 use fedtune_adapters::peft::load_lora;
 use fedtune_adapters::tokenizer::TextTokenizer;
 use fedtune_adapters::train::summed_token_loss;
@@ -136,6 +136,37 @@ pub struct Base {
     pub path: PathBuf,
 }
 
+impl Base {
+    /// Loads the model at `path` — a GGUF file, or a Hugging Face directory
+    /// with `config.json`, safetensors weights and `tokenizer.json` (as
+    /// `fedtune model tiny` writes) — or the default model when `None`.
+    pub fn load(path: Option<&Path>, say: &dyn Fn(&str)) -> Result<Self> {
+        let path = match path {
+            Some(p) => p.to_path_buf(),
+            None => ensure_default_model(say)?,
+        };
+        say(&format!("loading {}", path.display()));
+        let context = || format!("loading the model {}", path.display());
+        if path.is_dir() {
+            let hf = load_hf_dir(&path, DType::F32, &Device::Cpu).with_context(context)?;
+            let tok = hf
+                .tokenizer
+                .ok_or_else(|| anyhow::anyhow!("{} has no tokenizer.json", path.display()))?;
+            return Ok(Self {
+                model: Arc::new(hf.model),
+                tok: Arc::new(tok),
+                path,
+            });
+        }
+        let loaded = load_gguf(&path, DType::F32, &Device::Cpu).with_context(context)?;
+        Ok(Self {
+            tok: Arc::new(TextTokenizer::from_gguf(&loaded.content)?),
+            model: Arc::new(loaded.model),
+            path,
+        })
+    }
+}
+
 /// A loaded model, tokenizer and (optional) adapter.
 pub struct Loaded {
     model: Arc<Llama>,
@@ -147,19 +178,7 @@ pub struct Loaded {
 impl Loaded {
     /// Loads the model (default one if `path` is `None`) and the adapter in `adapter`.
     pub fn load(path: Option<&Path>, adapter: Option<&Path>, say: &dyn Fn(&str)) -> Result<Self> {
-        let model_path = match path {
-            Some(p) => p.to_path_buf(),
-            None => ensure_default_model(say)?,
-        };
-        say(&format!("loading {}", model_path.display()));
-        let loaded = load_gguf(&model_path, DType::F32, &Device::Cpu)
-            .with_context(|| format!("loading the model {}", model_path.display()))?;
-        let base = Base {
-            tok: Arc::new(TextTokenizer::from_gguf(&loaded.content)?),
-            model: Arc::new(loaded.model),
-            path: model_path,
-        };
-        Self::with_adapter(base, adapter, say)
+        Self::with_adapter(Base::load(path, say)?, adapter, say)
     }
 
     /// `base` with the adapter in `adapter` (none: the base model alone).

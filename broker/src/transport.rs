@@ -30,7 +30,7 @@ use bytes::{Bytes, BytesMut};
 use fedtune_kernel::{Delivery, Party, Subscription, Transport, TransportError};
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::auth::Credentials;
 use crate::subjects::{Route, Subjects};
@@ -112,6 +112,7 @@ pub struct NatsTransport {
     nonce: String,
     next_id: Arc<AtomicU64>,
     stats: Arc<NatsStats>,
+    refusals: watch::Receiver<Option<String>>,
 }
 
 impl NatsTransport {
@@ -128,6 +129,32 @@ impl NatsTransport {
         if let Some(c) = &options.credentials {
             connect = connect.user_and_password(c.user.clone(), c.password.clone());
         }
+        // The broker refuses a publish or subscription outside the user's
+        // permissions with an asynchronous error, not on the call: keep it.
+        let (refused_tx, refusals) = watch::channel(None);
+        let refused_tx = Arc::new(refused_tx);
+        connect = connect.event_callback(move |event| {
+            let refused_tx = refused_tx.clone();
+            async move {
+                match event {
+                    async_nats::Event::ServerError(async_nats::ServerError::Other(m))
+                        if m.to_ascii_lowercase().contains("permissions violation") =>
+                    {
+                        tracing::warn!("the NATS server refused: {m}");
+                        // The first refusal is the telling one; keep it.
+                        refused_tx.send_if_modified(|r| {
+                            let first = r.is_none();
+                            if first {
+                                *r = Some(m);
+                            }
+                            first
+                        });
+                    }
+                    async_nats::Event::ServerError(e) => tracing::warn!("NATS server error: {e}"),
+                    other => tracing::debug!("NATS: {other}"),
+                }
+            }
+        });
         let client = connect
             .connect(url)
             .await
@@ -158,12 +185,20 @@ impl NatsTransport {
             nonce,
             next_id: Arc::new(AtomicU64::new(0)),
             stats: Arc::new(NatsStats::default()),
+            refusals,
         })
     }
 
     /// What this transport's receivers delivered and dropped.
     pub fn stats(&self) -> Arc<NatsStats> {
         self.stats.clone()
+    }
+
+    /// The first publish or subscription the broker refused for lack of
+    /// permission (e.g. a client using another client's credentials), once
+    /// one happens.
+    pub fn refusals(&self) -> watch::Receiver<Option<String>> {
+        self.refusals.clone()
     }
 
     /// Bytes of frame per NATS message.

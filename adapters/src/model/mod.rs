@@ -11,9 +11,11 @@ mod config;
 mod gguf;
 mod hf;
 mod llama;
+mod tiny;
 
 pub use crate::kernels::{frozen_linear, LowRank};
 pub use config::LlamaConfig;
 pub use gguf::{load_gguf, GgufModel};
 pub use hf::{load_hf_dir, HfModel};
 pub use llama::{KvCache, LayerWeights, Llama, Projection, ProjectionAdapter};
+pub use tiny::{write_tiny_model, TinySpec, TINY_EOS};
