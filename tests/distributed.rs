@@ -1,0 +1,439 @@
+//! Distributed courses end to end: a nats-server with a user per party, a
+//! `fedtune server` process and `fedtune client` processes, on a tiny model.
+//! Each test starts its own nats-server on a free loopback port.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use fedtune_broker::LocalNats;
+
+fn fedtune() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_fedtune"));
+    c.current_dir(env!("CARGO_MANIFEST_DIR"));
+    c
+}
+
+fn run(args: &[&str]) -> Output {
+    let out = fedtune().args(args).output().expect("fedtune runs");
+    assert!(
+        out.status.success(),
+        "fedtune {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A child process, killed if the test ends (or fails) while it runs.
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn start(args: &[String], log: PathBuf) -> Self {
+        let file = std::fs::File::create(&log).unwrap();
+        let child = fedtune()
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("fedtune starts");
+        Self { child, log }
+    }
+
+    /// Waits for the process to end; panics with its output after `limit`.
+    fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if started.elapsed() > limit {
+                let _ = self.child.kill();
+                panic!("still running after {limit:?}:\n{}", self.output());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn succeeds(&mut self) {
+        let status = self.wait(Duration::from_secs(180));
+        assert!(status.success(), "{status}:\n{}", self.output());
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A tiny model and a 3-client LoRA course on Fed-GSM8K-3 over it, with `extra` lines in [federate].
+fn tiny_course(dir: &Path, federate: &str, local_steps: usize) -> PathBuf {
+    let model = dir.join("model");
+    run(&[
+        "model",
+        "tiny",
+        "--out",
+        model.to_str().unwrap(),
+        "--seed",
+        "3",
+    ]);
+    let config = dir.join("course.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[federate]\nname = \"tiny\"\nclients = 3\nseed = 7\n{federate}\n\n\
+             [trainer]\nkind = \"lora\"\n\n\
+             [model]\npath = {model:?}\n\n\
+             [data]\nname = \"gsm8k\"\nsplitter = \"uniform\"\ntest_fraction = 0.1\ntemplate = \"alpaca\"\n\
+             max_tokens = 128\nlimit_per_client = 40\neval_limit = 8\n\n\
+             [lora]\nr = 4\ntarget_modules = [\"q_proj\", \"v_proj\"]\n\n\
+             [train]\nlocal_steps = {local_steps}\nbatch_size = 2\n\n\
+             [optim]\nlr = 1e-3\n"
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// A nats-server for `clients` clients of course `tiny`, one user per party.
+fn broker(dir: &Path, clients: u32) -> (LocalNats, PathBuf) {
+    let creds = dir.join("broker");
+    run(&[
+        "broker",
+        "config",
+        "--course",
+        "tiny",
+        "--clients",
+        &clients.to_string(),
+        "--out",
+        creds.to_str().unwrap(),
+    ]);
+    let nats = LocalNats::start(Some(&creds.join("nats-server.conf"))).expect("nats-server starts");
+    (nats, creds)
+}
+
+fn server(config: &Path, nats: &LocalNats, creds: &Path, out: &Path, extra: &[&str]) -> Proc {
+    let mut args: Vec<String> = vec![
+        "server".into(),
+        config.display().to_string(),
+        "--nats".into(),
+        nats.url(),
+        "--creds".into(),
+        creds.join("server.json").display().to_string(),
+        "--out".into(),
+        out.display().to_string(),
+        "--log".into(),
+        "info".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let log = out.with_extension("out");
+    Proc::start(&args, log)
+}
+
+fn client(config: &Path, nats: &LocalNats, creds: &Path, id: u32, extra: &[&str]) -> Proc {
+    let mut args: Vec<String> = vec![
+        "client".into(),
+        config.display().to_string(),
+        "--nats".into(),
+        nats.url(),
+        "--id".into(),
+        id.to_string(),
+        "--creds".into(),
+        creds
+            .join(format!("client-{id}.json"))
+            .display()
+            .to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let log = config.with_file_name(format!("client-{id}-{}.out", rand_tag()));
+    Proc::start(&args, log)
+}
+
+/// Distinguishes the logs of a restarted client.
+fn rand_tag() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+fn adapter(dir: &Path) -> HashMap<String, Vec<f32>> {
+    let tensors = candle_core::safetensors::load(
+        dir.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    tensors
+        .into_iter()
+        .map(|(k, t)| (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect()
+}
+
+fn max_abs_diff(a: &HashMap<String, Vec<f32>>, b: &HashMap<String, Vec<f32>>) -> f32 {
+    assert_eq!(
+        a.keys().collect::<std::collections::BTreeSet<_>>(),
+        b.keys().collect()
+    );
+    a.iter()
+        .flat_map(|(k, x)| x.iter().zip(&b[k]).map(|(p, q)| (p - q).abs()))
+        .fold(0.0, f32::max)
+}
+
+fn records(metrics: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(metrics)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Waits until the metrics file has a record for which `pred` holds.
+fn wait_for(metrics: &Path, what: &str, pred: impl Fn(&serde_json::Value) -> bool) {
+    let started = Instant::now();
+    while !records(metrics).iter().any(&pred) {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no {what} in {}",
+            metrics.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn round_record(metrics: &Path, round: u64) -> serde_json::Value {
+    records(metrics)
+        .into_iter()
+        .rfind(|r| r["event"] == "round" && r["round"] == round)
+        .unwrap_or_else(|| panic!("no record of round {round}"))
+}
+
+#[test]
+fn a_server_and_three_client_processes_end_where_the_in_process_course_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_course(dir.path(), "rounds = 2", 3);
+    let inproc = dir.path().join("inproc");
+    run(&[
+        "run",
+        config.to_str().unwrap(),
+        "--out",
+        inproc.to_str().unwrap(),
+        "--quiet",
+    ]);
+
+    let (nats, creds) = broker(dir.path(), 3);
+    let out = dir.path().join("server");
+    // Clients first: their join_in finds no server and is retried.
+    let mut clients: Vec<Proc> = (1..=3)
+        .map(|id| client(&config, &nats, &creds, id, &[]))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut srv = server(&config, &nats, &creds, &out, &[]);
+    srv.succeeds();
+    for c in clients.iter_mut() {
+        c.succeeds();
+    }
+    let diff = max_abs_diff(
+        &adapter(&inproc.join("adapter")),
+        &adapter(&out.join("adapter")),
+    );
+    assert!(diff <= 1e-6, "final adapters differ by {diff}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(inproc.join("summary.json")).unwrap())
+            .unwrap();
+    let (a, b) = (
+        summary["loss_last"]["test"].as_f64().unwrap(),
+        reference["test_loss_after"].as_f64().unwrap(),
+    );
+    assert!(
+        (a - b).abs() < 1e-6,
+        "test loss {a} over NATS vs {b} in process"
+    );
+    // A checkpoint per round, and the traffic that crossed the broker counted.
+    assert!(out
+        .join("checkpoints/round-0001/adapter_model.safetensors")
+        .is_file());
+    assert!(out
+        .join("checkpoints/round-0002/adapter_model.safetensors")
+        .is_file());
+    assert!(summary["bytes_up"].as_u64().unwrap() > 0);
+    assert_eq!(summary["rejected_messages"], 0);
+}
+
+#[test]
+fn a_client_killed_mid_round_is_dropped_and_rejoins_when_restarted() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_course(
+        dir.path(),
+        "rounds = 4\nround_timeout_s = 3.0\nmin_clients = 2\njoin_retry_s = 0.2",
+        3,
+    );
+    let (nats, creds) = broker(dir.path(), 3);
+    let out = dir.path().join("server");
+    let metrics = out.join("metrics.jsonl");
+    let mut srv = server(&config, &nats, &creds, &out, &[]);
+    let mut c1 = client(&config, &nats, &creds, 1, &[]);
+    let mut c2 = client(&config, &nats, &creds, 2, &[]);
+    // Client 3 would train for an hour: it is surely mid-round when killed.
+    let mut c3 = client(
+        &config,
+        &nats,
+        &creds,
+        3,
+        &["--set", "train.local_steps=1000000"],
+    );
+    wait_for(&metrics, "evaluation before training", |r| {
+        r["event"] == "eval" && r["round"] == 0 && r["client"].is_null()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    c3.kill();
+    wait_for(&metrics, "round 1", |r| {
+        r["event"] == "round" && r["round"] == 1
+    });
+    let r1 = round_record(&metrics, 1);
+    assert_eq!(
+        r1["extra"]["clients"], 2.0,
+        "round 1 completed with the others: {r1}"
+    );
+    assert_eq!(r1["extra"]["dropped"], 1.0);
+    // Client 3 comes back and takes part in a later round.
+    let mut back = client(&config, &nats, &creds, 3, &[]);
+    srv.succeeds();
+    c1.succeeds();
+    c2.succeeds();
+    back.succeeds();
+    let trained_again = records(&metrics)
+        .iter()
+        .any(|r| r["event"] == "train" && r["client"] == 3 && r["round"].as_u64().unwrap() >= 2);
+    assert!(trained_again, "client 3 trained again after it rejoined");
+    assert_eq!(round_record(&metrics, 4)["extra"]["clients"], 3.0);
+}
+
+#[test]
+fn a_killed_server_resumes_after_its_last_checkpoint_and_ends_as_if_never_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_course(dir.path(), "rounds = 4\njoin_retry_s = 0.2", 20);
+    let inproc = dir.path().join("inproc");
+    run(&[
+        "run",
+        config.to_str().unwrap(),
+        "--out",
+        inproc.to_str().unwrap(),
+        "--quiet",
+    ]);
+    let (nats, creds) = broker(dir.path(), 3);
+    let out = dir.path().join("server");
+    let metrics = out.join("metrics.jsonl");
+    let mut clients: Vec<Proc> = (1..=3)
+        .map(|id| client(&config, &nats, &creds, id, &[]))
+        .collect();
+    let mut first = server(&config, &nats, &creds, &out, &[]);
+    wait_for(&metrics, "round 2", |r| {
+        r["event"] == "round" && r["round"] == 2
+    });
+    first.kill();
+    // The clients keep running; the resumed server calls them back.
+    let mut second = server(&config, &nats, &creds, &out, &["--resume"]);
+    second.succeeds();
+    for c in clients.iter_mut() {
+        c.succeeds();
+    }
+    assert!(
+        second.output().contains("resuming after round"),
+        "{}",
+        second.output()
+    );
+    let diff = max_abs_diff(
+        &adapter(&inproc.join("adapter")),
+        &adapter(&out.join("adapter")),
+    );
+    assert!(diff <= 1e-6, "final adapters differ by {diff}");
+}
+
+#[test]
+fn a_client_with_another_clients_credentials_or_none_cannot_join() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_course(dir.path(), "rounds = 1", 1);
+    let (nats, creds) = broker(dir.path(), 3);
+    let out = dir.path().join("server");
+    let mut srv = server(&config, &nats, &creds, &out, &[]);
+    // Client 2 with client 1's credentials.
+    let impostor = fedtune()
+        .args([
+            "client",
+            config.to_str().unwrap(),
+            "--nats",
+            &nats.url(),
+            "--id",
+            "2",
+            "--creds",
+            creds.join("client-1.json").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&impostor.stderr);
+    assert!(!impostor.status.success());
+    assert!(
+        err.contains("refused client 2") && err.contains("Permissions Violation"),
+        "{err}"
+    );
+    // No credentials at all.
+    let anonymous = fedtune()
+        .args([
+            "client",
+            config.to_str().unwrap(),
+            "--nats",
+            &nats.url(),
+            "--id",
+            "2",
+        ])
+        .env_remove("FEDTUNE_NATS_CREDS")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&anonymous.stderr);
+    assert!(!anonymous.status.success());
+    assert!(err.contains("authorization violation"), "{err}");
+    // The server never saw client 2.
+    std::thread::sleep(Duration::from_millis(200));
+    let log = std::fs::read_to_string(out.join("server.log")).unwrap();
+    assert!(!log.contains("client=2"), "{log}");
+    srv.kill();
+}
+
+#[test]
+fn fedtune_run_over_nats_matches_the_in_process_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let summary = |transport: &str| -> serde_json::Value {
+        let out = dir.path().join(transport);
+        let o = run(&[
+            "run",
+            "configs/least-squares.toml",
+            "--set",
+            &format!("broker.transport={transport}"),
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
+        ]);
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+    };
+    let local = summary("in-process");
+    let nats = summary("nats");
+    assert_eq!(local["final_loss"], nats["loss_last"]);
+    assert!(dir.path().join("nats/client-5.out").is_file());
+}
