@@ -8,8 +8,8 @@
 //!   per-client permissions, and the credentials files;
 //! - [`local`]: starts a local `nats-server` for development and tests.
 //!
-//! Still to come (issue "Distributed mode over NATS"): `fedtune server` /
-//! `fedtune client` processes, dropped-client handling.
+//! The `fedtune server` and `fedtune client` processes (the CLI's
+//! `distributed` module) run a course's parties on these transports.
 //!
 //! ```text
 //! fedtune.<course>.server.<client-id>   a client's messages to the server (only that client may publish here)
