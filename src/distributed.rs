@@ -22,7 +22,7 @@ use fedtune_kernel::course::{
     client_worker, roll_call, server_worker_from, RoundEval, SharedTrainer,
 };
 use fedtune_kernel::worker::WorkerOutcome;
-use fedtune_kernel::{Event, MetricsLog, Party, Record, ShutdownHandle, Transport, Worker};
+use fedtune_kernel::{MetricsLog, Party, Record, ShutdownHandle, Transport, Worker};
 use serde::Serialize;
 
 use crate::run::{self, Course, Task};
@@ -323,8 +323,8 @@ pub fn server(args: ServerArgs) -> Result<()> {
             })
             .collect(),
         sampled: results.sampled.clone(),
-        bytes_up: traffic(&results.records).0,
-        bytes_down: traffic(&results.records).1,
+        bytes_up: run_llm::traffic(&results.records).0,
+        bytes_down: run_llm::traffic(&results.records).1,
         rejected_messages: outcome.stats.rejected,
         wall_s: started.elapsed().as_secs_f64(),
         params: params_path.display().to_string(),
@@ -359,13 +359,6 @@ fn losses_at(evals: &[RoundEval], round: Option<u64>) -> std::collections::BTree
         .filter(|e| Some(e.round) == round)
         .map(|e| (e.split.clone(), e.loss))
         .collect()
-}
-
-fn traffic(records: &[Record]) -> (u64, u64) {
-    records
-        .iter()
-        .filter(|r| r.event == Event::Round)
-        .fold((0, 0), |(u, d), r| (u + r.bytes_up, d + r.bytes_down))
 }
 
 /// `fedtune client`: one client of a course, alone in this process.

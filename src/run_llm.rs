@@ -988,7 +988,8 @@ fn split_losses(records: &[Record], client: u32, split: &str) -> (Option<f64>, O
     )
 }
 
-fn traffic(records: &[Record]) -> (u64, u64) {
+/// Bytes up and down over every round's record.
+pub(crate) fn traffic(records: &[Record]) -> (u64, u64) {
     records
         .iter()
         .filter(|r| r.event == Event::Round)

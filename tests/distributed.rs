@@ -214,6 +214,19 @@ fn wait_for(metrics: &Path, what: &str, pred: impl Fn(&serde_json::Value) -> boo
     }
 }
 
+/// Runs the course in one process (the reference); returns its output directory.
+fn in_process(config: &Path, dir: &Path) -> PathBuf {
+    let out = dir.join("inproc");
+    run(&[
+        "run",
+        config.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    out
+}
+
 fn round_record(metrics: &Path, round: u64) -> serde_json::Value {
     records(metrics)
         .into_iter()
@@ -225,14 +238,7 @@ fn round_record(metrics: &Path, round: u64) -> serde_json::Value {
 fn a_server_and_three_client_processes_end_where_the_in_process_course_does() {
     let dir = tempfile::tempdir().unwrap();
     let config = tiny_course(dir.path(), "rounds = 2", 3);
-    let inproc = dir.path().join("inproc");
-    run(&[
-        "run",
-        config.to_str().unwrap(),
-        "--out",
-        inproc.to_str().unwrap(),
-        "--quiet",
-    ]);
+    let inproc = in_process(&config, dir.path());
 
     let (nats, creds) = broker(dir.path(), 3);
     let out = dir.path().join("server");
@@ -328,14 +334,7 @@ fn a_client_killed_mid_round_is_dropped_and_rejoins_when_restarted() {
 fn a_killed_server_resumes_after_its_last_checkpoint_and_ends_as_if_never_stopped() {
     let dir = tempfile::tempdir().unwrap();
     let config = tiny_course(dir.path(), "rounds = 4\njoin_retry_s = 0.2", 20);
-    let inproc = dir.path().join("inproc");
-    run(&[
-        "run",
-        config.to_str().unwrap(),
-        "--out",
-        inproc.to_str().unwrap(),
-        "--quiet",
-    ]);
+    let inproc = in_process(&config, dir.path());
     let (nats, creds) = broker(dir.path(), 3);
     let out = dir.path().join("server");
     let metrics = out.join("metrics.jsonl");
