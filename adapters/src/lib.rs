@@ -20,6 +20,7 @@
 //!
 //! - [`eval`]: GSM8K, HumanEval (sandboxed), MMLU, OpenBookQA, NQ-open and your own multiple-choice sets.
 
+pub mod adapter;
 pub mod data;
 pub mod eval;
 pub mod fetch;
@@ -31,6 +32,7 @@ pub mod loss;
 pub mod model;
 pub mod peft;
 pub mod pfl;
+pub mod prompt;
 pub mod round_robin;
 pub mod simd;
 pub mod tokenizer;

@@ -97,7 +97,14 @@ impl Projection {
     }
 }
 
-/// Adds trainable terms to projections (LoRA adds `scale · x Aᵀ Bᵀ`).
+/// What an adapter adds to the forward pass: terms on projections (LoRA
+/// adds `scale · x Aᵀ Bᵀ`), virtual tokens before the input (prompt tuning,
+/// P-tuning), or keys and values before every layer's own (prefix-tuning).
+///
+/// Virtual tokens and prefixes take the first positions of a sequence: they
+/// are added when a forward pass starts a sequence (no cache, or an empty
+/// one), their outputs are dropped, and the real tokens' positions follow
+/// them, as in PEFT.
 pub trait ProjectionAdapter {
     /// The term added to projection `proj` of block `layer` for inputs `x`
     /// of shape `(tokens, in)`, as `(tokens, out)`; `None` leaves it alone.
@@ -107,6 +114,23 @@ pub trait ProjectionAdapter {
     /// projection and the term run as one fused op; draws any dropout mask
     /// (call it instead of [`ProjectionAdapter::delta`], not as well).
     fn low_rank(&self, _layer: usize, _proj: Projection, _x: &Tensor) -> Result<Option<LowRank>> {
+        Ok(None)
+    }
+
+    /// Embeddings `(n, hidden)` to put before every sequence's tokens.
+    fn virtual_tokens(&self) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    /// How many prefix positions [`ProjectionAdapter::kv_prefix`] gives every layer (0: none).
+    fn prefix_len(&self) -> usize {
+        0
+    }
+
+    /// Keys and values `(prefix_len, kv_heads · head_dim)` that block
+    /// `layer`'s attention sees before the sequence's own (no rotary
+    /// embedding is applied to them).
+    fn kv_prefix(&self, _layer: usize) -> Result<Option<(Tensor, Tensor)>> {
         Ok(None)
     }
 }
@@ -385,7 +409,7 @@ impl Llama {
         attention_mask: Option<&Tensor>,
         adapter: Option<&dyn ProjectionAdapter>,
     ) -> Result<Tensor> {
-        self.run(tokens, attention_mask, None, adapter)
+        Ok(self.run(tokens, attention_mask, None, adapter)?.0)
     }
 
     /// Logits `(batch, seq, vocab)` for `tokens` that continue the sequences in
@@ -415,8 +439,9 @@ impl Llama {
         if cache.layers.len() != self.layers.len() {
             *cache = KvCache::new(self.layers.len());
         }
-        let hidden = self.run(tokens, None, Some(cache), adapter)?;
-        cache.len += t;
+        let (hidden, added) = self.run(tokens, None, Some(cache), adapter)?;
+        debug_assert!(added >= t);
+        cache.len += added;
         Ok(hidden)
     }
 
@@ -438,28 +463,62 @@ impl Llama {
         frozen_linear(&last, self.output_weight())
     }
 
+    /// The final-norm hidden states `(batch · seq, hidden)` of `tokens`, and
+    /// how many positions the pass added to `cache` (the tokens, plus any
+    /// virtual tokens and prefix an adapter puts before a sequence's start).
     fn run(
         &self,
         tokens: &Tensor,
         attention_mask: Option<&Tensor>,
         mut cache: Option<&mut KvCache>,
         adapter: Option<&dyn ProjectionAdapter>,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, usize)> {
         let (b, t) = tokens.dims2()?;
         let offset = cache.as_ref().map_or(0, |c| c.len);
-        if offset + t > self.cfg.max_position_embeddings {
+        // Virtual tokens and prefixes belong to a sequence's start only.
+        let starts = offset == 0;
+        let virt = match adapter {
+            Some(a) if starts => a.virtual_tokens()?,
+            _ => None,
+        };
+        let nv = virt.as_ref().map_or(Ok(0), |v| v.dim(0))?;
+        let np = match adapter {
+            Some(a) if starts => a.prefix_len(),
+            _ => 0,
+        };
+        let tt = nv + t;
+        let pos0 = offset + np;
+        if pos0 + tt > self.cfg.max_position_embeddings {
             candle_core::bail!(
-                "sequence of {} tokens exceeds the model's {} positions",
-                offset + t,
+                "sequence of {} positions exceeds the model's {}",
+                pos0 + tt,
                 self.cfg.max_position_embeddings
             )
         }
-        let mask = self.attention_bias(b, t, offset, attention_mask)?;
         let mut h = self.embed_tokens.index_select(&tokens.flatten_all()?, 0)?; // (b·t, hidden)
+        let mut mask_ext = attention_mask.cloned();
+        if let Some(v) = &virt {
+            let hidden = self.cfg.hidden_size;
+            let v = v
+                .to_dtype(h.dtype())?
+                .unsqueeze(0)?
+                .broadcast_as((b, nv, hidden))?
+                .contiguous()?;
+            h = Tensor::cat(&[&v, &h.reshape((b, t, hidden))?], 1)?.reshape((b * tt, hidden))?;
+            if let Some(m) = &attention_mask {
+                let ones = Tensor::ones((b, nv), m.dtype(), m.device())?;
+                mask_ext = Some(Tensor::cat(&[&ones, m], 1)?);
+            }
+        }
+        let mask = self.attention_bias(b, tt, pos0, mask_ext.as_ref())?;
         for (i, layer) in self.layers.iter().enumerate() {
             let x = rms_norm(&h, &layer.input_layernorm, self.cfg.rms_norm_eps)?;
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
-            let attn = self.attention(i, layer, &x, (b, t, offset), &mask, slot, adapter)?;
+            let prefix = match adapter {
+                Some(a) if np > 0 => a.kv_prefix(i)?,
+                _ => None,
+            };
+            let attn = self.attention(i, layer, &x, (b, tt, pos0), &mask, slot, prefix, adapter)?;
             h = (h + attn)?;
             let x = rms_norm(&h, &layer.post_attention_layernorm, self.cfg.rms_norm_eps)?;
             let gate = self.project(i, Projection::Gate, layer, &x, adapter)?;
@@ -467,7 +526,16 @@ impl Llama {
             let mlp = self.project(i, Projection::Down, layer, &swiglu(&gate, &up)?, adapter)?;
             h = (h + mlp)?;
         }
-        rms_norm(&h, &self.norm, self.cfg.rms_norm_eps)
+        let mut out = rms_norm(&h, &self.norm, self.cfg.rms_norm_eps)?;
+        if nv > 0 {
+            // The virtual tokens' outputs are not the caller's.
+            let hidden = self.cfg.hidden_size;
+            out = out
+                .reshape((b, tt, hidden))?
+                .narrow(1, nv, t)?
+                .reshape((b * t, hidden))?;
+        }
+        Ok((out, np + tt))
     }
 
     fn project(
@@ -500,6 +568,7 @@ impl Llama {
         (b, t, offset): (usize, usize, usize),
         mask: &Tensor,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
+        prefix: Option<(Tensor, Tensor)>,
         adapter: Option<&dyn ProjectionAdapter>,
     ) -> Result<Tensor> {
         let (nh, nkv, hd) = (
@@ -512,7 +581,7 @@ impl Llama {
         let v = self.project(i, Projection::V, layer, x, adapter)?;
         let cos = self.cos.narrow(0, offset, t)?;
         let sin = self.sin.narrow(0, offset, t)?;
-        if cache.is_none() && attention_fuses(&q) {
+        if cache.is_none() && prefix.is_none() && attention_fuses(&q) {
             let dims = AttentionDims {
                 batch: b,
                 seq: t,
@@ -530,9 +599,27 @@ impl Llama {
         let (q, k, v) = (heads(q, nh)?, heads(k, nkv)?, heads(v, nkv)?);
         let q = rope(&q, &cos, &sin)?;
         let k = rope(&k, &cos, &sin)?;
+        // A prefix comes before the sequence's own keys and values, unrotated.
+        let (k, v, at) = match prefix {
+            None => (k, v, offset),
+            Some((pk, pv)) => {
+                let np = pk.dim(0)?;
+                let expand = |p: Tensor| -> Result<Tensor> {
+                    p.to_dtype(k.dtype())?
+                        .reshape((np, nkv, hd))?
+                        .transpose(0, 1)?
+                        .unsqueeze(0)?
+                        .broadcast_as((b, nkv, np, hd))?
+                        .contiguous()
+                };
+                let k = Tensor::cat(&[&expand(pk)?, &k], 2)?;
+                let v = Tensor::cat(&[&expand(pv)?, &v], 2)?;
+                (k, v, offset - np)
+            }
+        };
         let (k, v) = match cache {
             None => (k, v),
-            Some(slot) => append_kv(slot, &k, &v, offset)?,
+            Some(slot) => append_kv(slot, &k, &v, at)?,
         };
         // Grouped-query attention without copying keys and values: the query
         // heads that share a kv head are stacked along the sequence axis,
@@ -572,13 +659,19 @@ impl Llama {
         match attention_mask {
             None => Ok(causal),
             Some(m) => {
-                if offset != 0 || m.dims() != [b, t] {
+                if m.dims() != [b, t] {
                     candle_core::bail!(
-                        "attention mask has shape {:?}, expected [{b}, {t}] and no cache",
+                        "attention mask has shape {:?}, expected [{b}, {t}]",
                         m.dims()
                     )
                 }
-                let keep = m.to_dtype(self.dtype())?.reshape((b, 1, 1, t))?;
+                // The mask covers this pass's keys; earlier ones (a cache, a prefix) stay visible.
+                let mut keep = m.to_dtype(self.dtype())?;
+                if offset > 0 {
+                    let earlier = Tensor::ones((b, offset), keep.dtype(), keep.device())?;
+                    keep = Tensor::cat(&[&earlier, &keep], 1)?;
+                }
+                let keep = keep.reshape((b, 1, 1, keys))?;
                 let pad = ((1.0 - keep)? * MASKED)?;
                 causal.broadcast_add(&pad)
             }

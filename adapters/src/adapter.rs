@@ -1,0 +1,97 @@
+//! The adapter interface: what the trainer optimizes, the federation
+//! exchanges and a checkpoint saves, whatever the PEFT method.
+//!
+//! LoRA ([`crate::lora::Lora`]) and the prompt-learning methods
+//! ([`crate::prompt::PromptAdapter`]: prompt tuning, P-tuning,
+//! prefix-tuning) implement it; the model sees an adapter through
+//! [`ProjectionAdapter`], the part that changes the forward pass.
+
+use candle_core::{DType, Result, Tensor, Var};
+use fedtune_kernel::ParamSet;
+
+use crate::model::ProjectionAdapter;
+
+/// A trainable adapter around a frozen model.
+pub trait Adapter: ProjectionAdapter + Send + Sync {
+    /// PEFT's name of the method (`LORA`, `PROMPT_TUNING`, `P_TUNING`, `PREFIX_TUNING`).
+    fn peft_type(&self) -> &'static str;
+
+    /// Every trainable variable with its name, in name order.
+    fn named_vars(&self) -> Vec<(String, Var)>;
+
+    /// Turns training-only behaviour (dropout) on or off.
+    fn set_training(&self, _on: bool) {}
+
+    /// Turns gradient tracking on (the default) or off: off, forward passes
+    /// record no graph, which saves memory in evaluation and generation.
+    fn set_grad_enabled(&self, on: bool);
+
+    /// The trainable variables, in name order.
+    fn vars(&self) -> Vec<Var> {
+        self.named_vars().into_iter().map(|(_, v)| v).collect()
+    }
+
+    /// Number of trainable scalars.
+    fn num_parameters(&self) -> usize {
+        self.named_vars().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// The variables as a kernel `ParamSet` (f32), what crosses the wire.
+    fn to_param_set(&self) -> Result<ParamSet> {
+        let mut set = ParamSet::new();
+        for (name, var) in self.named_vars() {
+            let t = var.as_tensor();
+            let data = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            set.insert(name, t.dims().to_vec(), data)
+                .map_err(candle_core::Error::wrap)?;
+        }
+        Ok(set)
+    }
+
+    /// Overwrites the variables from `params`, which must hold exactly this
+    /// adapter's names and shapes; nothing changes if it does not.
+    fn load_param_set(&self, params: &ParamSet) -> Result<()> {
+        let mine = self.to_param_set()?;
+        mine.check_compatible(params)
+            .map_err(candle_core::Error::wrap)?;
+        for (name, var) in self.named_vars() {
+            let t = params.get(&name).expect("names checked above");
+            let value =
+                Tensor::from_slice(t.data(), t.shape(), var.device())?.to_dtype(var.dtype())?;
+            var.set(&value)?;
+        }
+        Ok(())
+    }
+}
+
+impl Adapter for crate::lora::Lora {
+    fn peft_type(&self) -> &'static str {
+        "LORA"
+    }
+
+    fn named_vars(&self) -> Vec<(String, Var)> {
+        crate::lora::Lora::named_vars(self)
+    }
+
+    fn set_training(&self, on: bool) {
+        crate::lora::Lora::set_training(self, on)
+    }
+
+    fn set_grad_enabled(&self, on: bool) {
+        crate::lora::Lora::set_grad_enabled(self, on)
+    }
+}
+
+impl Adapter for crate::prompt::PromptAdapter {
+    fn peft_type(&self) -> &'static str {
+        self.method().peft_type()
+    }
+
+    fn named_vars(&self) -> Vec<(String, Var)> {
+        crate::prompt::PromptAdapter::named_vars(self)
+    }
+
+    fn set_grad_enabled(&self, on: bool) {
+        crate::prompt::PromptAdapter::set_grad_enabled(self, on)
+    }
+}

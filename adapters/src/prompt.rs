@@ -1,0 +1,369 @@
+//! Prompt-learning adapters: prompt tuning, P-tuning and prefix-tuning.
+//!
+//! All three leave the model's weights alone and add positions before the
+//! input (see [`ProjectionAdapter::virtual_tokens`] and
+//! [`ProjectionAdapter::kv_prefix`]):
+//!
+//! - **prompt tuning** (Lester et al., 2021): `num_virtual_tokens` trainable
+//!   embeddings before the input; initialized at random (scaled like the
+//!   model's token embeddings) or from the embeddings of a text, as FS-LLM
+//!   does with "Think step by step." (`num_virtual_tokens` is then its length);
+//! - **P-tuning** (Liu et al., 2021): the virtual tokens are the output of a
+//!   reparameterization encoder, an MLP of three linear layers with ReLU
+//!   between them (PEFT's `MLP` encoder), applied to trainable inputs;
+//! - **prefix-tuning** (Li & Liang, 2021): trainable keys and values before
+//!   every layer's own, either free (`prefix_projection = false`) or the
+//!   output of a two-layer tanh MLP over trainable embeddings.
+//!
+//! Variable names follow PEFT's modules (`prompt_embeddings`,
+//! `prompt_encoder.embedding.weight`, `prompt_encoder.mlp_head.N.*`,
+//! `prompt_encoder.transform.N.*`), and [`PromptAdapter::prompt_embeddings`]
+//! is the tensor PEFT saves for each method.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Llama, LlamaConfig, Projection, ProjectionAdapter};
+
+/// Which prompt-learning method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum PromptMethod {
+    /// Trainable virtual-token embeddings.
+    #[default]
+    Prompt,
+    /// Virtual tokens from an MLP encoder over trainable inputs.
+    PTuning,
+    /// Trainable per-layer key/value prefixes.
+    Prefix,
+}
+
+impl PromptMethod {
+    /// PEFT's `peft_type`.
+    pub fn peft_type(self) -> &'static str {
+        match self {
+            PromptMethod::Prompt => "PROMPT_TUNING",
+            PromptMethod::PTuning => "P_TUNING",
+            PromptMethod::Prefix => "PREFIX_TUNING",
+        }
+    }
+}
+
+/// How prompt tuning's embeddings start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum PromptInit {
+    /// Normal noise with the spread of the model's token embeddings.
+    #[default]
+    Random,
+    /// The token embeddings of `init_text`.
+    Text,
+}
+
+/// `[prompt]`: the prompt-learning adapter's hyperparameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PromptConfig {
+    /// Virtual tokens (prompt tuning, P-tuning) or prefix positions (prefix-tuning).
+    pub num_virtual_tokens: usize,
+    /// Prompt tuning's initialization.
+    pub init: PromptInit,
+    /// The text whose embeddings start prompt tuning with `init = "text"`.
+    pub init_text: String,
+    /// Width of the P-tuning encoder and of the prefix projection.
+    pub encoder_hidden_size: usize,
+    /// Prefix-tuning: reparameterize the prefixes with an MLP (PEFT's `prefix_projection`).
+    pub prefix_projection: bool,
+}
+
+impl Default for PromptConfig {
+    fn default() -> Self {
+        Self {
+            num_virtual_tokens: 20,
+            init: PromptInit::Random,
+            init_text: "Think step by step.".into(),
+            encoder_hidden_size: 128,
+            prefix_projection: false,
+        }
+    }
+}
+
+/// A prompt-learning adapter (see the module docs).
+#[derive(Debug)]
+pub struct PromptAdapter {
+    method: PromptMethod,
+    config: PromptConfig,
+    vars: BTreeMap<String, Var>,
+    layers: usize,
+    kv_dim: usize,
+    hidden: usize,
+    grad_enabled: AtomicBool,
+}
+
+/// Normal noise `(rows, cols)` with standard deviation `std`.
+fn normal(
+    rows: usize,
+    cols: usize,
+    std: f32,
+    rng: &mut ChaCha8Rng,
+    dev: &Device,
+) -> Result<Tensor> {
+    use rand::Rng;
+    // Box–Muller: two uniforms give a standard normal.
+    let data: Vec<f32> = (0..rows * cols)
+        .map(|_| {
+            let u1: f32 = rng.random_range(f32::EPSILON..1.0);
+            let u2: f32 = rng.random();
+            std * (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+        })
+        .collect();
+    Tensor::from_vec(data, (rows, cols), dev)
+}
+
+/// A linear layer `(out, in)` and bias `(out)`, initialized as PyTorch's
+/// `nn.Linear`: uniform in ±1/√in.
+fn linear(out: usize, inp: usize, rng: &mut ChaCha8Rng, dev: &Device) -> Result<(Tensor, Tensor)> {
+    use rand::Rng;
+    let bound = 1.0 / (inp as f32).sqrt();
+    let w: Vec<f32> = (0..out * inp)
+        .map(|_| rng.random_range(-bound..bound))
+        .collect();
+    let b: Vec<f32> = (0..out).map(|_| rng.random_range(-bound..bound)).collect();
+    Ok((
+        Tensor::from_vec(w, (out, inp), dev)?,
+        Tensor::from_vec(b, out, dev)?,
+    ))
+}
+
+/// The standard deviation of the model's token embeddings.
+fn embedding_std(model: &Llama) -> Result<f32> {
+    let e = model.named_weights();
+    let table = e
+        .iter()
+        .find(|(n, _)| n == "model.embed_tokens.weight")
+        .map(|(_, t)| t.clone())
+        .ok_or_else(|| candle_core::Error::msg("the model has no token embeddings"))?
+        .to_dtype(DType::F32)?;
+    let mean = table.mean_all()?.to_scalar::<f32>()?;
+    let var = table
+        .affine(1.0, -(mean as f64))?
+        .sqr()?
+        .mean_all()?
+        .to_scalar::<f32>()?;
+    Ok(var.sqrt())
+}
+
+impl PromptAdapter {
+    /// A fresh adapter of `method` for `model`, seeded; `init_ids` are the
+    /// token ids of `config.init_text` (needed for prompt tuning with
+    /// `init = "text"`, ignored otherwise).
+    pub fn new(
+        model: &Llama,
+        method: PromptMethod,
+        config: PromptConfig,
+        init_ids: Option<&[u32]>,
+        seed: u64,
+    ) -> Result<Self> {
+        let cfg: &LlamaConfig = model.config();
+        let dev = model.device().clone();
+        let hidden = cfg.hidden_size;
+        let kv_dim = Projection::K.dims(cfg).1;
+        let layers = cfg.num_hidden_layers;
+        let enc = config.encoder_hidden_size;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let std = embedding_std(model)?;
+        let mut config = config;
+        let mut vars = BTreeMap::new();
+        let mut put = |name: &str, t: Tensor| -> Result<()> {
+            vars.insert(
+                name.to_string(),
+                Var::from_tensor(&t.to_dtype(model.dtype())?)?,
+            );
+            Ok(())
+        };
+        match method {
+            PromptMethod::Prompt => {
+                let table = match (config.init, init_ids) {
+                    (PromptInit::Text, Some(ids)) if !ids.is_empty() => {
+                        config.num_virtual_tokens = ids.len();
+                        let ids = Tensor::new(ids, &dev)?;
+                        let weights = model.named_weights();
+                        let embed = &weights
+                            .iter()
+                            .find(|(n, _)| n == "model.embed_tokens.weight")
+                            .ok_or_else(|| candle_core::Error::msg("no token embeddings"))?
+                            .1;
+                        embed.index_select(&ids, 0)?.to_dtype(DType::F32)?
+                    }
+                    (PromptInit::Text, _) => {
+                        candle_core::bail!(
+                            "prompt init = \"text\" needs the token ids of init_text"
+                        )
+                    }
+                    (PromptInit::Random, _) => {
+                        normal(config.num_virtual_tokens, hidden, std, &mut rng, &dev)?
+                    }
+                };
+                put("prompt_embeddings", table)?;
+            }
+            PromptMethod::PTuning => {
+                let n = config.num_virtual_tokens;
+                put(
+                    "prompt_encoder.embedding.weight",
+                    normal(n, hidden, std, &mut rng, &dev)?,
+                )?;
+                for (i, (out, inp)) in [(enc, hidden), (enc, enc), (hidden, enc)]
+                    .into_iter()
+                    .enumerate()
+                {
+                    let (w, b) = linear(out, inp, &mut rng, &dev)?;
+                    put(&format!("prompt_encoder.mlp_head.{}.weight", 2 * i), w)?;
+                    put(&format!("prompt_encoder.mlp_head.{}.bias", 2 * i), b)?;
+                }
+            }
+            PromptMethod::Prefix => {
+                let n = config.num_virtual_tokens;
+                let width = layers * 2 * kv_dim;
+                if config.prefix_projection {
+                    put(
+                        "prompt_encoder.embedding.weight",
+                        normal(n, hidden, std, &mut rng, &dev)?,
+                    )?;
+                    for (i, (out, inp)) in [(enc, hidden), (width, enc)].into_iter().enumerate() {
+                        let (w, b) = linear(out, inp, &mut rng, &dev)?;
+                        put(&format!("prompt_encoder.transform.{}.weight", 2 * i), w)?;
+                        put(&format!("prompt_encoder.transform.{}.bias", 2 * i), b)?;
+                    }
+                } else {
+                    put(
+                        "prompt_encoder.embedding.weight",
+                        normal(n, width, 1.0, &mut rng, &dev)?,
+                    )?;
+                }
+            }
+        }
+        if config.num_virtual_tokens == 0 {
+            candle_core::bail!("num_virtual_tokens must be at least 1");
+        }
+        Ok(Self {
+            method,
+            config,
+            vars,
+            layers,
+            kv_dim,
+            hidden,
+            grad_enabled: AtomicBool::new(true),
+        })
+    }
+
+    /// The method.
+    pub fn method(&self) -> PromptMethod {
+        self.method
+    }
+
+    /// The hyperparameters (`num_virtual_tokens` as used: a text init sets it).
+    pub fn config(&self) -> &PromptConfig {
+        &self.config
+    }
+
+    /// `(name, variable)` pairs in name order.
+    pub fn named_vars(&self) -> Vec<(String, Var)> {
+        self.vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Turns gradient tracking on or off (off: no graph is recorded).
+    pub fn set_grad_enabled(&self, on: bool) {
+        self.grad_enabled.store(on, Ordering::Relaxed);
+    }
+
+    fn t(&self, name: &str) -> Result<Tensor> {
+        let v = self
+            .vars
+            .get(name)
+            .ok_or_else(|| candle_core::Error::msg(format!("no variable `{name}`")))?;
+        Ok(if self.grad_enabled.load(Ordering::Relaxed) {
+            v.as_tensor().clone()
+        } else {
+            v.as_tensor().detach()
+        })
+    }
+
+    fn dense(&self, x: &Tensor, prefix: &str, i: usize) -> Result<Tensor> {
+        let w = self.t(&format!("{prefix}.{i}.weight"))?;
+        let b = self.t(&format!("{prefix}.{i}.bias"))?;
+        x.matmul(&w.t()?)?.broadcast_add(&b)
+    }
+
+    /// What PEFT saves as `prompt_embeddings`: the virtual tokens `(n,
+    /// hidden)`, or for prefix-tuning every layer's keys and values `(n,
+    /// layers · 2 · kv_dim)` (layer by layer, keys before values).
+    pub fn prompt_embeddings(&self) -> Result<Tensor> {
+        match self.method {
+            PromptMethod::Prompt => self.t("prompt_embeddings"),
+            PromptMethod::PTuning => {
+                let x = self.t("prompt_encoder.embedding.weight")?;
+                let h = self.dense(&x, "prompt_encoder.mlp_head", 0)?.relu()?;
+                let h = self.dense(&h, "prompt_encoder.mlp_head", 2)?.relu()?;
+                self.dense(&h, "prompt_encoder.mlp_head", 4)
+            }
+            PromptMethod::Prefix => {
+                let x = self.t("prompt_encoder.embedding.weight")?;
+                if !self.config.prefix_projection {
+                    return Ok(x);
+                }
+                let h = self.dense(&x, "prompt_encoder.transform", 0)?.tanh()?;
+                self.dense(&h, "prompt_encoder.transform", 2)
+            }
+        }
+    }
+
+    /// Width of one layer's keys (and of its values).
+    pub fn kv_dim(&self) -> usize {
+        self.kv_dim
+    }
+
+    /// The model's layers and hidden size this adapter was made for.
+    pub fn model_dims(&self) -> (usize, usize) {
+        (self.layers, self.hidden)
+    }
+}
+
+impl ProjectionAdapter for PromptAdapter {
+    fn delta(&self, _layer: usize, _proj: Projection, _x: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    fn virtual_tokens(&self) -> Result<Option<Tensor>> {
+        match self.method {
+            PromptMethod::Prefix => Ok(None),
+            _ => Ok(Some(self.prompt_embeddings()?)),
+        }
+    }
+
+    fn prefix_len(&self) -> usize {
+        match self.method {
+            PromptMethod::Prefix => self.config.num_virtual_tokens,
+            _ => 0,
+        }
+    }
+
+    fn kv_prefix(&self, layer: usize) -> Result<Option<(Tensor, Tensor)>> {
+        if self.method != PromptMethod::Prefix || layer >= self.layers {
+            return Ok(None);
+        }
+        let all = self.prompt_embeddings()?;
+        let at = layer * 2 * self.kv_dim;
+        Ok(Some((
+            all.narrow(1, at, self.kv_dim)?,
+            all.narrow(1, at + self.kv_dim, self.kv_dim)?,
+        )))
+    }
+}
