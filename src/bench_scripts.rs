@@ -18,9 +18,10 @@ use std::time::Instant;
 
 use anyhow::{ensure, Result};
 use candle_core::{DType, Device};
+use fedtune_adapters::adapter::Adapter;
 use fedtune_adapters::hooks::{HookScript, BUILT_IN_HOOKS};
 use fedtune_adapters::lora::{Lora, LoraConfig};
-use fedtune_adapters::train::{HookCtx, LoraStepper, NoHooks, TrainConfig, TrainHooks};
+use fedtune_adapters::train::{HookCtx, NoHooks, Stepper, TrainConfig, TrainHooks};
 use fedtune_kernel::script::{ScriptAggregator, ScriptHost, ScriptSource, ScriptingSection};
 use fedtune_kernel::{Aggregator, ClientUpdate, FedAvg};
 use serde::Serialize;
@@ -121,7 +122,7 @@ pub fn scripts(calls: usize, clients: usize, steps: usize, json: bool) -> Result
     // Training steps, as in `fedtune bench train-step`.
     let b = crate::bench_train::seeded_batch(model.config().vocab_size, 4, 128, &device)?;
     let one = std::slice::from_ref(&b);
-    let mut stepper = LoraStepper::new(&lora, TrainConfig::default())?;
+    let mut stepper = Stepper::new(&lora, TrainConfig::default())?;
     stepper.step(model, &lora, one, (0, 1), &mut NoHooks)?;
     let step_s = median_ms(steps, || {
         stepper.step(model, &lora, one, (1, 2), &mut NoHooks)?;

@@ -9,10 +9,11 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use fedtune_adapters::adapter::Adapter;
 use fedtune_adapters::fetch::ensure_default_model;
 use fedtune_adapters::lora::{Lora, LoraConfig};
 use fedtune_adapters::model::load_gguf;
-use fedtune_adapters::train::{Batch, LoraStepper, NoHooks, TrainConfig};
+use fedtune_adapters::train::{Batch, NoHooks, Stepper, TrainConfig};
 use serde::Serialize;
 
 #[derive(Debug, Serialize)]
@@ -59,7 +60,7 @@ pub fn train_step(batch: usize, seq_len: usize, steps: usize, json: bool) -> Res
     )?;
     let n = batch * seq_len;
     let b = seeded_batch(cfg.vocab_size, batch, seq_len, &device)?;
-    let mut stepper = LoraStepper::new(&lora, TrainConfig::default())?;
+    let mut stepper = Stepper::new(&lora, TrainConfig::default())?;
     // One untimed step warms allocators and caches.
     stepper.step(
         model,

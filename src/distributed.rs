@@ -217,9 +217,10 @@ pub fn server(args: ServerArgs) -> Result<()> {
         ),
         Task::Lora(llm) => {
             let base = crate::eval_cmd::Base::load(llm.model.path.as_deref(), &say)?;
+            let spec = llm.spec(&base.tok)?;
             let initial = fedtune_adapters::round_robin::RoundRobinTrainer::initial_adapter(
                 &base.model,
-                &llm.lora,
+                &spec,
                 cfg.course.seed,
             )
             .map_err(|e| anyhow::anyhow!(e))?;
@@ -230,9 +231,10 @@ pub fn server(args: ServerArgs) -> Result<()> {
                 .unwrap_or_default();
             (
                 initial,
-                Saved::Lora {
-                    lora: llm.lora.clone(),
+                Saved::Adapter {
+                    spec,
                     base: name,
+                    model: base.model.config().clone(),
                 },
             )
         }
@@ -299,7 +301,7 @@ pub fn server(args: ServerArgs) -> Result<()> {
     );
     let results = state.into_results();
     let params_path = out.join(match final_format {
-        Saved::Lora { .. } => "adapter",
+        Saved::Adapter { .. } => "adapter",
         Saved::Params => "final",
     });
     final_format

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device};
 use clap::Args;
+use fedtune_adapters::adapter::Adapter;
 use fedtune_adapters::data::{self, collate, Tokenized};
 use fedtune_adapters::eval::sandbox::{python_available, Limits};
 use fedtune_adapters::eval::tasks::{self, Items, Task};
@@ -16,9 +17,8 @@ use fedtune_adapters::eval::{
 };
 use fedtune_adapters::fetch::ensure_default_model;
 use fedtune_adapters::generate::GenerationConfig;
-use fedtune_adapters::lora::Lora;
 use fedtune_adapters::model::{load_gguf, load_hf_dir, Llama};
-use fedtune_adapters::peft::load_lora;
+use fedtune_adapters::peft::load_adapter;
 use fedtune_adapters::tokenizer::TextTokenizer;
 use fedtune_adapters::train::summed_token_loss;
 use fedtune_kernel::config::{ConfigDoc, CourseConfig};
@@ -171,7 +171,7 @@ impl Base {
 pub struct Loaded {
     model: Arc<Llama>,
     tok: Arc<TextTokenizer>,
-    lora: Option<Lora>,
+    adapter: Option<Box<dyn Adapter>>,
     model_path: PathBuf,
 }
 
@@ -188,12 +188,12 @@ impl Loaded {
             tok,
             path: model_path,
         } = base;
-        let lora = match adapter {
+        let adapter = match adapter {
             None => None,
             Some(dir) => {
-                let (cfg, params) = load_lora(dir)
+                let (spec, params) = load_adapter(dir)
                     .with_context(|| format!("loading the adapter {}", dir.display()))?;
-                let lora = Lora::new(model.config(), cfg, 0, model.dtype(), model.device())?;
+                let lora = spec.build(&model, 0)?;
                 lora.load_param_set(&params).with_context(|| {
                     format!("the adapter {} does not fit the model", dir.display())
                 })?;
@@ -203,13 +203,14 @@ impl Loaded {
                     dir.display(),
                     lora.num_parameters()
                 ));
+                say(&format!("adapter method {}", lora.peft_type()));
                 Some(lora)
             }
         };
         Ok(Self {
             model,
             tok,
-            lora,
+            adapter,
             model_path,
         })
     }
@@ -220,8 +221,8 @@ impl Loaded {
             model: &self.model,
             tok: &self.tok,
             adapter: self
-                .lora
-                .as_ref()
+                .adapter
+                .as_deref()
                 .map(|l| l as &dyn fedtune_adapters::model::ProjectionAdapter),
         }
     }

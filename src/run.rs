@@ -154,7 +154,9 @@ struct ResolvedLlm<'a> {
     trainer: &'a TrainerSection,
     broker: &'a BrokerSection,
     model: &'a run_llm::ModelSection,
+    adapter: &'a run_llm::AdapterSection,
     lora: &'a fedtune_adapters::lora::LoraConfig,
+    prompt: &'a fedtune_adapters::prompt::PromptConfig,
     train: &'a run_llm::TrainSection,
     optim: &'a fedtune_adapters::train::TrainConfig,
     data: &'a fedtune_adapters::data::DataSpec,
@@ -163,7 +165,9 @@ struct ResolvedLlm<'a> {
     eval: &'a run_llm::EvalSection,
 }
 
-const SECTIONS: [&str; 15] = [
+const SECTIONS: [&str; 17] = [
+    "adapter",
+    "prompt",
     "broker",
     "eval",
     "federate",
@@ -223,7 +227,9 @@ pub(crate) fn load_course(config: &Path, set: &[String]) -> Result<Course> {
             trainer: &trainer,
             broker: &broker,
             model: &llm.model,
+            adapter: &llm.adapter,
             lora: &llm.lora,
+            prompt: &llm.prompt,
             train: &llm.train,
             optim: &llm.optim,
             data: &llm.data,

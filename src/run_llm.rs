@@ -19,11 +19,14 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::Device;
+use fedtune_adapters::adapter::AdapterSpec;
 use fedtune_adapters::data::{self, collate, DataSpec, FederatedData, Template, Tokenized};
 use fedtune_adapters::hooks::HookScript;
 use fedtune_adapters::lora::LoraConfig;
-use fedtune_adapters::peft::{load_lora, save_lora};
+use fedtune_adapters::model::LlamaConfig;
+use fedtune_adapters::peft::{load_adapter, save_adapter};
 use fedtune_adapters::pfl::PflScript;
+use fedtune_adapters::prompt::{PromptConfig, PromptInit, PromptMethod};
 use fedtune_adapters::round_robin::{
     ClientData, LocalTraining, PflConfig, RoundRobinTrainer, StepProgress,
 };
@@ -101,12 +104,35 @@ impl Default for TrainSection {
     }
 }
 
+/// `[adapter]`: which PEFT method the course trains.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdapterSection {
+    /// `lora` (`[lora]`), or `prompt`, `p-tuning`, `prefix` (`[prompt]`).
+    pub kind: AdapterKind,
+}
+
+/// See [`AdapterSection::kind`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum AdapterKind {
+    #[default]
+    Lora,
+    Prompt,
+    PTuning,
+    Prefix,
+}
+
 /// The LLM course's sections beyond the kernel's.
 #[derive(Debug, Clone, Serialize)]
 pub struct LlmSections {
     pub data: DataSpec,
     pub model: ModelSection,
+    /// `[adapter]`: the PEFT method.
+    pub adapter: AdapterSection,
     pub lora: LoraConfig,
+    /// `[prompt]`: prompt tuning, P-tuning and prefix-tuning.
+    pub prompt: PromptConfig,
     pub train: TrainSection,
     pub optim: TrainConfig,
     /// `[hooks]`: a trainer hook script and its hyperparameters.
@@ -122,7 +148,9 @@ impl LlmSections {
         let s = Self {
             data: doc.section("data")?,
             model: doc.section("model")?,
+            adapter: doc.section("adapter")?,
             lora: doc.section("lora")?,
+            prompt: doc.section("prompt")?,
             train: doc.section("train")?,
             optim: doc.section("optim")?,
             hooks: doc.section("hooks")?,
@@ -153,6 +181,10 @@ impl LlmSections {
             "{origin}: [lora] needs r >= 1 and at least one target module"
         );
         ensure!(
+            s.prompt.num_virtual_tokens > 0 && s.prompt.encoder_hidden_size > 0,
+            "{origin}: [prompt] num_virtual_tokens and encoder_hidden_size must be at least 1"
+        );
+        ensure!(
             s.optim.lr > 0.0 && s.optim.grad_accum > 0,
             "{origin}: [optim] lr must be positive and grad_accum at least 1"
         );
@@ -161,6 +193,33 @@ impl LlmSections {
             "{origin}: a LoRA course needs a [data] section with `name` or `path`"
         );
         Ok(s)
+    }
+}
+
+impl LlmSections {
+    /// The adapter the course trains; a text-initialized prompt is
+    /// tokenized with `tok` (and has as many virtual tokens as the text has tokens).
+    pub fn spec(&self, tok: &TextTokenizer) -> Result<AdapterSpec> {
+        let method = match self.adapter.kind {
+            AdapterKind::Lora => return Ok(AdapterSpec::Lora(self.lora.clone())),
+            AdapterKind::Prompt => PromptMethod::Prompt,
+            AdapterKind::PTuning => PromptMethod::PTuning,
+            AdapterKind::Prefix => PromptMethod::Prefix,
+        };
+        let mut config = self.prompt.clone();
+        let init_ids = if method == PromptMethod::Prompt && config.init == PromptInit::Text {
+            let ids = tok.encode_continuation(&config.init_text)?;
+            ensure!(!ids.is_empty(), "[prompt] init_text is empty");
+            config.num_virtual_tokens = ids.len();
+            Some(ids)
+        } else {
+            None
+        };
+        Ok(AdapterSpec::Prompt {
+            method,
+            config,
+            init_ids,
+        })
     }
 }
 
@@ -285,8 +344,8 @@ pub fn run(
     let pad = tok.eos_id;
     let seed = cfg.course.seed;
     let training = local_training(llm);
-    let initial =
-        RoundRobinTrainer::initial_adapter(&model, &llm.lora, seed).map_err(trainer_error)?;
+    let spec = llm.spec(&tok)?;
+    let initial = RoundRobinTrainer::initial_adapter(&model, &spec, seed).map_err(trainer_error)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -314,14 +373,24 @@ pub fn run(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    let save = |dir: &Path, params: &ParamSet| -> Result<()> {
+        Ok(save_adapter(
+            dir,
+            &spec,
+            params,
+            model.config(),
+            &base_name,
+        )?)
+    };
 
     let checkpoints = |sub: &str, inner: Box<dyn Aggregator>| Checkpointing {
         inner,
         every: cfg.course.save_every,
         dir: out.dir.join("checkpoints").join(sub),
-        format: Saved::Lora {
-            lora: llm.lora.clone(),
+        format: Saved::Adapter {
+            spec: spec.clone(),
             base: base_name.clone(),
+            model: model.config().clone(),
         },
     };
     let start = if out.resume {
@@ -356,7 +425,8 @@ pub fn run(
                 .enumerate()
                 .map(|(c, p)| Ok((c as u32 + 1, client_data(p, c as u64)?)))
                 .collect::<Result<_>>()?;
-            let trainer = fed_trainer(doc, cfg, llm, model.clone(), data)?.with_progress(progress);
+            let trainer =
+                fed_trainer(doc, cfg, llm, (model.clone(), &spec), data)?.with_progress(progress);
             let report = course(
                 &runtime,
                 cfg,
@@ -368,7 +438,7 @@ pub fn run(
                 checkpoints("", aggregator.take().expect("built for fed mode"))
                     .restored(resumed_from.as_deref())?,
             )?;
-            save_lora(&adapter_dir, &llm.lora, &report.final_params, &base_name)?;
+            save(&adapter_dir, &report.final_params)?;
         }
         Mode::Global => {
             // One client with everyone's training data, evaluated on each client's test split.
@@ -397,7 +467,7 @@ pub fn run(
             };
             let trainer = RoundRobinTrainer::new(
                 model.clone(),
-                llm.lora.clone(),
+                &spec,
                 g_training,
                 BTreeMap::from([(1, one)]),
                 seed,
@@ -415,7 +485,7 @@ pub fn run(
                 &display,
                 checkpoints("", Box::new(FedAvg)),
             )?;
-            save_lora(&adapter_dir, &llm.lora, &report.final_params, &base_name)?;
+            save(&adapter_dir, &report.final_params)?;
         }
         Mode::Local => {
             let mut l_cfg = cfg.clone();
@@ -425,7 +495,7 @@ pub fn run(
                 display.line(format!("local training of client {} ({})", c + 1, p.name));
                 let trainer = RoundRobinTrainer::new(
                     model.clone(),
-                    llm.lora.clone(),
+                    &spec,
                     training.clone(),
                     BTreeMap::from([(1, client_data(p, c as u64)?)]),
                     seed,
@@ -443,11 +513,9 @@ pub fn run(
                     &display,
                     checkpoints(&format!("client-{}", c + 1), Box::new(FedAvg)),
                 )?;
-                save_lora(
+                save(
                     &adapter_dir.join(format!("client-{}", c + 1)),
-                    &llm.lora,
                     &report.final_params,
-                    &base_name,
                 )?;
             }
         }
@@ -562,18 +630,12 @@ fn fed_trainer(
     doc: &ConfigDoc,
     cfg: &CourseConfig,
     llm: &LlmSections,
-    model: Arc<fedtune_adapters::model::Llama>,
+    (model, spec): (Arc<fedtune_adapters::model::Llama>, &AdapterSpec),
     data: BTreeMap<u32, ClientData>,
 ) -> Result<RoundRobinTrainer> {
-    let trainer = RoundRobinTrainer::new(
-        model,
-        llm.lora.clone(),
-        local_training(llm),
-        data,
-        cfg.course.seed,
-    )
-    .map_err(trainer_error)?
-    .with_pfl_script(pfl_script(doc, cfg, llm)?);
+    let trainer = RoundRobinTrainer::new(model, spec, local_training(llm), data, cfg.course.seed)
+        .map_err(trainer_error)?
+        .with_pfl_script(pfl_script(doc, cfg, llm)?);
     with_hooks(trainer, doc, cfg, llm)
 }
 
@@ -606,11 +668,12 @@ pub(crate) fn client_process_trainer(
     );
     tracing::info!(client = id, name = %p.name, train = p.train.len(), test = p.test.len(), "client data");
     let data = client_data(&p, u64::from(id - 1), llm, cfg.course.seed, base.tok.eos_id)?;
+    let spec = llm.spec(&base.tok)?;
     fed_trainer(
         doc,
         cfg,
         llm,
-        base.model.clone(),
+        (base.model.clone(), &spec),
         BTreeMap::from([(id, data)]),
     )
 }
@@ -685,8 +748,14 @@ pub(crate) struct Checkpointing {
 /// How a checkpoint holds the parameters.
 #[derive(Clone)]
 pub(crate) enum Saved {
-    /// A LoRA adapter in PEFT layout (`adapter_model.safetensors`, `adapter_config.json`).
-    Lora { lora: LoraConfig, base: String },
+    /// An adapter (LoRA or prompt learning) in PEFT layout
+    /// (`adapter_model.safetensors`, `adapter_config.json`), for a base
+    /// model of shape `model` named `base`.
+    Adapter {
+        spec: AdapterSpec,
+        base: String,
+        model: LlamaConfig,
+    },
     /// Any [`ParamSet`] as MessagePack (`params.msgpack`).
     Params,
 }
@@ -698,8 +767,8 @@ impl Saved {
     /// Writes `params` into `dir`.
     pub(crate) fn save(&self, dir: &Path, params: &ParamSet) -> Result<(), String> {
         match self {
-            Saved::Lora { lora, base } => {
-                save_lora(dir, lora, params, base).map_err(|e| e.to_string())
+            Saved::Adapter { spec, base, model } => {
+                save_adapter(dir, spec, params, model, base).map_err(|e| e.to_string())
             }
             Saved::Params => {
                 std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
@@ -953,7 +1022,7 @@ pub(crate) fn latest_checkpoint(dir: &Path) -> Result<Option<(u64, ParamSet)>> {
             Ok(Some((round, params)))
         }
         Some((round, path)) => {
-            let (_, params) = load_lora(&path)
+            let (_, params) = load_adapter(&path)
                 .with_context(|| format!("loading the checkpoint {}", path.display()))?;
             Ok(Some((round, params)))
         }

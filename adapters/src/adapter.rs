@@ -95,3 +95,70 @@ impl Adapter for crate::prompt::PromptAdapter {
         crate::prompt::PromptAdapter::set_grad_enabled(self, on)
     }
 }
+
+/// Which adapter a course trains, with its hyperparameters: enough to make
+/// a fresh one for any client (or the server's initial one).
+#[derive(Debug, Clone, PartialEq)]
+pub enum AdapterSpec {
+    /// LoRA.
+    Lora(crate::lora::LoraConfig),
+    /// Prompt tuning, P-tuning or prefix-tuning; `init_ids` are the token
+    /// ids of `config.init_text` when prompt tuning starts from a text.
+    Prompt {
+        method: crate::prompt::PromptMethod,
+        config: crate::prompt::PromptConfig,
+        init_ids: Option<Vec<u32>>,
+    },
+}
+
+impl AdapterSpec {
+    /// A fresh adapter for `model`, seeded.
+    pub fn build(&self, model: &crate::model::Llama, seed: u64) -> Result<Box<dyn Adapter>> {
+        Ok(match self {
+            AdapterSpec::Lora(cfg) => Box::new(crate::lora::Lora::new(
+                model.config(),
+                cfg.clone(),
+                seed,
+                model.dtype(),
+                model.device(),
+            )?),
+            AdapterSpec::Prompt {
+                method,
+                config,
+                init_ids,
+            } => Box::new(crate::prompt::PromptAdapter::new(
+                model,
+                *method,
+                config.clone(),
+                init_ids.as_deref(),
+                seed,
+            )?),
+        })
+    }
+
+    /// PEFT's name of the method.
+    pub fn peft_type(&self) -> &'static str {
+        match self {
+            AdapterSpec::Lora(_) => "LORA",
+            AdapterSpec::Prompt { method, .. } => method.peft_type(),
+        }
+    }
+}
+
+impl From<crate::lora::LoraConfig> for AdapterSpec {
+    fn from(cfg: crate::lora::LoraConfig) -> Self {
+        AdapterSpec::Lora(cfg)
+    }
+}
+
+impl From<&crate::lora::LoraConfig> for AdapterSpec {
+    fn from(cfg: &crate::lora::LoraConfig) -> Self {
+        AdapterSpec::Lora(cfg.clone())
+    }
+}
+
+impl From<&AdapterSpec> for AdapterSpec {
+    fn from(spec: &AdapterSpec) -> Self {
+        spec.clone()
+    }
+}

@@ -36,7 +36,7 @@ use fedtune_kernel::script::{
 };
 use fedtune_kernel::ParamSet;
 
-use crate::lora::Lora;
+use crate::adapter::Adapter;
 use crate::train::{HookCtx, TrainHooks};
 
 /// The hook scripts shipped in `scripts/hooks/`.
@@ -156,8 +156,8 @@ pub fn sq_distance(vars: &[Var], anchor: Option<&[Tensor]>) -> Result<Tensor> {
 }
 
 /// The adapter's variables (PEFT-name order) and `anchor`'s tensors in the same order.
-pub fn anchor_tensors(lora: &Lora, anchor: &ParamSet) -> Result<(Vec<Var>, Vec<Tensor>)> {
-    let named = lora.named_vars();
+pub fn anchor_tensors(adapter: &dyn Adapter, anchor: &ParamSet) -> Result<(Vec<Var>, Vec<Tensor>)> {
+    let named = adapter.named_vars();
     let mut tensors = Vec::with_capacity(named.len());
     for (name, var) in &named {
         let t = anchor
@@ -177,9 +177,9 @@ pub struct Proximal {
 }
 
 impl Proximal {
-    /// The term for `lora`'s variables around `anchor`.
-    pub fn new(lora: &Lora, anchor: &ParamSet, mu: f64) -> Result<Self> {
-        let (vars, anchor) = anchor_tensors(lora, anchor)?;
+    /// The term for `adapter`'s variables around `anchor`.
+    pub fn new(adapter: &dyn Adapter, anchor: &ParamSet, mu: f64) -> Result<Self> {
+        let (vars, anchor) = anchor_tensors(adapter, anchor)?;
         Ok(Self { mu, vars, anchor })
     }
 }
@@ -396,11 +396,11 @@ impl HookScript {
     /// Hooks for one client's local fit in `round`, anchored at `global`.
     pub fn bind<'a>(
         &'a mut self,
-        lora: &Lora,
+        adapter: &dyn Adapter,
         global: &ParamSet,
         (client, round, samples, total_steps): (u32, u64, u64, usize),
     ) -> Result<BoundHooks<'a>> {
-        let (vars, anchor) = anchor_tensors(lora, global)?;
+        let (vars, anchor) = anchor_tensors(adapter, global)?;
         let base = CtxData {
             round,
             client,
@@ -470,7 +470,7 @@ impl BoundHooks<'_> {
 }
 
 impl TrainHooks for BoundHooks<'_> {
-    fn on_fit_start(&mut self, _lora: &Lora) -> Result<()> {
+    fn on_fit_start(&mut self, _adapter: &dyn Adapter) -> Result<()> {
         self.call(0, |_| {}).map(|_| ())
     }
     fn on_batch_start(&mut self, ctx: &mut HookCtx) -> Result<()> {
@@ -485,7 +485,7 @@ impl TrainHooks for BoundHooks<'_> {
     fn on_batch_end(&mut self, ctx: &mut HookCtx) -> Result<()> {
         self.batch_hook(4, ctx)
     }
-    fn on_fit_end(&mut self, _lora: &Lora) -> Result<()> {
+    fn on_fit_end(&mut self, _adapter: &dyn Adapter) -> Result<()> {
         self.call(5, |_| {}).map(|_| ())
     }
 }

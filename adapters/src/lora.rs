@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use fedtune_kernel::ParamSet;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -202,11 +201,6 @@ impl Lora {
         &self.config
     }
 
-    /// Every trainable variable, in PEFT-name order (A before B per module).
-    pub fn vars(&self) -> Vec<Var> {
-        self.named_vars().into_iter().map(|(_, v)| v).collect()
-    }
-
     /// `(PEFT name, variable)` pairs in name order.
     pub fn named_vars(&self) -> Vec<(String, Var)> {
         let mut out: Vec<(String, Var)> = self
@@ -221,41 +215,6 @@ impl Lora {
             .collect();
         out.sort_by(|x, y| x.0.cmp(&y.0));
         out
-    }
-
-    /// Number of trainable scalars.
-    pub fn num_parameters(&self) -> usize {
-        self.factors
-            .values()
-            .map(|f| f.a.elem_count() + f.b.elem_count())
-            .sum()
-    }
-
-    /// The factors as a kernel `ParamSet` (f32, PEFT names).
-    pub fn to_param_set(&self) -> Result<ParamSet> {
-        let mut set = ParamSet::new();
-        for (name, var) in self.named_vars() {
-            let t = var.as_tensor();
-            let data = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            set.insert(name, t.dims().to_vec(), data)
-                .map_err(candle_core::Error::wrap)?;
-        }
-        Ok(set)
-    }
-
-    /// Overwrites the factors from `params`, which must hold exactly this
-    /// adapter's names and shapes; nothing changes if it does not.
-    pub fn load_param_set(&self, params: &ParamSet) -> Result<()> {
-        let mine = self.to_param_set()?;
-        mine.check_compatible(params)
-            .map_err(candle_core::Error::wrap)?;
-        for (name, var) in self.named_vars() {
-            let t = params.get(&name).expect("names checked above");
-            let value =
-                Tensor::from_slice(t.data(), t.shape(), var.device())?.to_dtype(var.dtype())?;
-            var.set(&value)?;
-        }
-        Ok(())
     }
 }
 

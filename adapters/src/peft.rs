@@ -1,8 +1,12 @@
 //! Adapters on disk in PEFT's layout: `adapter_config.json` + `adapter_model.safetensors`.
 //!
 //! A directory written here loads with `peft.PeftModel.from_pretrained` on the
-//! Hugging Face model, and one written by PEFT (LoRA on Llama projections)
-//! loads here. Import rejects what this implementation would silently get
+//! Hugging Face model, and one written by PEFT (LoRA on Llama projections,
+//! prompt tuning) loads here. Prompt-learning adapters ([`save_prompt`])
+//! keep PEFT's `prompt_embeddings` (the virtual tokens, or the prefixes, as
+//! the model sees them) and, beside them in `fedtune_trainable.safetensors`,
+//! every trainable tensor (P-tuning's encoder, the prefix projection), so
+//! that training can go on from them. Import rejects what this implementation would silently get
 //! wrong: DoRA, rsLoRA, biases, per-layer rank or alpha patterns.
 
 use std::collections::HashMap;
@@ -153,4 +157,178 @@ pub fn load_lora(dir: &Path) -> Result<(LoraConfig, ParamSet), PeftError> {
             .map_err(|e| io(&weights, e.to_string()))?;
     }
     Ok((config, params))
+}
+
+/// The file beside `adapter_model.safetensors` that holds every trainable
+/// tensor of a prompt-learning adapter.
+pub const TRAINABLE_FILE: &str = "fedtune_trainable.safetensors";
+
+fn tensors_of(params: &ParamSet) -> candle_core::Result<HashMap<String, Tensor>> {
+    params
+        .iter()
+        .map(|(name, t)| {
+            Ok((
+                name.to_string(),
+                Tensor::from_slice(t.data(), t.shape(), &Device::Cpu)?,
+            ))
+        })
+        .collect()
+}
+
+fn params_of(tensors: HashMap<String, Tensor>) -> Result<ParamSet, String> {
+    let mut params = ParamSet::new();
+    let mut names: Vec<_> = tensors.into_iter().collect();
+    names.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, t) in names {
+        let data = t
+            .to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(|e| format!("tensor `{name}`: {e}"))?;
+        params
+            .insert(name, t.dims().to_vec(), data)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(params)
+}
+
+/// Writes a prompt-learning adapter: PEFT's `adapter_config.json` and
+/// `adapter_model.safetensors` (`prompt_embeddings`), plus every trainable
+/// tensor in [`TRAINABLE_FILE`].
+pub fn save_prompt(
+    dir: &Path,
+    (method, config): (crate::prompt::PromptMethod, &crate::prompt::PromptConfig),
+    params: &ParamSet,
+    model: &crate::model::LlamaConfig,
+    base_model: &str,
+) -> Result<(), PeftError> {
+    use crate::prompt::{PromptInit, PromptMethod};
+    let io = |message: String| PeftError::Io {
+        path: dir.display().to_string(),
+        message,
+    };
+    std::fs::create_dir_all(dir).map_err(|e| io(e.to_string()))?;
+    let tensors = tensors_of(params).map_err(|e| io(e.to_string()))?;
+    let embeddings = crate::prompt::prompt_embeddings(method, config, |name| {
+        tensors
+            .get(name)
+            .cloned()
+            .ok_or_else(|| candle_core::Error::msg(format!("the adapter lacks `{name}`")))
+    })
+    .map_err(|e| io(e.to_string()))?;
+    let mut json = serde_json::json!({
+        "peft_type": method.peft_type(),
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "num_virtual_tokens": config.num_virtual_tokens,
+        "token_dim": model.hidden_size,
+        "num_transformer_submodules": 1,
+        "num_attention_heads": model.num_key_value_heads,
+        "num_layers": model.num_hidden_layers,
+        "inference_mode": true,
+        "fedtune": { "method": method, "config": config },
+    });
+    match method {
+        PromptMethod::Prompt => {
+            let text = config.init == PromptInit::Text;
+            json["prompt_tuning_init"] = (if text { "TEXT" } else { "RANDOM" }).into();
+            if text {
+                json["prompt_tuning_init_text"] = config.init_text.clone().into();
+            }
+        }
+        PromptMethod::PTuning => {
+            json["encoder_reparameterization_type"] = "MLP".into();
+            json["encoder_hidden_size"] = config.encoder_hidden_size.into();
+        }
+        PromptMethod::Prefix => {
+            json["prefix_projection"] = config.prefix_projection.into();
+            json["encoder_hidden_size"] = config.encoder_hidden_size.into();
+        }
+    }
+    let text = serde_json::to_string_pretty(&json).map_err(|e| io(e.to_string()))?;
+    std::fs::write(dir.join("adapter_config.json"), text).map_err(|e| io(e.to_string()))?;
+    let peft = HashMap::from([("prompt_embeddings".to_string(), embeddings)]);
+    candle_core::safetensors::save(&peft, dir.join("adapter_model.safetensors"))
+        .map_err(|e| io(e.to_string()))?;
+    candle_core::safetensors::save(&tensors, dir.join(TRAINABLE_FILE))
+        .map_err(|e| io(e.to_string()))
+}
+
+/// Writes any adapter of `spec` (LoRA or prompt learning) in PEFT's layout.
+pub fn save_adapter(
+    dir: &Path,
+    spec: &crate::adapter::AdapterSpec,
+    params: &ParamSet,
+    model: &crate::model::LlamaConfig,
+    base_model: &str,
+) -> Result<(), PeftError> {
+    match spec {
+        crate::adapter::AdapterSpec::Lora(cfg) => save_lora(dir, cfg, params, base_model),
+        crate::adapter::AdapterSpec::Prompt { method, config, .. } => {
+            save_prompt(dir, (*method, config), params, model, base_model)
+        }
+    }
+}
+
+/// Reads an adapter directory of any supported method: the spec to rebuild
+/// it with and its trainable tensors. A prompt-tuning adapter written by
+/// PEFT loads from its `prompt_embeddings`; other prompt-learning methods
+/// need the trainable tensors fedtune writes beside them.
+pub fn load_adapter(dir: &Path) -> Result<(crate::adapter::AdapterSpec, ParamSet), PeftError> {
+    use crate::prompt::{PromptConfig, PromptMethod};
+    let path = dir.join("adapter_config.json");
+    let io = |p: &Path, message: String| PeftError::Io {
+        path: p.display().to_string(),
+        message,
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| io(&path, e.to_string()))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| io(&path, e.to_string()))?;
+    let peft_type = json["peft_type"].as_str().unwrap_or_default();
+    if peft_type == "LORA" {
+        let (cfg, params) = load_lora(dir)?;
+        return Ok((crate::adapter::AdapterSpec::Lora(cfg), params));
+    }
+    let method = match peft_type {
+        "PROMPT_TUNING" => PromptMethod::Prompt,
+        "P_TUNING" => PromptMethod::PTuning,
+        "PREFIX_TUNING" => PromptMethod::Prefix,
+        other => {
+            return Err(PeftError::Unsupported {
+                path: path.display().to_string(),
+                message: format!("peft_type `{other}` is not supported"),
+            })
+        }
+    };
+    let trainable = dir.join(TRAINABLE_FILE);
+    let (method, config, file) = if trainable.is_file() {
+        let fed = &json["fedtune"];
+        let method: PromptMethod = serde_json::from_value(fed["method"].clone()).unwrap_or(method);
+        let config: PromptConfig = serde_json::from_value(fed["config"].clone())
+            .map_err(|e| io(&path, format!("`fedtune.config`: {e}")))?;
+        (method, config, trainable)
+    } else if method == PromptMethod::Prompt {
+        let n = json["num_virtual_tokens"].as_u64().unwrap_or(0) as usize;
+        let config = PromptConfig {
+            num_virtual_tokens: n,
+            ..PromptConfig::default()
+        };
+        (method, config, dir.join("adapter_model.safetensors"))
+    } else {
+        return Err(PeftError::Unsupported {
+            path: dir.display().to_string(),
+            message: format!("a {peft_type} adapter needs {TRAINABLE_FILE} (its encoder), which PEFT does not write"),
+        });
+    };
+    let tensors = candle_core::safetensors::load(&file, &Device::Cpu)
+        .map_err(|e| io(&file, e.to_string()))?;
+    let params = params_of(tensors).map_err(|m| io(&file, m))?;
+    Ok((
+        crate::adapter::AdapterSpec::Prompt {
+            method,
+            config,
+            init_ids: None,
+        },
+        params,
+    ))
 }

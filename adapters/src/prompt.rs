@@ -160,8 +160,9 @@ fn embedding_std(model: &Llama) -> Result<f32> {
 
 impl PromptAdapter {
     /// A fresh adapter of `method` for `model`, seeded; `init_ids` are the
-    /// token ids of `config.init_text` (needed for prompt tuning with
-    /// `init = "text"`, ignored otherwise).
+    /// token ids of `config.init_text`, which prompt tuning with `init =
+    /// "text"` starts from (without them it starts at random: only right
+    /// when trained values are loaded next).
     pub fn new(
         model: &Llama,
         method: PromptMethod,
@@ -200,12 +201,12 @@ impl PromptAdapter {
                             .1;
                         embed.index_select(&ids, 0)?.to_dtype(DType::F32)?
                     }
-                    (PromptInit::Text, _) => {
-                        candle_core::bail!(
-                            "prompt init = \"text\" needs the token ids of init_text"
-                        )
+                    (PromptInit::Text, Some(_)) => {
+                        candle_core::bail!("prompt init = \"text\" needs a non-empty init_text")
                     }
-                    (PromptInit::Random, _) => {
+                    // Without the text's ids (an adapter about to be loaded
+                    // from a checkpoint) the start does not matter.
+                    (PromptInit::Random, _) | (PromptInit::Text, None) => {
                         normal(config.num_virtual_tokens, hidden, std, &mut rng, &dev)?
                     }
                 };
@@ -296,33 +297,11 @@ impl PromptAdapter {
         })
     }
 
-    fn dense(&self, x: &Tensor, prefix: &str, i: usize) -> Result<Tensor> {
-        let w = self.t(&format!("{prefix}.{i}.weight"))?;
-        let b = self.t(&format!("{prefix}.{i}.bias"))?;
-        x.matmul(&w.t()?)?.broadcast_add(&b)
-    }
-
     /// What PEFT saves as `prompt_embeddings`: the virtual tokens `(n,
     /// hidden)`, or for prefix-tuning every layer's keys and values `(n,
     /// layers · 2 · kv_dim)` (layer by layer, keys before values).
     pub fn prompt_embeddings(&self) -> Result<Tensor> {
-        match self.method {
-            PromptMethod::Prompt => self.t("prompt_embeddings"),
-            PromptMethod::PTuning => {
-                let x = self.t("prompt_encoder.embedding.weight")?;
-                let h = self.dense(&x, "prompt_encoder.mlp_head", 0)?.relu()?;
-                let h = self.dense(&h, "prompt_encoder.mlp_head", 2)?.relu()?;
-                self.dense(&h, "prompt_encoder.mlp_head", 4)
-            }
-            PromptMethod::Prefix => {
-                let x = self.t("prompt_encoder.embedding.weight")?;
-                if !self.config.prefix_projection {
-                    return Ok(x);
-                }
-                let h = self.dense(&x, "prompt_encoder.transform", 0)?.tanh()?;
-                self.dense(&h, "prompt_encoder.transform", 2)
-            }
-        }
+        prompt_embeddings(self.method, &self.config, |name| self.t(name))
     }
 
     /// Width of one layer's keys (and of its values).
@@ -333,6 +312,37 @@ impl PromptAdapter {
     /// The model's layers and hidden size this adapter was made for.
     pub fn model_dims(&self) -> (usize, usize) {
         (self.layers, self.hidden)
+    }
+}
+
+/// [`PromptAdapter::prompt_embeddings`] from the trainable tensors `var`
+/// gives by name (the adapter's variables, or a saved `ParamSet`'s).
+pub fn prompt_embeddings(
+    method: PromptMethod,
+    config: &PromptConfig,
+    var: impl Fn(&str) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let dense = |x: &Tensor, prefix: &str, i: usize| -> Result<Tensor> {
+        let w = var(&format!("{prefix}.{i}.weight"))?;
+        let b = var(&format!("{prefix}.{i}.bias"))?;
+        x.matmul(&w.t()?)?.broadcast_add(&b)
+    };
+    match method {
+        PromptMethod::Prompt => var("prompt_embeddings"),
+        PromptMethod::PTuning => {
+            let x = var("prompt_encoder.embedding.weight")?;
+            let h = dense(&x, "prompt_encoder.mlp_head", 0)?.relu()?;
+            let h = dense(&h, "prompt_encoder.mlp_head", 2)?.relu()?;
+            dense(&h, "prompt_encoder.mlp_head", 4)
+        }
+        PromptMethod::Prefix => {
+            let x = var("prompt_encoder.embedding.weight")?;
+            if !config.prefix_projection {
+                return Ok(x);
+            }
+            let h = dense(&x, "prompt_encoder.transform", 0)?.tanh()?;
+            dense(&h, "prompt_encoder.transform", 2)
+        }
     }
 }
 

@@ -1,9 +1,10 @@
-//! The kernel's `LocalTrainer` port for LoRA fine-tuning of the shared LLM.
+//! The kernel's `LocalTrainer` port for adapter fine-tuning (LoRA, prompt
+//! tuning, P-tuning, prefix-tuning) of the shared LLM.
 //!
 //! In simulation every client trains on the same frozen base model, taking
 //! turns (the kernel's workers lock the shared trainer one call at a time).
 //! [`RoundRobinTrainer`] holds that base once, behind an `Arc`, and one slot
-//! per client: its LoRA factors, its optimizer state and its data — so memory
+//! per client: its adapter, its optimizer state and its data — so memory
 //! grows by one adapter (plus AdamW's two moments) per client, never by a
 //! model. A distributed client process holds a trainer with a single slot.
 //!
@@ -20,12 +21,12 @@ use fedtune_kernel::course::{LocalTrainer, LocalUpdate, SplitEval, TrainContext,
 use fedtune_kernel::ParamSet;
 use serde::{Deserialize, Serialize};
 
+use crate::adapter::{Adapter, AdapterSpec};
 use crate::hooks::{HookScript, Proximal};
-use crate::lora::{Lora, LoraConfig};
-use crate::model::Llama;
+use crate::model::{Llama, ProjectionAdapter};
 pub use crate::pfl::PflConfig;
 use crate::pfl::{Anchor, FitAt, FitOp, PflScript};
-use crate::train::{summed_token_loss, Batch, LoraStepper, NoHooks, TrainConfig, TrainHooks};
+use crate::train::{summed_token_loss, Batch, NoHooks, Stepper, TrainConfig, TrainHooks};
 
 /// One client's data, already tokenized into batches.
 #[derive(Debug, Clone)]
@@ -62,11 +63,11 @@ impl Default for LocalTraining {
 
 struct ClientSlot {
     data: ClientData,
-    lora: Lora,
-    stepper: LoraStepper,
+    lora: Box<dyn Adapter>,
+    stepper: Stepper,
     cursor: usize,
     /// The personal adapter of Ditto / pFedMe, from the first round on.
-    personal: Option<Lora>,
+    personal: Option<Box<dyn Adapter>>,
     /// local_adapter: the client's own values of the local parts.
     local: Option<ParamSet>,
     personal_cursor: usize,
@@ -75,7 +76,7 @@ struct ClientSlot {
 /// Told after every local optimizer step: client, step (1-based), steps this round, loss.
 pub type StepProgress = Arc<dyn Fn(u32, usize, usize, f64) + Send + Sync>;
 
-/// LoRA fine-tuning of one shared frozen model for many clients.
+/// Adapter fine-tuning of one shared frozen model for many clients.
 pub struct RoundRobinTrainer {
     model: Arc<Llama>,
     training: LocalTraining,
@@ -85,17 +86,17 @@ pub struct RoundRobinTrainer {
     pfl: Option<PflScript>,
     /// The last `keep_local` pattern, compiled.
     local_re: Option<(String, regex::Regex)>,
-    lora_cfg: LoraConfig,
+    spec: AdapterSpec,
     seed: u64,
 }
 
 impl RoundRobinTrainer {
     /// A trainer over `model` for the clients in `data`, each with its own
-    /// LoRA factors (seeded per client; the server's global adapter replaces
-    /// them before any training).
+    /// adapter of `spec` (seeded per client; the server's global adapter
+    /// replaces it before any training). `spec` may be a [`crate::lora::LoraConfig`].
     pub fn new(
         model: Arc<Llama>,
-        lora: LoraConfig,
+        spec: impl Into<AdapterSpec>,
         training: LocalTraining,
         data: BTreeMap<u32, ClientData>,
         seed: u64,
@@ -103,6 +104,7 @@ impl RoundRobinTrainer {
         if training.local_steps == 0 {
             return Err("local_steps must be at least 1".into());
         }
+        let spec = spec.into();
         let mut clients = BTreeMap::new();
         for (id, data) in data {
             if data.train.len() < training.optim.grad_accum {
@@ -113,14 +115,8 @@ impl RoundRobinTrainer {
                 )
                 .into());
             }
-            let factors = Lora::new(
-                model.config(),
-                lora.clone(),
-                seed ^ u64::from(id),
-                model.dtype(),
-                model.device(),
-            )?;
-            let stepper = LoraStepper::new(&factors, training.optim.clone())?;
+            let factors = spec.build(&model, seed ^ u64::from(id))?;
+            let stepper = Stepper::new(factors.as_ref(), training.optim.clone())?;
             clients.insert(
                 id,
                 ClientSlot {
@@ -142,7 +138,7 @@ impl RoundRobinTrainer {
             hooks: None,
             pfl: None,
             local_re: None,
-            lora_cfg: lora,
+            spec,
             seed,
         })
     }
@@ -185,20 +181,13 @@ impl RoundRobinTrainer {
         self.hooks.as_ref()
     }
 
-    /// The initial global adapter: fresh LoRA factors from `seed`, as the server would make them.
+    /// The initial global adapter: a fresh one of `spec` from `seed`, as the server would make it.
     pub fn initial_adapter(
         model: &Llama,
-        lora: &LoraConfig,
+        spec: impl Into<AdapterSpec>,
         seed: u64,
     ) -> Result<ParamSet, TrainerError> {
-        Ok(Lora::new(
-            model.config(),
-            lora.clone(),
-            seed,
-            model.dtype(),
-            model.device(),
-        )?
-        .to_param_set()?)
+        Ok(spec.into().build(model, seed)?.to_param_set()?)
     }
 
     fn slot(&mut self, client: u32) -> Result<&mut ClientSlot, TrainerError> {
@@ -244,13 +233,13 @@ impl LocalTrainer for RoundRobinTrainer {
         slot.lora
             .load_param_set(&with_local(global, slot.local.as_ref()))?;
         if !training.keep_optimizer_state {
-            slot.stepper = LoraStepper::new(&slot.lora, training.optim.clone())?;
+            slot.stepper = Stepper::new(slot.lora.as_ref(), training.optim.clone())?;
         }
         let mut bound = match self.hooks.as_mut() {
             Some(h) => {
                 h.refresh();
                 let at = (client, ctx.round, slot.data.n_samples, training.local_steps);
-                Some(h.bind(&slot.lora, global, at)?)
+                Some(h.bind(slot.lora.as_ref(), global, at)?)
             }
             None => None,
         };
@@ -258,7 +247,7 @@ impl LocalTrainer for RoundRobinTrainer {
             Some(b) => b,
             None => &mut NoHooks,
         };
-        hooks.on_fit_start(&slot.lora)?;
+        hooks.on_fit_start(slot.lora.as_ref())?;
         let accum = training.optim.grad_accum;
         let budget: usize = plan.iter().map(FitOp::steps).sum();
         let mut done = 0;
@@ -270,13 +259,13 @@ impl LocalTrainer for RoundRobinTrainer {
         };
         let (mut losses, mut personal_losses) = (Vec::new(), Vec::new());
         // One optimizer for the personal adapter per fit (new when the rate changes).
-        let mut personal_stepper: Option<(f64, LoraStepper)> = None;
+        let mut personal_stepper: Option<(f64, Stepper)> = None;
         let mut keep: Option<&str> = None;
         for op in &plan {
             match op {
                 FitOp::Train { steps } => losses.extend(run_steps(
                     &model,
-                    &slot.lora,
+                    slot.lora.as_ref(),
                     &mut slot.stepper,
                     (&slot.data.train, &mut slot.cursor, accum),
                     *steps,
@@ -293,7 +282,7 @@ impl LocalTrainer for RoundRobinTrainer {
                     let theta = personal_adapter(
                         &mut slot.personal,
                         &model,
-                        &self.lora_cfg,
+                        &self.spec,
                         self.seed,
                         client,
                         global,
@@ -306,9 +295,7 @@ impl LocalTrainer for RoundRobinTrainer {
                                 lr,
                                 ..training.optim.clone()
                             };
-                            &mut personal_stepper
-                                .insert((lr, LoraStepper::new(theta, optim)?))
-                                .1
+                            &mut personal_stepper.insert((lr, Stepper::new(theta, optim)?)).1
                         }
                     };
                     let mut prox = match anchor {
@@ -342,7 +329,7 @@ impl LocalTrainer for RoundRobinTrainer {
                 FitOp::KeepLocal { pattern } => keep = Some(pattern),
             }
         }
-        hooks.on_fit_end(&slot.lora)?;
+        hooks.on_fit_end(slot.lora.as_ref())?;
         let mut metrics = BTreeMap::new();
         if !personal_losses.is_empty() {
             metrics.insert("personal_loss".into(), mean(&personal_losses));
@@ -396,12 +383,12 @@ impl LocalTrainer for RoundRobinTrainer {
         let model = self.model.clone();
         let slot = self.slot(client)?;
         // Personalized runs evaluate each client with its own adapter, once it has one.
-        let lora = match &slot.personal {
-            Some(p) => p,
+        let lora: &dyn Adapter = match &slot.personal {
+            Some(p) => p.as_ref(),
             None => {
                 slot.lora
                     .load_param_set(&with_local(global, slot.local.as_ref()))?;
-                &slot.lora
+                slot.lora.as_ref()
             }
         };
         lora.set_grad_enabled(false);
@@ -434,25 +421,19 @@ fn mean(xs: &[f64]) -> f64 {
 
 /// The client's personal adapter, created from `global` the first time.
 fn personal_adapter<'a>(
-    slot: &'a mut Option<Lora>,
+    slot: &'a mut Option<Box<dyn Adapter>>,
     model: &Llama,
-    cfg: &LoraConfig,
+    spec: &AdapterSpec,
     seed: u64,
     client: u32,
     global: &ParamSet,
-) -> Result<&'a Lora, TrainerError> {
+) -> Result<&'a dyn Adapter, TrainerError> {
     if slot.is_none() {
-        let p = Lora::new(
-            model.config(),
-            cfg.clone(),
-            seed ^ u64::from(client) ^ 0x5eed,
-            model.dtype(),
-            model.device(),
-        )?;
+        let p = spec.build(model, seed ^ u64::from(client) ^ 0x5eed)?;
         p.load_param_set(global)?;
         *slot = Some(p);
     }
-    Ok(slot.as_ref().expect("just set"))
+    Ok(slot.as_deref().expect("just set"))
 }
 
 /// `n` optimizer steps of `lora` over `data` (micro-batches from `cursor`,
@@ -460,8 +441,8 @@ fn personal_adapter<'a>(
 #[allow(clippy::too_many_arguments)]
 fn run_steps(
     model: &Llama,
-    lora: &Lora,
-    stepper: &mut LoraStepper,
+    lora: &dyn Adapter,
+    stepper: &mut Stepper,
     (data, cursor, accum): (&[Batch], &mut usize, usize),
     n: usize,
     hooks: &mut dyn TrainHooks,
@@ -491,12 +472,13 @@ fn run_steps(
 /// Token-weighted mean loss of each split.
 fn evaluate_splits(
     model: &Llama,
-    lora: &Lora,
+    lora: &dyn Adapter,
     splits: &[(String, Vec<Batch>)],
 ) -> Result<Vec<SplitEval>, TrainerError> {
     let mut out = Vec::new();
     for (split, batches) in splits {
-        let (weighted, tokens) = summed_token_loss(model, Some(lora), batches)?;
+        let (weighted, tokens) =
+            summed_token_loss(model, Some(lora as &dyn ProjectionAdapter), batches)?;
         let samples = batches
             .iter()
             .map(|b| b.tokens.dim(0).map(|n| n as u64))

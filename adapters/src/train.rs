@@ -1,7 +1,8 @@
-//! The training step: LoRA updates with AdamW or SGD, accumulation, clipping, schedules, hooks.
+//! The training step: adapter updates with AdamW or SGD, accumulation, clipping, schedules, hooks.
 //!
-//! [`LoraStepper`] owns one client's optimizer state and applies optimizer
-//! steps to that client's [`Lora`] over a frozen, shared [`Llama`]. One step
+//! [`Stepper`] owns one client's optimizer state and applies optimizer
+//! steps to that client's [`Adapter`] (LoRA, prompt tuning, P-tuning,
+//! prefix-tuning) over a frozen, shared [`Llama`]. One step
 //! consumes `grad_accum` micro-batches: each micro-batch's loss is divided by
 //! `grad_accum` and back-propagated, gradients are summed, clipped to
 //! `max_grad_norm` (global L2 norm), and the optimizer moves at the learning
@@ -20,7 +21,7 @@ use candle_core::{Result, Tensor, TensorId};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW, SGD};
 use serde::{Deserialize, Serialize};
 
-use crate::lora::Lora;
+use crate::adapter::Adapter;
 use crate::loss::counted_positions;
 use crate::model::{Llama, ProjectionAdapter};
 
@@ -148,7 +149,7 @@ pub struct HookCtx<'a> {
     /// The current micro-batch.
     pub batch: &'a Batch,
     /// The adapter being trained.
-    pub lora: &'a Lora,
+    pub adapter: &'a dyn Adapter,
     /// The micro-batch's loss, once computed (before any added terms).
     pub loss: Option<f64>,
     extra: Option<Tensor>,
@@ -157,13 +158,19 @@ pub struct HookCtx<'a> {
 
 impl<'a> HookCtx<'a> {
     /// A context for calling hooks outside a step (benchmarks, tests of hooks).
-    pub fn new(step: usize, micro_batch: usize, lr: f64, batch: &'a Batch, lora: &'a Lora) -> Self {
+    pub fn new(
+        step: usize,
+        micro_batch: usize,
+        lr: f64,
+        batch: &'a Batch,
+        adapter: &'a dyn Adapter,
+    ) -> Self {
         Self {
             step,
             micro_batch,
             lr,
             batch,
-            lora,
+            adapter,
             loss: None,
             extra: None,
             stop: false,
@@ -199,7 +206,7 @@ impl<'a> HookCtx<'a> {
 #[allow(unused_variables)]
 pub trait TrainHooks {
     /// Before the first step.
-    fn on_fit_start(&mut self, lora: &Lora) -> Result<()> {
+    fn on_fit_start(&mut self, adapter: &dyn Adapter) -> Result<()> {
         Ok(())
     }
     /// Before each pass over the data.
@@ -227,7 +234,7 @@ pub trait TrainHooks {
         Ok(())
     }
     /// After the last step.
-    fn on_fit_end(&mut self, lora: &Lora) -> Result<()> {
+    fn on_fit_end(&mut self, adapter: &dyn Adapter) -> Result<()> {
         Ok(())
     }
 }
@@ -255,19 +262,19 @@ pub struct StepReport {
 }
 
 /// One client's optimizer state, stepping its adapter.
-pub struct LoraStepper {
+pub struct Stepper {
     cfg: TrainConfig,
     optim: Optim,
     steps_taken: usize,
 }
 
-impl LoraStepper {
-    /// A fresh optimizer over `lora`'s variables.
-    pub fn new(lora: &Lora, cfg: TrainConfig) -> Result<Self> {
+impl Stepper {
+    /// A fresh optimizer over `adapter`'s variables.
+    pub fn new(adapter: &dyn Adapter, cfg: TrainConfig) -> Result<Self> {
         if cfg.grad_accum == 0 {
             candle_core::bail!("grad_accum must be at least 1")
         }
-        let vars = lora.vars();
+        let vars = adapter.vars();
         let optim = match cfg.optimizer {
             OptimizerKind::AdamW => Optim::AdamW(AdamW::new(
                 vars,
@@ -298,7 +305,7 @@ impl LoraStepper {
     pub fn step(
         &mut self,
         model: &Llama,
-        lora: &Lora,
+        adapter: &dyn Adapter,
         micro_batches: &[Batch],
         (step, total_steps): (usize, usize),
         hooks: &mut dyn TrainHooks,
@@ -311,27 +318,27 @@ impl LoraStepper {
             )
         }
         let mut lr = self.cfg.lr_at(step, total_steps);
-        let vars = lora.vars();
+        let vars = adapter.vars();
         let mut summed: HashMap<TensorId, Tensor> = HashMap::new();
         let mut last: Option<GradStore> = None;
         let mut loss_sum = 0.0;
         let mut stop = false;
         let n = micro_batches.len();
         for (i, batch) in micro_batches.iter().enumerate() {
-            let mut ctx = HookCtx::new(step, i, lr, batch, lora);
+            let mut ctx = HookCtx::new(step, i, lr, batch, adapter);
             hooks.on_batch_start(&mut ctx)?;
             if i == 0 {
                 // A hook may set the step's learning rate before the first forward.
                 lr = ctx.lr;
             }
-            lora.set_training(true);
+            adapter.set_training(true);
             let loss = model.causal_lm_loss(
                 &batch.tokens,
                 Some(&batch.attention_mask),
                 &batch.labels,
-                Some(lora),
+                Some(adapter as &dyn ProjectionAdapter),
             );
-            lora.set_training(false);
+            adapter.set_training(false);
             let loss = loss?;
             let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
             ctx.loss = Some(value);
@@ -386,7 +393,7 @@ impl LoraStepper {
             }
         }
         self.steps_taken += 1;
-        let mut ctx = HookCtx::new(step, n - 1, lr, &micro_batches[n - 1], lora);
+        let mut ctx = HookCtx::new(step, n - 1, lr, &micro_batches[n - 1], adapter);
         ctx.loss = Some(loss_sum / n as f64);
         ctx.stop = stop;
         hooks.on_batch_end(&mut ctx)?;
@@ -404,8 +411,8 @@ impl LoraStepper {
 /// point, until done or a hook stops it. Returns one report per step.
 pub fn fit(
     model: &Llama,
-    lora: &Lora,
-    stepper: &mut LoraStepper,
+    adapter: &dyn Adapter,
+    stepper: &mut Stepper,
     batches: &[Batch],
     epochs: usize,
     hooks: &mut dyn TrainHooks,
@@ -420,11 +427,11 @@ pub fn fit(
     }
     let total = per_epoch * epochs;
     let mut reports = Vec::with_capacity(total);
-    hooks.on_fit_start(lora)?;
+    hooks.on_fit_start(adapter)?;
     'epochs: for epoch in 0..epochs {
         hooks.on_epoch_start(epoch)?;
         for chunk in batches.chunks_exact(stepper.cfg.grad_accum) {
-            let report = stepper.step(model, lora, chunk, (reports.len(), total), hooks)?;
+            let report = stepper.step(model, adapter, chunk, (reports.len(), total), hooks)?;
             reports.push(report);
             if report.stop {
                 hooks.on_epoch_end(epoch)?;
@@ -433,7 +440,7 @@ pub fn fit(
         }
         hooks.on_epoch_end(epoch)?;
     }
-    hooks.on_fit_end(lora)?;
+    hooks.on_fit_end(adapter)?;
     Ok(reports)
 }
 

@@ -6,6 +6,7 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Device};
 use common::{model_path, TEXT};
+use fedtune_adapters::adapter::Adapter;
 use fedtune_adapters::model::{load_gguf, GgufModel};
 use fedtune_adapters::tokenizer::TextTokenizer;
 
@@ -60,7 +61,7 @@ fn twenty_adamw_steps_halve_the_loss_and_the_exported_adapter_reloads_exactly() 
     use fedtune_adapters::lora::{Lora, LoraConfig};
     use fedtune_adapters::loss::IGNORE_INDEX;
     use fedtune_adapters::peft::{load_lora, save_lora};
-    use fedtune_adapters::train::{fit, Batch, LoraStepper, NoHooks, TrainConfig};
+    use fedtune_adapters::train::{fit, Batch, NoHooks, Stepper, TrainConfig};
 
     let (m, tok) = loaded();
     let model = &m.model;
@@ -102,7 +103,7 @@ fn twenty_adamw_steps_halve_the_loss_and_the_exported_adapter_reloads_exactly() 
         lr: 3e-3,
         ..TrainConfig::default()
     };
-    let mut stepper = LoraStepper::new(&lora, tc).unwrap();
+    let mut stepper = Stepper::new(&lora, tc).unwrap();
     let reports = fit(
         model,
         &lora,

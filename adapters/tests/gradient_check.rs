@@ -7,6 +7,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
+use fedtune_adapters::adapter::Adapter;
 use fedtune_adapters::lora::{Lora, LoraConfig};
 use fedtune_adapters::loss::{causal_lm_loss, IGNORE_INDEX};
 use fedtune_adapters::model::Llama;

@@ -72,7 +72,7 @@ fn trainer(steps: usize) -> (RoundRobinTrainer, ParamSet) {
         },
     };
     // A global adapter with non-zero B, so that the prox term has work to do.
-    let mut global = RoundRobinTrainer::initial_adapter(&model, &LORA(), 3).unwrap();
+    let mut global = RoundRobinTrainer::initial_adapter(&model, LORA(), 3).unwrap();
     for (_, t) in global.iter_mut() {
         for (i, x) in t.data_mut().iter_mut().enumerate() {
             if *x == 0.0 {

@@ -3,6 +3,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
+use fedtune_adapters::adapter::Adapter;
 use fedtune_adapters::lora::{Lora, LoraConfig};
 use fedtune_adapters::model::{KvCache, Llama, LlamaConfig};
 use fedtune_kernel::ParamSet;

@@ -3,12 +3,13 @@
 mod common;
 
 use candle_core::{DType, Device, Result, Tensor};
+use fedtune_adapters::adapter::Adapter;
 use fedtune_adapters::lora::{Lora, LoraConfig};
 use fedtune_adapters::loss::IGNORE_INDEX;
 use fedtune_adapters::model::{Llama, LlamaConfig};
 use fedtune_adapters::peft::{load_lora, save_lora};
 use fedtune_adapters::train::{
-    fit, Batch, HookCtx, LoraStepper, NoHooks, OptimizerKind, TrainConfig, TrainHooks,
+    fit, Batch, HookCtx, NoHooks, OptimizerKind, Stepper, TrainConfig, TrainHooks,
 };
 use fedtune_kernel::ParamSet;
 
@@ -52,7 +53,7 @@ fn adamw_memorizes_a_fixed_batch() {
         lr: 1e-2,
         ..TrainConfig::default()
     };
-    let mut stepper = LoraStepper::new(&lora, tc).unwrap();
+    let mut stepper = Stepper::new(&lora, tc).unwrap();
     let reports = fit(&model, &lora, &mut stepper, &[batch()], 30, &mut NoHooks).unwrap();
     let (first, last) = (reports[0].loss, reports.last().unwrap().loss);
     assert_eq!(reports.len(), 30);
@@ -63,7 +64,7 @@ fn adamw_memorizes_a_fixed_batch() {
 struct Recorder(Vec<String>);
 
 impl TrainHooks for Recorder {
-    fn on_fit_start(&mut self, _: &Lora) -> Result<()> {
+    fn on_fit_start(&mut self, _: &dyn Adapter) -> Result<()> {
         self.0.push("fit_start".into());
         Ok(())
     }
@@ -96,7 +97,7 @@ impl TrainHooks for Recorder {
         self.0.push(format!("epoch_end {e}"));
         Ok(())
     }
-    fn on_fit_end(&mut self, _: &Lora) -> Result<()> {
+    fn on_fit_end(&mut self, _: &dyn Adapter) -> Result<()> {
         self.0.push("fit_end".into());
         Ok(())
     }
@@ -110,7 +111,7 @@ fn hooks_fire_in_order_and_can_stop_the_fit() {
         grad_accum: 2,
         ..TrainConfig::default()
     };
-    let mut stepper = LoraStepper::new(&lora, tc).unwrap();
+    let mut stepper = Stepper::new(&lora, tc).unwrap();
     let mut rec = Recorder::default();
     let batches = vec![batch(); 4]; // 2 steps per epoch
     let reports = fit(&model, &lora, &mut stepper, &batches, 5, &mut rec).unwrap();
@@ -151,11 +152,11 @@ fn accumulating_two_copies_of_a_batch_equals_one_step_on_it() {
     };
     let a = lora(&cfg);
     let b = lora(&cfg);
-    LoraStepper::new(&a, sgd(1))
+    Stepper::new(&a, sgd(1))
         .unwrap()
         .step(&model, &a, &[batch()], (0, 1), &mut NoHooks)
         .unwrap();
-    LoraStepper::new(&b, sgd(2))
+    Stepper::new(&b, sgd(2))
         .unwrap()
         .step(&model, &b, &[batch(), batch()], (0, 1), &mut NoHooks)
         .unwrap();
@@ -182,7 +183,7 @@ fn clipping_bounds_the_update_to_lr_times_max_norm() {
         max_grad_norm: Some(1e-3),
         ..TrainConfig::default()
     };
-    let report = LoraStepper::new(&l, tc)
+    let report = Stepper::new(&l, tc)
         .unwrap()
         .step(&model, &l, &[batch()], (0, 1), &mut NoHooks)
         .unwrap();
@@ -209,7 +210,7 @@ struct Penalty;
 impl TrainHooks for Penalty {
     fn on_batch_forward(&mut self, c: &mut HookCtx) -> Result<()> {
         let mut sq: Option<Tensor> = None;
-        for v in c.lora.vars() {
+        for v in c.adapter.vars() {
             let s = v.as_tensor().sqr()?.sum_all()?;
             sq = Some(match sq {
                 Some(acc) => (acc + s)?,
@@ -232,11 +233,11 @@ fn a_hook_can_add_a_term_to_the_loss() {
     let plain = lora(&cfg);
     let penalized = lora(&cfg);
     let norm0 = plain.to_param_set().unwrap().l2_norm();
-    LoraStepper::new(&plain, tc.clone())
+    Stepper::new(&plain, tc.clone())
         .unwrap()
         .step(&model, &plain, &[batch()], (0, 1), &mut NoHooks)
         .unwrap();
-    let report = LoraStepper::new(&penalized, tc)
+    let report = Stepper::new(&penalized, tc)
         .unwrap()
         .step(&model, &penalized, &[batch()], (0, 1), &mut Penalty)
         .unwrap();

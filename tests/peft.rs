@@ -1,0 +1,126 @@
+//! Every PEFT method through the CLI on a tiny model: a course trains it,
+//! writes it in PEFT's layout, and `fedtune eval loss` reloads it to the
+//! course's own final test loss; over NATS it ends where it does in process.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fedtune(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_fedtune"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("fedtune runs");
+    assert!(
+        out.status.success(),
+        "fedtune {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn tiny_course(dir: &Path) -> PathBuf {
+    let model = dir.join("model");
+    fedtune(&["model", "tiny", "--out", model.to_str().unwrap()]);
+    let config = dir.join("course.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[federate]\nname = \"tiny-peft\"\nrounds = 2\nclients = 2\nseed = 5\n\n\
+             [model]\npath = {model:?}\n\n\
+             [data]\nname = \"gsm8k\"\ntest_fraction = 0.1\nmax_tokens = 96\nlimit_per_client = 16\neval_limit = 4\n\n\
+             [prompt]\nnum_virtual_tokens = 6\nencoder_hidden_size = 16\n\n\
+             [train]\nlocal_steps = 2\nbatch_size = 2\n\n\
+             [optim]\nlr = 1e-2\n"
+        ),
+    )
+    .unwrap();
+    config
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn every_method_trains_saves_in_peft_layout_and_reloads_to_its_final_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_course(dir.path());
+    let model = dir.path().join("model");
+    for (kind, extra, peft_type) in [
+        ("lora", "", "LORA"),
+        ("prompt", "", "PROMPT_TUNING"),
+        ("prompt", "prompt.init=text", "PROMPT_TUNING"),
+        ("p-tuning", "", "P_TUNING"),
+        ("prefix", "", "PREFIX_TUNING"),
+        ("prefix", "prompt.prefix_projection=true", "PREFIX_TUNING"),
+    ] {
+        let out = dir.path().join(format!("{kind}{}", extra.len()));
+        let mut args = vec![
+            "run".to_string(),
+            config.display().to_string(),
+            "--out".into(),
+            out.display().to_string(),
+            "--quiet".into(),
+            "--set".into(),
+            format!("adapter.kind={kind}"),
+        ];
+        if !extra.is_empty() {
+            args.extend(["--set".to_string(), extra.to_string()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        fedtune(&args);
+        let adapter = out.join("adapter");
+        let cfg = json(&adapter.join("adapter_config.json"));
+        assert_eq!(cfg["peft_type"], peft_type, "{kind} {extra}");
+        assert!(adapter.join("adapter_model.safetensors").is_file());
+        if extra == "prompt.init=text" {
+            // "Think step by step." is 19 bytes, one token each.
+            assert_eq!(cfg["num_virtual_tokens"], 19);
+        }
+        let after = json(&out.join("summary.json"))["test_loss_after"]
+            .as_f64()
+            .unwrap();
+        let report: serde_json::Value = serde_json::from_str(&fedtune(&[
+            "eval",
+            "loss",
+            "--config",
+            config.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+            "--quiet",
+        ]))
+        .unwrap();
+        let reloaded = report["score"].as_f64().unwrap();
+        assert!(
+            (reloaded - after).abs() < 1e-4,
+            "{kind} {extra}: reloaded {reloaded} vs course {after}"
+        );
+    }
+}
+
+#[test]
+fn a_prefix_course_over_nats_ends_with_the_in_process_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_course(dir.path());
+    let run = |transport: &str| -> PathBuf {
+        let out = dir.path().join(transport);
+        fedtune(&[
+            "run",
+            config.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--quiet",
+            "--set",
+            "adapter.kind=prefix",
+            "--set",
+            &format!("broker.transport={transport}"),
+        ]);
+        out.join("adapter").join("fedtune_trainable.safetensors")
+    };
+    let a = std::fs::read(run("in-process")).unwrap();
+    let b = std::fs::read(run("nats")).unwrap();
+    assert!(a == b, "the trainable tensors differ");
+}
