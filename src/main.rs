@@ -4,6 +4,7 @@ mod alloc;
 mod bench;
 mod bench_generate;
 mod bench_matmul;
+mod bench_peft;
 mod bench_scripts;
 mod bench_train;
 mod bench_wire;
@@ -137,6 +138,32 @@ enum BenchCommand {
         #[arg(long, default_value_t = 5)]
         reps: usize,
     },
+    /// Per PEFT method on the default model: trainable parameters, bytes per
+    /// client per round, seconds per training step, peak memory.
+    Peft {
+        /// Methods to measure, comma-separated (lora, prompt, p-tuning, prefix).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "lora,prompt,p-tuning,prefix"
+        )]
+        methods: Vec<String>,
+        /// Timed training steps per method (after one untimed).
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Sequences per batch.
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        /// Tokens per sequence.
+        #[arg(long, default_value_t = 128)]
+        seq_len: usize,
+        /// Measure this one method in this process and print its row as JSON.
+        #[arg(long, hide = true)]
+        one: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Seconds and bytes of one broadcast-collect round, in-process vs NATS, per wire encoding.
     Wire {
         /// Clients in the round.
@@ -251,6 +278,14 @@ fn main() -> ExitCode {
             json,
         }) => bench_scripts::scripts(calls, clients, steps, json),
         Command::Bench(BenchCommand::Matmul { tokens, reps }) => bench_matmul::matmul(tokens, reps),
+        Command::Bench(BenchCommand::Peft {
+            methods,
+            steps,
+            batch,
+            seq_len,
+            one,
+            json,
+        }) => bench_peft::peft(&methods, (steps, batch, seq_len), one.as_deref(), json),
         Command::Bench(BenchCommand::Wire {
             clients,
             reps,

@@ -30,6 +30,7 @@ pub mod kernels;
 pub mod lora;
 pub mod loss;
 pub mod model;
+pub mod offsite;
 pub mod peft;
 pub mod pfl;
 pub mod prompt;

@@ -30,6 +30,9 @@ pub struct LoraConfig {
     pub lora_dropout: f64,
     /// Projections to adapt, by short name (`q_proj`, `v_proj`, …).
     pub target_modules: Vec<String>,
+    /// Adapt only these layers (PEFT's `layers_to_transform`); all when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layers_to_transform: Option<Vec<usize>>,
 }
 
 impl Default for LoraConfig {
@@ -39,6 +42,7 @@ impl Default for LoraConfig {
             lora_alpha: 16.0,
             lora_dropout: 0.05,
             target_modules: vec!["q_proj".into(), "v_proj".into()],
+            layers_to_transform: None,
         }
     }
 }
@@ -123,7 +127,19 @@ impl Lora {
         let projections = config.projections().map_err(candle_core::Error::msg)?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut factors = BTreeMap::new();
-        for layer in 0..model.num_hidden_layers {
+        let layers: Vec<usize> = match &config.layers_to_transform {
+            Some(l) => {
+                if let Some(bad) = l.iter().find(|&&i| i >= model.num_hidden_layers) {
+                    candle_core::bail!(
+                        "layers_to_transform names layer {bad} of a {}-layer model",
+                        model.num_hidden_layers
+                    )
+                }
+                l.clone()
+            }
+            None => (0..model.num_hidden_layers).collect(),
+        };
+        for layer in layers {
             for &p in &projections {
                 let (din, dout) = p.dims(model);
                 let bound = 1.0 / (din as f32).sqrt();

@@ -57,6 +57,8 @@ struct AdapterConfigJson {
     alpha_pattern: HashMap<String, serde_json::Value>,
     #[serde(default)]
     inference_mode: bool,
+    #[serde(default)]
+    layers_to_transform: Option<Vec<usize>>,
 }
 
 fn none_string() -> String {
@@ -90,6 +92,7 @@ pub fn save_lora(
         rank_pattern: HashMap::new(),
         alpha_pattern: HashMap::new(),
         inference_mode: true,
+        layers_to_transform: config.layers_to_transform.clone(),
     };
     let text = serde_json::to_string_pretty(&json).map_err(|e| io(e.to_string()))?;
     std::fs::write(dir.join("adapter_config.json"), text).map_err(|e| io(e.to_string()))?;
@@ -138,6 +141,7 @@ pub fn load_lora(dir: &Path) -> Result<(LoraConfig, ParamSet), PeftError> {
         lora_alpha: json.lora_alpha,
         lora_dropout: json.lora_dropout,
         target_modules: json.target_modules,
+        layers_to_transform: json.layers_to_transform,
     };
     config.projections().map_err(|m| unsupported(&m))?;
     let weights = dir.join("adapter_model.safetensors");

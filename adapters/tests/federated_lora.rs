@@ -59,6 +59,7 @@ async fn a_federated_lora_course_lowers_every_clients_loss() {
         target_modules: ["q_proj", "v_proj", "up_proj", "down_proj"]
             .map(String::from)
             .to_vec(),
+        layers_to_transform: None,
     };
     let mut rng = ChaCha8Rng::seed_from_u64(17);
     let data: BTreeMap<u32, ClientData> = (1..=3)

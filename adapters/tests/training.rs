@@ -27,6 +27,7 @@ fn lora(cfg: &LlamaConfig) -> Lora {
         lora_alpha: 8.0,
         lora_dropout: 0.0,
         target_modules: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
+        layers_to_transform: None,
     };
     Lora::new(cfg, lc, 9, DType::F64, &Device::Cpu).unwrap()
 }
@@ -309,6 +310,7 @@ fn lora_dropout_is_seeded_and_only_on_while_training() {
             lora_alpha: 8.0,
             lora_dropout: 0.5,
             target_modules: vec!["q_proj".into(), "v_proj".into()],
+            layers_to_transform: None,
         };
         let l = Lora::new(&cfg, lc, 3, DType::F64, &Device::Cpu).unwrap();
         // Non-zero B so the branch (and its dropout) shows in the output.

@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use serde::Deserialize;
 
 use super::config::LlamaConfig;
-use super::llama::{LayerWeights, Llama};
+use super::llama::Llama;
 use crate::tokenizer::TextTokenizer;
 
 /// A model read from a Hugging Face directory.
@@ -82,28 +82,13 @@ pub fn load_hf_dir(dir: &Path, dtype: DType, device: &Device) -> Result<HfModel>
             "has neither model.safetensors nor model.safetensors.index.json",
         ));
     }
-    let mut take = |name: &str| -> Result<Tensor> {
+    let take = |name: &str| -> Result<Tensor> {
         tensors
             .remove(name)
             .ok_or_else(|| err(dir, format!("weights lack `{name}`")))?
             .to_dtype(dtype)
     };
-    let embed = take("model.embed_tokens.weight")?;
-    let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-    for i in 0..cfg.num_hidden_layers {
-        let input_norm = take(&format!("model.layers.{i}.input_layernorm.weight"))?;
-        let post_norm = take(&format!("model.layers.{i}.post_attention_layernorm.weight"))?;
-        layers.push(LayerWeights::from_parts(input_norm, post_norm, |p| {
-            take(&format!("model.layers.{i}.{}.weight", p.path()))
-        })?);
-    }
-    let norm = take("model.norm.weight")?;
-    let lm_head = if cfg.tie_word_embeddings {
-        None
-    } else {
-        Some(take("lm_head.weight")?)
-    };
-    let model = Llama::new(cfg, embed, layers, norm, lm_head)?;
+    let model = Llama::from_named(cfg, take)?;
 
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = if tok_path.is_file() {

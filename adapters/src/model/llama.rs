@@ -270,6 +270,49 @@ impl Llama {
         })
     }
 
+    /// A model of these layers only (by index, in the order given), sharing
+    /// this one's tensors: offsite-tuning's emulator is built this way.
+    pub fn with_layers(&self, keep: &[usize]) -> Result<Self> {
+        if let Some(bad) = keep.iter().find(|&&i| i >= self.layers.len()) {
+            candle_core::bail!("layer {bad} of a {}-layer model", self.layers.len())
+        }
+        let cfg = LlamaConfig {
+            num_hidden_layers: keep.len(),
+            ..self.cfg.clone()
+        };
+        Self::new(
+            cfg,
+            self.embed_tokens.clone(),
+            keep.iter().map(|&i| self.layers[i].clone()).collect(),
+            self.norm.clone(),
+            self.lm_head.clone(),
+        )
+    }
+
+    /// A model of shape `cfg` from tensors named as [`Llama::named_weights`]
+    /// names them (Hugging Face's names); `take` removes one by name.
+    pub fn from_named(
+        cfg: LlamaConfig,
+        mut take: impl FnMut(&str) -> Result<Tensor>,
+    ) -> Result<Self> {
+        let embed = take("model.embed_tokens.weight")?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let input_norm = take(&format!("model.layers.{i}.input_layernorm.weight"))?;
+            let post_norm = take(&format!("model.layers.{i}.post_attention_layernorm.weight"))?;
+            layers.push(LayerWeights::from_parts(input_norm, post_norm, |p| {
+                take(&format!("model.layers.{i}.{}.weight", p.path()))
+            })?);
+        }
+        let norm = take("model.norm.weight")?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(take("lm_head.weight")?)
+        };
+        Self::new(cfg, embed, layers, norm, lm_head)
+    }
+
     /// A model of `cfg`'s shape with seeded random weights (for tests and benchmarks).
     pub fn random(cfg: LlamaConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);

@@ -1,0 +1,226 @@
+//! Offsite-tuning (Xiao et al., 2023), federated as FS-LLM's FedOT.
+//!
+//! The model owner (the server) never sends the full model. It builds an
+//! *emulator*: the first `emu_l` and last `emu_r` decoder layers are the
+//! adapter that clients fine-tune, and the layers between them are
+//! compressed by uniform layer dropping — of the `m` middle layers, `round(m
+//! · (1 − drop_ratio))` evenly spaced ones are kept (FS-LLM used drop ratios
+//! 0.2 and 0.5). Clients receive the emulator's frozen weights and train
+//! LoRA inside its adapter layers with FedAvg; the trained adapter plugs
+//! back into the full model, where its layers are the full model's first
+//! `emu_l` and last `emu_r`.
+//!
+//! Building the emulator is the course's model pre-processing step: the
+//! server runs it before the course and sends its result to every client
+//! that joins, so any other compression of the middle (distillation,
+//! quantization) fits the same place.
+
+use candle_core::{DType, Device, Result, Tensor};
+use fedtune_kernel::ParamSet;
+use serde::{Deserialize, Serialize};
+
+use crate::lora::LoraConfig;
+use crate::model::{Llama, LlamaConfig};
+
+/// `[offsite]`: FedOT's settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OffsiteConfig {
+    /// Train on an emulator instead of the full model.
+    pub enabled: bool,
+    /// Adapter layers at the bottom.
+    pub emu_l: usize,
+    /// Adapter layers at the top.
+    pub emu_r: usize,
+    /// Fraction of the middle layers dropped.
+    pub drop_ratio: f64,
+}
+
+impl Default for OffsiteConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            emu_l: 2,
+            emu_r: 2,
+            drop_ratio: 0.5,
+        }
+    }
+}
+
+impl OffsiteConfig {
+    /// Checks the settings against a model of `layers` layers.
+    pub fn validate(&self, layers: usize) -> std::result::Result<(), String> {
+        if self.emu_l + self.emu_r == 0 {
+            return Err("offsite.emu_l + offsite.emu_r must be at least 1".into());
+        }
+        if self.emu_l + self.emu_r > layers {
+            return Err(format!(
+                "offsite.emu_l + offsite.emu_r ({}) exceed the model's {layers} layers",
+                self.emu_l + self.emu_r
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.drop_ratio) {
+            return Err(format!(
+                "offsite.drop_ratio must be in [0, 1], got {}",
+                self.drop_ratio
+            ));
+        }
+        Ok(())
+    }
+
+    /// The full model's layers the emulator keeps, in order.
+    pub fn kept_layers(&self, layers: usize) -> Vec<usize> {
+        let (l, r) = (self.emu_l, self.emu_r);
+        let m = layers.saturating_sub(l + r);
+        let k = ((m as f64) * (1.0 - self.drop_ratio)).round() as usize;
+        let middle = (0..k).map(|j| l + j * m / k.max(1));
+        (0..l).chain(middle).chain(layers - r..layers).collect()
+    }
+
+    /// The emulator's adapter layers, in its own numbering.
+    pub fn adapter_layers(&self, emulator_layers: usize) -> Vec<usize> {
+        (0..self.emu_l)
+            .chain(emulator_layers - self.emu_r..emulator_layers)
+            .collect()
+    }
+
+    /// `lora` restricted to the emulator's adapter layers.
+    pub fn emulator_lora(&self, lora: &LoraConfig, emulator_layers: usize) -> LoraConfig {
+        LoraConfig {
+            layers_to_transform: Some(self.adapter_layers(emulator_layers)),
+            ..lora.clone()
+        }
+    }
+}
+
+/// The emulator of a model and where its layers came from.
+pub struct Emulator {
+    /// The compressed model (sharing the full model's tensors).
+    pub model: Llama,
+    /// For each emulator layer, the full model's layer.
+    pub kept: Vec<usize>,
+}
+
+/// Builds the emulator of `full` (see the module docs).
+pub fn build_emulator(full: &Llama, cfg: &OffsiteConfig) -> Result<Emulator> {
+    let layers = full.config().num_hidden_layers;
+    cfg.validate(layers).map_err(candle_core::Error::msg)?;
+    let kept = cfg.kept_layers(layers);
+    Ok(Emulator {
+        model: full.with_layers(&kept)?,
+        kept,
+    })
+}
+
+/// Every frozen weight of `model` as a `ParamSet` (f32, Hugging Face names):
+/// what the server sends a client.
+pub fn model_params(model: &Llama) -> Result<ParamSet> {
+    let mut set = ParamSet::new();
+    for (name, t) in model.named_weights() {
+        let data = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        set.insert(name, t.dims().to_vec(), data)
+            .map_err(candle_core::Error::wrap)?;
+    }
+    Ok(set)
+}
+
+/// The model of shape `cfg` whose weights `params` holds (see [`model_params`]).
+pub fn model_from_params(
+    cfg: LlamaConfig,
+    params: &ParamSet,
+    dtype: DType,
+    device: &Device,
+) -> Result<Llama> {
+    Llama::from_named(cfg, |name| {
+        let t = params
+            .get(name)
+            .ok_or_else(|| candle_core::Error::msg(format!("the model lacks `{name}`")))?;
+        Tensor::from_slice(t.data(), t.shape(), device)?.to_dtype(dtype)
+    })
+}
+
+/// `layers.{i}.` → `layers.{kept[i]}.` in every name: an adapter trained on
+/// the emulator, renamed for the full model.
+pub fn plug_into_full(params: &ParamSet, kept: &[usize]) -> Result<ParamSet> {
+    let mut out = ParamSet::new();
+    for (name, t) in params.iter() {
+        out.insert_tensor(rename_layer(name, kept)?, t.clone());
+    }
+    Ok(out)
+}
+
+/// The LoRA config of an emulator adapter, for the full model.
+pub fn lora_for_full(cfg: &LoraConfig, kept: &[usize]) -> LoraConfig {
+    LoraConfig {
+        layers_to_transform: cfg
+            .layers_to_transform
+            .as_ref()
+            .map(|l| l.iter().map(|&i| kept[i]).collect()),
+        ..cfg.clone()
+    }
+}
+
+fn rename_layer(name: &str, kept: &[usize]) -> Result<String> {
+    const KEY: &str = ".layers.";
+    let Some(at) = name.find(KEY) else {
+        return Ok(name.to_string());
+    };
+    let rest = &name[at + KEY.len()..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    let i: usize = digits
+        .parse()
+        .map_err(|_| candle_core::Error::msg(format!("`{name}` has no layer number")))?;
+    let full = kept.get(i).ok_or_else(|| {
+        candle_core::Error::msg(format!("`{name}`: the emulator has no layer {i}"))
+    })?;
+    Ok(format!(
+        "{}{KEY}{full}{}",
+        &name[..at],
+        &rest[digits.len()..]
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uniform_dropping_keeps_the_ends_and_spaces_the_middle_evenly() {
+        let c = |l, r, d| OffsiteConfig {
+            enabled: true,
+            emu_l: l,
+            emu_r: r,
+            drop_ratio: d,
+        };
+        // SmolLM2-135M has 30 layers; FS-LLM's settings.
+        let half = c(2, 2, 0.5).kept_layers(30);
+        assert_eq!(half.len(), 2 + 13 + 2);
+        assert_eq!(&half[..4], &[0, 1, 2, 4]);
+        assert_eq!(&half[half.len() - 3..], &[26, 28, 29]);
+        let fifth = c(2, 2, 0.2).kept_layers(30);
+        assert_eq!(fifth.len(), 2 + 21 + 2);
+        assert!(fifth.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(c(2, 2, 0.0).kept_layers(30), (0..30).collect::<Vec<_>>());
+        assert_eq!(c(1, 1, 1.0).kept_layers(6), vec![0, 5]);
+        assert_eq!(c(2, 2, 0.5).adapter_layers(17), vec![0, 1, 15, 16]);
+        assert!(c(20, 20, 0.5).validate(30).is_err());
+    }
+
+    #[test]
+    fn emulator_names_map_back_to_the_full_models_layers() {
+        let kept = [0, 1, 3, 5, 6];
+        assert_eq!(
+            rename_layer(
+                "base_model.model.model.layers.4.self_attn.q_proj.lora_A.weight",
+                &kept
+            )
+            .unwrap(),
+            "base_model.model.model.layers.6.self_attn.q_proj.lora_A.weight"
+        );
+        assert_eq!(
+            rename_layer("model.norm.weight", &kept).unwrap(),
+            "model.norm.weight"
+        );
+        assert!(rename_layer("model.layers.9.x", &kept).is_err());
+    }
+}
