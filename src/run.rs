@@ -157,6 +157,7 @@ struct ResolvedLlm<'a> {
     adapter: &'a run_llm::AdapterSection,
     lora: &'a fedtune_adapters::lora::LoraConfig,
     prompt: &'a fedtune_adapters::prompt::PromptConfig,
+    offsite: &'a fedtune_adapters::offsite::OffsiteConfig,
     train: &'a run_llm::TrainSection,
     optim: &'a fedtune_adapters::train::TrainConfig,
     data: &'a fedtune_adapters::data::DataSpec,
@@ -165,8 +166,9 @@ struct ResolvedLlm<'a> {
     eval: &'a run_llm::EvalSection,
 }
 
-const SECTIONS: [&str; 17] = [
+const SECTIONS: [&str; 18] = [
     "adapter",
+    "offsite",
     "prompt",
     "broker",
     "eval",
@@ -230,6 +232,7 @@ pub(crate) fn load_course(config: &Path, set: &[String]) -> Result<Course> {
             adapter: &llm.adapter,
             lora: &llm.lora,
             prompt: &llm.prompt,
+            offsite: &llm.offsite,
             train: &llm.train,
             optim: &llm.optim,
             data: &llm.data,

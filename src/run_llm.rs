@@ -24,6 +24,7 @@ use fedtune_adapters::data::{self, collate, DataSpec, FederatedData, Template, T
 use fedtune_adapters::hooks::HookScript;
 use fedtune_adapters::lora::LoraConfig;
 use fedtune_adapters::model::LlamaConfig;
+use fedtune_adapters::offsite::{build_emulator, plug_into_full, Emulator, OffsiteConfig};
 use fedtune_adapters::peft::{load_adapter, save_adapter};
 use fedtune_adapters::pfl::PflScript;
 use fedtune_adapters::prompt::{PromptConfig, PromptInit, PromptMethod};
@@ -141,6 +142,8 @@ pub struct LlmSections {
     pub pfl: PflConfig,
     /// `[eval]`: benchmarks at the end of the course.
     pub eval: EvalSection,
+    /// `[offsite]`: FedOT, training on an emulator of the model.
+    pub offsite: OffsiteConfig,
 }
 
 impl LlmSections {
@@ -156,7 +159,18 @@ impl LlmSections {
             hooks: doc.section("hooks")?,
             pfl: doc.section("pfl")?,
             eval: doc.section("eval")?,
+            offsite: doc.section("offsite")?,
         };
+        if s.offsite.enabled {
+            ensure!(
+                s.adapter.kind == AdapterKind::Lora,
+                "{}: [offsite] trains LoRA inside the emulator's adapter layers; adapter.kind must be \"lora\"",
+                doc.origin()
+            );
+            if let Err(m) = s.offsite.validate(usize::MAX / 2) {
+                return Err(doc.key_error("offsite", m).into());
+            }
+        }
         for name in &s.eval.tasks {
             if let Err(message) = crate::eval_cmd::parse_tasks(name) {
                 return Err(doc.key_error("eval.tasks", message).into());
@@ -197,6 +211,23 @@ impl LlmSections {
 }
 
 impl LlmSections {
+    /// FedOT's emulator of `model` and the adapter trained on it (LoRA in
+    /// its adapter layers); `None` without `[offsite]`.
+    pub fn emulator(
+        &self,
+        model: &fedtune_adapters::model::Llama,
+    ) -> Result<Option<(Emulator, AdapterSpec)>> {
+        if !self.offsite.enabled {
+            return Ok(None);
+        }
+        self.offsite
+            .validate(model.config().num_hidden_layers)
+            .map_err(anyhow::Error::msg)?;
+        let emu = build_emulator(model, &self.offsite)?;
+        let spec = AdapterSpec::Lora(self.offsite.emulator_lora(&self.lora, emu.kept.len()));
+        Ok(Some((emu, spec)))
+    }
+
     /// The adapter the course trains; a text-initialized prompt is
     /// tokenized with `tok` (and has as many virtual tokens as the text has tokens).
     pub fn spec(&self, tok: &TextTokenizer) -> Result<AdapterSpec> {
@@ -265,6 +296,63 @@ struct Summary {
     /// The `[eval]` tasks' results on the final adapter (each client's, in local mode).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     eval: Vec<crate::eval_cmd::TaskReport>,
+    /// FedOT: the emulator, and the adapter plugged back into the full model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offsite: Option<OffsiteSummary>,
+}
+
+/// What FedOT's course ends with.
+#[derive(Debug, Serialize)]
+pub(crate) struct OffsiteSummary {
+    /// The full model's layers the emulator kept.
+    kept_layers: Vec<usize>,
+    /// Layers of the full model.
+    full_layers: usize,
+    /// The adapter's trainable parameters.
+    trainable_params: usize,
+    /// Token-weighted test loss of the adapter plugged into the full model
+    /// (the course's own `test_loss_after` is on the emulator).
+    test_loss_full_model: Option<f64>,
+    /// The full model without any adapter, on the same tokens.
+    test_loss_full_model_base: Option<f64>,
+}
+
+/// FedOT's end: renames the emulator adapter `params` (LoRA `lora`, in the
+/// emulator's numbering) onto the full model's layers, saves it there (PEFT, for the full model) and measures the test
+/// loss of the full model with it (and without) over `test` batches.
+pub(crate) fn plug_in(
+    full: &fedtune_adapters::model::Llama,
+    emu: &Emulator,
+    (lora, params): (&LoraConfig, &ParamSet),
+    test: &[Vec<Batch>],
+    (dir, base_name): (&Path, &str),
+) -> Result<OffsiteSummary> {
+    let plugged = plug_into_full(params, &emu.kept)?;
+    let full_cfg = fedtune_adapters::offsite::lora_for_full(lora, &emu.kept);
+    let spec = AdapterSpec::Lora(full_cfg);
+    save_adapter(dir, &spec, &plugged, full.config(), base_name)?;
+    let adapter = spec.build(full, 0)?;
+    adapter.load_param_set(&plugged)?;
+    adapter.set_grad_enabled(false);
+    let loss_of =
+        |with: Option<&dyn fedtune_adapters::model::ProjectionAdapter>| -> Result<Option<f64>> {
+            let (mut sum, mut tokens) = (0.0, 0usize);
+            for batches in test {
+                let (s, t) = fedtune_adapters::train::summed_token_loss(full, with, batches)?;
+                sum += s;
+                tokens += t;
+            }
+            Ok((tokens > 0).then(|| sum / tokens as f64))
+        };
+    Ok(OffsiteSummary {
+        kept_layers: emu.kept.clone(),
+        full_layers: full.config().num_hidden_layers,
+        trainable_params: plugged.num_elements(),
+        test_loss_full_model: loss_of(Some(
+            adapter.as_ref() as &dyn fedtune_adapters::model::ProjectionAdapter
+        ))?,
+        test_loss_full_model_base: loss_of(None)?,
+    })
 }
 
 /// One client's tokenized data.
@@ -344,7 +432,22 @@ pub fn run(
     let pad = tok.eos_id;
     let seed = cfg.course.seed;
     let training = local_training(llm);
-    let spec = llm.spec(&tok)?;
+    // FedOT trains on the emulator; the full model stays for the final evaluation.
+    let emulator = llm.emulator(&model)?;
+    let full_model = model.clone();
+    let (model, spec) = match &emulator {
+        Some((emu, spec)) => {
+            say(&format!(
+                "offsite-tuning: emulator of {} of {} layers ({:?}), LoRA in layers {:?}",
+                emu.kept.len(),
+                full_model.config().num_hidden_layers,
+                emu.kept,
+                llm.offsite.adapter_layers(emu.kept.len())
+            ));
+            (Arc::new(emu.model.clone()), spec.clone())
+        }
+        None => (model, llm.spec(&tok)?),
+    };
     let initial = RoundRobinTrainer::initial_adapter(&model, &spec, seed).map_err(trainer_error)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -418,6 +521,7 @@ pub fn run(
         Some((round, params)) => Start::After(round, params),
         None => Start::Fresh(initial),
     };
+    let mut offsite_summary = None;
     match cfg.course.mode {
         Mode::Fed => {
             let data: BTreeMap<u32, ClientData> = prepared
@@ -438,7 +542,26 @@ pub fn run(
                 checkpoints("", aggregator.take().expect("built for fed mode"))
                     .restored(resumed_from.as_deref())?,
             )?;
-            save(&adapter_dir, &report.final_params)?;
+            match &emulator {
+                None => save(&adapter_dir, &report.final_params)?,
+                Some((emu, emu_spec)) => {
+                    let AdapterSpec::Lora(emu_lora) = emu_spec else {
+                        unreachable!("offsite-tuning trains LoRA")
+                    };
+                    save(&out.dir.join("adapter-emulator"), &report.final_params)?;
+                    let test: Vec<Vec<Batch>> = prepared
+                        .iter()
+                        .map(|p| batch(&p.test, llm.train.eval_batch_size, None))
+                        .collect::<Result<_>>()?;
+                    offsite_summary = Some(plug_in(
+                        &full_model,
+                        emu,
+                        (emu_lora, &report.final_params),
+                        &test,
+                        (&adapter_dir, &base_name),
+                    )?);
+                }
+            }
         }
         Mode::Global => {
             // One client with everyone's training data, evaluated on each client's test split.
@@ -569,6 +692,7 @@ pub fn run(
         peak_rss_mib: crate::bench_train::peak_rss_mib(),
         adapter: adapter_dir.display().to_string(),
         eval,
+        offsite: offsite_summary,
     };
     display.finish();
     let text = serde_json::to_string_pretty(&summary)?;

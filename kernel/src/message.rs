@@ -56,6 +56,10 @@ pub enum MsgKind {
     Metrics,
     /// Server → clients: the course is over; carries the final global parameters.
     Finish,
+    /// Server → client: the frozen model the client trains around, from the
+    /// server's model pre-processing (offsite-tuning's emulator); sent when
+    /// the client joins, before `assign_id`.
+    BaseModel,
     /// Any other event, by name.
     Custom(String),
 }
@@ -72,6 +76,7 @@ impl MsgKind {
             MsgKind::Evaluate => "evaluate",
             MsgKind::Metrics => "metrics",
             MsgKind::Finish => "finish",
+            MsgKind::BaseModel => "base_model",
             MsgKind::Custom(name) => name,
         }
     }
@@ -90,6 +95,7 @@ impl FromStr for MsgKind {
             "evaluate" => MsgKind::Evaluate,
             "metrics" => MsgKind::Metrics,
             "finish" => MsgKind::Finish,
+            "base_model" => MsgKind::BaseModel,
             other => MsgKind::Custom(other.to_string()),
         })
     }

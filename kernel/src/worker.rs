@@ -276,6 +276,11 @@ impl<S: Send + 'static> Worker<S> {
         self.me
     }
 
+    /// The behaviour's state, before the loop runs (to configure it).
+    pub fn state_mut(&mut self) -> &mut S {
+        &mut self.state
+    }
+
     /// Registers what the worker does once subscribed, before any message
     /// arrives (a client sends `join_in` here).
     pub fn on_start(

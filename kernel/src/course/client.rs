@@ -101,6 +101,7 @@ pub fn client_worker(
             on_roll_call,
         )
         .on(MsgKind::AssignId, on_assign_id)
+        .on(MsgKind::BaseModel, on_base_model)
         .on(MsgKind::ModelPara, on_model_para)
         .on(MsgKind::Train, on_train)
         .on(MsgKind::Evaluate, on_evaluate)
@@ -226,6 +227,32 @@ fn on_assign_id(s: &mut ClientState, env: Envelope, _ctx: &mut Ctx) -> HandlerRe
         )));
     }
     s.joined = true;
+    Ok(Flow::Continue)
+}
+
+/// The server's frozen model: installed before anything else is handled
+/// (the next request needs it), so here rather than on the blocking pool.
+fn on_base_model(s: &mut ClientState, env: Envelope, _ctx: &mut Ctx) -> HandlerResult {
+    from_server(&env)?;
+    let base = env
+        .payload
+        .as_ref()
+        .ok_or_else(|| HandlerError::Reject("base_model without weights".into()))?;
+    let started = Instant::now();
+    let mut trainer = s
+        .trainer
+        .lock()
+        .map_err(|_| HandlerError::Fatal("the shared trainer panicked earlier".into()))?;
+    trainer.install_base(s.id, base, &env.meta).map_err(|e| {
+        HandlerError::Fatal(format!("client {}: cannot take the base model: {e}", s.id))
+    })?;
+    info!(
+        client = s.id,
+        tensors = base.len(),
+        params = base.num_elements(),
+        seconds = started.elapsed().as_secs_f64(),
+        "base model installed"
+    );
     Ok(Flow::Continue)
 }
 

@@ -102,6 +102,8 @@ pub struct ServerState {
     started: Instant,
     /// Rounds already completed before this server started (a resumed course).
     start_round: u64,
+    /// The frozen model every client gets when it joins (model pre-processing's result).
+    base: Option<(ParamSet, crate::message::Meta)>,
 }
 
 impl ServerState {
@@ -128,6 +130,12 @@ impl ServerState {
     /// True once the last round was evaluated and `finish` went out.
     pub fn is_finished(&self) -> bool {
         matches!(self.phase, Phase::Finished)
+    }
+
+    /// Sends every client `base` (with `meta`) in a `base_model` message when
+    /// it joins: the course's pre-processed model (offsite-tuning's emulator).
+    pub fn set_base(&mut self, base: ParamSet, meta: crate::message::Meta) {
+        self.base = Some((base, meta));
     }
 
     /// Takes the pieces a course report is made of.
@@ -183,6 +191,7 @@ pub fn server_worker_from(
         last_evaluated: None,
         started: Instant::now(),
         start_round: completed,
+        base: None,
     };
     Worker::new(Party::Server, name, transport, state)
         .with_encoding(encode)
@@ -360,6 +369,20 @@ fn on_join_in(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResul
     }
     let first_time = s.joined.insert(id);
     s.dropped.remove(&id);
+    // The base model first: the client needs it before any request.
+    if let Some((base, meta)) = &s.base {
+        let mut env = Envelope::new(
+            ctx.course(),
+            0,
+            Party::Server,
+            vec![Party::Client(id)],
+            MsgKind::BaseModel,
+        )
+        .with_payload(base.clone());
+        env.meta = meta.clone();
+        let bytes = ctx.send(env)?;
+        info!(client = id, bytes, "base model sent");
+    }
     let reply = Envelope::new(
         ctx.course(),
         0,

@@ -95,6 +95,18 @@ pub trait LocalTrainer: Send {
         global: &ParamSet,
         ctx: &TrainContext,
     ) -> Result<Vec<SplitEval>, TrainerError>;
+
+    /// Takes the frozen model the server sent `client` (a `base_model`
+    /// message: its weights and, in `meta`, whatever describes them). A
+    /// trainer that brings its own model refuses one.
+    fn install_base(
+        &mut self,
+        client: u32,
+        _base: &ParamSet,
+        _meta: &crate::message::Meta,
+    ) -> Result<(), TrainerError> {
+        Err(format!("client {client}'s trainer takes no base model from the server").into())
+    }
 }
 
 /// A seed for one client in one round, so that runs are reproducible and no two
