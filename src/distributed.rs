@@ -209,7 +209,10 @@ pub fn server(args: ServerArgs) -> Result<()> {
         }
     };
 
-    // The initial global parameters and how checkpoints hold them.
+    // The initial global parameters and how checkpoints hold them; with
+    // [offsite], the emulator every client gets when it joins (and the full
+    // model, to plug the trained adapter into at the end).
+    let mut offsite = None;
     let (initial, format) = match task {
         Task::LeastSquares(ls) => (
             run::least_squares_trainer(cfg, ls).initial_params(),
@@ -217,9 +220,20 @@ pub fn server(args: ServerArgs) -> Result<()> {
         ),
         Task::Lora(llm) => {
             let base = crate::eval_cmd::Base::load(llm.model.path.as_deref(), &say)?;
-            let spec = llm.spec(&base.tok)?;
+            let (model, spec) = match llm.emulator(&base.model)? {
+                Some((emu, spec)) => {
+                    say(&format!(
+                        "offsite-tuning: clients get an emulator of layers {:?}",
+                        emu.kept
+                    ));
+                    let model = emu.model.clone();
+                    offsite = Some((emu, spec.clone(), base.clone()));
+                    (model, spec)
+                }
+                None => ((*base.model).clone(), llm.spec(&base.tok)?),
+            };
             let initial = fedtune_adapters::round_robin::RoundRobinTrainer::initial_adapter(
-                &base.model,
+                &model,
                 &spec,
                 cfg.course.seed,
             )
@@ -234,7 +248,7 @@ pub fn server(args: ServerArgs) -> Result<()> {
                 Saved::Adapter {
                     spec,
                     base: name,
-                    model: base.model.config().clone(),
+                    model: model.config().clone(),
                 },
             )
         }
@@ -281,7 +295,7 @@ pub fn server(args: ServerArgs) -> Result<()> {
             args.creds.as_deref(),
         )
         .await?;
-        let worker = server_worker_from(
+        let mut worker = server_worker_from(
             cfg.clone(),
             completed,
             global,
@@ -290,6 +304,16 @@ pub fn server(args: ServerArgs) -> Result<()> {
             transport,
         )
         .on_start(roll_call);
+        if let Some((emu, _, _)) = &offsite {
+            let weights = fedtune_adapters::offsite::model_params(&emu.model)?;
+            let mut meta = fedtune_kernel::message::Meta::new();
+            meta.insert(
+                "llama_config".into(),
+                serde_json::to_value(emu.model.config())?,
+            );
+            meta.insert("kept_layers".into(), serde_json::to_value(&emu.kept)?);
+            worker.state_mut().set_base(weights, meta);
+        }
         run_guarded(worker, refusals).await
     })?;
     display.finish();
@@ -300,13 +324,29 @@ pub fn server(args: ServerArgs) -> Result<()> {
         outcome.reason
     );
     let results = state.into_results();
-    let params_path = out.join(match final_format {
-        Saved::Adapter { .. } => "adapter",
-        Saved::Params => "final",
+    let params_path = out.join(match (&final_format, &offsite) {
+        (Saved::Adapter { .. }, None) => "adapter",
+        (Saved::Adapter { .. }, Some(_)) => "adapter-emulator",
+        (Saved::Params, _) => "final",
     });
     final_format
         .save(&params_path, &results.global)
         .map_err(|e| anyhow::anyhow!("cannot save {}: {e}", params_path.display()))?;
+    if let Some((emu, fedtune_adapters::adapter::AdapterSpec::Lora(lora), full)) = &offsite {
+        // The adapter plugged into the full model (no test data here: the clients evaluate).
+        let name = full
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        run_llm::plug_in(
+            &full.model,
+            emu,
+            (lora, &results.global),
+            &[],
+            (&out.join("adapter"), &name),
+        )?;
+    }
     let summary = ServerSummary {
         course: cfg.course.name.clone(),
         rounds: cfg.course.rounds,
@@ -385,6 +425,18 @@ pub fn client(args: ClientArgs) -> Result<()> {
     };
     let trainer: SharedTrainer = match task {
         Task::LeastSquares(ls) => Arc::new(Mutex::new(run::least_squares_trainer(cfg, ls))),
+        // FedOT: the tokenizer only; the weights come from the server.
+        Task::Lora(llm) if llm.offsite.enabled => {
+            let tok = crate::eval_cmd::Base::load_tokenizer(llm.model.path.as_deref(), &say)?;
+            Arc::new(Mutex::new(run_llm::offsite_client_trainer(
+                doc,
+                cfg,
+                llm,
+                &tok,
+                args.data_root.as_deref(),
+                id,
+            )?))
+        }
         Task::Lora(llm) => {
             let base = crate::eval_cmd::Base::load(llm.model.path.as_deref(), &say)?;
             let trainer = run_llm::client_process_trainer(

@@ -137,6 +137,32 @@ pub struct Base {
 }
 
 impl Base {
+    /// Only the tokenizer of the model at `path` (or the default model's):
+    /// GGUF metadata or a directory's `tokenizer.json`, no weights read.
+    pub fn load_tokenizer(path: Option<&Path>, say: &dyn Fn(&str)) -> Result<TextTokenizer> {
+        let path = match path {
+            Some(p) => p.to_path_buf(),
+            None => ensure_default_model(say)?,
+        };
+        if !path.is_dir() {
+            return Ok(TextTokenizer::from_gguf_path(&path)?);
+        }
+        let config = path.join("config.json");
+        let json: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(&config)
+                .with_context(|| format!("cannot read {}", config.display()))?,
+        )
+        .with_context(|| format!("{} is not JSON", config.display()))?;
+        let eos = json["eos_token_id"]
+            .as_u64()
+            .or_else(|| json["eos_token_id"].as_array()?.first()?.as_u64())
+            .with_context(|| format!("{} has no eos_token_id", config.display()))?;
+        Ok(TextTokenizer::from_file(
+            &path.join("tokenizer.json"),
+            eos as u32,
+        )?)
+    }
+
     /// Loads the model at `path` — a GGUF file, or a Hugging Face directory
     /// with `config.json`, safetensors weights and `tokenizer.json` (as
     /// `fedtune model tiny` writes) — or the default model when `None`.

@@ -34,7 +34,7 @@ use fedtune_adapters::round_robin::{
 use fedtune_adapters::tokenizer::TextTokenizer;
 use fedtune_adapters::train::{Batch, TrainConfig};
 use fedtune_kernel::config::Mode;
-use fedtune_kernel::course::{run_in_process_from, CourseReport};
+use fedtune_kernel::course::{run_in_process_from, CourseReport, TrainerError};
 use fedtune_kernel::script::ScriptSection;
 use fedtune_kernel::{
     AggregateError, Aggregator, ClientUpdate, ConfigDoc, CourseConfig, Event, FedAvg, MetricsLog,
@@ -773,25 +773,7 @@ pub(crate) fn client_process_trainer(
     data_root: Option<&Path>,
     id: u32,
 ) -> Result<RoundRobinTrainer> {
-    let root = data::data_root(data_root);
-    let (fed, template) = course_data(doc, cfg, llm, &root)?;
-    let c = fed
-        .clients
-        .get(id as usize - 1)
-        .with_context(|| format!("the data has no client {id}"))?;
-    let p = Prepared {
-        name: c.name.clone(),
-        train: fed.tokenize(&c.train, &template, &base.tok, llm.data.max_tokens)?,
-        val: fed.tokenize(&c.val, &template, &base.tok, llm.data.max_tokens)?,
-        test: fed.tokenize(&c.test, &template, &base.tok, llm.data.max_tokens)?,
-    };
-    ensure!(
-        !p.train.is_empty(),
-        "client {id} ({}) has no training examples",
-        p.name
-    );
-    tracing::info!(client = id, name = %p.name, train = p.train.len(), test = p.test.len(), "client data");
-    let data = client_data(&p, u64::from(id - 1), llm, cfg.course.seed, base.tok.eos_id)?;
+    let data = client_process_data(doc, cfg, llm, &base.tok, data_root, id)?;
     let spec = llm.spec(&base.tok)?;
     fed_trainer(
         doc,
@@ -800,6 +782,137 @@ pub(crate) fn client_process_trainer(
         (base.model.clone(), &spec),
         BTreeMap::from([(id, data)]),
     )
+}
+
+/// A FedOT client process's trainer: its data is tokenized now, its model
+/// (the emulator) comes from the server in a `base_model` message.
+pub(crate) fn offsite_client_trainer(
+    doc: &ConfigDoc,
+    cfg: &CourseConfig,
+    llm: &LlmSections,
+    tok: &TextTokenizer,
+    data_root: Option<&Path>,
+    id: u32,
+) -> Result<OffsiteClient> {
+    let data = client_process_data(doc, cfg, llm, tok, data_root, id)?;
+    let (doc, cfg, llm) = (doc.clone(), cfg.clone(), llm.clone());
+    Ok(OffsiteClient {
+        build: Box::new(move |model| {
+            let layers = model.config().num_hidden_layers;
+            let spec = AdapterSpec::Lora(llm.offsite.emulator_lora(&llm.lora, layers));
+            fed_trainer(
+                &doc,
+                &cfg,
+                &llm,
+                (model, &spec),
+                BTreeMap::from([(id, data.clone())]),
+            )
+        }),
+        inner: None,
+        installed: None,
+    })
+}
+
+/// See [`offsite_client_trainer`].
+pub(crate) struct OffsiteClient {
+    build: Box<dyn FnMut(Arc<fedtune_adapters::model::Llama>) -> Result<RoundRobinTrainer> + Send>,
+    inner: Option<RoundRobinTrainer>,
+    /// A fingerprint of the installed base, so a repeated one changes nothing.
+    installed: Option<u64>,
+}
+
+impl OffsiteClient {
+    fn inner(&mut self) -> Result<&mut RoundRobinTrainer, TrainerError> {
+        self.inner
+            .as_mut()
+            .ok_or_else(|| "no emulator from the server yet".into())
+    }
+}
+
+impl fedtune_kernel::LocalTrainer for OffsiteClient {
+    fn train(
+        &mut self,
+        client: u32,
+        global: &ParamSet,
+        ctx: &fedtune_kernel::TrainContext,
+    ) -> Result<fedtune_kernel::LocalUpdate, TrainerError> {
+        self.inner()?.train(client, global, ctx)
+    }
+
+    fn evaluate(
+        &mut self,
+        client: u32,
+        global: &ParamSet,
+        ctx: &fedtune_kernel::TrainContext,
+    ) -> Result<Vec<fedtune_kernel::SplitEval>, TrainerError> {
+        self.inner()?.evaluate(client, global, ctx)
+    }
+
+    fn install_base(
+        &mut self,
+        _client: u32,
+        base: &ParamSet,
+        meta: &fedtune_kernel::message::Meta,
+    ) -> Result<(), TrainerError> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for (name, t) in base.iter() {
+            name.hash(&mut h);
+            t.shape().hash(&mut h);
+            for x in t.data() {
+                x.to_bits().hash(&mut h);
+            }
+        }
+        let print = h.finish();
+        if self.installed == Some(print) {
+            return Ok(());
+        }
+        let cfg: LlamaConfig = meta
+            .get("llama_config")
+            .cloned()
+            .ok_or("the base model came without its llama_config")
+            .and_then(|v| serde_json::from_value(v).map_err(|_| "a malformed llama_config"))?;
+        let model = fedtune_adapters::offsite::model_from_params(
+            cfg,
+            base,
+            candle_core::DType::F32,
+            &Device::Cpu,
+        )?;
+        self.inner = Some((self.build)(Arc::new(model)).map_err(|e| e.to_string())?);
+        self.installed = Some(print);
+        Ok(())
+    }
+}
+
+/// Client `id`'s batches in a client process: the course's data split as
+/// `fedtune run` splits it, only this client's part tokenized.
+fn client_process_data(
+    doc: &ConfigDoc,
+    cfg: &CourseConfig,
+    llm: &LlmSections,
+    tok: &TextTokenizer,
+    data_root: Option<&Path>,
+    id: u32,
+) -> Result<ClientData> {
+    let root = data::data_root(data_root);
+    let (fed, template) = course_data(doc, cfg, llm, &root)?;
+    let c = fed
+        .clients
+        .get(id as usize - 1)
+        .with_context(|| format!("the data has no client {id}"))?;
+    let p = Prepared {
+        name: c.name.clone(),
+        train: fed.tokenize(&c.train, &template, tok, llm.data.max_tokens)?,
+        val: fed.tokenize(&c.val, &template, tok, llm.data.max_tokens)?,
+        test: fed.tokenize(&c.test, &template, tok, llm.data.max_tokens)?,
+    };
+    ensure!(
+        !p.train.is_empty(),
+        "client {id} ({}) has no training examples",
+        p.name
+    );
+    tracing::info!(client = id, name = %p.name, train = p.train.len(), test = p.test.len(), "client data");
+    client_data(&p, u64::from(id - 1), llm, cfg.course.seed, tok.eos_id)
 }
 
 /// Runs the `[eval]` tasks on the final adapter (on each client's, in local

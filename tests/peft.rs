@@ -124,3 +124,107 @@ fn a_prefix_course_over_nats_ends_with_the_in_process_adapter() {
     let b = std::fs::read(run("nats")).unwrap();
     assert!(a == b, "the trainable tensors differ");
 }
+
+/// FedOT over NATS: a spy subscribed as client 1 sees what the server sends
+/// it. The base model is the emulator — its four layers are the full
+/// model's layers 0, 1, 3 and 5, and nothing of the dropped layers 2 and 4
+/// is in it — and the course still ends with client 1 trained on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fedot_client_receives_the_emulator_and_never_the_dropped_layers() {
+    use fedtune_kernel::{decode, DecodeLimits, MsgKind, Party, Transport};
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_course(dir.path());
+    let model = dir.path().join("model6");
+    fedtune(&[
+        "model",
+        "tiny",
+        "--out",
+        model.to_str().unwrap(),
+        "--layers",
+        "6",
+    ]);
+    let nats = fedtune_broker::LocalNats::start(None).unwrap();
+    let spy = fedtune_broker::NatsTransport::connect(
+        &nats.url(),
+        "tiny-peft",
+        fedtune_broker::NatsOptions::default(),
+    )
+    .await
+    .unwrap();
+    let mut inbox = spy.subscribe(Party::Client(1)).await.unwrap();
+    let sets = [
+        format!("model.path={}", model.display()),
+        "offsite.enabled=true".into(),
+        "offsite.emu_l=1".into(),
+        "offsite.emu_r=1".into(),
+        "offsite.drop_ratio=0.5".into(),
+    ];
+    let spawn = |role: &[&str]| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_fedtune"));
+        c.current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(role)
+            .arg(&config)
+            .args(["--nats", &nats.url()]);
+        for s in &sets {
+            c.args(["--set", s]);
+        }
+        c.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let out = dir.path().join("server");
+    let mut server = spawn(&["server", "--quiet", "--out", out.to_str().unwrap()]);
+    let mut clients: Vec<_> = (1..=2)
+        .map(|id| spawn(&["client", "--id", &id.to_string()]))
+        .collect();
+    let base = loop {
+        let d = tokio::time::timeout(std::time::Duration::from_secs(60), inbox.recv())
+            .await
+            .expect("a message for client 1")
+            .expect("the subscription is open");
+        let env = decode(&d.frame, &DecodeLimits::default()).unwrap();
+        if env.kind == MsgKind::BaseModel {
+            break env;
+        }
+    };
+    assert!(server.wait().unwrap().success());
+    for c in clients.iter_mut() {
+        assert!(c.wait().unwrap().success());
+    }
+    let weights = base.payload.unwrap();
+    let layers: std::collections::BTreeSet<String> = weights
+        .names()
+        .filter_map(|n| n.strip_prefix("model.layers."))
+        .filter_map(|n| n.split('.').next())
+        .map(String::from)
+        .collect();
+    assert_eq!(layers.into_iter().collect::<Vec<_>>(), ["0", "1", "2", "3"]);
+    assert_eq!(base.meta["kept_layers"], serde_json::json!([0, 1, 3, 5]));
+    // Every weight of the message is the full model's kept layer's, and none is a dropped one's.
+    let full = fedtune_adapters::model::load_hf_dir(
+        &model,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap()
+    .model;
+    let full: std::collections::HashMap<String, Vec<f32>> = full
+        .named_weights()
+        .into_iter()
+        .map(|(n, t)| (n, t.flatten_all().unwrap().to_vec1().unwrap()))
+        .collect();
+    for (emu, orig) in [(0, 0), (1, 1), (2, 3), (3, 5)] {
+        let name = |l: usize| format!("model.layers.{l}.self_attn.q_proj.weight");
+        let sent = weights.get(&name(emu)).unwrap().data();
+        assert_eq!(sent, &full[&name(orig)][..], "emulator layer {emu}");
+        for dropped in [2, 4] {
+            assert_ne!(sent, &full[&name(dropped)][..]);
+        }
+    }
+    assert!(out
+        .join("adapter-emulator/adapter_model.safetensors")
+        .is_file());
+    let plugged = json(&out.join("adapter/adapter_config.json"));
+    assert_eq!(plugged["layers_to_transform"], serde_json::json!([0, 5]));
+}
