@@ -12,6 +12,7 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::Device;
 use fedtune_adapters::adapter::AdapterSpec;
 use fedtune_adapters::lora::LoraConfig;
+use fedtune_adapters::offsite::{build_emulator, OffsiteConfig};
 use fedtune_adapters::prompt::{PromptConfig, PromptMethod};
 use fedtune_adapters::train::{NoHooks, Stepper, TrainConfig};
 use fedtune_kernel::{encode, Compression, EncodeOptions, Envelope, MsgKind, Party, Quantization};
@@ -28,6 +29,9 @@ struct Row {
     bytes_int8_deflate: usize,
     median_step_s: f64,
     peak_rss_mib: Option<f64>,
+    /// Resident memory after the steps (for FedOT: with the full model's
+    /// dropped layers freed, what a client holds).
+    rss_after_mib: Option<f64>,
 }
 
 /// The adapter a method name stands for, with FS-LLM-like settings.
@@ -45,15 +49,40 @@ fn spec(method: &str) -> Result<AdapterSpec> {
         "prompt" => prompt(PromptMethod::Prompt),
         "p-tuning" => prompt(PromptMethod::PTuning),
         "prefix" => prompt(PromptMethod::Prefix),
-        other => bail!("unknown method `{other}` (lora, prompt, p-tuning, prefix)"),
+        m if m.starts_with("fedot-") => AdapterSpec::Lora(LoraConfig {
+            lora_dropout: 0.0,
+            ..LoraConfig::default()
+        }),
+        other => bail!(
+            "unknown method `{other}` (lora, prompt, p-tuning, prefix, fedot-RATIO such as fedot-0.5)"
+        ),
     })
 }
 
 /// Measures `method` in this process.
 fn measure(method: &str, steps: usize, batch: usize, seq_len: usize) -> Result<Row> {
     let loaded = default_model_f32()?;
-    let model = &loaded.model;
-    let adapter = spec(method)?.build(model, 1)?;
+    // FedOT: LoRA in the emulator's 2 + 2 adapter layers, the middle dropped uniformly.
+    let (model, spec) = match method.strip_prefix("fedot-") {
+        Some(ratio) => {
+            let cfg = OffsiteConfig {
+                enabled: true,
+                drop_ratio: ratio
+                    .parse()
+                    .with_context(|| format!("`{method}`: the drop ratio is not a number"))?,
+                ..OffsiteConfig::default()
+            };
+            let emu = build_emulator(&loaded.model, &cfg)?;
+            let AdapterSpec::Lora(lora) = spec(method)? else {
+                unreachable!("FedOT trains LoRA")
+            };
+            let spec = AdapterSpec::Lora(cfg.emulator_lora(&lora, emu.kept.len()));
+            (emu.model, spec)
+        }
+        None => (loaded.model, spec(method)?),
+    };
+    let model = &model;
+    let adapter = spec.build(model, 1)?;
     let b = seeded_batch(model.config().vocab_size, batch, seq_len, &Device::Cpu)?;
     let mut stepper = Stepper::new(adapter.as_ref(), TrainConfig::default())?;
     let mut times = Vec::new();
@@ -98,7 +127,16 @@ fn measure(method: &str, steps: usize, batch: usize, seq_len: usize) -> Result<R
         bytes_int8_deflate: bytes(Quantization::Int8, Compression::Deflate)?,
         median_step_s: times[times.len() / 2],
         peak_rss_mib: peak_rss_mib(),
+        rss_after_mib: rss_mib(),
     })
+}
+
+/// Resident memory of this process now (Linux `VmRSS`).
+fn rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
 }
 
 /// `fedtune bench peft`.
@@ -143,18 +181,19 @@ pub fn peft(
         return Ok(());
     }
     println!(
-        "| method | trainable parameters | bytes per client per round, f32 | int8 + DEFLATE | s per step (median, batch {batch} x {seq_len}) | peak RSS MiB |"
+        "| method | trainable parameters | bytes per client per round, f32 | int8 + DEFLATE | s per step (median, batch {batch} x {seq_len}) | peak RSS MiB | RSS after MiB |"
     );
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {} | {} | {} | {} | {:.3} | {} |",
+            "| {} | {} | {} | {} | {:.3} | {} | {} |",
             r.method,
             r.trainable_params,
             r.bytes_f32,
             r.bytes_int8_deflate,
             r.median_step_s,
-            r.peak_rss_mib.map_or("-".into(), |m| format!("{m:.0}"))
+            r.peak_rss_mib.map_or("-".into(), |m| format!("{m:.0}")),
+            r.rss_after_mib.map_or("-".into(), |m| format!("{m:.0}"))
         );
     }
     Ok(())

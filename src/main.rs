@@ -141,11 +141,12 @@ enum BenchCommand {
     /// Per PEFT method on the default model: trainable parameters, bytes per
     /// client per round, seconds per training step, peak memory.
     Peft {
-        /// Methods to measure, comma-separated (lora, prompt, p-tuning, prefix).
+        /// Methods to measure, comma-separated (lora, prompt, p-tuning, prefix,
+        /// fedot-RATIO: LoRA in a 2 + 2-layer emulator with that drop ratio).
         #[arg(
             long,
             value_delimiter = ',',
-            default_value = "lora,prompt,p-tuning,prefix"
+            default_value = "lora,prompt,p-tuning,prefix,fedot-0.2,fedot-0.5"
         )]
         methods: Vec<String>,
         /// Timed training steps per method (after one untimed).
