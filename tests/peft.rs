@@ -98,6 +98,27 @@ fn every_method_trains_saves_in_peft_layout_and_reloads_to_its_final_loss() {
             (reloaded - after).abs() < 1e-4,
             "{kind} {extra}: reloaded {reloaded} vs course {after}"
         );
+        // Generation (8-shot GSM8K, a shared cached prefix) runs with it too.
+        let results = out.join("gsm8k.jsonl");
+        let report: serde_json::Value = serde_json::from_str(&fedtune(&[
+            "eval",
+            "gsm8k",
+            "--limit",
+            "2",
+            "--batch",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+            "--out",
+            results.to_str().unwrap(),
+            "--quiet",
+        ]))
+        .unwrap();
+        assert_eq!(report["items"], 2, "{kind} {extra}: {report}");
     }
 }
 

@@ -91,7 +91,7 @@ pub fn write_tiny_model(dir: &Path, spec: TinySpec) -> candle_core::Result<Llama
         num_key_value_heads: heads.div_ceil(2).max(1),
         rms_norm_eps: 1e-5,
         rope_theta: 10_000.0,
-        max_position_embeddings: 2048,
+        max_position_embeddings: 8192,
         tie_word_embeddings: true,
     };
     if heads % cfg.num_key_value_heads != 0 {
