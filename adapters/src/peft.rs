@@ -96,12 +96,7 @@ pub fn save_lora(
     };
     let text = serde_json::to_string_pretty(&json).map_err(|e| io(e.to_string()))?;
     std::fs::write(dir.join("adapter_config.json"), text).map_err(|e| io(e.to_string()))?;
-    let mut tensors = HashMap::new();
-    for (name, t) in params.iter() {
-        let tensor =
-            Tensor::from_slice(t.data(), t.shape(), &Device::Cpu).map_err(|e| io(e.to_string()))?;
-        tensors.insert(name.to_string(), tensor);
-    }
+    let tensors = tensors_of(params).map_err(|e| io(e.to_string()))?;
     candle_core::safetensors::save(&tensors, dir.join("adapter_model.safetensors"))
         .map_err(|e| io(e.to_string()))
 }
@@ -147,19 +142,12 @@ pub fn load_lora(dir: &Path) -> Result<(LoraConfig, ParamSet), PeftError> {
     let weights = dir.join("adapter_model.safetensors");
     let tensors = candle_core::safetensors::load(&weights, &Device::Cpu)
         .map_err(|e| io(&weights, e.to_string()))?;
-    let mut params = ParamSet::new();
-    for (name, t) in tensors {
-        // PEFT writes adapter names into keys only for non-default adapters (`.lora_A.default.weight`).
-        let name = name.replace(".default.weight", ".weight");
-        let data = t
-            .to_dtype(DType::F32)
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(|e| io(&weights, format!("tensor `{name}`: {e}")))?;
-        params
-            .insert(name, t.dims().to_vec(), data)
-            .map_err(|e| io(&weights, e.to_string()))?;
-    }
+    // PEFT writes adapter names into keys only for non-default adapters (`.lora_A.default.weight`).
+    let tensors = tensors
+        .into_iter()
+        .map(|(name, t)| (name.replace(".default.weight", ".weight"), t))
+        .collect();
+    let params = params_of(tensors).map_err(|m| io(&weights, m))?;
     Ok((config, params))
 }
 
