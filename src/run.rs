@@ -219,7 +219,7 @@ pub(crate) fn load_course(config: &Path, set: &[String]) -> Result<Course> {
     let broker: BrokerSection = doc.section("broker")?;
     if trainer.kind == TrainerKind::Lora {
         let llm = run_llm::LlmSections::from_doc(&doc)?;
-        run_llm::check(&cfg)?;
+        run_llm::check(&cfg, &llm)?;
         run_llm::check_hooks(&doc, &cfg, &llm)?;
         let resolved = toml::to_string(&ResolvedLlm {
             federate: &cfg.course,

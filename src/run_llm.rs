@@ -1459,7 +1459,10 @@ fn print_summary(s: &Summary, dir: &Path) {
 }
 
 /// Fails early, naming the section, when a LoRA course is configured oddly.
-pub fn check(cfg: &CourseConfig) -> Result<()> {
+pub fn check(cfg: &CourseConfig, llm: &LlmSections) -> Result<()> {
+    if llm.offsite.enabled && cfg.course.mode != Mode::Fed {
+        bail!("[offsite] (FedOT) applies to mode = \"fed\" only");
+    }
     if cfg.course.mode != Mode::Fed
         && cfg
             .course
