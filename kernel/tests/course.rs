@@ -647,3 +647,64 @@ async fn clients_started_before_the_server_keep_asking_until_it_answers() {
     }
     assert_eq!(out.state.global(), &run(&cfg, t).await.final_params);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_base_model_goes_once_to_each_client_instance() {
+    let cfg = config("[federate]\nname = \"b\"\nrounds = 1\nclients = 2\n");
+    let t = trainer(SyntheticSpec::default(), 1);
+    let bus = InProcTransport::new();
+    let transport: Arc<dyn Transport> = Arc::new(bus.clone());
+    let mut server = server_worker(
+        cfg.clone(),
+        t.initial_params(),
+        Box::new(FedAvg),
+        MetricsLog::in_memory(),
+        transport.clone(),
+    );
+    let mut base = ParamSet::new();
+    base.insert("frozen", vec![2], vec![1.0, 2.0]).unwrap();
+    server
+        .state_mut()
+        .set_base(base.clone(), fedtune_kernel::message::Meta::new());
+    let sub = transport.subscribe(Party::Server).await.unwrap();
+    let task = tokio::spawn(server.run_subscribed(sub, Shutdown::never()));
+    let mut inbox = bus.subscribe(Party::Client(1)).await.unwrap();
+    let join = |instance: u64| {
+        let env = Envelope::new(
+            "b",
+            0,
+            Party::Client(1),
+            vec![Party::Server],
+            MsgKind::JoinIn,
+        )
+        .with_meta("instance", instance);
+        encode(&env, EncodeOptions::default()).unwrap()
+    };
+    // Instance 7 asks twice (a retry), then instance 8 (a restart).
+    for instance in [7, 7, 8] {
+        bus.send(Party::Client(1), Party::Server, join(instance))
+            .await
+            .unwrap();
+    }
+    let mut kinds = Vec::new();
+    while kinds.iter().filter(|k| **k == MsgKind::AssignId).count() < 3 {
+        let d = inbox.recv().await.unwrap();
+        let env =
+            fedtune_kernel::decode(&d.frame, &fedtune_kernel::DecodeLimits::default()).unwrap();
+        if env.kind == MsgKind::BaseModel {
+            assert_eq!(env.payload.as_ref(), Some(&base));
+        }
+        kinds.push(env.kind);
+    }
+    assert_eq!(
+        kinds,
+        [
+            MsgKind::BaseModel,
+            MsgKind::AssignId,
+            MsgKind::AssignId,
+            MsgKind::BaseModel,
+            MsgKind::AssignId
+        ]
+    );
+    task.abort();
+}

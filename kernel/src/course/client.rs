@@ -26,6 +26,9 @@ pub struct ClientState {
     seed: u64,
     trainer: SharedTrainer,
     joined: bool,
+    /// Tells this run of the client from an earlier one (a restarted
+    /// process): the server sends a base model once per instance.
+    instance: u64,
     join_attempts: u32,
     join_retry: Duration,
     latest_global: Option<ParamSet>,
@@ -81,6 +84,7 @@ pub fn client_worker(
         seed: cfg.course.seed,
         trainer,
         joined: false,
+        instance: instance_id(id),
         join_attempts: 0,
         join_retry: Duration::from_secs_f64(cfg.course.join_retry_s),
         latest_global: None,
@@ -108,13 +112,23 @@ pub fn client_worker(
         .on(MsgKind::Finish, on_finish)
 }
 
+/// A number that differs between runs of a client (its id, process and start time).
+fn instance_id(id: u32) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    id.hash(&mut h);
+    std::process::id().hash(&mut h);
+    std::time::SystemTime::now().hash(&mut h);
+    h.finish()
+}
+
 /// The kind of the client's own join-retry timer.
 const JOIN_RETRY: &str = "join_retry";
 
 /// Sends `join_in` and arms a retry: over a broker, a `join_in` sent before
 /// the server subscribed is lost, so the client asks again until accepted.
 fn ask_to_join(s: &mut ClientState, ctx: &mut Ctx) -> Result<(), HandlerError> {
-    send_join_in(ctx)?;
+    send_join_in(s, ctx)?;
     s.join_attempts += 1;
     if s.join_attempts == 1 {
         info!(client = s.id, "asked to join");
@@ -153,18 +167,19 @@ fn on_join_retry(s: &mut ClientState, env: Envelope, ctx: &mut Ctx) -> HandlerRe
 fn on_roll_call(s: &mut ClientState, env: Envelope, ctx: &mut Ctx) -> HandlerResult {
     from_server(&env)?;
     info!(client = s.id, "the server called the roll; joining");
-    send_join_in(ctx)?;
+    send_join_in(s, ctx)?;
     Ok(Flow::Continue)
 }
 
-fn send_join_in(ctx: &mut Ctx) -> Result<usize, HandlerError> {
+fn send_join_in(s: &ClientState, ctx: &mut Ctx) -> Result<usize, HandlerError> {
     let join = Envelope::new(
         ctx.course(),
         0,
         ctx.me(),
         vec![Party::Server],
         MsgKind::JoinIn,
-    );
+    )
+    .with_meta("instance", s.instance);
     Ok(ctx.send(join)?)
 }
 

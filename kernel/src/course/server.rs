@@ -104,6 +104,9 @@ pub struct ServerState {
     start_round: u64,
     /// The frozen model every client gets when it joins (model pre-processing's result).
     base: Option<(ParamSet, crate::message::Meta)>,
+    /// The client instance each client's base model went to: a repeated
+    /// `join_in` from the same instance gets no second copy.
+    base_sent: BTreeMap<u32, Option<u64>>,
 }
 
 impl ServerState {
@@ -192,6 +195,7 @@ pub fn server_worker_from(
         started: Instant::now(),
         start_round: completed,
         base: None,
+        base_sent: BTreeMap::new(),
     };
     Worker::new(Party::Server, name, transport, state)
         .with_encoding(encode)
@@ -369,8 +373,11 @@ fn on_join_in(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResul
     }
     let first_time = s.joined.insert(id);
     s.dropped.remove(&id);
-    // The base model first: the client needs it before any request.
-    if let Some((base, meta)) = &s.base {
+    // The base model first: the client needs it before any request (once
+    // per client instance; a join_in without one always gets it).
+    let instance = env.meta_u64("instance");
+    let fresh = instance.is_none() || s.base_sent.get(&id) != Some(&instance);
+    if let (Some((base, meta)), true) = (&s.base, fresh) {
         let mut env = Envelope::new(
             ctx.course(),
             0,
@@ -381,6 +388,7 @@ fn on_join_in(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResul
         .with_payload(base.clone());
         env.meta = meta.clone();
         let bytes = ctx.send(env)?;
+        s.base_sent.insert(id, instance);
         info!(client = id, bytes, "base model sent");
     }
     let reply = Envelope::new(
