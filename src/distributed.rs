@@ -51,6 +51,10 @@ pub struct ServerArgs {
     /// Continue the course in --out DIR after its newest checkpoint.
     #[arg(long)]
     resume: bool,
+    /// Data root for public data (FedOT's emulator distillation); default
+    /// $FEDTUNE_DATA_ROOT, else ./data, else ../shared/data.
+    #[arg(long)]
+    data_root: Option<PathBuf>,
     /// Print only the final summary as JSON.
     #[arg(long)]
     json: bool,
@@ -220,8 +224,9 @@ pub fn server(args: ServerArgs) -> Result<()> {
         ),
         Task::Lora(llm) => {
             let base = crate::eval_cmd::Base::load(llm.model.path.as_deref(), &say)?;
-            let (model, spec) = match llm.emulator(&base.model)? {
-                Some((emu, spec)) => {
+            let root = fedtune_adapters::data::data_root(args.data_root.as_deref());
+            let (model, spec) = match llm.emulator(&base.model, &base.tok, &root, &say)? {
+                Some((emu, spec, _)) => {
                     say(&format!(
                         "offsite-tuning: clients get an emulator of layers {:?}",
                         emu.kept
@@ -542,6 +547,9 @@ pub fn run_processes(course: &Course, args: &run::RunArgs) -> Result<()> {
     server.arg("--out").arg(&out);
     if args.resume {
         server.arg("--resume");
+    }
+    if let Some(root) = &args.data_root {
+        server.arg("--data-root").arg(root);
     }
     if args.json {
         server.arg("--json");

@@ -24,7 +24,9 @@ use fedtune_adapters::data::{self, collate, DataSpec, FederatedData, Template, T
 use fedtune_adapters::hooks::HookScript;
 use fedtune_adapters::lora::LoraConfig;
 use fedtune_adapters::model::LlamaConfig;
-use fedtune_adapters::offsite::{build_emulator, plug_into_full, Emulator, OffsiteConfig};
+use fedtune_adapters::offsite::{
+    build_emulator, distill, plug_into_full, Distilled, Emulator, OffsiteConfig,
+};
 use fedtune_adapters::peft::{load_adapter, save_adapter};
 use fedtune_adapters::pfl::PflScript;
 use fedtune_adapters::prompt::{PromptConfig, PromptInit, PromptMethod};
@@ -213,19 +215,70 @@ impl LlmSections {
 impl LlmSections {
     /// FedOT's emulator of `model` and the adapter trained on it (LoRA in
     /// its adapter layers); `None` without `[offsite]`.
+    ///
+    /// With `offsite.distill_steps` the emulator is first aligned to the
+    /// full model on `offsite.distill_data` (read from `data_root`,
+    /// tokenized with `tok`).
     pub fn emulator(
         &self,
         model: &fedtune_adapters::model::Llama,
-    ) -> Result<Option<(Emulator, AdapterSpec)>> {
+        tok: &TextTokenizer,
+        data_root: &Path,
+        say: &dyn Fn(&str),
+    ) -> Result<Option<(Emulator, AdapterSpec, Distilled)>> {
         if !self.offsite.enabled {
             return Ok(None);
         }
-        self.offsite
-            .validate(model.config().num_hidden_layers)
+        let o = &self.offsite;
+        o.validate(model.config().num_hidden_layers)
             .map_err(anyhow::Error::msg)?;
-        let emu = build_emulator(model, &self.offsite)?;
-        let spec = AdapterSpec::Lora(self.offsite.emulator_lora(&self.lora, emu.kept.len()));
-        Ok(Some((emu, spec)))
+        let mut emu = build_emulator(model, o)?;
+        let (train, held_out) = if o.distill_steps > 0 {
+            let spec = DataSpec {
+                name: Some(o.distill_data.clone()),
+                limit_per_client: o.distill_examples,
+                max_tokens: self.data.max_tokens,
+                ..DataSpec::default()
+            };
+            let public = data::build(&spec, data_root, 1)
+                .with_context(|| format!("offsite.distill_data `{}`", o.distill_data))?;
+            let template = Template::resolve(&spec.template, Path::new("."))?;
+            let c = &public.clients[0];
+            let pad = tok.eos_id;
+            let size = self.train.batch_size;
+            let train = public.tokenize(&c.train, &template, tok, spec.max_tokens)?;
+            let mut test = public.tokenize(&c.test, &template, tok, spec.max_tokens)?;
+            // A tenth as many held out, enough to measure the alignment.
+            test.truncate((o.distill_examples / 10).max(1));
+            (
+                batches(&train, size, Some(0), pad)?,
+                batches(&test, size, None, pad)?,
+            )
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        if o.distill_steps > 0 {
+            say(&format!(
+                "aligning the emulator: {} distillation steps on {} ({} batches, {} held out)",
+                o.distill_steps,
+                o.distill_data,
+                train.len(),
+                held_out.len()
+            ));
+        }
+        let distilled = distill(model, &mut emu, o, (&train, &held_out), &|step, kl| {
+            if step % 10 == 0 {
+                tracing::info!(step, kl, "emulator distillation");
+            }
+        })?;
+        if o.distill_steps > 0 {
+            say(&format!(
+                "emulator aligned: KL(full || emulator) on held-out text {:.4} -> {:.4}",
+                distilled.kl_before, distilled.kl_after
+            ));
+        }
+        let spec = AdapterSpec::Lora(o.emulator_lora(&self.lora, emu.kept.len()));
+        Ok(Some((emu, spec, distilled)))
     }
 
     /// The adapter the course trains; a text-initialized prompt is
@@ -315,6 +368,9 @@ pub(crate) struct OffsiteSummary {
     test_loss_full_model: Option<f64>,
     /// The full model without any adapter, on the same tokens.
     test_loss_full_model_base: Option<f64>,
+    /// The emulator's alignment by distillation, when `offsite.distill_steps` asked for one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    distilled: Option<Distilled>,
 }
 
 /// FedOT's end: renames the emulator adapter `params` (LoRA `lora`, in the
@@ -352,6 +408,7 @@ pub(crate) fn plug_in(
             adapter.as_ref() as &dyn fedtune_adapters::model::ProjectionAdapter
         ))?,
         test_loss_full_model_base: loss_of(None)?,
+        distilled: None,
     })
 }
 
@@ -433,10 +490,15 @@ pub fn run(
     let seed = cfg.course.seed;
     let training = local_training(llm);
     // FedOT trains on the emulator; the full model stays for the final evaluation.
-    let emulator = llm.emulator(&model)?;
+    let emulator = llm.emulator(
+        &model,
+        &tok,
+        &data::data_root(out.data_root.as_deref()),
+        &say,
+    )?;
     let full_model = model.clone();
     let (model, spec) = match &emulator {
-        Some((emu, spec)) => {
+        Some((emu, spec, _)) => {
             say(&format!(
                 "offsite-tuning: emulator of {} of {} layers ({:?}), LoRA in layers {:?}",
                 emu.kept.len(),
@@ -544,7 +606,7 @@ pub fn run(
             )?;
             match &emulator {
                 None => save(&adapter_dir, &report.final_params)?,
-                Some((emu, emu_spec)) => {
+                Some((emu, emu_spec, distilled)) => {
                     let AdapterSpec::Lora(emu_lora) = emu_spec else {
                         unreachable!("offsite-tuning trains LoRA")
                     };
@@ -553,13 +615,15 @@ pub fn run(
                         .iter()
                         .map(|p| batch(&p.test, llm.train.eval_batch_size, None))
                         .collect::<Result<_>>()?;
-                    offsite_summary = Some(plug_in(
+                    let mut summary = plug_in(
                         &full_model,
                         emu,
                         (emu_lora, &report.final_params),
                         &test,
                         (&adapter_dir, &base_name),
-                    )?);
+                    )?;
+                    summary.distilled = (distilled.steps > 0).then(|| distilled.clone());
+                    offsite_summary = Some(summary);
                 }
             }
         }

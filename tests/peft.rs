@@ -249,3 +249,64 @@ async fn a_fedot_client_receives_the_emulator_and_never_the_dropped_layers() {
     let plugged = json(&out.join("adapter/adapter_config.json"));
     assert_eq!(plugged["layers_to_transform"], serde_json::json!([0, 5]));
 }
+
+#[test]
+fn fedot_in_process_aligns_the_emulator_and_reports_the_full_models_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_course(dir.path());
+    let model = dir.path().join("model6");
+    fedtune(&[
+        "model",
+        "tiny",
+        "--out",
+        model.to_str().unwrap(),
+        "--layers",
+        "6",
+    ]);
+    let out = dir.path().join("fedot");
+    fedtune(&[
+        "run",
+        config.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+        "--set",
+        &format!("model.path={}", model.display()),
+        "--set",
+        "offsite.enabled=true",
+        "--set",
+        "offsite.emu_l=1",
+        "--set",
+        "offsite.emu_r=1",
+        "--set",
+        "offsite.distill_steps=10",
+        "--set",
+        "offsite.distill_examples=20",
+        "--set",
+        "offsite.distill_lr=1e-3",
+    ]);
+    let summary = json(&out.join("summary.json"));
+    let o = &summary["offsite"];
+    assert_eq!(o["kept_layers"], serde_json::json!([0, 1, 3, 5]));
+    let d = &o["distilled"];
+    assert!(
+        d["kl_after"].as_f64().unwrap() < d["kl_before"].as_f64().unwrap(),
+        "{d}"
+    );
+    assert!(o["test_loss_full_model"].as_f64().unwrap().is_finite());
+    // The plugged-in adapter is the full model's: `fedtune eval` reproduces its loss.
+    let report: serde_json::Value = serde_json::from_str(&fedtune(&[
+        "eval",
+        "loss",
+        "--config",
+        config.to_str().unwrap(),
+        "--adapter",
+        out.join("adapter").to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--quiet",
+    ]))
+    .unwrap();
+    let full = o["test_loss_full_model"].as_f64().unwrap();
+    assert!((report["score"].as_f64().unwrap() - full).abs() < 1e-4);
+}

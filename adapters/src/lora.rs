@@ -217,6 +217,16 @@ impl Lora {
         &self.config
     }
 
+    /// The weight change `scale · B·A` `(out, in)` this adapter makes to
+    /// projection `proj` of block `layer` (what merging adds to the weight).
+    pub fn merged_delta(&self, layer: usize, proj: Projection) -> Result<Option<Tensor>> {
+        let Some(f) = self.factors.get(&(layer, proj)) else {
+            return Ok(None);
+        };
+        let delta = f.b.as_tensor().matmul(f.a.as_tensor())?;
+        Ok(Some((delta * self.scaling)?))
+    }
+
     /// `(PEFT name, variable)` pairs in name order.
     pub fn named_vars(&self) -> Vec<(String, Var)> {
         let mut out: Vec<(String, Var)> = self

@@ -34,6 +34,15 @@ pub struct OffsiteConfig {
     pub emu_r: usize,
     /// Fraction of the middle layers dropped.
     pub drop_ratio: f64,
+    /// Align the emulator to the full model before the course: optimizer
+    /// steps of distillation on public data (0: no alignment).
+    pub distill_steps: usize,
+    /// The public data set distillation reads (a built-in name).
+    pub distill_data: String,
+    /// Examples of it used (a tenth held out to measure the alignment).
+    pub distill_examples: usize,
+    /// Distillation's learning rate (AdamW on LoRA in the kept middle layers).
+    pub distill_lr: f64,
 }
 
 impl Default for OffsiteConfig {
@@ -43,6 +52,10 @@ impl Default for OffsiteConfig {
             emu_l: 2,
             emu_r: 2,
             drop_ratio: 0.5,
+            distill_steps: 0,
+            distill_data: "dolly".into(),
+            distill_examples: 200,
+            distill_lr: 1e-4,
         }
     }
 }
@@ -109,6 +122,109 @@ pub fn build_emulator(full: &Llama, cfg: &OffsiteConfig) -> Result<Emulator> {
     Ok(Emulator {
         model: full.with_layers(&kept)?,
         kept,
+    })
+}
+
+/// What aligning an emulator did: the mean per-token KL divergence of its
+/// next-token distributions from the full model's, on held-out public text.
+#[derive(Debug, Clone, Serialize)]
+pub struct Distilled {
+    /// Optimizer steps taken.
+    pub steps: usize,
+    /// KL(full ‖ emulator) before alignment.
+    pub kl_before: f64,
+    /// KL(full ‖ emulator) after.
+    pub kl_after: f64,
+}
+
+/// Mean KL(full ‖ emulator) per counted token of `batch` (`emulator` with `adapter`).
+fn kl(
+    full: &Llama,
+    emulator: &Llama,
+    adapter: Option<&dyn crate::model::ProjectionAdapter>,
+    batch: &crate::train::Batch,
+) -> Result<Tensor> {
+    use candle_nn::ops::{log_softmax, softmax_last_dim};
+    let mask = Some(&batch.attention_mask);
+    let p_logits = full.forward(&batch.tokens, mask, None)?.detach();
+    let q_logits = emulator.forward(&batch.tokens, mask, adapter)?;
+    let log_p = log_softmax(&p_logits, candle_core::D::Minus1)?;
+    let p = softmax_last_dim(&p_logits)?;
+    let log_q = log_softmax(&q_logits, candle_core::D::Minus1)?;
+    let per_token = (p * (log_p - log_q)?)?.sum(candle_core::D::Minus1)?; // (b, t)
+    let keep = batch.attention_mask.to_dtype(per_token.dtype())?;
+    let n = keep.sum_all()?;
+    (per_token * keep)?.sum_all()?.broadcast_div(&n)
+}
+
+/// Aligns `emu` to `full` by distillation, as offsite-tuning does before
+/// handing the emulator out: LoRA (r 8, every projection) in the emulator's
+/// kept middle layers is trained to bring its next-token distributions on
+/// public text (`train`) close to the full model's (KL divergence), then
+/// merged into those layers' weights. `held_out` measures the alignment.
+pub fn distill(
+    full: &Llama,
+    emu: &mut Emulator,
+    cfg: &OffsiteConfig,
+    (train, held_out): (&[crate::train::Batch], &[crate::train::Batch]),
+    progress: &dyn Fn(usize, f64),
+) -> Result<Distilled> {
+    use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+    let n = emu.kept.len();
+    let middle: Vec<usize> = (cfg.emu_l..n - cfg.emu_r).collect();
+    let mean_kl = |model: &Llama| -> Result<f64> {
+        let mut sum = 0.0;
+        for b in held_out {
+            sum += kl(full, model, None, b)?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+        }
+        Ok(sum / held_out.len().max(1) as f64)
+    };
+    let kl_before = mean_kl(&emu.model)?;
+    if middle.is_empty() || cfg.distill_steps == 0 || train.is_empty() {
+        return Ok(Distilled {
+            steps: 0,
+            kl_before,
+            kl_after: kl_before,
+        });
+    }
+    let lora_cfg = LoraConfig {
+        r: 8,
+        lora_alpha: 16.0,
+        lora_dropout: 0.0,
+        target_modules: crate::model::Projection::ALL
+            .iter()
+            .map(|p| p.name().to_string())
+            .collect(),
+        layers_to_transform: Some(middle),
+    };
+    let model = &emu.model;
+    let lora = crate::lora::Lora::new(model.config(), lora_cfg, 7, model.dtype(), model.device())?;
+    let mut opt = AdamW::new(
+        crate::lora::Lora::named_vars(&lora)
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect(),
+        ParamsAdamW {
+            lr: cfg.distill_lr,
+            weight_decay: 0.0,
+            ..ParamsAdamW::default()
+        },
+    )?;
+    for step in 0..cfg.distill_steps {
+        let b = &train[step % train.len()];
+        let loss = kl(full, model, Some(&lora), b)?;
+        progress(step + 1, loss.to_dtype(DType::F64)?.to_scalar::<f64>()?);
+        opt.backward_step(&loss)?;
+    }
+    let aligned = model.with_deltas(|layer, p| lora.merged_delta(layer, p))?;
+    let kl_after = mean_kl(&aligned)?;
+    emu.model = aligned;
+    Ok(Distilled {
+        steps: cfg.distill_steps,
+        kl_before,
+        kl_after,
     })
 }
 
@@ -191,6 +307,7 @@ mod tests {
             emu_l: l,
             emu_r: r,
             drop_ratio: d,
+            ..OffsiteConfig::default()
         };
         // SmolLM2-135M has 30 layers; FS-LLM's settings.
         let half = c(2, 2, 0.5).kept_layers(30);

@@ -22,6 +22,7 @@ fn an_emulator_that_drops_nothing_is_the_full_model() {
         emu_l: 1,
         emu_r: 1,
         drop_ratio: 0.0,
+        ..OffsiteConfig::default()
     };
     let emu = build_emulator(&full, &cfg).unwrap();
     assert_eq!(emu.kept, (0..6).collect::<Vec<_>>());
@@ -39,6 +40,7 @@ fn a_dropped_emulator_differs_and_its_weights_rebuild_it_exactly() {
         emu_l: 1,
         emu_r: 1,
         drop_ratio: 0.5,
+        ..OffsiteConfig::default()
     };
     let emu = build_emulator(&full, &cfg).unwrap();
     assert_eq!(emu.kept, vec![0, 1, 3, 5]);
@@ -67,4 +69,53 @@ fn a_dropped_emulator_differs_and_its_weights_rebuild_it_exactly() {
     let c = rebuilt.forward(&tokens, None, None).unwrap();
     // f32 on the wire: equal to f32 rounding.
     assert!(common::max_abs_diff(&b, &c) < 1e-4);
+}
+
+#[test]
+fn distillation_brings_the_emulator_closer_to_the_full_model() {
+    use fedtune_adapters::offsite::distill;
+    use fedtune_adapters::train::Batch;
+    let full = six_layers();
+    let cfg = OffsiteConfig {
+        enabled: true,
+        emu_l: 1,
+        emu_r: 1,
+        drop_ratio: 0.5,
+        distill_steps: 40,
+        distill_lr: 1e-2,
+        ..OffsiteConfig::default()
+    };
+    let mut emu = build_emulator(&full, &cfg).unwrap();
+    let batch = |seed: u32| {
+        let ids: Vec<u32> = (0..24).map(|i| (i * 7 + seed * 13) % 40).collect();
+        Batch {
+            tokens: Tensor::from_vec(ids.clone(), (2, 12), &Device::Cpu).unwrap(),
+            attention_mask: Tensor::ones((2, 12), DType::U32, &Device::Cpu).unwrap(),
+            labels: Tensor::from_vec(
+                ids.iter().map(|&i| i as i64).collect::<Vec<_>>(),
+                (2, 12),
+                &Device::Cpu,
+            )
+            .unwrap(),
+        }
+    };
+    let train = [batch(1), batch(2), batch(3)];
+    let held_out = [batch(4)];
+    let before = emu.model.named_weights();
+    let report = distill(&full, &mut emu, &cfg, (&train, &held_out), &|_, _| {}).unwrap();
+    assert_eq!(report.steps, 40);
+    assert!(
+        report.kl_after < 0.7 * report.kl_before,
+        "KL {} → {}",
+        report.kl_before,
+        report.kl_after
+    );
+    // Only the kept middle layers (emulator layers 1 and 2) changed.
+    let after = emu.model.named_weights();
+    for ((name, a), (_, b)) in before.iter().zip(&after) {
+        let changed = common::max_abs_diff(a, b) > 0.0;
+        let middle = name.starts_with("model.layers.1.") || name.starts_with("model.layers.2.");
+        let projection = name.contains("_proj");
+        assert_eq!(changed, middle && projection, "{name}");
+    }
 }

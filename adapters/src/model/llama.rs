@@ -289,6 +289,38 @@ impl Llama {
         )
     }
 
+    /// This model with `delta(layer, projection)` added to the projection
+    /// weights where it gives one (merging an adapter into the model).
+    pub fn with_deltas(
+        &self,
+        mut delta: impl FnMut(usize, Projection) -> Result<Option<Tensor>>,
+    ) -> Result<Self> {
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for (i, l) in self.layers.iter().enumerate() {
+            let mut weights = Vec::with_capacity(Projection::ALL.len());
+            for p in Projection::ALL {
+                let w = l.weight(p);
+                weights.push(match delta(i, p)? {
+                    Some(d) => (w + d.to_dtype(w.dtype())?)?,
+                    None => w.clone(),
+                });
+            }
+            let mut weights = weights.into_iter();
+            layers.push(LayerWeights::from_parts(
+                l.input_layernorm.clone(),
+                l.post_attention_layernorm.clone(),
+                |_| Ok(weights.next().expect("one weight per projection")),
+            )?);
+        }
+        Self::new(
+            self.cfg.clone(),
+            self.embed_tokens.clone(),
+            layers,
+            self.norm.clone(),
+            self.lm_head.clone(),
+        )
+    }
+
     /// A model of shape `cfg` from tensors named as [`Llama::named_weights`]
     /// names them (Hugging Face's names); `take` removes one by name.
     pub fn from_named(
