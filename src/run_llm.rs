@@ -291,7 +291,12 @@ impl LlmSections {
             AdapterKind::Prefix => PromptMethod::Prefix,
         };
         let mut config = self.prompt.clone();
-        let init_ids = if method == PromptMethod::Prompt && config.init == PromptInit::Text {
+        let from_text = match method {
+            PromptMethod::Prompt => true,
+            PromptMethod::Prefix => !config.prefix_projection,
+            PromptMethod::PTuning => false,
+        };
+        let init_ids = if from_text && config.init == PromptInit::Text {
             let ids = tok.encode_continuation(&config.init_text)?;
             ensure!(!ids.is_empty(), "[prompt] init_text is empty");
             config.num_virtual_tokens = ids.len();

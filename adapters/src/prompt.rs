@@ -12,8 +12,11 @@
 //!   reparameterization encoder, an MLP of three linear layers with ReLU
 //!   between them (PEFT's `MLP` encoder), applied to trainable inputs;
 //! - **prefix-tuning** (Li & Liang, 2021): trainable keys and values before
-//!   every layer's own, either free (`prefix_projection = false`) or the
-//!   output of a two-layer tanh MLP over trainable embeddings.
+//!   every layer's own, either free (`prefix_projection = false`) — started
+//!   from the keys and values the model makes of `init_text` (`init =
+//!   "text"`) or of seeded random tokens, as Li & Liang advise, rather than
+//!   PEFT's N(0, 1) noise — or the output of a two-layer tanh MLP over
+//!   trainable embeddings.
 //!
 //! Variable names follow PEFT's modules (`prompt_embeddings`,
 //! `prompt_encoder.embedding.weight`, `prompt_encoder.mlp_head.N.*`,
@@ -54,14 +57,16 @@ impl PromptMethod {
     }
 }
 
-/// How prompt tuning's embeddings start.
+/// How prompt tuning's embeddings (and free prefixes) start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum PromptInit {
-    /// Normal noise with the spread of the model's token embeddings.
+    /// Normal noise with the spread of the model's token embeddings
+    /// (prefixes: the model's keys and values of seeded random tokens).
     #[default]
     Random,
-    /// The token embeddings of `init_text`.
+    /// The token embeddings of `init_text` (prefixes: the model's keys and
+    /// values of it); `num_virtual_tokens` becomes its length.
     Text,
 }
 
@@ -71,9 +76,9 @@ pub enum PromptInit {
 pub struct PromptConfig {
     /// Virtual tokens (prompt tuning, P-tuning) or prefix positions (prefix-tuning).
     pub num_virtual_tokens: usize,
-    /// Prompt tuning's initialization.
+    /// How prompt tuning and free prefixes start.
     pub init: PromptInit,
-    /// The text whose embeddings start prompt tuning with `init = "text"`.
+    /// The text that starts them with `init = "text"`.
     pub init_text: String,
     /// Width of the P-tuning encoder and of the prefix projection.
     pub encoder_hidden_size: usize,
@@ -138,6 +143,27 @@ fn linear(out: usize, inp: usize, rng: &mut ChaCha8Rng, dev: &Device) -> Result<
         Tensor::from_vec(w, (out, inp), dev)?,
         Tensor::from_vec(b, out, dev)?,
     ))
+}
+
+/// Every layer's keys and values of `model` reading `ids`, as prefix-tuning's
+/// `(n, layers · 2 · kv_dim)` (layer by layer, keys before values).
+fn read_kv(model: &Llama, ids: &[u32]) -> Result<Tensor> {
+    let mut cache = crate::model::KvCache::new(model.config().num_hidden_layers);
+    let tokens = Tensor::new(ids, model.device())?.unsqueeze(0)?;
+    model.forward_cached(&tokens, &mut cache, None)?;
+    let n = ids.len();
+    let mut parts = Vec::new();
+    for layer in 0..model.config().num_hidden_layers {
+        let (k, v) = cache
+            .layer(layer)?
+            .ok_or_else(|| candle_core::Error::msg("the cache lacks a layer"))?;
+        for t in [k, v] {
+            // (1, kv_heads, n, head_dim) → (n, kv_heads · head_dim)
+            let (_, h, _, d) = t.dims4()?;
+            parts.push(t.squeeze(0)?.transpose(0, 1)?.reshape((n, h * d))?);
+        }
+    }
+    Tensor::cat(&parts, 1)
 }
 
 /// The standard deviation of the model's token embeddings.
@@ -241,10 +267,21 @@ impl PromptAdapter {
                         put(&format!("prompt_encoder.transform.{}.bias", 2 * i), b)?;
                     }
                 } else {
-                    put(
-                        "prompt_encoder.embedding.weight",
-                        normal(n, width, 1.0, &mut rng, &dev)?,
-                    )?;
+                    // The keys and values the model itself makes of a text
+                    // (`init = "text"`) or of seeded random tokens: the
+                    // prefix starts as if the model had read them, not as
+                    // noise that swamps attention.
+                    let ids: Vec<u32> = match (config.init, init_ids) {
+                        (PromptInit::Text, Some(ids)) if !ids.is_empty() => ids.to_vec(),
+                        _ => {
+                            use rand::Rng;
+                            (0..n)
+                                .map(|_| rng.random_range(0..cfg.vocab_size as u32))
+                                .collect()
+                        }
+                    };
+                    config.num_virtual_tokens = ids.len();
+                    put("prompt_encoder.embedding.weight", read_kv(model, &ids)?)?;
                 }
             }
         }

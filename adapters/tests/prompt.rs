@@ -130,6 +130,33 @@ fn text_initialized_virtual_tokens_act_as_that_text_before_the_input() {
 }
 
 #[test]
+fn a_text_initialized_prefix_acts_as_that_text_before_the_input() {
+    // Free prefixes start from the keys and values the model makes of the
+    // text: before training, the model reading the text first.
+    let model = tiny();
+    let ids = [3u32, 14, 15, 9, 26];
+    let cfg = PromptConfig {
+        init: PromptInit::Text,
+        ..PromptConfig::default()
+    };
+    let adapter = PromptAdapter::new(&model, PromptMethod::Prefix, cfg, Some(&ids), 0).unwrap();
+    assert_eq!(adapter.config().num_virtual_tokens, 5);
+    let tokens = Tensor::new(&[[1u32, 4, 9, 16, 25, 36, 7]], &Device::Cpu).unwrap();
+    let with = model.forward(&tokens, None, Some(&adapter)).unwrap();
+    let text = Tensor::new(
+        &[[3u32, 14, 15, 9, 26, 1, 4, 9, 16, 25, 36, 7]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let plain = model
+        .forward(&text, None, None)
+        .unwrap()
+        .narrow(1, 5, 7)
+        .unwrap();
+    assert!(common::max_abs_diff(&with, &plain) < 1e-10);
+}
+
+#[test]
 fn padding_batches_and_the_kv_cache_agree_with_one_sequence_at_a_time() {
     let model = tiny();
     let one = Tensor::new(&[[2u32, 3, 5, 7, 11, 13]], &Device::Cpu).unwrap();

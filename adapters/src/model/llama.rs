@@ -836,6 +836,15 @@ impl KvCache {
         self.len == 0
     }
 
+    /// Layer `layer`'s cached keys and values `(batch, kv_heads, len, head_dim)`
+    /// (keys with their rotary embedding applied).
+    pub fn layer(&self, layer: usize) -> Result<Option<(Tensor, Tensor)>> {
+        match self.layers.get(layer) {
+            Some(Some((k, v))) => Ok(Some((k.narrow(2, 0, self.len)?, v.narrow(2, 0, self.len)?))),
+            _ => Ok(None),
+        }
+    }
+
     /// This cache of one sequence, repeated for a batch of `batch` sequences
     /// that continue it (a shared few-shot prefix).
     pub fn expand(&self, batch: usize) -> Result<Self> {
