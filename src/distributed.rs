@@ -18,9 +18,7 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use fedtune_broker::auth::Credentials;
 use fedtune_broker::{LocalNats, NatsOptions, NatsTransport};
-use fedtune_kernel::course::{
-    client_worker, roll_call, server_worker_from, RoundEval, SharedTrainer,
-};
+use fedtune_kernel::course::{client_worker, roll_call, server_worker_from, SharedTrainer};
 use fedtune_kernel::worker::WorkerOutcome;
 use fedtune_kernel::{MetricsLog, Party, Record, ShutdownHandle, Transport, Worker};
 use serde::Serialize;
@@ -243,11 +241,7 @@ pub fn server(args: ServerArgs) -> Result<()> {
                 cfg.course.seed,
             )
             .map_err(|e| anyhow::anyhow!(e))?;
-            let name = base
-                .path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
+            let name = base.file_name();
             (
                 initial,
                 Saved::Adapter {
@@ -339,11 +333,7 @@ pub fn server(args: ServerArgs) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot save {}: {e}", params_path.display()))?;
     if let Some((emu, fedtune_adapters::adapter::AdapterSpec::Lora(lora), full)) = &offsite {
         // The adapter plugged into the full model (no test data here: the clients evaluate).
-        let name = full
-            .path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let name = full.file_name();
         run_llm::plug_in(
             &full.model,
             emu,
@@ -352,13 +342,14 @@ pub fn server(args: ServerArgs) -> Result<()> {
             (&out.join("adapter"), &name),
         )?;
     }
+    let (bytes_up, bytes_down) = run_llm::traffic(&results.records);
     let summary = ServerSummary {
         course: cfg.course.name.clone(),
         rounds: cfg.course.rounds,
         clients: cfg.course.clients,
         resumed_after: completed,
-        loss_first: losses_at(&results.evals, results.evals.first().map(|e| e.round)),
-        loss_last: losses_at(&results.evals, results.evals.last().map(|e| e.round)),
+        loss_first: run::losses_at(&results.evals, results.evals.first().map(|e| e.round)),
+        loss_last: run::losses_at(&results.evals, results.evals.last().map(|e| e.round)),
         evals: results
             .evals
             .iter()
@@ -370,8 +361,8 @@ pub fn server(args: ServerArgs) -> Result<()> {
             })
             .collect(),
         sampled: results.sampled.clone(),
-        bytes_up: run_llm::traffic(&results.records).0,
-        bytes_down: run_llm::traffic(&results.records).1,
+        bytes_up,
+        bytes_down,
         rejected_messages: outcome.stats.rejected,
         wall_s: started.elapsed().as_secs_f64(),
         params: params_path.display().to_string(),
@@ -398,14 +389,6 @@ pub fn server(args: ServerArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn losses_at(evals: &[RoundEval], round: Option<u64>) -> std::collections::BTreeMap<String, f64> {
-    evals
-        .iter()
-        .filter(|e| Some(e.round) == round)
-        .map(|e| (e.split.clone(), e.loss))
-        .collect()
 }
 
 /// `fedtune client`: one client of a course, alone in this process.

@@ -17,7 +17,7 @@ use fedtune_adapters::eval::{
 };
 use fedtune_adapters::fetch::ensure_default_model;
 use fedtune_adapters::generate::GenerationConfig;
-use fedtune_adapters::model::{load_gguf, load_hf_dir, Llama};
+use fedtune_adapters::model::{load_gguf, load_hf_dir, load_hf_tokenizer, Llama};
 use fedtune_adapters::peft::load_adapter;
 use fedtune_adapters::tokenizer::TextTokenizer;
 use fedtune_adapters::train::summed_token_loss;
@@ -137,6 +137,14 @@ pub struct Base {
 }
 
 impl Base {
+    /// The model file's (or directory's) name, as adapters record their base model.
+    pub fn file_name(&self) -> String {
+        self.path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
     /// Only the tokenizer of the model at `path` (or the default model's):
     /// GGUF metadata or a directory's `tokenizer.json`, no weights read.
     pub fn load_tokenizer(path: Option<&Path>, say: &dyn Fn(&str)) -> Result<TextTokenizer> {
@@ -147,20 +155,8 @@ impl Base {
         if !path.is_dir() {
             return Ok(TextTokenizer::from_gguf_path(&path)?);
         }
-        let config = path.join("config.json");
-        let json: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(&config)
-                .with_context(|| format!("cannot read {}", config.display()))?,
-        )
-        .with_context(|| format!("{} is not JSON", config.display()))?;
-        let eos = json["eos_token_id"]
-            .as_u64()
-            .or_else(|| json["eos_token_id"].as_array()?.first()?.as_u64())
-            .with_context(|| format!("{} has no eos_token_id", config.display()))?;
-        Ok(TextTokenizer::from_file(
-            &path.join("tokenizer.json"),
-            eos as u32,
-        )?)
+        load_hf_tokenizer(&path)?
+            .with_context(|| format!("{} has no tokenizer.json", path.display()))
     }
 
     /// Loads the model at `path` — a GGUF file, or a Hugging Face directory

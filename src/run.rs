@@ -420,14 +420,7 @@ fn summarize(cfg: &CourseConfig, report: &CourseReport, central: Option<f64>) ->
         .collect();
     let first_round = report.evals.first().map(|e| e.round);
     let last_round = report.evals.last().map(|e| e.round);
-    let at = |round: Option<u64>| {
-        report
-            .evals
-            .iter()
-            .filter(|e| Some(e.round) == round)
-            .map(|e| (e.split.clone(), e.loss))
-            .collect()
-    };
+    let at = |round| losses_at(&report.evals, round);
     Summary {
         course: cfg.course.name.clone(),
         rounds: cfg.course.rounds,
@@ -440,6 +433,18 @@ fn summarize(cfg: &CourseConfig, report: &CourseReport, central: Option<f64>) ->
         wall_s: report.wall_s,
         rejected_messages: report.server_stats.rejected,
     }
+}
+
+/// Each split's sample-weighted loss at `round`.
+pub(crate) fn losses_at(
+    evals: &[fedtune_kernel::course::RoundEval],
+    round: Option<u64>,
+) -> std::collections::BTreeMap<String, f64> {
+    evals
+        .iter()
+        .filter(|e| Some(e.round) == round)
+        .map(|e| (e.split.clone(), e.loss))
+        .collect()
 }
 
 fn print_table(report: &CourseReport) {

@@ -459,7 +459,7 @@ pub fn run(
     };
     // The model and its tokenizer.
     let base = crate::eval_cmd::Base::load(llm.model.path.as_deref(), &say)?;
-    let (model, tok, path) = (base.model.clone(), base.tok.clone(), base.path.clone());
+    let (model, tok) = (base.model.clone(), base.tok.clone());
 
     // The data, split and tokenized.
     let root = data::data_root(out.data_root.as_deref());
@@ -501,13 +501,12 @@ pub fn run(
         &data::data_root(out.data_root.as_deref()),
         &say,
     )?;
-    let full_model = model.clone();
     let (model, spec) = match &emulator {
         Some((emu, spec, _)) => {
             say(&format!(
                 "offsite-tuning: emulator of {} of {} layers ({:?}), LoRA in layers {:?}",
                 emu.kept.len(),
-                full_model.config().num_hidden_layers,
+                base.model.config().num_hidden_layers,
                 emu.kept,
                 llm.offsite.adapter_layers(emu.kept.len())
             ));
@@ -539,10 +538,7 @@ pub fn run(
         })
         .collect();
     let adapter_dir = out.dir.join("adapter");
-    let base_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let base_name = base.file_name();
     let save = |dir: &Path, params: &ParamSet| -> Result<()> {
         Ok(save_adapter(
             dir,
@@ -621,7 +617,7 @@ pub fn run(
                         .map(|p| batch(&p.test, llm.train.eval_batch_size, None))
                         .collect::<Result<_>>()?;
                     let mut summary = plug_in(
-                        &full_model,
+                        &base.model,
                         emu,
                         (emu_lora, &report.final_params),
                         &test,
@@ -733,11 +729,8 @@ pub fn run(
         }
         (den > 0.0).then(|| num / den)
     };
-    let base = crate::eval_cmd::Base {
-        model: model.clone(),
-        tok: tok.clone(),
-        path: path.clone(),
-    };
+    // The full model (with FedOT, `model` is the emulator; the adapter in
+    // `adapter/` is the full model's).
     let eval = evaluate_at_end(doc, cfg, llm, &base, &adapter_dir, out, &say)?;
     let summary = Summary {
         course: cfg.course.name.clone(),

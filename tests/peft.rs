@@ -42,6 +42,23 @@ fn json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
+/// `fedtune eval loss` of `adapter` on `model` over the course's test split.
+fn eval_loss(config: &Path, adapter: &Path, model: &Path) -> f64 {
+    let report: serde_json::Value = serde_json::from_str(&fedtune(&[
+        "eval",
+        "loss",
+        "--config",
+        config.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--quiet",
+    ]))
+    .unwrap();
+    report["score"].as_f64().unwrap()
+}
+
 #[test]
 fn every_method_trains_saves_in_peft_layout_and_reloads_to_its_final_loss() {
     let dir = tempfile::tempdir().unwrap();
@@ -81,19 +98,7 @@ fn every_method_trains_saves_in_peft_layout_and_reloads_to_its_final_loss() {
         let after = json(&out.join("summary.json"))["test_loss_after"]
             .as_f64()
             .unwrap();
-        let report: serde_json::Value = serde_json::from_str(&fedtune(&[
-            "eval",
-            "loss",
-            "--config",
-            config.to_str().unwrap(),
-            "--adapter",
-            adapter.to_str().unwrap(),
-            "--model",
-            model.to_str().unwrap(),
-            "--quiet",
-        ]))
-        .unwrap();
-        let reloaded = report["score"].as_f64().unwrap();
+        let reloaded = eval_loss(&config, &adapter, &model);
         assert!(
             (reloaded - after).abs() < 1e-4,
             "{kind} {extra}: reloaded {reloaded} vs course {after}"
@@ -284,6 +289,8 @@ fn fedot_in_process_aligns_the_emulator_and_reports_the_full_models_loss() {
         "offsite.distill_examples=20",
         "--set",
         "offsite.distill_lr=1e-3",
+        "--set",
+        "eval.tasks=[\"loss\"]",
     ]);
     let summary = json(&out.join("summary.json"));
     let o = &summary["offsite"];
@@ -295,18 +302,9 @@ fn fedot_in_process_aligns_the_emulator_and_reports_the_full_models_loss() {
     );
     assert!(o["test_loss_full_model"].as_f64().unwrap().is_finite());
     // The plugged-in adapter is the full model's: `fedtune eval` reproduces its loss.
-    let report: serde_json::Value = serde_json::from_str(&fedtune(&[
-        "eval",
-        "loss",
-        "--config",
-        config.to_str().unwrap(),
-        "--adapter",
-        out.join("adapter").to_str().unwrap(),
-        "--model",
-        model.to_str().unwrap(),
-        "--quiet",
-    ]))
-    .unwrap();
     let full = o["test_loss_full_model"].as_f64().unwrap();
-    assert!((report["score"].as_f64().unwrap() - full).abs() < 1e-4);
+    assert!((eval_loss(&config, &out.join("adapter"), &model) - full).abs() < 1e-4);
+    // So does the course's own [eval], on the full model it loaded.
+    let at_end = summary["eval"][0]["score"].as_f64().unwrap();
+    assert!((at_end - full).abs() < 1e-4, "[eval] {at_end} vs {full}");
 }

@@ -90,21 +90,40 @@ pub fn load_hf_dir(dir: &Path, dtype: DType, device: &Device) -> Result<HfModel>
     };
     let model = Llama::from_named(cfg, take)?;
 
-    let tok_path = dir.join("tokenizer.json");
-    let tokenizer = if tok_path.is_file() {
-        let eos = head
-            .eos_token_id
-            .as_ref()
-            .and_then(|v| v.as_u64().or_else(|| v.as_array()?.first()?.as_u64()))
-            .ok_or_else(|| {
-                err(
-                    &config_path,
-                    "has no eos_token_id, which the tokenizer needs",
-                )
-            })?;
-        Some(TextTokenizer::from_file(&tok_path, eos as u32).map_err(|e| err(&tok_path, e))?)
-    } else {
-        None
-    };
+    let tokenizer = tokenizer_of(dir, &config_path, &head)?;
     Ok(HfModel { model, tokenizer })
+}
+
+/// Only the tokenizer of the Hugging Face directory `dir` (no weights
+/// read), or `None` when it has no `tokenizer.json`.
+pub fn load_hf_tokenizer(dir: &Path) -> Result<Option<TextTokenizer>> {
+    let config_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&config_path).map_err(|e| err(&config_path, e))?;
+    let head: ConfigHead = serde_json::from_str(&text).map_err(|e| err(&config_path, e))?;
+    tokenizer_of(dir, &config_path, &head)
+}
+
+/// `dir/tokenizer.json` with the end-of-sequence id from its config.
+fn tokenizer_of(
+    dir: &Path,
+    config_path: &Path,
+    head: &ConfigHead,
+) -> Result<Option<TextTokenizer>> {
+    let tok_path = dir.join("tokenizer.json");
+    if !tok_path.is_file() {
+        return Ok(None);
+    }
+    let eos = head
+        .eos_token_id
+        .as_ref()
+        .and_then(|v| v.as_u64().or_else(|| v.as_array()?.first()?.as_u64()))
+        .ok_or_else(|| {
+            err(
+                config_path,
+                "has no eos_token_id, which the tokenizer needs",
+            )
+        })?;
+    Ok(Some(
+        TextTokenizer::from_file(&tok_path, eos as u32).map_err(|e| err(&tok_path, e))?,
+    ))
 }

@@ -16,6 +16,6 @@ mod tiny;
 pub use crate::kernels::{frozen_linear, LowRank};
 pub use config::LlamaConfig;
 pub use gguf::{load_gguf, GgufModel};
-pub use hf::{load_hf_dir, HfModel};
+pub use hf::{load_hf_dir, load_hf_tokenizer, HfModel};
 pub use llama::{KvCache, LayerWeights, Llama, Projection, ProjectionAdapter};
 pub use tiny::{write_tiny_model, TinySpec, TINY_EOS};
