@@ -144,12 +144,12 @@ fn kl(
     adapter: Option<&dyn crate::model::ProjectionAdapter>,
     batch: &crate::train::Batch,
 ) -> Result<Tensor> {
-    use candle_nn::ops::{log_softmax, softmax_last_dim};
+    use candle_nn::ops::log_softmax;
     let mask = Some(&batch.attention_mask);
     let p_logits = full.forward(&batch.tokens, mask, None)?.detach();
     let q_logits = emulator.forward(&batch.tokens, mask, adapter)?;
     let log_p = log_softmax(&p_logits, candle_core::D::Minus1)?;
-    let p = softmax_last_dim(&p_logits)?;
+    let p = log_p.exp()?;
     let log_q = log_softmax(&q_logits, candle_core::D::Minus1)?;
     let per_token = (p * (log_p - log_q)?)?.sum(candle_core::D::Minus1)?; // (b, t)
     let keep = batch.attention_mask.to_dtype(per_token.dtype())?;

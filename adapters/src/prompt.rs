@@ -168,13 +168,7 @@ fn read_kv(model: &Llama, ids: &[u32]) -> Result<Tensor> {
 
 /// The standard deviation of the model's token embeddings.
 fn embedding_std(model: &Llama) -> Result<f32> {
-    let e = model.named_weights();
-    let table = e
-        .iter()
-        .find(|(n, _)| n == "model.embed_tokens.weight")
-        .map(|(_, t)| t.clone())
-        .ok_or_else(|| candle_core::Error::msg("the model has no token embeddings"))?
-        .to_dtype(DType::F32)?;
+    let table = model.token_embeddings().to_dtype(DType::F32)?;
     let mean = table.mean_all()?.to_scalar::<f32>()?;
     let var = table
         .affine(1.0, -(mean as f64))?
@@ -203,7 +197,6 @@ impl PromptAdapter {
         let layers = cfg.num_hidden_layers;
         let enc = config.encoder_hidden_size;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let std = embedding_std(model)?;
         let mut config = config;
         let mut vars = BTreeMap::new();
         let mut put = |name: &str, t: Tensor| -> Result<()> {
@@ -219,22 +212,23 @@ impl PromptAdapter {
                     (PromptInit::Text, Some(ids)) if !ids.is_empty() => {
                         config.num_virtual_tokens = ids.len();
                         let ids = Tensor::new(ids, &dev)?;
-                        let weights = model.named_weights();
-                        let embed = &weights
-                            .iter()
-                            .find(|(n, _)| n == "model.embed_tokens.weight")
-                            .ok_or_else(|| candle_core::Error::msg("no token embeddings"))?
-                            .1;
-                        embed.index_select(&ids, 0)?.to_dtype(DType::F32)?
+                        model
+                            .token_embeddings()
+                            .index_select(&ids, 0)?
+                            .to_dtype(DType::F32)?
                     }
                     (PromptInit::Text, Some(_)) => {
                         candle_core::bail!("prompt init = \"text\" needs a non-empty init_text")
                     }
                     // Without the text's ids (an adapter about to be loaded
                     // from a checkpoint) the start does not matter.
-                    (PromptInit::Random, _) | (PromptInit::Text, None) => {
-                        normal(config.num_virtual_tokens, hidden, std, &mut rng, &dev)?
-                    }
+                    (PromptInit::Random, _) | (PromptInit::Text, None) => normal(
+                        config.num_virtual_tokens,
+                        hidden,
+                        embedding_std(model)?,
+                        &mut rng,
+                        &dev,
+                    )?,
                 };
                 put("prompt_embeddings", table)?;
             }
@@ -242,7 +236,7 @@ impl PromptAdapter {
                 let n = config.num_virtual_tokens;
                 put(
                     "prompt_encoder.embedding.weight",
-                    normal(n, hidden, std, &mut rng, &dev)?,
+                    normal(n, hidden, embedding_std(model)?, &mut rng, &dev)?,
                 )?;
                 for (i, (out, inp)) in [(enc, hidden), (enc, enc), (hidden, enc)]
                     .into_iter()
@@ -259,7 +253,7 @@ impl PromptAdapter {
                 if config.prefix_projection {
                     put(
                         "prompt_encoder.embedding.weight",
-                        normal(n, hidden, std, &mut rng, &dev)?,
+                        normal(n, hidden, embedding_std(model)?, &mut rng, &dev)?,
                     )?;
                     for (i, (out, inp)) in [(enc, hidden), (width, enc)].into_iter().enumerate() {
                         let (w, b) = linear(out, inp, &mut rng, &dev)?;

@@ -429,6 +429,11 @@ impl Llama {
         out
     }
 
+    /// The token embeddings `(vocab, hidden)`.
+    pub fn token_embeddings(&self) -> &Tensor {
+        &self.embed_tokens
+    }
+
     /// The output head: `lm_head`, or the token embeddings when tied.
     pub fn output_weight(&self) -> &Tensor {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
