@@ -103,19 +103,13 @@ fn every_method_lowers_the_loss_of_a_fixed_batch_by_a_third_in_30_steps() {
 }
 
 #[test]
-fn text_initialized_virtual_tokens_act_as_that_text_before_the_input() {
-    // Prompt tuning started from a text's embeddings is, before any
-    // training, the model reading that text first.
+fn text_initialized_prompts_and_prefixes_act_as_that_text_before_the_input() {
+    // Prompt tuning started from a text's embeddings, and free prefixes
+    // started from the keys and values the model makes of it, are, before
+    // any training, the model reading that text first.
     let model = tiny();
     let ids = [3u32, 14, 15, 9, 26];
-    let cfg = PromptConfig {
-        init: PromptInit::Text,
-        ..PromptConfig::default()
-    };
-    let adapter = PromptAdapter::new(&model, PromptMethod::Prompt, cfg, Some(&ids), 0).unwrap();
-    assert_eq!(adapter.config().num_virtual_tokens, 5);
     let tokens = Tensor::new(&[[1u32, 4, 9, 16, 25, 36, 7]], &Device::Cpu).unwrap();
-    let with = model.forward(&tokens, None, Some(&adapter)).unwrap();
     let text = Tensor::new(
         &[[3u32, 14, 15, 9, 26, 1, 4, 9, 16, 25, 36, 7]],
         &Device::Cpu,
@@ -126,34 +120,16 @@ fn text_initialized_virtual_tokens_act_as_that_text_before_the_input() {
         .unwrap()
         .narrow(1, 5, 7)
         .unwrap();
-    assert!(common::max_abs_diff(&with, &plain) < 1e-10);
-}
-
-#[test]
-fn a_text_initialized_prefix_acts_as_that_text_before_the_input() {
-    // Free prefixes start from the keys and values the model makes of the
-    // text: before training, the model reading the text first.
-    let model = tiny();
-    let ids = [3u32, 14, 15, 9, 26];
-    let cfg = PromptConfig {
-        init: PromptInit::Text,
-        ..PromptConfig::default()
-    };
-    let adapter = PromptAdapter::new(&model, PromptMethod::Prefix, cfg, Some(&ids), 0).unwrap();
-    assert_eq!(adapter.config().num_virtual_tokens, 5);
-    let tokens = Tensor::new(&[[1u32, 4, 9, 16, 25, 36, 7]], &Device::Cpu).unwrap();
-    let with = model.forward(&tokens, None, Some(&adapter)).unwrap();
-    let text = Tensor::new(
-        &[[3u32, 14, 15, 9, 26, 1, 4, 9, 16, 25, 36, 7]],
-        &Device::Cpu,
-    )
-    .unwrap();
-    let plain = model
-        .forward(&text, None, None)
-        .unwrap()
-        .narrow(1, 5, 7)
-        .unwrap();
-    assert!(common::max_abs_diff(&with, &plain) < 1e-10);
+    for method in [PromptMethod::Prompt, PromptMethod::Prefix] {
+        let cfg = PromptConfig {
+            init: PromptInit::Text,
+            ..PromptConfig::default()
+        };
+        let adapter = PromptAdapter::new(&model, method, cfg, Some(&ids), 0).unwrap();
+        assert_eq!(adapter.config().num_virtual_tokens, 5, "{method:?}");
+        let with = model.forward(&tokens, None, Some(&adapter)).unwrap();
+        assert!(common::max_abs_diff(&with, &plain) < 1e-10, "{method:?}");
+    }
 }
 
 #[test]
