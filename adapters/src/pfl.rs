@@ -30,20 +30,53 @@
 use std::path::Path;
 
 use fedtune_kernel::script::rhai::{Array, Dynamic, Engine, EvalAltResult, Map, Position};
-use fedtune_kernel::script::{ScriptError, ScriptSection, ScriptSource, ScriptingSection};
+use fedtune_kernel::script::{
+    ScriptError, ScriptLoadError, ScriptSection, ScriptSource, ScriptingSection,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::hooks::PerClientScript;
 
 /// The pFL scripts shipped in `scripts/pfl/`.
 pub const BUILT_IN_PFL: [(&str, &str); 3] = [
-    ("ditto", include_str!("../../scripts/pfl/ditto.rhai")),
-    ("pfedme", include_str!("../../scripts/pfl/pfedme.rhai")),
+    ("ditto", include_str!("../scripts/pfl/ditto.rhai")),
+    ("pfedme", include_str!("../scripts/pfl/pfedme.rhai")),
     (
         "local_adapter",
-        include_str!("../../scripts/pfl/local_adapter.rhai"),
+        include_str!("../scripts/pfl/local_adapter.rhai"),
     ),
 ];
+
+/// A `[pfl]` knob out of its range.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{key} {message}")]
+pub struct KnobError {
+    /// The knob's full key (`pfl.lambda`).
+    pub key: &'static str,
+    /// What is wrong with its value.
+    pub message: String,
+}
+
+/// Why the `[pfl]` section cannot be used.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PflError {
+    /// A knob is out of range.
+    #[error(transparent)]
+    Knob(#[from] KnobError),
+    /// The algorithm's script is not found or does not compile.
+    #[error(transparent)]
+    Load(#[from] ScriptLoadError),
+}
+
+impl PflError {
+    /// The config key at fault: the knob's, or `pfl.algorithm` for the script.
+    pub fn key(&self) -> &'static str {
+        match self {
+            PflError::Knob(k) => k.key,
+            PflError::Load(_) => "pfl.algorithm",
+        }
+    }
+}
 
 /// Personalized FL: the script and its knobs (the `[pfl]` section).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -93,29 +126,32 @@ impl PflConfig {
     }
 
     /// Checks the knobs, naming the one at fault.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), KnobError> {
+        let bad = |key: &'static str, message: String| Err(KnobError { key, message });
         if !(self.lambda.is_finite() && self.lambda >= 0.0) {
-            return Err(format!("pfl.lambda must be ≥ 0, got {}", self.lambda));
+            return bad("pfl.lambda", format!("must be ≥ 0, got {}", self.lambda));
         }
         if self.inner_steps == 0 {
-            return Err("pfl.inner_steps must be at least 1".into());
+            return bad("pfl.inner_steps", "must be at least 1".into());
         }
         if self.personal_steps == Some(0) {
-            return Err("pfl.personal_steps must be at least 1".into());
+            return bad("pfl.personal_steps", "must be at least 1".into());
         }
         if !(self.eta.is_finite() && self.eta > 0.0) {
-            return Err(format!("pfl.eta must be > 0, got {}", self.eta));
+            return bad("pfl.eta", format!("must be > 0, got {}", self.eta));
         }
         if self.algorithm == "local_adapter" && self.local_params.is_empty() {
-            return Err("pfl.local_params must name the local parts (a regular expression over tensor names, e.g. \"lora_B\")".into());
+            return bad("pfl.local_params", "must name the local parts (a regular expression over tensor names, e.g. \"lora_B\")".into());
         }
-        if !self.local_params.is_empty() {
-            regex::Regex::new(&self.local_params)
-                .map_err(|e| format!("pfl.local_params is not a valid regular expression: {e}"))?;
+        if let Err(e) = regex::Regex::new(&self.local_params) {
+            return bad(
+                "pfl.local_params",
+                format!("is not a valid regular expression: {e}"),
+            );
         }
         if let Some(lr) = self.personal_lr {
             if !(lr.is_finite() && lr > 0.0) {
-                return Err(format!("pfl.personal_lr must be > 0, got {lr}"));
+                return bad("pfl.personal_lr", format!("must be > 0, got {lr}"));
             }
         }
         Ok(())
@@ -318,7 +354,7 @@ impl PflScript {
         pfl: &PflConfig,
         scripting: &ScriptingSection,
         config_dir: Option<&Path>,
-    ) -> Result<Option<Self>, String> {
+    ) -> Result<Option<Self>, PflError> {
         pfl.validate()?;
         if !pfl.enabled() {
             return Ok(None);
@@ -327,12 +363,15 @@ impl PflScript {
             script: Some(pfl.algorithm.clone()),
             params: toml::Table::new(),
         };
-        let source = section
-            .resolve_in(config_dir, &BUILT_IN_PFL)?
-            .expect("a script is named");
-        Self::new(scripting, &source, pfl.hp())
-            .map(Some)
-            .map_err(|e| e.to_string())
+        let Some(source) = section
+            .resolve_in(config_dir, &BUILT_IN_PFL)
+            .map_err(ScriptLoadError::from)?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(
+            Self::new(scripting, &source, pfl.hp()).map_err(ScriptLoadError::from)?,
+        ))
     }
 
     /// Compiles `source`; it must define `fit(ctx)`.
@@ -585,7 +624,8 @@ mod tests {
         };
         let e = PflScript::from_config(&bad, &ScriptingSection::default(), None)
             .err()
-            .unwrap();
+            .unwrap()
+            .to_string();
         assert!(e.contains("pfl.local_params"), "{e}");
         let e = PflScript::from_config(
             &PflConfig {
@@ -596,7 +636,8 @@ mod tests {
             None,
         )
         .err()
-        .unwrap();
+        .unwrap()
+        .to_string();
         assert!(e.contains("shipped: ditto, pfedme, local_adapter"), "{e}");
         assert!(
             PflScript::from_config(&PflConfig::default(), &ScriptingSection::default(), None)

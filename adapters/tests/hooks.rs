@@ -113,7 +113,7 @@ fn train(t: &mut RoundRobinTrainer, global: &ParamSet) -> ParamSet {
 
 #[test]
 fn the_fedprox_script_adds_exactly_the_proximal_term() {
-    let fedprox = include_str!("../../scripts/hooks/fedprox.rhai");
+    let fedprox = include_str!("../scripts/hooks/fedprox.rhai");
     let (t0, global) = trainer(4);
     let mut plain = t0;
     let free = train(&mut plain, &global);
@@ -159,7 +159,7 @@ fn hooks_can_set_the_rate_and_stop_early() {
     let (t, global) = trainer(4);
     let mut early = t
         .with_hooks(hooks(
-            include_str!("../../scripts/hooks/early_stop.rhai"),
+            include_str!("../scripts/hooks/early_stop.rhai"),
             "target_loss = 100.0",
         ))
         .with_progress(Arc::new(move |_, _, _, _| {

@@ -18,8 +18,46 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 
-use crate::subjects::{Route, Subjects, ROOT};
+use crate::subjects::{Route, SubjectError, Subjects, ROOT};
+
+/// Why credentials or a broker configuration cannot be read or written.
+#[derive(Debug, Error)]
+pub enum AuthError {
+    /// A file or folder cannot be read or written.
+    #[error("cannot {doing} {path}: {source}")]
+    Io {
+        /// What was being done (`read credentials`, `write`, `create`).
+        doing: &'static str,
+        /// The file or folder.
+        path: PathBuf,
+        /// What the system said.
+        source: std::io::Error,
+    },
+    /// A credentials file is not JSON of a user and a password.
+    #[error("{path}: not a fedtune credentials file: {source}")]
+    NotCredentials {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said.
+        source: serde_json::Error,
+    },
+    /// The course name cannot name subjects.
+    #[error(transparent)]
+    Subject(#[from] SubjectError),
+    /// A course without clients.
+    #[error("a course needs at least one client")]
+    NoClients,
+}
+
+fn io<'a>(doing: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> AuthError + 'a {
+    move |source| AuthError::Io {
+        doing,
+        path: path.to_path_buf(),
+        source,
+    }
+}
 
 /// One party's login, as a credentials file holds it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,11 +70,12 @@ pub struct Credentials {
 
 impl Credentials {
     /// Reads a credentials file written by [`write_config`].
-    pub fn load(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read credentials {}: {e}", path.display()))?;
-        serde_json::from_str(&text)
-            .map_err(|e| format!("{}: not a fedtune credentials file: {e}", path.display()))
+    pub fn load(path: &Path) -> Result<Self, AuthError> {
+        let text = std::fs::read_to_string(path).map_err(io("read credentials", path))?;
+        serde_json::from_str(&text).map_err(|source| AuthError::NotCredentials {
+            path: path.to_path_buf(),
+            source,
+        })
     }
 }
 
@@ -59,12 +98,12 @@ pub fn write_config(
     clients: u32,
     (host, port): (&str, u16),
     dir: &Path,
-) -> Result<BrokerFiles, String> {
-    let subjects = Subjects::new(course).map_err(|e| e.to_string())?;
+) -> Result<BrokerFiles, AuthError> {
+    let subjects = Subjects::new(course)?;
     if clients == 0 {
-        return Err("a course needs at least one client".into());
+        return Err(AuthError::NoClients);
     }
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(dir).map_err(io("create", dir))?;
     let all = subjects.subject(Route::Broadcast);
     let mut users = Vec::new();
     let server = Credentials {
@@ -77,10 +116,7 @@ pub fn write_config(
         &[&subjects.server_inbox()],
     ));
     let server_path = dir.join("server.json");
-    write_private(
-        &server_path,
-        &serde_json::to_string_pretty(&server).unwrap(),
-    )?;
+    write_private(&server_path, &credentials_json(&server))?;
     let mut client_paths = Vec::new();
     for id in 1..=clients {
         let c = Credentials {
@@ -93,7 +129,7 @@ pub fn write_config(
             &[&subjects.subject(Route::ToClient(id)), &all],
         ));
         let path = dir.join(format!("client-{id}.json"));
-        write_private(&path, &serde_json::to_string_pretty(&c).unwrap())?;
+        write_private(&path, &credentials_json(&c))?;
         client_paths.push(path);
     }
     let store = dir.join("jetstream");
@@ -136,15 +172,24 @@ fn user_block(c: &Credentials, publish: &[&str], subscribe: &[&str]) -> String {
     )
 }
 
-fn random_password() -> Result<String, String> {
+/// A credentials file's text (two strings: nothing that can fail to serialize).
+fn credentials_json(c: &Credentials) -> String {
+    format!(
+        "{:#}",
+        serde_json::json!({ "user": c.user, "password": c.password })
+    )
+}
+
+fn random_password() -> Result<String, AuthError> {
     let mut bytes = [0u8; 16];
-    std::fs::File::open("/dev/urandom")
+    let urandom = Path::new("/dev/urandom");
+    std::fs::File::open(urandom)
         .and_then(|mut f| f.read_exact(&mut bytes))
-        .map_err(|e| format!("cannot read /dev/urandom: {e}"))?;
+        .map_err(io("read", urandom))?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-fn write_private(path: &Path, text: &str) -> Result<(), String> {
+fn write_private(path: &Path, text: &str) -> Result<(), AuthError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
@@ -154,5 +199,5 @@ fn write_private(path: &Path, text: &str) -> Result<(), String> {
         .mode(0o600)
         .open(path)
         .and_then(|mut f| f.write_all(text.as_bytes()))
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+        .map_err(io("write", path))
 }

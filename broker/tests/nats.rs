@@ -10,7 +10,7 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use fedtune_broker::{LocalNats, NatsOptions, NatsTransport};
 use fedtune_kernel::course::{
-    run_in_process, run_on, LeastSquaresTrainer, SyntheticSpec, Transports,
+    run_in_process, run_on, LeastSquaresTrainer, ServerSetup, SyntheticSpec, Transports,
 };
 use fedtune_kernel::{CourseConfig, FedAvg, MetricsLog, Party, Transport};
 
@@ -196,12 +196,13 @@ async fn a_course_over_nats_ends_where_the_in_process_course_ends() {
         clients.insert(id, Arc::new(connect(&nats, &format!("client-{id}")).await));
     }
     let remote = run_on(
-        &cfg,
-        0,
-        initial,
+        ServerSetup::new(
+            cfg.clone(),
+            initial,
+            Box::new(FedAvg),
+            MetricsLog::in_memory(),
+        ),
         trainer(),
-        Box::new(FedAvg),
-        MetricsLog::in_memory(),
         Transports {
             server: server_t,
             clients,

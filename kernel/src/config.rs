@@ -382,6 +382,42 @@ impl WireSection {
     }
 }
 
+/// `[broker]`: how a course's parties reach each other. The kernel only
+/// describes the choice; the in-process bus is the kernel's, the NATS
+/// transport lives in `fedtune-broker`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerSection {
+    /// `in-process` (one process, the embedded bus) or `nats` (a server
+    /// process and one process per client, over a NATS broker).
+    pub transport: TransportKind,
+    /// The broker's URL for `nats`; unset: start a local nats-server with a
+    /// user per party for the run.
+    pub url: Option<String>,
+    /// A directory of credentials files (`server.json`, `client-N.json`) for `url`.
+    pub credentials: Option<PathBuf>,
+}
+
+impl Default for BrokerSection {
+    fn default() -> Self {
+        Self {
+            transport: TransportKind::InProcess,
+            url: None,
+            credentials: None,
+        }
+    }
+}
+
+/// See [`BrokerSection::transport`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TransportKind {
+    /// The in-process bus.
+    InProcess,
+    /// NATS.
+    Nats,
+}
+
 /// The kernel's part of a configuration: `[federate]`, `[wire]`, `[aggregator]`, `[scripting]`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CourseConfig {

@@ -10,6 +10,7 @@
 //! - [`worker`]: the event loop that decodes, dispatches by kind, runs heavy work off the executor, and sends;
 //! - [`course`]: the server and client behaviours, the [`LocalTrainer`] port and the in-process runner;
 //! - [`aggregate`]: [`Aggregator`]s, FedAvg first;
+//! - [`checkpoint`]: the checkpoint layout a server writes after rounds and a resumed course reads;
 //! - [`script`]: the Rhai script host (sandboxed, hot-reloaded) and scripted aggregators;
 //! - [`config`]: TOML course configuration with `--set` overrides and errors that name the key;
 //! - [`metrics`]: per-round, per-client cost records as JSON lines.
@@ -36,6 +37,7 @@
 
 pub mod aggregate;
 pub mod bus;
+pub mod checkpoint;
 pub mod codec;
 pub mod config;
 pub mod course;
@@ -50,12 +52,13 @@ pub use aggregate::{
     FedAvg,
 };
 pub use bus::{Delivery, InProcTransport, Subscription, Transport, TransportError};
+pub use checkpoint::{CheckpointError, Checkpoints, MsgpackStore, ParamStore};
 pub use codec::{
     decode, encode, CodecError, Compression, DecodeLimits, EncodeOptions, Quantization,
 };
 pub use config::{ConfigDoc, ConfigError, CourseConfig};
 pub use course::{LocalTrainer, LocalUpdate, SplitEval, TrainContext};
-pub use message::{Envelope, Meta, MsgKind, Party};
+pub use message::{BodyError, Envelope, Meta, MsgKind, Party};
 pub use metrics::{Event, MetricsLog, Record};
 pub use params::{ParamError, ParamSet, ParamTensor};
 pub use worker::{Ctx, Flow, HandlerError, Shutdown, ShutdownHandle, Worker, WorkerStats};

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::params::ParamSet;
@@ -107,6 +108,11 @@ impl fmt::Display for MsgKind {
     }
 }
 
+/// A message body that cannot be written or read as its type.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct BodyError(pub String);
+
 /// One FL message.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Envelope {
@@ -160,6 +166,32 @@ impl Envelope {
     pub fn with_payload(mut self, params: ParamSet) -> Self {
         self.payload = Some(params);
         self
+    }
+
+    /// Writes the fields of a typed message body into the metadata (see
+    /// [`crate::course::protocol`] for the course's bodies).
+    pub fn with_body<B: Serialize>(mut self, body: &B) -> Result<Self, BodyError> {
+        match serde_json::to_value(body).map_err(|e| BodyError(e.to_string()))? {
+            serde_json::Value::Object(fields) => {
+                self.meta.extend(fields);
+                Ok(self)
+            }
+            other => Err(BodyError(format!(
+                "a message body must be a struct of fields, not {other}"
+            ))),
+        }
+    }
+
+    /// Reads the metadata as the typed body `B`: a missing or mistyped
+    /// field is an error naming it; fields `B` does not know are ignored.
+    pub fn body<B: DeserializeOwned>(&self) -> Result<B, BodyError> {
+        let fields: serde_json::Map<String, serde_json::Value> = self
+            .meta
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        serde_json::from_value(serde_json::Value::Object(fields))
+            .map_err(|e| BodyError(format!("malformed {} body: {e}", self.kind)))
     }
 
     /// A metadata entry as a non-negative integer, if present and of that type.

@@ -66,6 +66,12 @@ impl From<CodecError> for HandlerError {
     }
 }
 
+impl From<crate::message::BodyError> for HandlerError {
+    fn from(e: crate::message::BodyError) -> Self {
+        HandlerError::Fatal(format!("cannot write a message body: {e}"))
+    }
+}
+
 /// Whether the loop continues after a handler.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {

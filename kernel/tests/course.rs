@@ -403,13 +403,16 @@ async fn a_course_resumed_from_a_checkpoint_ends_where_an_uninterrupted_one_does
     )
     .await;
     // … and resume a fresh server and fresh clients from there.
-    let resumed = fedtune_kernel::course::run_in_process_from(
-        &config(text),
-        4,
+    let setup = fedtune_kernel::course::ServerSetup::new(
+        config(text),
         first.final_params.clone(),
-        Arc::new(Mutex::new(trainer(spec(), 3))),
         Box::new(FedAvg),
         MetricsLog::in_memory(),
+    )
+    .resumed(4, first.final_params.clone());
+    let resumed = fedtune_kernel::course::run_in_process_from(
+        setup,
+        Arc::new(Mutex::new(trainer(spec(), 3))),
     )
     .await
     .unwrap();

@@ -17,14 +17,8 @@ use crate::train::Batch;
 
 /// The templates shipped in `configs/templates/`, by name.
 const BUILT_IN: [(&str, &str); 2] = [
-    (
-        "alpaca",
-        include_str!("../../../configs/templates/alpaca.toml"),
-    ),
-    (
-        "chatml",
-        include_str!("../../../configs/templates/chatml.toml"),
-    ),
+    ("alpaca", include_str!("../../assets/templates/alpaca.toml")),
+    ("chatml", include_str!("../../assets/templates/chatml.toml")),
 ];
 
 /// A prompt template.

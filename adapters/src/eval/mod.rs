@@ -12,6 +12,7 @@
 pub mod answer;
 pub mod batch;
 pub mod sandbox;
+pub mod suite;
 pub mod tasks;
 
 use std::collections::{BTreeMap, HashSet};

@@ -22,7 +22,7 @@ use crate::data::{gsm8k_gold, json_records};
 use crate::generate::Generation;
 
 /// Wei et al.'s eight GSM8K exemplars, as shipped in `configs/eval/`.
-pub const GSM8K_EXEMPLARS: &str = include_str!("../../../configs/eval/gsm8k-cot-8shot.jsonl");
+pub const GSM8K_EXEMPLARS: &str = include_str!("../../assets/eval/gsm8k-cot-8shot.jsonl");
 
 /// Stop sequences of a GSM8K answer: the next question, or the blank line
 /// that ends every exemplar's answer (lm-evaluation-harness stops there too).

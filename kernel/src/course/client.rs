@@ -13,6 +13,7 @@ use tracing::{info, info_span, warn};
 
 use crate::bus::Transport;
 use crate::config::CourseConfig;
+use crate::course::protocol::{self, AssignId, JoinIn};
 use crate::course::trainer::{
     derive_seed, LocalTrainer, SharedTrainer, TrainContext, TrainerError,
 };
@@ -179,7 +180,9 @@ fn send_join_in(s: &ClientState, ctx: &mut Ctx) -> Result<usize, HandlerError> {
         vec![Party::Server],
         MsgKind::JoinIn,
     )
-    .with_meta("instance", s.instance);
+    .with_body(&JoinIn {
+        instance: Some(s.instance),
+    })?;
     Ok(ctx.send(join)?)
 }
 
@@ -235,10 +238,13 @@ fn from_server(env: &Envelope) -> Result<(), HandlerError> {
 
 fn on_assign_id(s: &mut ClientState, env: Envelope, _ctx: &mut Ctx) -> HandlerResult {
     from_server(&env)?;
-    if env.meta_u64("client_id") != Some(u64::from(s.id)) {
+    let assigned = env
+        .body::<AssignId>()
+        .map_err(|e| HandlerError::Reject(e.to_string()))?;
+    if assigned.client_id != s.id {
         return Err(HandlerError::Reject(format!(
-            "assign_id for another id ({:?})",
-            env.meta.get("client_id")
+            "assign_id for another id ({})",
+            assigned.client_id
         )));
     }
     s.joined = true;
@@ -335,16 +341,14 @@ fn on_train(s: &mut ClientState, env: Envelope, ctx: &mut Ctx) -> HandlerResult 
         let (update, compute_s) = with_trainer(&trainer, (id, round, "training"), |t| {
             t.train(id, &global, &tctx)
         })?;
-        let mut reply = reply(course, id, round, MsgKind::Update)
-            .with_meta("n_samples", update.n_samples)
-            .with_meta("compute_s", compute_s)
+        let reply = reply(course, id, round, MsgKind::Update)
+            .with_body(&protocol::Update {
+                n_samples: update.n_samples,
+                compute_s,
+                train_loss: update.loss,
+                metrics: update.metrics,
+            })?
             .with_payload(update.params);
-        if let Some(loss) = update.loss {
-            reply = reply.with_meta("train_loss", loss);
-        }
-        if !update.metrics.is_empty() {
-            reply = reply.with_meta("metrics", serde_json::to_value(update.metrics)?);
-        }
         remember(&answer, &reply);
         Ok(vec![reply])
     });
@@ -365,8 +369,7 @@ fn on_evaluate(s: &mut ClientState, env: Envelope, ctx: &mut Ctx) -> HandlerResu
             t.evaluate(id, &global, &tctx)
         })?;
         let reply = reply(course, id, round, MsgKind::Metrics)
-            .with_meta("results", serde_json::to_value(results)?)
-            .with_meta("compute_s", compute_s);
+            .with_body(&protocol::Metrics { results, compute_s })?;
         remember(&answer, &reply);
         Ok(vec![reply])
     });

@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
 
+use crate::config::{ConfigDoc, ConfigError};
 use crate::course::trainer::{LocalTrainer, LocalUpdate, SplitEval, TrainContext, TrainerError};
 use crate::params::ParamSet;
 
@@ -64,6 +66,74 @@ impl Default for SyntheticSpec {
             heterogeneity: 0.0,
             seed: 1,
         }
+    }
+}
+
+/// `[least_squares]`: the numeric reference task of a course file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LeastSquaresSection {
+    /// Feature dimension.
+    pub dim: usize,
+    /// Training rows per client.
+    pub samples_per_client: usize,
+    /// Amplitude of the label noise.
+    pub noise: f64,
+    /// How far each client's true weights stray from the shared ones (0 = IID).
+    pub heterogeneity: f64,
+    /// Gradient-descent step size.
+    pub lr: f64,
+    /// Gradient steps per client per round.
+    pub local_steps: usize,
+    /// Seed of the synthetic data.
+    pub data_seed: u64,
+}
+
+impl Default for LeastSquaresSection {
+    fn default() -> Self {
+        let spec = SyntheticSpec::default();
+        Self {
+            dim: spec.dim,
+            samples_per_client: spec.samples_per_client,
+            noise: spec.noise,
+            heterogeneity: spec.heterogeneity,
+            lr: 0.1,
+            local_steps: 5,
+            data_seed: spec.seed,
+        }
+    }
+}
+
+impl LeastSquaresSection {
+    /// Reads the `[least_squares]` section of `doc` and checks that it describes a task that can run.
+    pub fn from_doc(doc: &ConfigDoc) -> Result<Self, ConfigError> {
+        let s: Self = doc.section("least_squares")?;
+        let positive = [
+            ("dim", s.dim > 0),
+            ("samples_per_client", s.samples_per_client > 0),
+            ("local_steps", s.local_steps > 0),
+            ("lr", s.lr > 0.0),
+        ];
+        if let Some((key, _)) = positive.iter().find(|(_, ok)| !ok) {
+            return Err(doc.key_error(
+                &format!("least_squares.{key}"),
+                "dim, samples_per_client, local_steps and lr must be positive".into(),
+            ));
+        }
+        Ok(s)
+    }
+
+    /// The trainer of this task for `clients` clients, with every client's data drawn.
+    pub fn trainer(&self, clients: u32) -> LeastSquaresTrainer {
+        let spec = SyntheticSpec {
+            clients,
+            samples_per_client: self.samples_per_client,
+            dim: self.dim,
+            noise: self.noise,
+            heterogeneity: self.heterogeneity,
+            seed: self.data_seed,
+        };
+        LeastSquaresTrainer::synthetic(spec, self.lr, self.local_steps)
     }
 }
 

@@ -8,14 +8,15 @@
 
 mod client;
 mod least_squares;
+pub mod protocol;
 mod server;
 mod trainer;
 
 pub use client::{client_worker, ClientState};
-pub use least_squares::{LeastSquaresTrainer, SyntheticSpec};
+pub use least_squares::{LeastSquaresSection, LeastSquaresTrainer, SyntheticSpec};
 pub use server::{
     roll_call, sample_clients, server_worker, server_worker_from, RoundEval, ServerResults,
-    ServerState, ROLL_CALL,
+    ServerSetup, ServerState, ROLL_CALL,
 };
 pub use trainer::{
     derive_seed, LocalTrainer, LocalUpdate, SharedTrainer, SplitEval, TrainContext, TrainerError,
@@ -96,27 +97,24 @@ pub async fn run_in_process(
     aggregator: Box<dyn Aggregator>,
     log: MetricsLog,
 ) -> Result<CourseReport, CourseError> {
-    run_in_process_from(cfg, 0, initial, trainer, aggregator, log).await
+    let setup = ServerSetup::new(cfg.clone(), initial, aggregator, log);
+    run_in_process_from(setup, trainer).await
 }
 
-/// [`run_in_process`] for a course resumed after `completed` rounds from
-/// their parameters `global` (see [`server::server_worker_from`]).
+/// [`run_in_process`] for a server set up as `setup` says (resumed,
+/// checkpointing).
 pub async fn run_in_process_from(
-    cfg: &CourseConfig,
-    completed: u64,
-    global: ParamSet,
+    setup: ServerSetup,
     trainer: SharedTrainer,
-    aggregator: Box<dyn Aggregator>,
-    log: MetricsLog,
 ) -> Result<CourseReport, CourseError> {
     let bus: Arc<dyn Transport> = Arc::new(InProcTransport::new());
     let transports = Transports {
         server: bus.clone(),
-        clients: (1..=cfg.course.clients)
+        clients: (1..=setup.cfg.course.clients)
             .map(|id| (id, bus.clone()))
             .collect(),
     };
-    run_on(cfg, completed, global, trainer, aggregator, log, transports).await
+    run_on(setup, trainer, transports).await
 }
 
 /// Each party's transport: one shared bus in process, or one NATS
@@ -132,32 +130,22 @@ pub struct Transports {
 /// transport: [`run_in_process_from`] on any medium (e.g. NATS, one
 /// connection per party, as separate processes would use).
 pub async fn run_on(
-    cfg: &CourseConfig,
-    completed: u64,
-    global: ParamSet,
+    setup: ServerSetup,
     trainer: SharedTrainer,
-    aggregator: Box<dyn Aggregator>,
-    log: MetricsLog,
     transports: Transports,
 ) -> Result<CourseReport, CourseError> {
+    let cfg = setup.cfg.clone();
+    let cfg = &cfg;
     if let Some(id) = (1..=cfg.course.clients).find(|id| !transports.clients.contains_key(id)) {
         return Err(TransportError::Other(format!("no transport for client {id}")).into());
     }
-    let initial = global;
     let started = Instant::now();
     let transport = transports.server.clone();
     let (shutdown, signal) = ShutdownHandle::new();
     let mut tasks = JoinSet::new();
 
     // The server subscribes before any client exists, so no join_in is lost.
-    let server = server_worker_from(
-        cfg.clone(),
-        completed,
-        initial,
-        aggregator,
-        log,
-        transport.clone(),
-    );
+    let server = server_worker_from(setup, transport.clone());
     let server_sub = transport.subscribe(Party::Server).await?;
     let server_signal = signal.clone();
     tasks.spawn(async move {

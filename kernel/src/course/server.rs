@@ -25,7 +25,9 @@ use tracing::{info, info_span, warn};
 
 use crate::aggregate::{Aggregator, ClientUpdate};
 use crate::bus::Transport;
+use crate::checkpoint::Checkpoints;
 use crate::config::CourseConfig;
+use crate::course::protocol::{self, AssignId, JoinIn, Step, Timeout};
 use crate::course::trainer::SplitEval;
 use crate::message::{Envelope, MsgKind, Party};
 use crate::metrics::{Event, MetricsLog, Record};
@@ -107,6 +109,8 @@ pub struct ServerState {
     /// The client instance each client's base model went to: a repeated
     /// `join_in` from the same instance gets no second copy.
     base_sent: BTreeMap<u32, Option<u64>>,
+    /// Where the global parameters are saved after rounds, if anywhere.
+    checkpoints: Option<Checkpoints>,
 }
 
 impl ServerState {
@@ -152,7 +156,61 @@ impl ServerState {
     }
 }
 
-/// Builds the server worker of a course.
+/// How a course's server starts: its configuration, the global parameters
+/// it starts from (after `completed` rounds, for a resumed course), how it
+/// combines updates, where it logs and where it checkpoints.
+pub struct ServerSetup {
+    /// The course.
+    pub cfg: CourseConfig,
+    /// Rounds completed before this server starts (0: a fresh course).
+    pub completed: u64,
+    /// The global parameters after those rounds (the initial ones when fresh).
+    pub global: ParamSet,
+    /// How updates are combined.
+    pub aggregator: Box<dyn Aggregator>,
+    /// Where the course's records go.
+    pub log: MetricsLog,
+    /// Where the global parameters are saved after rounds (none: nowhere).
+    pub checkpoints: Option<Checkpoints>,
+}
+
+impl ServerSetup {
+    /// A fresh course from `initial`, without checkpoints.
+    pub fn new(
+        cfg: CourseConfig,
+        initial: ParamSet,
+        aggregator: Box<dyn Aggregator>,
+        log: MetricsLog,
+    ) -> Self {
+        Self {
+            cfg,
+            completed: 0,
+            global: initial,
+            aggregator,
+            log,
+            checkpoints: None,
+        }
+    }
+
+    /// Resumes after `completed` rounds, whose parameters are `global`
+    /// (from a checkpoint): once every client has joined the server goes on
+    /// with round `completed + 1` (evaluating first if round `completed` was
+    /// due an evaluation). Client sampling is seeded per round, so the
+    /// resumed rounds pick the clients an uninterrupted course would have picked.
+    pub fn resumed(mut self, completed: u64, global: ParamSet) -> Self {
+        self.completed = completed;
+        self.global = global;
+        self
+    }
+
+    /// Checkpoints the global parameters as `checkpoints` says.
+    pub fn with_checkpoints(mut self, checkpoints: Checkpoints) -> Self {
+        self.checkpoints = Some(checkpoints);
+        self
+    }
+}
+
+/// Builds the server worker of a fresh course.
 pub fn server_worker(
     cfg: CourseConfig,
     initial: ParamSet,
@@ -160,30 +218,28 @@ pub fn server_worker(
     log: MetricsLog,
     transport: Arc<dyn Transport>,
 ) -> Worker<ServerState> {
-    server_worker_from(cfg, 0, initial, aggregator, log, transport)
+    server_worker_from(ServerSetup::new(cfg, initial, aggregator, log), transport)
 }
 
-/// A server that resumes a course after `completed` rounds, with `global`
-/// the parameters those rounds produced (from a checkpoint): once every
-/// client has joined it goes on with round `completed + 1` (evaluating first
-/// if round `completed` was due an evaluation). Client sampling is seeded
-/// per round, so the resumed rounds pick the clients an uninterrupted course
-/// would have picked.
+/// Builds the server worker of a course as `setup` describes it.
 pub fn server_worker_from(
-    cfg: CourseConfig,
-    completed: u64,
-    global: ParamSet,
-    aggregator: Box<dyn Aggregator>,
-    log: MetricsLog,
+    setup: ServerSetup,
     transport: Arc<dyn Transport>,
 ) -> Worker<ServerState> {
-    let initial = global;
+    let ServerSetup {
+        cfg,
+        completed,
+        global,
+        aggregator,
+        log,
+        checkpoints,
+    } = setup;
     let name = cfg.course.name.clone();
     let limits = cfg.wire.limits();
     let encode = cfg.wire.encode_options();
     let state = ServerState {
         cfg,
-        global: initial,
+        global,
         aggregator,
         joined: BTreeSet::new(),
         dropped: BTreeSet::new(),
@@ -196,6 +252,7 @@ pub fn server_worker_from(
         start_round: completed,
         base: None,
         base_sent: BTreeMap::new(),
+        checkpoints,
     };
     Worker::new(Party::Server, name, transport, state)
         .with_encoding(encode)
@@ -230,8 +287,8 @@ pub fn roll_call(s: &mut ServerState, ctx: &mut Ctx) -> HandlerResult {
     Ok(Flow::Continue)
 }
 
-/// Arms the timeout of `step` (`join`, `train` or `eval`) of `round`, when the course has one.
-fn arm_timeout(s: &ServerState, step: &str, round: u64, ctx: &mut Ctx) {
+/// Arms the timeout of `step` of `round`, when the course has one.
+fn arm_timeout(s: &ServerState, step: Step, round: u64, ctx: &mut Ctx) -> Result<(), HandlerError> {
     if let Some(t) = s.cfg.course.round_timeout_s {
         let env = Envelope::new(
             ctx.course(),
@@ -240,9 +297,10 @@ fn arm_timeout(s: &ServerState, step: &str, round: u64, ctx: &mut Ctx) {
             vec![Party::Server],
             MsgKind::Custom(TIMEOUT.into()),
         )
-        .with_meta("step", step);
+        .with_body(&Timeout { step })?;
         ctx.send_after(Duration::from_secs_f64(t), env);
     }
+    Ok(())
 }
 
 /// A step's time is up: drop the clients that have not answered and
@@ -253,11 +311,14 @@ fn on_timeout(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResul
             "timeouts come only from the server's own timers".into(),
         ));
     }
-    let step = env.meta.get("step").and_then(|v| v.as_str()).unwrap_or("");
+    let step = env
+        .body::<Timeout>()
+        .map_err(|e| HandlerError::Reject(e.to_string()))?
+        .step;
     let min = s.cfg.course.min_clients as usize;
     let timeout = s.cfg.course.round_timeout_s.unwrap_or(0.0);
     match (&mut s.phase, step) {
-        (Phase::Joining, "join") => {
+        (Phase::Joining, Step::Join) => {
             let expected = s.cfg.course.clients as usize;
             if s.joined.len() >= min {
                 warn!(
@@ -270,7 +331,7 @@ fn on_timeout(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResul
                 joined = s.joined.len(),
                 min, "too few clients after {timeout} s; waiting on"
             );
-            arm_timeout(s, "join", 0, ctx);
+            arm_timeout(s, Step::Join, 0, ctx)?;
         }
         (
             Phase::Training {
@@ -280,7 +341,7 @@ fn on_timeout(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResul
                 dropped,
                 ..
             },
-            "train",
+            Step::Train,
         ) if *round == env.round => {
             let round = *round;
             let asked = pending.len() + updates.len();
@@ -297,7 +358,7 @@ fn on_timeout(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResul
                 min,
                 "too few updates after {timeout} s; waiting on"
             );
-            arm_timeout(s, "train", round, ctx);
+            arm_timeout(s, Step::Train, round, ctx)?;
         }
         (
             Phase::Evaluating {
@@ -305,7 +366,7 @@ fn on_timeout(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResul
                 pending,
                 results,
             },
-            "eval",
+            Step::Eval,
         ) if *round == env.round => {
             let round = *round;
             let asked = pending.len() + results.len();
@@ -321,7 +382,7 @@ fn on_timeout(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResul
                 min,
                 "too few evaluations after {timeout} s; waiting on"
             );
-            arm_timeout(s, "eval", round, ctx);
+            arm_timeout(s, Step::Eval, round, ctx)?;
         }
         // A timer of a step that completed in time.
         _ => {}
@@ -375,7 +436,10 @@ fn on_join_in(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResul
     s.dropped.remove(&id);
     // The base model first: the client needs it before any request (once
     // per client instance; a join_in without one always gets it).
-    let instance = env.meta_u64("instance");
+    let instance = env
+        .body::<JoinIn>()
+        .map_err(|e| HandlerError::Reject(e.to_string()))?
+        .instance;
     let fresh = instance.is_none() || s.base_sent.get(&id) != Some(&instance);
     if let (Some((base, meta)), true) = (&s.base, fresh) {
         let mut env = Envelope::new(
@@ -398,9 +462,11 @@ fn on_join_in(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResul
         vec![Party::Client(id)],
         MsgKind::AssignId,
     )
-    .with_meta("client_id", id)
-    .with_meta("rounds", s.cfg.course.rounds)
-    .with_meta("clients", s.cfg.course.clients);
+    .with_body(&AssignId {
+        client_id: id,
+        rounds: s.cfg.course.rounds,
+        clients: s.cfg.course.clients,
+    })?;
     ctx.send(reply)?;
     if first_time {
         info!(
@@ -442,7 +508,7 @@ fn on_join_in(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResul
             return start_course(s, ctx);
         }
         if first_time && s.joined.len() == 1 {
-            arm_timeout(s, "join", 0, ctx);
+            arm_timeout(s, Step::Join, 0, ctx)?;
         }
     }
     Ok(Flow::Continue)
@@ -505,8 +571,7 @@ fn begin_round(s: &mut ServerState, round: u64, ctx: &mut Ctx) -> Result<(), Han
         bytes_down: (bytes * picked.len()) as u64,
         dropped: Vec::new(),
     };
-    arm_timeout(s, "train", round, ctx);
-    Ok(())
+    arm_timeout(s, Step::Train, round, ctx)
 }
 
 fn begin_eval(s: &mut ServerState, round: u64, ctx: &mut Ctx) -> Result<(), HandlerError> {
@@ -537,8 +602,7 @@ fn begin_eval(s: &mut ServerState, round: u64, ctx: &mut Ctx) -> Result<(), Hand
             .collect(),
         results: Vec::new(),
     };
-    arm_timeout(s, "eval", round, ctx);
-    Ok(())
+    arm_timeout(s, Step::Eval, round, ctx)
 }
 
 /// Takes `id` out of the pending set of the step for `round`, or explains why the answer does not fit.
@@ -576,10 +640,15 @@ fn on_update(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResult
     };
     let round = *round;
     // Validate everything before claiming, so a bad update leaves the round as it was.
-    let n_samples = env
-        .meta_u64("n_samples")
-        .filter(|&n| n > 0)
-        .ok_or_else(|| HandlerError::Reject("update without a positive `n_samples`".into()))?;
+    let body: protocol::Update = env
+        .body()
+        .map_err(|e| HandlerError::Reject(e.to_string()))?;
+    let n_samples = body.n_samples;
+    if n_samples == 0 {
+        return Err(HandlerError::Reject(
+            "update without a positive `n_samples`".into(),
+        ));
+    }
     let params = env
         .payload
         .as_ref()
@@ -590,11 +659,11 @@ fn on_update(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResult
     let p = claim(pending, round, &env, id)?;
     let mut r = Record::new(Event::Train, round, Some(id));
     r.split = Some("train".into());
-    r.loss = env.meta_f64("train_loss");
+    r.loss = body.train_loss;
     r.samples = Some(n_samples);
     r.bytes_up = ctx.received_bytes() as u64;
     r.bytes_down = p.bytes_down as u64;
-    r.compute_s = env.meta_f64("compute_s").unwrap_or(0.0);
+    r.compute_s = body.compute_s;
     r.wall_s = p.sent_at.elapsed().as_secs_f64();
     let bytes_up_now = r.bytes_up;
     record(s, r)?;
@@ -647,6 +716,11 @@ fn finish_round(s: &mut ServerState, ctx: &mut Ctx) -> HandlerResult {
         .check_finite()
         .map_err(|e| HandlerError::Fatal(format!("round {round}: aggregation produced {e}")))?;
     s.global = global;
+    if let Some(cp) = s.checkpoints.as_ref().filter(|cp| cp.due(round)) {
+        // A checkpoint that cannot be written must not pass unnoticed.
+        cp.write(round, &s.global, updates.len(), s.aggregator.as_ref())
+            .map_err(|e| HandlerError::Fatal(format!("round {round}: {e}")))?;
+    }
     let mut r = Record::new(Event::Round, round, None);
     r.samples = Some(updates.iter().map(|u| u.n_samples).sum());
     r.bytes_up = bytes_up;
@@ -704,15 +778,12 @@ fn on_metrics(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResul
         return Err(HandlerError::Reject("no evaluation is running".into()));
     };
     let round = *round;
-    let splits: Vec<SplitEval> = env
-        .meta
-        .get("results")
-        .cloned()
-        .ok_or_else(|| HandlerError::Reject("metrics without `results`".into()))
-        .and_then(|v| {
-            serde_json::from_value(v)
-                .map_err(|e| HandlerError::Reject(format!("malformed `results`: {e}")))
-        })?;
+    let protocol::Metrics {
+        results: splits,
+        compute_s,
+    } = env
+        .body()
+        .map_err(|e| HandlerError::Reject(e.to_string()))?;
     if let Some(bad) = splits.iter().find(|e| !e.loss.is_finite()) {
         return Err(HandlerError::Reject(format!(
             "split `{}` has a non-finite loss",
@@ -720,7 +791,6 @@ fn on_metrics(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResul
         )));
     }
     let p = claim(pending, round, &env, id)?;
-    let compute_s = env.meta_f64("compute_s").unwrap_or(0.0);
     for (i, split) in splits.iter().enumerate() {
         let mut r = Record::new(Event::Eval, round, Some(id));
         r.split = Some(split.split.clone());

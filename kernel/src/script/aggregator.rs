@@ -33,31 +33,31 @@ use crate::params::ParamSet;
 pub const BUILT_IN: [(&str, &str); 7] = [
     (
         "fedavg",
-        include_str!("../../../scripts/aggregators/fedavg.rhai"),
+        include_str!("../../scripts/aggregators/fedavg.rhai"),
     ),
     (
         "fedavgm",
-        include_str!("../../../scripts/aggregators/fedavgm.rhai"),
+        include_str!("../../scripts/aggregators/fedavgm.rhai"),
     ),
     (
         "fedadam",
-        include_str!("../../../scripts/aggregators/fedadam.rhai"),
+        include_str!("../../scripts/aggregators/fedadam.rhai"),
     ),
     (
         "fedyogi",
-        include_str!("../../../scripts/aggregators/fedyogi.rhai"),
+        include_str!("../../scripts/aggregators/fedyogi.rhai"),
     ),
     (
         "fedadagrad",
-        include_str!("../../../scripts/aggregators/fedadagrad.rhai"),
+        include_str!("../../scripts/aggregators/fedadagrad.rhai"),
     ),
     (
         "median",
-        include_str!("../../../scripts/aggregators/median.rhai"),
+        include_str!("../../scripts/aggregators/median.rhai"),
     ),
     (
         "trimmed_mean",
-        include_str!("../../../scripts/aggregators/trimmed_mean.rhai"),
+        include_str!("../../scripts/aggregators/trimmed_mean.rhai"),
     ),
 ];
 
@@ -83,7 +83,7 @@ impl ScriptSection {
         &self,
         config_dir: Option<&Path>,
         built_in: &'static [(&'static str, &'static str)],
-    ) -> Result<Option<ScriptSource>, String> {
+    ) -> Result<Option<ScriptSource>, ScriptNotFound> {
         let Some(spec) = &self.script else {
             return Ok(None);
         };
@@ -107,20 +107,18 @@ impl ScriptSection {
         if let Some((name, text)) = built_in.iter().find(|(n, _)| *n == bare) {
             return Ok(Some(ScriptSource::BuiltIn { name, text }));
         }
-        let names: Vec<&str> = built_in.iter().map(|(n, _)| *n).collect();
-        Err(format!(
-            "no script file `{spec}` (looked at {}) and no shipped script of that name (shipped: {})",
-            tried
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
-            names.join(", ")
-        ))
+        Err(ScriptNotFound {
+            spec: spec.clone(),
+            tried,
+            shipped: built_in.iter().map(|(n, _)| n.to_string()).collect(),
+        })
     }
 
     /// [`Self::resolve_in`] among the shipped aggregators.
-    pub fn resolve(&self, config_dir: Option<&Path>) -> Result<Option<ScriptSource>, String> {
+    pub fn resolve(
+        &self,
+        config_dir: Option<&Path>,
+    ) -> Result<Option<ScriptSource>, ScriptNotFound> {
         self.resolve_in(config_dir, &BUILT_IN)
     }
 
@@ -131,6 +129,33 @@ impl ScriptSection {
             .map(|(k, v)| (k.as_str().into(), toml_to_dynamic(v)))
             .collect()
     }
+}
+
+/// A script named in a config that is neither a file nor a shipped script.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error(
+    "no script file `{spec}` (looked at {}) and no shipped script of that name (shipped: {})",
+    .tried.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+    .shipped.join(", ")
+)]
+pub struct ScriptNotFound {
+    /// What the config said.
+    pub spec: String,
+    /// The paths looked at.
+    pub tried: Vec<PathBuf>,
+    /// The shipped scripts' names.
+    pub shipped: Vec<String>,
+}
+
+/// A script named in a config that cannot be used: not found, or not a valid script.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ScriptLoadError {
+    /// No such file and no shipped script of that name.
+    #[error(transparent)]
+    NotFound(#[from] ScriptNotFound),
+    /// The script does not compile or lacks a function it must define.
+    #[error(transparent)]
+    Script(#[from] ScriptError),
 }
 
 /// Where a script comes from.
@@ -506,7 +531,7 @@ mod tests {
 
     #[test]
     fn the_readme_example_damps_disagreeing_updates() {
-        let text = include_str!("../../../scripts/aggregators/damped_momentum.rhai");
+        let text = include_str!("../../scripts/aggregators/damped_momentum.rhai");
         let mut agg = from_text(text, OnScriptError::Fail);
         let x0 = update(0, 1, &[0.0, 0.0]).params;
         // Agreeing clients: no spread, the full step.
@@ -615,7 +640,7 @@ mod tests {
                 ..
             }))
         ));
-        let err = section("fedmagic").resolve(None).unwrap_err();
+        let err = section("fedmagic").resolve(None).unwrap_err().to_string();
         assert!(err.contains("fedmagic") && err.contains("fedadam"), "{err}");
         assert_eq!(AggregatorSection::default().resolve(None), Ok(None));
         let dir = std::env::temp_dir().join(format!("fedtune-agg-{}", std::process::id()));

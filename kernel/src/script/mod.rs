@@ -20,7 +20,9 @@ pub mod api;
 pub mod state;
 
 pub use aggregator::{toml_to_dynamic, AggregatorSection, ScriptAggregator, ScriptSection};
-pub use aggregator::{ScriptSource, BUILT_IN as BUILT_IN_AGGREGATORS};
+pub use aggregator::{
+    ScriptLoadError, ScriptNotFound, ScriptSource, BUILT_IN as BUILT_IN_AGGREGATORS,
+};
 pub use api::{Tensor, Update};
 /// The Rhai crate, for callers that register more of their own API.
 pub use rhai;

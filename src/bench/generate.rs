@@ -10,7 +10,7 @@ use fedtune_adapters::eval::batch::{generate_aligned, SharedPrefix};
 use fedtune_adapters::eval::tasks::{self, Items, Task};
 use fedtune_adapters::generate::GenerationConfig;
 
-use crate::eval_cmd::Loaded;
+use fedtune_adapters::course::Loaded;
 
 pub fn generate(batches: &[usize], tokens: usize, data_root: &Path) -> Result<()> {
     let loaded = Loaded::load(None, None, &|m| eprintln!("{m}"))?;

@@ -18,7 +18,8 @@ use fedtune_adapters::train::{NoHooks, Stepper, TrainConfig};
 use fedtune_kernel::{encode, Compression, EncodeOptions, Envelope, MsgKind, Party, Quantization};
 use serde::{Deserialize, Serialize};
 
-use crate::bench_train::{default_model_f32, peak_rss_mib, seeded_batch};
+use super::train::{default_model_f32, seeded_batch};
+use fedtune_kernel::metrics::peak_rss_mib;
 
 /// One method's row.
 #[derive(Debug, Serialize, Deserialize)]

@@ -14,6 +14,7 @@ use fedtune_adapters::fetch::ensure_default_model;
 use fedtune_adapters::lora::{Lora, LoraConfig};
 use fedtune_adapters::model::load_gguf;
 use fedtune_adapters::train::{Batch, NoHooks, Stepper, TrainConfig};
+use fedtune_kernel::metrics::peak_rss_mib;
 use serde::Serialize;
 
 #[derive(Debug, Serialize)]
@@ -186,12 +187,4 @@ pub(crate) fn seeded_batch(
 pub(crate) fn default_model_f32() -> Result<fedtune_adapters::model::GgufModel> {
     let path = ensure_default_model(|line| eprintln!("{line}"))?;
     load_gguf(&path, DType::F32, &Device::Cpu).context("loading the default model")
-}
-
-/// Peak resident memory of this process (Linux `VmHWM`).
-pub(crate) fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
 }

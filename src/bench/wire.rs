@@ -13,7 +13,7 @@ use fedtune_kernel::{
     ParamSet, Party, Quantization, Subscription, Transport,
 };
 
-use crate::bench::lora_like;
+use super::codec::lora_like;
 
 /// The parties of one medium, subscribed.
 struct Medium {

@@ -67,7 +67,7 @@ pub fn scripts(calls: usize, clients: usize, steps: usize, json: bool) -> Result
         "--calls, --clients and --steps must be positive"
     );
     let device = Device::Cpu;
-    let loaded = crate::bench_train::default_model_f32()?;
+    let loaded = super::train::default_model_f32()?;
     let model = &loaded.model;
     let lora_cfg = LoraConfig {
         lora_dropout: 0.0,
@@ -120,7 +120,7 @@ pub fn scripts(calls: usize, clients: usize, steps: usize, json: bool) -> Result
     })?;
 
     // Training steps, as in `fedtune bench train-step`.
-    let b = crate::bench_train::seeded_batch(model.config().vocab_size, 4, 128, &device)?;
+    let b = super::train::seeded_batch(model.config().vocab_size, 4, 128, &device)?;
     let one = std::slice::from_ref(&b);
     let mut stepper = Stepper::new(&lora, TrainConfig::default())?;
     stepper.step(model, &lora, one, (0, 1), &mut NoHooks)?;

@@ -1,0 +1,160 @@
+//! The base model a course trains around, and a model with an adapter for evaluation.
+//!
+//! A model is read once per process — a GGUF file (the default model's
+//! format) or a Hugging Face directory — and shared: the round-robin
+//! trainer, FedOT's emulator and the evaluations at the end all use the
+//! same [`Base`].
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+
+use super::{CourseError, Result};
+use crate::adapter::Adapter;
+use crate::course::Context;
+use crate::eval::EvalModel;
+use crate::fetch::ensure_default_model;
+use crate::model::{load_gguf, load_hf_dir, load_hf_tokenizer, Llama, ProjectionAdapter};
+use crate::peft::load_adapter;
+use crate::tokenizer::TextTokenizer;
+
+/// A base model in memory, its tokenizer and where it came from.
+#[derive(Clone)]
+pub struct Base {
+    /// The decoder.
+    pub model: Arc<Llama>,
+    /// Its tokenizer.
+    pub tok: Arc<TextTokenizer>,
+    /// The file or directory it was read from.
+    pub path: PathBuf,
+}
+
+/// `path`, or the default model's (fetched on first use).
+fn model_path(path: Option<&Path>, say: &dyn Fn(&str)) -> Result<PathBuf> {
+    match path {
+        Some(p) => Ok(p.to_path_buf()),
+        None => ensure_default_model(say).context("fetching the default model"),
+    }
+}
+
+impl Base {
+    /// The model file's (or directory's) name, as adapters record their base model.
+    pub fn file_name(&self) -> String {
+        self.path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Only the tokenizer of the model at `path` (or the default model's):
+    /// GGUF metadata or a directory's `tokenizer.json`, no weights read.
+    pub fn load_tokenizer(path: Option<&Path>, say: &dyn Fn(&str)) -> Result<TextTokenizer> {
+        let path = model_path(path, say)?;
+        let context = || format!("reading the tokenizer of {}", path.display());
+        if !path.is_dir() {
+            return TextTokenizer::from_gguf_path(&path).with_context(context);
+        }
+        load_hf_tokenizer(&path)
+            .with_context(context)?
+            .ok_or_else(|| {
+                CourseError::invalid(format!("{} has no tokenizer.json", path.display()))
+            })
+    }
+
+    /// Loads the model at `path` — a GGUF file, or a Hugging Face directory
+    /// with `config.json`, safetensors weights and `tokenizer.json` (as
+    /// `fedtune model tiny` writes) — or the default model when `None`.
+    pub fn load(path: Option<&Path>, say: &dyn Fn(&str)) -> Result<Self> {
+        let path = model_path(path, say)?;
+        say(&format!("loading {}", path.display()));
+        let context = || format!("loading the model {}", path.display());
+        if path.is_dir() {
+            let hf = load_hf_dir(&path, DType::F32, &Device::Cpu).with_context(context)?;
+            let tok = hf.tokenizer.ok_or_else(|| {
+                CourseError::invalid(format!("{} has no tokenizer.json", path.display()))
+            })?;
+            return Ok(Self {
+                model: Arc::new(hf.model),
+                tok: Arc::new(tok),
+                path,
+            });
+        }
+        let loaded = load_gguf(&path, DType::F32, &Device::Cpu).with_context(context)?;
+        Ok(Self {
+            tok: Arc::new(TextTokenizer::from_gguf(&loaded.content).with_context(context)?),
+            model: Arc::new(loaded.model),
+            path,
+        })
+    }
+}
+
+/// A loaded model, its tokenizer and (optionally) an adapter: what an evaluation runs.
+pub struct Loaded {
+    model: Arc<Llama>,
+    tok: Arc<TextTokenizer>,
+    adapter: Option<Box<dyn Adapter>>,
+    model_path: PathBuf,
+}
+
+impl Loaded {
+    /// Loads the model (the default one if `path` is `None`) and the adapter in `adapter`.
+    pub fn load(path: Option<&Path>, adapter: Option<&Path>, say: &dyn Fn(&str)) -> Result<Self> {
+        Self::with_adapter(Base::load(path, say)?, adapter, say)
+    }
+
+    /// `base` with the adapter in `adapter` (none: the base model alone).
+    pub fn with_adapter(base: Base, adapter: Option<&Path>, say: &dyn Fn(&str)) -> Result<Self> {
+        let Base {
+            model,
+            tok,
+            path: model_path,
+        } = base;
+        let adapter = match adapter {
+            None => None,
+            Some(dir) => {
+                let (spec, params) = load_adapter(dir)
+                    .with_context(|| format!("loading the adapter {}", dir.display()))?;
+                let built = spec
+                    .build(&model, 0)
+                    .with_context(|| format!("building the adapter {}", dir.display()))?;
+                built.load_param_set(&params).with_context(|| {
+                    format!("the adapter {} does not fit the model", dir.display())
+                })?;
+                built.set_grad_enabled(false);
+                say(&format!(
+                    "adapter {} ({} parameters)",
+                    dir.display(),
+                    built.num_parameters()
+                ));
+                say(&format!("adapter method {}", built.peft_type()));
+                Some(built)
+            }
+        };
+        Ok(Self {
+            model,
+            tok,
+            adapter,
+            model_path,
+        })
+    }
+
+    /// The model as evaluations see it.
+    pub fn view(&self) -> EvalModel<'_> {
+        EvalModel {
+            model: &self.model,
+            tok: &self.tok,
+            adapter: self.adapter.as_deref().map(|l| l as &dyn ProjectionAdapter),
+        }
+    }
+
+    /// The tokenizer.
+    pub fn tok(&self) -> &TextTokenizer {
+        &self.tok
+    }
+
+    /// Where the model was read from.
+    pub fn model_path(&self) -> &Path {
+        &self.model_path
+    }
+}

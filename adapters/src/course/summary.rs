@@ -1,0 +1,141 @@
+//! What a finished course reports (`summary.json`): each client's held-out
+//! loss before training and after the last round, the traffic, the time
+//! and the memory — read back from the whole metrics file, so a resumed
+//! course reports from its first round.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use fedtune_kernel::config::Mode;
+use fedtune_kernel::course::RoundEval;
+use fedtune_kernel::{Event, Record};
+use serde::Serialize;
+
+use super::offsite::OffsiteSummary;
+use super::{Context, Result};
+use crate::eval::suite::TaskReport;
+
+/// One client's line of the summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClientSummary {
+    /// 1-based id.
+    pub id: u32,
+    /// Its name (meta label or number).
+    pub name: String,
+    /// Training examples.
+    pub train_examples: usize,
+    /// Test examples.
+    pub test_examples: usize,
+    /// Test loss before training.
+    pub test_loss_before: Option<f64>,
+    /// Test loss after the last round.
+    pub test_loss_after: Option<f64>,
+}
+
+/// `summary.json` of an LLM course.
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    /// The course name.
+    pub course: String,
+    /// The scenario.
+    pub mode: Mode,
+    /// Rounds.
+    pub rounds: u64,
+    /// Clients.
+    pub clients: u32,
+    /// Local steps per round.
+    pub local_steps: usize,
+    /// Sample-weighted mean of the clients' test losses.
+    pub test_loss_before: Option<f64>,
+    /// Sample-weighted mean of the clients' test losses after the last round.
+    pub test_loss_after: Option<f64>,
+    /// Unweighted mean over clients of their test loss after the last round
+    /// (each with its personal adapter in personalized runs), as FS-LLM reports pFL.
+    pub mean_client_test_loss_after: Option<f64>,
+    /// Per client.
+    pub per_client: Vec<ClientSummary>,
+    /// Bytes clients sent.
+    pub bytes_up: u64,
+    /// Bytes the server sent.
+    pub bytes_down: u64,
+    /// Wall time of the run.
+    pub wall_s: f64,
+    /// Peak resident memory.
+    pub peak_rss_mib: Option<f64>,
+    /// Where the final adapter is.
+    pub adapter: String,
+    /// The `[eval]` tasks' results on the final adapter (each client's, in local mode).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub eval: Vec<TaskReport>,
+    /// FedOT: the emulator, and the adapter plugged back into the full model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offsite: Option<OffsiteSummary>,
+}
+
+impl Summary {
+    /// The sample-weighted mean over clients of `f` (clients without a value left out).
+    pub fn weighted_mean(
+        clients: &[ClientSummary],
+        f: fn(&ClientSummary) -> Option<f64>,
+    ) -> Option<f64> {
+        let (mut num, mut den) = (0.0, 0.0);
+        for s in clients {
+            if let Some(v) = f(s) {
+                num += v * s.test_examples as f64;
+                den += s.test_examples as f64;
+            }
+        }
+        (den > 0.0).then(|| num / den)
+    }
+
+    /// The unweighted mean over clients of their last test loss.
+    pub fn mean_after(clients: &[ClientSummary]) -> Option<f64> {
+        let after: Vec<f64> = clients.iter().filter_map(|c| c.test_loss_after).collect();
+        (!after.is_empty()).then(|| after.iter().sum::<f64>() / after.len() as f64)
+    }
+}
+
+/// Every record of a metrics file.
+pub fn read_records(path: &Path) -> Result<Vec<Record>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .with_context(|| format!("{}:{}: not a metrics record", path.display(), i + 1))
+        })
+        .collect()
+}
+
+/// The first and last evaluated loss of `split` for `client`.
+pub fn split_losses(records: &[Record], client: u32, split: &str) -> (Option<f64>, Option<f64>) {
+    let evals: Vec<&Record> = records
+        .iter()
+        .filter(|r| {
+            r.event == Event::Eval && r.client == Some(client) && r.split.as_deref() == Some(split)
+        })
+        .collect();
+    (
+        evals.first().and_then(|r| r.loss),
+        evals.last().and_then(|r| r.loss),
+    )
+}
+
+/// Bytes up and down over every round's record.
+pub fn traffic(records: &[Record]) -> (u64, u64) {
+    records
+        .iter()
+        .filter(|r| r.event == Event::Round)
+        .fold((0, 0), |(u, d), r| (u + r.bytes_up, d + r.bytes_down))
+}
+
+/// Each split's sample-weighted loss at `round`.
+pub fn losses_at(evals: &[RoundEval], round: Option<u64>) -> BTreeMap<String, f64> {
+    evals
+        .iter()
+        .filter(|e| Some(e.round) == round)
+        .map(|e| (e.split.clone(), e.loss))
+        .collect()
+}

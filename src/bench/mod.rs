@@ -1,0 +1,180 @@
+//! `fedtune bench …`: the speed and sizes of fedtune's parts, each a file.
+//!
+//! | command | file | measures |
+//! |---|---|---|
+//! | `codec` | [`codec`] | encoded size and throughput of a ParamSet per quantization × compression |
+//! | `matmul` | [`matmul`] | candle's CPU matmul throughput by dtype at the default model's shapes |
+//! | `peft` | [`peft`] | per PEFT method: trainable parameters, bytes per round, step time, memory |
+//! | `wire` | [`wire`] | a broadcast-collect round, in-process vs NATS, per wire encoding |
+//! | `generate` | [`generate`] | decoding throughput with GSM8K's 8-shot prefix, by batch size |
+//! | `scripts` | [`scripts`] | what the Rhai script host costs against the native path |
+//! | `train-step` | [`train`] | one LoRA training step on the default model |
+
+mod codec;
+mod generate;
+mod matmul;
+mod peft;
+mod scripts;
+mod train;
+mod wire;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Subcommand;
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Encoded size and encode/decode throughput of a ParamSet for every quantization × compression.
+    Codec {
+        /// Number of parameters in the benchmark ParamSet.
+        #[arg(long, default_value_t = 1_000_000)]
+        params: usize,
+        /// Repetitions per configuration (the fastest counts).
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// Print JSON instead of a Markdown table.
+        #[arg(long)]
+        json: bool,
+        /// Write the result to this file as well.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// candle's CPU matmul throughput in f32, bf16 and f16 at the default model's shapes.
+    Matmul {
+        /// Rows of the activation matrix (tokens in a batch).
+        #[arg(long, default_value_t = 512)]
+        tokens: usize,
+        /// Repetitions per shape and dtype (the fastest counts).
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+    },
+    /// Per PEFT method on the default model: trainable parameters, bytes per
+    /// client per round, seconds per training step, peak memory.
+    Peft {
+        /// Methods to measure, comma-separated (lora, prompt, p-tuning, prefix,
+        /// fedot-RATIO: LoRA in a 2 + 2-layer emulator with that drop ratio).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "lora,prompt,p-tuning,prefix,fedot-0.2,fedot-0.5"
+        )]
+        methods: Vec<String>,
+        /// Timed training steps per method (after one untimed).
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Sequences per batch.
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        /// Tokens per sequence.
+        #[arg(long, default_value_t = 128)]
+        seq_len: usize,
+        /// Measure this one method in this process and print its row as JSON.
+        #[arg(long, hide = true)]
+        one: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Seconds and bytes of one broadcast-collect round, in-process vs NATS, per wire encoding.
+    Wire {
+        /// Clients in the round.
+        #[arg(long, default_value_t = 8)]
+        clients: u32,
+        /// Rounds per configuration (the median counts).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// A NATS server to use (default: start a local nats-server).
+        #[arg(long)]
+        nats: Option<String>,
+    },
+    /// Generation throughput on the default model with GSM8K's 8-shot prefix, by batch size.
+    Generate {
+        /// Batch sizes to measure, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+        batches: Vec<usize>,
+        /// Tokens generated per sequence.
+        #[arg(long, default_value_t = 32)]
+        tokens: usize,
+        /// Where the data sets are (default: $FEDTUNE_DATA_ROOT, ./data or ../shared/data).
+        #[arg(long)]
+        data_root: Option<PathBuf>,
+    },
+    /// What the Rhai script host costs per aggregation and per training step, against the native path.
+    Scripts {
+        /// Calls per measurement (the median counts).
+        #[arg(long, default_value_t = 100)]
+        calls: usize,
+        /// Client updates per aggregation.
+        #[arg(long, default_value_t = 3)]
+        clients: usize,
+        /// Real training steps timed (batch 4 x 128).
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Seconds and GFLOP/s of one LoRA training step (r 8, q/v, AdamW, f32) on the default model.
+    TrainStep {
+        /// Sequences per batch.
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        /// Tokens per sequence.
+        #[arg(long, default_value_t = 128)]
+        seq_len: usize,
+        /// Timed steps (after one warm-up step).
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs one benchmark.
+pub fn bench(command: BenchCommand) -> Result<()> {
+    match command {
+        BenchCommand::Codec {
+            params,
+            reps,
+            json,
+            out,
+        } => codec::codec(params, reps, json, out.as_deref()),
+        BenchCommand::TrainStep {
+            batch,
+            seq_len,
+            steps,
+            json,
+        } => train::train_step(batch, seq_len, steps, json),
+        BenchCommand::Scripts {
+            calls,
+            clients,
+            steps,
+            json,
+        } => scripts::scripts(calls, clients, steps, json),
+        BenchCommand::Matmul { tokens, reps } => matmul::matmul(tokens, reps),
+        BenchCommand::Peft {
+            methods,
+            steps,
+            batch,
+            seq_len,
+            one,
+            json,
+        } => peft::peft(&methods, (steps, batch, seq_len), one.as_deref(), json),
+        BenchCommand::Wire {
+            clients,
+            reps,
+            nats,
+        } => wire::wire(clients, reps, nats),
+        BenchCommand::Generate {
+            batches,
+            tokens,
+            data_root,
+        } => generate::generate(
+            &batches,
+            tokens,
+            &fedtune_adapters::data::data_root(data_root.as_deref()),
+        ),
+    }
+}

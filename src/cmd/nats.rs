@@ -1,0 +1,79 @@
+//! A party's connection to the NATS broker, shared by `fedtune server` and
+//! `fedtune client`: credentials from `--creds` or `$FEDTUNE_NATS_CREDS`,
+//! and a worker stopped with a clear error as soon as the broker refuses it
+//! a subject (another party's credentials).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use fedtune_broker::auth::Credentials;
+use fedtune_broker::{NatsOptions, NatsTransport};
+use fedtune_kernel::worker::WorkerOutcome;
+use fedtune_kernel::{Party, ShutdownHandle, Transport, Worker};
+
+/// The environment variable naming a credentials file when `--creds` is not given.
+pub const CREDS_ENV: &str = "FEDTUNE_NATS_CREDS";
+
+/// What the broker refused a party, once it refuses something.
+pub type Refusals = tokio::sync::watch::Receiver<Option<String>>;
+
+/// Connects `party` of `course` to the broker at `url` with the credentials
+/// in `creds` (or `$FEDTUNE_NATS_CREDS`; none: an open broker).
+pub async fn connect(
+    url: &str,
+    course: &str,
+    party: Party,
+    creds: Option<&Path>,
+) -> Result<(Arc<dyn Transport>, Refusals)> {
+    let creds = creds
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os(CREDS_ENV).map(PathBuf::from));
+    let credentials = match &creds {
+        Some(path) => Some(Credentials::load(path)?),
+        None => None,
+    };
+    let options = NatsOptions {
+        name: format!("fedtune-{course}-{party}").replace(' ', "-"),
+        credentials,
+        ..NatsOptions::default()
+    };
+    let transport = NatsTransport::connect(url, course, options)
+        .await
+        .with_context(|| match &creds {
+            Some(p) => format!("{party} with the credentials in {}", p.display()),
+            None => format!("{party} without credentials (--creds or ${CREDS_ENV})"),
+        })?;
+    let refusals = transport.refusals();
+    Ok((Arc::new(transport), refusals))
+}
+
+/// Runs `worker` until it ends, or stops it as soon as the broker refuses
+/// it a subject (wrong credentials for this party): then fails saying so.
+pub async fn run_guarded<S: Send + 'static>(
+    worker: Worker<S>,
+    refusals: Refusals,
+) -> Result<WorkerOutcome<S>> {
+    let party = worker.party();
+    let (handle, signal) = ShutdownHandle::new();
+    let mut watch = refusals.clone();
+    let watcher = tokio::spawn(async move {
+        if watch.wait_for(|r| r.is_some()).await.is_ok() {
+            handle.trigger();
+        }
+    });
+    let out = worker.run(signal).await;
+    watcher.abort();
+    if let Some(m) = refusals.borrow().clone() {
+        bail!("the NATS server refused {party}: {m} (are these {party}'s credentials?)");
+    }
+    Ok(out?)
+}
+
+/// The runtime a party's worker runs on.
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}

@@ -1,0 +1,123 @@
+//! `fedtune server`: a course's server alone in this process, over NATS
+//! (clients: `fedtune client`). It checkpoints every round and `--resume`
+//! continues after the newest checkpoint, calling the roll so that running
+//! clients rejoin.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use clap::Args;
+use fedtune_adapters::course::process::server_process;
+use fedtune_adapters::course::{CourseFile, Output};
+use fedtune_adapters::progress::Observer;
+use fedtune_kernel::course::{roll_call, server_worker_from};
+use fedtune_kernel::Party;
+
+use super::course_args::default_run_dir;
+use super::nats::{connect, run_guarded, runtime};
+use crate::display::Display;
+
+/// Arguments of `fedtune server`.
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// The course configuration (TOML), the same file every client uses.
+    config: PathBuf,
+    /// The NATS server, e.g. nats://127.0.0.1:4222.
+    #[arg(long)]
+    nats: String,
+    /// The server's credentials file (from `fedtune broker config`); default $FEDTUNE_NATS_CREDS.
+    #[arg(long)]
+    creds: Option<PathBuf>,
+    /// Override a config value (repeatable); clients need the same overrides.
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    set: Vec<String>,
+    /// Output directory (default: runs/<course>-<timestamp>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue the course in --out DIR after its newest checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Data root for public data (FedOT's emulator distillation); default
+    /// $FEDTUNE_DATA_ROOT, else ./data, else ../shared/data.
+    #[arg(long)]
+    data_root: Option<PathBuf>,
+    /// Print only the final summary as JSON.
+    #[arg(long)]
+    json: bool,
+    /// No progress lines.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// `fedtune server`.
+pub fn server(args: ServerArgs) -> Result<()> {
+    let started = Instant::now();
+    let course = CourseFile::load(&args.config, &args.set)?;
+    let cfg = &course.cfg;
+    if args.resume && args.out.is_none() {
+        bail!("--resume needs --out DIR, the server's run directory");
+    }
+    let out = Output {
+        dir: args
+            .out
+            .clone()
+            .unwrap_or_else(|| default_run_dir(&cfg.course.name)),
+        resume: args.resume,
+        data_root: args.data_root.clone(),
+    };
+    out.prepare(&course)?;
+    let log = out.dir.join("server.log");
+    crate::runlog::log_to_file(&log).with_context(|| format!("cannot write {}", log.display()))?;
+    let display = Display::new(args.quiet || args.json).timed().shared();
+    let process = server_process(&course, &out, display.clone())?;
+    display.say(&format!(
+        "course `{}`: waiting for {} clients at {}",
+        cfg.course.name, cfg.course.clients, args.nats
+    ));
+    let outcome = runtime()?.block_on(async {
+        let (transport, refusals) = connect(
+            &args.nats,
+            &cfg.course.name,
+            Party::Server,
+            args.creds.as_deref(),
+        )
+        .await?;
+        let mut worker = server_worker_from(process.setup, transport).on_start(roll_call);
+        if let Some((weights, meta)) = process.base_model {
+            worker.state_mut().set_base(weights, meta);
+        }
+        run_guarded(worker, refusals).await
+    })?;
+    display.finished();
+    let state = outcome.state;
+    ensure!(
+        state.is_finished(),
+        "the server stopped before the course finished ({:?})",
+        outcome.reason
+    );
+    let results = state.into_results();
+    let summary = process
+        .end
+        .finish(&results, outcome.stats.rejected, started)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!(
+            "course `{}` finished: {} rounds, {:.1} KB up, {:.1} KB down, {:.1} s; final {}\nresults in {}",
+            summary.course,
+            summary.rounds,
+            summary.bytes_up as f64 / 1e3,
+            summary.bytes_down as f64 / 1e3,
+            summary.wall_s,
+            summary
+                .loss_last
+                .iter()
+                .map(|(s, l)| format!("{s} loss {l:.4}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            out.dir.display()
+        );
+    }
+    Ok(())
+}
