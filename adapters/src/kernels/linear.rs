@@ -1,0 +1,111 @@
+//! `x · Wᵀ` for a frozen weight `W`.
+//!
+//! candle's matmul backward computes both operands' gradients, so a plain
+//! matmul spends a weight-sized product and buffer per projection per step on
+//! a gradient nobody uses. This op's backward is `grad · W` alone.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType};
+
+use super::gemm::{gemm, Mat, Shared};
+use super::rows::{by_dtype, data, fused, pool_threads, with_data};
+
+/// `x · Wᵀ` for a frozen weight `W` `(out, in)`; `x` is `(…, in)`.
+pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if !fused(x) || x.dtype() != w.dtype() || !w.is_contiguous() {
+        return x.broadcast_matmul(&w.t()?);
+    }
+    x.contiguous()?.apply_op1(Linear {
+        w: w.clone(),
+        transposed: true,
+    })
+}
+
+/// `x · Wᵀ` (`transposed`, the forward) or `g · W` (the backward), blocks
+/// of the output on the worker pool, each through `gemm` on one thread.
+pub(super) struct Linear {
+    pub(super) w: Tensor,
+    pub(super) transposed: bool,
+}
+
+impl Linear {
+    /// The product for `x` of shape `dims`, and the output's shape.
+    pub(super) fn run<T: WithDType>(&self, x: &[T], dims: &[usize]) -> Result<(Vec<T>, Shape)> {
+        let (wr, wc) = self.w.dims2()?;
+        let (k, n) = if self.transposed { (wc, wr) } else { (wr, wc) };
+        let last = *dims.last().unwrap_or(&0);
+        if last != k {
+            candle_core::bail!(
+                "linear: input has {last} features, weight {:?}",
+                self.w.dims()
+            )
+        }
+        let m = x.len() / k.max(1);
+        let threads = pool_threads();
+        // Wide outputs (the vocabulary head, the MLP's up projections) split by
+        // column blocks, so each thread packs only its share of W; tall ones by rows.
+        let by_cols = n >= m;
+        let per = if by_cols {
+            n.div_ceil(threads).next_multiple_of(16)
+        } else {
+            m.div_ceil(threads)
+        }
+        .max(1);
+        let blocks = if by_cols { n } else { m }.div_ceil(per);
+        let out = if k == 0 {
+            Shared::zeroed(m, n)
+        } else {
+            Shared::uninit(m, n)
+        };
+        with_data::<T, _>(&self.w, "linear", |w| {
+            if k == 0 {
+                return;
+            }
+            // rhs (k × n): Wᵀ when transposed (W is n × k), else W (k × n).
+            let rhs = if self.transposed {
+                Mat::new(w, n, k).t()
+            } else {
+                Mat::new(w, k, n)
+            };
+            let lhs = Mat::new(x, m, k);
+            let block = |b: usize| {
+                let (rows, cols) = if by_cols {
+                    (0..m, b * per..((b + 1) * per).min(n))
+                } else {
+                    (b * per..((b + 1) * per).min(m), 0..n)
+                };
+                let (a, bm) = (lhs.rows(rows.clone()), rhs.t().rows(cols.clone()).t());
+                gemm(&mut out.block(rows, cols), a, bm, false);
+            };
+            if blocks > 1 {
+                candle_core::utils::barrier_pool()
+                    .execute_chunked(blocks, |range| range.for_each(block));
+            } else {
+                (0..blocks).for_each(block);
+            }
+        })?;
+        let mut shape = dims.to_vec();
+        *shape.last_mut().expect("rank ≥ 1") = n;
+        Ok((out.into_vec(), Shape::from(shape)))
+    }
+}
+
+impl CustomOp1 for Linear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(s, "frozen-linear", |T| {
+            let (out, shape) = self.run::<T>(data(s, l, "frozen-linear")?, l.dims())?;
+            Ok((T::to_cpu_storage_owned(out), shape))
+        })
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let back = Linear {
+            w: self.w.clone(),
+            transposed: !self.transposed,
+        };
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&back)?))
+    }
+}

@@ -1,0 +1,50 @@
+//! Fused CPU kernels for the training step, each with its backward pass.
+//!
+//! candle builds RMSNorm, softmax, rotary embeddings and SwiGLU out of many
+//! elementwise ops (a dozen passes and buffers per call once backward is
+//! counted), gives none of its fused forms a backward pass, and computes a
+//! weight gradient for every matmul. On 2 cores that overhead was about as
+//! large as the matrix products themselves. Here each of those is one op
+//! with an analytic backward, working row by row on candle's CPU worker pool
+//! (the same threads its elementwise ops use, so the two never compete for
+//! cores).
+//!
+//! Every function takes the fused path for contiguous f32/f64 CPU tensors and
+//! falls back to the composite candle ops otherwise (other devices, f16/bf16),
+//! which are also the references the tests compare against, value and
+//! gradient.
+//!
+//! | file | op |
+//! |---|---|
+//! | [`linear`] | `x · Wᵀ` for a frozen `W` (backward: `g · W` only) |
+//! | [`lora`] | `x · Wᵀ + scale · (x ⊙ mask) Aᵀ Bᵀ`, gradients for `x`, `A`, `B` |
+//! | [`rms_norm`] | RMSNorm with a frozen weight |
+//! | [`softmax`] | softmax over the last dimension |
+//! | [`swiglu`] | `silu(gate) ⊙ up` |
+//! | [`rope`] | rotary embeddings (Hugging Face's half layout) |
+//! | [`attention`] | causal grouped-query attention with RoPE, probabilities kept for backward |
+//! | `rows` | the CPU plumbing they share: storage access, the worker pool, the row-wise op skeleton |
+//! | `gemm` | the one checked wrapper around the `gemm` crate, and the only `unsafe` for it |
+
+pub mod attention;
+mod gemm;
+pub mod linear;
+pub mod lora;
+pub mod rms_norm;
+pub mod rope;
+mod rows;
+pub mod softmax;
+pub mod swiglu;
+
+#[cfg(test)]
+mod tests;
+
+pub use attention::{attention, attention_fuses, AttentionDims};
+pub use linear::frozen_linear;
+pub use lora::{lora_linear, LowRank};
+pub use rms_norm::{rms_norm, rms_norm_composite};
+pub use rope::rope;
+pub(crate) use rows::par_blocks;
+pub use rows::Real;
+pub use softmax::softmax_last_dim;
+pub use swiglu::swiglu;

@@ -1,0 +1,109 @@
+//! `silu(gate) ⊙ up`, the Llama MLP's gating, and its gradients.
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
+
+use super::rows::{block_rows, by_dtype, data, fused, last_dim, map_rows, par_blocks, row, Real};
+
+/// `silu(gate) ⊙ up`, the Llama MLP's gating.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if !fused(gate) || gate.dtype() != up.dtype() || gate.dims() != up.dims() {
+        return gate.silu()? * up;
+    }
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+}
+
+struct SwiGlu;
+
+#[inline(always)]
+fn sigmoid<T: Real>(x: T) -> T {
+    T::from_f64(1.0) / (T::from_f64(1.0) + (T::from_f64(0.0) - x).exp_())
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(s1, "swiglu", |T| {
+            let g = data::<T>(s1, l1, "swiglu")?;
+            let u = data::<T>(s2, l2, "swiglu")?;
+            let n = last_dim(l1);
+            let out = map_rows(g.len(), n, |r, o| {
+                for ((o, &g), &u) in o.iter_mut().zip(row(g, r, n)).zip(row(u, r, n)) {
+                    *o = g * sigmoid(g) * u;
+                }
+            });
+            Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
+        })
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let both = gate.apply_op3_no_bwd(up, &grad.contiguous()?, &SwiGluGrad)?;
+        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+    }
+}
+
+/// `(dgate, dup)` stacked as `(2, …)`: `dgate = g_y·u·σ(g)·(1 + g·(1 − σ(g)))`, `dup = g_y·silu(g)`.
+struct SwiGluGrad;
+
+impl CustomOp3 for SwiGluGrad {
+    fn name(&self) -> &'static str {
+        "swiglu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(s1, "swiglu-grad", |T| {
+            let g = data::<T>(s1, l1, "swiglu-grad")?;
+            let u = data::<T>(s2, l2, "swiglu-grad")?;
+            let dy = data::<T>(s3, l3, "swiglu-grad")?;
+            let len = g.len();
+            let n = last_dim(l1);
+            let mut out = vec![T::from_f64(0.0); 2 * len];
+            let (dg, du) = out.split_at_mut(len);
+            let rows = block_rows(len / n);
+            // One pass computes both halves; blocks of `dg` carry their offset into `du`.
+            let du = Mutex::new(du);
+            par_blocks(dg, n, rows, |r0, dst| {
+                let span = r0 * n..r0 * n + dst.len();
+                let mut du_part = vec![T::from_f64(0.0); dst.len()];
+                for (((o, d), (&g, &u)), &dy) in dst
+                    .iter_mut()
+                    .zip(du_part.iter_mut())
+                    .zip(g[span.clone()].iter().zip(&u[span.clone()]))
+                    .zip(&dy[span.clone()])
+                {
+                    let s = sigmoid(g);
+                    *o = dy * u * s * (T::from_f64(1.0) + g * (T::from_f64(1.0) - s));
+                    *d = dy * g * s;
+                }
+                du.lock().unwrap_or_else(|e| e.into_inner())[span].copy_from_slice(&du_part);
+            });
+            let mut dims = vec![2];
+            dims.extend_from_slice(l1.dims());
+            Ok((T::to_cpu_storage_owned(out), Shape::from(dims)))
+        })
+    }
+}

@@ -1,0 +1,230 @@
+//! Every fused op against its composite reference, values and gradients, in f64 and f32.
+
+use super::*;
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+
+fn seeded(dims: &[usize], seed: u64) -> Tensor {
+    let n: usize = dims.iter().product();
+    let data: Vec<f64> = (0..n as u64)
+        .map(|i| {
+            let h = (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed.wrapping_mul(0xD1B5);
+            ((h >> 11) as f64 / (1u64 << 53) as f64) * 4.0 - 2.0
+        })
+        .collect();
+    Tensor::from_vec(data, dims, &Device::Cpu).unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+/// Values and input gradients (under a fixed random projection of the
+/// output) of `fused` and `reference` agree, in f64 and in f32.
+fn agree(
+    inputs: &[&[usize]],
+    fused: impl Fn(&[Tensor]) -> Result<Tensor>,
+    reference: impl Fn(&[Tensor]) -> Result<Tensor>,
+) {
+    for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 2e-5)] {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| Var::from_tensor(&seeded(d, i as u64).to_dtype(dtype).unwrap()).unwrap())
+            .collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let (a, b) = (fused(&ts).unwrap(), reference(&ts).unwrap());
+        assert_eq!(a.dims(), b.dims());
+        assert!(
+            max_diff(&a, &b) < tol,
+            "{dtype:?} values differ by {}",
+            max_diff(&a, &b)
+        );
+        let proj = seeded(a.dims(), 99).to_dtype(dtype).unwrap();
+        let ga = (a * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (b * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+        for t in &ts {
+            let (x, y) = (ga.get(t).unwrap(), gb.get(t).unwrap());
+            assert!(
+                max_diff(x, y) < tol * 10.0,
+                "{dtype:?} gradients differ by {}",
+                max_diff(x, y)
+            );
+        }
+    }
+}
+
+#[test]
+fn linear_matches_matmul_and_gives_the_weight_no_gradient() {
+    let w = seeded(&[7, 5], 3);
+    agree(
+        &[&[2, 9, 5]],
+        |t| frozen_linear(&t[0], &w.to_dtype(t[0].dtype())?),
+        |t| t[0].broadcast_matmul(&w.to_dtype(t[0].dtype())?.t()?),
+    );
+    let wv = Var::from_tensor(&w).unwrap();
+    let x = seeded(&[4, 5], 1);
+    let y = frozen_linear(&x, wv.as_tensor()).unwrap();
+    let grads = y.sum_all().unwrap().backward().unwrap();
+    assert!(
+        grads.get(wv.as_tensor()).is_none(),
+        "the frozen weight gets no gradient"
+    );
+}
+
+#[test]
+fn rms_norm_matches_the_composite_form() {
+    let w = seeded(&[33], 5);
+    agree(
+        &[&[37, 33]],
+        |t| rms_norm(&t[0], &w.to_dtype(t[0].dtype())?, 1e-5),
+        |t| rms_norm_composite(&t[0], &w.to_dtype(t[0].dtype())?, 1e-5),
+    );
+}
+
+#[test]
+fn softmax_matches_candle() {
+    agree(
+        &[&[3, 5, 41]],
+        |t| softmax_last_dim(&t[0]),
+        |t| candle_nn::ops::softmax(&t[0], D::Minus1),
+    );
+}
+
+#[test]
+fn swiglu_matches_silu_times_up() {
+    agree(
+        &[&[19, 23], &[19, 23]],
+        |t| swiglu(&t[0], &t[1]),
+        |t| t[0].silu()? * &t[1],
+    );
+}
+
+#[test]
+fn rope_matches_candle_and_its_gradient_is_the_inverse_rotation() {
+    let (t, d) = (6, 8);
+    let cos = seeded(&[t, d / 2], 7).cos().unwrap();
+    let sin = seeded(&[t, d / 2], 7).sin().unwrap();
+    agree(
+        &[&[2, 3, t, d]],
+        |x| {
+            rope(
+                &x[0],
+                &cos.to_dtype(x[0].dtype())?,
+                &sin.to_dtype(x[0].dtype())?,
+            )
+        },
+        |x| {
+            candle_nn::rotary_emb::rope_slow(
+                &x[0],
+                &cos.to_dtype(x[0].dtype())?,
+                &sin.to_dtype(x[0].dtype())?,
+            )
+        },
+    );
+}
+
+#[test]
+fn attention_matches_the_composite_path_with_gqa_and_padding() {
+    // 5 positions fit one causal block; 70 need three, the last one ragged.
+    for t in [5, 70] {
+        attention_case(t);
+    }
+}
+
+fn attention_case(t: usize) {
+    let (b, nh, nkv, hd) = (2, 6, 2, 4);
+    let dims = AttentionDims {
+        batch: b,
+        seq: t,
+        heads: nh,
+        kv_heads: nkv,
+        head_dim: hd,
+    };
+    let g = nh / nkv;
+    let cos = seeded(&[t, hd / 2], 7).cos().unwrap();
+    let sin = seeded(&[t, hd / 2], 7).sin().unwrap();
+    // Causal, and the second sequence's last two keys are padding.
+    let bias: Vec<f64> = (0..b * g * t * t)
+        .map(|idx| {
+            let (bi, row, j) = (idx / (g * t * t), (idx / t) % (g * t), idx % t);
+            let masked = j > row % t || (bi == 1 && j >= t - 2);
+            if masked {
+                -1e9
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let bias = Tensor::from_vec(bias, (b, 1, g * t, t), &Device::Cpu).unwrap();
+    let cast = |x: &Tensor, like: &Tensor| x.to_dtype(like.dtype());
+    agree(
+        &[&[b * t, nh * hd], &[b * t, nkv * hd], &[b * t, nkv * hd]],
+        |x| {
+            let c = |y: &Tensor| cast(y, &x[0]);
+            attention(&x[0], &x[1], &x[2], &c(&cos)?, &c(&sin)?, &c(&bias)?, dims)
+        },
+        |x| {
+            let c = |y: &Tensor| cast(y, &x[0]);
+            let heads = |y: &Tensor, n: usize| -> Result<Tensor> {
+                y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
+            };
+            let q = candle_nn::rotary_emb::rope_slow(&heads(&x[0], nh)?, &c(&cos)?, &c(&sin)?)?;
+            let k = candle_nn::rotary_emb::rope_slow(&heads(&x[1], nkv)?, &c(&cos)?, &c(&sin)?)?;
+            let v = heads(&x[2], nkv)?;
+            let q = q.reshape((b, nkv, g * t, hd))?;
+            let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+            let probs = candle_nn::ops::softmax(&scores.broadcast_add(&c(&bias)?)?, D::Minus1)?;
+            probs
+                .matmul(&v)?
+                .reshape((b, nh, t, hd))?
+                .transpose(1, 2)?
+                .reshape((b * t, nh * hd))
+        },
+    );
+}
+
+#[test]
+fn lora_linear_matches_the_composite_form_with_and_without_dropout() {
+    let (m, k, n, r) = (11, 7, 9, 3);
+    let w = seeded(&[n, k], 21);
+    let keep: Vec<f64> = (0..m * k)
+        .map(|i| if i % 3 == 0 { 0.0 } else { 1.5 })
+        .collect();
+    let keep = Tensor::from_vec(keep, (m, k), &Device::Cpu).unwrap();
+    for mask in [None, Some(keep)] {
+        let term = |t: &[Tensor]| -> Result<LowRank> {
+            Ok(LowRank {
+                a: t[1].clone(),
+                b: t[2].clone(),
+                scale: 2.0,
+                mask: mask
+                    .as_ref()
+                    .map(|m| m.to_dtype(t[0].dtype()))
+                    .transpose()?,
+            })
+        };
+        agree(
+            &[&[m, k], &[r, k], &[n, r]],
+            |t| lora_linear(&t[0], &w.to_dtype(t[0].dtype())?, &term(t)?),
+            |t| {
+                let xd = match &mask {
+                    Some(mk) => (&t[0] * mk.to_dtype(t[0].dtype())?)?,
+                    None => t[0].clone(),
+                };
+                let base = t[0].matmul(&w.to_dtype(t[0].dtype())?.t()?)?;
+                base + (xd.matmul(&t[1].t()?)?.matmul(&t[2].t()?)? * 2.0)?
+            },
+        );
+    }
+}
