@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
+use fedtune_kernel::KeyError;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -49,14 +50,17 @@ impl Default for LoraConfig {
 
 impl LoraConfig {
     /// The targeted projections, or an error naming an unknown module.
-    pub fn projections(&self) -> std::result::Result<Vec<Projection>, String> {
+    pub fn projections(&self) -> std::result::Result<Vec<Projection>, KeyError> {
         let mut out = Vec::new();
         for name in &self.target_modules {
             let p = Projection::from_name(name).ok_or_else(|| {
                 let known: Vec<&str> = Projection::ALL.iter().map(|p| p.name()).collect();
-                format!(
-                    "unknown LoRA target module `{name}` (known: {})",
-                    known.join(", ")
+                KeyError::new(
+                    "lora.target_modules",
+                    format!(
+                        "unknown LoRA target module `{name}` (known: {})",
+                        known.join(", ")
+                    ),
                 )
             })?;
             if !out.contains(&p) {
@@ -64,15 +68,18 @@ impl LoraConfig {
             }
         }
         if out.is_empty() {
-            return Err("LoRA needs at least one target module".into());
+            return Err(KeyError::new(
+                "lora.target_modules",
+                "LoRA needs at least one target module",
+            ));
         }
         if self.r == 0 {
-            return Err("LoRA rank r must be at least 1".into());
+            return Err(KeyError::new("lora.r", "LoRA rank r must be at least 1"));
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
-            return Err(format!(
-                "lora_dropout must be in [0, 1), got {}",
-                self.lora_dropout
+            return Err(KeyError::new(
+                "lora.lora_dropout",
+                format!("lora_dropout must be in [0, 1), got {}", self.lora_dropout),
             ));
         }
         Ok(out)

@@ -16,7 +16,7 @@
 //! quantization) fits the same place.
 
 use candle_core::{DType, Device, Result, Tensor};
-use fedtune_kernel::ParamSet;
+use fedtune_kernel::{KeyError, ParamSet};
 use serde::{Deserialize, Serialize};
 
 use crate::lora::LoraConfig;
@@ -62,20 +62,29 @@ impl Default for OffsiteConfig {
 
 impl OffsiteConfig {
     /// Checks the settings against a model of `layers` layers.
-    pub fn validate(&self, layers: usize) -> std::result::Result<(), String> {
+    pub fn validate(&self, layers: usize) -> std::result::Result<(), KeyError> {
         if self.emu_l + self.emu_r == 0 {
-            return Err("offsite.emu_l + offsite.emu_r must be at least 1".into());
+            return Err(KeyError::new(
+                "offsite.emu_l",
+                "offsite.emu_l + offsite.emu_r must be at least 1",
+            ));
         }
         if self.emu_l + self.emu_r > layers {
-            return Err(format!(
-                "offsite.emu_l + offsite.emu_r ({}) exceed the model's {layers} layers",
-                self.emu_l + self.emu_r
+            return Err(KeyError::new(
+                "offsite.emu_l",
+                format!(
+                    "offsite.emu_l + offsite.emu_r ({}) exceed the model's {layers} layers",
+                    self.emu_l + self.emu_r
+                ),
             ));
         }
         if !(0.0..=1.0).contains(&self.drop_ratio) {
-            return Err(format!(
-                "offsite.drop_ratio must be in [0, 1], got {}",
-                self.drop_ratio
+            return Err(KeyError::new(
+                "offsite.drop_ratio",
+                format!(
+                    "offsite.drop_ratio must be in [0, 1], got {}",
+                    self.drop_ratio
+                ),
             ));
         }
         Ok(())

@@ -138,7 +138,7 @@ pub fn load_lora(dir: &Path) -> Result<(LoraConfig, ParamSet), PeftError> {
         target_modules: json.target_modules,
         layers_to_transform: json.layers_to_transform,
     };
-    config.projections().map_err(|m| unsupported(&m))?;
+    config.projections().map_err(|e| unsupported(&e.message))?;
     let weights = dir.join("adapter_model.safetensors");
     let tensors = candle_core::safetensors::load(&weights, &Device::Cpu)
         .map_err(|e| io(&weights, e.to_string()))?;
@@ -147,7 +147,7 @@ pub fn load_lora(dir: &Path) -> Result<(LoraConfig, ParamSet), PeftError> {
         .into_iter()
         .map(|(name, t)| (name.replace(".default.weight", ".weight"), t))
         .collect();
-    let params = params_of(tensors).map_err(|m| io(&weights, m))?;
+    let params = params_of(tensors, &weights)?;
     Ok((config, params))
 }
 
@@ -167,7 +167,12 @@ fn tensors_of(params: &ParamSet) -> candle_core::Result<HashMap<String, Tensor>>
         .collect()
 }
 
-fn params_of(tensors: HashMap<String, Tensor>) -> Result<ParamSet, String> {
+/// The tensors of a safetensors file as a [`ParamSet`]; `path` names the file in errors.
+fn params_of(tensors: HashMap<String, Tensor>, path: &Path) -> Result<ParamSet, PeftError> {
+    let io = |message: String| PeftError::Io {
+        path: path.display().to_string(),
+        message,
+    };
     let mut params = ParamSet::new();
     let mut names: Vec<_> = tensors.into_iter().collect();
     names.sort_by(|a, b| a.0.cmp(&b.0));
@@ -176,10 +181,10 @@ fn params_of(tensors: HashMap<String, Tensor>) -> Result<ParamSet, String> {
             .to_dtype(DType::F32)
             .and_then(|t| t.flatten_all())
             .and_then(|t| t.to_vec1::<f32>())
-            .map_err(|e| format!("tensor `{name}`: {e}"))?;
+            .map_err(|e| io(format!("tensor `{name}`: {e}")))?;
         params
             .insert(name, t.dims().to_vec(), data)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| io(e.to_string()))?;
     }
     Ok(params)
 }
@@ -314,7 +319,7 @@ pub fn load_adapter(dir: &Path) -> Result<(crate::adapter::AdapterSpec, ParamSet
     };
     let tensors = candle_core::safetensors::load(&file, &Device::Cpu)
         .map_err(|e| io(&file, e.to_string()))?;
-    let params = params_of(tensors).map_err(|m| io(&file, m))?;
+    let params = params_of(tensors, &file)?;
     Ok((
         crate::adapter::AdapterSpec::Prompt {
             method,

@@ -33,6 +33,7 @@ use fedtune_kernel::script::rhai::{Array, Dynamic, Engine, EvalAltResult, Map, P
 use fedtune_kernel::script::{
     ScriptError, ScriptLoadError, ScriptSection, ScriptSource, ScriptingSection,
 };
+use fedtune_kernel::KeyError;
 use serde::{Deserialize, Serialize};
 
 use crate::hooks::PerClientScript;
@@ -47,22 +48,12 @@ pub const BUILT_IN_PFL: [(&str, &str); 3] = [
     ),
 ];
 
-/// A `[pfl]` knob out of its range.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("{key} {message}")]
-pub struct KnobError {
-    /// The knob's full key (`pfl.lambda`).
-    pub key: &'static str,
-    /// What is wrong with its value.
-    pub message: String,
-}
-
 /// Why the `[pfl]` section cannot be used.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PflError {
     /// A knob is out of range.
     #[error(transparent)]
-    Knob(#[from] KnobError),
+    Knob(#[from] KeyError),
     /// The algorithm's script is not found or does not compile.
     #[error(transparent)]
     Load(#[from] ScriptLoadError),
@@ -70,9 +61,9 @@ pub enum PflError {
 
 impl PflError {
     /// The config key at fault: the knob's, or `pfl.algorithm` for the script.
-    pub fn key(&self) -> &'static str {
+    pub fn key(&self) -> &str {
         match self {
-            PflError::Knob(k) => k.key,
+            PflError::Knob(k) => &k.key,
             PflError::Load(_) => "pfl.algorithm",
         }
     }
@@ -126,8 +117,8 @@ impl PflConfig {
     }
 
     /// Checks the knobs, naming the one at fault.
-    pub fn validate(&self) -> Result<(), KnobError> {
-        let bad = |key: &'static str, message: String| Err(KnobError { key, message });
+    pub fn validate(&self) -> Result<(), KeyError> {
+        let bad = |key: &str, message: String| Err(KeyError::new(key, format!("{key} {message}")));
         if !(self.lambda.is_finite() && self.lambda >= 0.0) {
             return bad("pfl.lambda", format!("must be ≥ 0, got {}", self.lambda));
         }
@@ -462,8 +453,17 @@ impl PflScript {
 
 /// The plan `script` makes for client 1 in round 1 with `local_steps`, its
 /// `this.hp` from the TOML text `hp` (for docs and tests).
-pub fn plan_of(script: &str, hp: &str, local_steps: usize) -> Result<Vec<FitOp>, String> {
-    let params: toml::Table = hp.parse().map_err(|e| format!("{e}"))?;
+pub fn plan_of(script: &str, hp: &str, local_steps: usize) -> Result<Vec<FitOp>, ScriptError> {
+    let error = |message: String, doing: &str| ScriptError {
+        file: "<plan>".into(),
+        line: 0,
+        column: 0,
+        message,
+        doing: doing.into(),
+    };
+    let params: toml::Table = hp
+        .parse()
+        .map_err(|e: toml::de::Error| error(e.to_string(), "reading the hyperparameters"))?;
     let hp = ScriptSection {
         script: None,
         params,
@@ -471,8 +471,7 @@ pub fn plan_of(script: &str, hp: &str, local_steps: usize) -> Result<Vec<FitOp>,
     .hp();
     let text: &'static str = Box::leak(script.to_string().into_boxed_str());
     let source = ScriptSource::BuiltIn { name: "plan", text };
-    let mut s =
-        PflScript::new(&ScriptingSection::default(), &source, hp).map_err(|e| e.to_string())?;
+    let mut s = PflScript::new(&ScriptingSection::default(), &source, hp)?;
     let at = FitAt {
         round: 1,
         client: 1,
@@ -481,9 +480,8 @@ pub fn plan_of(script: &str, hp: &str, local_steps: usize) -> Result<Vec<FitOp>,
         lr: 1e-3,
         has_personal: false,
     };
-    s.plan(at)
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| "skipped".to_string())
+    s.plan(at)?
+        .ok_or_else(|| error("the script failed and was skipped".into(), "planning"))
 }
 
 #[cfg(test)]
@@ -606,13 +604,17 @@ mod tests {
             ),
         ];
         for (script, want) in cases {
-            let e = plan_of(script, "", 2).unwrap_err();
+            let e = plan_of(script, "", 2).unwrap_err().to_string();
             assert!(e.contains(want), "{script}: {e}");
             assert!(e.starts_with("<built-in plan>:"), "{e}");
         }
-        let e = plan_of("fn fit(ctx) {\n  [train(ctx.nope + 1)]\n}", "", 2).unwrap_err();
+        let e = plan_of("fn fit(ctx) {\n  [train(ctx.nope + 1)]\n}", "", 2)
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("<built-in plan>:2:"), "{e}");
-        let e = plan_of("fn plan(ctx) { [] }", "", 2).unwrap_err();
+        let e = plan_of("fn plan(ctx) { [] }", "", 2)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("fit"), "{e}");
     }
 

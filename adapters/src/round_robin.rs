@@ -204,32 +204,12 @@ impl LocalTrainer for RoundRobinTrainer {
         global: &ParamSet,
         ctx: &TrainContext,
     ) -> Result<LocalUpdate, TrainerError> {
-        let model = self.model.clone();
         let training = self.training.clone();
-        let progress = self.progress.clone();
         let slot = self
             .clients
             .get_mut(&client)
             .ok_or_else(|| format!("this trainer has no data for client {client}"))?;
-        let plain = || {
-            vec![FitOp::Train {
-                steps: training.local_steps,
-            }]
-        };
-        let plan = match self.pfl.as_mut() {
-            Some(script) => script
-                .plan(FitAt {
-                    round: ctx.round,
-                    client,
-                    local_steps: training.local_steps,
-                    samples: slot.data.n_samples,
-                    lr: training.optim.lr,
-                    has_personal: slot.personal.is_some(),
-                })
-                .map_err(|e| e.to_string())?
-                .unwrap_or_else(plain),
-            None => plain(),
-        };
+        let plan = plan_fit(self.pfl.as_mut(), &training, (client, ctx.round), slot)?;
         slot.lora
             .load_param_set(&with_local(global, slot.local.as_ref()))?;
         if !training.keep_optimizer_state {
@@ -248,121 +228,34 @@ impl LocalTrainer for RoundRobinTrainer {
             None => &mut NoHooks,
         };
         hooks.on_fit_start(slot.lora.as_ref())?;
-        let accum = training.optim.grad_accum;
-        let budget: usize = plan.iter().map(FitOp::steps).sum();
-        let mut done = 0;
-        let mut report = |loss: f64| {
-            done += 1;
-            if let Some(p) = &progress {
-                p(client, done, budget, loss);
-            }
+        let fit = Fit {
+            model: &self.model,
+            spec: &self.spec,
+            seed: self.seed,
+            training: &training,
+            client,
+            global,
+            ctx,
         };
-        let (mut losses, mut personal_losses) = (Vec::new(), Vec::new());
-        // One optimizer for the personal adapter per fit (new when the rate changes).
-        let mut personal_stepper: Option<(f64, Stepper)> = None;
-        let mut keep: Option<&str> = None;
-        for op in &plan {
-            match op {
-                FitOp::Train { steps } => losses.extend(run_steps(
-                    &model,
-                    slot.lora.as_ref(),
-                    &mut slot.stepper,
-                    (&slot.data.train, &mut slot.cursor, accum),
-                    *steps,
-                    hooks,
-                    ctx,
-                    &mut report,
-                )?),
-                FitOp::TrainPersonal {
-                    steps,
-                    lambda,
-                    anchor,
-                    lr,
-                } => {
-                    let theta = personal_adapter(
-                        &mut slot.personal,
-                        &model,
-                        &self.spec,
-                        self.seed,
-                        client,
-                        global,
-                    )?;
-                    let lr = lr.unwrap_or(training.optim.lr);
-                    let stepper = match &mut personal_stepper {
-                        Some((rate, stepper)) if *rate == lr => stepper,
-                        _ => {
-                            let optim = TrainConfig {
-                                lr,
-                                ..training.optim.clone()
-                            };
-                            &mut personal_stepper.insert((lr, Stepper::new(theta, optim)?)).1
-                        }
-                    };
-                    let mut prox = match anchor {
-                        Anchor::Global => Proximal::new(theta, global, *lambda)?,
-                        Anchor::Local => Proximal::new(theta, &slot.lora.to_param_set()?, *lambda)?,
-                    };
-                    personal_losses.extend(run_steps(
-                        &model,
-                        theta,
-                        stepper,
-                        (&slot.data.train, &mut slot.personal_cursor, accum),
-                        *steps,
-                        &mut prox,
-                        ctx,
-                        &mut report,
-                    )?);
-                }
-                FitOp::PullToPersonal { rate } => {
-                    let theta = slot
-                        .personal
-                        .as_ref()
-                        .ok_or("pull_to_personal: this client has no personal adapter yet")?;
-                    // w ← w − rate·(w − θ)
-                    for ((_, wv), (_, tv)) in slot.lora.named_vars().iter().zip(theta.named_vars())
-                    {
-                        let moved =
-                            (wv.as_tensor() - ((wv.as_tensor() - tv.as_tensor())? * *rate)?)?;
-                        wv.set(&moved)?;
-                    }
-                }
-                FitOp::KeepLocal { pattern } => keep = Some(pattern),
-            }
-        }
+        let done = fit.run(&plan, slot, hooks, self.progress.as_ref())?;
         hooks.on_fit_end(slot.lora.as_ref())?;
         let mut metrics = BTreeMap::new();
-        if !personal_losses.is_empty() {
-            metrics.insert("personal_loss".into(), mean(&personal_losses));
+        if !done.personal_losses.is_empty() {
+            metrics.insert("personal_loss".into(), mean(&done.personal_losses));
         }
         // The round's loss: of the sent adapter's steps, or the personal ones when it took none.
-        let losses = if losses.is_empty() {
-            personal_losses
+        let losses = if done.losses.is_empty() {
+            done.personal_losses
         } else {
-            losses
+            done.losses
         };
         metrics.insert(
             "last_step_loss".to_string(),
             *losses.last().unwrap_or(&f64::NAN),
         );
         let mut params = slot.lora.to_param_set()?;
-        if let Some(pattern) = keep {
-            if self.local_re.as_ref().map(|(p, _)| p.as_str()) != Some(pattern) {
-                self.local_re = Some((pattern.to_string(), regex::Regex::new(pattern)?));
-            }
-            let local_re = &self.local_re.as_ref().expect("just set").1;
-            // Keep the local parts; send the server back its own values for them.
-            let mut local = ParamSet::new();
-            let names: Vec<String> = params
-                .names()
-                .filter(|n| local_re.is_match(n))
-                .map(String::from)
-                .collect();
-            for name in names {
-                let mine = params.remove(&name).expect("listed above");
-                local.insert_tensor(name.clone(), mine);
-                let theirs = global.get(&name).expect("same names as the global adapter");
-                params.insert_tensor(name, theirs.clone());
-            }
+        if let Some(pattern) = &done.keep {
+            let local = keep_local(&mut self.local_re, pattern, &mut params, global)?;
             metrics.insert("local_tensors".into(), local.len() as f64);
             slot.local = Some(local);
         }
@@ -396,6 +289,184 @@ impl LocalTrainer for RoundRobinTrainer {
         lora.set_grad_enabled(true);
         result
     }
+}
+
+/// The operations of client `client`'s fit in `round`: the pFL script's
+/// plan, or plain local training.
+fn plan_fit(
+    pfl: Option<&mut PflScript>,
+    training: &LocalTraining,
+    (client, round): (u32, u64),
+    slot: &ClientSlot,
+) -> Result<Vec<FitOp>, TrainerError> {
+    let plain = || {
+        vec![FitOp::Train {
+            steps: training.local_steps,
+        }]
+    };
+    Ok(match pfl {
+        Some(script) => script
+            .plan(FitAt {
+                round,
+                client,
+                local_steps: training.local_steps,
+                samples: slot.data.n_samples,
+                lr: training.optim.lr,
+                has_personal: slot.personal.is_some(),
+            })?
+            .unwrap_or_else(plain),
+        None => plain(),
+    })
+}
+
+/// What one client's fit runs with.
+struct Fit<'a> {
+    model: &'a Llama,
+    spec: &'a AdapterSpec,
+    seed: u64,
+    training: &'a LocalTraining,
+    client: u32,
+    global: &'a ParamSet,
+    ctx: &'a TrainContext,
+}
+
+/// What a fit's plan produced.
+struct FitDone {
+    /// Losses of the sent adapter's steps.
+    losses: Vec<f64>,
+    /// Losses of the personal adapter's steps.
+    personal_losses: Vec<f64>,
+    /// The `keep_local` pattern, if the plan set one.
+    keep: Option<String>,
+}
+
+impl Fit<'_> {
+    /// Runs `plan`'s operations in order on `slot`.
+    fn run(
+        &self,
+        plan: &[FitOp],
+        slot: &mut ClientSlot,
+        hooks: &mut dyn TrainHooks,
+        progress: Option<&StepProgress>,
+    ) -> Result<FitDone, TrainerError> {
+        let accum = self.training.optim.grad_accum;
+        let budget: usize = plan.iter().map(FitOp::steps).sum();
+        let mut done = 0;
+        let client = self.client;
+        let mut report = |loss: f64| {
+            done += 1;
+            if let Some(p) = progress {
+                p(client, done, budget, loss);
+            }
+        };
+        let mut out = FitDone {
+            losses: Vec::new(),
+            personal_losses: Vec::new(),
+            keep: None,
+        };
+        // One optimizer for the personal adapter per fit (new when the rate changes).
+        let mut personal_stepper: Option<(f64, Stepper)> = None;
+        for op in plan {
+            match op {
+                FitOp::Train { steps } => out.losses.extend(run_steps(
+                    self.model,
+                    slot.lora.as_ref(),
+                    &mut slot.stepper,
+                    (&slot.data.train, &mut slot.cursor, accum),
+                    *steps,
+                    hooks,
+                    self.ctx,
+                    &mut report,
+                )?),
+                FitOp::TrainPersonal {
+                    steps,
+                    lambda,
+                    anchor,
+                    lr,
+                } => {
+                    let theta = personal_adapter(
+                        &mut slot.personal,
+                        self.model,
+                        self.spec,
+                        self.seed,
+                        client,
+                        self.global,
+                    )?;
+                    let lr = lr.unwrap_or(self.training.optim.lr);
+                    let stepper = match &mut personal_stepper {
+                        Some((rate, stepper)) if *rate == lr => stepper,
+                        _ => {
+                            let optim = TrainConfig {
+                                lr,
+                                ..self.training.optim.clone()
+                            };
+                            &mut personal_stepper.insert((lr, Stepper::new(theta, optim)?)).1
+                        }
+                    };
+                    let mut prox = match anchor {
+                        Anchor::Global => Proximal::new(theta, self.global, *lambda)?,
+                        Anchor::Local => Proximal::new(theta, &slot.lora.to_param_set()?, *lambda)?,
+                    };
+                    out.personal_losses.extend(run_steps(
+                        self.model,
+                        theta,
+                        stepper,
+                        (&slot.data.train, &mut slot.personal_cursor, accum),
+                        *steps,
+                        &mut prox,
+                        self.ctx,
+                        &mut report,
+                    )?);
+                }
+                FitOp::PullToPersonal { rate } => pull_to_personal(slot, *rate)?,
+                FitOp::KeepLocal { pattern } => out.keep = Some(pattern.clone()),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// `w ← w − rate·(w − θ)`: moves the sent adapter towards the personal one.
+fn pull_to_personal(slot: &ClientSlot, rate: f64) -> Result<(), TrainerError> {
+    let theta = slot
+        .personal
+        .as_ref()
+        .ok_or("pull_to_personal: this client has no personal adapter yet")?;
+    for ((_, wv), (_, tv)) in slot.lora.named_vars().iter().zip(theta.named_vars()) {
+        let moved = (wv.as_tensor() - ((wv.as_tensor() - tv.as_tensor())? * rate)?)?;
+        wv.set(&moved)?;
+    }
+    Ok(())
+}
+
+/// Takes the tensors whose names match `pattern` out of `params` (the
+/// client keeps them) and puts the server's own values from `global` in
+/// their place; `compiled` caches the last pattern's regular expression.
+fn keep_local(
+    compiled: &mut Option<(String, regex::Regex)>,
+    pattern: &str,
+    params: &mut ParamSet,
+    global: &ParamSet,
+) -> Result<ParamSet, TrainerError> {
+    if compiled.as_ref().map(|(p, _)| p.as_str()) != Some(pattern) {
+        *compiled = Some((pattern.to_string(), regex::Regex::new(pattern)?));
+    }
+    let re = &compiled.as_ref().expect("just set").1;
+    let mut local = ParamSet::new();
+    let names: Vec<String> = params
+        .names()
+        .filter(|n| re.is_match(n))
+        .map(String::from)
+        .collect();
+    for name in names {
+        let mine = params.remove(&name).expect("listed above");
+        local.insert_tensor(name.clone(), mine);
+        let theirs = global
+            .get(&name)
+            .ok_or_else(|| format!("keep_local: the global adapter has no `{name}`"))?;
+        params.insert_tensor(name, theirs.clone());
+    }
+    Ok(local)
 }
 
 /// `global` with the client's local parts laid over it.

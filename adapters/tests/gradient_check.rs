@@ -204,5 +204,6 @@ fn lora_round_trips_through_the_kernel_param_set() {
     }
     .projections()
     .unwrap_err()
+    .to_string()
     .contains("unknown LoRA target module `qkv`"));
 }

@@ -9,7 +9,9 @@
 //! - [`local`]: starts a local `nats-server` for development and tests.
 //!
 //! The `fedtune server` and `fedtune client` processes (the CLI's
-//! `distributed` module) run a course's parties on these transports.
+//! `cmd/server.rs` and `cmd/client.rs`, with the parties assembled by
+//! `fedtune_adapters::course::process`) run a course's parties on these
+//! transports.
 //!
 //! ```text
 //! fedtune.<course>.server.<client-id>   a client's messages to the server (only that client may publish here)

@@ -43,6 +43,28 @@ pub enum ConfigError {
     Override { arg: String, message: String },
 }
 
+/// A setting out of its range, named by its full key (`pfl.lambda`):
+/// what a section's own check returns, before [`ConfigDoc::locate`] places
+/// it at its line in the file (or at the `--set` that supplied it).
+#[derive(Debug, Clone, PartialEq, Error)]
+#[error("{message}")]
+pub struct KeyError {
+    /// The full key.
+    pub key: String,
+    /// What is wrong, as a sentence a user can act on.
+    pub message: String,
+}
+
+impl KeyError {
+    /// A problem with `key`.
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
 /// A parsed configuration document plus the overrides applied to it.
 #[derive(Debug, Clone)]
 pub struct ConfigDoc {
@@ -180,6 +202,11 @@ impl ConfigDoc {
                 .to_string();
             self.key_error(&key, message)
         })
+    }
+
+    /// A section's [`KeyError`], located in this document.
+    pub fn locate(&self, e: KeyError) -> ConfigError {
+        self.key_error(&e.key, e.message)
     }
 
     /// An error about `key`, located at the `--set` that supplied it or at its line in the file.

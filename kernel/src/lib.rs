@@ -56,7 +56,7 @@ pub use checkpoint::{CheckpointError, Checkpoints, MsgpackStore, ParamStore};
 pub use codec::{
     decode, encode, CodecError, Compression, DecodeLimits, EncodeOptions, Quantization,
 };
-pub use config::{ConfigDoc, ConfigError, CourseConfig};
+pub use config::{ConfigDoc, ConfigError, CourseConfig, KeyError};
 pub use course::{LocalTrainer, LocalUpdate, SplitEval, TrainContext};
 pub use message::{BodyError, Envelope, Meta, MsgKind, Party};
 pub use metrics::{Event, MetricsLog, Record};

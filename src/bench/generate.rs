@@ -15,7 +15,7 @@ use fedtune_adapters::course::Loaded;
 pub fn generate(batches: &[usize], tokens: usize, data_root: &Path) -> Result<()> {
     let loaded = Loaded::load(None, None, &|m| eprintln!("{m}"))?;
     let m = loaded.view();
-    let items = tasks::load(&Task::Gsm8k, data_root, Some(1)).map_err(anyhow::Error::msg)?;
+    let items = tasks::load(&Task::Gsm8k, data_root, Some(1))?;
     let Items::Gen {
         prefixes, items, ..
     } = items

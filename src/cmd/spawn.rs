@@ -3,6 +3,7 @@
 //! `fedtune client`), against `[broker] url` or a nats-server started for
 //! the run with a user per party.
 
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -116,7 +117,12 @@ pub fn run_processes(course: &CourseFile, args: &RunArgs) -> Result<()> {
                 .with_context(|| format!("cannot start client {id}"))?,
         });
     }
-    // The server's exit decides; a client that fails early is reported while we wait.
+    wait_for_course(&mut server, &mut clients, &out)
+}
+
+/// Waits for the server's exit, which decides; a client that fails early is
+/// reported while we wait, and clients get 30 s to end after the server.
+fn wait_for_course(server: &mut Spawned, clients: &mut [Spawned], out: &Path) -> Result<()> {
     let mut reported = std::collections::BTreeSet::new();
     let status = loop {
         if let Some(status) = server.child.try_wait()? {

@@ -220,8 +220,8 @@ impl LlmConfig {
                 s.adapter.kind == AdapterKind::Lora,
                 "{origin}: [offsite] trains LoRA inside the emulator's adapter layers; adapter.kind must be \"lora\""
             );
-            if let Err(m) = s.offsite.validate(usize::MAX / 2) {
-                return Err(doc.key_error("offsite", m.to_string()).into());
+            if let Err(e) = s.offsite.validate(usize::MAX / 2) {
+                return Err(doc.locate(e).into());
             }
         }
         for name in &s.eval.tasks {
@@ -234,7 +234,7 @@ impl LlmConfig {
             "{origin}: [eval] batch must be at least 1"
         );
         if let Err(e) = s.pfl.validate() {
-            return Err(doc.key_error(e.key, e.to_string()).into());
+            return Err(doc.locate(e).into());
         }
         ensure!(
             s.train.local_steps > 0 && s.train.batch_size > 0 && s.train.eval_batch_size > 0,

@@ -53,7 +53,7 @@ pub fn hooks(course: &CourseFile) -> Result<Option<HookScript>> {
 pub fn pfl(course: &CourseFile) -> Result<Option<PflScript>> {
     let llm = course.llm()?;
     let script = PflScript::from_config(&llm.pfl, &course.cfg.scripting, course.dir())
-        .map_err(|e| at_key(course, e.key(), e))?;
+        .map_err(|e| at_key(course, e.key(), &e))?;
     if let Some(s) = &script {
         tracing::info!(script = s.origin(), "personalized FL by script");
     }

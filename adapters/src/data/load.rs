@@ -79,17 +79,17 @@ pub fn load(
     for (line, record) in records {
         let parsed = match record {
             Ok(Value::Object(obj)) => convert(&obj, format, fields),
-            Ok(other) => Err(format!("expected a JSON object, found {}", kind(&other))),
+            Ok(other) => Err(RecordError::NotAnObject(kind(&other))),
             Err(e) => Err(e),
         };
         match parsed {
             Ok(ex) => out.examples.push(ex),
-            Err(msg) if skip_bad => out.skipped.push((line, msg)),
-            Err(msg) => {
+            Err(e) if skip_bad => out.skipped.push((line, e.to_string())),
+            Err(e) => {
                 return Err(DataError::Record {
                     path: path.to_path_buf(),
                     line,
-                    msg,
+                    msg: e.to_string(),
                 })
             }
         }
@@ -97,8 +97,41 @@ pub fn load(
     Ok(out)
 }
 
+/// Why one record of a data file cannot be read.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RecordError {
+    /// The line is not JSON.
+    #[error("not valid JSON: {0}")]
+    NotJson(String),
+    /// The record is JSON but not an object.
+    #[error("expected a JSON object, found {0}")]
+    NotAnObject(&'static str),
+    /// A required field is absent.
+    #[error("missing field `{0}`")]
+    Missing(String),
+    /// A field has the wrong type.
+    #[error("field `{name}` is {found}, expected {expected}")]
+    WrongType {
+        /// The field.
+        name: String,
+        /// What it holds.
+        found: &'static str,
+        /// What it should hold.
+        expected: &'static str,
+    },
+    /// `format = "custom"` without `[data.fields]`.
+    #[error("format `custom` needs a field mapping")]
+    NoMapping,
+    /// A GSM8K answer without its `#### N` line.
+    #[error("the answer has no `#### <number>` line")]
+    NoGsm8kAnswer,
+    /// A GSM8K answer whose `####` line is empty.
+    #[error("the `####` line of the answer is empty")]
+    EmptyGsm8kAnswer,
+}
+
 /// Each record with the line it starts on: parsed, or why not.
-type Records = Vec<(usize, Result<Value, String>)>;
+type Records = Vec<(usize, Result<Value, RecordError>)>;
 
 /// Every record of a JSON Lines or JSON array file (gzip or not) with the
 /// line it starts on; the first malformed one is an error naming file and line.
@@ -106,10 +139,10 @@ pub fn json_records(path: &Path) -> Result<Vec<(usize, Value)>, DataError> {
     read_records(path)?
         .into_iter()
         .map(|(line, r)| {
-            r.map(|v| (line, v)).map_err(|msg| DataError::Record {
+            r.map(|v| (line, v)).map_err(|e| DataError::Record {
                 path: path.to_path_buf(),
                 line,
-                msg,
+                msg: e.to_string(),
             })
         })
         .collect()
@@ -171,7 +204,7 @@ fn read_records(path: &Path) -> Result<Records, DataError> {
         }
         out.push((
             number,
-            serde_json::from_str::<Value>(text).map_err(|e| format!("not valid JSON: {e}")),
+            serde_json::from_str::<Value>(text).map_err(|e| RecordError::NotJson(e.to_string())),
         ));
     }
     Ok(out)
@@ -207,7 +240,8 @@ fn array_records(path: &Path, text: &str) -> Result<Records, DataError> {
         scanned = at;
         out.push((
             line,
-            serde_json::from_str::<Value>(raw.get()).map_err(|e| e.to_string()),
+            serde_json::from_str::<Value>(raw.get())
+                .map_err(|e| RecordError::NotJson(e.to_string())),
         ));
     }
     Ok(out)
@@ -225,19 +259,20 @@ fn kind(v: &Value) -> &'static str {
 }
 
 /// A required string field.
-fn text(obj: &Map<String, Value>, name: &str) -> Result<String, String> {
+fn text(obj: &Map<String, Value>, name: &str) -> Result<String, RecordError> {
     match obj.get(name) {
         Some(Value::String(s)) => Ok(s.clone()),
-        Some(other) => Err(format!(
-            "field `{name}` is {}, expected a string",
-            kind(other)
-        )),
-        None => Err(format!("missing field `{name}`")),
+        Some(other) => Err(RecordError::WrongType {
+            name: name.to_string(),
+            found: kind(other),
+            expected: "a string",
+        }),
+        None => Err(RecordError::Missing(name.to_string())),
     }
 }
 
 /// An optional string field (absent or null reads as empty).
-fn optional_text(obj: &Map<String, Value>, name: &str) -> Result<String, String> {
+fn optional_text(obj: &Map<String, Value>, name: &str) -> Result<String, RecordError> {
     match obj.get(name) {
         None | Some(Value::Null) => Ok(String::new()),
         Some(_) => text(obj, name),
@@ -245,16 +280,17 @@ fn optional_text(obj: &Map<String, Value>, name: &str) -> Result<String, String>
 }
 
 /// A meta field: strings as they are, numbers and booleans written out.
-fn meta_value(obj: &Map<String, Value>, name: &str) -> Result<String, String> {
+fn meta_value(obj: &Map<String, Value>, name: &str) -> Result<String, RecordError> {
     match obj.get(name) {
         Some(Value::String(s)) => Ok(s.clone()),
         Some(Value::Number(n)) => Ok(n.to_string()),
         Some(Value::Bool(b)) => Ok(b.to_string()),
-        Some(other) => Err(format!(
-            "field `{name}` is {}, expected a string, number or boolean",
-            kind(other)
-        )),
-        None => Err(format!("missing field `{name}`")),
+        Some(other) => Err(RecordError::WrongType {
+            name: name.to_string(),
+            found: kind(other),
+            expected: "a string, number or boolean",
+        }),
+        None => Err(RecordError::Missing(name.to_string())),
     }
 }
 
@@ -262,7 +298,7 @@ fn convert(
     obj: &Map<String, Value>,
     format: Format,
     fields: Option<&Fields>,
-) -> Result<Example, String> {
+) -> Result<Example, RecordError> {
     let mut meta = BTreeMap::new();
     let ex = match format {
         Format::Instruction => Example {
@@ -302,7 +338,7 @@ fn convert(
             }
         }
         Format::Custom => {
-            let f = fields.ok_or("format `custom` needs a field mapping")?;
+            let f = fields.ok_or(RecordError::NoMapping)?;
             for name in &f.meta {
                 meta.insert(name.clone(), meta_value(obj, name)?);
             }
@@ -321,13 +357,13 @@ fn convert(
 }
 
 /// The number after the last `####` of a GSM8K answer, commas removed.
-pub fn gsm8k_gold(answer: &str) -> Result<String, String> {
+pub fn gsm8k_gold(answer: &str) -> Result<String, RecordError> {
     let (_, tail) = answer
         .rsplit_once("####")
-        .ok_or("the answer has no `#### <number>` line")?;
+        .ok_or(RecordError::NoGsm8kAnswer)?;
     let gold: String = tail.trim().chars().filter(|&c| c != ',').collect();
     if gold.is_empty() {
-        return Err("the `####` line of the answer is empty".into());
+        return Err(RecordError::EmptyGsm8kAnswer);
     }
     Ok(gold)
 }

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use fetch::{fetch_builtin, FetchSource, SOURCES};
-pub use load::{gsm8k_gold, json_records, load, Fields, Format, Loaded};
+pub use load::{gsm8k_gold, json_records, load, Fields, Format, Loaded, RecordError};
 pub use split::{meta_values, split, train_val_test, Labeler, Rule, SplitterKind, Unmatched};
 pub use template::{collate, tokenize, Template, Tokenized};
 

@@ -120,6 +120,29 @@ pub struct EvalModel<'a> {
     pub adapter: Option<&'a dyn ProjectionAdapter>,
 }
 
+/// Why a results log cannot be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ResultLogError {
+    /// The file or its folder cannot be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// What the system said.
+        source: std::io::Error,
+    },
+    /// The file holds another evaluation's items.
+    #[error(
+        "{path} holds items of another evaluation ({header}); delete it or choose another --out"
+    )]
+    Another {
+        /// The file.
+        path: PathBuf,
+        /// Its first line, naming that evaluation.
+        header: String,
+    },
+}
+
 /// Where scored items go: a JSON Lines file whose first line names the run
 /// (task, model, adapter, settings); reopening it with the same header resumes.
 pub struct ResultLog {
@@ -140,25 +163,28 @@ impl ResultLog {
 
     /// Opens (or creates) `path`. An existing file with the same `header`
     /// gives back its items; one with another header is refused.
-    pub fn open(path: &Path, header: &serde_json::Value) -> std::result::Result<Self, String> {
+    pub fn open(
+        path: &Path,
+        header: &serde_json::Value,
+    ) -> std::result::Result<Self, ResultLogError> {
+        let io = |e: std::io::Error| ResultLogError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        };
         let mut done = BTreeMap::new();
         if path.is_file() {
-            let f = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+            let f = File::open(path).map_err(io)?;
             let mut lines = BufReader::new(f).lines();
-            let first = lines
-                .next()
-                .transpose()
-                .map_err(|e| format!("{}: {e}", path.display()))?
-                .unwrap_or_default();
+            let first = lines.next().transpose().map_err(io)?.unwrap_or_default();
             let theirs: serde_json::Value = serde_json::from_str(&first).unwrap_or_default();
             if &theirs != header {
-                return Err(format!(
-                    "{} holds items of another evaluation ({first}); delete it or choose another --out",
-                    path.display()
-                ));
+                return Err(ResultLogError::Another {
+                    path: path.to_path_buf(),
+                    header: first,
+                });
             }
             for (i, line) in lines.enumerate() {
-                let line = line.map_err(|e| format!("{}: {e}", path.display()))?;
+                let line = line.map_err(io)?;
                 // A line cut short by an interruption is dropped and its item redone.
                 if let Ok(item) = serde_json::from_str::<ItemResult>(&line) {
                     done.insert(item.id.clone(), item);
@@ -172,7 +198,10 @@ impl ResultLog {
             }
         }
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            std::fs::create_dir_all(dir).map_err(|e| ResultLogError::Io {
+                path: dir.to_path_buf(),
+                source: e,
+            })?;
         }
         let fresh = done.is_empty();
         let mut file = OpenOptions::new()
@@ -181,9 +210,9 @@ impl ResultLog {
             .append(!fresh)
             .truncate(fresh)
             .open(path)
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            .map_err(io)?;
         if fresh {
-            writeln!(file, "{header}").map_err(|e| format!("{}: {e}", path.display()))?;
+            writeln!(file, "{header}").map_err(io)?;
         }
         Ok(Self {
             path: Some(path.to_path_buf()),
@@ -536,7 +565,7 @@ mod tests {
             [item("b", 0.0, None), item("a", 1.0, None)]
         );
         let other = serde_json::json!({"task": "gsm8k", "samples": 4});
-        let e = ResultLog::open(&path, &other).err().unwrap();
+        let e = ResultLog::open(&path, &other).err().unwrap().to_string();
         assert!(e.contains("another evaluation"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -40,9 +40,9 @@ pub fn parse_tasks(name: &str) -> Result<Vec<Named>> {
             Named::Task(Task::OpenBookQa),
         ]),
         "loss" => Ok(vec![Named::Loss]),
-        name => Task::parse(name)
-            .map(|t| vec![Named::Task(t)])
-            .map_err(CourseError::invalid),
+        name => Ok(vec![Named::Task(
+            Task::parse(name).map_err(CourseError::invalid)?,
+        )]),
     }
 }
 
@@ -120,7 +120,6 @@ pub fn load_items(tasks: &[Named], s: &Settings) -> Result<Vec<Option<Items>>> {
         .map(|named| match named {
             Named::Task(t) => tasks::load(t, &s.data_root, s.limit)
                 .map(Some)
-                .map_err(CourseError::invalid)
                 .with_context(|| format!("loading {}", t.name())),
             Named::Loss => Ok(None),
         })
@@ -172,7 +171,7 @@ pub fn evaluate(
         "max_new_tokens": generation.max_new_tokens,
     });
     let items_path = out.with_extension("items.jsonl");
-    let mut log = ResultLog::open(&items_path, &header).map_err(CourseError::invalid)?;
+    let mut log = ResultLog::open(&items_path, &header).context("opening the results log")?;
     let resumed = log.finished();
     let ids = items.ids();
     if resumed > 0 {

@@ -53,7 +53,7 @@ pub enum Task {
 
 impl Task {
     /// Parses a task name (`mc:PATH` for a file of one's own).
-    pub fn parse(name: &str) -> Result<Self, String> {
+    pub fn parse(name: &str) -> Result<Self, TaskError> {
         Ok(match name {
             "gsm8k" => Task::Gsm8k,
             "humaneval" => Task::HumanEval,
@@ -62,11 +62,7 @@ impl Task {
             "nq-open" | "nq_open" => Task::NqOpen,
             other => match other.strip_prefix("mc:") {
                 Some(path) if !path.is_empty() => Task::Mc(PathBuf::from(path)),
-                _ => {
-                    return Err(format!(
-                    "unknown task `{other}` (tasks: gsm8k, humaneval, mmlu, openbookqa, nq-open, helm-mini, mc:FILE.jsonl, loss)"
-                ))
-                }
+                _ => return Err(TaskError::Unknown(other.to_string())),
             },
         })
     }
@@ -138,18 +134,48 @@ impl Items {
     }
 }
 
-fn field<'a>(v: &'a Value, key: &str, at: &dyn Fn() -> String) -> Result<&'a str, String> {
-    v.get(key)
-        .and_then(Value::as_str)
-        .ok_or_else(|| format!("{}: no text field `{key}`", at()))
+/// Why a task's items cannot be loaded or an answer cannot be scored.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    /// No task of that name.
+    #[error("unknown task `{0}` (tasks: gsm8k, humaneval, mmlu, openbookqa, nq-open, helm-mini, mc:FILE.jsonl, loss)")]
+    Unknown(String),
+    /// The data file cannot be read.
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    /// A record does not fit the task; `at` is `file:line`.
+    #[error("{at}: {message}")]
+    Item {
+        /// Where the record is.
+        at: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// An answer cannot be scored.
+    #[error("{0}")]
+    Score(String),
 }
 
-fn records(path: &Path) -> Result<Vec<(usize, Value)>, String> {
-    json_records(path).map_err(|e| e.to_string())
+/// A [`TaskError::Item`] at the place `at` names.
+fn bad(at: &dyn Fn() -> String, message: impl Into<String>) -> TaskError {
+    TaskError::Item {
+        at: at(),
+        message: message.into(),
+    }
+}
+
+fn field<'a>(v: &'a Value, key: &str, at: &dyn Fn() -> String) -> Result<&'a str, TaskError> {
+    v.get(key)
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad(at, format!("no text field `{key}`")))
+}
+
+fn records(path: &Path) -> Result<Vec<(usize, Value)>, TaskError> {
+    Ok(json_records(path)?)
 }
 
 /// Loads `task`'s items from `root` (the data root), the first `limit` of them.
-pub fn load(task: &Task, root: &Path, limit: Option<usize>) -> Result<Items, String> {
+pub fn load(task: &Task, root: &Path, limit: Option<usize>) -> Result<Items, TaskError> {
     let take = limit.unwrap_or(usize::MAX);
     match task {
         Task::Gsm8k => gsm8k(&root.join("gsm8k/test.jsonl.gz"), take),
@@ -168,15 +194,14 @@ pub fn load(task: &Task, root: &Path, limit: Option<usize>) -> Result<Items, Str
 /// The 8-shot prefix: exemplars as `Q: …\nA: …`, separated by blank lines.
 /// Items continue it with `\n\nQ: …\nA:`, so the prefix ends on a token
 /// boundary (a full stop) and its KV cache serves every item.
-pub fn gsm8k_prefix() -> Result<String, String> {
+pub fn gsm8k_prefix() -> Result<String, TaskError> {
     let mut parts = Vec::new();
     for (i, line) in GSM8K_EXEMPLARS.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let v: Value = serde_json::from_str(line)
-            .map_err(|e| format!("gsm8k-cot-8shot.jsonl:{}: {e}", i + 1))?;
         let at = || format!("gsm8k-cot-8shot.jsonl:{}", i + 1);
+        let v: Value = serde_json::from_str(line).map_err(|e| bad(&at, e.to_string()))?;
         parts.push(format!(
             "Q: {}\nA: {}",
             field(&v, "question", &at)?,
@@ -186,11 +211,11 @@ pub fn gsm8k_prefix() -> Result<String, String> {
     Ok(parts.join("\n\n"))
 }
 
-fn gsm8k(path: &Path, take: usize) -> Result<Items, String> {
+fn gsm8k(path: &Path, take: usize) -> Result<Items, TaskError> {
     let mut items = Vec::new();
     for (n, (line, v)) in records(path)?.into_iter().take(take).enumerate() {
         let at = || format!("{}:{line}", path.display());
-        let gold = gsm8k_gold(field(&v, "answer", &at)?).map_err(|e| format!("{}: {e}", at()))?;
+        let gold = gsm8k_gold(field(&v, "answer", &at)?).map_err(|e| bad(&at, e.to_string()))?;
         items.push(GenItem {
             id: format!("gsm8k/{n}"),
             group: None,
@@ -208,7 +233,7 @@ fn gsm8k(path: &Path, take: usize) -> Result<Items, String> {
     })
 }
 
-fn humaneval(path: &Path, take: usize) -> Result<Items, String> {
+fn humaneval(path: &Path, take: usize) -> Result<Items, TaskError> {
     let mut items = Vec::new();
     for (line, v) in records(path)?.into_iter().take(take) {
         let at = || format!("{}:{line}", path.display());
@@ -235,7 +260,7 @@ fn humaneval(path: &Path, take: usize) -> Result<Items, String> {
 
 const LETTERS: [&str; 4] = ["A", "B", "C", "D"];
 
-fn mmlu_question(v: &Value, at: &dyn Fn() -> String) -> Result<(String, usize), String> {
+fn mmlu_question(v: &Value, at: &dyn Fn() -> String) -> Result<(String, usize), TaskError> {
     let mut text = field(v, "question", at)?.trim().to_string();
     for l in LETTERS {
         text.push_str(&format!("\n{l}. {}", field(v, l, at)?.trim()));
@@ -245,11 +270,11 @@ fn mmlu_question(v: &Value, at: &dyn Fn() -> String) -> Result<(String, usize), 
     let idx = LETTERS
         .iter()
         .position(|l| *l == answer.trim())
-        .ok_or_else(|| format!("{}: answer `{answer}` is not one of A, B, C, D", at()))?;
+        .ok_or_else(|| bad(&at, format!("answer `{answer}` is not one of A, B, C, D")))?;
     Ok((text, idx))
 }
 
-fn mmlu(test: &Path, dev: &Path, take: usize) -> Result<Items, String> {
+fn mmlu(test: &Path, dev: &Path, take: usize) -> Result<Items, TaskError> {
     // Five dev exemplars per subject make its prefix.
     let mut shots: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (line, v) in records(dev)? {
@@ -273,7 +298,7 @@ fn mmlu(test: &Path, dev: &Path, take: usize) -> Result<Items, String> {
             None => {
                 let exemplars = shots
                     .get(&subject)
-                    .ok_or_else(|| format!("{}: no dev exemplars for `{subject}`", at()))?;
+                    .ok_or_else(|| bad(&at, format!("no dev exemplars for `{subject}`")))?;
                 prefixes.push(format!(
                     "The following are multiple choice questions (with answers) about {}.\n\n{}",
                     subject.replace('_', " "),
@@ -320,7 +345,7 @@ fn choice_item(
 
 /// OpenBookQA in LLM-Adapters' instruction format: the choices are written
 /// into the instruction as `Answer1: … Answer2: …`.
-fn openbookqa(path: &Path, take: usize) -> Result<Items, String> {
+fn openbookqa(path: &Path, take: usize) -> Result<Items, TaskError> {
     let re = regex::Regex::new(
         r"(?s)^Please choose the correct answer to the question:\s*(.*?)\s*Answer1:\s*(.*?)\s*Answer2:\s*(.*?)\s*Answer3:\s*(.*?)\s*Answer4:\s*(.*?)\s*Answer format:",
     )
@@ -331,14 +356,14 @@ fn openbookqa(path: &Path, take: usize) -> Result<Items, String> {
         let instruction = field(&v, "instruction", &at)?;
         let caps = re
             .captures(instruction)
-            .ok_or_else(|| format!("{}: the instruction does not list Answer1…Answer4", at()))?;
+            .ok_or_else(|| bad(&at, "the instruction does not list Answer1…Answer4"))?;
         let choices: Vec<String> = (2..=5).map(|i| caps[i].to_string()).collect();
         let labels: Vec<String> = (1..=4).map(|i| format!("answer{i}")).collect();
         let answer = field(&v, "answer", &at)?;
         let idx = labels
             .iter()
             .position(|l| l == answer.trim())
-            .ok_or_else(|| format!("{}: answer `{answer}` is not answer1…answer4", at()))?;
+            .ok_or_else(|| bad(&at, format!("answer `{answer}` is not answer1…answer4")))?;
         items.push(choice_item(
             format!("openbookqa/{n}"),
             &caps[1],
@@ -354,7 +379,7 @@ fn openbookqa(path: &Path, take: usize) -> Result<Items, String> {
 }
 
 /// A file of one's own: `question`, `choices` (texts), `answer` (an index or one of the choices).
-fn mc(path: &Path, take: usize) -> Result<Items, String> {
+fn mc(path: &Path, take: usize) -> Result<Items, TaskError> {
     let mut items = Vec::new();
     for (n, (line, v)) in records(path)?.into_iter().take(take).enumerate() {
         let at = || format!("{}:{line}", path.display());
@@ -368,7 +393,7 @@ fn mc(path: &Path, take: usize) -> Result<Items, String> {
                     .collect()
             })
             .filter(|c: &Vec<String>| c.len() >= 2)
-            .ok_or_else(|| format!("{}: `choices` must be an array of at least two texts", at()))?;
+            .ok_or_else(|| bad(&at, "`choices` must be an array of at least two texts"))?;
         let answer = match v.get("answer") {
             Some(Value::Number(i)) => i.as_u64().map(|i| i as usize),
             Some(Value::String(s)) => choices
@@ -384,12 +409,7 @@ fn mc(path: &Path, take: usize) -> Result<Items, String> {
             _ => None,
         }
         .filter(|&i| i < choices.len())
-        .ok_or_else(|| {
-            format!(
-                "{}: `answer` must be a choice's index, letter or text",
-                at()
-            )
-        })?;
+        .ok_or_else(|| bad(&at, "`answer` must be a choice's index, letter or text"))?;
         let labels = (0..choices.len())
             .map(|i| ((b'A' + i as u8) as char).to_string())
             .collect();
@@ -406,7 +426,7 @@ fn mc(path: &Path, take: usize) -> Result<Items, String> {
     })
 }
 
-fn nq_open(path: &Path, take: usize) -> Result<Items, String> {
+fn nq_open(path: &Path, take: usize) -> Result<Items, TaskError> {
     let mut items = Vec::new();
     for (n, (line, v)) in records(path)?.into_iter().take(take).enumerate() {
         let at = || format!("{}:{line}", path.display());
@@ -419,7 +439,7 @@ fn nq_open(path: &Path, take: usize) -> Result<Items, String> {
                     .collect()
             })
             .filter(|g: &Vec<String>| !g.is_empty())
-            .ok_or_else(|| format!("{}: `answer` must be a list of texts", at()))?;
+            .ok_or_else(|| bad(&at, "`answer` must be a list of texts"))?;
         let q = field(&v, "question", &at)?.trim().trim_end_matches('?');
         items.push(GenItem {
             id: format!("nq-open/{n}"),
@@ -455,8 +475,10 @@ pub fn score(
     item: &GenItem,
     gens: &[Generation],
     limits: &Limits,
-) -> Result<ItemResult, String> {
-    let first = gens.first().ok_or("no generation to score")?;
+) -> Result<ItemResult, TaskError> {
+    let first = gens
+        .first()
+        .ok_or_else(|| TaskError::Score("no generation to score".into()))?;
     match task {
         Task::Gsm8k => {
             let pred = gsm8k_answer(&first.text).unwrap_or_default();
@@ -490,8 +512,9 @@ pub fn score(
             let mut outcomes = Vec::new();
             for g in gens {
                 let program = humaneval_program(item, &g.text);
-                let outcome = run_python(&program, limits)
-                    .map_err(|e| format!("cannot run python3 for {}: {e}", item.id))?;
+                let outcome = run_python(&program, limits).map_err(|e| {
+                    TaskError::Score(format!("cannot run python3 for {}: {e}", item.id))
+                })?;
                 outcomes.push(outcome);
             }
             let passed = outcomes.iter().filter(|o| o.passed()).count();
@@ -517,7 +540,10 @@ pub fn score(
                 ]),
             })
         }
-        other => Err(format!("{} is not a generation task", other.name())),
+        other => Err(TaskError::Score(format!(
+            "{} is not a generation task",
+            other.name()
+        ))),
     }
 }
 
@@ -583,7 +609,10 @@ mod tests {
             Task::parse("mc:my.jsonl").unwrap(),
             Task::Mc(PathBuf::from("my.jsonl"))
         );
-        assert!(Task::parse("squad").unwrap_err().contains("unknown task"));
+        assert!(Task::parse("squad")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown task"));
     }
 
     #[test]
@@ -609,7 +638,7 @@ mod tests {
             "{\"question\": \"x\", \"choices\": [\"a\", \"b\"], \"answer\": 5}\n",
         )
         .unwrap();
-        let e = mc(&path, usize::MAX).err().unwrap();
+        let e = mc(&path, usize::MAX).err().unwrap().to_string();
         assert!(e.contains("mine.jsonl:1") && e.contains("`answer`"), "{e}");
     }
 

@@ -39,6 +39,11 @@ fn default_max_positions() -> usize {
     2048
 }
 
+/// A model configuration whose numbers do not fit together.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct ShapeError(pub String);
+
 impl LlamaConfig {
     /// Width of one attention head.
     pub fn head_dim(&self) -> usize {
@@ -51,33 +56,33 @@ impl LlamaConfig {
     }
 
     /// Checks that the numbers fit together.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ShapeError> {
         let c = self;
         if c.num_attention_heads == 0 || c.num_key_value_heads == 0 {
-            return Err("head counts must be positive".into());
+            return Err(ShapeError("head counts must be positive".into()));
         }
         if c.hidden_size % c.num_attention_heads != 0 {
-            return Err(format!(
+            return Err(ShapeError(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 c.hidden_size, c.num_attention_heads
-            ));
+            )));
         }
         if c.num_attention_heads % c.num_key_value_heads != 0 {
-            return Err(format!(
+            return Err(ShapeError(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 c.num_attention_heads, c.num_key_value_heads
-            ));
+            )));
         }
         if c.head_dim() % 2 != 0 {
-            return Err(format!(
+            return Err(ShapeError(format!(
                 "head_dim {} must be even for rotary embeddings",
                 c.head_dim()
-            ));
+            )));
         }
         if c.vocab_size == 0 || c.num_hidden_layers == 0 || c.intermediate_size == 0 {
-            return Err(
+            return Err(ShapeError(
                 "vocab_size, num_hidden_layers and intermediate_size must be positive".into(),
-            );
+            ));
         }
         Ok(())
     }

@@ -14,6 +14,34 @@ use serde::{Deserialize, Serialize};
 
 use crate::params::{ParamSet, ParamTensor};
 
+/// Why a script's state cannot be saved or restored.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// `this` holds a value a checkpoint cannot keep.
+    #[error("{at} holds a {type_name}, which a checkpoint cannot save (keep numbers, strings, arrays, maps, ParamSets and Tensors in `this`)")]
+    Unsavable {
+        /// Where in `this` (`this.history[2]`).
+        at: String,
+        /// The value's type.
+        type_name: String,
+    },
+    /// `this` is not a map.
+    #[error("`this` is a {0}, not a map")]
+    NotAMap(String),
+    /// The state cannot be encoded.
+    #[error("encoding the script state: {0}")]
+    Encode(#[from] rmp_serde::encode::Error),
+    /// The bytes are not a saved state.
+    #[error("not a saved script state: {0}")]
+    Decode(#[from] rmp_serde::decode::Error),
+    /// A state saved by another version of the format.
+    #[error("saved script state has version {found}, this build reads {VERSION}")]
+    Version {
+        /// The version found.
+        found: u32,
+    },
+}
+
 /// One saved value.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 enum Saved {
@@ -37,7 +65,7 @@ struct Snapshot {
 
 const VERSION: u32 = 1;
 
-fn save(v: &Dynamic, at: &str) -> Result<Saved, String> {
+fn save(v: &Dynamic, at: &str) -> Result<Saved, StateError> {
     if v.is_unit() {
         return Ok(Saved::Unit);
     }
@@ -72,13 +100,13 @@ fn save(v: &Dynamic, at: &str) -> Result<Saved, String> {
     if let Some(t) = v.read_lock::<ParamTensor>() {
         return Ok(Saved::Tensor(t.clone()));
     }
-    Err(format!(
-        "{at} holds a {}, which a checkpoint cannot save (keep numbers, strings, arrays, maps, ParamSets and Tensors in `this`)",
-        v.type_name()
-    ))
+    Err(StateError::Unsavable {
+        at: at.to_string(),
+        type_name: v.type_name().to_string(),
+    })
 }
 
-fn save_map(m: &Map, at: &str, skip_hp: bool) -> Result<BTreeMap<String, Saved>, String> {
+fn save_map(m: &Map, at: &str, skip_hp: bool) -> Result<BTreeMap<String, Saved>, StateError> {
     m.iter()
         .filter(|(k, _)| !(skip_hp && k.as_str() == "hp"))
         .map(|(k, v)| Ok((k.to_string(), save(v, &format!("{at}.{k}"))?)))
@@ -104,28 +132,25 @@ fn load_map(m: BTreeMap<String, Saved>) -> Map {
 }
 
 /// `this` (a map; `this.hp` left out) as bytes for a checkpoint.
-pub fn save_state(this: &Dynamic) -> Result<Vec<u8>, String> {
+pub fn save_state(this: &Dynamic) -> Result<Vec<u8>, StateError> {
     let map = match this.read_lock::<Map>() {
         Some(m) => save_map(&m, "this", true)?,
         None if this.is_unit() => BTreeMap::new(),
-        None => return Err(format!("`this` is a {}, not a map", this.type_name())),
+        None => return Err(StateError::NotAMap(this.type_name().to_string())),
     };
-    rmp_serde::to_vec(&Snapshot {
+    Ok(rmp_serde::to_vec(&Snapshot {
         version: VERSION,
         this: map,
-    })
-    .map_err(|e| format!("encoding the script state: {e}"))
+    })?)
 }
 
 /// The `this` map saved by [`save_state`].
-pub fn load_state(bytes: &[u8]) -> Result<Dynamic, String> {
-    let snap: Snapshot =
-        rmp_serde::from_slice(bytes).map_err(|e| format!("not a saved script state: {e}"))?;
+pub fn load_state(bytes: &[u8]) -> Result<Dynamic, StateError> {
+    let snap: Snapshot = rmp_serde::from_slice(bytes)?;
     if snap.version != VERSION {
-        return Err(format!(
-            "saved script state has version {}, this build reads {VERSION}",
-            snap.version
-        ));
+        return Err(StateError::Version {
+            found: snap.version,
+        });
     }
     Ok(Dynamic::from_map(load_map(snap.this)))
 }
@@ -188,7 +213,9 @@ mod tests {
                 Dynamic::from(rhai::FnPtr::new("f").unwrap()),
             ]),
         );
-        let e = save_state(&Dynamic::from_map(this)).unwrap_err();
+        let e = save_state(&Dynamic::from_map(this))
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("this.history[1] holds a Fn"), "{e}");
     }
 
@@ -196,6 +223,7 @@ mod tests {
     fn garbage_is_refused() {
         assert!(load_state(b"not msgpack at all")
             .unwrap_err()
+            .to_string()
             .contains("not a saved script state"));
     }
 }
