@@ -11,8 +11,8 @@
 //! client: the server takes the sender from the subject, and the broker lets
 //! only client `id` publish on `…server.<id>`. Passwords are 128 random bits,
 //! written in plain text into the server configuration and the credentials
-//! files (mode 0600); keep the directory private, and use TLS (see the
-//! README) when traffic leaves the machine.
+//! files (mode 0600); keep the directory private, and use TLS (see
+//! docs/distributed.md) when traffic leaves the machine.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -136,7 +136,7 @@ pub fn write_config(
     let config = format!(
         "# nats-server configuration for the fedtune course `{course}` ({clients} clients),\n\
          # written by `fedtune broker config`. Start: nats-server -c {conf}\n\
-         # TLS: add a `tls {{ cert_file, key_file }}` block (see the fedtune README).\n\
+         # TLS: add a `tls {{ cert_file, key_file }}` block (see fedtune's docs/distributed.md).\n\
          host: {host:?}\n\
          port: {port}\n\
          max_payload: 1MB\n\

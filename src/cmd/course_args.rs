@@ -2,10 +2,12 @@
 //! arguments (the course file, its overrides, the run directory) and the
 //! default run directory's name.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use anyhow::{bail, Result};
 use clap::Args;
+use fedtune_adapters::course::{CourseFile, Output};
 
 /// Arguments of `fedtune run`.
 #[derive(Debug, Args)]
@@ -34,6 +36,26 @@ pub struct RunArgs {
     /// Data root (default: $FEDTUNE_DATA_ROOT, else ./data, else ../shared/data).
     #[arg(long)]
     pub data_root: Option<PathBuf>,
+}
+
+/// Where a course run writes: `out`, or `runs/<course>-<timestamp>`;
+/// `--resume` needs the directory to continue named.
+pub fn run_output(
+    course: &CourseFile,
+    out: Option<&Path>,
+    resume: bool,
+    data_root: Option<&Path>,
+) -> Result<Output> {
+    if resume && out.is_none() {
+        bail!("--resume needs --out DIR, the run directory to continue");
+    }
+    Ok(Output {
+        dir: out
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| default_run_dir(&course.cfg.course.name)),
+        resume,
+        data_root: data_root.map(Path::to_path_buf),
+    })
 }
 
 /// `runs/<course>-<UTC timestamp>`.

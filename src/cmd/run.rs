@@ -2,15 +2,15 @@
 //! with `[broker] transport = "nats"` as a server process and one process
 //! per client over NATS.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use fedtune_adapters::course::numeric::run_least_squares;
 use fedtune_adapters::course::summary::Summary;
-use fedtune_adapters::course::{run_llm, CourseFile, Output, Task};
+use fedtune_adapters::course::{run_llm, CourseFile, Task};
 use fedtune_kernel::config::TransportKind;
 use fedtune_kernel::course::CourseReport;
 use fedtune_kernel::Event;
 
-use super::course_args::{default_run_dir, RunArgs};
+use super::course_args::{run_output, RunArgs};
 use crate::display::Display;
 
 /// `fedtune run`.
@@ -23,17 +23,12 @@ pub fn run(args: RunArgs) -> Result<()> {
     if course.broker.transport == TransportKind::Nats {
         return super::spawn::run_processes(&course, &args);
     }
-    if args.resume && args.out.is_none() {
-        bail!("--resume needs --out DIR, the run directory to continue");
-    }
-    let out = Output {
-        dir: args
-            .out
-            .clone()
-            .unwrap_or_else(|| default_run_dir(&course.cfg.course.name)),
-        resume: args.resume,
-        data_root: args.data_root.clone(),
-    };
+    let out = run_output(
+        &course,
+        args.out.as_deref(),
+        args.resume,
+        args.data_root.as_deref(),
+    )?;
     out.prepare(&course)?;
     match &course.task {
         Task::Llm(_) => {

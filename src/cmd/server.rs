@@ -6,15 +6,15 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use clap::Args;
 use fedtune_adapters::course::process::server_process;
-use fedtune_adapters::course::{CourseFile, Output};
+use fedtune_adapters::course::CourseFile;
 use fedtune_adapters::progress::Observer;
 use fedtune_kernel::course::{roll_call, server_worker_from};
 use fedtune_kernel::Party;
 
-use super::course_args::default_run_dir;
+use super::course_args::run_output;
 use super::nats::{connect, run_guarded, runtime};
 use crate::display::Display;
 
@@ -55,17 +55,12 @@ pub fn server(args: ServerArgs) -> Result<()> {
     let started = Instant::now();
     let course = CourseFile::load(&args.config, &args.set)?;
     let cfg = &course.cfg;
-    if args.resume && args.out.is_none() {
-        bail!("--resume needs --out DIR, the server's run directory");
-    }
-    let out = Output {
-        dir: args
-            .out
-            .clone()
-            .unwrap_or_else(|| default_run_dir(&cfg.course.name)),
-        resume: args.resume,
-        data_root: args.data_root.clone(),
-    };
+    let out = run_output(
+        &course,
+        args.out.as_deref(),
+        args.resume,
+        args.data_root.as_deref(),
+    )?;
     out.prepare(&course)?;
     let log = out.dir.join("server.log");
     crate::runlog::log_to_file(&log).with_context(|| format!("cannot write {}", log.display()))?;
