@@ -356,16 +356,14 @@ impl HookScript {
         if self.defined.iter().any(|&d| d) {
             return Ok(());
         }
-        Err(ScriptError {
-            file: self.origin().to_string(),
-            line: 0,
-            column: 0,
-            message: format!(
+        Err(ScriptError::unplaced(
+            self.origin(),
+            format!(
                 "the script defines no hook (one of {}, each with one parameter, ctx)",
                 HOOK_POINTS.join(", ")
             ),
-            doing: "loading".into(),
-        })
+            "loading",
+        ))
     }
 
     /// The script, as errors name it.

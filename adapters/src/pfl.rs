@@ -407,13 +407,7 @@ impl PflScript {
         else {
             return Ok(None);
         };
-        let located = |message: String| ScriptError {
-            file: self.origin().to_string(),
-            line: 0,
-            column: 0,
-            message,
-            doing: doing.clone(),
-        };
+        let located = |message: String| ScriptError::unplaced(self.origin(), message, &doing);
         let type_name = out.type_name().to_string();
         let Some(items) = out.try_cast::<Array>() else {
             return Err(located(format!(
@@ -454,13 +448,7 @@ impl PflScript {
 /// The plan `script` makes for client 1 in round 1 with `local_steps`, its
 /// `this.hp` from the TOML text `hp` (for docs and tests).
 pub fn plan_of(script: &str, hp: &str, local_steps: usize) -> Result<Vec<FitOp>, ScriptError> {
-    let error = |message: String, doing: &str| ScriptError {
-        file: "<plan>".into(),
-        line: 0,
-        column: 0,
-        message,
-        doing: doing.into(),
-    };
+    let error = |message: String, doing: &str| ScriptError::unplaced("<plan>", message, doing);
     let params: toml::Table = hp
         .parse()
         .map_err(|e: toml::de::Error| error(e.to_string(), "reading the hyperparameters"))?;

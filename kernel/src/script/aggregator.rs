@@ -244,13 +244,8 @@ impl ScriptAggregator {
             (global.clone(), list, round as i64),
             &doing,
         )?;
-        let located = |message: String| ScriptError {
-            file: self.script.origin().to_string(),
-            line: 0,
-            column: 0,
-            message,
-            doing: doing.clone(),
-        };
+        let located =
+            |message: String| ScriptError::unplaced(self.script.origin(), message, &doing);
         let type_name = out.type_name().to_string();
         let next = out.try_cast::<ParamSet>().ok_or_else(|| {
             located(format!(

@@ -93,6 +93,18 @@ pub struct ScriptError {
 }
 
 impl ScriptError {
+    /// An error about the script `file` as a whole (no line: a missing file,
+    /// a missing function, a result of the wrong type), while `doing`.
+    pub fn unplaced(file: &str, message: impl Into<String>, doing: &str) -> Self {
+        Self {
+            file: file.to_string(),
+            line: 0,
+            column: 0,
+            message: message.into(),
+            doing: doing.to_string(),
+        }
+    }
+
     fn new(file: &str, pos: Position, message: String, doing: &str) -> Self {
         Self {
             file: file.to_string(),
@@ -254,12 +266,8 @@ impl ScriptFile {
     /// Reads and compiles a script file.
     pub fn load(host: &ScriptHost, path: &Path) -> Result<Self, ScriptError> {
         let origin = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ScriptError {
-            file: origin.clone(),
-            line: 0,
-            column: 0,
-            message: format!("cannot read the script: {e}"),
-            doing: "loading".into(),
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ScriptError::unplaced(&origin, format!("cannot read the script: {e}"), "loading")
         })?;
         let ast = host.compile(&text, &origin)?;
         Ok(Self {
@@ -338,13 +346,11 @@ impl ScriptFile {
         if self.has_fn(name, arity) {
             return Ok(());
         }
-        Err(ScriptError {
-            file: self.origin.clone(),
-            line: 0,
-            column: 0,
-            message: format!("the script defines no function `{name}` with {arity} parameters"),
-            doing: "loading".into(),
-        })
+        Err(ScriptError::unplaced(
+            &self.origin,
+            format!("the script defines no function `{name}` with {arity} parameters"),
+            "loading",
+        ))
     }
 
     /// Re-reads the file; recompiles when its text changed. Returns `Ok(true)`
