@@ -60,6 +60,15 @@ pub struct NatsOptions {
     pub max_frame_bytes: usize,
     /// A partly received frame is dropped when no part of it arrived for this long.
     pub reassembly_timeout: Duration,
+    /// Frames one sender may have partly sent at once; a further one evicts
+    /// its oldest (a well-behaved sender has one in flight).
+    pub max_partial_frames: usize,
+    /// Bytes of partly received frames kept for all senders together; past
+    /// it the least recently fed frames are evicted.
+    pub max_inflight_bytes: usize,
+    /// A sender whose messages were rejected this many times is cut off:
+    /// everything it sends afterwards is dropped unread (0: never).
+    pub max_bad_frames: u64,
     /// User and password, when the server requires them (see [`crate::auth`]).
     pub credentials: Option<Credentials>,
 }
@@ -71,6 +80,9 @@ impl Default for NatsOptions {
             chunk_bytes: None,
             max_frame_bytes: 1 << 30,
             reassembly_timeout: Duration::from_secs(120),
+            max_partial_frames: 4,
+            max_inflight_bytes: 2 << 30,
+            max_bad_frames: 1000,
             credentials: None,
         }
     }
@@ -89,6 +101,10 @@ pub struct NatsStats {
     pub corrupt: AtomicU64,
     /// Frames left incomplete past the reassembly timeout.
     pub incomplete: AtomicU64,
+    /// Partly received frames evicted to keep within the memory bounds.
+    pub evicted: AtomicU64,
+    /// Messages dropped unread because their sender was cut off.
+    pub cut_off: AtomicU64,
 }
 
 impl NatsStats {
@@ -98,6 +114,8 @@ impl NatsStats {
             + self.malformed.load(Ordering::Relaxed)
             + self.corrupt.load(Ordering::Relaxed)
             + self.incomplete.load(Ordering::Relaxed)
+            + self.evicted.load(Ordering::Relaxed)
+            + self.cut_off.load(Ordering::Relaxed)
     }
 }
 
@@ -263,8 +281,7 @@ impl Transport for NatsTransport {
                 .map_err(|e| TransportError::Other(format!("subscribing to {subject}: {e}")))?;
             let mut receiver = Reassembler::new(
                 self.subjects.clone(),
-                self.options.max_frame_bytes,
-                self.options.reassembly_timeout,
+                Bounds::of(&self.options),
                 self.stats.clone(),
             );
             let tx = tx.clone();
@@ -291,33 +308,94 @@ impl Transport for NatsTransport {
     }
 }
 
-/// A frame being put together.
+/// What a receiver keeps for frames still arriving, at most.
+#[derive(Debug, Clone, Copy)]
+struct Bounds {
+    max_frame: usize,
+    timeout: Duration,
+    max_partial: usize,
+    max_inflight: usize,
+    max_bad: u64,
+}
+
+impl Bounds {
+    fn of(o: &NatsOptions) -> Self {
+        Self {
+            max_frame: o.max_frame_bytes,
+            timeout: o.reassembly_timeout,
+            max_partial: o.max_partial_frames.max(1),
+            max_inflight: o.max_inflight_bytes,
+            max_bad: o.max_bad_frames,
+        }
+    }
+}
+
+/// Why a message was rejected, for its counter in [`NatsStats`].
+#[derive(Debug, Clone, Copy)]
+enum Rejected {
+    UnknownSubject,
+    Malformed,
+    Corrupt,
+}
+
+/// What one stored part costs beyond its bytes (map entry, `Bytes` handle).
+const PART_OVERHEAD: usize = 64;
+/// What one partial frame costs beyond its parts (key, digest, bookkeeping).
+const PARTIAL_OVERHEAD: usize = 256;
+
+/// A frame being put together. Parts are kept sparsely, as they arrive: a
+/// claimed part count costs nothing until parts come.
 struct Partial {
-    parts: Vec<Option<Bytes>>,
-    received: usize,
+    from: Party,
+    parts: std::collections::BTreeMap<usize, Bytes>,
+    count: usize,
     len: usize,
     sha: String,
+    /// Bytes of the parts received.
+    bytes: usize,
     last_seen: Instant,
 }
 
-/// Puts frames back together from their parts, checking them.
+impl Partial {
+    /// Memory this frame holds.
+    fn footprint(&self) -> usize {
+        PARTIAL_OVERHEAD + self.bytes + self.parts.len() * PART_OVERHEAD
+    }
+}
+
+/// Puts frames back together from their parts, checking them, within
+/// [`Bounds`]: a claimed length or part count is checked before anything is
+/// kept, parts are kept only as they arrive and never beyond the claimed
+/// length, each sender may have a few frames in flight, and all of them
+/// together a bounded number of bytes. A sender whose messages keep being
+/// rejected is cut off.
 struct Reassembler {
     subjects: Subjects,
-    max_frame: usize,
-    timeout: Duration,
+    bounds: Bounds,
     stats: Arc<NatsStats>,
     partial: HashMap<(String, String), Partial>,
+    /// Bytes held by `partial`.
+    inflight: usize,
+    /// Rejected messages per sender.
+    bad: HashMap<Party, u64>,
 }
 
 impl Reassembler {
-    fn new(subjects: Subjects, max_frame: usize, timeout: Duration, stats: Arc<NatsStats>) -> Self {
+    fn new(subjects: Subjects, bounds: Bounds, stats: Arc<NatsStats>) -> Self {
         Self {
             subjects,
-            max_frame,
-            timeout,
+            bounds,
             stats,
             partial: HashMap::new(),
+            inflight: 0,
+            bad: HashMap::new(),
         }
+    }
+
+    /// Bytes held for frames still arriving.
+    #[cfg(test)]
+    fn inflight(&self) -> usize {
+        self.inflight
     }
 
     /// Takes one NATS message; returns a frame when it completes one.
@@ -330,55 +408,81 @@ impl Reassembler {
         self.expire();
         let Some(from) = self.subjects.sender_of(subject) else {
             self.reject(
-                &self.stats.unknown_subject,
-                subject,
+                None,
+                Rejected::UnknownSubject,
                 "not a subject of this course",
             );
             return None;
         };
+        if self.is_cut_off(from) {
+            self.stats.cut_off.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
         let Some(h) = headers.and_then(Header::parse) else {
             self.reject(
-                &self.stats.malformed,
-                subject,
+                Some(from),
+                Rejected::Malformed,
                 "missing or malformed fedtune headers",
             );
             return None;
         };
-        if h.len > self.max_frame || h.count > h.len.max(1) {
-            self.reject(&self.stats.malformed, subject, "claimed size out of bounds");
-            return None;
-        }
-        let key = (subject.to_string(), h.msg.clone());
-        let entry = self.partial.entry(key.clone()).or_insert_with(|| Partial {
-            parts: vec![None; h.count],
-            received: 0,
-            len: h.len,
-            sha: h.sha.clone(),
-            last_seen: Instant::now(),
-        });
-        if entry.parts.len() != h.count || entry.len != h.len || entry.sha != h.sha {
-            self.partial.remove(&key);
+        // Everything a header claims is checked before anything is kept.
+        if h.len > self.bounds.max_frame || h.count > h.len.max(1) || payload.len() > h.len {
             self.reject(
-                &self.stats.malformed,
-                subject,
-                "parts of one message disagree",
+                Some(from),
+                Rejected::Malformed,
+                "claimed size out of bounds",
             );
             return None;
         }
-        entry.last_seen = Instant::now();
-        if entry.parts[h.index].replace(payload).is_none() {
-            entry.received += 1;
+        let key = (subject.to_string(), h.msg.clone());
+        if !self.partial.contains_key(&key) {
+            self.make_room_for(from);
+            self.partial.insert(
+                key.clone(),
+                Partial {
+                    from,
+                    parts: Default::default(),
+                    count: h.count,
+                    len: h.len,
+                    sha: h.sha.clone(),
+                    bytes: 0,
+                    last_seen: Instant::now(),
+                },
+            );
+            self.inflight += PARTIAL_OVERHEAD;
         }
-        if entry.received < entry.parts.len() {
+        let entry = self.partial.get_mut(&key).expect("present");
+        let disagrees = entry.count != h.count || entry.len != h.len || entry.sha != h.sha;
+        let repeated = entry.parts.contains_key(&h.index);
+        if disagrees || repeated || entry.bytes + payload.len() > entry.len {
+            self.drop_partial(&key);
+            let why = if disagrees {
+                "parts of one message disagree"
+            } else if repeated {
+                "a part arrived twice"
+            } else {
+                "parts exceed the claimed length"
+            };
+            self.reject(Some(from), Rejected::Malformed, why);
             return None;
         }
-        let done = self.partial.remove(&key).expect("present");
+        entry.last_seen = Instant::now();
+        entry.bytes += payload.len();
+        entry.parts.insert(h.index, payload.clone());
+        self.inflight += payload.len() + PART_OVERHEAD;
+        self.within_total(&key);
+        let entry = self.partial.get(&key)?;
+        if entry.parts.len() < entry.count {
+            return None;
+        }
+        let done = self.drop_partial(&key)?;
         let mut frame = BytesMut::with_capacity(done.len);
-        for part in done.parts.into_iter().flatten() {
+        for part in done.parts.into_values() {
             frame.extend_from_slice(&part);
         }
         if frame.len() != done.len || hex(&Sha256::digest(&frame)) != done.sha {
-            self.reject(&self.stats.corrupt, subject, "length or SHA-256 mismatch");
+            self.reject(Some(from), Rejected::Corrupt, "length or SHA-256 mismatch");
             return None;
         }
         self.stats.delivered.fetch_add(1, Ordering::Relaxed);
@@ -388,23 +492,112 @@ impl Reassembler {
         })
     }
 
-    /// Drops frames that stopped receiving parts.
-    fn expire(&mut self) {
-        let timeout = self.timeout;
-        let before = self.partial.len();
-        self.partial.retain(|_, p| p.last_seen.elapsed() < timeout);
-        let dropped = before - self.partial.len();
-        if dropped > 0 {
-            self.stats
-                .incomplete
-                .fetch_add(dropped as u64, Ordering::Relaxed);
-            tracing::warn!(dropped, "incomplete NATS frames dropped after {timeout:?}");
+    fn is_cut_off(&self, from: Party) -> bool {
+        self.bounds.max_bad > 0
+            && self
+                .bad
+                .get(&from)
+                .is_some_and(|&n| n >= self.bounds.max_bad)
+    }
+
+    /// Removes a partial frame and gives back its memory.
+    fn drop_partial(&mut self, key: &(String, String)) -> Option<Partial> {
+        let p = self.partial.remove(key)?;
+        self.inflight -= p.footprint();
+        Some(p)
+    }
+
+    /// Evicts the least recently fed frames among `keys`' candidates.
+    fn evict_oldest(&mut self, of: Option<Party>, keep: Option<&(String, String)>) -> bool {
+        let oldest = self
+            .partial
+            .iter()
+            .filter(|(k, p)| of.is_none_or(|f| p.from == f) && Some(*k) != keep)
+            .min_by_key(|(_, p)| p.last_seen)
+            .map(|(k, _)| k.clone());
+        let Some(key) = oldest else {
+            return false;
+        };
+        self.drop_partial(&key);
+        let n = self.stats.evicted.fetch_add(1, Ordering::Relaxed) + 1;
+        if fedtune_kernel::worker::worth_a_warning(n) {
+            tracing::warn!(
+                evicted = n,
+                "a partly received NATS frame was evicted to stay within the memory bounds"
+            );
+        }
+        true
+    }
+
+    /// Before a new frame of `from`: at most `max_partial` per sender.
+    fn make_room_for(&mut self, from: Party) {
+        while self.partial.values().filter(|p| p.from == from).count() >= self.bounds.max_partial {
+            if !self.evict_oldest(Some(from), None) {
+                break;
+            }
         }
     }
 
-    fn reject(&self, counter: &AtomicU64, subject: &str, why: &str) {
-        counter.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(subject, "NATS message rejected: {why}");
+    /// After a part of `key`: all frames together within `max_inflight`,
+    /// evicting others first and `key` itself last.
+    fn within_total(&mut self, key: &(String, String)) {
+        while self.inflight > self.bounds.max_inflight {
+            if !self.evict_oldest(None, Some(key)) {
+                self.drop_partial(key);
+                self.stats.evicted.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+        }
+    }
+
+    /// Drops frames that stopped receiving parts.
+    fn expire(&mut self) {
+        let timeout = self.bounds.timeout;
+        let stale: Vec<(String, String)> = self
+            .partial
+            .iter()
+            .filter(|(_, p)| p.last_seen.elapsed() >= timeout)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in &stale {
+            self.drop_partial(key);
+        }
+        if !stale.is_empty() {
+            let n = self
+                .stats
+                .incomplete
+                .fetch_add(stale.len() as u64, Ordering::Relaxed)
+                + stale.len() as u64;
+            if fedtune_kernel::worker::worth_a_warning(n) {
+                tracing::warn!(
+                    incomplete = n,
+                    "incomplete NATS frames dropped after {timeout:?}"
+                );
+            }
+        }
+    }
+
+    /// Counts a rejected message against `from` (cutting it off past
+    /// `max_bad`); warnings are rate-limited.
+    fn reject(&mut self, from: Option<Party>, kind: Rejected, why: &str) {
+        let counter = match kind {
+            Rejected::UnknownSubject => &self.stats.unknown_subject,
+            Rejected::Malformed => &self.stats.malformed,
+            Rejected::Corrupt => &self.stats.corrupt,
+        };
+        let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some(from) = from {
+            let bad = self.bad.entry(from).or_insert(0);
+            *bad += 1;
+            if self.bounds.max_bad > 0 && *bad == self.bounds.max_bad {
+                tracing::warn!(%from, "{} rejected NATS messages: cut off, its messages are dropped from now on", self.bounds.max_bad);
+                self.partial.retain(|_, p| p.from != from);
+                self.inflight = self.partial.values().map(Partial::footprint).sum();
+            }
+        }
+        if fedtune_kernel::worker::worth_a_warning(n) {
+            tracing::warn!(rejected = n, "NATS message rejected: {why}");
+        }
     }
 }
 
@@ -438,4 +631,205 @@ impl Header {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A seeded xorshift stream.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n.max(1)
+        }
+    }
+
+    fn bounds() -> Bounds {
+        Bounds {
+            max_frame: 1 << 20,
+            timeout: Duration::from_secs(600),
+            max_partial: 2,
+            max_inflight: 4 << 20,
+            max_bad: 0,
+        }
+    }
+
+    fn reassembler(b: Bounds) -> Reassembler {
+        Reassembler::new(
+            Subjects::new("c").unwrap(),
+            b,
+            Arc::new(NatsStats::default()),
+        )
+    }
+
+    fn headers(msg: &str, part: &str, len: &str, sha: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(H_MSG, msg);
+        h.insert(H_PART, part);
+        h.insert(H_LEN, len);
+        h.insert(H_SHA, sha);
+        h
+    }
+
+    /// The parts a well-behaved sender would publish for `frame`.
+    fn parts(msg: &str, frame: &[u8], chunk: usize) -> Vec<(HeaderMap, Bytes)> {
+        let sha = hex(&Sha256::digest(frame));
+        let count = frame.len().div_ceil(chunk).max(1);
+        (0..count)
+            .map(|i| {
+                let body = &frame[(i * chunk).min(frame.len())..((i + 1) * chunk).min(frame.len())];
+                (
+                    headers(msg, &format!("{i}/{count}"), &frame.len().to_string(), &sha),
+                    Bytes::copy_from_slice(body),
+                )
+            })
+            .collect()
+    }
+
+    /// The bookkeeping matches what is held.
+    fn consistent(r: &Reassembler) {
+        let held: usize = r.partial.values().map(Partial::footprint).sum();
+        assert_eq!(r.inflight(), held);
+        assert!(
+            r.inflight() <= r.bounds.max_inflight,
+            "{} held",
+            r.inflight()
+        );
+    }
+
+    #[test]
+    fn one_tiny_message_claiming_a_huge_frame_costs_only_its_bytes() {
+        // The reproduction of the report: 1 byte announcing 2^30 parts of a 2^30-byte frame.
+        let mut r = reassembler(Bounds {
+            max_frame: 1 << 30,
+            ..bounds()
+        });
+        let sha = "0".repeat(64);
+        let h = headers("m", "0/1073741824", "1073741824", &sha);
+        assert!(r
+            .accept("fedtune.c.server.1", Some(&h), Bytes::from_static(b"x"))
+            .is_none());
+        assert!(r.inflight() < 1024, "{} bytes held", r.inflight());
+        consistent(&r);
+        // Past max_frame it is refused outright.
+        let h = headers("n", "0/2", &(1u64 << 31).to_string(), &sha);
+        assert!(r
+            .accept("fedtune.c.server.1", Some(&h), Bytes::from_static(b"x"))
+            .is_none());
+        assert_eq!(r.partial.len(), 1);
+    }
+
+    #[test]
+    fn random_garbage_stays_within_the_memory_bounds_and_good_frames_still_arrive() {
+        let mut rng = Rng(0x5eed_f00d);
+        let mut r = reassembler(bounds());
+        let subjects = Subjects::new("c").unwrap();
+        let mut delivered = 0;
+        for round in 0..400u64 {
+            // A well-behaved client 1 sends a whole frame, its parts shuffled.
+            let len = rng.below(300_000) as usize;
+            let frame: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            let mut good = parts(&format!("good-{round}"), &frame, 64 << 10);
+            for i in (1..good.len()).rev() {
+                good.swap(i, rng.below(i as u64 + 1) as usize);
+            }
+            let from1 = subjects.subject(Route::ToServerFrom(1));
+            let mut got = None;
+            for (h, body) in good {
+                // Attackers 2..=4 interleave garbage between the good parts.
+                for _ in 0..rng.below(6) {
+                    let who = 2 + rng.below(3) as u32;
+                    let subject = subjects.subject(Route::ToServerFrom(who));
+                    let claimed = rng.below(1 << 21) + 1;
+                    let count = match rng.below(3) {
+                        0 => claimed,
+                        1 => 1 + rng.below(64),
+                        _ => u64::MAX / 2,
+                    };
+                    let index = rng.below(count.min(1 << 20));
+                    let sha = if rng.below(2) == 0 {
+                        "a".repeat(64)
+                    } else {
+                        "zz".into()
+                    };
+                    let msg = format!("bad-{}", rng.below(50));
+                    let h = headers(
+                        &msg,
+                        &format!("{index}/{count}"),
+                        &claimed.to_string(),
+                        &sha,
+                    );
+                    let body = Bytes::from(vec![7u8; rng.below(70_000) as usize]);
+                    assert!(r.accept(&subject, Some(&h), body).is_none());
+                    consistent(&r);
+                }
+                if let Some(d) = r.accept(&from1, Some(&h), body) {
+                    got = Some(d);
+                }
+                consistent(&r);
+            }
+            let d = got.expect("the good frame completes");
+            assert_eq!(d.from, Party::Client(1));
+            assert_eq!(&d.frame[..], &frame[..]);
+            delivered += 1;
+        }
+        assert_eq!(delivered, 400);
+        assert!(r.stats.rejected() > 0);
+    }
+
+    #[test]
+    fn a_sender_that_keeps_sending_garbage_is_cut_off() {
+        let mut r = reassembler(Bounds {
+            max_bad: 5,
+            ..bounds()
+        });
+        let subject = "fedtune.c.server.3";
+        for _ in 0..20 {
+            r.accept(subject, None, Bytes::from_static(b"junk"));
+        }
+        assert_eq!(r.stats.malformed.load(Ordering::Relaxed), 5);
+        assert_eq!(r.stats.cut_off.load(Ordering::Relaxed), 15);
+        // Another sender is not affected.
+        let frame = b"hello".to_vec();
+        let (h, body) = parts("ok", &frame, 1024).remove(0);
+        let d = r.accept("fedtune.c.server.1", Some(&h), body).unwrap();
+        assert_eq!(&d.frame[..], b"hello");
+    }
+
+    #[test]
+    fn repeated_or_overlong_parts_drop_their_frame() {
+        let mut r = reassembler(bounds());
+        let frame = vec![1u8; 3000];
+        let ps = parts("m", &frame, 1000);
+        assert!(r
+            .accept("fedtune.c.server.1", Some(&ps[0].0), ps[0].1.clone())
+            .is_none());
+        assert!(r
+            .accept("fedtune.c.server.1", Some(&ps[0].0), ps[0].1.clone())
+            .is_none());
+        assert!(r.partial.is_empty(), "a repeated part drops the frame");
+        // Parts adding up to more than the claimed length.
+        let (h, _) = &ps[1];
+        assert!(r
+            .accept("fedtune.c.server.1", Some(h), Bytes::from(vec![0u8; 2000]))
+            .is_none());
+        assert!(r
+            .accept(
+                "fedtune.c.server.1",
+                Some(&ps[2].0),
+                Bytes::from(vec![0u8; 1500])
+            )
+            .is_none());
+        assert!(r.partial.is_empty(), "overlong parts drop the frame");
+        consistent(&r);
+    }
 }

@@ -72,6 +72,13 @@ impl From<crate::message::BodyError> for HandlerError {
     }
 }
 
+/// Whether the `nth` occurrence of a repeated warning (a rejected message,
+/// an evicted frame) is worth a log line: the first ten, then every power
+/// of two, so a flood of garbage costs a few dozen lines, not one each.
+pub fn worth_a_warning(nth: u64) -> bool {
+    nth <= 10 || nth.is_power_of_two()
+}
+
 /// Whether the loop continues after a handler.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {
@@ -432,6 +439,12 @@ impl<S: Send + 'static> Loop<S> {
         }
     }
 
+    /// Counts a rejected message; whether it is worth a log line.
+    fn count_rejection(&mut self) -> bool {
+        self.stats.rejected += 1;
+        worth_a_warning(self.stats.rejected)
+    }
+
     fn fatal(&self, message: String) -> WorkerError {
         WorkerError::Fatal {
             party: self.w.me,
@@ -445,20 +458,23 @@ impl<S: Send + 'static> Loop<S> {
         let env = match codec::decode(&d.frame, &self.w.limits) {
             Ok(env) => env,
             Err(e) => {
-                self.stats.rejected += 1;
-                warn!(party = %self.w.me, from = %d.from, "dropped an undecodable frame: {e}");
+                if self.count_rejection() {
+                    warn!(party = %self.w.me, from = %d.from, rejected = self.stats.rejected, "dropped an undecodable frame: {e}");
+                }
                 return Ok(Flow::Continue);
             }
         };
         self.stats.received += 1;
         if env.course != self.w.course {
-            self.stats.rejected += 1;
-            warn!(party = %self.w.me, from = %d.from, "dropped a message of course `{}`", env.course);
+            if self.count_rejection() {
+                warn!(party = %self.w.me, from = %d.from, rejected = self.stats.rejected, "dropped a message of course `{}`", env.course);
+            }
             return Ok(Flow::Continue);
         }
         if env.from != d.from {
-            self.stats.rejected += 1;
-            warn!(party = %self.w.me, from = %d.from, "dropped a message claiming to come from {}", env.from);
+            if self.count_rejection() {
+                warn!(party = %self.w.me, from = %d.from, rejected = self.stats.rejected, "dropped a message claiming to come from {}", env.from);
+            }
             return Ok(Flow::Continue);
         }
         self.dispatch(env, d.frame.len()).await
@@ -481,8 +497,9 @@ impl<S: Send + 'static> Loop<S> {
         let flow = match handler(&mut self.w.state, env, &mut ctx) {
             Ok(flow) => flow,
             Err(HandlerError::Reject(reason)) => {
-                self.stats.rejected += 1;
-                warn!(party = %self.w.me, %kind, %from, "message rejected: {reason}");
+                if self.count_rejection() {
+                    warn!(party = %self.w.me, %kind, %from, rejected = self.stats.rejected, "message rejected: {reason}");
+                }
                 Flow::Continue
             }
             Err(HandlerError::Fatal(message)) => return Err(self.fatal(message)),
