@@ -531,6 +531,14 @@ fn run_steps(
             .collect();
         *cursor = (*cursor + accum) % len;
         let r = stepper.step(model, lora, &micro, (step, n), hooks)?;
+        if !r.loss.is_finite() {
+            return Err(format!(
+                "the loss is {} at local step {} of {n} (lower optim.lr, or check the [hooks] script's added terms)",
+                r.loss,
+                step + 1
+            )
+            .into());
+        }
         losses.push(r.loss);
         report(r.loss);
         if r.stop {

@@ -329,6 +329,22 @@ pub struct CourseSection {
     pub min_clients: u32,
     /// Seconds between a client's `join_in` attempts until the server accepts it.
     pub join_retry_s: f64,
+    /// What the server does when a client reports that its local training or
+    /// evaluation failed (a diverged loss, NaN or infinite parameters, a
+    /// trainer error): `fail` ends the course naming the round, the client
+    /// and the reason; `skip-client` completes the step without that client.
+    pub on_divergence: OnDivergence,
+}
+
+/// See [`CourseSection::on_divergence`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnDivergence {
+    /// End the course with the client's reason.
+    #[default]
+    Fail,
+    /// Go on without the client for that step.
+    SkipClient,
 }
 
 /// See [`CourseSection::mode`].
@@ -359,6 +375,7 @@ impl Default for CourseSection {
             round_timeout_s: None,
             min_clients: 1,
             join_retry_s: 2.0,
+            on_divergence: OnDivergence::Fail,
         }
     }
 }

@@ -248,6 +248,76 @@ async fn a_failing_trainer_ends_the_course_with_its_error() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_diverging_course_ends_with_the_round_client_and_step_instead_of_hanging() {
+    // lr = 10 on least squares diverges within a few local steps. Before, the
+    // NaN update was dropped as undecodable and the server waited forever.
+    let cfg = config("[federate]\nrounds = 3\nclients = 3\n");
+    let t = LeastSquaresTrainer::synthetic(SyntheticSpec::default(), 10.0, 50);
+    let initial = t.initial_params();
+    let run = run_in_process(
+        &cfg,
+        initial,
+        Arc::new(Mutex::new(t)),
+        Box::new(FedAvg),
+        MetricsLog::in_memory(),
+    );
+    let err = tokio::time::timeout(std::time::Duration::from_secs(20), run)
+        .await
+        .expect("the course ends instead of waiting forever")
+        .unwrap_err()
+        .to_string();
+    // Whichever client reports first ends the course: it names itself.
+    assert!(err.starts_with("server: round 1: client "), "{err}");
+    assert!(
+        err.contains(": training in round 1 failed: diverged at local step"),
+        "{err}"
+    );
+    assert!(err.contains("federate.on_divergence"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_skip_client_a_failing_client_is_left_out_of_its_round() {
+    let cfg = config("[federate]\nrounds = 3\nclients = 3\non_divergence = \"skip-client\"\n");
+    let t = trainer(SyntheticSpec::default(), 2);
+    let initial = t.initial_params();
+    let report = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        run_in_process(
+            &cfg,
+            initial,
+            Arc::new(Mutex::new(Failing(t))),
+            Box::new(FedAvg),
+            MetricsLog::in_memory(),
+        ),
+    )
+    .await
+    .expect("the course does not wait for the failed client")
+    .unwrap();
+    let failed: Vec<(u64, Option<u32>)> = report
+        .records
+        .iter()
+        .filter(|r| r.extra.get("failed") == Some(&1.0))
+        .map(|r| (r.round, r.client))
+        .collect();
+    assert_eq!(failed, vec![(2, Some(2))]);
+    let round2 = report
+        .records
+        .iter()
+        .find(|r| r.event == Event::Round && r.round == 2)
+        .unwrap();
+    assert_eq!(
+        round2.extra.get("clients"),
+        Some(&2.0),
+        "aggregated without client 2"
+    );
+    assert_eq!(
+        report.loss_curve("test").len(),
+        4,
+        "every evaluation still ran"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rogue_messages_are_rejected_without_disturbing_the_course() {
     let cfg = config("[federate]\nname = \"guarded\"\nrounds = 2\nclients = 2\n");
     let t = trainer(

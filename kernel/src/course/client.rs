@@ -15,7 +15,7 @@ use crate::bus::Transport;
 use crate::config::CourseConfig;
 use crate::course::protocol::{self, AssignId, JoinIn};
 use crate::course::trainer::{
-    derive_seed, LocalTrainer, SharedTrainer, TrainContext, TrainerError,
+    derive_seed, LocalTrainer, LocalUpdate, SharedTrainer, TrainContext, TrainerError,
 };
 use crate::message::{Envelope, MsgKind, Party};
 use crate::params::ParamSet;
@@ -306,20 +306,42 @@ fn job_inputs(
     Ok((global, tctx))
 }
 
-/// Runs `work` on the shared trainer; returns its result and the seconds it
-/// took, or an error naming the client, the round and what failed.
+/// Runs `work` on the shared trainer; returns its result — or why it
+/// failed, naming the client, the round and what failed, for the server to
+/// hear — and the seconds it took. Only a trainer that panicked earlier is
+/// an error of the job itself.
 fn with_trainer<T>(
     trainer: &SharedTrainer,
     (id, round, what): (u32, u64, &str),
     work: impl FnOnce(&mut dyn LocalTrainer) -> Result<T, TrainerError>,
-) -> Result<(T, f64), JobError> {
+) -> Result<(Result<T, String>, f64), JobError> {
     let started = Instant::now();
     let mut guard = trainer
         .lock()
         .map_err(|_| "the shared trainer panicked earlier")?;
-    let out = work(&mut *guard)
-        .map_err(|e| format!("client {id}: {what} in round {round} failed: {e}"))?;
+    let out =
+        work(&mut *guard).map_err(|e| format!("client {id}: {what} in round {round} failed: {e}"));
+    if let Err(reason) = &out {
+        warn!("{reason}; reporting it to the server");
+    }
     Ok((out, started.elapsed().as_secs_f64()))
+}
+
+/// Why an update must not be sent: non-finite parameters or loss (a
+/// diverged training), as the server will hear it.
+fn unfit(update: &LocalUpdate, id: u32, round: u64) -> Option<String> {
+    let diverged = |what: String| {
+        Some(format!(
+            "client {id}: training in round {round} diverged: {what} (lower the learning rate, or set federate.on_divergence = \"skip-client\")"
+        ))
+    };
+    if let Err(e) = update.params.check_finite() {
+        return diverged(format!("the update holds {e}"));
+    }
+    match update.loss {
+        Some(loss) if !loss.is_finite() => diverged(format!("the mean training loss is {loss}")),
+        _ => None,
+    }
 }
 
 fn reply(course: String, id: u32, round: u64, kind: MsgKind) -> Envelope {
@@ -341,14 +363,31 @@ fn on_train(s: &mut ClientState, env: Envelope, ctx: &mut Ctx) -> HandlerResult 
         let (update, compute_s) = with_trainer(&trainer, (id, round, "training"), |t| {
             t.train(id, &global, &tctx)
         })?;
-        let reply = reply(course, id, round, MsgKind::Update)
-            .with_body(&protocol::Update {
-                n_samples: update.n_samples,
-                compute_s,
-                train_loss: update.loss,
-                metrics: update.metrics,
-            })?
-            .with_payload(update.params);
+        let failure = match &update {
+            Ok(u) => unfit(u, id, round),
+            Err(reason) => Some(reason.clone()),
+        };
+        let reply = match (update, failure) {
+            (Ok(update), None) => reply(course, id, round, MsgKind::Update)
+                .with_body(&protocol::Update {
+                    n_samples: update.n_samples,
+                    compute_s,
+                    train_loss: update.loss,
+                    metrics: update.metrics,
+                    failed: None,
+                })?
+                .with_payload(update.params),
+            // A failed training sends its reason, never parameters.
+            (_, failure) => {
+                reply(course, id, round, MsgKind::Update).with_body(&protocol::Update {
+                    n_samples: 0,
+                    compute_s,
+                    train_loss: None,
+                    metrics: Default::default(),
+                    failed: failure.or_else(|| Some("unknown failure".into())),
+                })?
+            }
+        };
         remember(&answer, &reply);
         Ok(vec![reply])
     });
@@ -368,8 +407,19 @@ fn on_evaluate(s: &mut ClientState, env: Envelope, ctx: &mut Ctx) -> HandlerResu
         let (results, compute_s) = with_trainer(&trainer, (id, round, "evaluation"), |t| {
             t.evaluate(id, &global, &tctx)
         })?;
-        let reply = reply(course, id, round, MsgKind::Metrics)
-            .with_body(&protocol::Metrics { results, compute_s })?;
+        let body = match results {
+            Ok(results) => protocol::Metrics {
+                results,
+                compute_s,
+                failed: None,
+            },
+            Err(reason) => protocol::Metrics {
+                results: Vec::new(),
+                compute_s,
+                failed: Some(reason),
+            },
+        };
+        let reply = reply(course, id, round, MsgKind::Metrics).with_body(&body)?;
         remember(&answer, &reply);
         Ok(vec![reply])
     });

@@ -306,7 +306,7 @@ impl LocalTrainer for LeastSquaresTrainer {
         let (train, _) = self.client(client)?;
         let (d, n) = (self.dim, train.len() as f64);
         let mut losses = Vec::with_capacity(self.local_steps);
-        for _ in 0..self.local_steps {
+        for step in 1..=self.local_steps {
             if ctx.is_cancelled() {
                 return Err("cancelled".into());
             }
@@ -325,6 +325,17 @@ impl LocalTrainer for LeastSquaresTrainer {
             losses.push(loss / n);
             w.iter_mut().zip(&gw).for_each(|(w, g)| *w -= self.lr * g);
             b -= self.lr * gb;
+            let finite = w.iter().all(|v| (*v as f32).is_finite()) && (b as f32).is_finite();
+            if !(finite && (loss / n).is_finite()) {
+                return Err(format!(
+                    "diverged at local step {step} of {}: loss {:.3e}, parameters {} (lower least_squares.lr, now {})",
+                    self.local_steps,
+                    loss / n,
+                    if finite { "finite" } else { "not finite" },
+                    self.lr
+                )
+                .into());
+            }
         }
         let mut params = ParamSet::new();
         params.insert("w", vec![d], w.iter().map(|&v| v as f32).collect())?;

@@ -46,6 +46,10 @@ pub struct Update {
     /// Anything else the trainer measured.
     #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
     pub metrics: BTreeMap<String, f64>,
+    /// Set when the local training failed (then no parameters come): why,
+    /// naming the client, the round and, where known, the step.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub failed: Option<String>,
 }
 
 /// `metrics`, client → server: evaluation results.
@@ -55,6 +59,9 @@ pub struct Metrics {
     pub results: Vec<SplitEval>,
     /// Seconds the evaluation took.
     pub compute_s: f64,
+    /// Set when the evaluation failed (then `results` is empty): why.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub failed: Option<String>,
 }
 
 /// Which step of the course a server timer is for.
@@ -98,6 +105,7 @@ mod tests {
             compute_s: 0.5,
             train_loss: None,
             metrics: BTreeMap::new(),
+            failed: None,
         };
         let env = envelope().with_body(&body).unwrap();
         // The wire sees plain fields; unset optional ones are absent.

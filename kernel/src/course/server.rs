@@ -26,7 +26,7 @@ use tracing::{info, info_span, warn};
 use crate::aggregate::{Aggregator, ClientUpdate};
 use crate::bus::Transport;
 use crate::checkpoint::Checkpoints;
-use crate::config::CourseConfig;
+use crate::config::{CourseConfig, OnDivergence};
 use crate::course::protocol::{self, AssignId, JoinIn, Step, Timeout};
 use crate::course::trainer::SplitEval;
 use crate::message::{Envelope, MsgKind, Party};
@@ -643,6 +643,18 @@ fn on_update(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResult
     let body: protocol::Update = env
         .body()
         .map_err(|e| HandlerError::Reject(e.to_string()))?;
+    if let Some(reason) = &body.failed {
+        let p = claim(pending, round, &env, id)?;
+        let mut r = Record::new(Event::Train, round, Some(id));
+        r.split = Some("train".into());
+        r.bytes_up = ctx.received_bytes() as u64;
+        r.bytes_down = p.bytes_down as u64;
+        r.compute_s = body.compute_s;
+        r.wall_s = p.sent_at.elapsed().as_secs_f64();
+        r.extra.insert("failed".into(), 1.0);
+        record(s, r)?;
+        return client_failed(s, id, reason, ctx);
+    }
     let n_samples = body.n_samples;
     if n_samples == 0 {
         return Err(HandlerError::Reject(
@@ -688,6 +700,42 @@ fn on_update(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResult
     finish_round(s, ctx)
 }
 
+/// Client `id` reported that its part of the current step failed (it is no
+/// longer pending): end the course, or go on without it, as
+/// `federate.on_divergence` says.
+fn client_failed(s: &mut ServerState, id: u32, reason: &str, ctx: &mut Ctx) -> HandlerResult {
+    let (round, training) = match &s.phase {
+        Phase::Training { round, .. } => (*round, true),
+        Phase::Evaluating { round, .. } => (*round, false),
+        _ => return Ok(Flow::Continue),
+    };
+    if s.cfg.course.on_divergence == OnDivergence::Fail {
+        return Err(HandlerError::Fatal(format!(
+            "round {round}: {reason} (federate.on_divergence = \"fail\"; \"skip-client\" goes on without the client)"
+        )));
+    }
+    warn!(
+        round,
+        client = id,
+        "{reason}; the step goes on without this client"
+    );
+    let done = match &mut s.phase {
+        Phase::Training {
+            pending, dropped, ..
+        } => {
+            dropped.push(id);
+            pending.is_empty()
+        }
+        Phase::Evaluating { pending, .. } => pending.is_empty(),
+        _ => false,
+    };
+    match (done, training) {
+        (false, _) => Ok(Flow::Continue),
+        (true, true) => finish_round(s, ctx),
+        (true, false) => finish_eval(s, ctx),
+    }
+}
+
 fn finish_round(s: &mut ServerState, ctx: &mut Ctx) -> HandlerResult {
     let Phase::Training {
         round,
@@ -701,6 +749,11 @@ fn finish_round(s: &mut ServerState, ctx: &mut Ctx) -> HandlerResult {
     else {
         unreachable!("called when a training round completes");
     };
+    if updates.is_empty() {
+        return Err(HandlerError::Fatal(format!(
+            "round {round}: no client delivered an update (failed: {dropped:?})"
+        )));
+    }
     let mut updates = updates;
     updates.sort_by_key(|u| u.client);
     let global = s
@@ -781,9 +834,14 @@ fn on_metrics(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResul
     let protocol::Metrics {
         results: splits,
         compute_s,
+        failed,
     } = env
         .body()
         .map_err(|e| HandlerError::Reject(e.to_string()))?;
+    if let Some(reason) = failed {
+        claim(pending, round, &env, id)?;
+        return client_failed(s, id, &reason, ctx);
+    }
     if let Some(bad) = splits.iter().find(|e| !e.loss.is_finite()) {
         return Err(HandlerError::Reject(format!(
             "split `{}` has a non-finite loss",
