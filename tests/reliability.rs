@@ -120,3 +120,30 @@ fn a_lora_course_whose_loss_explodes_names_the_client_round_and_step() {
         text(&o.stderr)
     );
 }
+
+#[test]
+fn settings_that_would_abort_the_process_are_refused_naming_the_key() {
+    for (set, says) in [
+        ("least_squares.dim=100000000", "least_squares.dim"),
+        (
+            "scripting.max_call_levels=1000000",
+            "scripting.max_call_levels",
+        ),
+        ("scripting.max_operations=0", "scripting.max_operations"),
+    ] {
+        let o = fedtune_within(
+            Duration::from_secs(30),
+            &[
+                "run",
+                "configs/least-squares.toml",
+                "--set",
+                set,
+                "--dry-run",
+            ],
+        );
+        assert!(!o.status.success(), "{set} was accepted");
+        let err = text(&o.stderr);
+        assert!(err.contains(&format!("--set {set}")), "{set}: {err}");
+        assert!(err.contains(says), "{set}: {err}");
+    }
+}

@@ -504,6 +504,7 @@ impl CourseConfig {
     }
 
     fn validate(&self, doc: &ConfigDoc) -> Result<(), ConfigError> {
+        self.scripting.validate().map_err(|e| doc.locate(e))?;
         let c = &self.course;
         let err = |key: &str, message: String| Err(doc.key_error(key, message));
         if c.name.is_empty()

@@ -139,3 +139,91 @@ async fn a_failing_script_stops_the_course_with_file_and_line() {
     assert!(err.contains("missing") && err.contains("round 1"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A script aggregator of `text` under `limits`.
+fn aggregator(text: &str, limits: &ScriptingSection) -> ScriptAggregator {
+    let text: &'static str = Box::leak(text.to_string().into_boxed_str());
+    ScriptAggregator::new(
+        ScriptHost::new(limits),
+        &ScriptSource::BuiltIn {
+            name: "probe",
+            text,
+        },
+        &toml::Table::new(),
+    )
+    .unwrap()
+}
+
+fn global(n: usize) -> ParamSet {
+    let mut p = ParamSet::new();
+    p.insert("w", vec![n], vec![0.5; n]).unwrap();
+    p
+}
+
+#[test]
+fn script_limits_that_would_mean_unlimited_or_overflow_the_stack_are_refused() {
+    for (set, says) in [
+        ("max_operations = 0", "scripting.max_operations"),
+        ("max_array_size = 0", "scripting.max_array_size"),
+        ("max_tensor_mib = 0", "scripting.max_tensor_mib"),
+        ("max_call_levels = 1000000", "at most 256"),
+    ] {
+        let err = CourseConfig::from_toml(&format!("[scripting]\n{set}\n"), "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(says), "{set}: {err}");
+        assert!(err.starts_with("c.toml:2:"), "{set}: {err}");
+    }
+}
+
+#[test]
+fn recursion_at_the_deepest_allowed_level_fails_the_call_not_the_process() {
+    // Scripts run on 2 MiB stacks (tokio's workers and blocking threads).
+    let outcome = std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(|| {
+            let limits = ScriptingSection {
+                max_call_levels: fedtune_kernel::script::MAX_CALL_LEVELS,
+                max_operations: 100_000_000,
+                ..ScriptingSection::default()
+            };
+            let mut a = aggregator(
+                "fn f(x) { if x == 0 { 0 } else { 1 + f(x - 1) } }\nfn aggregate(g, u, r) { f(1000000); g }",
+                &limits,
+            );
+            let g = global(1);
+            let u = [ClientUpdate {
+                client: 1,
+                n_samples: 1,
+                params: g.clone(),
+            }];
+            a.aggregate(&g, &u, 1).unwrap_err().to_string()
+        })
+        .unwrap()
+        .join()
+        .expect("no stack overflow");
+    assert!(outcome.contains("max_call_levels"), "{outcome}");
+}
+
+#[test]
+fn a_script_hoarding_tensors_stops_at_its_memory_budget() {
+    let limits = ScriptingSection {
+        max_tensor_mib: 1,
+        ..ScriptingSection::default()
+    };
+    let mut a = aggregator(
+        "fn aggregate(g, u, r) { let keep = []; for i in 0..100000 { keep.push(g * 2.0); } g }",
+        &limits,
+    );
+    let g = global(100_000); // 0.4 MB: the third copy passes 1 MiB
+    let u = [ClientUpdate {
+        client: 1,
+        n_samples: 1,
+        params: g.clone(),
+    }];
+    let err = a.aggregate(&g, &u, 1).unwrap_err().to_string();
+    assert!(err.contains("scripting.max_tensor_mib"), "{err}");
+    // The budget is per call: a modest script runs again afterwards.
+    let mut b = aggregator("fn aggregate(g, u, r) { g * 2.0 + g }", &limits);
+    assert!(b.aggregate(&g, &u, 1).is_ok());
+}

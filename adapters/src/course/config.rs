@@ -367,7 +367,9 @@ impl CourseFile {
                 llm.check_scenario(&cfg)?;
                 Task::Llm(Box::new(llm))
             }
-            TrainerKind::LeastSquares => Task::LeastSquares(LeastSquaresSection::from_doc(&doc)?),
+            TrainerKind::LeastSquares => {
+                Task::LeastSquares(LeastSquaresSection::from_doc(&doc, cfg.course.clients)?)
+            }
         };
         let course = Self {
             doc,

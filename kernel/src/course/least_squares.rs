@@ -69,6 +69,9 @@ impl Default for SyntheticSpec {
     }
 }
 
+/// The most synthetic data a least-squares course may draw.
+const MAX_DATA_BYTES: u128 = 4 << 30;
+
 /// `[least_squares]`: the numeric reference task of a course file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -105,8 +108,10 @@ impl Default for LeastSquaresSection {
 }
 
 impl LeastSquaresSection {
-    /// Reads the `[least_squares]` section of `doc` and checks that it describes a task that can run.
-    pub fn from_doc(doc: &ConfigDoc) -> Result<Self, ConfigError> {
+    /// Reads the `[least_squares]` section of `doc` and checks that it
+    /// describes a task that can run for `clients` clients — in memory too,
+    /// before any data is drawn.
+    pub fn from_doc(doc: &ConfigDoc, clients: u32) -> Result<Self, ConfigError> {
         let s: Self = doc.section("least_squares")?;
         let positive = [
             ("dim", s.dim > 0),
@@ -118,6 +123,22 @@ impl LeastSquaresSection {
             return Err(doc.key_error(
                 &format!("least_squares.{key}"),
                 "dim, samples_per_client, local_steps and lr must be positive".into(),
+            ));
+        }
+        // Each client holds samples_per_client training rows and a quarter as
+        // many test rows of dim + 1 f64 values.
+        let rows = (s.samples_per_client as u128) * 5 / 4 + 1;
+        let bytes = u128::from(clients) * rows * (s.dim as u128 + 1) * 8;
+        if bytes > MAX_DATA_BYTES {
+            return Err(doc.key_error(
+                "least_squares.dim",
+                format!(
+                    "{clients} clients × {} rows × {} features would take {:.1} GiB of synthetic data; at most {} GiB",
+                    rows,
+                    s.dim,
+                    bytes as f64 / (1u64 << 30) as f64,
+                    MAX_DATA_BYTES >> 30
+                ),
             ));
         }
         Ok(s)

@@ -31,6 +31,43 @@ pub type Update = ClientUpdate;
 
 type Res<T> = Result<T, Box<EvalAltResult>>;
 
+thread_local! {
+    /// Elements of tensor data the running script call may still create
+    /// (`None` outside a call made through the host).
+    static BUDGET: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// The tensor budget of one script call, in force while this guard lives
+/// (calls nest: the previous budget comes back when it drops).
+pub(crate) struct TensorBudget(Option<usize>);
+
+impl TensorBudget {
+    /// Starts a call's budget of `elements`.
+    pub(crate) fn start(elements: usize) -> Self {
+        Self(BUDGET.with(|b| b.replace(Some(elements))))
+    }
+}
+
+impl Drop for TensorBudget {
+    fn drop(&mut self) {
+        BUDGET.with(|b| b.set(self.0));
+    }
+}
+
+/// Charges `elements` new tensor elements to the running call's budget.
+fn charge(elements: usize) -> Res<()> {
+    BUDGET.with(|b| match b.get() {
+        None => Ok(()),
+        Some(left) if elements <= left => {
+            b.set(Some(left - elements));
+            Ok(())
+        }
+        Some(_) => fail(
+            "the script created more tensor data in one call than scripting.max_tensor_mib allows",
+        ),
+    })
+}
+
 fn fail<T>(message: impl Into<String>) -> Res<T> {
     Err(Box::new(EvalAltResult::ErrorRuntime(
         Dynamic::from(message.into()),
@@ -39,21 +76,25 @@ fn fail<T>(message: impl Into<String>) -> Res<T> {
 }
 
 /// Element-wise arithmetic shared by `ParamSet` and `Tensor`.
+/// Every result is new tensor data, charged to the call's budget first.
 trait Elementwise: Clone + Send + Sync + 'static {
     const TYPE: &'static str;
-    fn map(&self, f: impl Fn(f32) -> f32) -> Self;
+    fn map(&self, f: impl Fn(f32) -> f32) -> Res<Self>;
     fn zip(&self, other: &Self, f: impl Fn(f32, f32) -> f32) -> Res<Self>;
     fn values(&self) -> Box<dyn Iterator<Item = f32> + '_>;
 }
 
 impl Elementwise for ParamSet {
     const TYPE: &'static str = "ParamSet";
-    fn map(&self, f: impl Fn(f32) -> f32) -> Self {
-        self.map_values(f)
+    fn map(&self, f: impl Fn(f32) -> f32) -> Res<Self> {
+        charge(self.num_elements())?;
+        Ok(self.map_values(f))
     }
     fn zip(&self, other: &Self, f: impl Fn(f32, f32) -> f32) -> Res<Self> {
+        charge(self.num_elements())?;
         self.zip_map(other, f).or_else(|e| fail(e.to_string()))
     }
+
     fn values(&self) -> Box<dyn Iterator<Item = f32> + '_> {
         Box::new(self.iter().flat_map(|(_, t)| t.data().iter().copied()))
     }
@@ -61,11 +102,13 @@ impl Elementwise for ParamSet {
 
 impl Elementwise for ParamTensor {
     const TYPE: &'static str = "Tensor";
-    fn map(&self, f: impl Fn(f32) -> f32) -> Self {
+    fn map(&self, f: impl Fn(f32) -> f32) -> Res<Self> {
+        charge(self.len())?;
         let mut out = self.clone();
         out.data_mut().iter_mut().for_each(|x| *x = f(*x));
-        out
+        Ok(out)
     }
+
     fn zip(&self, other: &Self, f: impl Fn(f32, f32) -> f32) -> Res<Self> {
         if self.shape() != other.shape() {
             return fail(format!(
@@ -74,6 +117,7 @@ impl Elementwise for ParamTensor {
                 other.shape()
             ));
         }
+        charge(self.len())?;
         let mut out = self.clone();
         for (a, &b) in out.data_mut().iter_mut().zip(other.data()) {
             *a = f(*a, b);
@@ -188,7 +232,10 @@ fn register_param_set(engine: &mut Engine) {
     });
     engine.register_indexer_get(|p: &mut ParamSet, name: &str| -> Res<ParamTensor> {
         match p.get(name) {
-            Some(t) => Ok(t.clone()),
+            Some(t) => {
+                charge(t.len())?;
+                Ok(t.clone())
+            }
             None => fail(format!("no tensor named `{name}` in this ParamSet")),
         }
     });
@@ -209,6 +256,7 @@ fn register_param_set(engine: &mut Engine) {
     engine.register_fn(
         "map_tensors",
         |ctx: NativeCallContext, p: &mut ParamSet, f: FnPtr| -> Res<ParamSet> {
+            charge(2 * p.num_elements())?;
             let mut out = p.clone();
             for (name, t) in out.iter_mut() {
                 let mapped: ParamTensor =
@@ -236,7 +284,10 @@ fn register_param_set(engine: &mut Engine) {
 fn register_updates(engine: &mut Engine) {
     engine.register_get("client", |u: &mut ClientUpdate| INT::from(u.client));
     engine.register_get("n_samples", |u: &mut ClientUpdate| u.n_samples as INT);
-    engine.register_get("params", |u: &mut ClientUpdate| u.params.clone());
+    engine.register_get("params", |u: &mut ClientUpdate| -> Res<ParamSet> {
+        charge(u.params.num_elements())?;
+        Ok(u.params.clone())
+    });
     engine.register_fn("weighted_mean", |updates: Array| {
         with_updates(&updates, aggregate::fedavg_of)
     });
@@ -266,6 +317,7 @@ fn with_updates(
         }
     }
     let refs: Vec<&ClientUpdate> = guards.iter().map(|g| &**g).collect();
+    charge(refs.first().map_or(0, |u| u.params.num_elements()))?;
     f(&refs).or_else(|e| fail(e.to_string()))
 }
 

@@ -48,8 +48,53 @@ pub struct ScriptingSection {
     pub max_array_size: usize,
     /// Most entries of one object map.
     pub max_map_size: usize,
+    /// Most MiB of tensor data one script call may create (every `ParamSet`
+    /// or `Tensor` an operation returns counts).
+    pub max_tensor_mib: u64,
     /// What a script error does: stop the course, or log it and run the native default.
     pub on_script_error: OnScriptError,
+}
+
+/// The deepest `max_call_levels` allowed: scripts run on threads with 2 MiB
+/// stacks, which hold 256 levels of Rhai calls with room to spare (1,024
+/// overflow them, which aborts the process instead of failing the call).
+pub const MAX_CALL_LEVELS: usize = 256;
+
+impl ScriptingSection {
+    /// Checks the limits: none may be 0 (which Rhai reads as "unlimited"),
+    /// and the call depth must fit the stack. Returns the key at fault.
+    pub fn validate(&self) -> Result<(), crate::config::KeyError> {
+        use crate::config::KeyError;
+        let positive = [
+            ("max_operations", self.max_operations),
+            ("max_call_levels", self.max_call_levels as u64),
+            ("max_string_size", self.max_string_size as u64),
+            ("max_array_size", self.max_array_size as u64),
+            ("max_map_size", self.max_map_size as u64),
+            ("max_tensor_mib", self.max_tensor_mib),
+        ];
+        if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(KeyError::new(
+                format!("scripting.{key}"),
+                "must be at least 1 (0 would mean unlimited)",
+            ));
+        }
+        if self.max_call_levels > MAX_CALL_LEVELS {
+            return Err(KeyError::new(
+                "scripting.max_call_levels",
+                format!(
+                    "must be at most {MAX_CALL_LEVELS} (deeper script recursion would overflow the worker's stack), got {}",
+                    self.max_call_levels
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `max_tensor_mib` in `f32` elements.
+    fn max_tensor_elements(&self) -> usize {
+        usize::try_from(self.max_tensor_mib.saturating_mul(1 << 18)).unwrap_or(usize::MAX)
+    }
 }
 
 impl Default for ScriptingSection {
@@ -60,6 +105,7 @@ impl Default for ScriptingSection {
             max_string_size: 1 << 20,
             max_array_size: 100_000,
             max_map_size: 10_000,
+            max_tensor_mib: 4096,
             on_script_error: OnScriptError::Fail,
         }
     }
@@ -154,6 +200,8 @@ fn innermost(err: EvalAltResult) -> (Position, String) {
 pub struct ScriptHost {
     engine: Arc<Engine>,
     policy: OnScriptError,
+    /// The tensor budget of one call, in `f32` elements.
+    max_tensor_elements: usize,
 }
 
 impl std::fmt::Debug for ScriptHost {
@@ -192,6 +240,7 @@ impl ScriptHost {
         Self {
             engine: Arc::new(engine),
             policy: limits.on_script_error,
+            max_tensor_elements: limits.max_tensor_elements(),
         }
     }
 
@@ -225,6 +274,7 @@ impl ScriptHost {
         doing: &str,
     ) -> Result<Dynamic, ScriptError> {
         let before = state.clone();
+        let _budget = api::TensorBudget::start(self.max_tensor_elements);
         let options = CallFnOptions::new().eval_ast(false).bind_this_ptr(state);
         let result = self.engine.call_fn_with_options::<Dynamic>(
             options,
