@@ -147,3 +147,169 @@ fn settings_that_would_abort_the_process_are_refused_naming_the_key() {
         assert!(err.contains(says), "{set}: {err}");
     }
 }
+
+fn run_ls(out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "run",
+        "configs/least-squares.toml",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    fedtune_within(Duration::from_secs(60), &args)
+}
+
+fn metrics_lines(dir: &Path) -> usize {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .count()
+}
+
+#[test]
+fn a_run_directory_holds_one_run_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let first = run_ls(&out, &[]);
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    let lines = metrics_lines(&out);
+    assert!(!out.join(".lock").exists(), "the lock goes with the run");
+
+    // Again into the same directory: refused, and nothing of the first run changes.
+    let again = run_ls(&out, &[]);
+    assert!(!again.status.success());
+    let err = text(&again.stderr);
+    assert!(
+        err.contains("already holds a run") && err.contains("--overwrite"),
+        "{err}"
+    );
+    assert_eq!(
+        metrics_lines(&out),
+        lines,
+        "the earlier metrics are untouched"
+    );
+
+    // --overwrite replaces it: one run's records, not two.
+    let replaced = run_ls(&out, &["--overwrite"]);
+    assert!(replaced.status.success(), "{}", text(&replaced.stderr));
+    assert_eq!(metrics_lines(&out), lines);
+
+    // A live process holding the lock keeps everyone else out …
+    std::fs::write(out.join(".lock"), std::process::id().to_string()).unwrap();
+    let locked = run_ls(&out, &["--overwrite"]);
+    assert!(!locked.status.success());
+    let err = text(&locked.stderr);
+    assert!(err.contains("in use by another fedtune run"), "{err}");
+    // … a lock left by a process that is gone is taken over.
+    std::fs::write(out.join(".lock"), "4000000000").unwrap();
+    let stale = run_ls(&out, &["--overwrite"]);
+    assert!(stale.status.success(), "{}", text(&stale.stderr));
+}
+
+#[test]
+fn resume_refuses_fewer_rounds_than_its_checkpoints_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_course(dir.path(), "[optim]\nlr = 1e-3\n");
+    let out = dir.path().join("run");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "run",
+            config.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--quiet",
+            "--set",
+            "federate.save_every=1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let run = |extra: &[&str]| {
+        let a = args(extra);
+        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+        fedtune_within(Duration::from_secs(120), &refs)
+    };
+    let done = run(&["--set", "federate.rounds=3"]);
+    assert!(done.status.success(), "{}", text(&done.stderr));
+    let summary = std::fs::read_to_string(out.join("summary.json")).unwrap();
+    let fewer = run(&["--resume", "--set", "federate.rounds=2"]);
+    assert!(!fewer.status.success());
+    let err = text(&fewer.stderr);
+    assert!(err.contains("already holds round 3"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(out.join("summary.json")).unwrap(),
+        summary,
+        "the finished run's records are untouched"
+    );
+    assert!(std::fs::read_to_string(out.join("config.toml"))
+        .unwrap()
+        .contains("rounds = 3"));
+}
+
+/// What two runs must agree on, record by record (timings aside; clients
+/// of one round answer in whatever order they finish, so sorted).
+fn comparable_records(dir: &Path) -> Vec<String> {
+    let mut records: Vec<String> = std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let r: serde_json::Value = serde_json::from_str(l).unwrap();
+            format!(
+                "{} {} {} {} {} {} {}",
+                r["round"],
+                r["event"],
+                r["client"],
+                r["split"],
+                r["loss"],
+                r["samples"],
+                r["bytes_up"]
+            )
+        })
+        .collect();
+    records.sort();
+    records
+}
+
+#[test]
+fn a_resumed_course_ends_bit_identical_to_an_uninterrupted_one_with_uneven_data() {
+    let dir = tempfile::tempdir().unwrap();
+    // 11 training examples per client in batches of 2 (6 batches) and 4 steps
+    // a round: the clients' data positions wrap unevenly (0, 4, 2, 0, …).
+    let config = tiny_course(dir.path(), "[optim]\nlr = 1e-2\n");
+    let run = |out: &Path, rounds: u32, resume: bool| {
+        let rounds = format!("federate.rounds={rounds}");
+        let mut args = vec![
+            "run",
+            config.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--quiet",
+            "--set",
+            &rounds,
+            "--set",
+            "federate.save_every=1",
+            "--set",
+            "train.local_steps=4",
+        ];
+        if resume {
+            args.push("--resume");
+        }
+        let o = fedtune_within(Duration::from_secs(120), &args);
+        assert!(o.status.success(), "{}", text(&o.stderr));
+    };
+    let (full, part) = (dir.path().join("full"), dir.path().join("part"));
+    run(&full, 4, false);
+    run(&part, 2, false);
+    run(&part, 4, true);
+    let weights = |d: &Path| std::fs::read(d.join("adapter/adapter_model.safetensors")).unwrap();
+    assert!(
+        weights(&full) == weights(&part),
+        "the resumed adapter differs"
+    );
+    // The records too: nothing twice (round 2's evaluation ran again and
+    // replaced the first), nothing missing.
+    assert_eq!(comparable_records(&part), comparable_records(&full));
+}

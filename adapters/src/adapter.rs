@@ -22,6 +22,11 @@ pub trait Adapter: ProjectionAdapter + Send + Sync {
     /// Turns training-only behaviour (dropout) on or off.
     fn set_training(&self, _on: bool) {}
 
+    /// Restarts the random draws of training-only behaviour (dropout masks)
+    /// from `seed`: a fit seeded by its client and round draws the same
+    /// masks whatever the process did before (a resumed course, a restarted client).
+    fn reseed(&self, _seed: u64) {}
+
     /// Turns gradient tracking on (the default) or off: off, forward passes
     /// record no graph, which saves memory in evaluation and generation.
     fn set_grad_enabled(&self, on: bool);
@@ -75,6 +80,10 @@ impl Adapter for crate::lora::Lora {
 
     fn set_training(&self, on: bool) {
         crate::lora::Lora::set_training(self, on)
+    }
+
+    fn reseed(&self, seed: u64) {
+        crate::lora::Lora::reseed(self, seed)
     }
 
     fn set_grad_enabled(&self, on: bool) {

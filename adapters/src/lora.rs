@@ -174,6 +174,13 @@ impl Lora {
         })
     }
 
+    /// Draws dropout masks from `seed` on (see [`crate::adapter::Adapter::reseed`]).
+    pub fn reseed(&self, seed: u64) {
+        if let Ok(mut rng) = self.dropout_rng.lock() {
+            *rng = ChaCha8Rng::seed_from_u64(seed ^ 0xD50D_0D0F);
+        }
+    }
+
     /// Turns dropout on (training) or off (evaluation, generation).
     pub fn set_training(&self, on: bool) {
         self.training.store(on, Ordering::Relaxed);

@@ -351,6 +351,24 @@ impl Fit<'_> {
     ) -> Result<FitDone, TrainerError> {
         let accum = self.training.optim.grad_accum;
         let budget: usize = plan.iter().map(FitOp::steps).sum();
+        // Where this fit's data picks up: after `fit` earlier fits of this
+        // plan's length, as the server counts them — not after whatever this
+        // process happens to remember, so a restarted client or a resumed
+        // course trains on exactly the batches an uninterrupted one would.
+        let (sent, personal): (usize, usize) = plan.iter().fold((0, 0), |(a, b), op| match op {
+            FitOp::Train { steps } => (a + steps, b),
+            FitOp::TrainPersonal { steps, .. } => (a, b + steps),
+            _ => (a, b),
+        });
+        let len = slot.data.train.len();
+        slot.cursor = position(self.ctx.fit, sent * accum, len);
+        slot.personal_cursor = position(self.ctx.fit, personal * accum, len);
+        // Dropout draws from this client's and round's seed, not from the
+        // process's history.
+        slot.lora.reseed(self.ctx.seed);
+        if let Some(p) = &slot.personal {
+            p.reseed(self.ctx.seed ^ 0x5eed);
+        }
         let mut done = 0;
         let client = self.client;
         let mut report = |loss: f64| {
@@ -424,6 +442,14 @@ impl Fit<'_> {
         }
         Ok(out)
     }
+}
+
+/// The batch a walk of `per_fit` batches a fit over `len` batches reaches after `fit` fits.
+fn position(fit: u64, per_fit: usize, len: usize) -> usize {
+    if len == 0 {
+        return 0;
+    }
+    ((u128::from(fit) * per_fit as u128) % len as u128) as usize
 }
 
 /// `w ← w − rate·(w − θ)`: moves the sent adapter towards the personal one.

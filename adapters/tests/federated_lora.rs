@@ -126,3 +126,69 @@ async fn a_federated_lora_course_lowers_every_clients_loss() {
         .filter(|r| r.event == Event::Train)
         .all(|r| r.bytes_up > 0));
 }
+
+/// A restarted client process (a fresh trainer) asked for its third fit
+/// trains on the batches, and draws the dropout masks, of an uninterrupted
+/// one's third fit: its data position comes from the server's count of its
+/// fits, its masks from the client's and round's seed.
+#[test]
+fn a_fresh_trainer_continues_where_the_servers_fit_count_says() {
+    use fedtune_kernel::{LocalTrainer, TrainContext};
+    let cfg = LlamaConfig {
+        vocab_size: VOCAB,
+        hidden_size: 32,
+        intermediate_size: 64,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10_000.0,
+        max_position_embeddings: 64,
+        tie_word_embeddings: true,
+    };
+    let model = Arc::new(Llama::random(cfg, 3, DType::F32, &Device::Cpu).unwrap());
+    let lora = LoraConfig {
+        lora_dropout: 0.1,
+        ..LoraConfig::default()
+    };
+    // 5 batches and 3 steps a fit: the positions wrap unevenly (0, 3, 1, …).
+    let data = || {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        BTreeMap::from([(
+            1,
+            ClientData {
+                train: counting_batches(&mut rng, 5, 2, 12),
+                eval: vec![],
+                n_samples: 10,
+            },
+        )])
+    };
+    let training = LocalTraining {
+        local_steps: 3,
+        keep_optimizer_state: false,
+        optim: TrainConfig {
+            lr: 1e-2,
+            ..TrainConfig::default()
+        },
+    };
+    let trainer = || {
+        RoundRobinTrainer::new(model.clone(), lora.clone(), training.clone(), data(), 9).unwrap()
+    };
+    let global = RoundRobinTrainer::initial_adapter(&model, &lora, 9).unwrap();
+    let ctx = |round: u64, fit: u64| {
+        TrainContext::new(round, 100 + round, Default::default(), Default::default()).with_fit(fit)
+    };
+    let mut uninterrupted = trainer();
+    let mut third = None;
+    for round in 1..=3 {
+        let update = uninterrupted
+            .train(1, &global, &ctx(round, round - 1))
+            .unwrap();
+        third = Some(update.params);
+    }
+    let restarted = trainer().train(1, &global, &ctx(3, 2)).unwrap().params;
+    assert!(
+        third.unwrap() == restarted,
+        "the restarted client trained on other batches"
+    );
+}

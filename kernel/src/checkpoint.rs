@@ -18,6 +18,7 @@
 //! after aggregating a round ([`Checkpoints::write`], called by the server
 //! worker), and `--resume` finds the newest ([`Checkpoints::latest`]).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -118,6 +119,9 @@ pub struct Restored {
     pub params: ParamSet,
     /// Its folder (an aggregator's state comes back from there).
     pub dir: PathBuf,
+    /// Each client's aggregated updates up to that round (see
+    /// [`crate::course::protocol::Train::fits`]).
+    pub fits: BTreeMap<u32, u64>,
 }
 
 /// Where and how often a course checkpoints, and in what format.
@@ -126,6 +130,8 @@ pub struct Checkpoints {
     dir: PathBuf,
     every: u64,
     store: Arc<dyn ParamStore>,
+    /// The fingerprint of the configuration that writes (and may resume) them.
+    tag: Option<String>,
 }
 
 impl std::fmt::Debug for Checkpoints {
@@ -149,7 +155,32 @@ impl Checkpoints {
             dir: dir.into(),
             every,
             store,
+            tag: None,
         }
+    }
+
+    /// Marks every checkpoint with `tag` (a fingerprint of the course's
+    /// configuration); [`Self::latest`] then refuses checkpoints marked otherwise.
+    pub fn with_tag(mut self, tag: impl Into<String>) -> Self {
+        self.tag = Some(tag.into());
+        self
+    }
+
+    /// The round of the newest checkpoint folder in `dir` that holds a
+    /// `state.json`, without reading any parameters.
+    pub fn newest_round(dir: &Path) -> Option<u64> {
+        std::fs::read_dir(dir)
+            .ok()?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().join(STATE_FILE).is_file())
+            .filter_map(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .strip_prefix("round-")?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .max()
     }
 
     /// The folder every checkpoint of the course is in.
@@ -174,13 +205,16 @@ impl Checkpoints {
         &self,
         round: u64,
         params: &ParamSet,
-        clients: usize,
+        (clients, fits): (usize, &BTreeMap<u32, u64>),
         aggregator: &dyn Aggregator,
     ) -> Result<PathBuf, CheckpointError> {
         let dir = self.round_dir(round);
         std::fs::create_dir_all(&dir).map_err(|e| CheckpointError::io(&dir, e))?;
         self.store.save(&dir, params)?;
-        let state = serde_json::json!({ "round": round, "clients": clients });
+        let mut state = serde_json::json!({ "round": round, "clients": clients, "fits": fits });
+        if let Some(tag) = &self.tag {
+            state["config"] = serde_json::Value::from(tag.as_str());
+        }
         let path = dir.join(STATE_FILE);
         std::fs::write(&path, state.to_string()).map_err(|e| CheckpointError::io(&path, e))?;
         match aggregator.save_state() {
@@ -215,8 +249,33 @@ impl Checkpoints {
         let Some((round, dir)) = newest else {
             return Ok(None);
         };
+        let path = dir.join(STATE_FILE);
+        let state: serde_json::Value = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        if let Some(tag) = &self.tag {
+            if let Some(theirs) = state.get("config").and_then(|v| v.as_str()) {
+                if theirs != tag {
+                    return Err(CheckpointError::format(
+                        &path,
+                        "was written by a course of another configuration; it cannot be resumed by this one",
+                    ));
+                }
+            }
+        }
         let params = self.store.load(&dir)?;
-        Ok(Some(Restored { round, params, dir }))
+        let fits = match state.get("fits") {
+            Some(v) => serde_json::from_value(v.clone())
+                .map_err(|e| CheckpointError::format(&path, format!("`fits`: {e}")))?,
+            None => BTreeMap::new(),
+        };
+        Ok(Some(Restored {
+            round,
+            params,
+            dir,
+            fits,
+        }))
     }
 
     /// Gives `aggregator` back the state saved in the checkpoint folder
@@ -259,8 +318,10 @@ mod tests {
         let cp = Checkpoints::new(&tmp, 2, Arc::new(MsgpackStore));
         assert!(cp.latest().unwrap().is_none(), "nothing yet");
         assert!(!cp.due(1) && cp.due(2) && cp.due(4));
+        let fits = BTreeMap::from([(1, 4), (3, 2)]);
         for round in [2, 10, 4] {
-            cp.write(round, &params(round as f32), 3, &FedAvg).unwrap();
+            cp.write(round, &params(round as f32), (3, &fits), &FedAvg)
+                .unwrap();
         }
         // A folder without parameters (a write cut short) is not a checkpoint.
         std::fs::create_dir_all(cp.round_dir(12)).unwrap();
@@ -271,9 +332,24 @@ mod tests {
         let state: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(found.dir.join(STATE_FILE)).unwrap())
                 .unwrap();
-        assert_eq!(state, serde_json::json!({"round": 10, "clients": 3}));
+        assert_eq!(
+            state,
+            serde_json::json!({"round": 10, "clients": 3, "fits": {"1": 4, "3": 2}})
+        );
+        assert_eq!(found.fits, fits);
         // FedAvg keeps no state: nothing to restore.
         assert!(!Checkpoints::restore_aggregator(&found.dir, &mut FedAvg).unwrap());
+        assert_eq!(Checkpoints::newest_round(&tmp), Some(10));
+        // Another configuration's checkpoints are refused; its own are taken.
+        let tagged = Checkpoints::new(&tmp, 1, Arc::new(MsgpackStore)).with_tag("abc");
+        tagged
+            .write(11, &params(11.0), (3, &fits), &FedAvg)
+            .unwrap();
+        assert_eq!(tagged.latest().unwrap().unwrap().round, 11);
+        let other = Checkpoints::new(&tmp, 1, Arc::new(MsgpackStore)).with_tag("xyz");
+        let err = other.latest().unwrap_err().to_string();
+        assert!(err.contains("another configuration"), "{err}");
+        std::fs::remove_dir_all(tmp.join("round-0011")).unwrap();
         std::fs::write(found.dir.join(MsgpackStore::FILE), b"junk").unwrap();
         let err = cp.latest().unwrap_err().to_string();
         assert!(err.contains("not a parameter checkpoint"), "{err}");

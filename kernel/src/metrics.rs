@@ -109,6 +109,33 @@ impl MetricsLog {
         })
     }
 
+    /// Cuts the metrics file at `path` back to what a course resumed after
+    /// round `round` keeps: every record of earlier rounds, and the training
+    /// and round records of `round` itself — not its evaluation (the resumed
+    /// server runs it again) nor anything of an interrupted later round. A
+    /// line that does not parse (cut short by a kill) goes too.
+    pub fn resume_at(path: &Path, round: u64) -> std::io::Result<()> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let kept: Vec<&str> = text
+            .lines()
+            .filter(|line| {
+                serde_json::from_str::<Record>(line)
+                    .is_ok_and(|r| r.round < round || (r.round == round && r.event != Event::Eval))
+            })
+            .collect();
+        let mut out = kept.join("\n");
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        let tmp = path.with_extension("jsonl.tmp");
+        std::fs::write(&tmp, out)?;
+        std::fs::rename(&tmp, path)
+    }
+
     /// Also hands every record to `observer` as it is logged.
     pub fn with_observer(mut self, observer: Observer) -> Self {
         self.observer = Some(observer);

@@ -36,6 +36,9 @@ pub struct RunArgs {
     /// Data root (default: $FEDTUNE_DATA_ROOT, else ./data, else ../shared/data).
     #[arg(long)]
     pub data_root: Option<PathBuf>,
+    /// Replace an earlier run in --out DIR (its files are deleted, nothing else).
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
 }
 
 /// Where a course run writes: `out`, or `runs/<course>-<timestamp>`;
@@ -43,7 +46,7 @@ pub struct RunArgs {
 pub fn run_output(
     course: &CourseFile,
     out: Option<&Path>,
-    resume: bool,
+    (resume, overwrite): (bool, bool),
     data_root: Option<&Path>,
 ) -> Result<Output> {
     if resume && out.is_none() {
@@ -54,7 +57,9 @@ pub fn run_output(
             .map(Path::to_path_buf)
             .unwrap_or_else(|| default_run_dir(&course.cfg.course.name)),
         resume,
+        overwrite,
         data_root: data_root.map(Path::to_path_buf),
+        managed: false,
     })
 }
 

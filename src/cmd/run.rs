@@ -20,16 +20,16 @@ pub fn run(args: RunArgs) -> Result<()> {
         print!("{}", course.resolved()?);
         return Ok(());
     }
-    if course.broker.transport == TransportKind::Nats {
-        return super::spawn::run_processes(&course, &args);
-    }
     let out = run_output(
         &course,
         args.out.as_deref(),
-        args.resume,
+        (args.resume, args.overwrite),
         args.data_root.as_deref(),
     )?;
-    out.prepare(&course)?;
+    let _lock = out.prepare(&course)?;
+    if course.broker.transport == TransportKind::Nats {
+        return super::spawn::run_processes(&course, &args, &out.dir);
+    }
     match &course.task {
         Task::Llm(_) => {
             let log = out.dir.join("run.log");

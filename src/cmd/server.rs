@@ -48,6 +48,12 @@ pub struct ServerArgs {
     /// No progress lines.
     #[arg(long)]
     quiet: bool,
+    /// Replace an earlier run in --out DIR (its files are deleted, nothing else).
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
+    /// --out DIR was prepared by the `fedtune run` that started this process.
+    #[arg(long, hide = true)]
+    managed: bool,
 }
 
 /// `fedtune server`.
@@ -55,13 +61,14 @@ pub fn server(args: ServerArgs) -> Result<()> {
     let started = Instant::now();
     let course = CourseFile::load(&args.config, &args.set)?;
     let cfg = &course.cfg;
-    let out = run_output(
+    let mut out = run_output(
         &course,
         args.out.as_deref(),
-        args.resume,
+        (args.resume, args.overwrite),
         args.data_root.as_deref(),
     )?;
-    out.prepare(&course)?;
+    out.managed = args.managed;
+    let _lock = out.prepare(&course)?;
     let log = out.dir.join("server.log");
     crate::runlog::log_to_file(&log).with_context(|| format!("cannot write {}", log.display()))?;
     let display = Display::new(args.quiet || args.json).timed().shared();

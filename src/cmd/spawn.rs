@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use fedtune_adapters::course::CourseFile;
 use fedtune_broker::LocalNats;
 
-use super::course_args::{default_run_dir, RunArgs};
+use super::course_args::RunArgs;
 
 /// A child process that is killed if still running when dropped.
 struct Spawned {
@@ -31,14 +31,12 @@ impl Drop for Spawned {
 /// `fedtune run` with `[broker] transport = "nats"`: the server and every
 /// client as separate processes of this binary, against `[broker] url` or a
 /// nats-server started for the run with a user per party.
-pub fn run_processes(course: &CourseFile, args: &RunArgs) -> Result<()> {
+/// The run directory `out` is prepared (and locked) by the caller; the
+/// server process is told so (`--managed`).
+pub fn run_processes(course: &CourseFile, args: &RunArgs, out: &Path) -> Result<()> {
     let cfg = &course.cfg;
     let broker = &course.broker;
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| default_run_dir(&cfg.course.name));
-    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let out = out.to_path_buf();
     // A broker of our own, with per-party users, unless one is given.
     let mut _local = None;
     let (url, creds_dir) = match &broker.url {
@@ -73,7 +71,7 @@ pub fn run_processes(course: &CourseFile, args: &RunArgs) -> Result<()> {
     let mut server = Command::new(&exe);
     server.arg("server");
     common(&mut server);
-    server.arg("--out").arg(&out);
+    server.arg("--out").arg(&out).arg("--managed");
     if args.resume {
         server.arg("--resume");
     }

@@ -424,6 +424,26 @@ impl CourseFile {
             .map_err(|e| CourseError::invalid(format!("cannot write the configuration: {e}")))
     }
 
+    /// A fingerprint of the resolved configuration but `federate.rounds`
+    /// (more rounds is how a finished course is extended): checkpoints carry
+    /// it, and a course resumes only from checkpoints with its own.
+    pub fn fingerprint(&self) -> Result<String> {
+        let mut table: toml::Table = self
+            .resolved()?
+            .parse()
+            .map_err(|e| CourseError::invalid(format!("the resolved configuration: {e}")))?;
+        if let Some(toml::Value::Table(f)) = table.get_mut("federate") {
+            f.remove("rounds");
+        }
+        let text = toml::to_string(&table)
+            .map_err(|e| CourseError::invalid(format!("the resolved configuration: {e}")))?;
+        // FNV-1a, 64 bits: stable across builds and platforms.
+        let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        Ok(format!("{hash:016x}"))
+    }
+
     /// The LLM sections, or an error for a numeric course.
     pub fn llm(&self) -> Result<&LlmConfig> {
         match &self.task {

@@ -14,6 +14,7 @@
 //! | [`offsite`] | FedOT: the emulator clients train on, and the adapter plugged back into the full model |
 //! | [`store`] | checkpoints and final adapters in PEFT's layout |
 //! | [`run`] | the LLM course in one process, in the fed, global and local scenarios |
+//! | [`run_dir`] | the run directory: one run at a time, never mixed with an earlier one, resumed only by its own configuration |
 //! | [`numeric`] | the kernel's numeric reference course (least squares) |
 //! | [`process`] | a course's server or one client as a process of its own (the transport is the caller's) |
 //! | [`held_out`] | held-out loss and the `[eval]` tasks at the end of a course |
@@ -30,6 +31,7 @@ pub mod numeric;
 pub mod offsite;
 pub mod process;
 pub mod run;
+pub mod run_dir;
 pub mod scripts;
 pub mod store;
 pub mod summary;
@@ -37,7 +39,8 @@ pub mod trainer;
 
 pub use base::{Base, Loaded};
 pub use config::{CourseFile, LlmConfig, Task};
-pub use run::{run_llm, Output};
+pub use run::run_llm;
+pub use run_dir::{Output, RunLock};
 
 use std::fmt::Display;
 

@@ -11,7 +11,7 @@ use fedtune_kernel::MetricsLog;
 use serde::Serialize;
 
 use super::config::CourseFile;
-use super::run::Output;
+use super::run_dir::Output;
 use super::summary::{losses_at, traffic};
 use super::{scripts, Context, Result};
 

@@ -22,7 +22,7 @@ use serde::Serialize;
 use super::base::Base;
 use super::config::{CourseFile, Task};
 use super::offsite::{emulator, plug_in, BaseModelInfo};
-use super::run::Output;
+use super::run_dir::Output;
 use super::store::AdapterStore;
 use super::summary::{losses_at, traffic};
 use super::trainer::{client_process_trainer, offsite_client_trainer, trainer_error};
@@ -99,7 +99,8 @@ pub fn server_process(
         }
     };
     // A server process checkpoints every round: a crash loses at most the round in flight.
-    let checkpoints = Checkpoints::new(out.dir.join("checkpoints"), 1, store.clone());
+    let checkpoints = Checkpoints::new(out.dir.join("checkpoints"), 1, store.clone())
+        .with_tag(course.fingerprint()?);
     let mut aggregator = scripts::aggregator(course)?;
     let resumed = if out.resume {
         checkpoints.latest()?
@@ -119,7 +120,7 @@ pub fn server_process(
         .with_observer(Box::new(move |r: &Record| shown.record(r, rounds)));
     let mut setup = ServerSetup::new(cfg.clone(), initial, aggregator, log);
     if let Some(found) = resumed {
-        setup = setup.resumed(found.round, found.params);
+        setup = setup.resumed_from(found);
     }
     let base_model = match &offsite {
         Some((emu, _, _)) => Some(BaseModelInfo::message(emu)?),

@@ -15,62 +15,33 @@
 //! `metrics.jsonl`, `checkpoints/`, `adapter/` and `summary.json`.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use fedtune_kernel::checkpoint::Restored;
 use fedtune_kernel::config::{CourseConfig, Mode};
 use fedtune_kernel::course::{run_in_process_from, CourseReport, ServerSetup, SharedTrainer};
 use fedtune_kernel::metrics::peak_rss_mib;
 use fedtune_kernel::{Aggregator, Checkpoints, FedAvg, MetricsLog, ParamSet, Record};
 
 use super::base::Base;
-use super::config::{same_config_but_rounds, CourseFile, LlmConfig};
+use super::config::{CourseFile, LlmConfig};
 use super::data::{batches, client_data, course_data, prepare, Prepared};
 use super::held_out::evaluate_at_end;
 use super::offsite::{emulator, plug_in, OffsiteSummary};
+use super::run_dir::Output;
 use super::store::AdapterStore;
 use super::summary::{read_records, split_losses, traffic, ClientSummary, Summary};
 use super::trainer::{fed_trainer, plain_trainer, trainer_error};
 use super::{ensure, scripts, Context, Result};
 use crate::adapter::AdapterSpec;
-use crate::data::{self, Tokenized};
+use crate::data::Tokenized;
 use crate::model::Llama;
 use crate::offsite::{Distilled, Emulator};
 use crate::progress::Observer;
 use crate::round_robin::{ClientData, LocalTraining, RoundRobinTrainer, StepProgress};
 use crate::train::Batch;
-
-/// Where a run writes, and whether it continues an earlier one.
-#[derive(Debug, Clone)]
-pub struct Output {
-    /// The run directory.
-    pub dir: PathBuf,
-    /// Continue from the newest checkpoint in `dir`.
-    pub resume: bool,
-    /// Where the data sets are (`None`: the default search).
-    pub data_root: Option<PathBuf>,
-}
-
-impl Output {
-    /// Creates the run directory and writes the resolved configuration to
-    /// `config.toml`; a resumed run must have the same configuration (more
-    /// rounds allowed).
-    pub fn prepare(&self, course: &CourseFile) -> Result<()> {
-        let resolved = course.resolved()?;
-        if self.resume {
-            same_config_but_rounds(&self.dir.join("config.toml"), &resolved)?;
-        }
-        std::fs::create_dir_all(&self.dir)
-            .with_context(|| format!("cannot create {}", self.dir.display()))?;
-        let path = self.dir.join("config.toml");
-        std::fs::write(&path, resolved).with_context(|| format!("cannot write {}", path.display()))
-    }
-
-    fn data_root(&self) -> PathBuf {
-        data::data_root(self.data_root.as_deref())
-    }
-}
 
 /// Everything a scenario needs, built once.
 struct Setup<'a> {
@@ -86,16 +57,19 @@ struct Setup<'a> {
     observer: Arc<dyn Observer>,
     runtime: tokio::runtime::Runtime,
     log: Arc<Mutex<MetricsLog>>,
+    /// The configuration's fingerprint, on every checkpoint.
+    fingerprint: String,
 }
 
 /// Where a course starts: from the initial adapter, or after a completed round.
 enum Start {
     Fresh(ParamSet),
-    After(u64, ParamSet, PathBuf),
+    After(Box<Restored>),
 }
 
 /// Runs the LLM course of `course` in this process, writing into `out.dir`
-/// (see [`Output::prepare`]); returns what `summary.json` holds.
+/// (prepared by [`Output::prepare`], whose lock the caller holds); returns
+/// what `summary.json` holds.
 pub fn run_llm(course: &CourseFile, out: &Output, observer: Arc<dyn Observer>) -> Result<Summary> {
     let started = Instant::now();
     let llm = course.llm()?;
@@ -158,6 +132,7 @@ pub fn run_llm(course: &CourseFile, out: &Output, observer: Arc<dyn Observer>) -
             .build()
             .context("starting the course's runtime")?,
         log: Arc::new(Mutex::new(log)),
+        fingerprint: course.fingerprint()?,
     };
     let total_rounds = match cfg.course.mode {
         Mode::Local => cfg.course.rounds * setup.prepared.len() as u64,
@@ -232,6 +207,7 @@ impl Setup<'_> {
             self.course.cfg.course.save_every,
             Arc::new(self.store.clone()),
         )
+        .with_tag(self.fingerprint.clone())
     }
 
     /// Where the course starts: fresh from the seeded initial adapter, or
@@ -254,7 +230,7 @@ impl Setup<'_> {
                     found.round,
                     checkpoints.dir().display()
                 ));
-                Start::After(found.round, found.params, found.dir)
+                Start::After(Box::new(found))
             }
             None => Start::Fresh(initial),
         })
@@ -289,10 +265,11 @@ impl Setup<'_> {
         let trainer: SharedTrainer = Arc::new(Mutex::new(trainer.with_progress(self.progress())));
         let setup = match start {
             Start::Fresh(p) => ServerSetup::new(cfg.clone(), p, aggregator, relay),
-            Start::After(round, p, dir) => {
+            Start::After(found) => {
                 // An aggregator's saved state comes back from the checkpoint.
-                Checkpoints::restore_aggregator(&dir, aggregator.as_mut())?;
-                ServerSetup::new(cfg.clone(), p.clone(), aggregator, relay).resumed(round, p)
+                Checkpoints::restore_aggregator(&found.dir, aggregator.as_mut())?;
+                ServerSetup::new(cfg.clone(), found.params.clone(), aggregator, relay)
+                    .resumed_from(*found)
             }
         };
         let setup = setup.with_checkpoints(checkpoints);
@@ -383,7 +360,8 @@ impl Setup<'_> {
     fn local(&self, adapter_dir: &Path) -> Result<()> {
         let l_cfg = single_client(&self.course.cfg);
         let initial = match self.start()? {
-            Start::Fresh(p) | Start::After(_, p, _) => p,
+            Start::Fresh(p) => p,
+            Start::After(found) => found.params,
         };
         for (c, p) in self.prepared.iter().enumerate() {
             let id = c as u32 + 1;
