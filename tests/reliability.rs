@@ -313,3 +313,121 @@ fn a_resumed_course_ends_bit_identical_to_an_uninterrupted_one_with_uneven_data(
     // replaced the first), nothing missing.
     assert_eq!(comparable_records(&part), comparable_records(&full));
 }
+
+#[test]
+fn unclear_cases_get_what_the_config_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_course(dir.path(), "[optim]\nlr = 1e-2\n");
+    let model = dir.path().join("model");
+
+    // `eval loss --config C` scores with C's own model, not the default one.
+    let loss = |extra: &[&str]| -> f64 {
+        let mut args = vec![
+            "eval",
+            "loss",
+            "--config",
+            config.to_str().unwrap(),
+            "--quiet",
+        ];
+        args.extend_from_slice(extra);
+        let o = fedtune_within(Duration::from_secs(120), &args);
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        report["score"].as_f64().unwrap()
+    };
+    let out = dir.path().join("loss.json");
+    let implied = loss(&["--out", out.to_str().unwrap()]);
+    let explicit = loss(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(implied, explicit);
+
+    // A relative [model] path is found beside the config file, as scripts are.
+    let text_of = std::fs::read_to_string(&config).unwrap();
+    let relative = dir.path().join("relative.toml");
+    std::fs::write(
+        &relative,
+        text_of.replace(&format!("path = {model:?}"), "path = \"model\""),
+    )
+    .unwrap();
+    let o = fedtune_within(
+        Duration::from_secs(120),
+        &[
+            "run",
+            relative.to_str().unwrap(),
+            "--out",
+            dir.path().join("rel").to_str().unwrap(),
+            "--quiet",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+
+    // ctx.stop() in on_fit_start: the fit takes no step, the adapter stays.
+    let hook = dir.path().join("stop.rhai");
+    std::fs::write(&hook, "fn on_fit_start(ctx) { ctx.stop(); }\n").unwrap();
+    let o = fedtune_within(
+        Duration::from_secs(120),
+        &[
+            "run",
+            config.to_str().unwrap(),
+            "--set",
+            &format!("hooks.script={:?}", hook.to_str().unwrap()),
+            "--out",
+            dir.path().join("stopped").to_str().unwrap(),
+            "--json",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(summary["test_loss_before"], summary["test_loss_after"]);
+}
+
+#[test]
+fn skip_bad_records_skips_lines_that_are_not_utf8_and_the_run_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("mine.jsonl");
+    let mut bytes = Vec::new();
+    for i in 0..30 {
+        bytes.extend_from_slice(
+            format!(
+                "{{\"question\": \"What is {i} + 1?\", \"answer\": \"{i} + 1 = {}\\n#### {}\"}}\n",
+                i + 1,
+                i + 1
+            )
+            .as_bytes(),
+        );
+        if i == 7 {
+            bytes.extend_from_slice(b"{\"question\": \"\xff\xfe\", \"answer\": \"#### 1\"}\n");
+        }
+    }
+    std::fs::write(&data, bytes).unwrap();
+    let config = tiny_course(dir.path(), "[optim]\nlr = 1e-2\n");
+    let text_of = std::fs::read_to_string(&config).unwrap();
+    let mine = dir.path().join("mine.toml");
+    std::fs::write(
+        &mine,
+        text_of.replace(
+            "name = \"gsm8k\"",
+            &format!("path = {data:?}\nformat = \"gsm8k\"\nskip_bad_records = true"),
+        ),
+    )
+    .unwrap();
+    let o = fedtune_within(
+        Duration::from_secs(120),
+        &[
+            "run",
+            mine.to_str().unwrap(),
+            "--out",
+            dir.path().join("run").to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("1 malformed records left out") && err.contains("line 9: not UTF-8"),
+        "{err}"
+    );
+}

@@ -406,7 +406,11 @@ impl HookScript {
             anchor: Arc::new(anchor),
             ..CtxData::default()
         };
-        Ok(BoundHooks { script: self, base })
+        Ok(BoundHooks {
+            script: self,
+            base,
+            stop_at_start: false,
+        })
     }
 }
 
@@ -414,6 +418,8 @@ impl HookScript {
 pub struct BoundHooks<'a> {
     script: &'a mut HookScript,
     base: CtxData,
+    /// `ctx.stop()` was called in `on_fit_start`: the fit takes no step.
+    stop_at_start: bool,
 }
 
 impl BoundHooks<'_> {
@@ -467,7 +473,11 @@ impl BoundHooks<'_> {
 
 impl TrainHooks for BoundHooks<'_> {
     fn on_fit_start(&mut self, _adapter: &dyn Adapter) -> Result<()> {
-        self.call(0, |_| {}).map(|_| ())
+        self.stop_at_start = self.call(0, |_| {})?.is_some_and(|done| done.stop);
+        Ok(())
+    }
+    fn stop_requested(&self) -> bool {
+        self.stop_at_start
     }
     fn on_batch_start(&mut self, ctx: &mut HookCtx) -> Result<()> {
         self.batch_hook(1, ctx)

@@ -249,10 +249,9 @@ impl LocalTrainer for RoundRobinTrainer {
         } else {
             done.losses
         };
-        metrics.insert(
-            "last_step_loss".to_string(),
-            *losses.last().unwrap_or(&f64::NAN),
-        );
+        if let Some(&last) = losses.last() {
+            metrics.insert("last_step_loss".to_string(), last);
+        }
         let mut params = slot.lora.to_param_set()?;
         if let Some(pattern) = &done.keep {
             let local = keep_local(&mut self.local_re, pattern, &mut params, global)?;
@@ -262,7 +261,7 @@ impl LocalTrainer for RoundRobinTrainer {
         Ok(LocalUpdate {
             params,
             n_samples: slot.data.n_samples,
-            loss: Some(mean(&losses)),
+            loss: (!losses.is_empty()).then(|| mean(&losses)),
             metrics,
         })
     }
@@ -382,6 +381,10 @@ impl Fit<'_> {
             personal_losses: Vec::new(),
             keep: None,
         };
+        if hooks.stop_requested() {
+            // `ctx.stop()` in on_fit_start: this fit takes no step.
+            return Ok(out);
+        }
         // One optimizer for the personal adapter per fit (new when the rate changes).
         let mut personal_stepper: Option<(f64, Stepper)> = None;
         for op in plan {

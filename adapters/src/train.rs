@@ -209,6 +209,10 @@ pub trait TrainHooks {
     fn on_fit_start(&mut self, adapter: &dyn Adapter) -> Result<()> {
         Ok(())
     }
+    /// Whether `on_fit_start` asked to stop before the first step.
+    fn stop_requested(&self) -> bool {
+        false
+    }
     /// Before each pass over the data.
     fn on_epoch_start(&mut self, epoch: usize) -> Result<()> {
         Ok(())
@@ -428,6 +432,10 @@ pub fn fit(
     let total = per_epoch * epochs;
     let mut reports = Vec::with_capacity(total);
     hooks.on_fit_start(adapter)?;
+    if hooks.stop_requested() {
+        hooks.on_fit_end(adapter)?;
+        return Ok(reports);
+    }
     'epochs: for epoch in 0..epochs {
         hooks.on_epoch_start(epoch)?;
         for chunk in batches.chunks_exact(stepper.cfg.grad_accum) {

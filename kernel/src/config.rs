@@ -440,6 +440,12 @@ pub struct BrokerSection {
     pub url: Option<String>,
     /// A directory of credentials files (`server.json`, `client-N.json`) for `url`.
     pub credentials: Option<PathBuf>,
+    /// A party whose incoming messages from one sender were rejected this
+    /// many times stops reading that sender (0: never).
+    pub max_bad_frames: u64,
+    /// MiB of partly received frames a party keeps for all senders together;
+    /// past it the least recently fed frames are dropped.
+    pub max_inflight_mib: u64,
 }
 
 impl Default for BrokerSection {
@@ -448,6 +454,8 @@ impl Default for BrokerSection {
             transport: TransportKind::InProcess,
             url: None,
             credentials: None,
+            max_bad_frames: 1000,
+            max_inflight_mib: 2048,
         }
     }
 }

@@ -275,6 +275,64 @@ async fn a_diverging_course_ends_with_the_round_client_and_step_instead_of_hangi
     assert!(err.contains("federate.on_divergence"), "{err}");
 }
 
+/// A trainer whose client 2 returns an update the server cannot use
+/// (a tensor of another shape) and NaN in its metrics map.
+struct Misshapen(LeastSquaresTrainer);
+
+impl LocalTrainer for Misshapen {
+    fn train(
+        &mut self,
+        client: u32,
+        global: &ParamSet,
+        ctx: &TrainContext,
+    ) -> Result<LocalUpdate, TrainerError> {
+        let mut update = self.0.train(client, global, ctx)?;
+        update.metrics.insert("odd".into(), f64::NAN);
+        if client == 2 {
+            update.params.insert("w", vec![1], vec![0.0])?;
+        }
+        Ok(update)
+    }
+
+    fn evaluate(
+        &mut self,
+        client: u32,
+        global: &ParamSet,
+        ctx: &TrainContext,
+    ) -> Result<Vec<SplitEval>, TrainerError> {
+        self.0.evaluate(client, global, ctx)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unusable_update_from_an_awaited_client_fails_the_round_instead_of_stalling_it() {
+    let cfg = config("[federate]\nrounds = 2\nclients = 2\n");
+    let t = trainer(
+        SyntheticSpec {
+            clients: 2,
+            ..SyntheticSpec::default()
+        },
+        2,
+    );
+    let initial = t.initial_params();
+    let run = run_in_process(
+        &cfg,
+        initial,
+        Arc::new(Mutex::new(Misshapen(t))),
+        Box::new(FedAvg),
+        MetricsLog::in_memory(),
+    );
+    let err = tokio::time::timeout(std::time::Duration::from_secs(20), run)
+        .await
+        .expect("the round does not wait forever on an update it rejected")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("client 2: its update for round 1 cannot be used: update does not match"),
+        "{err}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_skip_client_a_failing_client_is_left_out_of_its_round() {
     let cfg = config("[federate]\nrounds = 3\nclients = 3\non_divergence = \"skip-client\"\n");

@@ -56,14 +56,14 @@ pub fn client(args: ClientArgs) -> Result<()> {
         cfg.course.name, args.nats
     ));
     let outcome = runtime()?.block_on(async {
-        let (transport, refusals) = connect(
+        let c = connect(
             &args.nats,
-            &cfg.course.name,
+            &course,
             Party::Client(id),
             args.creds.as_deref(),
         )
         .await?;
-        run_guarded(client_worker(id, cfg, trainer, transport), refusals).await
+        run_guarded(client_worker(id, cfg, trainer, c.transport), c.refusals).await
     })?;
     ensure!(
         outcome.reason == StopReason::Finished,

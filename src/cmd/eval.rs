@@ -46,7 +46,8 @@ pub struct EvalArgs {
     /// Most new tokens per generation (default: the task's).
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
-    /// A GGUF model file (default: SmolLM2-135M-Instruct, fetched on first use).
+    /// A GGUF model file or Hugging Face directory (default: --config's
+    /// `[model] path`, else SmolLM2-135M-Instruct, fetched on first use).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Where the data sets are (default: $FEDTUNE_DATA_ROOT, ./data, ../shared/data).
@@ -89,7 +90,12 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     let loaded_items = load_items(&tasks, &settings)?;
     let display = Display::new(args.quiet);
     let say = |line: &str| display.say(line);
-    let loaded = Loaded::load(args.model.as_deref(), args.adapter.as_deref(), &say)?;
+    // --model, else the course's own model (the loss task scores its data).
+    let model = args
+        .model
+        .clone()
+        .or_else(|| course.as_ref().and_then(CourseFile::model_path));
+    let loaded = Loaded::load(model.as_deref(), args.adapter.as_deref(), &say)?;
     let mut reports = Vec::new();
     for (named, items) in tasks.iter().zip(loaded_items) {
         let name = match named {

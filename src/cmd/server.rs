@@ -77,19 +77,14 @@ pub fn server(args: ServerArgs) -> Result<()> {
         "course `{}`: waiting for {} clients at {}",
         cfg.course.name, cfg.course.clients, args.nats
     ));
-    let outcome = runtime()?.block_on(async {
-        let (transport, refusals) = connect(
-            &args.nats,
-            &cfg.course.name,
-            Party::Server,
-            args.creds.as_deref(),
-        )
-        .await?;
-        let mut worker = server_worker_from(process.setup, transport).on_start(roll_call);
+    let (outcome, dropped) = runtime()?.block_on(async {
+        let c = connect(&args.nats, &course, Party::Server, args.creds.as_deref()).await?;
+        let mut worker = server_worker_from(process.setup, c.transport).on_start(roll_call);
         if let Some((weights, meta)) = process.base_model {
             worker.state_mut().set_base(weights, meta);
         }
-        run_guarded(worker, refusals).await
+        let outcome = run_guarded(worker, c.refusals).await?;
+        anyhow::Ok((outcome, c.stats.rejected()))
     })?;
     display.finished();
     let state = outcome.state;
@@ -99,9 +94,10 @@ pub fn server(args: ServerArgs) -> Result<()> {
         outcome.reason
     );
     let results = state.into_results();
-    let summary = process
-        .end
-        .finish(&results, outcome.stats.rejected, started)?;
+    // Rejected by the worker (undecodable, forged, out of step) or already
+    // by the NATS receiver (malformed parts, evicted, cut off).
+    let rejected = outcome.stats.rejected + dropped;
+    let summary = process.end.finish(&results, rejected, started)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {

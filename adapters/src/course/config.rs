@@ -444,6 +444,22 @@ impl CourseFile {
         Ok(format!("{hash:016x}"))
     }
 
+    /// `[model] path`, a relative one found as scripts and `extends` are:
+    /// relative to the working directory, else to the config file's folder.
+    /// `None` for the default model (or a numeric course).
+    pub fn model_path(&self) -> Option<PathBuf> {
+        let path = self.llm().ok()?.model.path.as_ref()?;
+        if path.is_absolute() || path.exists() {
+            return Some(path.clone());
+        }
+        let beside = self.dir().map(|d| d.join(path));
+        Some(
+            beside
+                .filter(|p| p.exists())
+                .unwrap_or_else(|| path.clone()),
+        )
+    }
+
     /// The LLM sections, or an error for a numeric course.
     pub fn llm(&self) -> Result<&LlmConfig> {
         match &self.task {

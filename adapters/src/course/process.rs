@@ -75,7 +75,7 @@ pub fn server_process(
             Arc::new(MsgpackStore),
         ),
         Task::Llm(llm) => {
-            let base = Base::load(llm.model.path.as_deref(), &say)?;
+            let base = Base::load(course.model_path().as_deref(), &say)?;
             let root = crate::data::data_root(out.data_root.as_deref());
             let (model, spec) = match emulator(llm, &base.model, &base.tok, &root, &say)? {
                 Some((emu, spec, _)) => {
@@ -264,13 +264,13 @@ pub fn client_process(
         Task::LeastSquares(ls) => Arc::new(Mutex::new(ls.trainer(cfg.course.clients))),
         // FedOT: the tokenizer only; the weights come from the server.
         Task::Llm(llm) if llm.offsite.enabled => {
-            let tok = Base::load_tokenizer(llm.model.path.as_deref(), say)?;
+            let tok = Base::load_tokenizer(course.model_path().as_deref(), say)?;
             Arc::new(Mutex::new(offsite_client_trainer(
                 course, &tok, data_root, id,
             )?))
         }
-        Task::Llm(llm) => {
-            let base = Base::load(llm.model.path.as_deref(), say)?;
+        Task::Llm(_) => {
+            let base = Base::load(course.model_path().as_deref(), say)?;
             Arc::new(Mutex::new(client_process_trainer(
                 course, &base, data_root, id,
             )?))

@@ -83,9 +83,16 @@ pub fn run_llm(course: &CourseFile, out: &Output, observer: Arc<dyn Observer>) -
         }
     };
     let say = |line: &str| observer.say(line);
-    let base = Base::load(llm.model.path.as_deref(), &say)?;
+    let base = Base::load(course.model_path().as_deref(), &say)?;
     let (fed, template) = course_data(course, &out.data_root())?;
     let prepared = prepare(&fed, &template, &base.tok, llm.data.max_tokens)?;
+    if let Some((line, why)) = fed.skipped.first() {
+        say(&format!(
+            "{}: {} malformed records left out (data.skip_bad_records), the first at line {line}: {why}",
+            fed.path.display(),
+            fed.skipped.len()
+        ));
+    }
     say(&format!(
         "{}: {} examples over {} clients ({}), template `{}`",
         fed.path.display(),

@@ -103,6 +103,9 @@ pub enum RecordError {
     /// The line is not JSON.
     #[error("not valid JSON: {0}")]
     NotJson(String),
+    /// The line is not UTF-8 text.
+    #[error("not UTF-8 text: {0}")]
+    NotUtf8(String),
     /// The record is JSON but not an object.
     #[error("expected a JSON object, found {0}")]
     NotAnObject(&'static str),
@@ -187,18 +190,26 @@ fn read_records(path: &Path) -> Result<Records, DataError> {
         return array_records(path, &text);
     }
     let mut out = Vec::new();
-    let mut line = String::new();
+    let mut line = Vec::new();
     let mut number = 0;
     loop {
         line.clear();
         number += 1;
         let n = reader
-            .read_line(&mut line)
+            .read_until(b'\n', &mut line)
             .map_err(|e| broken(path, number, gz, &e))?;
         if n == 0 {
             break;
         }
-        let text = line.trim();
+        // A line that is not UTF-8 is a bad record like any other (and
+        // `skip_bad_records` leaves it out), not a broken file.
+        let text = match std::str::from_utf8(&line) {
+            Ok(text) => text.trim(),
+            Err(e) => {
+                out.push((number, Err(RecordError::NotUtf8(e.to_string()))));
+                continue;
+            }
+        };
         if text.is_empty() {
             continue;
         }

@@ -384,7 +384,13 @@ fn on_train(s: &mut ClientState, env: Envelope, ctx: &mut Ctx) -> HandlerResult 
                     n_samples: update.n_samples,
                     compute_s,
                     train_loss: update.loss,
-                    metrics: update.metrics,
+                    // JSON has no NaN: a non-finite metric would arrive as
+                    // null and spoil the whole body.
+                    metrics: update
+                        .metrics
+                        .into_iter()
+                        .filter(|(_, v)| v.is_finite())
+                        .collect(),
                     failed: None,
                 })?
                 .with_payload(update.params),
@@ -419,10 +425,22 @@ fn on_evaluate(s: &mut ClientState, env: Envelope, ctx: &mut Ctx) -> HandlerResu
             t.evaluate(id, &global, &tctx)
         })?;
         let body = match results {
-            Ok(results) => protocol::Metrics {
+            Ok(results) if results.iter().all(|r| r.loss.is_finite()) => protocol::Metrics {
                 results,
                 compute_s,
                 failed: None,
+            },
+            Ok(results) => protocol::Metrics {
+                results: Vec::new(),
+                compute_s,
+                failed: Some(format!(
+                    "client {id}: evaluation in round {round} gave non-finite losses ({})",
+                    results
+                        .iter()
+                        .map(|r| format!("{} {}", r.split, r.loss))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
             },
             Err(reason) => protocol::Metrics {
                 results: Vec::new(),

@@ -661,6 +661,26 @@ fn record(s: &mut ServerState, r: Record) -> Result<(), HandlerError> {
         .map_err(|e| HandlerError::Fatal(format!("cannot write metrics: {e}")))
 }
 
+/// What is wrong with an update, if anything: its body, its parameters'
+/// names and shapes, its sample count.
+fn check_update(env: &Envelope, global: &ParamSet) -> Result<protocol::Update, String> {
+    let body: protocol::Update = env.body().map_err(|e| e.to_string())?;
+    if body.failed.is_some() {
+        return Ok(body);
+    }
+    if body.n_samples == 0 {
+        return Err("update without a positive `n_samples`".into());
+    }
+    let params = env
+        .payload
+        .as_ref()
+        .ok_or_else(|| "update without parameters".to_string())?;
+    global
+        .check_compatible(params)
+        .map_err(|e| format!("update does not match the global parameters: {e}"))?;
+    Ok(body)
+}
+
 fn on_update(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResult {
     let id = client_id(&env)?;
     readmit(s, id);
@@ -669,34 +689,25 @@ fn on_update(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResult
     };
     let round = *round;
     // Validate everything before claiming, so a bad update leaves the round as it was.
-    let body: protocol::Update = env
-        .body()
-        .map_err(|e| HandlerError::Reject(e.to_string()))?;
+    let awaited = env.round == round && pending.contains_key(&id);
+    let body = match check_update(&env, &s.global) {
+        Ok(body) => body,
+        // The answer this round waits for, but unusable: a failed answer,
+        // never a silence the round would wait on forever.
+        Err(problem) if awaited => {
+            let reason =
+                format!("client {id}: its update for round {round} cannot be used: {problem}");
+            return failed_update(s, (&env, id, round), 0.0, &reason, ctx);
+        }
+        Err(problem) => return Err(HandlerError::Reject(problem)),
+    };
     if let Some(reason) = &body.failed {
-        let p = claim(pending, round, &env, id)?;
-        let mut r = Record::new(Event::Train, round, Some(id));
-        r.split = Some("train".into());
-        r.bytes_up = ctx.received_bytes() as u64;
-        r.bytes_down = p.bytes_down as u64;
-        r.compute_s = body.compute_s;
-        r.wall_s = p.sent_at.elapsed().as_secs_f64();
-        r.extra.insert("failed".into(), 1.0);
-        record(s, r)?;
-        return client_failed(s, id, reason, ctx);
+        return failed_update(s, (&env, id, round), body.compute_s, reason, ctx);
     }
     let n_samples = body.n_samples;
-    if n_samples == 0 {
-        return Err(HandlerError::Reject(
-            "update without a positive `n_samples`".into(),
-        ));
-    }
-    let params = env
-        .payload
-        .as_ref()
-        .ok_or_else(|| HandlerError::Reject("update without parameters".into()))?;
-    s.global.check_compatible(params).map_err(|e| {
-        HandlerError::Reject(format!("update does not match the global parameters: {e}"))
-    })?;
+    let Phase::Training { pending, .. } = &mut s.phase else {
+        unreachable!("phase checked above");
+    };
     let p = claim(pending, round, &env, id)?;
     let mut r = Record::new(Event::Train, round, Some(id));
     r.split = Some("train".into());
@@ -727,6 +738,30 @@ fn on_update(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResult
         return Ok(Flow::Continue);
     }
     finish_round(s, ctx)
+}
+
+/// Records client `id`'s failed answer to `round` (which it claims) and
+/// applies the failure policy.
+fn failed_update(
+    s: &mut ServerState,
+    (env, id, round): (&Envelope, u32, u64),
+    compute_s: f64,
+    reason: &str,
+    ctx: &mut Ctx,
+) -> HandlerResult {
+    let Phase::Training { pending, .. } = &mut s.phase else {
+        return Err(HandlerError::Reject("no training round is running".into()));
+    };
+    let p = claim(pending, round, env, id)?;
+    let mut r = Record::new(Event::Train, round, Some(id));
+    r.split = Some("train".into());
+    r.bytes_up = ctx.received_bytes() as u64;
+    r.bytes_down = p.bytes_down as u64;
+    r.compute_s = compute_s;
+    r.wall_s = p.sent_at.elapsed().as_secs_f64();
+    r.extra.insert("failed".into(), 1.0);
+    record(s, r)?;
+    client_failed(s, id, reason, ctx)
 }
 
 /// Client `id` reported that its part of the current step failed (it is no
@@ -868,22 +903,32 @@ fn on_metrics(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResul
         return Err(HandlerError::Reject("no evaluation is running".into()));
     };
     let round = *round;
+    let awaited = env.round == round && pending.contains_key(&id);
+    let checked = env
+        .body::<protocol::Metrics>()
+        .map_err(|e| e.to_string())
+        .and_then(|m| match m.results.iter().find(|e| !e.loss.is_finite()) {
+            Some(bad) => Err(format!("split `{}` has a non-finite loss", bad.split)),
+            None => Ok(m),
+        });
     let protocol::Metrics {
         results: splits,
         compute_s,
         failed,
-    } = env
-        .body()
-        .map_err(|e| HandlerError::Reject(e.to_string()))?;
+    } = match checked {
+        Ok(m) => m,
+        // The answer this evaluation waits for, but unusable: a failed answer.
+        Err(problem) if awaited => {
+            claim(pending, round, &env, id)?;
+            let reason =
+                format!("client {id}: its evaluation of round {round} cannot be used: {problem}");
+            return client_failed(s, id, &reason, ctx);
+        }
+        Err(problem) => return Err(HandlerError::Reject(problem)),
+    };
     if let Some(reason) = failed {
         claim(pending, round, &env, id)?;
         return client_failed(s, id, &reason, ctx);
-    }
-    if let Some(bad) = splits.iter().find(|e| !e.loss.is_finite()) {
-        return Err(HandlerError::Reject(format!(
-            "split `{}` has a non-finite loss",
-            bad.split
-        )));
     }
     let p = claim(pending, round, &env, id)?;
     for (i, split) in splits.iter().enumerate() {
