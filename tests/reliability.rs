@@ -431,3 +431,84 @@ fn skip_bad_records_skips_lines_that_are_not_utf8_and_the_run_says_so() {
         "{err}"
     );
 }
+
+#[test]
+fn an_interrupted_evaluation_resumes_only_with_the_same_adapter_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_course(dir.path(), "[optim]\nlr = 1e-2\n");
+    let model = dir.path().join("model");
+    let train = |name: &str, seed: &str| -> PathBuf {
+        let out = dir.path().join(name);
+        let o = fedtune_within(
+            Duration::from_secs(120),
+            &[
+                "run",
+                config.to_str().unwrap(),
+                "--set",
+                &format!("federate.seed={seed}"),
+                "--out",
+                out.to_str().unwrap(),
+                "--quiet",
+            ],
+        );
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        out.join("adapter")
+    };
+    let (a, b) = (train("a", "1"), train("b", "2"));
+    let items = dir.path().join("mc.jsonl");
+    std::fs::write(
+        &items,
+        (0..4)
+            .map(|i| format!("{{\"question\": \"{i} plus one?\", \"choices\": [\"{}\", \"{}\"], \"answer\": 0}}\n", i + 1, i + 2))
+            .collect::<String>(),
+    )
+    .unwrap();
+    let task = format!("mc:{}", items.display());
+    let results = dir.path().join("mc.json");
+    let eval = |adapter: &Path, limit: &str| {
+        fedtune_within(
+            Duration::from_secs(120),
+            &[
+                "eval",
+                &task,
+                "--model",
+                model.to_str().unwrap(),
+                "--adapter",
+                adapter.to_str().unwrap(),
+                "--limit",
+                limit,
+                "--out",
+                results.to_str().unwrap(),
+                "--quiet",
+            ],
+        )
+    };
+    assert!(eval(&a, "2").status.success());
+    // The same adapter's bytes elsewhere: the two finished items are kept.
+    let moved = dir.path().join("moved");
+    std::fs::create_dir_all(&moved).unwrap();
+    for f in std::fs::read_dir(&a).unwrap() {
+        let f = f.unwrap().path();
+        if f.is_file() {
+            std::fs::copy(&f, moved.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let o = eval(&moved, "3");
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["resumed_items"], 2);
+    // Other bytes at the same path: refused, not mixed in.
+    for f in std::fs::read_dir(&b).unwrap() {
+        let f = f.unwrap().path();
+        if f.is_file() {
+            std::fs::copy(&f, moved.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let o = eval(&moved, "4");
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("another evaluation"),
+        "{}",
+        text(&o.stderr)
+    );
+}

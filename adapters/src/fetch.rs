@@ -87,6 +87,35 @@ pub fn default_model_path() -> PathBuf {
     models_dir().join(DEFAULT_MODEL.file_name)
 }
 
+/// Hex SHA-256 of what `path` holds: a file's bytes, or for a folder (a
+/// Hugging Face model, a PEFT adapter) the names and digests of the files
+/// directly in it, in name order.
+pub fn content_digest(path: &Path) -> Result<String, FetchError> {
+    if !path.is_dir() {
+        return sha256_file(path);
+    }
+    let io = |source| FetchError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(io)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    let mut hasher = Sha256::new();
+    for file in files {
+        hasher.update(file.file_name().unwrap_or_default().as_encoded_bytes());
+        hasher.update(sha256_file(&file)?.as_bytes());
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
 /// Hex SHA-256 of a file.
 pub fn sha256_file(path: &Path) -> Result<String, FetchError> {
     let io = |source| FetchError::Io {

@@ -162,10 +162,15 @@ pub fn evaluate(
         seed: 0,
         stop,
     };
+    // An interrupted evaluation resumes only with the same model and adapter
+    // — the same bytes, wherever they lie — and the same settings.
+    let digest = |p: &Path| {
+        crate::fetch::content_digest(p).with_context(|| format!("reading {}", p.display()))
+    };
     let header = serde_json::json!({
         "task": task.name(),
-        "model": model_path.display().to_string(),
-        "adapter": s.adapter.as_ref().map(|p| p.display().to_string()),
+        "model_sha256": digest(model_path)?,
+        "adapter_sha256": s.adapter.as_deref().map(digest).transpose()?,
         "samples": s.samples,
         "temperature": generation.temperature,
         "max_new_tokens": generation.max_new_tokens,
@@ -248,7 +253,10 @@ pub fn evaluate(
         extra: Default::default(),
         out: out.to_path_buf(),
     };
-    let full = serde_json::json!({ "summary": report, "settings": header, "items": results });
+    let mut settings = header;
+    settings["model"] = model_path.display().to_string().into();
+    settings["adapter"] = s.adapter.as_ref().map(|p| p.display().to_string()).into();
+    let full = serde_json::json!({ "summary": report, "settings": settings, "items": results });
     write_json(out, &full)?;
     Ok(report)
 }
