@@ -350,18 +350,20 @@ impl Fit<'_> {
     ) -> Result<FitDone, TrainerError> {
         let accum = self.training.optim.grad_accum;
         let budget: usize = plan.iter().map(FitOp::steps).sum();
-        // Where this fit's data picks up: after `fit` earlier fits of this
-        // plan's length, as the server counts them — not after whatever this
-        // process happens to remember, so a restarted client or a resumed
-        // course trains on exactly the batches an uninterrupted one would.
+        // Where this fit's data picks up: where a client that trained this
+        // plan in every earlier round would be — from the round alone, not
+        // from what this process happens to remember, so a restarted client
+        // or a resumed course trains on exactly the batches an uninterrupted
+        // one would. (A client left out of some rounds skips their batches.)
         let (sent, personal): (usize, usize) = plan.iter().fold((0, 0), |(a, b), op| match op {
             FitOp::Train { steps } => (a + steps, b),
             FitOp::TrainPersonal { steps, .. } => (a, b + steps),
             _ => (a, b),
         });
         let len = slot.data.train.len();
-        slot.cursor = position(self.ctx.fit, sent * accum, len);
-        slot.personal_cursor = position(self.ctx.fit, personal * accum, len);
+        let earlier = self.ctx.round.saturating_sub(1);
+        slot.cursor = position(earlier, sent * accum, len);
+        slot.personal_cursor = position(earlier, personal * accum, len);
         // Dropout draws from this client's and round's seed, not from the
         // process's history.
         slot.lora.reseed(self.ctx.seed);
@@ -447,12 +449,12 @@ impl Fit<'_> {
     }
 }
 
-/// The batch a walk of `per_fit` batches a fit over `len` batches reaches after `fit` fits.
-fn position(fit: u64, per_fit: usize, len: usize) -> usize {
+/// The batch a walk of `per_fit` batches a fit over `len` batches reaches after `fits` fits.
+fn position(fits: u64, per_fit: usize, len: usize) -> usize {
     if len == 0 {
         return 0;
     }
-    ((u128::from(fit) * per_fit as u128) % len as u128) as usize
+    ((u128::from(fits) * per_fit as u128) % len as u128) as usize
 }
 
 /// `w ← w − rate·(w − θ)`: moves the sent adapter towards the personal one.

@@ -127,12 +127,12 @@ async fn a_federated_lora_course_lowers_every_clients_loss() {
         .all(|r| r.bytes_up > 0));
 }
 
-/// A restarted client process (a fresh trainer) asked for its third fit
-/// trains on the batches, and draws the dropout masks, of an uninterrupted
-/// one's third fit: its data position comes from the server's count of its
-/// fits, its masks from the client's and round's seed.
+/// A restarted client process (a fresh trainer) asked for round 3 trains on
+/// the batches, and draws the dropout masks, of an uninterrupted one's round
+/// 3: its data position comes from the round, its masks from the client's
+/// and round's seed — not from what the process remembers.
 #[test]
-fn a_fresh_trainer_continues_where_the_servers_fit_count_says() {
+fn a_fresh_trainer_continues_where_the_round_says() {
     use fedtune_kernel::{LocalTrainer, TrainContext};
     let cfg = LlamaConfig {
         vocab_size: VOCAB,
@@ -175,18 +175,15 @@ fn a_fresh_trainer_continues_where_the_servers_fit_count_says() {
         RoundRobinTrainer::new(model.clone(), lora.clone(), training.clone(), data(), 9).unwrap()
     };
     let global = RoundRobinTrainer::initial_adapter(&model, &lora, 9).unwrap();
-    let ctx = |round: u64, fit: u64| {
-        TrainContext::new(round, 100 + round, Default::default(), Default::default()).with_fit(fit)
-    };
+    let ctx =
+        |round: u64| TrainContext::new(round, 100 + round, Default::default(), Default::default());
     let mut uninterrupted = trainer();
     let mut third = None;
     for round in 1..=3 {
-        let update = uninterrupted
-            .train(1, &global, &ctx(round, round - 1))
-            .unwrap();
+        let update = uninterrupted.train(1, &global, &ctx(round)).unwrap();
         third = Some(update.params);
     }
-    let restarted = trainer().train(1, &global, &ctx(3, 2)).unwrap().params;
+    let restarted = trainer().train(1, &global, &ctx(3)).unwrap().params;
     assert!(
         third.unwrap() == restarted,
         "the restarted client trained on other batches"

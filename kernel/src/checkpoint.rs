@@ -18,7 +18,6 @@
 //! after aggregating a round ([`Checkpoints::write`], called by the server
 //! worker), and `--resume` finds the newest ([`Checkpoints::latest`]).
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -119,9 +118,6 @@ pub struct Restored {
     pub params: ParamSet,
     /// Its folder (an aggregator's state comes back from there).
     pub dir: PathBuf,
-    /// Each client's aggregated updates up to that round (see
-    /// [`crate::course::protocol::Train::fits`]).
-    pub fits: BTreeMap<u32, u64>,
 }
 
 /// Where and how often a course checkpoints, and in what format.
@@ -205,13 +201,13 @@ impl Checkpoints {
         &self,
         round: u64,
         params: &ParamSet,
-        (clients, fits): (usize, &BTreeMap<u32, u64>),
+        clients: usize,
         aggregator: &dyn Aggregator,
     ) -> Result<PathBuf, CheckpointError> {
         let dir = self.round_dir(round);
         std::fs::create_dir_all(&dir).map_err(|e| CheckpointError::io(&dir, e))?;
         self.store.save(&dir, params)?;
-        let mut state = serde_json::json!({ "round": round, "clients": clients, "fits": fits });
+        let mut state = serde_json::json!({ "round": round, "clients": clients });
         if let Some(tag) = &self.tag {
             state["config"] = serde_json::Value::from(tag.as_str());
         }
@@ -265,17 +261,7 @@ impl Checkpoints {
             }
         }
         let params = self.store.load(&dir)?;
-        let fits = match state.get("fits") {
-            Some(v) => serde_json::from_value(v.clone())
-                .map_err(|e| CheckpointError::format(&path, format!("`fits`: {e}")))?,
-            None => BTreeMap::new(),
-        };
-        Ok(Some(Restored {
-            round,
-            params,
-            dir,
-            fits,
-        }))
+        Ok(Some(Restored { round, params, dir }))
     }
 
     /// Gives `aggregator` back the state saved in the checkpoint folder
@@ -318,10 +304,8 @@ mod tests {
         let cp = Checkpoints::new(&tmp, 2, Arc::new(MsgpackStore));
         assert!(cp.latest().unwrap().is_none(), "nothing yet");
         assert!(!cp.due(1) && cp.due(2) && cp.due(4));
-        let fits = BTreeMap::from([(1, 4), (3, 2)]);
         for round in [2, 10, 4] {
-            cp.write(round, &params(round as f32), (3, &fits), &FedAvg)
-                .unwrap();
+            cp.write(round, &params(round as f32), 3, &FedAvg).unwrap();
         }
         // A folder without parameters (a write cut short) is not a checkpoint.
         std::fs::create_dir_all(cp.round_dir(12)).unwrap();
@@ -332,19 +316,13 @@ mod tests {
         let state: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(found.dir.join(STATE_FILE)).unwrap())
                 .unwrap();
-        assert_eq!(
-            state,
-            serde_json::json!({"round": 10, "clients": 3, "fits": {"1": 4, "3": 2}})
-        );
-        assert_eq!(found.fits, fits);
+        assert_eq!(state, serde_json::json!({"round": 10, "clients": 3}));
         // FedAvg keeps no state: nothing to restore.
         assert!(!Checkpoints::restore_aggregator(&found.dir, &mut FedAvg).unwrap());
         assert_eq!(Checkpoints::newest_round(&tmp), Some(10));
         // Another configuration's checkpoints are refused; its own are taken.
         let tagged = Checkpoints::new(&tmp, 1, Arc::new(MsgpackStore)).with_tag("abc");
-        tagged
-            .write(11, &params(11.0), (3, &fits), &FedAvg)
-            .unwrap();
+        tagged.write(11, &params(11.0), 3, &FedAvg).unwrap();
         assert_eq!(tagged.latest().unwrap().unwrap().round, 11);
         let other = Checkpoints::new(&tmp, 1, Arc::new(MsgpackStore)).with_tag("xyz");
         let err = other.latest().unwrap_err().to_string();

@@ -122,7 +122,8 @@ pub struct Envelope {
     pub round: u64,
     /// The sender.
     pub from: Party,
-    /// The receivers.
+    /// The receivers. A frame sent to several parties carries an empty list
+    /// (the transport addresses each copy); one sent to a single party names it.
     pub to: Vec<Party>,
     /// What event it is.
     pub kind: MsgKind,

@@ -153,8 +153,16 @@ impl Ctx {
 
     /// Encodes `env` now and queues it for each of its recipients; returns the
     /// encoded size of one copy, so callers can account for bytes on the wire.
-    pub fn send(&mut self, env: Envelope) -> Result<usize, CodecError> {
+    pub fn send(&mut self, mut env: Envelope) -> Result<usize, CodecError> {
+        // A frame for several parties carries no recipient list: the
+        // transport addresses each copy, and listing every recipient in
+        // every copy made a broadcast to n clients cost n² bytes.
+        let to = std::mem::take(&mut env.to);
+        if to.len() == 1 {
+            env.to.clone_from(&to);
+        }
         let frame = codec::encode(&env, self.encode)?;
+        env.to = to;
         let len = frame.len();
         let (local, remote): (Vec<Party>, Vec<Party>) = env.to.iter().partition(|&&p| p == self.me);
         if !remote.is_empty() {
@@ -724,6 +732,38 @@ mod tests {
             t0.elapsed() < Duration::from_secs(1),
             "the pending timer did not hold the worker"
         );
+    }
+
+    #[test]
+    fn a_broadcast_frame_does_not_grow_with_its_recipients() {
+        let mut sizes = Vec::new();
+        for n in [2u32, 20_000] {
+            let mut ctx = Ctx {
+                me: Party::Server,
+                course: "c".into(),
+                encode: EncodeOptions::default(),
+                received_bytes: 0,
+                outbox: Vec::new(),
+                local: Vec::new(),
+                jobs: Vec::new(),
+                timers: Vec::new(),
+                cancel: Arc::new(AtomicBool::new(false)),
+            };
+            let env = Envelope::new(
+                "c",
+                1,
+                Party::Server,
+                (1..=n).map(Party::Client).collect(),
+                MsgKind::Evaluate,
+            );
+            sizes.push(ctx.send(env).unwrap());
+            assert_eq!(
+                ctx.outbox[0].0.len(),
+                n as usize,
+                "every recipient still gets it"
+            );
+        }
+        assert_eq!(sizes[0], sizes[1], "{sizes:?}");
     }
 
     #[tokio::test]

@@ -297,23 +297,12 @@ fn job_inputs(
         .payload
         .clone()
         .ok_or_else(|| HandlerError::Reject(format!("{} without parameters", env.kind)))?;
-    let fit = match env.kind {
-        MsgKind::Train => env
-            .body::<protocol::Train>()
-            .map_err(|e| HandlerError::Reject(e.to_string()))?
-            .fits
-            .get(&s.id)
-            .copied()
-            .unwrap_or(0),
-        _ => 0,
-    };
     let tctx = TrainContext::new(
         env.round,
         derive_seed(s.seed, s.id, env.round),
         env.meta.clone(),
         ctx.cancel_flag(),
-    )
-    .with_fit(fit);
+    );
     Ok((global, tctx))
 }
 

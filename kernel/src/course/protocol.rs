@@ -33,17 +33,6 @@ pub struct AssignId {
     pub clients: u32,
 }
 
-/// `train`, server → clients: train on the attached global parameters.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-pub struct Train {
-    /// For each asked client, how many of its updates the course has
-    /// aggregated before: where its local data picks up, so a restarted
-    /// client (or a resumed course) trains on exactly the batches an
-    /// uninterrupted one would have.
-    #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
-    pub fits: BTreeMap<u32, u64>,
-}
-
 /// `update`, client → server: the locally trained parameters' account.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Update {

@@ -111,8 +111,6 @@ pub struct ServerState {
     base_sent: BTreeMap<u32, Option<u64>>,
     /// Where the global parameters are saved after rounds, if anywhere.
     checkpoints: Option<Checkpoints>,
-    /// Each client's aggregated updates so far (see [`protocol::Train::fits`]).
-    fits: BTreeMap<u32, u64>,
 }
 
 impl ServerState {
@@ -174,8 +172,6 @@ pub struct ServerSetup {
     pub log: MetricsLog,
     /// Where the global parameters are saved after rounds (none: nowhere).
     pub checkpoints: Option<Checkpoints>,
-    /// Each client's aggregated updates before this server starts (from a checkpoint).
-    pub fits: BTreeMap<u32, u64>,
 }
 
 impl ServerSetup {
@@ -193,7 +189,6 @@ impl ServerSetup {
             aggregator,
             log,
             checkpoints: None,
-            fits: BTreeMap::new(),
         }
     }
 
@@ -208,12 +203,9 @@ impl ServerSetup {
         self
     }
 
-    /// Resumes from the checkpoint `restored`: its round, parameters and
-    /// each client's count of aggregated updates.
+    /// Resumes from the checkpoint `restored`: its round and parameters.
     pub fn resumed_from(self, restored: crate::checkpoint::Restored) -> Self {
-        let mut me = self.resumed(restored.round, restored.params);
-        me.fits = restored.fits;
-        me
+        self.resumed(restored.round, restored.params)
     }
 
     /// Checkpoints the global parameters as `checkpoints` says.
@@ -246,7 +238,6 @@ pub fn server_worker_from(
         aggregator,
         log,
         checkpoints,
-        fits,
     } = setup;
     let name = cfg.course.name.clone();
     let limits = cfg.wire.limits();
@@ -267,7 +258,6 @@ pub fn server_worker_from(
         base: None,
         base_sent: BTreeMap::new(),
         checkpoints,
-        fits,
     };
     Worker::new(Party::Server, name, transport, state)
         .with_encoding(encode)
@@ -504,18 +494,15 @@ fn on_join_in(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResul
     };
     if let Some((kind, round)) = lost {
         info!(client = id, round, %kind, "client rejoined mid-step; sending its request again");
-        let training = kind == MsgKind::Train;
-        let mut env = Envelope::new(
+        let env = Envelope::new(
             ctx.course(),
             round,
             Party::Server,
             vec![Party::Client(id)],
             kind,
-        );
-        if training {
-            env = env.with_body(&train_body(s, &[id]))?;
-        }
-        ctx.send(env.with_payload(s.global.clone()))?;
+        )
+        .with_payload(s.global.clone());
+        ctx.send(env)?;
     }
     if matches!(s.phase, Phase::Joining) {
         if s.joined.len() == s.cfg.course.clients as usize {
@@ -564,7 +551,6 @@ fn begin_round(s: &mut ServerState, round: u64, ctx: &mut Ctx) -> Result<(), Han
         picked.iter().map(|&c| Party::Client(c)).collect(),
         MsgKind::Train,
     )
-    .with_body(&train_body(s, &picked))?
     .with_payload(s.global.clone());
     let bytes = ctx.send(env)?;
     let now = Instant::now();
@@ -591,16 +577,6 @@ fn begin_round(s: &mut ServerState, round: u64, ctx: &mut Ctx) -> Result<(), Han
         dropped: Vec::new(),
     };
     arm_timeout(s, Step::Train, round, ctx)
-}
-
-/// The `train` request's body for `clients`: each one's aggregated updates so far.
-fn train_body(s: &ServerState, clients: &[u32]) -> protocol::Train {
-    protocol::Train {
-        fits: clients
-            .iter()
-            .filter_map(|c| s.fits.get(c).map(|&n| (*c, n)))
-            .collect(),
-    }
 }
 
 fn begin_eval(s: &mut ServerState, round: u64, ctx: &mut Ctx) -> Result<(), HandlerError> {
@@ -833,18 +809,10 @@ fn finish_round(s: &mut ServerState, ctx: &mut Ctx) -> HandlerResult {
         .check_finite()
         .map_err(|e| HandlerError::Fatal(format!("round {round}: aggregation produced {e}")))?;
     s.global = global;
-    for u in &updates {
-        *s.fits.entry(u.client).or_insert(0) += 1;
-    }
     if let Some(cp) = s.checkpoints.as_ref().filter(|cp| cp.due(round)) {
         // A checkpoint that cannot be written must not pass unnoticed.
-        cp.write(
-            round,
-            &s.global,
-            (updates.len(), &s.fits),
-            s.aggregator.as_ref(),
-        )
-        .map_err(|e| HandlerError::Fatal(format!("round {round}: {e}")))?;
+        cp.write(round, &s.global, updates.len(), s.aggregator.as_ref())
+            .map_err(|e| HandlerError::Fatal(format!("round {round}: {e}")))?;
     }
     let mut r = Record::new(Event::Round, round, None);
     r.samples = Some(updates.iter().map(|u| u.n_samples).sum());

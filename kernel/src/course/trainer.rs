@@ -31,11 +31,6 @@ pub struct TrainContext {
     pub seed: u64,
     /// Metadata the server attached to its request (per-round hyperparameters, …).
     pub meta: Meta,
-    /// How many of this client's updates the course aggregated before this
-    /// request: a trainer that walks through its data starts this fit where
-    /// that many full fits would have left it, so a restarted client or a
-    /// resumed course trains on the same batches as an uninterrupted one.
-    pub fit: u64,
     cancel: Arc<AtomicBool>,
 }
 
@@ -46,15 +41,8 @@ impl TrainContext {
             round,
             seed,
             meta,
-            fit: 0,
             cancel,
         }
-    }
-
-    /// The context of this client's fit number `fit` (0-based).
-    pub fn with_fit(mut self, fit: u64) -> Self {
-        self.fit = fit;
-        self
     }
 
     /// True once the worker is shutting down: stop at the next step boundary.
