@@ -127,11 +127,15 @@ fn broker(dir: &Path, clients: u32) -> (LocalNats, PathBuf) {
 }
 
 fn server(config: &Path, nats: &LocalNats, creds: &Path, out: &Path, extra: &[&str]) -> Proc {
+    server_at(config, &nats.url(), creds, out, extra)
+}
+
+fn server_at(config: &Path, url: &str, creds: &Path, out: &Path, extra: &[&str]) -> Proc {
     let mut args: Vec<String> = vec![
         "server".into(),
         config.display().to_string(),
         "--nats".into(),
-        nats.url(),
+        url.to_string(),
         "--creds".into(),
         creds.join("server.json").display().to_string(),
         "--out".into(),
@@ -145,11 +149,15 @@ fn server(config: &Path, nats: &LocalNats, creds: &Path, out: &Path, extra: &[&s
 }
 
 fn client(config: &Path, nats: &LocalNats, creds: &Path, id: u32, extra: &[&str]) -> Proc {
+    client_at(config, &nats.url(), creds, id, extra)
+}
+
+fn client_at(config: &Path, url: &str, creds: &Path, id: u32, extra: &[&str]) -> Proc {
     let mut args: Vec<String> = vec![
         "client".into(),
         config.display().to_string(),
         "--nats".into(),
-        nats.url(),
+        url.to_string(),
         "--id".into(),
         id.to_string(),
         "--creds".into(),
@@ -435,4 +443,108 @@ fn fedtune_run_over_nats_matches_the_in_process_run() {
     let nats = summary("nats");
     assert_eq!(local["final_loss"], nats["loss_last"]);
     assert!(dir.path().join("nats/client-5.out").is_file());
+}
+
+#[test]
+fn a_course_survives_a_broker_restart_mid_course() {
+    let dir = tempfile::tempdir().unwrap();
+    // Rounds long enough that the broker goes away in the middle of one.
+    let config = tiny_course(
+        dir.path(),
+        "rounds = 6\nround_timeout_s = 3.0\nmin_clients = 1\njoin_retry_s = 0.2",
+        60,
+    );
+    let (mut nats, creds) = broker(dir.path(), 3);
+    let out = dir.path().join("server");
+    let metrics = out.join("metrics.jsonl");
+    let mut srv = server(&config, &nats, &creds, &out, &[]);
+    let mut clients: Vec<Proc> = (1..=3)
+        .map(|id| client(&config, &nats, &creds, id, &[]))
+        .collect();
+    wait_for(&metrics, "round 2", |r| {
+        r["event"] == "round" && r["round"] == 2
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    // The broker goes away for a second: every connection drops, whatever
+    // was in flight is lost; the parties reconnect when it is back.
+    nats.restart(Duration::from_secs(1)).unwrap();
+    srv.succeeds();
+    for c in clients.iter_mut() {
+        c.succeeds();
+    }
+    assert!(
+        round_record(&metrics, 6)["extra"]["clients"]
+            .as_f64()
+            .unwrap()
+            >= 1.0,
+        "the last round was aggregated"
+    );
+}
+
+/// A free loopback port.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn a_course_runs_over_a_three_node_nats_cluster_with_parties_on_different_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_course(dir.path(), "rounds = 2\njoin_retry_s = 0.2", 3);
+    let inproc = in_process(&config, dir.path());
+    // One user per party, as `fedtune broker config` writes them; each node
+    // of the cluster takes that configuration plus routes to the other two.
+    let creds = dir.path().join("broker");
+    run(&[
+        "broker",
+        "config",
+        "--course",
+        "tiny",
+        "--clients",
+        "3",
+        "--out",
+        creds.to_str().unwrap(),
+    ]);
+    let base = std::fs::read_to_string(creds.join("nats-server.conf")).unwrap();
+    let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let nodes: Vec<LocalNats> = (0..3)
+        .map(|i| {
+            let others: Vec<String> = (0..3)
+                .filter(|&j| j != i)
+                .map(|j| format!("\"nats-route://127.0.0.1:{}\"", routes[j]))
+                .collect();
+            let conf = dir.path().join(format!("node-{i}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "{}\ncluster {{\n  name: fedtune\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+                    base.replace("jetstream", "# jetstream"),
+                    routes[i],
+                    others.join(", ")
+                ),
+            )
+            .unwrap();
+            LocalNats::start(Some(&conf)).expect("a cluster node starts")
+        })
+        .collect();
+    // Let the routes form before anyone subscribes.
+    std::thread::sleep(Duration::from_millis(1500));
+    let out = dir.path().join("server");
+    let mut srv = server_at(&config, &nodes[0].url(), &creds, &out, &[]);
+    // Client 1 on node 2, client 2 on node 3, client 3 on node 1.
+    let mut clients: Vec<Proc> = (1..=3u32)
+        .map(|id| client_at(&config, &nodes[(id as usize) % 3].url(), &creds, id, &[]))
+        .collect();
+    srv.succeeds();
+    for c in clients.iter_mut() {
+        c.succeeds();
+    }
+    let diff = max_abs_diff(
+        &adapter(&inproc.join("adapter")),
+        &adapter(&out.join("adapter")),
+    );
+    assert!(diff <= 1e-6, "final adapters differ by {diff}");
 }

@@ -839,3 +839,77 @@ async fn the_base_model_goes_once_to_each_client_instance() {
     );
     task.abort();
 }
+
+/// The in-process bus, but the first `train` request to client 2 is lost on
+/// the way, as a broker restart can lose a message in flight.
+struct Lossy {
+    bus: InProcTransport,
+    lost: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl Transport for Lossy {
+    async fn send(
+        &self,
+        from: Party,
+        to: Party,
+        frame: bytes::Bytes,
+    ) -> Result<(), fedtune_kernel::TransportError> {
+        let train = fedtune_kernel::decode(&frame, &fedtune_kernel::DecodeLimits::default())
+            .is_ok_and(|e| e.kind == MsgKind::Train);
+        if to == Party::Client(2)
+            && train
+            && !self.lost.swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Ok(()); // gone
+        }
+        self.bus.send(from, to, frame).await
+    }
+
+    async fn subscribe(
+        &self,
+        me: Party,
+    ) -> Result<fedtune_kernel::Subscription, fedtune_kernel::TransportError> {
+        self.bus.subscribe(me).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_lost_in_flight_is_asked_again_when_the_step_times_out() {
+    // Every client's answer is needed (min_clients = 3): before, the round
+    // waited forever for client 2, which never heard of it.
+    let cfg =
+        config("[federate]\nrounds = 2\nclients = 3\nround_timeout_s = 0.5\nmin_clients = 3\n");
+    let t = trainer(SyntheticSpec::default(), 2);
+    let initial = t.initial_params();
+    let bus = InProcTransport::new();
+    let lossy: Arc<dyn Transport> = Arc::new(Lossy {
+        bus: bus.clone(),
+        lost: Default::default(),
+    });
+    let transports = fedtune_kernel::course::Transports {
+        server: lossy,
+        clients: (1..=3)
+            .map(|id| (id, Arc::new(bus.clone()) as Arc<dyn Transport>))
+            .collect(),
+    };
+    let setup = fedtune_kernel::course::ServerSetup::new(
+        cfg,
+        initial,
+        Box::new(FedAvg),
+        MetricsLog::in_memory(),
+    );
+    let report = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        fedtune_kernel::course::run_on(setup, Arc::new(Mutex::new(t)), transports),
+    )
+    .await
+    .expect("the round does not wait forever for a lost request")
+    .unwrap();
+    let round1 = report
+        .records
+        .iter()
+        .find(|r| r.event == Event::Round && r.round == 1)
+        .unwrap();
+    assert_eq!(round1.extra.get("clients"), Some(&3.0));
+}

@@ -361,8 +361,10 @@ fn on_timeout(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResul
                 round,
                 updates = updates.len(),
                 min,
-                "too few updates after {timeout} s; waiting on"
+                "too few updates after {timeout} s; asking the others again"
             );
+            let again: Vec<u32> = pending.keys().copied().collect();
+            ask_again(s, (MsgKind::Train, round), &again, ctx)?;
             arm_timeout(s, Step::Train, round, ctx)?;
         }
         (
@@ -385,14 +387,40 @@ fn on_timeout(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResul
                 round,
                 results = results.len(),
                 min,
-                "too few evaluations after {timeout} s; waiting on"
+                "too few evaluations after {timeout} s; asking the others again"
             );
+            let again: Vec<u32> = pending.keys().copied().collect();
+            ask_again(s, (MsgKind::Evaluate, round), &again, ctx)?;
             arm_timeout(s, Step::Eval, round, ctx)?;
         }
         // A timer of a step that completed in time.
         _ => {}
     }
     Ok(Flow::Continue)
+}
+
+/// Sends the request of the current step again to `clients`: a request or
+/// an answer lost on the way (a broker restart) is not waited for forever,
+/// and a client that already answered answers again from its cache.
+fn ask_again(
+    s: &ServerState,
+    (kind, round): (MsgKind, u64),
+    clients: &[u32],
+    ctx: &mut Ctx,
+) -> Result<(), HandlerError> {
+    if clients.is_empty() {
+        return Ok(());
+    }
+    let env = Envelope::new(
+        ctx.course(),
+        round,
+        Party::Server,
+        clients.iter().map(|&c| Party::Client(c)).collect(),
+        kind,
+    )
+    .with_payload(s.global.clone());
+    ctx.send(env)?;
+    Ok(())
 }
 
 fn drop_clients(s: &mut ServerState, ids: &[u32]) {
@@ -494,15 +522,7 @@ fn on_join_in(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResul
     };
     if let Some((kind, round)) = lost {
         info!(client = id, round, %kind, "client rejoined mid-step; sending its request again");
-        let env = Envelope::new(
-            ctx.course(),
-            round,
-            Party::Server,
-            vec![Party::Client(id)],
-            kind,
-        )
-        .with_payload(s.global.clone());
-        ctx.send(env)?;
+        ask_again(s, (kind, round), &[id], ctx)?;
     }
     if matches!(s.phase, Phase::Joining) {
         if s.joined.len() == s.cfg.course.clients as usize {
