@@ -548,3 +548,130 @@ fn a_course_runs_over_a_three_node_nats_cluster_with_parties_on_different_nodes(
     );
     assert!(diff <= 1e-6, "final adapters differ by {diff}");
 }
+
+/// A certificate authority and a broker certificate for 127.0.0.1, made by
+/// the `openssl` command: `(ca.pem, server.pem, server.key)`.
+fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let openssl = |args: &[&str]| {
+        let o = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs (tests/run.sh installs it)");
+        assert!(
+            o.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=fedtune test CA",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
+    (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    )
+}
+
+#[test]
+fn a_course_runs_over_tls_and_a_party_without_the_authority_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = certificates(dir.path());
+    let config = tiny_course(dir.path(), "rounds = 2\njoin_retry_s = 0.2", 3);
+    let with_ca = dir.path().join("tls.toml");
+    std::fs::write(
+        &with_ca,
+        format!(
+            "{}\n[broker]\ntls_ca = {:?}\n",
+            std::fs::read_to_string(&config).unwrap(),
+            ca.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let inproc = in_process(&config, dir.path());
+    let creds = dir.path().join("broker");
+    run(&[
+        "broker",
+        "config",
+        "--course",
+        "tiny",
+        "--clients",
+        "3",
+        "--out",
+        creds.to_str().unwrap(),
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
+    let nats =
+        LocalNats::start(Some(&creds.join("nats-server.conf"))).expect("a TLS broker starts");
+    let url = nats.url().replace("nats://", "tls://");
+
+    // Without the authority the broker's certificate is not trusted.
+    let out = dir.path().join("refused");
+    let mut refused = server_at(&config, &url, &creds, &out, &[]);
+    let status = refused.wait(Duration::from_secs(60));
+    assert!(
+        !status.success(),
+        "a party without tls_ca connected over TLS"
+    );
+
+    let out = dir.path().join("server");
+    let mut srv = server_at(&with_ca, &url, &creds, &out, &[]);
+    let mut clients: Vec<Proc> = (1..=3)
+        .map(|id| client_at(&with_ca, &url, &creds, id, &[]))
+        .collect();
+    srv.succeeds();
+    for c in clients.iter_mut() {
+        c.succeeds();
+    }
+    let diff = max_abs_diff(
+        &adapter(&inproc.join("adapter")),
+        &adapter(&out.join("adapter")),
+    );
+    assert!(diff <= 1e-6, "final adapters differ by {diff}");
+}

@@ -3,10 +3,12 @@
 # crates. This is the README's test command, and what CI runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# What the tests run besides cargo: python3 (HumanEval's sandbox) and
-# nats-server (the NATS transport's tests start their own on a free port).
+# What the tests run besides cargo: python3 (HumanEval's sandbox),
+# nats-server (the NATS transport's tests start their own on a free port)
+# and openssl (the TLS test makes its own certificates).
 missing=()
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || missing+=(nats-server)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "tests/run.sh: installing ${missing[*]} (Debian packages)" >&2

@@ -136,7 +136,7 @@ pub fn write_config(
     let config = format!(
         "# nats-server configuration for the fedtune course `{course}` ({clients} clients),\n\
          # written by `fedtune broker config`. Start: nats-server -c {conf}\n\
-         # TLS: add a `tls {{ cert_file, key_file }}` block (see fedtune's docs/distributed.md).\n\
+         # TLS: `fedtune broker config --tls-cert FILE --tls-key FILE` adds a `tls {{ … }}` block.\n\
          host: {host:?}\n\
          port: {port}\n\
          max_payload: 1MB\n\
@@ -153,6 +153,23 @@ pub fn write_config(
         server: server_path,
         clients: client_paths,
     })
+}
+
+/// Makes the broker of `config` (a file [`write_config`] wrote) speak only
+/// TLS, with the certificate `cert` and its private key `key` (PEM files);
+/// parties then connect with `[broker] tls_ca` naming the authority that
+/// signed `cert`.
+pub fn add_tls(config: &Path, cert: &Path, key: &Path) -> Result<(), AuthError> {
+    for file in [cert, key] {
+        std::fs::metadata(file).map_err(io("read", file))?;
+    }
+    let mut text = std::fs::read_to_string(config).map_err(io("read", config))?;
+    text.push_str(&format!(
+        "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n}}\n",
+        cert.display().to_string(),
+        key.display().to_string()
+    ));
+    write_private(config, &text)
 }
 
 fn user_block(c: &Credentials, publish: &[&str], subscribe: &[&str]) -> String {

@@ -71,6 +71,10 @@ pub struct NatsOptions {
     pub max_bad_frames: u64,
     /// User and password, when the server requires them (see [`crate::auth`]).
     pub credentials: Option<Credentials>,
+    /// A PEM file of the certificate authority that signed the broker's TLS
+    /// certificate: when set, the connection must be TLS and the broker is
+    /// trusted only if that authority signed its certificate.
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 impl Default for NatsOptions {
@@ -84,6 +88,7 @@ impl Default for NatsOptions {
             max_inflight_bytes: 2 << 30,
             max_bad_frames: 1000,
             credentials: None,
+            tls_ca: None,
         }
     }
 }
@@ -146,6 +151,15 @@ impl NatsTransport {
             .connection_timeout(Duration::from_secs(5));
         if let Some(c) = &options.credentials {
             connect = connect.user_and_password(c.user.clone(), c.password.clone());
+        }
+        if let Some(ca) = &options.tls_ca {
+            if !ca.is_file() {
+                return Err(TransportError::Other(format!(
+                    "the TLS certificate authority {} is not a file",
+                    ca.display()
+                )));
+            }
+            connect = connect.add_root_certificates(ca.clone()).require_tls(true);
         }
         // The broker refuses a publish or subscription outside the user's
         // permissions with an asynchronous error, not on the call: keep it.

@@ -446,6 +446,10 @@ pub struct BrokerSection {
     /// MiB of partly received frames a party keeps for all senders together;
     /// past it the least recently fed frames are dropped.
     pub max_inflight_mib: u64,
+    /// A PEM file of the certificate authority that signed the broker's TLS
+    /// certificate: when set, every party connects over TLS and trusts only
+    /// a broker whose certificate it signed.
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl Default for BrokerSection {
@@ -456,6 +460,7 @@ impl Default for BrokerSection {
             credentials: None,
             max_bad_frames: 1000,
             max_inflight_mib: 2048,
+            tls_ca: None,
         }
     }
 }

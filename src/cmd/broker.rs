@@ -26,6 +26,13 @@ pub enum BrokerCommand {
         /// The port nats-server listens on.
         #[arg(long, default_value_t = 4222)]
         port: u16,
+        /// The broker's TLS certificate (PEM): with --tls-key, the broker
+        /// speaks only TLS; parties set `[broker] tls_ca`.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The TLS certificate's private key (PEM).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
 }
 
@@ -37,8 +44,17 @@ pub fn broker(command: BrokerCommand) -> Result<()> {
         out,
         host,
         port,
+        tls_cert,
+        tls_key,
     } = command;
     let files = fedtune_broker::auth::write_config(&course, clients, (&host, port), &out)?;
+    if let (Some(cert), Some(key)) = (&tls_cert, &tls_key) {
+        fedtune_broker::auth::add_tls(&files.config, cert, key)?;
+        println!(
+            "TLS with {} (parties: [broker] tls_ca = the authority that signed it)",
+            cert.display()
+        );
+    }
     println!("nats-server configuration: {}", files.config.display());
     println!("server credentials:        {}", files.server.display());
     for (i, c) in files.clients.iter().enumerate() {

@@ -56,6 +56,7 @@ pub async fn connect(
         max_bad_frames: broker.max_bad_frames,
         max_inflight_bytes: usize::try_from(broker.max_inflight_mib.saturating_mul(1 << 20))
             .unwrap_or(usize::MAX),
+        tls_ca: broker.tls_ca.clone(),
         ..NatsOptions::default()
     };
     let transport = NatsTransport::connect(url, name, options)
