@@ -675,3 +675,136 @@ fn a_course_runs_over_tls_and_a_party_without_the_authority_is_refused() {
     );
     assert!(diff <= 1e-6, "final adapters differ by {diff}");
 }
+
+/// Resident memory of process `pid` in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The soak test of docs/distributed.md (not in CI: minutes):
+/// `cargo test --release --test distributed soak -- --ignored --nocapture`
+/// (`SOAK_ROUNDS`, default 1000). The least-squares course over NATS with
+/// clients killed and restarted at random and the server killed and resumed
+/// every 100 rounds ends with the parameters of an undisturbed run, and the
+/// server's memory stays flat.
+#[test]
+#[ignore]
+fn soak_a_thousand_rounds_with_kills_end_as_an_undisturbed_course() {
+    let rounds: u64 = std::env::var("SOAK_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("soak.toml");
+    // Every client's update is needed (min_clients = 3): a killed client is
+    // waited for (asked again every timeout) until its successor answers.
+    std::fs::write(
+        &config,
+        format!(
+            "[federate]\nname = \"soak\"\nrounds = {rounds}\nclients = 3\nseed = 5\neval_every = 50\n\
+             round_timeout_s = 0.5\nmin_clients = 3\njoin_retry_s = 0.1\n\n\
+             [trainer]\nkind = \"least-squares\"\n\n\
+             [least_squares]\ndim = 16\nsamples_per_client = 1000\nlocal_steps = 1000\nlr = 0.05\n"
+        ),
+    )
+    .unwrap();
+    let creds = dir.path().join("broker");
+    run(&[
+        "broker",
+        "config",
+        "--course",
+        "soak",
+        "--clients",
+        "3",
+        "--out",
+        creds.to_str().unwrap(),
+    ]);
+    let nats = LocalNats::start(Some(&creds.join("nats-server.conf"))).unwrap();
+    let params = |dir: &Path| std::fs::read(dir.join("final/params.msgpack")).unwrap();
+
+    // The undisturbed course, over the same broker.
+    let reference = dir.path().join("undisturbed");
+    let mut clients: Vec<Proc> = (1..=3)
+        .map(|id| client(&config, &nats, &creds, id, &[]))
+        .collect();
+    let started = Instant::now();
+    server(&config, &nats, &creds, &reference, &[]).wait(Duration::from_secs(3600));
+    for c in clients.iter_mut() {
+        c.succeeds();
+    }
+    let undisturbed_s = started.elapsed().as_secs_f64();
+
+    let out = dir.path().join("server");
+    let metrics = out.join("metrics.jsonl");
+    let mut clients: Vec<Proc> = (1..=3)
+        .map(|id| client(&config, &nats, &creds, id, &[]))
+        .collect();
+    let mut srv = server(&config, &nats, &creds, &out, &[]);
+    let mut rng = 0x5eed_u64;
+    let mut next = |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    let (mut kills, mut restarts, mut rss) = (0, 0, Vec::new());
+    let started = Instant::now();
+    loop {
+        if let Some(status) = srv.child.try_wait().unwrap() {
+            assert!(status.success(), "{}", srv.output());
+            break;
+        }
+        let done = records(&metrics)
+            .iter()
+            .filter(|r| r["event"] == "round")
+            .filter_map(|r| r["round"].as_u64())
+            .max()
+            .unwrap_or(0);
+        if done / 100 > restarts && done < rounds {
+            srv.kill();
+            srv = server(&config, &nats, &creds, &out, &["--resume"]);
+            restarts += 1;
+        } else if next(10) == 0 {
+            let id = next(3) as usize;
+            clients[id].kill();
+            std::thread::sleep(Duration::from_millis(next(500)));
+            clients[id] = client(&config, &nats, &creds, id as u32 + 1, &[]);
+            kills += 1;
+        }
+        // Warmed up: at least 20 rounds into this server process.
+        if done % 100 >= 20 {
+            rss.push(rss_kib(srv.child.id()));
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3600),
+            "the soak ran past an hour"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for c in clients.iter_mut() {
+        c.succeeds();
+    }
+    let rss: Vec<u64> = rss.into_iter().filter(|&k| k > 0).collect();
+    let (min, max) = (
+        rss.iter().min().copied().unwrap_or(0),
+        rss.iter().max().copied().unwrap_or(0),
+    );
+    println!(
+        "soak: {rounds} rounds, {kills} client kills, {restarts} server restarts, {:.0} s (undisturbed {undisturbed_s:.0} s); server RSS after warm-up {min}–{max} KiB over {} samples",
+        started.elapsed().as_secs_f64(),
+        rss.len()
+    );
+    assert!(
+        params(&out) == params(&reference),
+        "the disturbed course ended elsewhere"
+    );
+    assert!(
+        max as f64 <= min as f64 * 1.1,
+        "server RSS grew: {min}–{max} KiB"
+    );
+}
