@@ -273,12 +273,9 @@ fn comparable_records(dir: &Path) -> Vec<String> {
     records
 }
 
-#[test]
-fn a_resumed_course_ends_bit_identical_to_an_uninterrupted_one_with_uneven_data() {
-    let dir = tempfile::tempdir().unwrap();
-    // 11 training examples per client in batches of 2 (6 batches) and 4 steps
-    // a round: the clients' data positions wrap unevenly (0, 4, 2, 0, …).
-    let config = tiny_course(dir.path(), "[optim]\nlr = 1e-2\n");
+/// Runs `config` for 4 rounds straight and as 2 + 2 with `--resume`, and
+/// asserts the two runs end with the same adapter bytes and records.
+fn assert_resume_is_exact(dir: &Path, config: &Path, extra: &[&str]) {
     let run = |out: &Path, rounds: u32, resume: bool| {
         let rounds = format!("federate.rounds={rounds}");
         let mut args = vec![
@@ -294,13 +291,16 @@ fn a_resumed_course_ends_bit_identical_to_an_uninterrupted_one_with_uneven_data(
             "--set",
             "train.local_steps=4",
         ];
+        for set in extra {
+            args.extend(["--set", set]);
+        }
         if resume {
             args.push("--resume");
         }
         let o = fedtune_within(Duration::from_secs(120), &args);
         assert!(o.status.success(), "{}", text(&o.stderr));
     };
-    let (full, part) = (dir.path().join("full"), dir.path().join("part"));
+    let (full, part) = (dir.join("full"), dir.join("part"));
     run(&full, 4, false);
     run(&part, 2, false);
     run(&part, 4, true);
@@ -310,8 +310,46 @@ fn a_resumed_course_ends_bit_identical_to_an_uninterrupted_one_with_uneven_data(
         "the resumed adapter differs"
     );
     // The records too: nothing twice (round 2's evaluation ran again and
-    // replaced the first), nothing missing.
+    // replaced the first), nothing missing. With pFL these hold the clients'
+    // personal scores, so they also compare the personal adapters.
     assert_eq!(comparable_records(&part), comparable_records(&full));
+}
+
+#[test]
+fn a_resumed_course_ends_bit_identical_to_an_uninterrupted_one_with_uneven_data() {
+    let dir = tempfile::tempdir().unwrap();
+    // 11 training examples per client in batches of 2 (6 batches) and 4 steps
+    // a round: the clients' data positions wrap unevenly (0, 4, 2, 0, …).
+    let config = tiny_course(dir.path(), "[optim]\nlr = 1e-2\n");
+    assert_resume_is_exact(dir.path(), &config, &[]);
+}
+
+#[test]
+fn a_resumed_course_restores_the_clients_optimizer_moments() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_course(dir.path(), "[optim]\nlr = 1e-2\n");
+    assert_resume_is_exact(dir.path(), &config, &["train.keep_optimizer_state=true"]);
+}
+
+/// Counts each client's fits in its `this` and trains later fits with a
+/// smaller rate: a course that forgot the count trains differently.
+const HOOK_WITH_STATE: &str = "fn on_fit_start(ctx) { this.fits = (this.fits ?? 0) + 1; }\n\
+     fn on_batch_start(ctx) { ctx.set_lr(ctx.lr / this.fits); }\n";
+
+#[test]
+fn a_resumed_course_restores_personal_adapters_and_script_state() {
+    let dir = tempfile::tempdir().unwrap();
+    // Ditto's personal adapters live with the clients; the hook script keeps
+    // a per-client counter in its state that changes the learning rate, so a
+    // lost state changes the weights.
+    let hook = dir.path().join("hook.rhai");
+    std::fs::write(&hook, HOOK_WITH_STATE).unwrap();
+    let extra = format!(
+        "[optim]\nlr = 1e-2\n\n[pfl]\nalgorithm = \"ditto\"\nlambda = 0.5\n\n\
+         [hooks]\nscript = {hook:?}\n"
+    );
+    let config = tiny_course(dir.path(), &extra);
+    assert_resume_is_exact(dir.path(), &config, &["train.keep_optimizer_state=true"]);
 }
 
 #[test]

@@ -30,6 +30,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::{Result, Tensor, Var};
 use fedtune_kernel::script::rhai::{Dynamic, Engine, EvalAltResult, Map, Position};
+use fedtune_kernel::script::state::StateError;
 use fedtune_kernel::script::{
     OnScriptError, ScriptError, ScriptFile, ScriptHost, ScriptLoadError, ScriptSection,
     ScriptSource, ScriptingSection,
@@ -253,6 +254,28 @@ pub(crate) struct PerClientScript {
 }
 
 impl PerClientScript {
+    /// Client `client`'s `this` (without `this.hp`), as bytes; `None` before its first call.
+    pub(crate) fn save_client(
+        &self,
+        client: u32,
+    ) -> std::result::Result<Option<Vec<u8>>, StateError> {
+        self.states
+            .get(&client)
+            .map(fedtune_kernel::script::state::save_state)
+            .transpose()
+    }
+
+    /// Gives client `client` back the `this` [`Self::save_client`] saved.
+    pub(crate) fn load_client(
+        &mut self,
+        client: u32,
+        bytes: &[u8],
+    ) -> std::result::Result<(), StateError> {
+        let state = fedtune_kernel::script::state::load_state(bytes)?;
+        self.states.insert(client, state);
+        Ok(())
+    }
+
     pub(crate) fn new(
         scripting: &ScriptingSection,
         source: &ScriptSource,
@@ -369,6 +392,20 @@ impl HookScript {
     /// The script, as errors name it.
     pub fn origin(&self) -> &str {
         self.inner.file().origin()
+    }
+
+    /// Client `client`'s script state, as bytes (see [`PerClientScript`]).
+    pub fn save_client(&self, client: u32) -> std::result::Result<Option<Vec<u8>>, StateError> {
+        self.inner.save_client(client)
+    }
+
+    /// Gives client `client` back its saved script state.
+    pub fn load_client(
+        &mut self,
+        client: u32,
+        bytes: &[u8],
+    ) -> std::result::Result<(), StateError> {
+        self.inner.load_client(client, bytes)
     }
 
     /// Hook calls that failed and were skipped (`on_script_error = "skip"`).

@@ -10,7 +10,7 @@
 //! - [`offsite`]: offsite-tuning's emulator (layer dropping) and its alignment by distillation;
 //! - [`loss`]: the causal language-modelling loss with prompt masking;
 //! - [`tokenizer`]: byte-level BPE rebuilt from GGUF metadata, or `tokenizer.json`;
-//! - [`train`]: optimizer steps on an adapter (AdamW/SGD, accumulation, clipping, schedules, hook points);
+//! - [`train`], [`optim`]: optimizer steps on an adapter (AdamW/SGD, accumulation, clipping, schedules, hook points);
 //! - [`peft`]: adapters saved and loaded in PEFT's on-disk layout;
 //! - [`generate`]: greedy and top-p generation with a KV cache and stop sequences;
 //! - [`hooks`], [`pfl`]: trainer hooks and personalized-FL plans as Rhai scripts (shipped ones in `scripts/`);
@@ -33,6 +33,7 @@ pub mod lora;
 pub mod loss;
 pub mod model;
 pub mod offsite;
+pub mod optim;
 pub mod peft;
 pub mod pfl;
 pub mod progress;

@@ -381,6 +381,23 @@ impl PflScript {
         self.inner.file().origin()
     }
 
+    /// Client `client`'s script state, as bytes.
+    pub fn save_client(
+        &self,
+        client: u32,
+    ) -> Result<Option<Vec<u8>>, fedtune_kernel::script::state::StateError> {
+        self.inner.save_client(client)
+    }
+
+    /// Gives client `client` back its saved script state.
+    pub fn load_client(
+        &mut self,
+        client: u32,
+        bytes: &[u8],
+    ) -> Result<(), fedtune_kernel::script::state::StateError> {
+        self.inner.load_client(client, bytes)
+    }
+
     /// The plan of one client's fit; `Ok(None)` when the script failed and the
     /// policy is `skip` (the caller trains as plain FedAvg).
     pub fn plan(&mut self, at: FitAt) -> Result<Option<Vec<FitOp>>, ScriptError> {

@@ -26,7 +26,9 @@ use crate::hooks::{HookScript, Proximal};
 use crate::model::{Llama, ProjectionAdapter};
 pub use crate::pfl::PflConfig;
 use crate::pfl::{Anchor, FitAt, FitOp, PflScript};
-use crate::train::{summed_token_loss, Batch, NoHooks, Stepper, TrainConfig, TrainHooks};
+use crate::train::{
+    summed_token_loss, Batch, NoHooks, Stepper, StepperState, TrainConfig, TrainHooks,
+};
 
 /// One client's data, already tokenized into batches.
 #[derive(Debug, Clone)]
@@ -287,6 +289,89 @@ impl LocalTrainer for RoundRobinTrainer {
         let result = evaluate_splits(&model, lora, &slot.data.eval);
         lora.set_grad_enabled(true);
         result
+    }
+
+    fn save_client(&self, client: u32) -> Result<Option<Vec<u8>>, TrainerError> {
+        let slot = self
+            .clients
+            .get(&client)
+            .ok_or_else(|| format!("this trainer has no data for client {client}"))?;
+        let state = SavedClient {
+            stepper: self
+                .training
+                .keep_optimizer_state
+                .then(|| slot.stepper.state())
+                .transpose()?,
+            personal: slot
+                .personal
+                .as_ref()
+                .map(|p| p.to_param_set())
+                .transpose()?,
+            local: slot.local.clone(),
+            hooks: match &self.hooks {
+                Some(h) => h.save_client(client)?,
+                None => None,
+            },
+            pfl: match &self.pfl {
+                Some(p) => p.save_client(client)?,
+                None => None,
+            },
+        };
+        if state.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(rmp_serde::to_vec_named(&state)?))
+    }
+
+    fn load_client(&mut self, client: u32, bytes: &[u8]) -> Result<(), TrainerError> {
+        let state: SavedClient = rmp_serde::from_slice(bytes)
+            .map_err(|e| format!("client {client}: not a saved client state: {e}"))?;
+        let (model, spec, seed) = (self.model.clone(), self.spec.clone(), self.seed);
+        let slot = self.slot(client)?;
+        if let Some(s) = &state.stepper {
+            slot.stepper.restore(s)?;
+        }
+        slot.personal = match &state.personal {
+            Some(p) => {
+                let adapter = spec.build(&model, seed ^ u64::from(client) ^ 0x5eed)?;
+                adapter.load_param_set(p)?;
+                Some(adapter)
+            }
+            None => None,
+        };
+        slot.local = state.local;
+        if let (Some(h), Some(bytes)) = (self.hooks.as_mut(), &state.hooks) {
+            h.load_client(client, bytes)?;
+        }
+        if let (Some(p), Some(bytes)) = (self.pfl.as_mut(), &state.pfl) {
+            p.load_client(client, bytes)?;
+        }
+        Ok(())
+    }
+}
+
+/// What of one client a checkpoint keeps (see [`LocalTrainer::save_client`]).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct SavedClient {
+    /// The optimizer, when it is kept across rounds.
+    stepper: Option<StepperState>,
+    /// The personal adapter of Ditto / pFedMe.
+    personal: Option<ParamSet>,
+    /// local_adapter's own values of the local parts.
+    local: Option<ParamSet>,
+    /// The hook script's `this` for this client.
+    hooks: Option<Vec<u8>>,
+    /// The pFL script's `this` for this client.
+    pfl: Option<Vec<u8>>,
+}
+
+impl SavedClient {
+    fn is_empty(&self) -> bool {
+        self.stepper.is_none()
+            && self.personal.is_none()
+            && self.local.is_none()
+            && self.hooks.is_none()
+            && self.pfl.is_none()
     }
 }
 

@@ -18,7 +18,9 @@ use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, TensorId};
-use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW, SGD};
+use candle_nn::optim::{Optimizer, SGD};
+
+use crate::optim::{AdamW, AdamWState, ParamsAdamW};
 use serde::{Deserialize, Serialize};
 
 use crate::adapter::Adapter;
@@ -252,6 +254,15 @@ enum Optim {
     Sgd(SGD),
 }
 
+/// A [`Stepper`]'s state, as checkpoints keep it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepperState {
+    /// Steps taken.
+    pub steps_taken: usize,
+    /// AdamW's step count and moments (none for SGD).
+    pub adam: Option<AdamWState>,
+}
+
 /// What one optimizer step did.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepReport {
@@ -302,6 +313,28 @@ impl Stepper {
     /// Steps taken since creation.
     pub fn steps_taken(&self) -> usize {
         self.steps_taken
+    }
+
+    /// What a later step depends on: the steps taken and AdamW's moments.
+    pub fn state(&self) -> Result<StepperState> {
+        Ok(StepperState {
+            steps_taken: self.steps_taken,
+            adam: match &self.optim {
+                Optim::AdamW(o) => Some(o.state()?),
+                Optim::Sgd(_) => None,
+            },
+        })
+    }
+
+    /// Takes up `state` (of a stepper of the same optimizer over the same shapes).
+    pub fn restore(&mut self, state: &StepperState) -> Result<()> {
+        match (&mut self.optim, &state.adam) {
+            (Optim::AdamW(o), Some(a)) => o.restore(a)?,
+            (Optim::Sgd(_), None) => {}
+            _ => candle_core::bail!("the saved optimizer state is of another optimizer"),
+        }
+        self.steps_taken = state.steps_taken;
+        Ok(())
     }
 
     /// One optimizer step over `micro_batches` (`grad_accum` of them), step

@@ -9,6 +9,8 @@
 //!     <the global parameters, in the store's format>
 //!     state.json                  {"round": 3, "clients": 2}
 //!     aggregator_state.msgpack    a stateful aggregator's state (a script's `this`), if any
+//!     clients/client-N.msgpack    in one process, each client's own state (kept
+//!                                 optimizer moments, personal adapter, script state)
 //! ```
 //!
 //! The layout is spelled here and nowhere else. How the parameters are held
@@ -143,6 +145,8 @@ impl std::fmt::Debug for Checkpoints {
 const STATE_FILE: &str = "state.json";
 /// The file of a stateful aggregator's state.
 const AGGREGATOR_STATE: &str = "aggregator_state.msgpack";
+/// The folder of the clients' own states (an in-process course's).
+const CLIENTS: &str = "clients";
 
 impl Checkpoints {
     /// Checkpoints in `dir` every `every` rounds (0: never), parameters held by `store`.
@@ -203,19 +207,27 @@ impl Checkpoints {
         params: &ParamSet,
         clients: usize,
         aggregator: &dyn Aggregator,
+        client_states: &[(u32, Vec<u8>)],
     ) -> Result<PathBuf, CheckpointError> {
+        // Everything goes into a hidden folder first, renamed into place at
+        // the end: a process killed mid-write leaves no half checkpoint
+        // that `latest` would take for a whole one.
         let dir = self.round_dir(round);
-        std::fs::create_dir_all(&dir).map_err(|e| CheckpointError::io(&dir, e))?;
-        self.store.save(&dir, params)?;
+        let partial = self.dir.join(format!(".round-{round:04}.partial"));
+        if partial.exists() {
+            std::fs::remove_dir_all(&partial).map_err(|e| CheckpointError::io(&partial, e))?;
+        }
+        std::fs::create_dir_all(&partial).map_err(|e| CheckpointError::io(&partial, e))?;
+        self.store.save(&partial, params)?;
         let mut state = serde_json::json!({ "round": round, "clients": clients });
         if let Some(tag) = &self.tag {
             state["config"] = serde_json::Value::from(tag.as_str());
         }
-        let path = dir.join(STATE_FILE);
+        let path = partial.join(STATE_FILE);
         std::fs::write(&path, state.to_string()).map_err(|e| CheckpointError::io(&path, e))?;
         match aggregator.save_state() {
             Ok(Some(bytes)) => {
-                let path = dir.join(AGGREGATOR_STATE);
+                let path = partial.join(AGGREGATOR_STATE);
                 std::fs::write(&path, bytes).map_err(|e| CheckpointError::io(&path, e))?;
             }
             Ok(None) => {}
@@ -224,6 +236,19 @@ impl Checkpoints {
                 "{e}; this checkpoint holds no aggregator state, so a course resumed from it starts the aggregator fresh"
             ),
         }
+        if !client_states.is_empty() {
+            let folder = partial.join(CLIENTS);
+            std::fs::create_dir_all(&folder).map_err(|e| CheckpointError::io(&folder, e))?;
+            for (client, bytes) in client_states {
+                let path = folder.join(format!("client-{client}.msgpack"));
+                std::fs::write(&path, bytes).map_err(|e| CheckpointError::io(&path, e))?;
+            }
+        }
+        // A round done again (after a resume) replaces its old checkpoint.
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| CheckpointError::io(&dir, e))?;
+        }
+        std::fs::rename(&partial, &dir).map_err(|e| CheckpointError::io(&dir, e))?;
         tracing::info!(round, dir = %dir.display(), "checkpoint written");
         Ok(dir)
     }
@@ -262,6 +287,30 @@ impl Checkpoints {
         }
         let params = self.store.load(&dir)?;
         Ok(Some(Restored { round, params, dir }))
+    }
+
+    /// The client states saved in the checkpoint folder `dir`, by client.
+    pub fn client_states(dir: &Path) -> Result<Vec<(u32, Vec<u8>)>, CheckpointError> {
+        let folder = dir.join(CLIENTS);
+        let Ok(entries) = std::fs::read_dir(&folder) else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for e in entries.filter_map(|e| e.ok()) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(id) = name
+                .strip_prefix("client-")
+                .and_then(|n| n.strip_suffix(".msgpack"))
+                .and_then(|n| n.parse().ok())
+            else {
+                continue;
+            };
+            let bytes =
+                std::fs::read(e.path()).map_err(|err| CheckpointError::io(&e.path(), err))?;
+            out.push((id, bytes));
+        }
+        out.sort_by_key(|(id, _)| *id);
+        Ok(out)
     }
 
     /// Gives `aggregator` back the state saved in the checkpoint folder
@@ -305,7 +354,8 @@ mod tests {
         assert!(cp.latest().unwrap().is_none(), "nothing yet");
         assert!(!cp.due(1) && cp.due(2) && cp.due(4));
         for round in [2, 10, 4] {
-            cp.write(round, &params(round as f32), 3, &FedAvg).unwrap();
+            cp.write(round, &params(round as f32), 3, &FedAvg, &[])
+                .unwrap();
         }
         // A folder without parameters (a write cut short) is not a checkpoint.
         std::fs::create_dir_all(cp.round_dir(12)).unwrap();
@@ -322,7 +372,7 @@ mod tests {
         assert_eq!(Checkpoints::newest_round(&tmp), Some(10));
         // Another configuration's checkpoints are refused; its own are taken.
         let tagged = Checkpoints::new(&tmp, 1, Arc::new(MsgpackStore)).with_tag("abc");
-        tagged.write(11, &params(11.0), 3, &FedAvg).unwrap();
+        tagged.write(11, &params(11.0), 3, &FedAvg, &[]).unwrap();
         assert_eq!(tagged.latest().unwrap().unwrap().round, 11);
         let other = Checkpoints::new(&tmp, 1, Arc::new(MsgpackStore)).with_tag("xyz");
         let err = other.latest().unwrap_err().to_string();
@@ -331,6 +381,38 @@ mod tests {
         std::fs::write(found.dir.join(MsgpackStore::FILE), b"junk").unwrap();
         let err = cp.latest().unwrap_err().to_string();
         assert!(err.contains("not a parameter checkpoint"), "{err}");
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
+
+    #[test]
+    fn a_write_cut_short_is_no_checkpoint_and_a_redone_round_replaces_its_own() {
+        let tmp = std::env::temp_dir().join(format!("fedtune-ckpt-cut-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let cp = Checkpoints::new(&tmp, 1, Arc::new(MsgpackStore));
+        let clients = [(2, b"two".to_vec()), (1, b"one".to_vec())];
+        cp.write(1, &params(1.0), 2, &FedAvg, &clients).unwrap();
+        // A process killed while writing round 2 left its parameters only.
+        let cut = tmp.join(".round-0002.partial");
+        std::fs::create_dir_all(&cut).unwrap();
+        MsgpackStore.save(&cut, &params(2.0)).unwrap();
+        let found = cp.latest().unwrap().unwrap();
+        assert_eq!(found.round, 1);
+        assert_eq!(
+            Checkpoints::client_states(&found.dir).unwrap(),
+            vec![(1, b"one".to_vec()), (2, b"two".to_vec())]
+        );
+        // Round 2 done again: the leftover is cleared, and a round written
+        // twice holds the second write only (no stale client file).
+        cp.write(2, &params(2.5), 2, &FedAvg, &clients).unwrap();
+        cp.write(2, &params(3.0), 2, &FedAvg, &clients[..1])
+            .unwrap();
+        let found = cp.latest().unwrap().unwrap();
+        assert_eq!((found.round, found.params), (2, params(3.0)));
+        assert_eq!(
+            Checkpoints::client_states(&found.dir).unwrap(),
+            vec![(2, b"two".to_vec())]
+        );
+        assert!(!cut.exists());
         std::fs::remove_dir_all(&tmp).unwrap();
     }
 }

@@ -136,6 +136,22 @@ pub async fn run_on(
 ) -> Result<CourseReport, CourseError> {
     let cfg = setup.cfg.clone();
     let cfg = &cfg;
+    // A resumed course gives its clients back what they kept (in one process).
+    if let Some(dir) = &setup.resumed_from {
+        let states = crate::checkpoint::Checkpoints::client_states(dir)
+            .map_err(|e| TransportError::Other(e.to_string()))?;
+        let mut t = trainer
+            .lock()
+            .map_err(|_| TransportError::Other("the shared trainer panicked".into()))?;
+        for (id, bytes) in states {
+            t.load_client(id, &bytes).map_err(|e| {
+                TransportError::Other(format!(
+                    "restoring client {id}'s state from {}: {e}",
+                    dir.display()
+                ))
+            })?;
+        }
+    }
     if let Some(id) = (1..=cfg.course.clients).find(|id| !transports.clients.contains_key(id)) {
         return Err(TransportError::Other(format!("no transport for client {id}")).into());
     }
@@ -145,7 +161,8 @@ pub async fn run_on(
     let mut tasks = JoinSet::new();
 
     // The server subscribes before any client exists, so no join_in is lost.
-    let server = server_worker_from(setup, transport.clone());
+    let mut server = server_worker_from(setup, transport.clone());
+    server.state_mut().save_clients_of(trainer.clone());
     let server_sub = transport.subscribe(Party::Server).await?;
     let server_signal = signal.clone();
     tasks.spawn(async move {

@@ -16,6 +16,7 @@
 //! shapes) are rejected and counted without disturbing the round.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -111,6 +112,9 @@ pub struct ServerState {
     base_sent: BTreeMap<u32, Option<u64>>,
     /// Where the global parameters are saved after rounds, if anywhere.
     checkpoints: Option<Checkpoints>,
+    /// In one process, the trainer all clients share: its clients' own
+    /// states go into every checkpoint.
+    clients_of: Option<crate::course::trainer::SharedTrainer>,
 }
 
 impl ServerState {
@@ -137,6 +141,12 @@ impl ServerState {
     /// True once the last round was evaluated and `finish` went out.
     pub fn is_finished(&self) -> bool {
         matches!(self.phase, Phase::Finished)
+    }
+
+    /// Saves the clients' own states of `trainer` (the one every client of
+    /// this process shares) with every checkpoint.
+    pub fn save_clients_of(&mut self, trainer: crate::course::trainer::SharedTrainer) {
+        self.clients_of = Some(trainer);
     }
 
     /// Sends every client `base` (with `meta`) in a `base_model` message when
@@ -172,6 +182,8 @@ pub struct ServerSetup {
     pub log: MetricsLog,
     /// Where the global parameters are saved after rounds (none: nowhere).
     pub checkpoints: Option<Checkpoints>,
+    /// The checkpoint this server resumes from, if any.
+    pub resumed_from: Option<PathBuf>,
 }
 
 impl ServerSetup {
@@ -189,6 +201,7 @@ impl ServerSetup {
             aggregator,
             log,
             checkpoints: None,
+            resumed_from: None,
         }
     }
 
@@ -203,9 +216,13 @@ impl ServerSetup {
         self
     }
 
-    /// Resumes from the checkpoint `restored`: its round and parameters.
+    /// Resumes from the checkpoint `restored`: its round and parameters
+    /// (and, in one process, the clients' own states saved with it).
     pub fn resumed_from(self, restored: crate::checkpoint::Restored) -> Self {
-        self.resumed(restored.round, restored.params)
+        let dir = restored.dir;
+        let mut me = self.resumed(restored.round, restored.params);
+        me.resumed_from = Some(dir);
+        me
     }
 
     /// Checkpoints the global parameters as `checkpoints` says.
@@ -238,6 +255,7 @@ pub fn server_worker_from(
         aggregator,
         log,
         checkpoints,
+        resumed_from: _,
     } = setup;
     let name = cfg.course.name.clone();
     let limits = cfg.wire.limits();
@@ -258,6 +276,7 @@ pub fn server_worker_from(
         base: None,
         base_sent: BTreeMap::new(),
         checkpoints,
+        clients_of: None,
     };
     Worker::new(Party::Server, name, transport, state)
         .with_encoding(encode)
@@ -831,8 +850,16 @@ fn finish_round(s: &mut ServerState, ctx: &mut Ctx) -> HandlerResult {
     s.global = global;
     if let Some(cp) = s.checkpoints.as_ref().filter(|cp| cp.due(round)) {
         // A checkpoint that cannot be written must not pass unnoticed.
-        cp.write(round, &s.global, updates.len(), s.aggregator.as_ref())
-            .map_err(|e| HandlerError::Fatal(format!("round {round}: {e}")))?;
+        let fatal = |e: String| HandlerError::Fatal(format!("round {round}: {e}"));
+        let clients = client_states(s).map_err(fatal)?;
+        cp.write(
+            round,
+            &s.global,
+            updates.len(),
+            s.aggregator.as_ref(),
+            &clients,
+        )
+        .map_err(|e| fatal(e.to_string()))?;
     }
     let mut r = Record::new(Event::Round, round, None);
     r.samples = Some(updates.iter().map(|u| u.n_samples).sum());
@@ -847,6 +874,24 @@ fn finish_round(s: &mut ServerState, ctx: &mut Ctx) -> HandlerResult {
     record(s, r)?;
     info!(round, clients = updates.len(), "round aggregated");
     next_step(s, round, ctx)
+}
+
+/// In one process, every client's own state, to go into a checkpoint.
+fn client_states(s: &ServerState) -> Result<Vec<(u32, Vec<u8>)>, String> {
+    let Some(trainer) = &s.clients_of else {
+        return Ok(Vec::new());
+    };
+    let trainer = trainer
+        .lock()
+        .map_err(|_| "the shared trainer panicked earlier".to_string())?;
+    let mut out = Vec::new();
+    for id in 1..=s.cfg.course.clients {
+        let saved = trainer
+            .save_client(id)
+            .map_err(|e| format!("saving client {id}'s state: {e}"))?;
+        out.extend(saved.map(|bytes| (id, bytes)));
+    }
+    Ok(out)
 }
 
 /// After round `round` is aggregated (or, for round 0, evaluated): evaluate, train on, or finish.

@@ -107,6 +107,20 @@ pub trait LocalTrainer: Send {
     ) -> Result<(), TrainerError> {
         Err(format!("client {client}'s trainer takes no base model from the server").into())
     }
+
+    /// What of client `client` shapes its next fits and is not in the global
+    /// parameters (optimizer moments kept across rounds, personal adapters,
+    /// script state), as bytes for a checkpoint; `None` when there is none.
+    fn save_client(&self, client: u32) -> Result<Option<Vec<u8>>, TrainerError> {
+        let _ = client;
+        Ok(None)
+    }
+
+    /// Takes up what [`Self::save_client`] saved for `client`.
+    fn load_client(&mut self, client: u32, bytes: &[u8]) -> Result<(), TrainerError> {
+        let _ = bytes;
+        Err(format!("client {client}'s trainer keeps no state to restore").into())
+    }
 }
 
 /// A seed for one client in one round, so that runs are reproducible and no two
