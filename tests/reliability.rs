@@ -122,6 +122,54 @@ fn a_lora_course_whose_loss_explodes_names_the_client_round_and_step() {
 }
 
 #[test]
+fn retry_on_nan_loss_skips_a_non_finite_step_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    // The second step of every fit gets a NaN term.
+    let hook = dir.path().join("nan.rhai");
+    std::fs::write(
+        &hook,
+        "fn on_batch_forward(ctx) { if ctx.step == 1 { ctx.add_loss(ctx.sq_norm() * (0.0 / 0.0)); } }\n",
+    )
+    .unwrap();
+    let config = tiny_course(dir.path(), &format!("[hooks]\nscript = {hook:?}\n"));
+    let run = |out: &str, retries: u32| {
+        let retries = format!("train.retry_on_nan_loss={retries}");
+        let out = dir.path().join(out);
+        let o = fedtune_within(
+            Duration::from_secs(120),
+            &[
+                "run",
+                config.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                "--quiet",
+                "--set",
+                &retries,
+            ],
+        );
+        (o, out)
+    };
+    let (o, _) = run("strict", 0);
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("the gradient norm is NaN at local step 2 of 3"),
+        "{err}"
+    );
+    let (o, out) = run("lenient", 1);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let records = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let skipped: Vec<f64> = records
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["event"] == "train")
+        .map(|r| r["extra"]["skipped_steps"].as_f64().unwrap_or(0.0))
+        .collect();
+    // 2 rounds × 2 clients, one skipped step each.
+    assert_eq!(skipped, vec![1.0; 4], "{records}");
+}
+
+#[test]
 fn settings_that_would_abort_the_process_are_refused_naming_the_key() {
     for (set, says) in [
         ("least_squares.dim=100000000", "least_squares.dim"),

@@ -49,6 +49,9 @@ pub struct LocalTraining {
     pub local_steps: usize,
     /// Keep AdamW's moments across rounds instead of starting fresh.
     pub keep_optimizer_state: bool,
+    /// Steps whose loss or gradient is not finite that a fit may skip (and
+    /// go on with the next batch) before the client is said to diverge.
+    pub retry_on_nan_loss: usize,
     /// Optimizer settings.
     pub optim: TrainConfig,
 }
@@ -58,6 +61,7 @@ impl Default for LocalTraining {
         Self {
             local_steps: 10,
             keep_optimizer_state: false,
+            retry_on_nan_loss: 0,
             optim: TrainConfig::default(),
         }
     }
@@ -245,6 +249,9 @@ impl LocalTrainer for RoundRobinTrainer {
         if !done.personal_losses.is_empty() {
             metrics.insert("personal_loss".into(), mean(&done.personal_losses));
         }
+        if done.skipped > 0 {
+            metrics.insert("skipped_steps".into(), done.skipped as f64);
+        }
         // The round's loss: of the sent adapter's steps, or the personal ones when it took none.
         let losses = if done.losses.is_empty() {
             done.personal_losses
@@ -422,6 +429,8 @@ struct FitDone {
     personal_losses: Vec<f64>,
     /// The `keep_local` pattern, if the plan set one.
     keep: Option<String>,
+    /// Steps skipped because their loss or gradient was not finite.
+    skipped: usize,
 }
 
 impl Fit<'_> {
@@ -467,6 +476,11 @@ impl Fit<'_> {
             losses: Vec::new(),
             personal_losses: Vec::new(),
             keep: None,
+            skipped: 0,
+        };
+        let mut retries = Retries {
+            left: self.training.retry_on_nan_loss,
+            used: 0,
         };
         if hooks.stop_requested() {
             // `ctx.stop()` in on_fit_start: this fit takes no step.
@@ -483,7 +497,7 @@ impl Fit<'_> {
                     (&slot.data.train, &mut slot.cursor, accum),
                     *steps,
                     hooks,
-                    self.ctx,
+                    (self.ctx, &mut retries),
                     &mut report,
                 )?),
                 FitOp::TrainPersonal {
@@ -522,7 +536,7 @@ impl Fit<'_> {
                         (&slot.data.train, &mut slot.personal_cursor, accum),
                         *steps,
                         &mut prox,
-                        self.ctx,
+                        (self.ctx, &mut retries),
                         &mut report,
                     )?);
                 }
@@ -530,6 +544,7 @@ impl Fit<'_> {
                 FitOp::KeepLocal { pattern } => out.keep = Some(pattern.clone()),
             }
         }
+        out.skipped = retries.used;
         Ok(out)
     }
 }
@@ -623,8 +638,16 @@ fn personal_adapter<'a>(
     Ok(slot.as_deref().expect("just set"))
 }
 
+/// How many non-finite steps a fit may still skip, and how many it did.
+struct Retries {
+    left: usize,
+    used: usize,
+}
+
 /// `n` optimizer steps of `lora` over `data` (micro-batches from `cursor`,
-/// `accum` per step, wrapping around); stops early when a hook asks.
+/// `accum` per step, wrapping around); stops early when a hook asks. A step
+/// whose loss or gradient is not finite changes nothing; it is skipped while
+/// `retries` allow, and is the client's divergence after that.
 #[allow(clippy::too_many_arguments)]
 fn run_steps(
     model: &Llama,
@@ -633,7 +656,7 @@ fn run_steps(
     (data, cursor, accum): (&[Batch], &mut usize, usize),
     n: usize,
     hooks: &mut dyn TrainHooks,
-    ctx: &TrainContext,
+    (ctx, retries): (&TrainContext, &mut Retries),
     report: &mut dyn FnMut(f64),
 ) -> Result<Vec<f64>, TrainerError> {
     let mut losses = Vec::with_capacity(n);
@@ -647,13 +670,32 @@ fn run_steps(
             .collect();
         *cursor = (*cursor + accum) % len;
         let r = stepper.step(model, lora, &micro, (step, n), hooks)?;
-        if !r.loss.is_finite() {
-            return Err(format!(
-                "the loss is {} at local step {} of {n} (lower optim.lr, or check the [hooks] script's added terms)",
-                r.loss,
-                step + 1
-            )
-            .into());
+        if r.skipped {
+            if retries.left == 0 {
+                let what = if r.loss.is_finite() {
+                    format!("the gradient norm is {}", r.grad_norm)
+                } else {
+                    format!("the loss is {}", r.loss)
+                };
+                let skipped = match retries.used {
+                    0 => String::new(),
+                    k => format!(", after {k} skipped step(s)"),
+                };
+                return Err(format!(
+                    "{what} at local step {} of {n}{skipped} (lower optim.lr, check the [hooks] script's added terms, or let train.retry_on_nan_loss skip such steps)",
+                    step + 1
+                )
+                .into());
+            }
+            retries.left -= 1;
+            retries.used += 1;
+            tracing::warn!(
+                step = step + 1,
+                loss = r.loss,
+                grad_norm = r.grad_norm,
+                "a step with a non-finite loss or gradient was skipped (train.retry_on_nan_loss)"
+            );
+            continue;
         }
         losses.push(r.loss);
         report(r.loss);

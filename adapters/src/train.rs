@@ -274,6 +274,9 @@ pub struct StepReport {
     pub lr: f64,
     /// A hook asked to stop.
     pub stop: bool,
+    /// The loss (with any hook terms) or the gradient was not finite, so
+    /// the step changed nothing: no parameter and no optimizer moment moved.
+    pub skipped: bool,
 }
 
 /// One client's optimizer state, stepping its adapter.
@@ -409,6 +412,18 @@ impl Stepper {
                 .to_scalar::<f64>()?;
         }
         let grad_norm = sq.sqrt();
+        let loss = loss_sum / n as f64;
+        if !(loss.is_finite() && grad_norm.is_finite()) {
+            // A non-finite update is never applied: the caller decides
+            // whether to go on with the next batch or give up.
+            return Ok(StepReport {
+                loss,
+                grad_norm,
+                lr,
+                stop,
+                skipped: true,
+            });
+        }
         let clip = match self.cfg.max_grad_norm {
             Some(max) if grad_norm > max => max / (grad_norm + 1e-6),
             _ => 1.0,
@@ -431,14 +446,15 @@ impl Stepper {
         }
         self.steps_taken += 1;
         let mut ctx = HookCtx::new(step, n - 1, lr, &micro_batches[n - 1], adapter);
-        ctx.loss = Some(loss_sum / n as f64);
+        ctx.loss = Some(loss);
         ctx.stop = stop;
         hooks.on_batch_end(&mut ctx)?;
         Ok(StepReport {
-            loss: loss_sum / n as f64,
+            loss,
             grad_norm,
             lr,
             stop: ctx.stop,
+            skipped: false,
         })
     }
 }

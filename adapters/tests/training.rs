@@ -222,6 +222,47 @@ impl TrainHooks for Penalty {
     }
 }
 
+/// Adds a NaN term to the loss of the steps listed.
+struct NanAt(Vec<usize>);
+impl TrainHooks for NanAt {
+    fn on_batch_forward(&mut self, c: &mut HookCtx) -> Result<()> {
+        if self.0.contains(&c.step) {
+            let v = c.adapter.vars()[0].as_tensor().sum_all()?;
+            c.add_loss((v * f64::NAN)?)?;
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn a_step_with_a_non_finite_gradient_changes_nothing() {
+    let (model, cfg) = tiny();
+    let l = lora(&cfg);
+    let tc = TrainConfig {
+        lr: 1e-2,
+        ..TrainConfig::default()
+    };
+    let mut stepper = Stepper::new(&l, tc).unwrap();
+    let mut hooks = NanAt(vec![1]);
+    let first = stepper
+        .step(&model, &l, &[batch()], (0, 3), &mut hooks)
+        .unwrap();
+    assert!(!first.skipped);
+    let (params, state) = (l.to_param_set().unwrap(), stepper.state().unwrap());
+    let nan = stepper
+        .step(&model, &l, &[batch()], (1, 3), &mut hooks)
+        .unwrap();
+    assert!(nan.skipped && nan.grad_norm.is_nan(), "{nan:?}");
+    assert!(nan.loss.is_finite(), "the LM loss itself was finite");
+    assert_eq!(l.to_param_set().unwrap(), params, "no parameter moved");
+    assert_eq!(stepper.state().unwrap(), state, "no moment moved");
+    // The next step goes on from where the first left off.
+    let next = stepper
+        .step(&model, &l, &[batch()], (2, 3), &mut hooks)
+        .unwrap();
+    assert!(!next.skipped && next.loss < first.loss);
+}
+
 #[test]
 fn a_hook_can_add_a_term_to_the_loss() {
     let (model, cfg) = tiny();

@@ -333,6 +333,77 @@ async fn an_unusable_update_from_an_awaited_client_fails_the_round_instead_of_st
     );
 }
 
+/// A trainer whose client 2 reports what would bloat the records: a
+/// thousand metrics with its update, or a split with a 1,000-byte name.
+struct Boastful(LeastSquaresTrainer, bool);
+
+impl LocalTrainer for Boastful {
+    fn train(
+        &mut self,
+        client: u32,
+        global: &ParamSet,
+        ctx: &TrainContext,
+    ) -> Result<LocalUpdate, TrainerError> {
+        let mut update = self.0.train(client, global, ctx)?;
+        if client == 2 && self.1 {
+            update
+                .metrics
+                .extend((0..1000).map(|i| (format!("m{i}"), 1.0)));
+        }
+        Ok(update)
+    }
+
+    fn evaluate(
+        &mut self,
+        client: u32,
+        global: &ParamSet,
+        ctx: &TrainContext,
+    ) -> Result<Vec<SplitEval>, TrainerError> {
+        let mut results = self.0.evaluate(client, global, ctx)?;
+        if client == 2 && !self.1 {
+            results[0].split = "x".repeat(1000);
+        }
+        Ok(results)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_client_reports_into_the_records_is_bounded() {
+    let cfg = config("[federate]\nrounds = 1\nclients = 2\n");
+    for (in_update, expected) in [
+        (
+            true,
+            "its update for round 1 cannot be used: 1000 metrics (at most 64)",
+        ),
+        (
+            false,
+            "its evaluation of round 0 cannot be used: split name \"xxx",
+        ),
+    ] {
+        let t = trainer(
+            SyntheticSpec {
+                clients: 2,
+                ..SyntheticSpec::default()
+            },
+            2,
+        );
+        let initial = t.initial_params();
+        let run = run_in_process(
+            &cfg,
+            initial,
+            Arc::new(Mutex::new(Boastful(t, in_update))),
+            Box::new(FedAvg),
+            MetricsLog::in_memory(),
+        );
+        let err = tokio::time::timeout(std::time::Duration::from_secs(20), run)
+            .await
+            .expect("a refused answer does not stall the course")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(expected), "{err}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_skip_client_a_failing_client_is_left_out_of_its_round() {
     let cfg = config("[federate]\nrounds = 3\nclients = 3\non_divergence = \"skip-client\"\n");

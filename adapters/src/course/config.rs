@@ -134,6 +134,10 @@ pub struct TrainSection {
     pub eval_batch_size: usize,
     /// Keep AdamW's moments across rounds.
     pub keep_optimizer_state: bool,
+    /// Steps with a non-finite loss or gradient a client's fit may skip
+    /// (going on with the next batch; the update is never applied) before
+    /// the client counts as diverged (`federate.on_divergence`).
+    pub retry_on_nan_loss: usize,
 }
 
 impl Default for TrainSection {
@@ -143,6 +147,7 @@ impl Default for TrainSection {
             batch_size: 4,
             eval_batch_size: 8,
             keep_optimizer_state: false,
+            retry_on_nan_loss: 0,
         }
     }
 }
@@ -315,6 +320,7 @@ impl LlmConfig {
         LocalTraining {
             local_steps: self.train.local_steps,
             keep_optimizer_state: self.train.keep_optimizer_state,
+            retry_on_nan_loss: self.train.retry_on_nan_loss,
             optim: self.optim.clone(),
         }
     }

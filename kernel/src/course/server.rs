@@ -686,6 +686,7 @@ fn check_update(env: &Envelope, global: &ParamSet) -> Result<protocol::Update, S
     if body.n_samples == 0 {
         return Err("update without a positive `n_samples`".into());
     }
+    check_reported(&body.metrics)?;
     let params = env
         .payload
         .as_ref()
@@ -694,6 +695,36 @@ fn check_update(env: &Envelope, global: &ParamSet) -> Result<protocol::Update, S
         .check_compatible(params)
         .map_err(|e| format!("update does not match the global parameters: {e}"))?;
     Ok(body)
+}
+
+/// The most splits one evaluation answer may report.
+const MAX_SPLITS: usize = 16;
+/// The most named metrics one record may carry.
+const MAX_METRICS: usize = 64;
+/// The longest split or metric name.
+const MAX_NAME: usize = 64;
+
+/// A split's or metric's name, as it will stand in metrics.jsonl.
+fn check_name(what: &str, name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_NAME || name.chars().any(char::is_control) {
+        let shown: String = name.chars().take(MAX_NAME).collect();
+        return Err(format!(
+            "{what} name {shown:?} is empty, longer than {MAX_NAME} bytes or holds control characters"
+        ));
+    }
+    Ok(())
+}
+
+/// The named metrics a client reports, before any reaches the records: a
+/// few, with short names (what a client sends becomes lines in the run
+/// directory, so it is bounded; a non-finite value is written as null).
+fn check_reported(metrics: &BTreeMap<String, f64>) -> Result<(), String> {
+    if metrics.len() > MAX_METRICS {
+        return Err(format!("{} metrics (at most {MAX_METRICS})", metrics.len()));
+    }
+    metrics
+        .keys()
+        .try_for_each(|name| check_name("metric", name))
 }
 
 fn on_update(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResult {
@@ -732,6 +763,7 @@ fn on_update(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResult
     r.bytes_down = p.bytes_down as u64;
     r.compute_s = body.compute_s;
     r.wall_s = p.sent_at.elapsed().as_secs_f64();
+    r.extra = body.metrics;
     let bytes_up_now = r.bytes_up;
     record(s, r)?;
     let Phase::Training {
@@ -940,9 +972,18 @@ fn on_metrics(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResul
     let checked = env
         .body::<protocol::Metrics>()
         .map_err(|e| e.to_string())
-        .and_then(|m| match m.results.iter().find(|e| !e.loss.is_finite()) {
-            Some(bad) => Err(format!("split `{}` has a non-finite loss", bad.split)),
-            None => Ok(m),
+        .and_then(|m| {
+            if m.results.len() > MAX_SPLITS {
+                return Err(format!("{} splits (at most {MAX_SPLITS})", m.results.len()));
+            }
+            for e in &m.results {
+                check_name("split", &e.split)?;
+                if !e.loss.is_finite() {
+                    return Err(format!("split `{}` has a non-finite loss", e.split));
+                }
+                check_reported(&e.metrics)?;
+            }
+            Ok(m)
         });
     let protocol::Metrics {
         results: splits,
