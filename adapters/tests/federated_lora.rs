@@ -83,6 +83,7 @@ async fn a_federated_lora_course_lowers_every_clients_loss() {
             lr: 1e-2,
             ..TrainConfig::default()
         },
+        ..LocalTraining::default()
     };
     let initial = RoundRobinTrainer::initial_adapter(&model, &lora, 99).unwrap();
     let trainer = RoundRobinTrainer::new(model.clone(), lora, training, data, 99).unwrap();
@@ -170,6 +171,7 @@ fn a_fresh_trainer_continues_where_the_round_says() {
             lr: 1e-2,
             ..TrainConfig::default()
         },
+        ..LocalTraining::default()
     };
     let trainer = || {
         RoundRobinTrainer::new(model.clone(), lora.clone(), training.clone(), data(), 9).unwrap()

@@ -71,6 +71,7 @@ fn trainer(steps: usize) -> (RoundRobinTrainer, ParamSet) {
             lr: 5e-2,
             ..TrainConfig::default()
         },
+        ..LocalTraining::default()
     };
     // A global adapter with non-zero B, so that the prox term has work to do.
     let mut global = RoundRobinTrainer::initial_adapter(&model, LORA(), 3).unwrap();
