@@ -275,6 +275,36 @@ async fn a_diverging_course_ends_with_the_round_client_and_step_instead_of_hangi
     assert!(err.contains("federate.on_divergence"), "{err}");
 }
 
+/// Runs the two-client course `toml` with the synthetic trainer wrapped by
+/// `wrap`, and returns the error it must end with (within 20 s: a refused
+/// answer never stalls a round).
+async fn two_client_course_error<W: LocalTrainer + 'static>(
+    toml: &str,
+    wrap: impl FnOnce(LeastSquaresTrainer) -> W,
+) -> String {
+    let t = trainer(
+        SyntheticSpec {
+            clients: 2,
+            ..SyntheticSpec::default()
+        },
+        2,
+    );
+    let initial = t.initial_params();
+    let cfg = config(toml);
+    let run = run_in_process(
+        &cfg,
+        initial,
+        Arc::new(Mutex::new(wrap(t))),
+        Box::new(FedAvg),
+        MetricsLog::in_memory(),
+    );
+    tokio::time::timeout(std::time::Duration::from_secs(20), run)
+        .await
+        .expect("the course does not wait forever on an answer it refused")
+        .unwrap_err()
+        .to_string()
+}
+
 /// A trainer whose client 2 returns an update the server cannot use
 /// (a tensor of another shape) and NaN in its metrics map.
 struct Misshapen(LeastSquaresTrainer);
@@ -306,27 +336,7 @@ impl LocalTrainer for Misshapen {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unusable_update_from_an_awaited_client_fails_the_round_instead_of_stalling_it() {
-    let cfg = config("[federate]\nrounds = 2\nclients = 2\n");
-    let t = trainer(
-        SyntheticSpec {
-            clients: 2,
-            ..SyntheticSpec::default()
-        },
-        2,
-    );
-    let initial = t.initial_params();
-    let run = run_in_process(
-        &cfg,
-        initial,
-        Arc::new(Mutex::new(Misshapen(t))),
-        Box::new(FedAvg),
-        MetricsLog::in_memory(),
-    );
-    let err = tokio::time::timeout(std::time::Duration::from_secs(20), run)
-        .await
-        .expect("the round does not wait forever on an update it rejected")
-        .unwrap_err()
-        .to_string();
+    let err = two_client_course_error("[federate]\nrounds = 2\nclients = 2\n", Misshapen).await;
     assert!(
         err.contains("client 2: its update for round 1 cannot be used: update does not match"),
         "{err}"
@@ -369,7 +379,7 @@ impl LocalTrainer for Boastful {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_a_client_reports_into_the_records_is_bounded() {
-    let cfg = config("[federate]\nrounds = 1\nclients = 2\n");
+    let cfg = "[federate]\nrounds = 1\nclients = 2\n";
     for (in_update, expected) in [
         (
             true,
@@ -380,26 +390,7 @@ async fn what_a_client_reports_into_the_records_is_bounded() {
             "its evaluation of round 0 cannot be used: split name \"xxx",
         ),
     ] {
-        let t = trainer(
-            SyntheticSpec {
-                clients: 2,
-                ..SyntheticSpec::default()
-            },
-            2,
-        );
-        let initial = t.initial_params();
-        let run = run_in_process(
-            &cfg,
-            initial,
-            Arc::new(Mutex::new(Boastful(t, in_update))),
-            Box::new(FedAvg),
-            MetricsLog::in_memory(),
-        );
-        let err = tokio::time::timeout(std::time::Duration::from_secs(20), run)
-            .await
-            .expect("a refused answer does not stall the course")
-            .unwrap_err()
-            .to_string();
+        let err = two_client_course_error(cfg, |t| Boastful(t, in_update)).await;
         assert!(err.contains(expected), "{err}");
     }
 }
