@@ -16,3 +16,9 @@ if [ ${#missing[@]} -gt 0 ]; then
     $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 cargo test --workspace -j 2 "$@"
+# The narrower SIMD paths a CPU without AVX-512 (avx2) or without AVX2
+# (scalar) takes: the kernels' value-and-gradient tests and the training
+# step on each, whatever this machine has.
+for path in avx2 scalar; do
+    FEDTUNE_SIMD=$path cargo test -p fedtune-adapters -j 2 --lib --test training "$@"
+done

@@ -28,6 +28,10 @@ pub struct GenerationConfig {
     pub seed: u64,
     /// Strings that end the continuation (not included in the result).
     pub stop: Vec<String>,
+    /// Never pick the end-of-sequence token, so every sequence runs
+    /// `max_new_tokens` steps (Hugging Face's `min_new_tokens` equal to
+    /// `max_new_tokens`; for timing).
+    pub ignore_eos: bool,
 }
 
 impl Default for GenerationConfig {
@@ -38,6 +42,7 @@ impl Default for GenerationConfig {
             top_p: 1.0,
             seed: 0,
             stop: Vec::new(),
+            ignore_eos: false,
         }
     }
 }
@@ -88,7 +93,7 @@ pub fn generate(
         let last = model
             .forward_cached_last(&input, &mut cache, adapter)?
             .squeeze(0)?; // (vocab)
-        let next = pick(&last, cfg, &mut rng)?;
+        let next = pick(&last, cfg, tokenizer.eos_id, &mut rng)?;
         if next == tokenizer.eos_id {
             break FinishReason::Eos;
         }
@@ -111,7 +116,23 @@ pub fn generate(
 }
 
 /// Greedy when `temperature` is 0, otherwise temperature + nucleus sampling.
-pub(crate) fn pick(logits: &Tensor, cfg: &GenerationConfig, rng: &mut ChaCha8Rng) -> Result<u32> {
+pub(crate) fn pick(
+    logits: &Tensor,
+    cfg: &GenerationConfig,
+    eos: u32,
+    rng: &mut ChaCha8Rng,
+) -> Result<u32> {
+    let masked;
+    let logits = if cfg.ignore_eos {
+        let mut v: Vec<f32> = logits.to_dtype(DType::F32)?.to_vec1()?;
+        if let Some(x) = v.get_mut(eos as usize) {
+            *x = f32::NEG_INFINITY;
+        }
+        masked = Tensor::from_vec(v, logits.dims1()?, logits.device())?;
+        &masked
+    } else {
+        logits
+    };
     if cfg.temperature <= 0.0 {
         return logits.argmax(D::Minus1)?.to_scalar::<u32>();
     }

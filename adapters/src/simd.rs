@@ -4,9 +4,86 @@
 //! polynomial; relative error below 2e-7 on the range that matters), written
 //! without branches or library calls so the compiler vectorizes it. Each
 //! kernel is compiled twice: for the baseline target and for AVX2 + FMA,
-//! picked at run time. Sums use eight independent accumulators, so they
+//! picked at run time (`FEDTUNE_SIMD=scalar` forces the baseline, see
+//! [`simd_path`]). Sums use eight independent accumulators, so they
 //! vectorize too (the summation order differs from a sequential loop by
 //! rounding only).
+
+/// Which SIMD kernels the matrix products and row kernels run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SimdPath {
+    /// 512-bit AVX-512F kernels.
+    Avx512,
+    /// 256-bit AVX2 + FMA kernels.
+    Avx2,
+    /// Plain scalar code.
+    Scalar,
+    /// Whatever `gemm` picks (non-x86 CPUs, and dtypes other than f32/f64).
+    Auto,
+}
+
+impl SimdPath {
+    /// Its name in benchmark reports: `avx512`, `avx2`, `scalar`, `auto`.
+    pub fn name(self) -> &'static str {
+        match self {
+            SimdPath::Avx512 => "avx512",
+            SimdPath::Avx2 => "avx2",
+            SimdPath::Scalar => "scalar",
+            SimdPath::Auto => "auto",
+        }
+    }
+}
+
+/// The path f32/f64 matrix products (and, below AVX-512, the row kernels)
+/// take in this process: the widest the CPU has,
+/// detected at run time, or a narrower one named by `FEDTUNE_SIMD`
+/// (`avx2`, `scalar`; to test the fallbacks on a CPU that has more). A
+/// path the CPU lacks is never taken: asking for it gets the widest one
+/// the CPU has below it.
+pub fn simd_path() -> SimdPath {
+    static PATH: std::sync::OnceLock<SimdPath> = std::sync::OnceLock::new();
+    *PATH.get_or_init(|| detect(std::env::var("FEDTUNE_SIMD").ok().as_deref()))
+}
+
+pub(crate) fn detect(wanted: Option<&str>) -> SimdPath {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let cap = if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            SimdPath::Avx512
+        } else if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            SimdPath::Avx2
+        } else {
+            SimdPath::Scalar
+        };
+        let want = match wanted.map(str::trim) {
+            Some("avx2") => SimdPath::Avx2,
+            Some("scalar") => SimdPath::Scalar,
+            _ => SimdPath::Avx512,
+        };
+        let rank = |p: SimdPath| match p {
+            SimdPath::Avx512 => 2,
+            SimdPath::Avx2 => 1,
+            _ => 0,
+        };
+        if rank(want) < rank(cap) {
+            want
+        } else {
+            cap
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = wanted;
+        SimdPath::Auto
+    }
+}
 
 const LANES: usize = 8;
 
@@ -45,7 +122,8 @@ macro_rules! dispatch {
                 fn avx2($($arg: $ty),*) -> $ret {
                     $body($($arg),*)
                 }
-                if std::arch::is_x86_feature_detected!("avx2")
+                if simd_path() != SimdPath::Scalar
+                    && std::arch::is_x86_feature_detected!("avx2")
                     && std::arch::is_x86_feature_detected!("fma")
                 {
                     // SAFETY: the CPU supports the features `avx2` was compiled for.

@@ -185,6 +185,7 @@ fn greedy_generation_with_the_cache_matches_recomputing_everything() {
             top_p,
             seed,
             stop: vec![],
+            ignore_eos: false,
         };
         generate(&m.model, tok, &prompt, &c, None).unwrap().ids
     };

@@ -1,6 +1,9 @@
 //! `fedtune bench generate`: generation throughput on the default model with
 //! GSM8K's 8-shot prefix, by batch size, and what reusing the prefix's KV
-//! cache saves over encoding the whole prompt per item.
+//! cache saves over encoding the whole prompt per item; with `--prompt-len N
+//! --no-prefix`, prefill plus decoding of random prompts, timed as
+//! `../shared/tools/torch_baseline.py generate` times Hugging Face's
+//! `generate`.
 
 use std::path::Path;
 use std::time::Instant;
@@ -68,7 +71,10 @@ pub fn generate(batches: &[usize], tokens: usize, data_root: &Path) -> Result<()
         reused,
         whole_prompt / reused
     );
-    println!("greedy decoding of {tokens} tokens per sequence after the prefix and question\n");
+    println!(
+        "greedy decoding of {tokens} tokens per sequence after the prefix and question (f32, {} path)\n",
+        fedtune_adapters::simd::simd_path().name()
+    );
     println!("| batch | seconds | tokens/s | per step (ms) |");
     println!("|---:|---:|---:|---:|");
     for &b in batches {
@@ -80,6 +86,77 @@ pub fn generate(batches: &[usize], tokens: usize, data_root: &Path) -> Result<()
             produced as f64 / secs,
             (secs - prompt).max(0.0) / steps as f64 * 1e3
         );
+    }
+    Ok(())
+}
+
+/// Prefill of `prompt_len` random tokens plus greedy decoding of `tokens`
+/// more (the end-of-sequence token never picked), per batch size: the work
+/// `torch_baseline.py generate --prompt-len N --new T` times, after the
+/// same short warm-up.
+pub fn random_prompts(
+    batches: &[usize],
+    prompt_len: usize,
+    tokens: usize,
+    json: bool,
+) -> Result<()> {
+    use rand::{Rng, SeedableRng};
+    anyhow::ensure!(
+        prompt_len > 0 && tokens > 0,
+        "--prompt-len and --tokens must be positive"
+    );
+    let loaded = Loaded::load(None, None, &|m| eprintln!("{m}"))?;
+    let m = loaded.view();
+    let vocab = m.model.config().vocab_size as u32;
+    let empty = SharedPrefix::new(m.model, m.tok, "", m.adapter)?;
+    let cfg = GenerationConfig {
+        max_new_tokens: tokens,
+        ignore_eos: true,
+        ..GenerationConfig::default()
+    };
+    let path = fedtune_adapters::simd::simd_path().name();
+    if !json {
+        println!(
+            "prefill of {prompt_len} random tokens + greedy decoding of {tokens} (f32, {path} path)\n"
+        );
+        println!("| batch | seconds | new tokens/s |");
+        println!("|---:|---:|---:|");
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    for &b in batches {
+        let rows: Vec<Vec<u32>> = (0..b)
+            .map(|_| {
+                (0..prompt_len)
+                    .map(|_| rng.random_range(0..vocab))
+                    .collect()
+            })
+            .collect();
+        let refs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+        let seeds: Vec<u64> = (0..b as u64).collect();
+        // Warm-up as the baseline does: 8 prompt tokens, 4 new.
+        let short: Vec<&[u32]> = rows.iter().map(|r| &r[..r.len().min(8)]).collect();
+        let warm = GenerationConfig {
+            max_new_tokens: 4,
+            ..cfg.clone()
+        };
+        generate_aligned(m.model, m.tok, &empty, &short, &seeds, &warm, m.adapter)?;
+        let t = Instant::now();
+        let out = generate_aligned(m.model, m.tok, &empty, &refs, &seeds, &cfg, m.adapter)?;
+        let secs = t.elapsed().as_secs_f64();
+        let new: usize = out.iter().map(|g| g.ids.len()).sum();
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "stack": "fedtune", "mode": "generate", "simd": path, "batch": b,
+                    "prompt_len": prompt_len, "new_tokens": new,
+                    "seconds": (secs * 1000.0).round() / 1000.0,
+                    "tokens_per_s": (new as f64 / secs * 10.0).round() / 10.0,
+                })
+            );
+        } else {
+            println!("| {b} | {secs:.2} | {:.1} |", new as f64 / secs);
+        }
     }
     Ok(())
 }

@@ -1,4 +1,6 @@
-//! `fedtune bench matmul`: candle's CPU matmul throughput per dtype at the model's shapes.
+//! `fedtune bench matmul`: candle's CPU matmul throughput per dtype at the
+//! model's shapes, beside the fused f32 linear kernel the training step uses
+//! (which runs on the SIMD path `FEDTUNE_SIMD` may narrow).
 //!
 //! Decides whether a frozen base stored in bf16 or f16 could train faster
 //! than f32 here: a LoRA step is matmul-bound, so the dtype with the faster
@@ -19,23 +21,30 @@ pub fn matmul(tokens: usize, reps: usize) -> Result<()> {
         (1536, 576),
         (576, 49_152),
     ];
-    println!("x (tokens {tokens} x in) · Wᵀ (out x in), best of {reps}; GFLOP/s\n");
-    println!("| in × out | f32 | bf16 | f16 |");
-    println!("|---|---:|---:|---:|");
+    println!(
+        "x (tokens {tokens} x in) · Wᵀ (out x in), best of {reps}; GFLOP/s (f32 on the {} path)\n",
+        fedtune_adapters::simd::simd_path().name()
+    );
+    println!("| in × out | fused f32 | f32 | bf16 | f16 |");
+    println!("|---|---:|---:|---:|---:|");
     for (din, dout) in shapes {
         let x = Tensor::rand(-1f32, 1f32, (tokens, din), &device)?;
         let w = Tensor::rand(-1f32, 1f32, (dout, din), &device)?;
-        let mut row = format!("| {din} × {dout} |");
-        for dtype in [DType::F32, DType::BF16, DType::F16] {
-            let (x, w) = (x.to_dtype(dtype)?, w.to_dtype(dtype)?);
+        let gflop = 2.0 * (tokens * din * dout) as f64 / 1e9;
+        let best_of = |f: &dyn Fn() -> Result<Tensor>| -> Result<f64> {
             let mut best = f64::INFINITY;
             for _ in 0..reps {
                 let t = Instant::now();
-                let y = x.matmul(&w.t()?)?;
-                drop(y);
+                drop(f()?);
                 best = best.min(t.elapsed().as_secs_f64());
             }
-            let gflop = 2.0 * (tokens * din * dout) as f64 / 1e9;
+            Ok(best)
+        };
+        let fused = best_of(&|| Ok(fedtune_adapters::kernels::frozen_linear(&x, &w)?))?;
+        let mut row = format!("| {din} × {dout} | {:.0} |", gflop / fused);
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let (x, w) = (x.to_dtype(dtype)?, w.to_dtype(dtype)?);
+            let best = best_of(&|| Ok(x.matmul(&w.t()?)?))?;
             row.push_str(&format!(" {:.0} |", gflop / best));
         }
         println!("{row}");

@@ -99,6 +99,17 @@ pub enum BenchCommand {
         /// Where the data sets are (default: $FEDTUNE_DATA_ROOT, ./data or ../shared/data).
         #[arg(long)]
         data_root: Option<PathBuf>,
+        /// Measure prefill plus decoding of random prompts of this many
+        /// tokens, no shared prefix, every sequence running `--tokens`
+        /// steps — what `torch_baseline.py generate --prompt-len N` times.
+        #[arg(long, requires = "no_prefix")]
+        prompt_len: Option<usize>,
+        /// With --prompt-len: no GSM8K prefix (the like-for-like comparison).
+        #[arg(long, requires = "prompt_len")]
+        no_prefix: bool,
+        /// Print JSON lines (with --prompt-len).
+        #[arg(long)]
+        json: bool,
     },
     /// What the Rhai script host costs per aggregation and per training step, against the native path.
     Scripts {
@@ -170,7 +181,15 @@ pub fn bench(command: BenchCommand) -> Result<()> {
         BenchCommand::Generate {
             batches,
             tokens,
+            prompt_len: Some(prompt_len),
+            json,
+            ..
+        } => generate::random_prompts(&batches, prompt_len, tokens, json),
+        BenchCommand::Generate {
+            batches,
+            tokens,
             data_root,
+            ..
         } => generate::generate(
             &batches,
             tokens,

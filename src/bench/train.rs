@@ -34,6 +34,8 @@ struct TrainStepReport {
     optimizer_s: f64,
     peak_rss_mib: Option<f64>,
     threads: usize,
+    /// The SIMD path the matrix products ran on (`avx512`, `avx2`, `scalar`).
+    simd: &'static str,
 }
 
 pub fn train_step(batch: usize, seq_len: usize, steps: usize, json: bool) -> Result<()> {
@@ -123,15 +125,17 @@ pub fn train_step(batch: usize, seq_len: usize, steps: usize, json: bool) -> Res
         threads: std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1),
+        simd: fedtune_adapters::simd::simd_path().name(),
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
-            "LoRA step (r 8, q/v, AdamW, f32), batch {batch} x {seq_len}, {} threads, {steps} steps:\n\
+            "LoRA step (r 8, q/v, AdamW, f32-{}), batch {batch} x {seq_len}, {} threads, {steps} steps:\n\
              {:.3} s/step mean (median {median_s:.3}, best {min_s:.3}), {:.1} GFLOP/step, {:.1} GFLOP/s at the median\n\
              forward + loss {:.3} s, backward {:.3} s, rest of the best step (optimizer, clipping) ~{:.3} s\n\
              model {} parameters, LoRA {} parameters, peak RSS {}",
+            report.simd,
             report.threads,
             per_step,
             gflop,

@@ -141,7 +141,7 @@ pub fn generate_aligned(
         let mut keep = Vec::new();
         let mut next = Vec::new();
         for (row, &i) in active.iter().enumerate() {
-            let id = pick(&last.get(row)?, cfg, &mut rngs[i])?;
+            let id = pick(&last.get(row)?, cfg, tok.eos_id, &mut rngs[i])?;
             if id == tok.eos_id {
                 finish[i] = Some(FinishReason::Eos);
                 continue;

@@ -161,6 +161,7 @@ pub fn evaluate(
         top_p: 0.95,
         seed: 0,
         stop,
+        ignore_eos: false,
     };
     // An interrupted evaluation resumes only with the same model and adapter
     // — the same bytes, wherever they lie — and the same settings.

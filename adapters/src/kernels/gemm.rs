@@ -23,6 +23,8 @@ use std::sync::Mutex;
 
 use candle_core::WithDType;
 
+use crate::simd::{simd_path, SimdPath};
+
 /// A matrix operand: `rows × cols`, element `(r, c)` at `data[r·rs + c·cs]`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Mat<'a, T> {
@@ -193,36 +195,188 @@ pub(crate) fn gemm<T: WithDType>(
         return;
     }
     // SAFETY: dst's rows × cols block lies in memory it borrows exclusively
-    // (checked when it was made); a and b reach only elements inside their
+    // (a `MatMut`), a and b reach only elements inside their
     // slices (checked above); the shapes agree (asserted above).
     unsafe {
-        gemm::gemm(
-            dst.rows,
-            dst.cols,
-            a.cols,
-            dst.ptr,
-            1,
-            dst.rs as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            T::from_f64(if accumulate { 1.0 } else { 0.0 }),
-            T::from_f64(1.0),
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
+        let (lhs, rhs) = (a.data.as_ptr(), b.data.as_ptr());
+        let alpha = if accumulate { 1.0 } else { 0.0 };
+        let path = simd_path();
+        match T::DTYPE {
+            // f32 and f64 run on the path chosen at run time; the pointers
+            // are of that very type (T::DTYPE says so).
+            candle_core::DType::F32 if path != SimdPath::Auto => gemm_on::<f32>(
+                path,
+                (dst.rows, dst.cols, a.cols),
+                (dst.ptr.cast(), dst.rs as isize, accumulate),
+                (lhs.cast(), a.cs as isize, a.rs as isize),
+                (rhs.cast(), b.cs as isize, b.rs as isize),
+                alpha as f32,
+            ),
+            candle_core::DType::F64 if path != SimdPath::Auto => gemm_on::<f64>(
+                path,
+                (dst.rows, dst.cols, a.cols),
+                (dst.ptr.cast(), dst.rs as isize, accumulate),
+                (lhs.cast(), a.cs as isize, a.rs as isize),
+                (rhs.cast(), b.cs as isize, b.rs as isize),
+                alpha,
+            ),
+            _ => gemm::gemm(
+                dst.rows,
+                dst.cols,
+                a.cols,
+                dst.ptr,
+                1,
+                dst.rs as isize,
+                accumulate,
+                lhs,
+                a.cs as isize,
+                a.rs as isize,
+                rhs,
+                b.cs as isize,
+                b.rs as isize,
+                T::from_f64(alpha),
+                T::from_f64(1.0),
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            ),
+        }
     }
     if !dst.initialized {
         // Every element of the block now holds a value.
         dst.initialized = true;
         if let Some(claim) = &dst.claim {
             claim.lock().written += dst.rows * dst.cols;
+        }
+    }
+}
+
+/// One element type's kernels on each path.
+trait PathKernels: Copy + 'static {
+    /// `dst = alpha·dst + a·b` on `path` (see [`gemm_on`]).
+    ///
+    /// # Safety
+    /// As `gemm_on`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run(
+        path: SimdPath,
+        mnk: (usize, usize, usize),
+        dst: (*mut Self, isize, isize, bool),
+        lhs: (*const Self, isize, isize),
+        rhs: (*const Self, isize, isize),
+        alpha: Self,
+    );
+}
+
+/// Calls `gemm_common`'s driver with one path's microkernels for one type.
+macro_rules! path_kernels {
+    ($ty:ident, $krate:ident, $mult:expr) => {
+        impl PathKernels for $ty {
+            unsafe fn run(
+                path: SimdPath,
+                (m, n, k): (usize, usize, usize),
+                (dst, dst_cs, dst_rs, read_dst): (*mut $ty, isize, isize, bool),
+                (lhs, lhs_cs, lhs_rs): (*const $ty, isize, isize),
+                (rhs, rhs_cs, rhs_rs): (*const $ty, isize, isize),
+                alpha: $ty,
+            ) {
+                macro_rules! on {
+                    ($simd:expr, $module:ident, $n:expr) => {{
+                        use $krate::microkernel::$module::$ty as uk;
+                        gemm_common::gemm::gemm_basic_generic::<
+                            _,
+                            $ty,
+                            { $n },
+                            { uk::MR_DIV_N * $n },
+                            { uk::NR },
+                            { uk::MR_DIV_N },
+                            { uk::H_M },
+                            { uk::H_N },
+                        >(
+                            $simd,
+                            m,
+                            n,
+                            k,
+                            dst,
+                            dst_cs,
+                            dst_rs,
+                            read_dst,
+                            lhs,
+                            lhs_cs,
+                            lhs_rs,
+                            rhs,
+                            rhs_cs,
+                            rhs_rs,
+                            alpha,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            |a, b, c| a * b + c,
+                            &uk::UKR,
+                            &uk::H_UKR,
+                            false,
+                            gemm_common::Parallelism::None,
+                        )
+                    }};
+                }
+                match path {
+                    #[cfg(target_arch = "x86_64")]
+                    SimdPath::Avx512 => match gemm_common::simd::V4::try_new() {
+                        Some(simd) => on!(simd, avx512f, 8 * $mult),
+                        None => unreachable!("avx512f was detected"),
+                    },
+                    #[cfg(target_arch = "x86_64")]
+                    SimdPath::Avx2 => match gemm_common::simd::V3::try_new() {
+                        Some(simd) => on!(simd, fma, 4 * $mult),
+                        None => unreachable!("avx2 and fma were detected"),
+                    },
+                    _ => on!(gemm_common::simd::Scalar, scalar, 1),
+                }
+            }
+        }
+    };
+}
+
+// The vector widths are gemm's own (`gemm_def!(f32, 2)`, `gemm_def!(f64, 1)`).
+path_kernels!(f32, gemm_f32, 2);
+path_kernels!(f64, gemm_f64, 1);
+
+/// `dst = alpha·dst + lhs·rhs` (`m × n`, inner `k`; `dst` column stride 1)
+/// with `path`'s microkernels.
+///
+/// As `gemm::gemm` does before it dispatches, a row-major destination is
+/// computed as the transposed product (`dstᵀ = rhsᵀ·lhsᵀ`): the
+/// microkernels write columns, and the vocabulary head runs at half speed
+/// without it.
+///
+/// # Safety
+/// As `gemm::gemm`: every element the shapes and strides reach lies in
+/// live memory, `dst`'s exclusively borrowed; `path` is one the CPU has.
+unsafe fn gemm_on<E: PathKernels>(
+    path: SimdPath,
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_rs, read_dst): (*mut E, isize, bool),
+    lhs: (*const E, isize, isize),
+    rhs: (*const E, isize, isize),
+    alpha: E,
+) {
+    // SAFETY: passed on from the caller; the transposed call reaches the
+    // same elements.
+    unsafe {
+        if dst_rs > 1 {
+            let ((l, l_cs, l_rs), (r, r_cs, r_rs)) = (lhs, rhs);
+            E::run(
+                path,
+                (n, m, k),
+                (dst, dst_rs, 1, read_dst),
+                (r, r_rs, r_cs),
+                (l, l_rs, l_cs),
+                alpha,
+            )
+        } else {
+            E::run(path, (m, n, k), (dst, 1, dst_rs, read_dst), lhs, rhs, alpha)
         }
     }
 }
@@ -400,6 +554,83 @@ impl<T: WithDType> Shared<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every path this CPU has, from the widest down.
+    fn paths() -> Vec<SimdPath> {
+        let widest = crate::simd::detect(None);
+        [SimdPath::Avx512, SimdPath::Avx2, SimdPath::Scalar]
+            .into_iter()
+            .filter(|p| crate::simd::detect(Some(p.name())) == *p)
+            .chain((widest == SimdPath::Auto).then_some(SimdPath::Auto))
+            .collect()
+    }
+
+    #[test]
+    fn every_path_the_cpu_has_computes_the_same_products() {
+        // Shapes that are not multiples of any vector width or block size,
+        // strided and transposed operands, accumulating or not.
+        let (m, k, n) = (37, 29, 53);
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7 % 23) as f32 - 11.0) / 8.0)
+            .collect();
+        let b: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 5 % 19) as f32 - 9.0) / 4.0)
+            .collect();
+        let want = |r: usize, c: usize, acc: f32| -> f32 {
+            acc + (0..k).map(|j| a[r * k + j] * b[j * n + c]).sum::<f32>()
+        };
+        for path in paths() {
+            if path == SimdPath::Auto {
+                continue;
+            }
+            for accumulate in [false, true] {
+                let mut out = vec![0.5f32; m * n];
+                // SAFETY: operands and output are the full slices, their
+                // shapes as stated; `path` is one this CPU has.
+                unsafe {
+                    gemm_on::<f32>(
+                        path,
+                        (m, n, k),
+                        (out.as_mut_ptr(), n as isize, accumulate),
+                        (a.as_ptr(), 1, k as isize),
+                        (b.as_ptr(), 1, n as isize),
+                        if accumulate { 1.0 } else { 0.0 },
+                    );
+                }
+                for r in 0..m {
+                    for c in 0..n {
+                        let w = want(r, c, if accumulate { 0.5 } else { 0.0 });
+                        let got = out[r * n + c];
+                        assert!(
+                            (got - w).abs() <= 1e-4 * w.abs().max(1.0),
+                            "{path:?} ({r}, {c}): {got} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_narrower_path_can_be_asked_for_never_a_wider_one() {
+        use crate::simd::detect;
+        let widest = detect(None);
+        assert_eq!(
+            detect(Some("scalar")),
+            if widest == SimdPath::Auto {
+                widest
+            } else {
+                SimdPath::Scalar
+            }
+        );
+        let avx2 = detect(Some("avx2"));
+        assert!(
+            avx2 == widest || avx2 == SimdPath::Avx2,
+            "{avx2:?} on {widest:?}"
+        );
+        assert_eq!(detect(Some("no-such-path")), widest);
+        assert!(paths().contains(&widest));
+    }
 
     #[test]
     fn products_match_a_naive_loop_for_every_layout() {

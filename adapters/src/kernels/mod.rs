@@ -24,7 +24,7 @@
 //! | [`rope`] | rotary embeddings (Hugging Face's half layout) |
 //! | [`attention`] | causal grouped-query attention with RoPE, probabilities kept for backward |
 //! | `rows` | the CPU plumbing they share: storage access, the worker pool, the row-wise op skeleton |
-//! | `gemm` | the one checked wrapper around the `gemm` crate, and the only `unsafe` for it |
+//! | `gemm` | the one checked wrapper around the `gemm` crate (f32/f64 on the SIMD path [`crate::simd::simd_path`] picks at run time), and the only `unsafe` for it |
 
 pub mod attention;
 mod gemm;
