@@ -210,9 +210,43 @@ fn exp_store_body(row: &[f32], shift: f32, out: &mut [f32]) -> f32 {
     sum
 }
 
+/// `out[i·c + j] = x_i · w_j` for the `m = x.len() / k` rows `x_i` of `x`
+/// and the `c = w.len() / k` rows `w_j` of `w` (each `k` long).
+#[inline(always)]
+fn dots_body(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {
+    if k == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let c = w.len() / k;
+    for (j, wj) in w.chunks_exact(k).enumerate() {
+        for (i, xi) in x.chunks_exact(k).enumerate() {
+            let mut acc = [0f32; 2 * LANES];
+            let (xc, wc) = (xi.chunks_exact(2 * LANES), wj.chunks_exact(2 * LANES));
+            let (xt, wt) = (xc.remainder(), wc.remainder());
+            for (a, b) in xc.zip(wc) {
+                for ((s, &p), &q) in acc.iter_mut().zip(a).zip(b) {
+                    *s += p * q;
+                }
+            }
+            let mut sum = acc.iter().sum::<f32>();
+            for (&p, &q) in xt.iter().zip(wt) {
+                sum += p * q;
+            }
+            out[i * c + j] = sum;
+        }
+    }
+}
+
 #[inline(always)]
 fn scale_body(xs: &mut [f32], s: f32) {
     xs.iter_mut().for_each(|x| *x *= s);
+}
+
+dispatch! {
+    /// `out[i·c + j] = x_i · w_j` over the `k`-long rows of `x` (`m`) and
+    /// `w` (`c`): a product that streams `w` once, unpacked.
+    pub fn dots(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) -> (); dots_body
 }
 
 dispatch! {

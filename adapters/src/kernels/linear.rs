@@ -7,7 +7,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType};
 
 use super::gemm::{gemm, Mat, Shared};
-use super::rows::{by_dtype, data, fused, pool_threads, with_data};
+use super::rows::{by_dtype, data, fused, pool_threads, with_data, Real};
 
 /// `x · Wᵀ` for a frozen weight `W` `(out, in)`; `x` is `(…, in)`.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
@@ -29,7 +29,7 @@ pub(super) struct Linear {
 
 impl Linear {
     /// The product for `x` of shape `dims`, and the output's shape.
-    pub(super) fn run<T: WithDType>(&self, x: &[T], dims: &[usize]) -> Result<(Vec<T>, Shape)> {
+    pub(super) fn run<T: Real>(&self, x: &[T], dims: &[usize]) -> Result<(Vec<T>, Shape)> {
         let (wr, wc) = self.w.dims2()?;
         let (k, n) = if self.transposed { (wc, wr) } else { (wr, wc) };
         let last = *dims.last().unwrap_or(&0);
@@ -41,6 +41,12 @@ impl Linear {
         }
         let m = x.len() / k.max(1);
         let threads = pool_threads();
+        if self.transposed && m <= STREAM_ROWS && k > 0 {
+            let out = self.streamed(x, (m, k, n), threads)?;
+            let mut shape = dims.to_vec();
+            *shape.last_mut().expect("rank ≥ 1") = n;
+            return Ok((out, Shape::from(shape)));
+        }
         // Wide outputs (the vocabulary head, the MLP's up projections) split by
         // column blocks, so each thread packs only its share of W; tall ones by rows.
         let by_cols = n >= m;
@@ -88,6 +94,45 @@ impl Linear {
         Ok((out.into_vec(), Shape::from(shape)))
     }
 }
+
+impl Linear {
+    /// `x · Wᵀ` for a few rows of `x` (decoding): W's rows are streamed once,
+    /// unpacked, each dotted with every row of `x` — gemm would pack each
+    /// block of W first, and for so few rows packing costs more than the
+    /// product.
+    fn streamed<T: Real>(
+        &self,
+        x: &[T],
+        (m, k, n): (usize, usize, usize),
+        threads: usize,
+    ) -> Result<Vec<T>> {
+        // Blocks small enough to balance the pool, large enough to amortize it.
+        let per = n.div_ceil(threads * 4).next_multiple_of(16).max(16);
+        let blocks = n.div_ceil(per);
+        let out = Shared::zeroed(m, n);
+        with_data::<T, _>(&self.w, "linear", |w| {
+            let block = |b: usize| {
+                let cols = b * per..((b + 1) * per).min(n);
+                let mut local = vec![T::from_f64(0.0); m * cols.len()];
+                T::dots(x, &w[cols.start * k..cols.end * k], k, &mut local);
+                let mut dst = out.block(0..m, cols.clone());
+                for (i, row) in local.chunks_exact(cols.len()).enumerate() {
+                    dst.row(i).copy_from_slice(row);
+                }
+            };
+            if blocks > 1 {
+                candle_core::utils::barrier_pool()
+                    .execute_chunked(blocks, |range| range.for_each(block));
+            } else {
+                (0..blocks).for_each(block);
+            }
+        })?;
+        Ok(out.into_vec())
+    }
+}
+
+/// Rows of `x` at most for which [`Linear`] streams W instead of calling gemm.
+const STREAM_ROWS: usize = 16;
 
 impl CustomOp1 for Linear {
     fn name(&self) -> &'static str {

@@ -7,7 +7,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, W
 
 use super::gemm::{gemm, matmul_t, Mat, MatMut};
 use super::linear::{frozen_linear, Linear};
-use super::rows::{block_rows, by_dtype, data, fused, par_blocks, with_data};
+use super::rows::{block_rows, by_dtype, data, fused, par_blocks, with_data, Real};
 
 /// A low-rank term `scale · (x ⊙ mask) Aᵀ Bᵀ` added to a frozen projection.
 #[derive(Debug, Clone)]
@@ -77,13 +77,7 @@ impl LoraLinear {
         }
     }
 
-    fn forward<T: WithDType>(
-        &self,
-        x: &[T],
-        xl: &Layout,
-        a: &[T],
-        b: &[T],
-    ) -> Result<(Vec<T>, Shape)> {
+    fn forward<T: Real>(&self, x: &[T], xl: &Layout, a: &[T], b: &[T]) -> Result<(Vec<T>, Shape)> {
         let (r, k) = (b.len() / self.w.dim(0)?, *xl.dims().last().unwrap_or(&1));
         let m = x.len() / k.max(1);
         let n = self.w.dim(0)?;
@@ -108,7 +102,7 @@ impl LoraLinear {
 
     /// `(dx, dA, dB)` for output gradient `dy`; `dx` is left empty unless
     /// `want_dx` (the first layer's input needs none).
-    fn backward<T: WithDType>(
+    fn backward<T: Real>(
         &self,
         x: &[T],
         dims: &[usize],
@@ -188,7 +182,7 @@ impl LoraLinear {
     }
 
     /// The backward pass for tensors of element type `T`.
-    fn grads<T: WithDType>(
+    fn grads<T: Real>(
         &self,
         (x, a, b): (&Tensor, &Tensor, &Tensor),
         grad: &Tensor,

@@ -17,6 +17,8 @@ pub trait Real: WithDType {
     fn exp_store(row: &[Self], shift: Self, out: &mut [Self]) -> Self;
     /// Largest value of `row`.
     fn max_of(row: &[Self]) -> Self;
+    /// `out[i·c + j] = x_i · w_j` over the `k`-long rows of `x` and `w`.
+    fn dots(x: &[Self], w: &[Self], k: usize, out: &mut [Self]);
 }
 
 impl Real for f32 {
@@ -29,6 +31,9 @@ impl Real for f32 {
     }
     fn max_of(row: &[Self]) -> Self {
         simd::max(row)
+    }
+    fn dots(x: &[Self], w: &[Self], k: usize, out: &mut [Self]) {
+        simd::dots(x, w, k, out)
     }
 }
 
@@ -47,6 +52,14 @@ impl Real for f64 {
     }
     fn max_of(row: &[Self]) -> Self {
         row.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+    }
+    fn dots(x: &[Self], w: &[Self], k: usize, out: &mut [Self]) {
+        let c = w.len().checked_div(k).unwrap_or(0);
+        for (j, wj) in w.chunks_exact(k.max(1)).take(c).enumerate() {
+            for (i, xi) in x.chunks_exact(k.max(1)).enumerate() {
+                out[i * c + j] = xi.iter().zip(wj).map(|(p, q)| p * q).sum();
+            }
+        }
     }
 }
 

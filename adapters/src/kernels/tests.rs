@@ -66,12 +66,23 @@ fn agree(
 
 #[test]
 fn linear_matches_matmul_and_gives_the_weight_no_gradient() {
+    // 18 rows go through gemm; 1 and 6 rows (decoding) stream W's rows, in
+    // several blocks when W is tall, with `in` a multiple of the vector
+    // width (32) or not (37, 5).
+    for (x, w) in [
+        (&[2, 9, 5][..], [7, 5]),
+        (&[1, 1, 37][..], [100, 37]),
+        (&[2, 3, 32][..], [300, 32]),
+        (&[6, 37][..], [9, 37]),
+    ] {
+        let w = seeded(&w, 3);
+        agree(
+            &[x],
+            |t| frozen_linear(&t[0], &w.to_dtype(t[0].dtype())?),
+            |t| t[0].broadcast_matmul(&w.to_dtype(t[0].dtype())?.t()?),
+        );
+    }
     let w = seeded(&[7, 5], 3);
-    agree(
-        &[&[2, 9, 5]],
-        |t| frozen_linear(&t[0], &w.to_dtype(t[0].dtype())?),
-        |t| t[0].broadcast_matmul(&w.to_dtype(t[0].dtype())?.t()?),
-    );
     let wv = Var::from_tensor(&w).unwrap();
     let x = seeded(&[4, 5], 1);
     let y = frozen_linear(&x, wv.as_tensor()).unwrap();
