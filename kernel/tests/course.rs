@@ -667,6 +667,17 @@ async fn course_with_a_killed_client(
     cfg: &CourseConfig,
     restart_after_round: Option<u64>,
 ) -> fedtune_kernel::worker::WorkerOutcome<fedtune_kernel::course::ServerState> {
+    course_with_a_killed_stateful_client(cfg, restart_after_round, false, None).await
+}
+
+/// As [`course_with_a_killed_client`]; with `counted`, every trainer is
+/// wrapped in [`Counted`], and with `keep`, client 3 keeps its state there.
+async fn course_with_a_killed_stateful_client(
+    cfg: &CourseConfig,
+    restart_after_round: Option<u64>,
+    counted: bool,
+    keep: Option<&std::path::Path>,
+) -> fedtune_kernel::worker::WorkerOutcome<fedtune_kernel::course::ServerState> {
     use fedtune_kernel::ShutdownHandle;
     let t = trainer(SyntheticSpec::default(), 3);
     let initial = t.initial_params();
@@ -694,15 +705,28 @@ async fn course_with_a_killed_client(
         delay: std::time::Duration::from_millis(20),
         started: started_tx.clone(),
     };
-    let shared: fedtune_kernel::course::SharedTrainer = Arc::new(Mutex::new(slow(0)));
+    let wrap = |h: Hangs| -> fedtune_kernel::course::SharedTrainer {
+        if counted {
+            Arc::new(Mutex::new(Counted::new(h)))
+        } else {
+            Arc::new(Mutex::new(h))
+        }
+    };
+    let shared = wrap(slow(0));
     let mut others = Vec::new();
     for id in 1..=2 {
         let w = client_worker(id, cfg, shared.clone(), transport.clone());
         others.push(tokio::spawn(w.run(Shutdown::never())));
     }
     let (kill, signal) = ShutdownHandle::new();
-    let doomed = client_worker(3, cfg, Arc::new(Mutex::new(slow(2))), transport.clone());
-    let doomed = tokio::spawn(doomed.run(signal));
+    let client3 = |h: Hangs| {
+        let mut w = client_worker(3, cfg, wrap(h), transport.clone());
+        if let Some(dir) = keep {
+            w.state_mut().keep_state_in(dir).unwrap();
+        }
+        w
+    };
+    let doomed = tokio::spawn(client3(slow(2)).run(signal));
     assert_eq!(started_rx.recv().await, Some(2), "client 3 began round 2");
     kill.trigger();
     doomed.await.unwrap().unwrap();
@@ -713,8 +737,7 @@ async fn course_with_a_killed_client(
             }
         }
     }
-    let back = client_worker(3, cfg, Arc::new(Mutex::new(slow(0))), transport.clone());
-    let back = tokio::spawn(back.run(Shutdown::never()));
+    let back = tokio::spawn(client3(slow(0)).run(Shutdown::never()));
     let out = server_task.await.unwrap().unwrap();
     for c in others {
         c.await.unwrap().unwrap();
@@ -801,6 +824,96 @@ async fn a_client_restarted_before_the_timeout_gets_its_round_again_and_nothing_
     let t = trainer(SyntheticSpec::default(), 3);
     let reference = run(&cfg, t).await;
     assert_eq!(out.state.global(), &reference.final_params);
+}
+
+/// A trainer whose updates shrink with each fit of a client (a stand-in
+/// for optimizer moments): a client that forgot its count trains differently.
+struct Counted<T> {
+    inner: T,
+    fits: std::collections::BTreeMap<u32, u32>,
+}
+
+impl<T> Counted<T> {
+    fn new(inner: T) -> Self {
+        Self {
+            inner,
+            fits: Default::default(),
+        }
+    }
+}
+
+impl<T: LocalTrainer> LocalTrainer for Counted<T> {
+    fn train(
+        &mut self,
+        client: u32,
+        global: &ParamSet,
+        ctx: &TrainContext,
+    ) -> Result<LocalUpdate, TrainerError> {
+        let mut update = self.inner.train(client, global, ctx)?;
+        let fits = self.fits.entry(client).or_insert(0);
+        *fits += 1;
+        let shrink = 1.0 / *fits as f32;
+        for ((_, t), (_, g)) in update.params.iter_mut().zip(global.iter()) {
+            for (x, &g) in t.data_mut().iter_mut().zip(g.data()) {
+                *x = g + (*x - g) * shrink;
+            }
+        }
+        Ok(update)
+    }
+
+    fn evaluate(
+        &mut self,
+        client: u32,
+        global: &ParamSet,
+        ctx: &TrainContext,
+    ) -> Result<Vec<SplitEval>, TrainerError> {
+        self.inner.evaluate(client, global, ctx)
+    }
+
+    fn save_client(&self, client: u32) -> Result<Option<Vec<u8>>, TrainerError> {
+        let fits = self.fits.get(&client).copied().unwrap_or(0);
+        Ok(Some(fits.to_le_bytes().to_vec()))
+    }
+
+    fn load_client(&mut self, client: u32, bytes: &[u8]) -> Result<(), TrainerError> {
+        let fits = u32::from_le_bytes(bytes.try_into().map_err(|_| "not a fit count")?);
+        self.fits.insert(client, fits);
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_client_process_takes_up_the_state_it_kept() {
+    let cfg = config("[federate]\nrounds = 3\nclients = 3\njoin_retry_s = 0.05\n");
+    let t = trainer(SyntheticSpec::default(), 3);
+    let initial = t.initial_params();
+    let reference = run_in_process(
+        &cfg,
+        initial,
+        Arc::new(Mutex::new(Counted::new(t))),
+        Box::new(FedAvg),
+        MetricsLog::in_memory(),
+    )
+    .await
+    .unwrap();
+    // Client 3 is killed in round 2 and restarted with a fresh trainer:
+    // with its state kept it trains round 2 as its second fit, as an
+    // uninterrupted client does; without, as its first.
+    let dir = std::env::temp_dir().join(format!("fedtune-kept-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let kept = course_with_a_killed_stateful_client(&cfg, None, true, Some(&dir)).await;
+    assert_eq!(kept.state.global(), &reference.final_params);
+    let saved: Vec<String> = std::fs::read_dir(dir.join("client-3"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        saved.iter().any(|f| f == "after-round-000003.msgpack"),
+        "{saved:?}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    let forgot = course_with_a_killed_stateful_client(&cfg, None, true, None).await;
+    assert_ne!(forgot.state.global(), &reference.final_params);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -36,6 +36,12 @@ pub struct ClientArgs {
     /// Data root (default: $FEDTUNE_DATA_ROOT, else ./data, else ../shared/data).
     #[arg(long)]
     data_root: Option<PathBuf>,
+    /// Keep what this client holds between rounds (AdamW's moments with
+    /// train.keep_optimizer_state, pFL personal adapters, hook script state)
+    /// in DIR/client-ID, so a restarted client trains on exactly as if it had
+    /// never stopped. Without it a restarted client starts those afresh.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
     /// No progress lines.
     #[arg(long)]
     quiet: bool,
@@ -63,7 +69,14 @@ pub fn client(args: ClientArgs) -> Result<()> {
             args.creds.as_deref(),
         )
         .await?;
-        run_guarded(client_worker(id, cfg, trainer, c.transport), c.refusals).await
+        let mut worker = client_worker(id, cfg, trainer, c.transport);
+        if let Some(dir) = &args.state_dir {
+            worker
+                .state_mut()
+                .keep_state_in(dir)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        run_guarded(worker, c.refusals).await
     })?;
     ensure!(
         outcome.reason == StopReason::Finished,

@@ -100,6 +100,9 @@ pub fn run_processes(course: &CourseFile, args: &RunArgs, out: &Path) -> Result<
         c.arg("client");
         common(&mut c);
         c.arg("--id").arg(id.to_string());
+        // What each client keeps between rounds survives its restart and
+        // the course's --resume.
+        c.arg("--state-dir").arg(out.join("client-state"));
         if let Some(root) = &args.data_root {
             c.arg("--data-root").arg(root);
         }

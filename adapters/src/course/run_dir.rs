@@ -23,7 +23,7 @@ use super::{ensure, Context, CourseError, Result};
 use crate::data;
 
 /// The files and folders a run writes: what `--overwrite` deletes.
-const RUN_FILES: [&str; 15] = [
+const RUN_FILES: [&str; 16] = [
     "config.toml",
     "metrics.jsonl",
     "summary.json",
@@ -39,6 +39,7 @@ const RUN_FILES: [&str; 15] = [
     "report",
     "report.md",
     "broker",
+    "client-state",
 ];
 
 /// The lock file's name.

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, info_span, warn};
 
+use super::kept::KeptState;
 use crate::bus::Transport;
 use crate::config::CourseConfig;
 use crate::course::protocol::{self, AssignId, JoinIn};
@@ -39,6 +40,8 @@ pub struct ClientState {
     /// or a resumed server) is answered again without training twice.
     last_update: Answer,
     last_metrics: Answer,
+    /// Where this client keeps its own state between fits, if anywhere.
+    kept: Option<Arc<Mutex<KeptState>>>,
 }
 
 /// See [`ClientState::last_update`].
@@ -55,6 +58,13 @@ impl ClientState {
     /// This client's id.
     pub fn id(&self) -> u32 {
         self.id
+    }
+
+    /// Keeps what this client's trainer holds between fits in `dir` (see
+    /// [`KeptState`]): a restarted client process picks up where it was.
+    pub fn keep_state_in(&mut self, dir: &std::path::Path) -> Result<(), TrainerError> {
+        self.kept = Some(Arc::new(Mutex::new(KeptState::new(dir, self.id)?)));
+        Ok(())
     }
 
     /// True once the server assigned the id.
@@ -92,6 +102,7 @@ pub fn client_worker(
         rounds_trained: Vec::new(),
         last_update: Answer::default(),
         last_metrics: Answer::default(),
+        kept: None,
     };
     Worker::new(Party::Client(id), cfg.course.name.clone(), transport, state)
         .with_encoding(cfg.wire.encode_options())
@@ -355,13 +366,30 @@ fn on_train(s: &mut ClientState, env: Envelope, ctx: &mut Ctx) -> HandlerResult 
     }
     let answer = s.last_update.clone();
     let (id, round, trainer) = (s.id, env.round, s.trainer.clone());
+    let kept = s.kept.clone();
     s.rounds_trained.push(round);
     s.latest_global = Some(global.clone());
     let course = ctx.course().to_string();
     ctx.spawn_blocking(move || {
         let _span = info_span!("train", client = id, round).entered();
         let (update, compute_s) = with_trainer(&trainer, (id, round, "training"), |t| {
-            t.train(id, &global, &tctx)
+            let Some(kept) = &kept else {
+                return t.train(id, &global, &tctx);
+            };
+            let mut kept = kept
+                .lock()
+                .map_err(|_| "the client's state keeper panicked")?;
+            kept.before(t, id, round)?;
+            match t.train(id, &global, &tctx) {
+                Ok(update) if unfit(&update, id, round).is_none() => {
+                    kept.after(t, id, round)?;
+                    Ok(update)
+                }
+                other => {
+                    kept.lost();
+                    other
+                }
+            }
         })?;
         let failure = match &update {
             Ok(u) => unfit(u, id, round),

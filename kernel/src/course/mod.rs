@@ -7,6 +7,7 @@
 //! differs.
 
 mod client;
+mod kept;
 mod least_squares;
 pub mod protocol;
 mod server;
