@@ -7,7 +7,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType};
 
 use super::gemm::{gemm, Mat, Shared};
-use super::rows::{by_dtype, data, fused, pool_threads, with_data, Real};
+use super::rows::{by_dtype, data, fused, on_pool, pool_threads, with_data, Real};
 
 /// `x · Wᵀ` for a frozen weight `W` `(out, in)`; `x` is `(…, in)`.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
@@ -40,13 +40,19 @@ impl Linear {
             )
         }
         let m = x.len() / k.max(1);
+        let out = if self.transposed && m <= STREAM_ROWS && k > 0 {
+            self.streamed(x, (m, k, n))?
+        } else {
+            self.packed(x, (m, k, n))?
+        };
+        let mut shape = dims.to_vec();
+        *shape.last_mut().expect("rank ≥ 1") = n;
+        Ok((out, Shape::from(shape)))
+    }
+
+    /// The product through gemm, blocks of the output on the worker pool.
+    fn packed<T: Real>(&self, x: &[T], (m, k, n): (usize, usize, usize)) -> Result<Vec<T>> {
         let threads = pool_threads();
-        if self.transposed && m <= STREAM_ROWS && k > 0 {
-            let out = self.streamed(x, (m, k, n), threads)?;
-            let mut shape = dims.to_vec();
-            *shape.last_mut().expect("rank ≥ 1") = n;
-            return Ok((out, Shape::from(shape)));
-        }
         // Wide outputs (the vocabulary head, the MLP's up projections) split by
         // column blocks, so each thread packs only its share of W; tall ones by rows.
         let by_cols = n >= m;
@@ -73,7 +79,7 @@ impl Linear {
                 Mat::new(w, k, n)
             };
             let lhs = Mat::new(x, m, k);
-            let block = |b: usize| {
+            on_pool(blocks, |b| {
                 let (rows, cols) = if by_cols {
                     (0..m, b * per..((b + 1) * per).min(n))
                 } else {
@@ -81,37 +87,21 @@ impl Linear {
                 };
                 let (a, bm) = (lhs.rows(rows.clone()), rhs.t().rows(cols.clone()).t());
                 gemm(&mut out.block(rows, cols), a, bm, false);
-            };
-            if blocks > 1 {
-                candle_core::utils::barrier_pool()
-                    .execute_chunked(blocks, |range| range.for_each(block));
-            } else {
-                (0..blocks).for_each(block);
-            }
+            });
         })?;
-        let mut shape = dims.to_vec();
-        *shape.last_mut().expect("rank ≥ 1") = n;
-        Ok((out.into_vec(), Shape::from(shape)))
+        Ok(out.into_vec())
     }
-}
 
-impl Linear {
     /// `x · Wᵀ` for a few rows of `x` (decoding): W's rows are streamed once,
     /// unpacked, each dotted with every row of `x` — gemm would pack each
     /// block of W first, and for so few rows packing costs more than the
     /// product.
-    fn streamed<T: Real>(
-        &self,
-        x: &[T],
-        (m, k, n): (usize, usize, usize),
-        threads: usize,
-    ) -> Result<Vec<T>> {
+    fn streamed<T: Real>(&self, x: &[T], (m, k, n): (usize, usize, usize)) -> Result<Vec<T>> {
         // Blocks small enough to balance the pool, large enough to amortize it.
-        let per = n.div_ceil(threads * 4).next_multiple_of(16).max(16);
-        let blocks = n.div_ceil(per);
+        let per = n.div_ceil(pool_threads() * 4).next_multiple_of(16).max(16);
         let out = Shared::zeroed(m, n);
         with_data::<T, _>(&self.w, "linear", |w| {
-            let block = |b: usize| {
+            on_pool(n.div_ceil(per), |b| {
                 let cols = b * per..((b + 1) * per).min(n);
                 let mut local = vec![T::from_f64(0.0); m * cols.len()];
                 T::dots(x, &w[cols.start * k..cols.end * k], k, &mut local);
@@ -119,13 +109,7 @@ impl Linear {
                 for (i, row) in local.chunks_exact(cols.len()).enumerate() {
                     dst.row(i).copy_from_slice(row);
                 }
-            };
-            if blocks > 1 {
-                candle_core::utils::barrier_pool()
-                    .execute_chunked(blocks, |range| range.for_each(block));
-            } else {
-                (0..blocks).for_each(block);
-            }
+            });
         })?;
         Ok(out.into_vec())
     }

@@ -93,6 +93,16 @@ pub(crate) fn par_blocks<T: Send>(
     }
 }
 
+/// Runs `block(b)` for each `b` in `0..blocks` on candle's CPU worker pool
+/// (a single block on the calling thread).
+pub(super) fn on_pool(blocks: usize, block: impl Fn(usize) + Sync) {
+    if blocks > 1 {
+        candle_core::utils::barrier_pool().execute_chunked(blocks, |range| range.for_each(&block));
+    } else {
+        (0..blocks).for_each(block);
+    }
+}
+
 /// Threads of candle's CPU worker pool, the caller's included.
 pub(super) fn pool_threads() -> usize {
     candle_core::utils::barrier_pool().n_workers() + 1
