@@ -372,28 +372,30 @@ fn on_train(s: &mut ClientState, env: Envelope, ctx: &mut Ctx) -> HandlerResult 
     let course = ctx.course().to_string();
     ctx.spawn_blocking(move || {
         let _span = info_span!("train", client = id, round).entered();
+        // The update, and why it must not be sent (judged once, here).
         let (update, compute_s) = with_trainer(&trainer, (id, round, "training"), |t| {
-            let Some(kept) = &kept else {
-                return t.train(id, &global, &tctx);
+            let mut kept = match &kept {
+                Some(k) => Some(k.lock().map_err(|_| "the client's state keeper panicked")?),
+                None => None,
             };
-            let mut kept = kept
-                .lock()
-                .map_err(|_| "the client's state keeper panicked")?;
-            kept.before(t, id, round)?;
-            match t.train(id, &global, &tctx) {
-                Ok(update) if unfit(&update, id, round).is_none() => {
-                    kept.after(t, id, round)?;
-                    Ok(update)
-                }
-                other => {
-                    kept.lost();
-                    other
+            if let Some(k) = kept.as_mut() {
+                k.before(t, id, round)?;
+            }
+            let trained = t.train(id, &global, &tctx).map(|u| {
+                let unfit = unfit(&u, id, round);
+                (u, unfit)
+            });
+            if let Some(k) = kept.as_mut() {
+                match &trained {
+                    Ok((_, None)) => k.after(t, id, round)?,
+                    _ => k.lost(),
                 }
             }
+            trained
         })?;
-        let failure = match &update {
-            Ok(u) => unfit(u, id, round),
-            Err(reason) => Some(reason.clone()),
+        let (update, failure) = match update {
+            Ok((u, unfit)) => (Ok(u), unfit),
+            Err(reason) => (Err(()), Some(reason)),
         };
         let reply = match (update, failure) {
             (Ok(update), None) => reply(course, id, round, MsgKind::Update)

@@ -697,6 +697,23 @@ fn check_update(env: &Envelope, global: &ParamSet) -> Result<protocol::Update, S
     Ok(body)
 }
 
+/// What is wrong with an evaluation answer, if anything: its body, the
+/// number and names of its splits, their losses and metrics.
+fn check_metrics(env: &Envelope) -> Result<protocol::Metrics, String> {
+    let m: protocol::Metrics = env.body().map_err(|e| e.to_string())?;
+    if m.results.len() > MAX_SPLITS {
+        return Err(format!("{} splits (at most {MAX_SPLITS})", m.results.len()));
+    }
+    for e in &m.results {
+        check_name("split", &e.split)?;
+        if !e.loss.is_finite() {
+            return Err(format!("split `{}` has a non-finite loss", e.split));
+        }
+        check_reported(&e.metrics)?;
+    }
+    Ok(m)
+}
+
 /// The most splits one evaluation answer may report.
 const MAX_SPLITS: usize = 16;
 /// The most named metrics one record may carry.
@@ -969,22 +986,7 @@ fn on_metrics(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResul
     };
     let round = *round;
     let awaited = env.round == round && pending.contains_key(&id);
-    let checked = env
-        .body::<protocol::Metrics>()
-        .map_err(|e| e.to_string())
-        .and_then(|m| {
-            if m.results.len() > MAX_SPLITS {
-                return Err(format!("{} splits (at most {MAX_SPLITS})", m.results.len()));
-            }
-            for e in &m.results {
-                check_name("split", &e.split)?;
-                if !e.loss.is_finite() {
-                    return Err(format!("split `{}` has a non-finite loss", e.split));
-                }
-                check_reported(&e.metrics)?;
-            }
-            Ok(m)
-        });
+    let checked = check_metrics(&env);
     let protocol::Metrics {
         results: splits,
         compute_s,
