@@ -1037,10 +1037,15 @@ fn on_metrics(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResul
 
 /// Every evaluation is in (or the rest timed out): record the means and go on.
 fn finish_eval(s: &mut ServerState, ctx: &mut Ctx) -> HandlerResult {
-    let Phase::Evaluating { round, results, .. } = std::mem::replace(&mut s.phase, Phase::Joining)
+    let Phase::Evaluating {
+        round, mut results, ..
+    } = std::mem::replace(&mut s.phase, Phase::Joining)
     else {
         unreachable!("phase checked above");
     };
+    // Sum in client-id order, not arrival order: floating-point addition is
+    // not associative, and the same course must report the same mean.
+    results.sort_by_key(|(id, _)| *id);
     // Sample-weighted mean per split: the loss over the union of the clients' data.
     let mut by_split: BTreeMap<String, (f64, u64)> = BTreeMap::new();
     for (_, splits) in &results {
