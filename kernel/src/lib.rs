@@ -13,7 +13,8 @@
 //! - [`checkpoint`]: the checkpoint layout a server writes after rounds and a resumed course reads;
 //! - [`script`]: the Rhai script host (sandboxed, hot-reloaded) and scripted aggregators;
 //! - [`config`]: TOML course configuration with `--set` overrides and errors that name the key;
-//! - [`metrics`]: per-round, per-client cost records as JSON lines.
+//! - [`metrics`]: per-round, per-client cost records as JSON lines;
+//! - [`hpo`]: hyperparameter search over whole courses (search spaces, a Gaussian process, searcher scripts).
 //!
 //! The ML side (models, adapters, data, the training core) lives in
 //! `fedtune-adapters` and plugs in through [`LocalTrainer`]. A whole course runs
@@ -41,6 +42,7 @@ pub mod checkpoint;
 pub mod codec;
 pub mod config;
 pub mod course;
+pub mod hpo;
 pub mod message;
 pub mod metrics;
 pub mod params;
