@@ -19,6 +19,7 @@
 //! | [`process`] | a course's server or one client as a process of its own (the transport is the caller's) |
 //! | [`held_out`] | held-out loss and the `[eval]` tasks at the end of a course |
 //! | [`summary`] | what a finished course reports: losses per client, traffic, time, memory |
+//! | [`hpo`] | FedHPO's trials: a course per configuration, on one loaded base model |
 //!
 //! The command line only parses arguments, calls one function of this
 //! module per command and prints what it returns.
@@ -27,6 +28,7 @@ pub mod base;
 pub mod config;
 pub mod data;
 pub mod held_out;
+pub mod hpo;
 pub mod numeric;
 pub mod offsite;
 pub mod process;
@@ -39,7 +41,7 @@ pub mod trainer;
 
 pub use base::{Base, Loaded};
 pub use config::{CourseFile, LlmConfig, Task};
-pub use run::run_llm;
+pub use run::{run_llm, run_llm_on};
 pub use run_dir::{Output, RunLock};
 
 use std::fmt::Display;

@@ -71,6 +71,17 @@ enum Start {
 /// (prepared by [`Output::prepare`], whose lock the caller holds); returns
 /// what `summary.json` holds.
 pub fn run_llm(course: &CourseFile, out: &Output, observer: Arc<dyn Observer>) -> Result<Summary> {
+    run_llm_on(course, out, observer, None)
+}
+
+/// [`run_llm`] on a base model already loaded (`base`; `None` loads the
+/// course's): a search's trials share one.
+pub fn run_llm_on(
+    course: &CourseFile,
+    out: &Output,
+    observer: Arc<dyn Observer>,
+    base: Option<&Base>,
+) -> Result<Summary> {
     let started = Instant::now();
     let llm = course.llm()?;
     let cfg = &course.cfg;
@@ -83,7 +94,10 @@ pub fn run_llm(course: &CourseFile, out: &Output, observer: Arc<dyn Observer>) -
         }
     };
     let say = |line: &str| observer.say(line);
-    let base = Base::load(course.model_path().as_deref(), &say)?;
+    let base = match base {
+        Some(b) => b.clone(),
+        None => Base::load(course.model_path().as_deref(), &say)?,
+    };
     let (fed, template) = course_data(course, &out.data_root())?;
     let prepared = prepare(&fed, &template, &base.tok, llm.data.max_tokens)?;
     if let Some((line, why)) = fed.skipped.first() {
