@@ -6,6 +6,7 @@
 
 mod alloc;
 mod bench;
+mod chart;
 mod cmd;
 mod display;
 mod runlog;
@@ -49,6 +50,10 @@ enum Command {
     /// NATS broker set-up for distributed courses.
     #[command(subcommand)]
     Broker(cmd::broker::BrokerCommand),
+    /// Search a course's hyperparameters (random, grid, sha, hyperband, bo, fts, flora or a script).
+    Hpo(cmd::hpo::HpoArgs),
+    /// Run one course over several seeds (and scenarios); mean ± std per metric.
+    Sweep(cmd::hpo::SweepArgs),
     /// Write SVG charts (loss per round per client, bytes per round) and a Markdown report for a run directory.
     Report {
         /// A directory written by `fedtune run`.
@@ -94,6 +99,8 @@ fn main() -> ExitCode {
         Command::Data(command) => cmd::data::run(command),
         Command::Broker(command) => cmd::broker::broker(command),
         Command::Report { dir } => cmd::report::report(&dir),
+        Command::Hpo(args) => cmd::hpo::hpo(args),
+        Command::Sweep(args) => cmd::hpo::sweep(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
