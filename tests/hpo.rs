@@ -264,9 +264,16 @@ fn a_promoted_llm_trial_continues_its_course_exactly() {
         "3",
         "--out",
         out.to_str().unwrap(),
+        // An [eval] task after every evaluation: the continued course's
+        // results are its own, not the 1-round course's.
+        "--set",
+        r#"eval.tasks=["openbookqa"]"#,
+        "--set",
+        "eval.limit=3",
     ]);
     let evals = lines(&out.join("trials.jsonl"));
     assert_eq!(evals.len(), 4, "3 configurations at 1 round, the best at 3");
+    assert!(evals.iter().all(|e| e.get("error").is_none()), "{evals:?}");
     let last = &evals[3];
     assert_eq!(last["rounds"].as_u64(), Some(3));
     let log = std::fs::read_to_string(out.join("hpo.log")).unwrap();
@@ -287,6 +294,10 @@ fn a_promoted_llm_trial_continues_its_course_exactly() {
     assert_eq!(
         summary["test_loss_after"].as_f64(),
         last["metrics"]["loss"].as_f64()
+    );
+    assert_eq!(
+        summary["eval"][0]["score"].as_f64(),
+        last["metrics"]["openbookqa"].as_f64()
     );
 }
 

@@ -103,6 +103,14 @@ impl Output {
             let metrics = self.dir.join("metrics.jsonl");
             fedtune_kernel::MetricsLog::resume_at(&metrics, done.unwrap_or(0))
                 .with_context(|| format!("cannot rewrite {}", metrics.display()))?;
+            // A course that trains on ends with another adapter: the `[eval]`
+            // results of the one before are not its (a course stopped
+            // during its final evaluation keeps them, to resume it).
+            let evals = self.dir.join("eval");
+            if done.is_none_or(|d| d < rounds) && evals.is_dir() {
+                std::fs::remove_dir_all(&evals)
+                    .with_context(|| format!("cannot delete {}", evals.display()))?;
+            }
         } else {
             self.clear_earlier_run()?;
         }
