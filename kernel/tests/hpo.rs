@@ -135,6 +135,7 @@ fn search_with(
         parallel: 2,
         out: out.to_path_buf(),
         resume,
+        retry_failed: false,
         method: method.to_string(),
         on_evaluation: Box::new(|_, _| {}),
         on_say: Box::new(|_| {}),

@@ -81,6 +81,9 @@ pub struct HpoArgs {
     /// Continue the search in --out DIR: finished trials are not run again.
     #[arg(long)]
     pub resume: bool,
+    /// With --resume, run the trials that failed again (after fixing what failed them).
+    #[arg(long, requires = "resume")]
+    pub retry_failed: bool,
     /// Data root (default: $FEDTUNE_DATA_ROOT, else ./data, else ../shared/data).
     #[arg(long)]
     pub data_root: Option<PathBuf>,
@@ -252,6 +255,7 @@ pub fn hpo(args: HpoArgs) -> Result<()> {
         parallel: args.parallel,
         out: p.out.clone(),
         resume: args.resume,
+        retry_failed: args.retry_failed,
         method: args.method.clone(),
         on_evaluation: progress(&objective),
         on_say: Box::new(|line| eprintln!("  {line}")),
@@ -414,6 +418,7 @@ fn reseed_top(
         parallel,
         out: p.out.join("top-k"),
         resume: true,
+        retry_failed: false,
         method: "reseed".into(),
         on_evaluation: progress(objective),
         on_say: Box::new(|line| eprintln!("  {line}")),
@@ -693,6 +698,7 @@ pub fn sweep(args: SweepArgs) -> Result<()> {
         parallel: args.parallel,
         out: p.out.clone(),
         resume: args.resume,
+        retry_failed: false,
         method: "sweep".into(),
         on_evaluation: progress(&objective),
         on_say: Box::new(|_| {}),

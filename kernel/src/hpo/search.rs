@@ -260,6 +260,8 @@ pub struct SearchSetup {
     pub out: PathBuf,
     /// Continue the search in `out`, reusing its finished evaluations.
     pub resume: bool,
+    /// With `resume`, run the evaluations that failed again instead of reusing their failure.
+    pub retry_failed: bool,
     /// The searcher's name, as `search.json` records it.
     pub method: String,
     /// Called after each evaluation finishes (run now or reused).
@@ -467,6 +469,7 @@ fn prepare_out(setup: &SearchSetup) -> Result<(Cached, BTreeMap<String, u64>), H
                     continue;
                 }
                 match serde_json::from_str::<Evaluation>(line) {
+                    Ok(e) if setup.retry_failed && e.error.is_some() => {}
                     Ok(e) => {
                         trial_of.insert(config_key(&e.config), e.trial);
                         cached.insert((config_key(&e.config), e.rounds), e);
