@@ -261,6 +261,12 @@ fn hyperband_runs_its_brackets() {
     // R = 9, eta = 3: brackets of 9 (→3→1), 5 (→1) and 3 configurations.
     assert_eq!(o.evaluations.len(), 9 + 3 + 1 + 5 + 1 + 3);
     assert_eq!(o.best.as_ref().unwrap().rounds, 9);
+    let (x, y) = best_xy(&o);
+    assert!(
+        bowl.loss(x, y) < 0.2,
+        "best of 17 configurations: {}",
+        bowl.loss(x, y)
+    );
 }
 
 fn best_so_far(o: &SearchOutcome, bowl: &Bowl) -> f64 {
@@ -418,14 +424,19 @@ fn script_mistakes_name_the_file_and_line() {
 
 #[test]
 fn failed_trials_are_recorded_and_never_picked() {
-    struct Flaky;
+    /// Fails for x > 0 until fixed; counts its runs.
+    struct Flaky {
+        fixed: bool,
+        runs: AtomicUsize,
+    }
     impl TrialRunner for Flaky {
         fn check(&self, _: &Config) -> Result<(), String> {
             Ok(())
         }
         fn run(&self, job: &TrialJob) -> Result<TrialOutcome, String> {
+            self.runs.fetch_add(1, Ordering::SeqCst);
             let x = coord(&job.config, "x");
-            if x > 0.0 {
+            if x > 0.0 && !self.fixed {
                 return Err("the course diverged".into());
             }
             Ok(TrialOutcome {
@@ -438,8 +449,14 @@ fn failed_trials_are_recorded_and_never_picked() {
         }
     }
     let out = out_dir("flaky");
+    let flaky = |fixed| {
+        Arc::new(Flaky {
+            fixed,
+            runs: AtomicUsize::new(0),
+        })
+    };
     let o = search_with(
-        Arc::new(Flaky),
+        flaky(false),
         ("x = { uniform = [-1.0, 1.0] }", "random"),
         budget(12, 1, 2),
         &out,
@@ -451,7 +468,32 @@ fn failed_trials_are_recorded_and_never_picked() {
     assert!(failed
         .iter()
         .all(|e| e.objective.is_none() && e.error.as_deref() == Some("the course diverged")));
-    assert!(coord(&o.best.unwrap().config, "x") <= 0.0);
+    assert!(coord(&o.best.as_ref().unwrap().config, "x") <= 0.0);
+    // Resumed with --retry-failed once the cause is fixed: only the failed run again.
+    let fixed = flaky(true);
+    let setup = SearchSetup {
+        space: Space::parse("x = { uniform = [-1.0, 1.0] }", "space.toml").unwrap(),
+        runner: fixed.clone(),
+        objective: Objective::parse("loss"),
+        budget: budget(12, 1, 2),
+        parallel: 2,
+        out: out.clone(),
+        resume: true,
+        retry_failed: true,
+        method: "random".into(),
+        on_evaluation: Box::new(|_, _| {}),
+        on_say: Box::new(|_| {}),
+    };
+    let (name, text) = BUILT_IN.iter().find(|(n, _)| *n == "random").unwrap();
+    let again = run_search(setup, &ScriptSource::BuiltIn { name, text }).unwrap();
+    assert_eq!(fixed.runs.load(Ordering::SeqCst), failed.len());
+    assert!(again.evaluations.iter().all(|e| e.error.is_none()));
+    let ledger = std::fs::read_to_string(out.join("trials.jsonl")).unwrap();
+    assert_eq!(
+        ledger.lines().count(),
+        12,
+        "a failure is replaced, not kept beside its rerun"
+    );
     std::fs::remove_dir_all(&out).unwrap();
 }
 
