@@ -222,13 +222,12 @@ fn a_sweep_reports_mean_and_deviation_over_seeds() {
         .contains(&row));
 }
 
-/// A tiny model and a 3-client LoRA course over it.
-fn tiny_course(dir: &Path) -> PathBuf {
+/// A tiny model, a 3-client LoRA course over it and a space, in `dir`.
+fn tiny_course(dir: &Path) {
     let model = dir.join("model");
     ok(&["model", "tiny", "--out", model.to_str().unwrap()]);
-    let config = dir.join("course.toml");
     std::fs::write(
-        &config,
+        dir.join("course.toml"),
         format!(
             "[federate]\nname = \"tiny-hpo\"\nrounds = 3\nclients = 3\nseed = 5\n\n\
              [model]\npath = {model:?}\n\n\
@@ -243,34 +242,50 @@ fn tiny_course(dir: &Path) -> PathBuf {
         "optim.lr = { log-uniform = [1e-3, 1e-1] }\nlora.lora_alpha = { int = [4, 32] }\nlora.lora_dropout = { uniform = [0.0, 0.2] }\n",
     )
     .unwrap();
-    config
+}
+
+/// `fedtune hpo` of the tiny course in `dir` into `dir/NAME`, with `args`.
+fn tiny_hpo_args(dir: &Path, name: &str, args: &[&str]) -> Vec<String> {
+    let path = |f: &str| dir.join(f).to_str().unwrap().to_string();
+    let mut all = vec![
+        "hpo".to_string(),
+        path("course.toml"),
+        "--space".into(),
+        path("space.toml"),
+    ];
+    all.extend(["--out".to_string(), path(name)]);
+    all.extend(args.iter().map(|a| a.to_string()));
+    all
+}
+
+fn tiny_hpo(dir: &Path, name: &str, args: &[&str]) -> (PathBuf, String) {
+    let all = tiny_hpo_args(dir, name, args);
+    let text = ok(&all.iter().map(String::as_str).collect::<Vec<_>>());
+    (dir.join(name), text)
 }
 
 #[test]
 fn a_promoted_llm_trial_continues_its_course_exactly() {
     let dir = tempfile::tempdir().unwrap();
-    let config = tiny_course(dir.path());
-    let out = dir.path().join("sha");
-    ok(&[
-        "hpo",
-        config.to_str().unwrap(),
-        "--space",
-        dir.path().join("space.toml").to_str().unwrap(),
-        "--method",
+    tiny_course(dir.path());
+    let (out, _) = tiny_hpo(
+        dir.path(),
         "sha",
-        "--trials",
-        "3",
-        "--budget-rounds",
-        "3",
-        "--out",
-        out.to_str().unwrap(),
-        // An [eval] task after every evaluation: the continued course's
-        // results are its own, not the 1-round course's.
-        "--set",
-        r#"eval.tasks=["openbookqa"]"#,
-        "--set",
-        "eval.limit=3",
-    ]);
+        &[
+            "--method",
+            "sha",
+            "--trials",
+            "3",
+            "--budget-rounds",
+            "3",
+            // An [eval] task after every evaluation: the continued course's
+            // results are its own, not the 1-round course's.
+            "--set",
+            r#"eval.tasks=["openbookqa"]"#,
+            "--set",
+            "eval.limit=3",
+        ],
+    );
     let evals = lines(&out.join("trials.jsonl"));
     assert_eq!(evals.len(), 4, "3 configurations at 1 round, the best at 3");
     assert!(evals.iter().all(|e| e.get("error").is_none()), "{evals:?}");
@@ -304,25 +319,30 @@ fn a_promoted_llm_trial_continues_its_course_exactly() {
 #[test]
 fn flora_fits_the_clients_local_losses_then_runs_one_federated_course() {
     let dir = tempfile::tempdir().unwrap();
-    let config = tiny_course(dir.path());
-    let out = dir.path().join("flora");
-    ok(&[
-        "hpo",
-        config.to_str().unwrap(),
-        "--space",
-        dir.path().join("space.toml").to_str().unwrap(),
-        "--method",
+    tiny_course(dir.path());
+    // Two local trials at a time, on the one loaded model.
+    let (out, _) = tiny_hpo(
+        dir.path(),
         "flora",
-        "--trials",
-        "4",
-        "--budget-rounds",
-        "2",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+        &[
+            "--method",
+            "flora",
+            "--trials",
+            "4",
+            "--budget-rounds",
+            "2",
+            "--parallel",
+            "2",
+        ],
+    );
     let evals = lines(&out.join("trials.jsonl"));
     assert_eq!(evals.len(), 5);
-    for e in &evals[..4] {
+    let local: Vec<&serde_json::Value> = evals
+        .iter()
+        .filter(|e| e["config"].get("federate.mode").is_some())
+        .collect();
+    assert_eq!(local.len(), 4);
+    for e in local {
         assert_eq!(e["config"]["federate.mode"].as_str(), Some("local"));
         assert_eq!(
             e["clients"].as_array().unwrap().len(),
@@ -330,39 +350,32 @@ fn flora_fits_the_clients_local_losses_then_runs_one_federated_course() {
             "each client's own loss"
         );
     }
-    assert!(evals[4]["config"].get("federate.mode").is_none());
-    assert_eq!(evals[4]["rounds"].as_u64(), Some(2));
+    let last = evals.iter().max_by_key(|e| e["eval"].as_u64()).unwrap();
+    assert!(last["config"].get("federate.mode").is_none());
+    assert_eq!(last["rounds"].as_u64(), Some(2));
 }
 
 #[test]
 fn a_killed_search_resumes_without_running_a_finished_trial_again() {
     let dir = tempfile::tempdir().unwrap();
-    let config = tiny_course(dir.path());
-    let out = dir.path().join("killed");
-    let space = dir.path().join("space.toml");
+    tiny_course(dir.path());
     let args = [
-        "hpo",
-        config.to_str().unwrap(),
-        "--space",
-        space.to_str().unwrap(),
         "--method",
         "random",
         "--trials",
         "6",
         "--budget-rounds",
         "2",
-        "--out",
-        out.to_str().unwrap(),
     ];
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
     let mut child = Command::new(env!("CARGO_BIN_EXE_fedtune"))
-        .args(args)
+        .args(tiny_hpo_args(dir.path(), "killed", &args))
         .args(["--data-root", root.to_str().unwrap()])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let ledger = out.join("trials.jsonl");
+    let ledger = dir.path().join("killed/trials.jsonl");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
     while std::fs::read_to_string(&ledger).map_or(0, |t| t.lines().count()) < 2 {
         assert!(std::time::Instant::now() < deadline, "no trial finished");
@@ -372,7 +385,7 @@ fn a_killed_search_resumes_without_running_a_finished_trial_again() {
     child.wait().unwrap();
     let before = lines(&ledger);
     assert!(before.len() < 6, "killed before the end");
-    let text = ok(&[&args[..], &["--resume"]].concat());
+    let (_, text) = tiny_hpo(dir.path(), "killed", &[&args[..], &["--resume"]].concat());
     assert!(
         text.contains(&format!("6 evaluations ({} run now", 6 - before.len())),
         "{text}"

@@ -423,11 +423,7 @@ fn reseed_top(
         on_evaluation: progress(objective),
         on_say: Box::new(|line| eprintln!("  {line}")),
     };
-    let (name, text) = BUILT_IN
-        .iter()
-        .find(|(n, _)| *n == "reseed")
-        .expect("reseed ships");
-    let again = run_search(setup, &ScriptSource::BuiltIn { name, text })?;
+    let again = run_search(setup, &script_source("reseed")?)?;
     let metrics: Vec<&str> = std::iter::once(objective.metric.as_str())
         .chain(score)
         .collect();
@@ -703,11 +699,7 @@ pub fn sweep(args: SweepArgs) -> Result<()> {
         on_evaluation: progress(&objective),
         on_say: Box::new(|_| {}),
     };
-    let (name, grid) = BUILT_IN
-        .iter()
-        .find(|(n, _)| *n == "grid")
-        .expect("grid ships");
-    let outcome = run_search(setup, &ScriptSource::BuiltIn { name, text: grid })?;
+    let outcome = run_search(setup, &script_source("grid")?)?;
     let table = sweep_table(&outcome, &args.modes);
     print!("\n{table}");
     let path = p.out.join("sweep.md");
