@@ -402,6 +402,8 @@ fn script_mistakes_name_the_file_and_line() {
         ("fn search(space, budget) {\n    let c = space.sample();\n    c.x = 1.0 / 0.0;\n    suggest(c, 1)\n}\n", 4, "not a finite number"),
         ("fn search(space, budget) {\n    report(7)\n}\n", 2, "no evaluation 7"),
         ("fn search(space) {\n}\n", 0, "no function `search` with 2 parameters"),
+        ("fn search(space, budget) {\n    let gp = gp_fit([[0.5], [0.6]], [1.0, 2.0]);\n    gp.sample([[1.0 / 0.0]])\n}\n", 3, "not a finite number"),
+        ("fn search(space, budget) {\n    gp_fit([[0.5], [0.6, 0.1]], [1.0, 2.0])\n}\n", 2, "point 1 has 2 coordinates"),
     ];
     for (i, (text, line, says)) in cases.iter().enumerate() {
         let path = dir.join(format!("s{i}.rhai"));

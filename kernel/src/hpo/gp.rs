@@ -159,7 +159,16 @@ impl Gp {
     }
 
     /// One joint draw of the latent function at `points` from the posterior.
-    pub fn sample(&self, points: &[Vec<f64>], rng: &mut impl Rng) -> Vec<f64> {
+    pub fn sample(&self, points: &[Vec<f64>], rng: &mut impl Rng) -> Result<Vec<f64>, GpError> {
+        let d = self.xs[0].len();
+        if let Some(i) = points
+            .iter()
+            .position(|p| p.len() != d || p.iter().any(|x| !x.is_finite()))
+        {
+            return Err(GpError::Shape(format!(
+                "point {i} is not {d} finite coordinates"
+            )));
+        }
         let m = points.len();
         let kx: Vec<Vec<f64>> = points
             .iter()
@@ -180,10 +189,15 @@ impl Gp {
                     .collect()
             })
             .collect();
+        // Near-duplicate points make the posterior covariance singular:
+        // add jitter until it factors (a variance of 1e-3 at most).
         let mut jitter = 1e-9;
         let l = loop {
             if let Some(l) = cholesky(&cov) {
                 break l;
+            }
+            if jitter > 1e-3 {
+                return Err(GpError::Singular);
             }
             for (i, row) in cov.iter_mut().enumerate() {
                 row[i] += jitter;
@@ -191,12 +205,12 @@ impl Gp {
             jitter *= 10.0;
         };
         let z: Vec<f64> = (0..m).map(|_| standard_normal(rng)).collect();
-        (0..m)
+        Ok((0..m)
             .map(|i| {
                 let dev: f64 = (0..=i).map(|j| l[i][j] * z[j]).sum();
                 self.mean + (means[i] + dev) * self.scale
             })
-            .collect()
+            .collect())
     }
 }
 
@@ -412,7 +426,7 @@ mod tests {
         let mut sum = [0.0; 2];
         let mut sq = [0.0; 2];
         for _ in 0..n {
-            let s = gp.sample(&points, &mut rng);
+            let s = gp.sample(&points, &mut rng).unwrap();
             for i in 0..2 {
                 sum[i] += s[i];
                 sq[i] += s[i] * s[i];

@@ -861,6 +861,9 @@ fn register(
                 None => fail("gp_fit: each point is an array of floats"),
             })
             .collect::<Rhai<_>>()?;
+        if xs.len() > 2000 {
+            return fail("gp_fit: at most 2000 points (an exact GP is cubic in them)");
+        }
         Gp::fit(&xs, &ys)
             .map(|g| GpHandle(Arc::new(g)))
             .map_err(|e| format!("gp_fit: {e}").into())
@@ -891,11 +894,10 @@ fn register(
                 return fail("sample: at most 2000 points per draw");
             }
             let mut rng = r.lock().expect("the rng is never poisoned");
-            Ok(g.0
-                .sample(&pts, &mut *rng)
-                .into_iter()
-                .map(Dynamic::from_float)
-                .collect())
+            match g.0.sample(&pts, &mut *rng) {
+                Ok(v) => Ok(v.into_iter().map(Dynamic::from_float).collect()),
+                Err(e) => fail(format!("sample: {e}")),
+            }
         },
     );
     engine.register_fn("expected_improvement", expected_improvement);
@@ -936,12 +938,18 @@ fn ranked(reports: &Array) -> Rhai<Vec<(f64, i64, Dynamic)>> {
     Ok(out)
 }
 
+/// An array of finite numbers.
 fn floats(a: &Array, doing: &str) -> Rhai<Vec<f64>> {
     a.iter()
         .map(|v| {
-            v.as_float()
+            let x = v
+                .as_float()
                 .or_else(|_| v.as_int().map(|i| i as f64))
-                .map_err(|t| format!("{doing}: expected numbers, found {t}").into())
+                .map_err(|t| format!("{doing}: expected numbers, found {t}"))?;
+            if !x.is_finite() {
+                return fail(format!("{doing}: {x} is not a finite number"));
+            }
+            Ok(x)
         })
         .collect()
 }
