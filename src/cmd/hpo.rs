@@ -492,17 +492,23 @@ fn write_report(
     writeln!(md, "# Hyperparameter search: `{method}`\n")?;
     writeln!(
         md,
-        "{} evaluations of {} configurations; objective: {objective}. Space ({}):\n",
+        "{} evaluations of {} configurations; objective: {} ({} is better). Space ({}):\n",
         o.evaluations.len(),
         o.evaluations
             .iter()
             .map(|e| e.trial)
             .collect::<std::collections::BTreeSet<_>>()
             .len(),
+        objective.metric,
+        if objective.maximize {
+            "higher"
+        } else {
+            "lower"
+        },
         space.origin
     )?;
     for p in &space.params {
-        writeln!(md, "- `{}`: {:?}", p.key, p.domain)?;
+        writeln!(md, "- `{}`: {}", p.key, p.domain)?;
     }
     // Objective per evaluation, one series per fidelity.
     let mut by_rounds: BTreeMap<u64, Vec<(f64, f64)>> = BTreeMap::new();

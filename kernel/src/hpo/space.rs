@@ -66,6 +66,23 @@ pub enum Domain {
     Choice(Vec<toml::Value>),
 }
 
+impl std::fmt::Display for Domain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Domain::Uniform { low, high } => write!(f, "uniform [{low}, {high}]"),
+            Domain::LogUniform { low, high } => write!(f, "log-uniform [{low}, {high}]"),
+            Domain::Int { low, high, log } => {
+                let scale = if *log { " (log scale)" } else { "" };
+                write!(f, "int [{low}, {high}]{scale}")
+            }
+            Domain::Choice(values) => {
+                let v: Vec<String> = values.iter().map(ToString::to_string).collect();
+                write!(f, "choice [{}]", v.join(", "))
+            }
+        }
+    }
+}
+
 /// One varied key.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Param {
@@ -495,6 +512,25 @@ lora.r = { choice = [4, 8, 16] }
         let d: Vec<f64> = g[..3].iter().map(|c| c["d"].as_float().unwrap()).collect();
         assert!((d[1] - 1e-3).abs() < 1e-12, "log spacing: {d:?}");
         assert_eq!(overrides(&g[0]), ["a=0.0", "b=\"x\"", "c=1", "d=0.0001"]);
+    }
+
+    #[test]
+    fn domains_read_as_written() {
+        let s = Space::parse(
+            "a = { log-uniform = [1e-5, 0.003] }\nb = { int = [1, 64], log = true }\nc = { choice = [4, \"x\"] }\nd = { uniform = [0, 1] }",
+            "s.toml",
+        )
+        .unwrap();
+        let shown: Vec<String> = s.params.iter().map(|p| p.domain.to_string()).collect();
+        assert_eq!(
+            shown,
+            [
+                "log-uniform [0.00001, 0.003]",
+                "int [1, 64] (log scale)",
+                "choice [4, \"x\"]",
+                "uniform [0, 1]"
+            ]
+        );
     }
 
     #[test]
