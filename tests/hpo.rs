@@ -43,7 +43,7 @@ fn a_search_writes_its_ledger_a_runnable_best_config_and_a_report() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("search");
     let o = out.to_str().unwrap();
-    ok(&[
+    let args = [
         "hpo",
         "configs/least-squares.toml",
         "--space",
@@ -56,7 +56,8 @@ fn a_search_writes_its_ledger_a_runnable_best_config_and_a_report() {
         "6",
         "--out",
         o,
-    ]);
+    ];
+    ok(&args);
     let evals = lines(&out.join("trials.jsonl"));
     assert_eq!(evals.len(), 8);
     for e in &evals {
@@ -99,37 +100,10 @@ fn a_search_writes_its_ledger_a_runnable_best_config_and_a_report() {
             .starts_with("<svg"));
     }
     // The same --out again is refused; --resume runs nothing new.
-    let again = fedtune(&[
-        "hpo",
-        "configs/least-squares.toml",
-        "--space",
-        "configs/hpo/least-squares.toml",
-        "--method",
-        "bo",
-        "--trials",
-        "8",
-        "--budget-rounds",
-        "6",
-        "--out",
-        o,
-    ]);
+    let again = fedtune(&args);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"));
-    let resumed = ok(&[
-        "hpo",
-        "configs/least-squares.toml",
-        "--space",
-        "configs/hpo/least-squares.toml",
-        "--method",
-        "bo",
-        "--trials",
-        "8",
-        "--budget-rounds",
-        "6",
-        "--out",
-        o,
-        "--resume",
-    ]);
+    let resumed = ok(&[&args[..], &["--resume"]].concat());
     assert!(resumed.contains("8 evaluations (0 run now"), "{resumed}");
     assert_eq!(lines(&out.join("trials.jsonl")).len(), 8);
 }
