@@ -507,4 +507,7 @@ fn objectives_minimize_losses_and_maximize_scores() {
     assert_eq!(Objective::parse("min:humaneval").of(&m), Some(0.25));
     assert_eq!(Objective::parse("max:loss").of(&m), Some(-1.5));
     assert_eq!(Objective::parse("gsm8k").of(&m), None);
+    // The `loss` task's score is a loss too.
+    let t = BTreeMap::from([("loss:test".to_string(), 1.25)]);
+    assert_eq!(Objective::parse("loss:test").of(&t), Some(1.25));
 }

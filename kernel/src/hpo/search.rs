@@ -56,12 +56,13 @@ pub struct Objective {
 
 impl Objective {
     /// `loss` (minimized), `max:NAME` / `min:NAME`, or a bare name: minimized
-    /// when it ends in `loss`, maximized otherwise (task scores).
+    /// when it is a loss (`loss`, `train_loss`, the `loss:test` task),
+    /// maximized otherwise (task scores).
     pub fn parse(text: &str) -> Self {
         let (metric, maximize) = match text.split_once(':') {
             Some(("max", m)) => (m, true),
             Some(("min", m)) => (m, false),
-            _ => (text, !text.ends_with("loss")),
+            _ => (text, !(text.ends_with("loss") || text.starts_with("loss:"))),
         };
         Self {
             metric: metric.to_string(),
