@@ -452,7 +452,7 @@ fn reseed_top(
                     .iter()
                     .filter_map(|r| r.metrics.get(*m).copied())
                     .collect();
-                mean_std(&v).map_or("-".into(), |(mean, sd)| format!("{mean:.4} ± {sd:.4}"))
+                mean_std_cell(&v)
             })
             .collect();
         writeln!(
@@ -748,7 +748,7 @@ fn sweep_table(o: &SearchOutcome, modes: &[String]) -> String {
                     .iter()
                     .filter_map(|e| e.metrics.get(m).copied())
                     .collect();
-                mean_std(&v).map_or("-".into(), |(mean, sd)| format!("{mean:.4} ± {sd:.4}"))
+                mean_std_cell(&v)
             })
             .collect();
         let seeds = if failed > 0 {
@@ -759,6 +759,11 @@ fn sweep_table(o: &SearchOutcome, modes: &[String]) -> String {
         let _ = writeln!(s, "| {} | {seeds} | {} |", mode.trim(), cells.join(" | "));
     }
     s
+}
+
+/// `mean ± std` for a table, `-` without values.
+fn mean_std_cell(v: &[f64]) -> String {
+    mean_std(v).map_or("-".into(), |(mean, sd)| format!("{mean:.4} ± {sd:.4}"))
 }
 
 /// Mean and sample standard deviation (0 for one value).

@@ -19,13 +19,12 @@ use fedtune_kernel::config::{ConfigDoc, Mode};
 use fedtune_kernel::hpo::{
     overrides, ClientOutcome, Config, Space, SpaceError, TrialJob, TrialOutcome, TrialRunner,
 };
-use fedtune_kernel::{Checkpoints, Event};
+use fedtune_kernel::{Checkpoints, Event, Record};
 
 use super::config::{same_config_but_rounds, CourseFile, Task};
 use super::numeric::run_least_squares;
 use super::run::run_llm_on;
 use super::run_dir::Output;
-use super::summary::read_records;
 use super::{Base, CourseError, Result};
 use crate::progress::Silent;
 
@@ -62,11 +61,7 @@ impl CourseTrials {
     /// The course of `config` run to `rounds` rounds. Every trial checkpoints
     /// each round, so that a promoted trial can continue its course.
     pub fn course(&self, config: &Config, rounds: u64) -> Result<CourseFile> {
-        let mut doc = self.doc.clone();
-        for arg in overrides(config) {
-            doc.apply_override(&arg)?;
-        }
-        doc.apply_override(&format!("federate.rounds={rounds}"))?;
+        let mut doc = self.doc_for(config, rounds)?;
         if self.llm {
             doc.apply_override("federate.save_every=1")?;
         }
@@ -97,12 +92,17 @@ impl CourseTrials {
 
     /// The runnable configuration of `config` at `rounds` rounds (`best.toml`).
     pub fn resolved(&self, config: &Config, rounds: u64) -> Result<String> {
+        CourseFile::from_doc(self.doc_for(config, rounds)?)?.resolved()
+    }
+
+    /// The course file with `config`'s overrides and `rounds` rounds.
+    fn doc_for(&self, config: &Config, rounds: u64) -> Result<ConfigDoc> {
         let mut doc = self.doc.clone();
         for arg in overrides(config) {
             doc.apply_override(&arg)?;
         }
         doc.apply_override(&format!("federate.rounds={rounds}"))?;
-        CourseFile::from_doc(doc)?.resolved()
+        Ok(doc)
     }
 
     /// The base model of `course`, loaded once per path.
@@ -187,7 +187,7 @@ impl CourseTrials {
                 })
             }
             Task::LeastSquares(ls) => {
-                let (_, s) = run_least_squares(&course, ls, &out)?;
+                let (report, s) = run_least_squares(&course, ls, &out)?;
                 let mut metrics: BTreeMap<String, f64> = s
                     .final_loss
                     .iter()
@@ -198,7 +198,7 @@ impl CourseTrials {
                 }
                 Ok(TrialOutcome {
                     metrics,
-                    clients: numeric_clients(&out)?,
+                    clients: numeric_clients(&report.records),
                     bytes_up: s.bytes_up,
                     bytes_down: s.bytes_down,
                 })
@@ -208,9 +208,8 @@ impl CourseTrials {
 }
 
 /// Each client's test loss at the numeric course's last evaluation, with
-/// its training examples.
-fn numeric_clients(out: &Output) -> Result<Vec<ClientOutcome>> {
-    let records = read_records(&out.dir.join("metrics.jsonl"))?;
+/// its training examples, from the course's records.
+fn numeric_clients(records: &[Record]) -> Vec<ClientOutcome> {
     let last = records
         .iter()
         .filter(|r| r.event == Event::Eval)
@@ -226,14 +225,14 @@ fn numeric_clients(out: &Output) -> Result<Vec<ClientOutcome>> {
             .collect()
     };
     let train = at_last("train");
-    Ok(at_last("test")
+    at_last("test")
         .into_iter()
         .map(|(id, (loss, _))| ClientOutcome {
             id,
             examples: train.get(&id).map_or(0, |t| t.1),
             loss,
         })
-        .collect())
+        .collect()
 }
 
 impl TrialRunner for CourseTrials {
