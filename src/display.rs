@@ -138,6 +138,17 @@ impl Observer for Display {
                 "  client {c}: mean train loss {:.4} over this round's steps",
                 r.loss.unwrap_or(f64::NAN),
             )),
+            // What the strategy's aggregate_evaluate made of an evaluation.
+            (Event::Eval, None) if r.loss.is_none() => self.line(format!(
+                "  {} after round {}: {}",
+                r.split.as_deref().unwrap_or("?"),
+                r.round,
+                r.extra
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v:.4}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
             (Event::Eval, None) => self.line(format!(
                 "  evaluation after round {}: {} loss {:.4} ({} examples)",
                 r.round,

@@ -272,6 +272,7 @@ impl LocalTrainer for RoundRobinTrainer {
             n_samples: slot.data.n_samples,
             loss: (!losses.is_empty()).then(|| mean(&losses)),
             metrics,
+            ..LocalUpdate::default()
         })
     }
 

@@ -1,20 +1,67 @@
-//! Aggregation: how the server combines client updates into the next global parameters.
+//! The server's strategy: which clients train, what each is sent, and how
+//! their updates become the next global parameters.
 //!
-//! An [`Aggregator`] is one decision point of a round, in the spirit of
-//! Flower's `Strategy::aggregate_fit`: it sees the current global parameters
-//! and the round's updates and returns the new global parameters. [`FedAvg`]
-//! is the native default; server optimizers and robust rules plug in as other
-//! implementations (and, later, as Rhai scripts) without the course changing.
+//! An [`Aggregator`] holds every decision the server makes in a round, in
+//! the spirit of Flower's `Strategy`, each with a native default so that an
+//! implementation overrides only what it changes:
+//!
+//! | hook | decides | default |
+//! |---|---|---|
+//! | [`Aggregator::on_round_start`] | — (state) | nothing |
+//! | [`Aggregator::sample`] | which joined clients take part | the seeded uniform sample |
+//! | [`Aggregator::configure_fit`] | each client's instruction: a config map (rank, local steps, lr, mu, …) and its own parameters (other shapes, extra tensors) | the global parameters for every sampled client |
+//! | [`Aggregator::check_update`] | whether an update fits what the client was sent | same names and shapes |
+//! | [`Aggregator::aggregate`] (`aggregate_fit`) | the next global parameters | FedAvg |
+//! | [`Aggregator::on_round_end`] | metrics of the round | none |
+//! | [`Aggregator::aggregate_evaluate`] | metrics of an evaluation | none (the server records the sample-weighted means) |
+//!
+//! [`FedAvg`] is the native strategy; Rhai scripts implement any of the hooks
+//! (`kernel/src/script/aggregator.rs`). Tensors that are not part of the
+//! model but travel with it (SCAFFOLD's control variates) ride in the same
+//! [`ParamSet`] under names that start with [`EXTRA_PREFIX`]: the kernel
+//! splits them off on both sides ([`split_extra`]).
 //!
 //! Updates are always combined in client-id order, never arrival order, so a
 //! course gives bit-identical results however its messages were interleaved.
+
+use std::collections::BTreeMap;
 
 use thiserror::Error;
 
 use crate::params::{ParamError, ParamSet};
 
+/// A per-client configuration a strategy sends with `train`: plain values
+/// (numbers, strings, booleans) by name, e.g. `rank`, `local_steps`, `lr`, `mu`.
+pub type FitConfig = BTreeMap<String, serde_json::Value>;
+
+/// The name prefix of tensors that travel beside the model's parameters
+/// (control variates, residuals): `extra/NAME`.
+pub const EXTRA_PREFIX: &str = "extra/";
+
+/// Splits `params` into the model's tensors and the extra ones (their names
+/// without [`EXTRA_PREFIX`]).
+pub fn split_extra(params: ParamSet) -> (ParamSet, ParamSet) {
+    let mut model = ParamSet::new();
+    let mut extra = ParamSet::new();
+    for (name, t) in params.into_tensors() {
+        match name.strip_prefix(EXTRA_PREFIX) {
+            Some(rest) => extra.insert_tensor(rest, t),
+            None => model.insert_tensor(name, t),
+        }
+    }
+    (model, extra)
+}
+
+/// Joins `extra` (names without the prefix) into `params` under [`EXTRA_PREFIX`].
+pub fn join_extra(mut params: ParamSet, extra: &ParamSet) -> ParamSet {
+    for (name, t) in extra.iter() {
+        params.insert_tensor(format!("{EXTRA_PREFIX}{name}"), t.clone());
+    }
+    params
+}
+
 /// One client's contribution to a round.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ClientUpdate {
     /// The client.
     pub client: u32,
@@ -22,6 +69,174 @@ pub struct ClientUpdate {
     pub n_samples: u64,
     /// The client's parameters after local training.
     pub params: ParamSet,
+    /// Optimizer steps the client took, when it says.
+    pub local_steps: Option<u64>,
+    /// The client's mean training loss, when it tracks one.
+    pub train_loss: Option<f64>,
+    /// Whatever else the client's trainer measured.
+    pub metrics: BTreeMap<String, f64>,
+    /// Extra tensors the client sent back (names without [`EXTRA_PREFIX`]).
+    pub extra: ParamSet,
+    /// The configuration the client was sent this round.
+    pub config: FitConfig,
+}
+
+impl ClientUpdate {
+    /// An update of `params` from `client`, weighing `n_samples`.
+    pub fn new(client: u32, n_samples: u64, params: ParamSet) -> Self {
+        Self {
+            client,
+            n_samples,
+            params,
+            ..Self::default()
+        }
+    }
+}
+
+/// What one client is asked to do in a round.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FitInstruction {
+    /// The client.
+    pub client: u32,
+    /// Its configuration for this fit (empty: the course's own).
+    pub config: FitConfig,
+    /// Its parameters, when not the global ones: other shapes (a lower
+    /// LoRA rank), and extra tensors under [`EXTRA_PREFIX`].
+    pub params: Option<ParamSet>,
+}
+
+impl FitInstruction {
+    /// The default: the global parameters, no configuration.
+    pub fn plain(client: u32) -> Self {
+        Self {
+            client,
+            ..Self::default()
+        }
+    }
+
+    /// True when the client gets just the global parameters.
+    pub fn is_plain(&self) -> bool {
+        self.config.is_empty() && self.params.is_none()
+    }
+}
+
+/// One client's evaluation of one split, as [`Aggregator::aggregate_evaluate`] sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientEval {
+    /// The client.
+    pub client: u32,
+    /// The split.
+    pub split: String,
+    /// Mean loss.
+    pub loss: f64,
+    /// Samples behind it.
+    pub samples: u64,
+    /// Further metrics.
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// Whether `payload` is something a client of `global`'s adapter can load:
+/// the same tensor names, and the same shapes except that a LoRA module's
+/// rank (the rows of `…lora_A…`, the columns of `…lora_B…`) may differ, as
+/// long as its two factors agree. Extra tensors are not looked at.
+pub fn check_payload(global: &ParamSet, payload: &ParamSet) -> Result<(), String> {
+    let (model, _) = split_extra(payload.clone());
+    let mine: Vec<&str> = global.names().collect();
+    let theirs: Vec<&str> = model.names().collect();
+    if mine != theirs {
+        let missing: Vec<&&str> = mine
+            .iter()
+            .filter(|n| !theirs.contains(n))
+            .take(3)
+            .collect();
+        let unknown: Vec<&&str> = theirs
+            .iter()
+            .filter(|n| !mine.contains(n))
+            .take(3)
+            .collect();
+        return Err(format!(
+            "its tensors are not the global ones (missing {missing:?}, unknown {unknown:?})"
+        ));
+    }
+    for (name, t) in model.iter() {
+        let g = global.get(name).expect("names compared above");
+        let (gs, ts) = (g.shape(), t.shape());
+        let rank_dim = match lora_factor(name) {
+            Some(Factor::A) if gs.len() == 2 => Some(0),
+            Some(Factor::B) if gs.len() == 2 => Some(1),
+            _ => None,
+        };
+        let fits = gs.len() == ts.len()
+            && (0..gs.len()).all(|d| gs[d] == ts[d] || (Some(d) == rank_dim && ts[d] > 0));
+        if !fits {
+            return Err(format!(
+                "tensor `{name}` has shape {ts:?}, which a client of the global shape {gs:?} cannot load"
+            ));
+        }
+    }
+    for pair in lora_pairs(&model) {
+        let (a, b) = (
+            &model.get(&pair.a).expect("paired").shape(),
+            &model.get(&pair.b).expect("paired").shape(),
+        );
+        if a[0] != b[1] {
+            return Err(format!(
+                "LoRA module `{}`: lora_A has rank {} but lora_B rank {}",
+                pair.module, a[0], b[1]
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Which factor of a LoRA module a PEFT tensor name is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Factor {
+    /// `lora_A` (`r × in`).
+    A,
+    /// `lora_B` (`out × r`).
+    B,
+}
+
+/// The factor a PEFT name (`…q_proj.lora_A.weight`, `…lora_B.default.weight`) is, if any.
+pub fn lora_factor(name: &str) -> Option<Factor> {
+    let parts: Vec<&str> = name.split('.').collect();
+    if parts.contains(&"lora_A") {
+        Some(Factor::A)
+    } else if parts.contains(&"lora_B") {
+        Some(Factor::B)
+    } else {
+        None
+    }
+}
+
+/// One LoRA module of a parameter set: its name and its two factors' names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoraPair {
+    /// The module (`base_model.model.model.layers.0.self_attn.q_proj`).
+    pub module: String,
+    /// The name of its `lora_A` (`r × in`).
+    pub a: String,
+    /// The name of its `lora_B` (`out × r`).
+    pub b: String,
+}
+
+/// The LoRA modules of `params` in name order: every `…lora_A…` tensor
+/// whose `…lora_B…` twin is present.
+pub fn lora_pairs(params: &ParamSet) -> Vec<LoraPair> {
+    params
+        .names()
+        .filter(|n| lora_factor(n) == Some(Factor::A))
+        .filter_map(|a| {
+            let b = a.replacen(".lora_A", ".lora_B", 1);
+            let module = a.split(".lora_A").next().unwrap_or(a).to_string();
+            params.get(&b).is_some().then(|| LoraPair {
+                module,
+                a: a.to_string(),
+                b,
+            })
+        })
+        .collect()
 }
 
 /// Why an aggregation failed.
@@ -38,18 +253,79 @@ pub enum AggregateError {
     Other(String),
 }
 
-/// Combines a round's updates into new global parameters.
+/// The server's strategy: combines a round's updates into new global
+/// parameters, and (each with a default) decides who trains with what.
 pub trait Aggregator: Send {
     /// A short name for logs.
     fn name(&self) -> &str;
 
-    /// The new global parameters. `updates` are sorted by client id.
+    /// The new global parameters (Flower's `aggregate_fit`). `updates` are
+    /// sorted by client id.
     fn aggregate(
         &mut self,
         global: &ParamSet,
         updates: &[ClientUpdate],
         round: u64,
     ) -> Result<ParamSet, AggregateError>;
+
+    /// Called as round `round` begins, before sampling.
+    fn on_round_start(&mut self, round: u64) -> Result<(), AggregateError> {
+        let _ = round;
+        Ok(())
+    }
+
+    /// The clients that take part in `round`, among the `joined` ones;
+    /// `default` is the course's seeded uniform sample.
+    fn sample(
+        &mut self,
+        round: u64,
+        joined: &[u32],
+        default: Vec<u32>,
+    ) -> Result<Vec<u32>, AggregateError> {
+        let _ = (round, joined);
+        Ok(default)
+    }
+
+    /// What each of the sampled `clients` is asked to do in `round`; a
+    /// client left out is not asked. Default: every one gets `global`.
+    fn configure_fit(
+        &mut self,
+        global: &ParamSet,
+        clients: &[u32],
+        round: u64,
+    ) -> Result<Vec<FitInstruction>, AggregateError> {
+        let _ = (global, round);
+        Ok(clients.iter().map(|&c| FitInstruction::plain(c)).collect())
+    }
+
+    /// Whether `update` fits the parameters `sent` to its client: by
+    /// default, the same names and shapes.
+    fn check_update(&self, sent: &ParamSet, update: &ParamSet) -> Result<(), String> {
+        sent.check_compatible(update).map_err(|e| e.to_string())
+    }
+
+    /// Called after round `round` is aggregated into `global`; the metrics it
+    /// returns go into the round's record.
+    fn on_round_end(
+        &mut self,
+        global: &ParamSet,
+        round: u64,
+    ) -> Result<BTreeMap<String, f64>, AggregateError> {
+        let _ = (global, round);
+        Ok(BTreeMap::new())
+    }
+
+    /// Metrics of an evaluation from the clients' `results` (sorted by
+    /// client, then split), recorded beside the server's sample-weighted
+    /// means (Flower's `aggregate_evaluate`).
+    fn aggregate_evaluate(
+        &mut self,
+        results: &[ClientEval],
+        round: u64,
+    ) -> Result<BTreeMap<String, f64>, AggregateError> {
+        let _ = (results, round);
+        Ok(BTreeMap::new())
+    }
 
     /// State carried across rounds (server momentum, moments), as bytes for a
     /// checkpoint; `Ok(None)` for an aggregator that keeps none.
@@ -146,10 +422,45 @@ pub fn trimmed_mean_of(updates: &[&ClientUpdate], beta: f64) -> Result<ParamSet,
     })
 }
 
+/// Bulyan's coordinate-wise rule (El Mhamdi et al., 2018): per element, the
+/// mean of the `beta` client values closest to their median (ties to the
+/// smaller value).
+pub fn closest_to_median_of(
+    updates: &[&ClientUpdate],
+    beta: usize,
+) -> Result<ParamSet, AggregateError> {
+    if beta == 0 || beta > updates.len() {
+        return Err(AggregateError::Other(format!(
+            "closest_to_median: beta must be in 1..={}, got {beta}",
+            updates.len()
+        )));
+    }
+    let mut by_distance: Vec<f32> = Vec::with_capacity(updates.len());
+    coordinate_wise(updates, |column| {
+        let n = column.len();
+        let median = if n % 2 == 1 {
+            f64::from(column[n / 2])
+        } else {
+            (f64::from(column[n / 2 - 1]) + f64::from(column[n / 2])) / 2.0
+        };
+        by_distance.clear();
+        by_distance.extend_from_slice(column);
+        by_distance.sort_by(|a, b| {
+            let (da, db) = (
+                (f64::from(*a) - median).abs(),
+                (f64::from(*b) - median).abs(),
+            );
+            da.total_cmp(&db).then(a.total_cmp(b))
+        });
+        let sum: f64 = by_distance[..beta].iter().map(|&x| f64::from(x)).sum();
+        (sum / beta as f64) as f32
+    })
+}
+
 /// Applies `reduce` to the sorted client values of every element.
 fn coordinate_wise(
     updates: &[&ClientUpdate],
-    reduce: impl Fn(&[f32]) -> f32,
+    mut reduce: impl FnMut(&[f32]) -> f32,
 ) -> Result<ParamSet, AggregateError> {
     let first = updates.first().ok_or(AggregateError::Empty)?;
     for u in &updates[1..] {
@@ -180,11 +491,65 @@ mod tests {
         let mut params = ParamSet::new();
         params.insert("w", vec![2], w.to_vec()).unwrap();
         params.insert("b", vec![], vec![b]).unwrap();
-        ClientUpdate {
-            client,
-            n_samples: n,
-            params,
-        }
+        ClientUpdate::new(client, n, params)
+    }
+
+    #[test]
+    fn extras_split_off_and_join_back() {
+        let mut p = ParamSet::new();
+        p.insert("w", vec![1], vec![1.0]).unwrap();
+        p.insert("extra/c/w", vec![1], vec![2.0]).unwrap();
+        let (model, extra) = split_extra(p.clone());
+        assert_eq!(model.names().collect::<Vec<_>>(), ["w"]);
+        assert_eq!(extra.names().collect::<Vec<_>>(), ["c/w"]);
+        assert_eq!(join_extra(model, &extra), p);
+    }
+
+    fn lora(r: usize) -> ParamSet {
+        let mut p = ParamSet::new();
+        p.insert("m.q_proj.lora_A.weight", vec![r, 4], vec![0.0; 4 * r])
+            .unwrap();
+        p.insert("m.q_proj.lora_B.weight", vec![3, r], vec![0.0; 3 * r])
+            .unwrap();
+        p.insert("m.norm", vec![2], vec![0.0; 2]).unwrap();
+        p
+    }
+
+    #[test]
+    fn payloads_may_change_a_lora_rank_and_nothing_else() {
+        let global = lora(8);
+        assert_eq!(check_payload(&global, &lora(8)), Ok(()));
+        assert_eq!(check_payload(&global, &lora(2)), Ok(()));
+        assert_eq!(check_payload(&global, &lora(16)), Ok(()));
+        let pairs = lora_pairs(&global);
+        assert_eq!(pairs.len(), 1);
+        assert_eq!(pairs[0].module, "m.q_proj");
+        assert_eq!(pairs[0].b, "m.q_proj.lora_B.weight");
+        // Factors that disagree on the rank, a changed input size, a missing tensor.
+        let mut odd = lora(4);
+        odd.insert("m.q_proj.lora_B.weight", vec![3, 2], vec![0.0; 6])
+            .unwrap();
+        assert!(check_payload(&global, &odd)
+            .unwrap_err()
+            .contains("rank 4 but lora_B rank 2"));
+        let mut wide = lora(8);
+        wide.insert("m.q_proj.lora_A.weight", vec![8, 5], vec![0.0; 40])
+            .unwrap();
+        assert!(check_payload(&global, &wide)
+            .unwrap_err()
+            .contains("cannot load"));
+        let mut short = lora(8);
+        short.remove("m.norm");
+        assert!(check_payload(&global, &short)
+            .unwrap_err()
+            .contains("missing"));
+        let mut norm = lora(8);
+        norm.insert("m.norm", vec![3], vec![0.0; 3]).unwrap();
+        assert!(check_payload(&global, &norm).is_err());
+        // Extras are not the model's business.
+        let mut with_extra = lora(8);
+        with_extra.insert("extra/c", vec![1], vec![0.0]).unwrap();
+        assert_eq!(check_payload(&global, &with_extra), Ok(()));
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! - [`bus`]: the [`Transport`] port and the in-process bus; NATS lives in `fedtune-broker`;
 //! - [`worker`]: the event loop that decodes, dispatches by kind, runs heavy work off the executor, and sends;
 //! - [`course`]: the server and client behaviours, the [`LocalTrainer`] port and the in-process runner;
-//! - [`aggregate`]: [`Aggregator`]s, FedAvg first;
+//! - [`aggregate`]: the server's strategy ([`Aggregator`]: sampling, per-client instructions, aggregation, evaluation), FedAvg first;
+//! - [`linalg`]: small dense matrices (products, QR, truncated SVD) for strategy scripts;
 //! - [`checkpoint`]: the checkpoint layout a server writes after rounds and a resumed course reads;
 //! - [`script`]: the Rhai script host (sandboxed, hot-reloaded) and scripted aggregators;
 //! - [`config`]: TOML course configuration with `--set` overrides and errors that name the key;
@@ -43,6 +44,7 @@ pub mod codec;
 pub mod config;
 pub mod course;
 pub mod hpo;
+pub mod linalg;
 pub mod message;
 pub mod metrics;
 pub mod params;
@@ -50,8 +52,8 @@ pub mod script;
 pub mod worker;
 
 pub use aggregate::{
-    aggregate_fedavg, coordinate_median, trimmed_mean, AggregateError, Aggregator, ClientUpdate,
-    FedAvg,
+    aggregate_fedavg, coordinate_median, trimmed_mean, AggregateError, Aggregator, ClientEval,
+    ClientUpdate, FedAvg, FitConfig, FitInstruction,
 };
 pub use bus::{Delivery, InProcTransport, Subscription, Transport, TransportError};
 pub use checkpoint::{CheckpointError, Checkpoints, MsgpackStore, ParamStore};

@@ -150,6 +150,11 @@ impl ParamSet {
         Ok(())
     }
 
+    /// The tensors by name, consumed.
+    pub fn into_tensors(self) -> impl Iterator<Item = (String, ParamTensor)> {
+        self.tensors.into_iter()
+    }
+
     /// Inserts an already-built tensor.
     pub fn insert_tensor(&mut self, name: impl Into<String>, tensor: ParamTensor) {
         self.tensors.insert(name.into(), tensor);

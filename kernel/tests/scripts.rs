@@ -192,11 +192,7 @@ fn recursion_at_the_deepest_allowed_level_fails_the_call_not_the_process() {
                 &limits,
             );
             let g = global(1);
-            let u = [ClientUpdate {
-                client: 1,
-                n_samples: 1,
-                params: g.clone(),
-            }];
+            let u = [ClientUpdate::new(1, 1, g.clone())];
             a.aggregate(&g, &u, 1).unwrap_err().to_string()
         })
         .unwrap()
@@ -216,11 +212,7 @@ fn a_script_hoarding_tensors_stops_at_its_memory_budget() {
         &limits,
     );
     let g = global(100_000); // 0.4 MB: the third copy passes 1 MiB
-    let u = [ClientUpdate {
-        client: 1,
-        n_samples: 1,
-        params: g.clone(),
-    }];
+    let u = [ClientUpdate::new(1, 1, g.clone())];
     let err = a.aggregate(&g, &u, 1).unwrap_err().to_string();
     assert!(err.contains("scripting.max_tensor_mib"), "{err}");
     // The budget is per call: a modest script runs again afterwards.

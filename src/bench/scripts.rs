@@ -170,10 +170,12 @@ pub fn scripts(calls: usize, clients: usize, steps: usize, json: bool) -> Result
 
     // Aggregation: `clients` updates a small, distinct step away from the global adapter.
     let updates: Vec<ClientUpdate> = (1..=clients as u32)
-        .map(|c| ClientUpdate {
-            client: c,
-            n_samples: 100 * u64::from(c),
-            params: global.map_values(|x| x + 1e-3 * c as f32),
+        .map(|c| {
+            ClientUpdate::new(
+                c,
+                100 * u64::from(c),
+                global.map_values(|x| x + 1e-3 * c as f32),
+            )
         })
         .collect();
     let (native_fedavg_ms, script_fedavg_ms, script_fedadam_ms) =

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, info_span, warn};
 
 use super::kept::KeptState;
+use crate::aggregate::{join_extra, split_extra};
 use crate::bus::Transport;
 use crate::config::CourseConfig;
 use crate::course::protocol::{self, AssignId, JoinIn};
@@ -349,6 +350,9 @@ fn unfit(update: &LocalUpdate, id: u32, round: u64) -> Option<String> {
     if let Err(e) = update.params.check_finite() {
         return diverged(format!("the update holds {e}"));
     }
+    if let Err(e) = update.extra.check_finite() {
+        return diverged(format!("its extra tensors hold {e}"));
+    }
     match update.loss {
         Some(loss) if !loss.is_finite() => diverged(format!("the mean training loss is {loss}")),
         _ => None,
@@ -360,10 +364,18 @@ fn reply(course: String, id: u32, round: u64, kind: MsgKind) -> Envelope {
 }
 
 fn on_train(s: &mut ClientState, env: Envelope, ctx: &mut Ctx) -> HandlerResult {
-    let (global, tctx) = job_inputs(s, &env, ctx)?;
-    if repeated(&s.last_update, env.round, &global, ctx)? {
+    let (sent, tctx) = job_inputs(s, &env, ctx)?;
+    if repeated(&s.last_update, env.round, &sent, ctx)? {
         return Ok(Flow::Continue);
     }
+    // The strategy's instruction for this client: its configuration, and
+    // the extra tensors that came beside the parameters.
+    let config = env
+        .body::<protocol::Train>()
+        .map_err(|e| HandlerError::Reject(e.to_string()))?
+        .config;
+    let (global, extra) = split_extra(sent);
+    let tctx = tctx.with_fit(config, extra);
     let answer = s.last_update.clone();
     let (id, round, trainer) = (s.id, env.round, s.trainer.clone());
     let kept = s.kept.clone();
@@ -403,6 +415,7 @@ fn on_train(s: &mut ClientState, env: Envelope, ctx: &mut Ctx) -> HandlerResult 
                     n_samples: update.n_samples,
                     compute_s,
                     train_loss: update.loss,
+                    local_steps: update.local_steps,
                     // JSON has no NaN: a non-finite metric would arrive as
                     // null and spoil the whole body.
                     metrics: update
@@ -412,13 +425,14 @@ fn on_train(s: &mut ClientState, env: Envelope, ctx: &mut Ctx) -> HandlerResult 
                         .collect(),
                     failed: None,
                 })?
-                .with_payload(update.params),
+                .with_payload(join_extra(update.params, &update.extra)),
             // A failed training sends its reason, never parameters.
             (_, failure) => {
                 reply(course, id, round, MsgKind::Update).with_body(&protocol::Update {
                     n_samples: 0,
                     compute_s,
                     train_loss: None,
+                    local_steps: None,
                     metrics: Default::default(),
                     failed: failure.or_else(|| Some("unknown failure".into())),
                 })?

@@ -324,10 +324,27 @@ impl LocalTrainer for LeastSquaresTrainer {
         ctx: &TrainContext,
     ) -> Result<LocalUpdate, TrainerError> {
         let (mut w, mut b) = self.unpack(global)?;
+        // A strategy may set this client's steps and learning rate.
+        let steps = match ctx.config.get("local_steps") {
+            None => self.local_steps,
+            Some(v) => v
+                .as_u64()
+                .filter(|&n| (1..=1_000_000).contains(&n))
+                .ok_or_else(|| {
+                    format!("config local_steps = {v} is not a step count in 1..=1000000")
+                })? as usize,
+        };
+        let lr = match ctx.config.get("lr") {
+            None => self.lr,
+            Some(v) => v
+                .as_f64()
+                .filter(|x| x.is_finite() && *x > 0.0)
+                .ok_or_else(|| format!("config lr = {v} is not a positive number"))?,
+        };
         let (train, _) = self.client(client)?;
         let (d, n) = (self.dim, train.len() as f64);
-        let mut losses = Vec::with_capacity(self.local_steps);
-        for step in 1..=self.local_steps {
+        let mut losses = Vec::with_capacity(steps);
+        for step in 1..=steps {
             if ctx.is_cancelled() {
                 return Err("cancelled".into());
             }
@@ -344,16 +361,14 @@ impl LocalTrainer for LeastSquaresTrainer {
                 gb += 2.0 * r / n;
             }
             losses.push(loss / n);
-            w.iter_mut().zip(&gw).for_each(|(w, g)| *w -= self.lr * g);
-            b -= self.lr * gb;
+            w.iter_mut().zip(&gw).for_each(|(w, g)| *w -= lr * g);
+            b -= lr * gb;
             let finite = w.iter().all(|v| (*v as f32).is_finite()) && (b as f32).is_finite();
             if !(finite && (loss / n).is_finite()) {
                 return Err(format!(
-                    "diverged at local step {step} of {}: loss {:.3e}, parameters {} (lower least_squares.lr, now {})",
-                    self.local_steps,
+                    "diverged at local step {step} of {steps}: loss {:.3e}, parameters {} (lower least_squares.lr, now {lr})",
                     loss / n,
                     if finite { "finite" } else { "not finite" },
-                    self.lr
                 )
                 .into());
             }
@@ -366,7 +381,8 @@ impl LocalTrainer for LeastSquaresTrainer {
             params,
             n_samples: train.len() as u64,
             loss,
-            metrics: BTreeMap::new(),
+            local_steps: Some(steps as u64),
+            ..LocalUpdate::default()
         })
     }
 

@@ -33,6 +33,17 @@ pub struct AssignId {
     pub clients: u32,
 }
 
+/// `train`, server → client: besides the parameters (the global ones, or
+/// the client's own when the strategy sends it other shapes), the
+/// client's configuration for this fit. A broadcast `train` carries none.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Train {
+    /// Per-client settings from the strategy's `configure_fit` (`rank`,
+    /// `local_steps`, `lr`, `mu`, …).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
+    pub config: crate::aggregate::FitConfig,
+}
+
 /// `update`, client → server: the locally trained parameters' account.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Update {
@@ -43,6 +54,9 @@ pub struct Update {
     /// Mean training loss over the round's local steps.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub train_loss: Option<f64>,
+    /// Optimizer steps taken (FedNova's normalizer).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub local_steps: Option<u64>,
     /// Anything else the trainer measured.
     #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
     pub metrics: BTreeMap<String, f64>,
@@ -104,6 +118,7 @@ mod tests {
             n_samples: 12,
             compute_s: 0.5,
             train_loss: None,
+            local_steps: None,
             metrics: BTreeMap::new(),
             failed: None,
         };

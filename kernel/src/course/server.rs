@@ -24,7 +24,9 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use tracing::{info, info_span, warn};
 
-use crate::aggregate::{Aggregator, ClientUpdate};
+use crate::aggregate::{
+    check_payload, split_extra, Aggregator, ClientEval, ClientUpdate, FitConfig, FitInstruction,
+};
 use crate::bus::Transport;
 use crate::checkpoint::Checkpoints;
 use crate::config::{CourseConfig, OnDivergence};
@@ -68,11 +70,22 @@ struct Pending {
     bytes_down: usize,
 }
 
+/// What the clients of a round were sent.
+#[derive(Debug)]
+enum Sent {
+    /// All of them the global parameters, in one message.
+    Broadcast,
+    /// Each its own instruction, with the model part of its parameters
+    /// (what its update must fit) when they are not the global ones.
+    PerClient(BTreeMap<u32, (FitInstruction, Option<ParamSet>)>),
+}
+
 #[derive(Debug)]
 enum Phase {
     Joining,
     Training {
         round: u64,
+        sent: Sent,
         pending: BTreeMap<u32, Pending>,
         updates: Vec<ClientUpdate>,
         started: Instant,
@@ -430,6 +443,18 @@ fn ask_again(
     if clients.is_empty() {
         return Ok(());
     }
+    if let Phase::Training {
+        sent: Sent::PerClient(sent),
+        ..
+    } = &s.phase
+    {
+        for c in clients {
+            if let Some((instruction, _)) = sent.get(c) {
+                ctx.send(train_request(ctx.course(), round, instruction, &s.global)?)?;
+            }
+        }
+        return Ok(());
+    }
     let env = Envelope::new(
         ctx.course(),
         round,
@@ -440,6 +465,26 @@ fn ask_again(
     .with_payload(s.global.clone());
     ctx.send(env)?;
     Ok(())
+}
+
+/// The `train` message of one client's own instruction.
+fn train_request(
+    course: &str,
+    round: u64,
+    instruction: &FitInstruction,
+    global: &ParamSet,
+) -> Result<Envelope, HandlerError> {
+    Ok(Envelope::new(
+        course,
+        round,
+        Party::Server,
+        vec![Party::Client(instruction.client)],
+        MsgKind::Train,
+    )
+    .with_body(&protocol::Train {
+        config: instruction.config.clone(),
+    })?
+    .with_payload(instruction.params.clone().unwrap_or_else(|| global.clone())))
 }
 
 fn drop_clients(s: &mut ServerState, ids: &[u32]) {
@@ -574,48 +619,127 @@ fn start_course(s: &mut ServerState, ctx: &mut Ctx) -> HandlerResult {
 }
 
 fn begin_round(s: &mut ServerState, round: u64, ctx: &mut Ctx) -> Result<(), HandlerError> {
+    let instructions = plan_round(s, round)?;
+    let picked: Vec<u32> = instructions.iter().map(|i| i.client).collect();
+    let _span = info_span!("round", n = round).entered();
+    info!(clients = ?picked, "round starts");
+    let now = Instant::now();
+    let pending_of = |bytes: usize| Pending {
+        sent_at: now,
+        bytes_down: bytes,
+    };
+    let (sent, pending, bytes_down) = if instructions.iter().all(FitInstruction::is_plain) {
+        // Everyone gets the global parameters: one message.
+        let env = Envelope::new(
+            ctx.course(),
+            round,
+            Party::Server,
+            picked.iter().map(|&c| Party::Client(c)).collect(),
+            MsgKind::Train,
+        )
+        .with_payload(s.global.clone());
+        let bytes = ctx.send(env)?;
+        let pending = picked.iter().map(|&c| (c, pending_of(bytes))).collect();
+        (Sent::Broadcast, pending, bytes * picked.len())
+    } else {
+        let mut pending = BTreeMap::new();
+        let mut sent = BTreeMap::new();
+        let mut total = 0;
+        for instruction in instructions {
+            let bytes = ctx.send(train_request(ctx.course(), round, &instruction, &s.global)?)?;
+            total += bytes;
+            pending.insert(instruction.client, pending_of(bytes));
+            let model = instruction.params.clone().map(|p| split_extra(p).0);
+            sent.insert(instruction.client, (instruction, model));
+        }
+        (Sent::PerClient(sent), pending, total)
+    };
+    s.sampled.push((round, picked));
+    s.phase = Phase::Training {
+        round,
+        sent,
+        pending,
+        updates: Vec::new(),
+        started: now,
+        bytes_up: 0,
+        bytes_down: bytes_down as u64,
+        dropped: Vec::new(),
+    };
+    arm_timeout(s, Step::Train, round, ctx)
+}
+
+/// The strategy's decisions for round `round`: who trains, with what.
+/// Anything it returns that the course cannot use ends the course.
+fn plan_round(s: &mut ServerState, round: u64) -> Result<Vec<FitInstruction>, HandlerError> {
+    let name = s.aggregator.name().to_string();
+    let fatal = |hook: &str, e: String| {
+        HandlerError::Fatal(format!(
+            "round {round}: the strategy's {hook} ({name}) failed: {e}"
+        ))
+    };
+    s.aggregator
+        .on_round_start(round)
+        .map_err(|e| fatal("on_round_start", e.to_string()))?;
     let ids: Vec<u32> = s.joined.iter().copied().collect();
-    let picked = sample_clients(
+    let default = sample_clients(
         &ids,
         s.cfg.clients_per_round() as usize,
         s.cfg.course.seed,
         round,
     );
-    let _span = info_span!("round", n = round).entered();
-    info!(clients = ?picked, "round starts");
-    let env = Envelope::new(
-        ctx.course(),
-        round,
-        Party::Server,
-        picked.iter().map(|&c| Party::Client(c)).collect(),
-        MsgKind::Train,
-    )
-    .with_payload(s.global.clone());
-    let bytes = ctx.send(env)?;
-    let now = Instant::now();
-    let pending = picked
-        .iter()
-        .map(|&c| {
-            (
-                c,
-                Pending {
-                    sent_at: now,
-                    bytes_down: bytes,
-                },
-            )
-        })
-        .collect();
-    s.sampled.push((round, picked.clone()));
-    s.phase = Phase::Training {
-        round,
-        pending,
-        updates: Vec::new(),
-        started: now,
-        bytes_up: 0,
-        bytes_down: (bytes * picked.len()) as u64,
-        dropped: Vec::new(),
-    };
-    arm_timeout(s, Step::Train, round, ctx)
+    let mut picked = s
+        .aggregator
+        .sample(round, &ids, default)
+        .map_err(|e| fatal("sample", e.to_string()))?;
+    picked.sort_unstable();
+    picked.dedup();
+    if let Some(c) = picked.iter().find(|c| !s.joined.contains(c)) {
+        return Err(fatal(
+            "sample",
+            format!("it picked client {c}, which has not joined (joined: {ids:?})"),
+        ));
+    }
+    if picked.is_empty() {
+        return Err(fatal("sample", "it picked no client".into()));
+    }
+    let mut instructions = s
+        .aggregator
+        .configure_fit(&s.global, &picked, round)
+        .map_err(|e| fatal("configure_fit", e.to_string()))?;
+    instructions.sort_by_key(|i| i.client);
+    for pair in instructions.windows(2) {
+        if pair[0].client == pair[1].client {
+            return Err(fatal(
+                "configure_fit",
+                format!("two instructions for client {}", pair[0].client),
+            ));
+        }
+    }
+    for i in &instructions {
+        if !picked.contains(&i.client) {
+            return Err(fatal(
+                "configure_fit",
+                format!(
+                    "an instruction for client {}, which is not among this round's {picked:?}",
+                    i.client
+                ),
+            ));
+        }
+        if let Some(p) = &i.params {
+            check_payload(&s.global, p)
+                .and_then(|()| p.check_finite().map_err(|e| e.to_string()))
+                .map_err(|e| {
+                    fatal(
+                        "configure_fit",
+                        format!("client {}'s parameters: {e}", i.client),
+                    )
+                })?;
+        }
+    }
+    if instructions.is_empty() {
+        return Err(fatal("configure_fit", "it asked no client to train".into()));
+    }
+    Ok(instructions)
 }
 
 fn begin_eval(s: &mut ServerState, round: u64, ctx: &mut Ctx) -> Result<(), HandlerError> {
@@ -677,8 +801,13 @@ fn record(s: &mut ServerState, r: Record) -> Result<(), HandlerError> {
 }
 
 /// What is wrong with an update, if anything: its body, its parameters'
-/// names and shapes, its sample count.
-fn check_update(env: &Envelope, global: &ParamSet) -> Result<protocol::Update, String> {
+/// names and shapes (as the strategy judges them against what the client
+/// was `sent`), its extra tensors, its sample count.
+fn check_update(
+    env: &Envelope,
+    sent: &ParamSet,
+    strategy: &dyn Aggregator,
+) -> Result<protocol::Update, String> {
     let body: protocol::Update = env.body().map_err(|e| e.to_string())?;
     if body.failed.is_some() {
         return Ok(body);
@@ -691,9 +820,22 @@ fn check_update(env: &Envelope, global: &ParamSet) -> Result<protocol::Update, S
         .payload
         .as_ref()
         .ok_or_else(|| "update without parameters".to_string())?;
-    global
-        .check_compatible(params)
-        .map_err(|e| format!("update does not match the global parameters: {e}"))?;
+    let (model, extra) = split_extra(params.clone());
+    strategy
+        .check_update(sent, &model)
+        .map_err(|e| format!("update does not match the parameters the client was sent: {e}"))?;
+    // Extra tensors (control variates) are the strategy's to read, but
+    // bounded: at most twice the model's size, and finite.
+    if extra.num_elements() > 2 * sent.num_elements().max(1) {
+        return Err(format!(
+            "its extra tensors hold {} values, more than twice the {} of the parameters",
+            extra.num_elements(),
+            sent.num_elements()
+        ));
+    }
+    extra
+        .check_finite()
+        .map_err(|e| format!("its extra tensors hold {e}"))?;
     Ok(body)
 }
 
@@ -747,13 +889,26 @@ fn check_reported(metrics: &BTreeMap<String, f64>) -> Result<(), String> {
 fn on_update(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResult {
     let id = client_id(&env)?;
     readmit(s, id);
-    let Phase::Training { round, pending, .. } = &mut s.phase else {
+    let Phase::Training {
+        round,
+        pending,
+        sent,
+        ..
+    } = &mut s.phase
+    else {
         return Err(HandlerError::Reject("no training round is running".into()));
     };
     let round = *round;
     // Validate everything before claiming, so a bad update leaves the round as it was.
     let awaited = env.round == round && pending.contains_key(&id);
-    let body = match check_update(&env, &s.global) {
+    let (config, sent_model) = match sent {
+        Sent::PerClient(sent) => match sent.get(&id) {
+            Some((i, model)) => (i.config.clone(), model.as_ref().unwrap_or(&s.global)),
+            None => (FitConfig::new(), &s.global),
+        },
+        Sent::Broadcast => (FitConfig::new(), &s.global),
+    };
+    let body = match check_update(&env, sent_model, s.aggregator.as_ref()) {
         Ok(body) => body,
         // The answer this round waits for, but unusable: a failed answer,
         // never a silence the round would wait on forever.
@@ -768,6 +923,7 @@ fn on_update(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResult
         return failed_update(s, (&env, id, round), body.compute_s, reason, ctx);
     }
     let n_samples = body.n_samples;
+    let (local_steps, train_loss) = (body.local_steps, body.train_loss);
     let Phase::Training { pending, .. } = &mut s.phase else {
         unreachable!("phase checked above");
     };
@@ -780,7 +936,7 @@ fn on_update(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResult
     r.bytes_down = p.bytes_down as u64;
     r.compute_s = body.compute_s;
     r.wall_s = p.sent_at.elapsed().as_secs_f64();
-    r.extra = body.metrics;
+    r.extra = body.metrics.clone();
     let bytes_up_now = r.bytes_up;
     record(s, r)?;
     let Phase::Training {
@@ -793,10 +949,16 @@ fn on_update(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResult
         unreachable!("phase checked above");
     };
     *bytes_up += bytes_up_now;
+    let (params, extra) = split_extra(env.payload.expect("checked above"));
     updates.push(ClientUpdate {
         client: id,
         n_samples,
-        params: env.payload.expect("checked above"),
+        params,
+        local_steps,
+        train_loss,
+        metrics: body.metrics,
+        extra,
+        config,
     });
     if !pending.is_empty() {
         return Ok(Flow::Continue);
@@ -897,6 +1059,14 @@ fn finish_round(s: &mut ServerState, ctx: &mut Ctx) -> HandlerResult {
         .check_finite()
         .map_err(|e| HandlerError::Fatal(format!("round {round}: aggregation produced {e}")))?;
     s.global = global;
+    let round_metrics = s.aggregator.on_round_end(&s.global, round).map_err(|e| {
+        HandlerError::Fatal(format!(
+            "round {round}: the strategy's on_round_end ({}) failed: {e}",
+            s.aggregator.name()
+        ))
+    })?;
+    check_reported(&round_metrics)
+        .map_err(|e| HandlerError::Fatal(format!("round {round}: on_round_end returned {e}")))?;
     if let Some(cp) = s.checkpoints.as_ref().filter(|cp| cp.due(round)) {
         // A checkpoint that cannot be written must not pass unnoticed.
         let fatal = |e: String| HandlerError::Fatal(format!("round {round}: {e}"));
@@ -920,6 +1090,7 @@ fn finish_round(s: &mut ServerState, ctx: &mut Ctx) -> HandlerResult {
         r.extra.insert("dropped".into(), dropped.len() as f64);
     }
     r.extra.insert("global_norm".into(), s.global.l2_norm());
+    r.extra.extend(round_metrics);
     record(s, r)?;
     info!(round, clients = updates.len(), "round aggregated");
     next_step(s, round, ctx)
@@ -1074,9 +1245,43 @@ fn finish_eval(s: &mut ServerState, ctx: &mut Ctx) -> HandlerResult {
             samples,
         });
     }
+    let per_client: Vec<ClientEval> = results
+        .iter()
+        .flat_map(|(client, splits)| {
+            splits.iter().map(|e| ClientEval {
+                client: *client,
+                split: e.split.clone(),
+                loss: e.loss,
+                samples: e.samples,
+                metrics: e.metrics.clone(),
+            })
+        })
+        .collect();
+    let metrics = s
+        .aggregator
+        .aggregate_evaluate(&per_client, round)
+        .map_err(|e| {
+            HandlerError::Fatal(format!(
+                "round {round}: the strategy's aggregate_evaluate ({}) failed: {e}",
+                s.aggregator.name()
+            ))
+        })?;
+    if !metrics.is_empty() {
+        check_reported(&metrics).map_err(|e| {
+            HandlerError::Fatal(format!("round {round}: aggregate_evaluate returned {e}"))
+        })?;
+        // The strategy's own view of the evaluation, as one record.
+        let mut r = Record::new(Event::Eval, round, None);
+        r.split = Some(STRATEGY_SPLIT.into());
+        r.extra = metrics;
+        record(s, r)?;
+    }
     s.last_evaluated = Some(round);
     next_step(s, round, ctx)
 }
+
+/// The split name of the record holding what `aggregate_evaluate` returned.
+pub const STRATEGY_SPLIT: &str = "strategy";
 
 #[cfg(test)]
 mod tests {

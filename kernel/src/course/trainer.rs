@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
+use crate::aggregate::FitConfig;
 use crate::message::Meta;
 use crate::params::ParamSet;
 
@@ -31,6 +32,12 @@ pub struct TrainContext {
     pub seed: u64,
     /// Metadata the server attached to its request (per-round hyperparameters, …).
     pub meta: Meta,
+    /// This client's configuration for the fit, from the strategy's
+    /// `configure_fit` (empty: the course's own settings).
+    pub config: FitConfig,
+    /// Extra tensors the server sent with the parameters (control
+    /// variates, …), names without the `extra/` prefix.
+    pub extra: ParamSet,
     cancel: Arc<AtomicBool>,
 }
 
@@ -41,8 +48,22 @@ impl TrainContext {
             round,
             seed,
             meta,
+            config: FitConfig::new(),
+            extra: ParamSet::new(),
             cancel,
         }
+    }
+
+    /// This context with the strategy's per-client `config` and `extra` tensors.
+    pub fn with_fit(mut self, config: FitConfig, extra: ParamSet) -> Self {
+        self.config = config;
+        self.extra = extra;
+        self
+    }
+
+    /// The configured value `key` as a number, if the strategy set one.
+    pub fn config_f64(&self, key: &str) -> Option<f64> {
+        self.config.get(key).and_then(serde_json::Value::as_f64)
     }
 
     /// True once the worker is shutting down: stop at the next step boundary.
@@ -52,9 +73,9 @@ impl TrainContext {
 }
 
 /// The result of local training.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct LocalUpdate {
-    /// Parameters after training (same names and shapes as the global ones).
+    /// Parameters after training (same names and shapes as the ones received).
     pub params: ParamSet,
     /// Training samples used (FedAvg's weight).
     pub n_samples: u64,
@@ -62,6 +83,10 @@ pub struct LocalUpdate {
     pub loss: Option<f64>,
     /// Further named metrics.
     pub metrics: BTreeMap<String, f64>,
+    /// Optimizer steps taken, if the trainer counts them.
+    pub local_steps: Option<u64>,
+    /// Extra tensors for the server (names without the `extra/` prefix).
+    pub extra: ParamSet,
 }
 
 /// Evaluation of one data split.

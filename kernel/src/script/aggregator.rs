@@ -1,8 +1,23 @@
-//! Server aggregation as a Rhai script: `aggregate(global, updates, round)`.
+//! The server's strategy as a Rhai script.
 //!
-//! The script returns the next global `ParamSet`. Inside, `this` is a map that
-//! lives for the whole course — a server optimizer keeps its moments there —
-//! and `this.hp` holds the hyperparameters of `[aggregator.params]`:
+//! A strategy script defines `aggregate_fit(global, results, round)` (or,
+//! the older name, `aggregate(global, updates, round)`), which returns the
+//! next global `ParamSet`, and any of these hooks; each one it leaves out
+//! keeps the native default (see [`crate::aggregate`]):
+//!
+//! | function | returns |
+//! |---|---|
+//! | `on_round_start(round)` | nothing (update `this`) |
+//! | `sample(joined, round)` | the array of client ids that train this round |
+//! | `configure_fit(global, clients, round)` | an array with, per client, a `fit_ins(client, config, params)` (or just its id: the global parameters) |
+//! | `aggregate_fit(global, results, round)` | the next global `ParamSet`; each result is an `Update` (`.client`, `.params`, `.n_samples`, `.local_steps`, `.train_loss`, `.metrics`, `.config`, `.extra`) |
+//! | `on_round_end(global, round)` | a map of numbers for the round's record, or nothing |
+//! | `aggregate_evaluate(results, round)` | a map of numbers recorded as the round's `strategy` evaluation; each result is `#{client, split, loss, samples, metrics}` |
+//!
+//! Inside, `this` is a map that lives for the whole course (and is saved in
+//! checkpoints) — a server optimizer keeps its moments there, SCAFFOLD its
+//! control variate — and `this.hp` holds the hyperparameters of
+//! `[aggregator.params]`:
 //!
 //! ```rhai
 //! // FedAvgM: server momentum on the averaged update.
@@ -14,10 +29,10 @@
 //! ```
 //!
 //! The script file is re-read at every round: an edit takes effect from the
-//! next aggregation. A result that does not match the global parameters'
-//! names and shapes, or holds NaN or infinity, is an error like any other:
-//! the course stops (or, with `scripting.on_script_error = "skip"`, that
-//! round falls back to native FedAvg), and the script's state rolls back.
+//! next round. A result that does not match the global parameters' names
+//! and shapes, or holds NaN or infinity, is an error like any other: the
+//! course stops (or, with `scripting.on_script_error = "skip"`, that hook
+//! falls back to its native default), and the script's state rolls back.
 
 use std::path::{Path, PathBuf};
 
@@ -25,12 +40,16 @@ use rhai::{Array, Dynamic, Map};
 use serde::{Deserialize, Serialize};
 
 use super::{OnScriptError, ScriptError, ScriptFile, ScriptHost};
-use crate::aggregate::{fedavg_of, AggregateError, Aggregator, ClientUpdate};
+use std::collections::BTreeMap;
+
+use crate::aggregate::{
+    fedavg_of, AggregateError, Aggregator, ClientEval, ClientUpdate, FitInstruction,
+};
 use crate::params::ParamSet;
 
-/// The aggregators shipped in `scripts/aggregators/`, compiled into the binary
+/// The strategies shipped in `scripts/aggregators/`, compiled into the binary
 /// so that a bare name works from any directory.
-pub const BUILT_IN: [(&str, &str); 7] = [
+pub const BUILT_IN: [(&str, &str); 13] = [
     (
         "fedavg",
         include_str!("../../scripts/aggregators/fedavg.rhai"),
@@ -58,6 +77,27 @@ pub const BUILT_IN: [(&str, &str); 7] = [
     (
         "trimmed_mean",
         include_str!("../../scripts/aggregators/trimmed_mean.rhai"),
+    ),
+    (
+        "fednova",
+        include_str!("../../scripts/aggregators/fednova.rhai"),
+    ),
+    ("krum", include_str!("../../scripts/aggregators/krum.rhai")),
+    (
+        "bulyan",
+        include_str!("../../scripts/aggregators/bulyan.rhai"),
+    ),
+    (
+        "flexlora",
+        include_str!("../../scripts/aggregators/flexlora.rhai"),
+    ),
+    (
+        "hetlora",
+        include_str!("../../scripts/aggregators/hetlora.rhai"),
+    ),
+    (
+        "scaffold",
+        include_str!("../../scripts/aggregators/scaffold.rhai"),
     ),
 ];
 
@@ -192,7 +232,8 @@ impl std::fmt::Debug for ScriptAggregator {
 }
 
 impl ScriptAggregator {
-    /// Loads and checks the script (it must define `aggregate` with three parameters).
+    /// Loads and checks the script (it must define `aggregate_fit` or
+    /// `aggregate`, with three parameters).
     pub fn new(
         host: ScriptHost,
         source: &ScriptSource,
@@ -200,7 +241,15 @@ impl ScriptAggregator {
     ) -> Result<Self, ScriptError> {
         let script = ScriptFile::from_source(&host, source)?;
         let name = script.name().to_string();
-        script.require_fn("aggregate", 3)?;
+        if !script.has_fn("aggregate_fit", 3) {
+            script.require_fn("aggregate", 3).map_err(|mut e| {
+                e.message = e.message.replace(
+                    "no function `aggregate`",
+                    "no function `aggregate_fit` (or `aggregate`)",
+                );
+                e
+            })?;
+        }
         let hp = ScriptSection {
             script: None,
             params: params.clone(),
@@ -226,38 +275,111 @@ impl ScriptAggregator {
         self.fallbacks
     }
 
-    fn run_script(
+    /// Calls hook `name` (if the script defines it with `args`' arity) and
+    /// reads its result with `read`; a failure of either rolls `this` back
+    /// and, under the `skip` policy, gives `fallback()` instead. `Ok(None)`:
+    /// the script does not define the hook.
+    fn hook<T>(
         &mut self,
-        global: &ParamSet,
-        updates: &[&ClientUpdate],
-        round: u64,
-    ) -> Result<ParamSet, ScriptError> {
-        let doing = format!("aggregate, round {round}");
+        (name, round): (&str, u64),
+        args: impl rhai::FuncArgs,
+        arity: usize,
+        read: impl FnOnce(Dynamic) -> Result<T, String>,
+        fallback: impl FnOnce() -> Result<T, AggregateError>,
+    ) -> Result<Option<T>, AggregateError> {
+        if !self.script.has_fn(name, arity) {
+            return Ok(None);
+        }
+        let doing = format!("{name}, round {round}");
         if let Some(map) = self.state.write_lock::<Map>().as_deref_mut() {
             map.insert("hp".into(), Dynamic::from_map(self.hp.clone()));
         }
-        let list: Array = updates.iter().map(|&u| Dynamic::from(u.clone())).collect();
-        let out = self.host.call(
-            &self.script,
-            "aggregate",
-            &mut self.state,
-            (global.clone(), list, round as i64),
-            &doing,
-        )?;
-        let located =
-            |message: String| ScriptError::unplaced(self.script.origin(), message, &doing);
-        let type_name = out.type_name().to_string();
-        let next = out.try_cast::<ParamSet>().ok_or_else(|| {
-            located(format!(
-                "`aggregate` must return a ParamSet, it returned {type_name}"
-            ))
-        })?;
-        global
-            .check_compatible(&next)
-            .and_then(|()| next.check_finite())
-            .map_err(|e| located(format!("`aggregate` returned unusable parameters: {e}")))?;
-        Ok(next)
+        let before = self.state.clone();
+        let result = self
+            .host
+            .call(&self.script, name, &mut self.state, args, &doing)
+            .and_then(|out| {
+                read(out).map_err(|m| ScriptError::unplaced(self.script.origin(), m, &doing))
+            });
+        match result {
+            Ok(v) => Ok(Some(v)),
+            Err(e) => {
+                self.state = before;
+                match self.host.policy() {
+                    OnScriptError::Fail => Err(AggregateError::Other(e.to_string())),
+                    OnScriptError::Skip => {
+                        self.fallbacks += 1;
+                        tracing::warn!("{e}; the native default stands in (scripting.on_script_error = \"skip\")");
+                        fallback().map(Some)
+                    }
+                }
+            }
+        }
     }
+
+    fn refresh(&mut self, round: u64) {
+        match self.script.refresh(&self.host) {
+            Ok(true) => tracing::info!(
+                script = self.script.origin(),
+                round,
+                "script changed on disk: the new version runs from this round on"
+            ),
+            Ok(false) => {}
+            Err(e) => tracing::warn!("{e}; the previous version of the script stays in force"),
+        }
+    }
+}
+
+/// A script's map of numbers (`on_round_end`, `aggregate_evaluate`); nothing is an empty map.
+fn read_numbers(out: Dynamic, hook: &str) -> Result<BTreeMap<String, f64>, String> {
+    if out.is_unit() {
+        return Ok(BTreeMap::new());
+    }
+    let type_name = out.type_name().to_string();
+    let map = out
+        .try_cast::<Map>()
+        .ok_or_else(|| format!("`{hook}` must return a map of numbers, it returned {type_name}"))?;
+    map.into_iter()
+        .map(|(k, v)| {
+            let x = v
+                .as_float()
+                .ok()
+                .or_else(|| v.as_int().ok().map(|i| i as f64))
+                .filter(|x| x.is_finite())
+                .ok_or_else(|| format!("`{hook}`: `{k}` is not a finite number"))?;
+            Ok((k.to_string(), x))
+        })
+        .collect()
+}
+
+/// What `configure_fit` returned: an instruction or a bare client id per client.
+fn read_instructions(out: Dynamic) -> Result<Vec<FitInstruction>, String> {
+    let type_name = out.type_name().to_string();
+    let list = out.try_cast::<Array>().ok_or_else(|| {
+        format!("`configure_fit` must return an array of fit_ins(…) or client ids, it returned {type_name}")
+    })?;
+    list.into_iter()
+        .enumerate()
+        .map(|(i, item)| {
+            if let Some(ins) = item.clone().try_cast::<FitInstruction>() {
+                return Ok(ins);
+            }
+            match item.as_int().ok().and_then(|c| u32::try_from(c).ok()) {
+                Some(c) => Ok(FitInstruction::plain(c)),
+                None => Err(format!(
+                    "`configure_fit`: element {i} is a {}, neither fit_ins(…) nor a client id",
+                    item.type_name()
+                )),
+            }
+        })
+        .collect()
+}
+
+fn client_ids(clients: &[u32]) -> Array {
+    clients
+        .iter()
+        .map(|&c| Dynamic::from(i64::from(c)))
+        .collect()
 }
 
 impl Aggregator for ScriptAggregator {
@@ -274,33 +396,143 @@ impl Aggregator for ScriptAggregator {
         if updates.is_empty() {
             return Err(AggregateError::Empty);
         }
-        match self.script.refresh(&self.host) {
-            Ok(true) => tracing::info!(
-                script = self.script.origin(),
-                round,
-                "script changed on disk: the new version aggregates from this round on"
-            ),
-            Ok(false) => {}
-            Err(e) => tracing::warn!("{e}; the previous version of the script stays in force"),
-        }
+        self.refresh(round);
         // Client-id order, as the native aggregators use; only references are sorted.
         let mut ordered: Vec<&ClientUpdate> = updates.iter().collect();
         ordered.sort_by_key(|u| u.client);
-        let state_before = self.state.clone();
-        match self.run_script(global, &ordered, round) {
-            Ok(next) => Ok(next),
-            Err(e) => {
-                self.state = state_before;
-                match self.host.policy() {
-                    OnScriptError::Fail => Err(AggregateError::Other(e.to_string())),
-                    OnScriptError::Skip => {
-                        self.fallbacks += 1;
-                        tracing::warn!("{e}; this round falls back to native FedAvg (scripting.on_script_error = \"skip\")");
-                        fedavg_of(&ordered)
-                    }
-                }
-            }
-        }
+        let name = if self.script.has_fn("aggregate_fit", 3) {
+            "aggregate_fit"
+        } else {
+            "aggregate"
+        };
+        let list: Array = ordered.iter().map(|&u| Dynamic::from(u.clone())).collect();
+        let read = |out: Dynamic| {
+            let type_name = out.type_name().to_string();
+            let next = out.try_cast::<ParamSet>().ok_or_else(|| {
+                format!("`{name}` must return a ParamSet, it returned {type_name}")
+            })?;
+            global
+                .check_compatible(&next)
+                .and_then(|()| next.check_finite())
+                .map_err(|e| format!("`{name}` returned unusable parameters: {e}"))?;
+            Ok(next)
+        };
+        let args = (global.clone(), list, round as i64);
+        let next = self.hook((name, round), args, 3, read, || fedavg_of(&ordered))?;
+        Ok(next.expect("the script defines its aggregation"))
+    }
+
+    fn on_round_start(&mut self, round: u64) -> Result<(), AggregateError> {
+        self.refresh(round);
+        self.hook(
+            ("on_round_start", round),
+            (round as i64,),
+            1,
+            |_| Ok(()),
+            || Ok(()),
+        )?;
+        Ok(())
+    }
+
+    fn sample(
+        &mut self,
+        round: u64,
+        joined: &[u32],
+        default: Vec<u32>,
+    ) -> Result<Vec<u32>, AggregateError> {
+        let read = |out: Dynamic| {
+            let type_name = out.type_name().to_string();
+            let list = out.try_cast::<Array>().ok_or_else(|| {
+                format!("`sample` must return an array of client ids, it returned {type_name}")
+            })?;
+            list.into_iter()
+                .map(|c| {
+                    c.as_int()
+                        .ok()
+                        .and_then(|c| u32::try_from(c).ok())
+                        .filter(|c| joined.contains(c))
+                        .ok_or_else(|| {
+                            format!(
+                                "`sample` returned {c}, which is not a joined client ({joined:?})"
+                            )
+                        })
+                })
+                .collect()
+        };
+        let fallback = default.clone();
+        let args = (client_ids(joined), round as i64);
+        Ok(self
+            .hook(("sample", round), args, 2, read, || Ok(fallback))?
+            .unwrap_or(default))
+    }
+
+    fn configure_fit(
+        &mut self,
+        global: &ParamSet,
+        clients: &[u32],
+        round: u64,
+    ) -> Result<Vec<FitInstruction>, AggregateError> {
+        let plain = || {
+            clients
+                .iter()
+                .map(|&c| FitInstruction::plain(c))
+                .collect::<Vec<_>>()
+        };
+        let _checks = super::api::FitRound::start(clients.to_vec(), global.clone());
+        let args = (global.clone(), client_ids(clients), round as i64);
+        Ok(self
+            .hook(("configure_fit", round), args, 3, read_instructions, || {
+                Ok(plain())
+            })?
+            .unwrap_or_else(plain))
+    }
+
+    fn on_round_end(
+        &mut self,
+        global: &ParamSet,
+        round: u64,
+    ) -> Result<BTreeMap<String, f64>, AggregateError> {
+        let args = (global.clone(), round as i64);
+        let read = |out| read_numbers(out, "on_round_end");
+        Ok(self
+            .hook(("on_round_end", round), args, 2, read, || {
+                Ok(BTreeMap::new())
+            })?
+            .unwrap_or_default())
+    }
+
+    fn aggregate_evaluate(
+        &mut self,
+        results: &[ClientEval],
+        round: u64,
+    ) -> Result<BTreeMap<String, f64>, AggregateError> {
+        let list: Array = results
+            .iter()
+            .map(|r| {
+                let mut m = Map::new();
+                m.insert("client".into(), Dynamic::from(i64::from(r.client)));
+                m.insert("split".into(), Dynamic::from(r.split.clone()));
+                m.insert("loss".into(), Dynamic::from(r.loss));
+                m.insert("samples".into(), Dynamic::from(r.samples as i64));
+                let metrics: Map = r
+                    .metrics
+                    .iter()
+                    .map(|(k, v)| (k.as_str().into(), Dynamic::from(*v)))
+                    .collect();
+                m.insert("metrics".into(), Dynamic::from_map(metrics));
+                Dynamic::from_map(m)
+            })
+            .collect();
+        let read = |out| read_numbers(out, "aggregate_evaluate");
+        Ok(self
+            .hook(
+                ("aggregate_evaluate", round),
+                (list, round as i64),
+                2,
+                read,
+                || Ok(BTreeMap::new()),
+            )?
+            .unwrap_or_default())
     }
 
     fn save_state(&self) -> Result<Option<Vec<u8>>, AggregateError> {
@@ -342,11 +574,7 @@ mod tests {
     fn update(client: u32, n: u64, w: &[f32]) -> ClientUpdate {
         let mut params = ParamSet::new();
         params.insert("w", vec![w.len()], w.to_vec()).unwrap();
-        ClientUpdate {
-            client,
-            n_samples: n,
-            params,
-        }
+        ClientUpdate::new(client, n, params)
     }
 
     fn built_in(name: &str, hp: &str) -> ScriptAggregator {
@@ -617,7 +845,8 @@ mod tests {
         };
         let err = ScriptAggregator::new(host, &source, &toml::Table::new()).unwrap_err();
         assert!(
-            err.message.contains("no function `aggregate` with 3"),
+            err.message
+                .contains("no function `aggregate_fit` (or `aggregate`) with 3"),
             "{err}"
         );
     }

@@ -17,11 +17,36 @@
 //! `map_tensors(p, |name, t| …)` (per-tensor map by name), `len(p)`.
 //! On `Tensor`: `shape(t)`.
 //! On an array of `Update`s: `weighted_mean(updates)` (FedAvg, bit-identical to
-//! the native one), `median(updates)`, `trimmed_mean(updates, beta)`.
+//! the native one), `median(updates)`, `trimmed_mean(updates, beta)`,
+//! `closest_to_median(updates, beta)` (Bulyan's coordinate rule). An `Update` also has `.local_steps` and `.train_loss` (`()` when the
+//! client did not say), `.metrics` and `.config` (maps) and `.extra` (the
+//! `ParamSet` of extra tensors it sent back).
+//!
+//! Building parameter sets: `param_set()` (empty), `p.put(name, t)` (add or
+//! replace, any shape), `p.remove(name)`, `p.contains(name)`,
+//! `with_extra(p, extra)` (adds `extra`'s tensors as `extra/NAME`).
+//!
+//! Matrices (2-D tensors; computed in `f64`, stored as `f32`):
+//! `tensor(shape, values)`, `zeros(shape)`, `eye(n)`, `diag(v)`,
+//! `matmul(a, b)`, `transpose(t)`, `reshape(t, shape)`,
+//! `slice(t, dim, start, end)`, `concat(a, b, dim)`, `concat([t…], dim)`,
+//! `qr(t)` → `#{Q, R}` (thin), `svd(t, r)` → `#{U, S, V}` with
+//! `t ≈ U·diag(S)·Vᵀ` truncated to rank `r`, `values(t)` (an array),
+//! `at(t, i, j)`. `lora_pairs(p)` → one map per LoRA module with PEFT's
+//! names: `#{module, a, b, A, B, r}`.
+//!
+//! In `configure_fit`, `fit_ins(client)`, `fit_ins(client, config)` and
+//! `fit_ins(client, config, params)` make one client's instruction; a client
+//! not sampled this round, a config value that is not a number, string or
+//! boolean, or parameters the client could not load (other names, shapes
+//! other than a LoRA rank, NaN) fail at that line.
 
 use rhai::{Array, Dynamic, Engine, EvalAltResult, FnPtr, NativeCallContext, Position, INT};
 
-use crate::aggregate::{self, ClientUpdate};
+use rhai::Map;
+
+use crate::aggregate::{self, ClientUpdate, FitConfig, FitInstruction};
+use crate::linalg::{self, Matrix};
 use crate::params::{ParamSet, ParamTensor};
 
 /// The script-side name of one tensor.
@@ -134,10 +159,397 @@ pub fn register(engine: &mut Engine) {
     engine.register_type_with_name::<ParamSet>("ParamSet");
     engine.register_type_with_name::<ParamTensor>("Tensor");
     engine.register_type_with_name::<ClientUpdate>("Update");
+    engine.register_type_with_name::<FitInstruction>("FitIns");
     register_elementwise::<ParamSet>(engine);
     register_elementwise::<ParamTensor>(engine);
     register_param_set(engine);
     register_updates(engine);
+    register_matrices(engine);
+    register_fit_ins(engine);
+}
+
+thread_local! {
+    /// While `configure_fit` runs: the round's sampled clients and the
+    /// global parameters, which `fit_ins` checks against.
+    static FIT_ROUND: std::cell::RefCell<Option<(Vec<u32>, ParamSet)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The sampled clients and global parameters `fit_ins` checks against,
+/// while this guard lives.
+pub(crate) struct FitRound;
+
+impl FitRound {
+    /// Starts checking instructions against `clients` and `global`.
+    pub(crate) fn start(clients: Vec<u32>, global: ParamSet) -> Self {
+        FIT_ROUND.with(|f| *f.borrow_mut() = Some((clients, global)));
+        Self
+    }
+}
+
+impl Drop for FitRound {
+    fn drop(&mut self) {
+        FIT_ROUND.with(|f| *f.borrow_mut() = None);
+    }
+}
+
+/// A script value as a config value: a number, string or boolean.
+pub fn config_value(key: &str, v: &Dynamic) -> Result<serde_json::Value, String> {
+    if let Some(i) = v.clone().try_cast::<INT>() {
+        return Ok(i.into());
+    }
+    if let Some(x) = v.clone().try_cast::<f64>() {
+        return serde_json::Number::from_f64(x)
+            .map(serde_json::Value::Number)
+            .ok_or_else(|| format!("config `{key}` is {x}, not a finite number"));
+    }
+    if let Some(b) = v.clone().try_cast::<bool>() {
+        return Ok(b.into());
+    }
+    if v.is_string() {
+        return Ok(v.to_string().into());
+    }
+    Err(format!(
+        "config `{key}` is a {}; a config holds numbers, strings and booleans",
+        v.type_name()
+    ))
+}
+
+/// A config as a script map.
+pub fn config_map(config: &FitConfig) -> Map {
+    config
+        .iter()
+        .map(|(k, v)| {
+            let d = match v {
+                serde_json::Value::Bool(b) => Dynamic::from(*b),
+                serde_json::Value::Number(n) => match n.as_i64() {
+                    Some(i) => Dynamic::from(i),
+                    None => Dynamic::from(n.as_f64().unwrap_or(f64::NAN)),
+                },
+                serde_json::Value::String(s) => Dynamic::from(s.clone()),
+                other => Dynamic::from(other.to_string()),
+            };
+            (k.as_str().into(), d)
+        })
+        .collect()
+}
+
+fn fit_ins(client: INT, config: Map, params: Option<ParamSet>) -> Res<FitInstruction> {
+    let client =
+        u32::try_from(client).or_else(|_| fail(format!("fit_ins: {client} is not a client id")))?;
+    let mut cfg = FitConfig::new();
+    for (k, v) in &config {
+        cfg.insert(k.to_string(), config_value(k, v).or_else(fail)?);
+    }
+    FIT_ROUND.with(|f| -> Res<()> {
+        let f = f.borrow();
+        let Some((clients, global)) = f.as_ref() else {
+            return Ok(());
+        };
+        if !clients.contains(&client) {
+            return fail(format!(
+                "fit_ins: client {client} is not among this round's sampled clients {clients:?}"
+            ));
+        }
+        if let Some(p) = &params {
+            aggregate::check_payload(global, p)
+                .and_then(|()| p.check_finite().map_err(|e| e.to_string()))
+                .or_else(|e| fail(format!("fit_ins: client {client}'s parameters: {e}")))?;
+        }
+        Ok(())
+    })?;
+    Ok(FitInstruction {
+        client,
+        config: cfg,
+        params,
+    })
+}
+
+fn register_fit_ins(engine: &mut Engine) {
+    engine.register_fn("fit_ins", |c: INT| fit_ins(c, Map::new(), None));
+    engine.register_fn("fit_ins", |c: INT, cfg: Map| fit_ins(c, cfg, None));
+    engine.register_fn("fit_ins", |c: INT, cfg: Map, p: ParamSet| {
+        fit_ins(c, cfg, Some(p))
+    });
+    engine.register_get("client", |i: &mut FitInstruction| INT::from(i.client));
+    engine.register_get("config", |i: &mut FitInstruction| config_map(&i.config));
+    engine.register_fn("to_string", |i: &mut FitInstruction| {
+        format!("FitIns(client {}, config {:?})", i.client, i.config)
+    });
+}
+
+fn matrix(t: &ParamTensor, what: &str) -> Res<Matrix> {
+    match t.shape() {
+        [r, c] => Ok(
+            Matrix::from_rows(*r, *c, t.data().iter().map(|&x| f64::from(x)).collect())
+                .expect("a tensor's data fits its shape"),
+        ),
+        other => fail(format!("{what}: needs a 2-D tensor, got shape {other:?}")),
+    }
+}
+
+fn from_matrix(m: &Matrix) -> Res<ParamTensor> {
+    charge(m.data.len())?;
+    ParamTensor::new(
+        vec![m.rows, m.cols],
+        m.data.iter().map(|&x| x as f32).collect(),
+    )
+    .or_else(|e| fail(e.to_string()))
+}
+
+fn dims(shape: &Array, what: &str) -> Res<Vec<usize>> {
+    let dims: Vec<usize> = shape
+        .iter()
+        .map(|d| d.as_int().ok().and_then(|d| usize::try_from(d).ok()))
+        .collect::<Option<_>>()
+        .map_or_else(
+            || {
+                fail(format!(
+                    "{what}: a shape is an array of non-negative integers"
+                ))
+            },
+            Ok,
+        )?;
+    let n = crate::params::element_count(&dims)
+        .map_or_else(|| fail(format!("{what}: shape {dims:?} is too large")), Ok)?;
+    charge(n)?;
+    Ok(dims)
+}
+
+fn new_tensor(shape: Vec<usize>, data: Vec<f32>) -> Res<ParamTensor> {
+    ParamTensor::new(shape, data).or_else(|e| fail(e.to_string()))
+}
+
+fn index(i: INT, len: usize, what: &str) -> Res<usize> {
+    usize::try_from(i)
+        .ok()
+        .filter(|&i| i <= len)
+        .map_or_else(|| fail(format!("{what}: {i} is outside 0..={len}")), Ok)
+}
+
+/// `t[.., start..end, ..]` along `dim`.
+fn slice(t: &ParamTensor, dim: usize, start: usize, end: usize) -> Res<ParamTensor> {
+    let shape = t.shape();
+    let outer: usize = shape[..dim].iter().product();
+    let inner: usize = shape[dim + 1..].iter().product();
+    let len = shape[dim];
+    let mut out_shape = shape.to_vec();
+    out_shape[dim] = end - start;
+    charge(outer * (end - start) * inner)?;
+    let mut data = Vec::with_capacity(outer * (end - start) * inner);
+    for o in 0..outer {
+        let base = o * len * inner;
+        data.extend_from_slice(&t.data()[base + start * inner..base + end * inner]);
+    }
+    new_tensor(out_shape, data)
+}
+
+/// The tensors of `parts` joined along `dim` (all other dimensions equal).
+fn concat(parts: &[ParamTensor], dim: usize) -> Res<ParamTensor> {
+    let Some(first) = parts.first() else {
+        return fail("concat: nothing to join");
+    };
+    let shape = first.shape();
+    if dim >= shape.len() {
+        return fail(format!(
+            "concat: dimension {dim} of a {}-D tensor",
+            shape.len()
+        ));
+    }
+    for p in parts {
+        let same = p.shape().len() == shape.len()
+            && (0..shape.len()).all(|d| d == dim || p.shape()[d] == shape[d]);
+        if !same {
+            return fail(format!(
+                "concat: shapes {shape:?} and {:?} differ beyond dimension {dim}",
+                p.shape()
+            ));
+        }
+    }
+    let outer: usize = shape[..dim].iter().product();
+    let inner: usize = shape[dim + 1..].iter().product();
+    let total: usize = parts.iter().map(|p| p.shape()[dim]).sum();
+    charge(outer * total * inner)?;
+    let mut data = Vec::with_capacity(outer * total * inner);
+    for o in 0..outer {
+        for p in parts {
+            let chunk = p.shape()[dim] * inner;
+            data.extend_from_slice(&p.data()[o * chunk..(o + 1) * chunk]);
+        }
+    }
+    let mut out_shape = shape.to_vec();
+    out_shape[dim] = total;
+    new_tensor(out_shape, data)
+}
+
+fn register_matrices(engine: &mut Engine) {
+    engine.register_fn(
+        "tensor",
+        |shape: Array, values: Array| -> Res<ParamTensor> {
+            let dims = dims(&shape, "tensor")?;
+            let data: Vec<f32> = values
+                .iter()
+                .map(|v| {
+                    v.as_float()
+                        .ok()
+                        .or_else(|| v.as_int().ok().map(|i| i as f64))
+                })
+                .map(|v| v.map(|v| v as f32))
+                .collect::<Option<_>>()
+                .map_or_else(|| fail("tensor: the values must be numbers"), Ok)?;
+            new_tensor(dims, data)
+        },
+    );
+    engine.register_fn("zeros", |shape: Array| -> Res<ParamTensor> {
+        let dims = dims(&shape, "zeros")?;
+        ParamTensor::zeros(dims).or_else(|e| fail(e.to_string()))
+    });
+    engine.register_fn("eye", |n: INT| -> Res<ParamTensor> {
+        let n = index(n, 1 << 14, "eye")?;
+        from_matrix(&Matrix::eye(n))
+    });
+    engine.register_fn("diag", |v: &mut ParamTensor| -> Res<ParamTensor> {
+        if v.shape().len() != 1 {
+            return fail(format!(
+                "diag: needs a 1-D tensor, got shape {:?}",
+                v.shape()
+            ));
+        }
+        let n = v.len();
+        let mut m = Matrix::zeros(n, n);
+        for (i, &x) in v.data().iter().enumerate() {
+            m.data[i * n + i] = f64::from(x);
+        }
+        from_matrix(&m)
+    });
+    engine.register_fn(
+        "matmul",
+        |a: &mut ParamTensor, b: ParamTensor| -> Res<ParamTensor> {
+            let (ma, mb) = (matrix(a, "matmul")?, matrix(&b, "matmul")?);
+            match ma.matmul(&mb) {
+                Some(m) => from_matrix(&m),
+                None => fail(format!(
+                    "matmul: shapes {:?} and {:?} do not chain",
+                    a.shape(),
+                    b.shape()
+                )),
+            }
+        },
+    );
+    engine.register_fn("transpose", |t: &mut ParamTensor| -> Res<ParamTensor> {
+        from_matrix(&matrix(t, "transpose")?.transpose())
+    });
+    engine.register_fn(
+        "reshape",
+        |t: &mut ParamTensor, shape: Array| -> Res<ParamTensor> {
+            let dims = dims(&shape, "reshape")?;
+            if crate::params::element_count(&dims) != Some(t.len()) {
+                return fail(format!(
+                    "reshape: {} elements do not fit shape {dims:?}",
+                    t.len()
+                ));
+            }
+            new_tensor(dims, t.data().to_vec())
+        },
+    );
+    engine.register_fn(
+        "slice",
+        |t: &mut ParamTensor, dim: INT, start: INT, end: INT| -> Res<ParamTensor> {
+            let dim = index(dim, t.shape().len().saturating_sub(1), "slice (dimension)")?;
+            if dim >= t.shape().len() {
+                return fail("slice: a scalar has no dimension to slice");
+            }
+            let len = t.shape()[dim];
+            let (start, end) = (
+                index(start, len, "slice (start)")?,
+                index(end, len, "slice (end)")?,
+            );
+            if start > end {
+                return fail(format!("slice: start {start} is after end {end}"));
+            }
+            slice(t, dim, start, end)
+        },
+    );
+    engine.register_fn("concat", |a: &mut ParamTensor, b: ParamTensor, dim: INT| {
+        let dim = usize::try_from(dim).unwrap_or(usize::MAX);
+        concat(&[a.clone(), b], dim)
+    });
+    engine.register_fn("concat", |parts: Array, dim: INT| -> Res<ParamTensor> {
+        let parts: Vec<ParamTensor> = parts
+            .into_iter()
+            .map(|p| p.try_cast::<ParamTensor>())
+            .collect::<Option<_>>()
+            .map_or_else(|| fail("concat: the array must hold tensors"), Ok)?;
+        concat(&parts, usize::try_from(dim).unwrap_or(usize::MAX))
+    });
+    engine.register_fn("qr", |t: &mut ParamTensor| -> Res<Map> {
+        let (q, r) = linalg::qr(&matrix(t, "qr")?);
+        let mut out = Map::new();
+        out.insert("Q".into(), Dynamic::from(from_matrix(&q)?));
+        out.insert("R".into(), Dynamic::from(from_matrix(&r)?));
+        Ok(out)
+    });
+    engine.register_fn("svd", |t: &mut ParamTensor, rank: INT| -> Res<Map> {
+        let m = matrix(t, "svd")?;
+        let rank = usize::try_from(rank)
+            .ok()
+            .filter(|&r| r >= 1)
+            .map_or_else(|| fail(format!("svd: the rank must be at least 1, got {rank}")), Ok)?;
+        // One-sided Jacobi costs ~10·rows·cols² operations: keep it to what
+        // strategies need (a module's factors, not a whole model).
+        let (small, large) = (m.rows.min(m.cols), m.rows.max(m.cols));
+        if small.saturating_mul(small).saturating_mul(large) > 1 << 31 {
+            return fail(format!(
+                "svd: a {}×{} matrix is too large to decompose here; decompose the small core of its factors (qr of each, then svd of R_B·R_Aᵀ)",
+                m.rows, m.cols
+            ));
+        }
+        let d = linalg::svd(&m, rank);
+        let mut out = Map::new();
+        out.insert("U".into(), Dynamic::from(from_matrix(&d.u)?));
+        let s: Vec<f32> = d.s.iter().map(|&x| x as f32).collect();
+        out.insert("S".into(), Dynamic::from(new_tensor(vec![s.len()], s)?));
+        out.insert("V".into(), Dynamic::from(from_matrix(&d.v)?));
+        Ok(out)
+    });
+    engine.register_fn("values", |t: &mut ParamTensor| -> Array {
+        t.data()
+            .iter()
+            .map(|&x| Dynamic::from(f64::from(x)))
+            .collect()
+    });
+    engine.register_fn("at", |t: &mut ParamTensor, i: INT, j: INT| -> Res<f64> {
+        let [rows, cols] = t.shape() else {
+            return fail(format!("at: needs a 2-D tensor, got shape {:?}", t.shape()));
+        };
+        let (rows, cols) = (*rows, *cols);
+        match (usize::try_from(i), usize::try_from(j)) {
+            (Ok(i), Ok(j)) if i < rows && j < cols => Ok(f64::from(t.data()[i * cols + j])),
+            _ => fail(format!("at: ({i}, {j}) is outside {rows}×{cols}")),
+        }
+    });
+    engine.register_fn("lora_pairs", |p: &mut ParamSet| -> Res<Array> {
+        let mut out = Array::new();
+        for pair in aggregate::lora_pairs(p) {
+            let (a, b) = (
+                p.get(&pair.a).expect("paired"),
+                p.get(&pair.b).expect("paired"),
+            );
+            charge(a.len() + b.len())?;
+            let mut m = Map::new();
+            m.insert(
+                "r".into(),
+                Dynamic::from(a.shape().first().copied().unwrap_or(0) as INT),
+            );
+            m.insert("module".into(), Dynamic::from(pair.module));
+            m.insert("a".into(), Dynamic::from(pair.a));
+            m.insert("b".into(), Dynamic::from(pair.b));
+            m.insert("A".into(), Dynamic::from(a.clone()));
+            m.insert("B".into(), Dynamic::from(b.clone()));
+            out.push(Dynamic::from_map(m));
+        }
+        Ok(out)
+    });
 }
 
 type BinaryOp = fn(f32, f32) -> f32;
@@ -225,6 +637,29 @@ fn describe<T: Elementwise>(a: &T) -> String {
 
 fn register_param_set(engine: &mut Engine) {
     engine.register_fn("len", |p: &mut ParamSet| p.len() as INT);
+    engine.register_fn("param_set", ParamSet::new);
+    engine.register_fn("put", |p: &mut ParamSet, name: &str, t: ParamTensor| {
+        p.insert_tensor(name, t);
+    });
+    engine.register_fn(
+        "remove",
+        |p: &mut ParamSet, name: &str| -> Res<ParamTensor> {
+            p.remove(name).map_or_else(
+                || fail(format!("no tensor named `{name}` in this ParamSet")),
+                Ok,
+            )
+        },
+    );
+    engine.register_fn("contains", |p: &mut ParamSet, name: &str| {
+        p.get(name).is_some()
+    });
+    engine.register_fn(
+        "with_extra",
+        |p: &mut ParamSet, extra: ParamSet| -> Res<ParamSet> {
+            charge(p.num_elements() + extra.num_elements())?;
+            Ok(aggregate::join_extra(p.clone(), &extra))
+        },
+    );
     engine.register_fn("names", |p: &mut ParamSet| {
         p.names()
             .map(|n| Dynamic::from(n.to_string()))
@@ -288,6 +723,24 @@ fn register_updates(engine: &mut Engine) {
         charge(u.params.num_elements())?;
         Ok(u.params.clone())
     });
+    engine.register_get("extra", |u: &mut ClientUpdate| -> Res<ParamSet> {
+        charge(u.extra.num_elements())?;
+        Ok(u.extra.clone())
+    });
+    engine.register_get("local_steps", |u: &mut ClientUpdate| {
+        u.local_steps
+            .map_or(Dynamic::UNIT, |n| Dynamic::from(n as INT))
+    });
+    engine.register_get("train_loss", |u: &mut ClientUpdate| {
+        u.train_loss.map_or(Dynamic::UNIT, Dynamic::from)
+    });
+    engine.register_get("metrics", |u: &mut ClientUpdate| -> Map {
+        u.metrics
+            .iter()
+            .map(|(k, v)| (k.as_str().into(), Dynamic::from(*v)))
+            .collect()
+    });
+    engine.register_get("config", |u: &mut ClientUpdate| config_map(&u.config));
     engine.register_fn("weighted_mean", |updates: Array| {
         with_updates(&updates, aggregate::fedavg_of)
     });
@@ -296,6 +749,10 @@ fn register_updates(engine: &mut Engine) {
     });
     engine.register_fn("trimmed_mean", |updates: Array, beta: f64| {
         with_updates(&updates, |u| aggregate::trimmed_mean_of(u, beta))
+    });
+    engine.register_fn("closest_to_median", |updates: Array, beta: INT| {
+        let beta = usize::try_from(beta).unwrap_or(0);
+        with_updates(&updates, |u| aggregate::closest_to_median_of(u, beta))
     });
 }
 
@@ -376,6 +833,98 @@ mod tests {
         assert!((n - 21f64.sqrt()).abs() < 1e-12);
         let d: f64 = engine().eval_with_scope(&mut scope, "dot(a, b)").unwrap();
         assert_eq!(d, 3.0 + 8.0 - 1.0);
+    }
+
+    fn floats(script: &str) -> Vec<f64> {
+        let out: Array = engine().eval(&format!("values({script})")).unwrap();
+        out.into_iter().map(|v| v.as_float().unwrap()).collect()
+    }
+
+    #[test]
+    fn matrix_functions_match_hand_computed_values() {
+        let a = "tensor([2, 3], [1, 2, 3, 4, 5, 6])";
+        let b = "tensor([3, 2], [7, 8, 9, 10, 11, 12])";
+        assert_eq!(
+            floats(&format!("matmul({a}, {b})")),
+            [58.0, 64.0, 139.0, 154.0]
+        );
+        assert_eq!(
+            floats(&format!("transpose({a})")),
+            [1.0, 4.0, 2.0, 5.0, 3.0, 6.0]
+        );
+        assert_eq!(
+            floats(&format!("slice({a}, 1, 1, 3)")),
+            [2.0, 3.0, 5.0, 6.0]
+        );
+        assert_eq!(floats(&format!("slice({a}, 0, 1, 2)")), [4.0, 5.0, 6.0]);
+        assert_eq!(
+            floats(&format!("concat({a}, zeros([2, 1]), 1)")),
+            [1.0, 2.0, 3.0, 0.0, 4.0, 5.0, 6.0, 0.0]
+        );
+        assert_eq!(
+            floats(&format!("concat([{a}, eye(3)], 0)")),
+            [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+        );
+        let shape: Array = engine()
+            .eval(&format!("shape(reshape({a}, [3, 2]))"))
+            .unwrap();
+        assert_eq!(
+            shape
+                .iter()
+                .map(|d| d.as_int().unwrap())
+                .collect::<Vec<_>>(),
+            [3, 2]
+        );
+        assert_eq!(floats("diag(tensor([2], [3, 4]))"), [3.0, 0.0, 0.0, 4.0]);
+        // svd of [[3, 0], [4, 5]]: √45 and √5; QR of [[3, 1], [4, 2]]: |R| = 5, 2.2, 0.4.
+        let s = floats("svd(tensor([2, 2], [3, 0, 4, 5]), 2).S");
+        assert!((s[0] - 45f64.sqrt()).abs() < 1e-5 && (s[1] - 5f64.sqrt()).abs() < 1e-5);
+        let rank1 = floats("svd(tensor([2, 2], [3, 0, 4, 5]), 1).U");
+        assert_eq!(rank1.len(), 2);
+        let r = floats("qr(tensor([2, 2], [3, 1, 4, 2])).R");
+        assert!((r[0].abs() - 5.0).abs() < 1e-5 && (r[1].abs() - 2.2).abs() < 1e-5);
+        assert_eq!(r[2], 0.0);
+        assert!((r[3].abs() - 0.4).abs() < 1e-5);
+        let at: f64 = engine().eval(&format!("at({a}, 1, 2)")).unwrap();
+        assert_eq!(at, 6.0);
+        for (bad, says) in [
+            (format!("matmul({a}, {a})"), "do not chain"),
+            (format!("slice({a}, 1, 2, 5)"), "outside"),
+            (format!("reshape({a}, [4, 2])"), "do not fit"),
+            (format!("concat({a}, eye(2), 0)"), "differ beyond"),
+            ("svd(tensor([3], [1, 2, 3]), 1)".to_string(), "2-D"),
+        ] {
+            let err = engine().eval::<Dynamic>(&bad).unwrap_err().to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn lora_pairs_and_param_set_building_use_peft_names() {
+        let mut p = ParamSet::new();
+        p.insert("m.q.lora_A.weight", vec![2, 3], vec![1.0; 6])
+            .unwrap();
+        p.insert("m.q.lora_B.weight", vec![4, 2], vec![2.0; 8])
+            .unwrap();
+        p.insert("m.v.lora_A.weight", vec![2, 3], vec![0.0; 6])
+            .unwrap();
+        let mut scope = rhai::Scope::new();
+        scope.push("p", p);
+        let pairs: Array = engine()
+            .eval_with_scope(&mut scope, "lora_pairs(p)")
+            .unwrap();
+        assert_eq!(pairs.len(), 1, "m.v has no lora_B");
+        let m = pairs[0].clone().cast::<rhai::Map>();
+        assert_eq!(m["module"].to_string(), "m.q");
+        assert_eq!(m["r"].as_int().unwrap(), 2);
+        assert_eq!(m["B"].clone().cast::<ParamTensor>().shape(), [4, 2]);
+        let built: ParamSet = engine()
+            .eval_with_scope(
+                &mut scope,
+                "let q = param_set(); q.put(\"x\", eye(2)); q.put(\"y\", zeros([1])); q.remove(\"y\"); with_extra(q, q)",
+            )
+            .unwrap();
+        assert_eq!(built.names().collect::<Vec<_>>(), ["extra/x", "x"]);
     }
 
     #[test]
