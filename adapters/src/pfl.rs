@@ -11,6 +11,8 @@
 //! | `train_personal(steps, lambda, anchor)` | steps on the client's personal adapter θ with the loss + λ/2‖θ − a‖², where `a` is `"global"` (the adapter received this round) or `"local"` (the sent adapter as it stands now); an optional fifth argument sets its learning rate |
 //! | `pull_to_personal(rate)` | moves the sent adapter towards θ: w ← w − rate·(w − θ) |
 //! | `keep_local(pattern)` | tensors whose PEFT names match the regular expression stay on the client; the server gets its own values back |
+//! | `freeze(pattern)` | the sent adapter's tensors whose PEFT names match do not train in this fit (FFA-LoRA freezes `lora_A`) |
+//! | `train_only(pattern)` | only the sent adapter's tensors whose PEFT names match train in this fit |
 //!
 //! `ctx` holds `round`, `client`, `local_steps`, `samples`, `lr` and
 //! `has_personal`. A client with a personal adapter is evaluated with it. As
@@ -39,13 +41,15 @@ use serde::{Deserialize, Serialize};
 use crate::hooks::PerClientScript;
 
 /// The pFL scripts shipped in `scripts/pfl/`.
-pub const BUILT_IN_PFL: [(&str, &str); 3] = [
+pub const BUILT_IN_PFL: [(&str, &str); 5] = [
     ("ditto", include_str!("../scripts/pfl/ditto.rhai")),
     ("pfedme", include_str!("../scripts/pfl/pfedme.rhai")),
     (
         "local_adapter",
         include_str!("../scripts/pfl/local_adapter.rhai"),
     ),
+    ("ffa_lora", include_str!("../scripts/pfl/ffa_lora.rhai")),
+    ("fedsa_lora", include_str!("../scripts/pfl/fedsa_lora.rhai")),
 ];
 
 /// Why the `[pfl]` section cannot be used.
@@ -212,6 +216,13 @@ pub enum FitOp {
         /// A regular expression over PEFT tensor names.
         pattern: String,
     },
+    /// Which of the sent adapter's tensors train in this fit's `train` steps.
+    Trainable {
+        /// A regular expression over PEFT tensor names.
+        pattern: String,
+        /// True: only the matching tensors train; false: the matching ones are frozen.
+        only: bool,
+    },
 }
 
 impl FitOp {
@@ -300,6 +311,19 @@ pub fn register_pfl_api(engine: &mut Engine) {
         }
         Ok(FitOp::PullToPersonal { rate })
     });
+    for (name, only) in [("train_only", true), ("freeze", false)] {
+        engine.register_fn(name, move |pattern: &str| {
+            regex::Regex::new(pattern).map_err(|e| {
+                runtime_err(format!(
+                    "{name}: {pattern:?} is not a regular expression: {e}"
+                ))
+            })?;
+            Ok::<_, Box<EvalAltResult>>(FitOp::Trainable {
+                pattern: pattern.to_string(),
+                only,
+            })
+        });
+    }
     engine.register_fn("keep_local", |pattern: &str| {
         if pattern.is_empty() {
             return Err(runtime_err(

@@ -210,15 +210,22 @@ impl LocalTrainer for RoundRobinTrainer {
         global: &ParamSet,
         ctx: &TrainContext,
     ) -> Result<LocalUpdate, TrainerError> {
-        let training = self.training.clone();
+        let training = configured(&self.training, ctx)?;
         let slot = self
             .clients
             .get_mut(&client)
             .ok_or_else(|| format!("this trainer has no data for client {client}"))?;
         let plan = plan_fit(self.pfl.as_mut(), &training, (client, ctx.round), slot)?;
+        let resized = fit_rank(
+            slot,
+            &self.model,
+            &self.spec,
+            global,
+            self.seed ^ u64::from(client),
+        )?;
         slot.lora
             .load_param_set(&with_local(global, slot.local.as_ref()))?;
-        if !training.keep_optimizer_state {
+        if resized || !training.keep_optimizer_state {
             slot.stepper = Stepper::new(slot.lora.as_ref(), training.optim.clone())?;
         }
         let mut bound = match self.hooks.as_mut() {
@@ -252,6 +259,7 @@ impl LocalTrainer for RoundRobinTrainer {
         if done.skipped > 0 {
             metrics.insert("skipped_steps".into(), done.skipped as f64);
         }
+        let steps_taken = done.losses.len();
         // The round's loss: of the sent adapter's steps, or the personal ones when it took none.
         let losses = if done.losses.is_empty() {
             done.personal_losses
@@ -272,6 +280,7 @@ impl LocalTrainer for RoundRobinTrainer {
             n_samples: slot.data.n_samples,
             loss: (!losses.is_empty()).then(|| mean(&losses)),
             metrics,
+            local_steps: Some(steps_taken as u64),
             ..LocalUpdate::default()
         })
     }
@@ -282,12 +291,13 @@ impl LocalTrainer for RoundRobinTrainer {
         global: &ParamSet,
         _ctx: &TrainContext,
     ) -> Result<Vec<SplitEval>, TrainerError> {
-        let model = self.model.clone();
+        let (model, spec, seed) = (self.model.clone(), self.spec.clone(), self.seed);
         let slot = self.slot(client)?;
         // Personalized runs evaluate each client with its own adapter, once it has one.
         let lora: &dyn Adapter = match &slot.personal {
             Some(p) => p.as_ref(),
             None => {
+                fit_rank(slot, &model, &spec, global, seed ^ u64::from(client))?;
                 slot.lora
                     .load_param_set(&with_local(global, slot.local.as_ref()))?;
                 slot.lora.as_ref()
@@ -381,6 +391,63 @@ impl SavedClient {
             && self.hooks.is_none()
             && self.pfl.is_none()
     }
+}
+
+/// The course's local training as the strategy configured it for this fit:
+/// `local_steps` and `lr` from the server's per-client config.
+fn configured(training: &LocalTraining, ctx: &TrainContext) -> Result<LocalTraining, TrainerError> {
+    let mut t = training.clone();
+    if let Some(v) = ctx.config.get("local_steps") {
+        t.local_steps = v
+            .as_u64()
+            .filter(|n| (1..=1_000_000).contains(n))
+            .ok_or_else(|| {
+                format!("the strategy's local_steps = {v} is not a step count in 1..=1000000")
+            })? as usize;
+    }
+    if let Some(v) = ctx.config.get("lr") {
+        t.optim.lr = v
+            .as_f64()
+            .filter(|x| x.is_finite() && *x > 0.0)
+            .ok_or_else(|| format!("the strategy's lr = {v} is not a positive number"))?;
+    }
+    Ok(t)
+}
+
+/// Rebuilds the client's LoRA adapter at the rank of `params` when the
+/// strategy sends it another rank (FlexLoRA, HetLoRA); true if it did.
+fn fit_rank(
+    slot: &mut ClientSlot,
+    model: &Llama,
+    spec: &AdapterSpec,
+    params: &ParamSet,
+    seed: u64,
+) -> Result<bool, TrainerError> {
+    let AdapterSpec::Lora(cfg) = spec else {
+        return Ok(false);
+    };
+    let Some(pair) = fedtune_kernel::aggregate::lora_pairs(params)
+        .into_iter()
+        .next()
+    else {
+        return Ok(false);
+    };
+    let wanted = params.get(&pair.a).map_or(0, |a| a.shape()[0]);
+    let current = slot
+        .lora
+        .named_vars()
+        .into_iter()
+        .find(|(name, _)| *name == pair.a)
+        .map_or(0, |(_, v)| v.dims()[0]);
+    if wanted == current || wanted == 0 {
+        return Ok(false);
+    }
+    let resized = AdapterSpec::Lora(crate::lora::LoraConfig {
+        r: wanted,
+        ..cfg.clone()
+    });
+    slot.lora = resized.build(model, seed)?;
+    Ok(true)
 }
 
 /// The operations of client `client`'s fit in `round`: the pFL script's
@@ -542,6 +609,24 @@ impl Fit<'_> {
                     )?);
                 }
                 FitOp::PullToPersonal { rate } => pull_to_personal(slot, *rate)?,
+                FitOp::Trainable { pattern, only } => {
+                    let re = regex::Regex::new(pattern)?;
+                    let trainable: Vec<String> = slot
+                        .lora
+                        .named_vars()
+                        .into_iter()
+                        .map(|(name, _)| name)
+                        .filter(|name| re.is_match(name) == *only)
+                        .collect();
+                    if trainable.is_empty() {
+                        return Err(format!(
+                            "{}({pattern:?}) leaves no tensor of the adapter to train",
+                            if *only { "train_only" } else { "freeze" }
+                        )
+                        .into());
+                    }
+                    slot.stepper.restrict(slot.lora.as_ref(), &trainable)?;
+                }
                 FitOp::KeepLocal { pattern } => out.keep = Some(pattern.clone()),
             }
         }

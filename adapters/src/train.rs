@@ -284,6 +284,8 @@ pub struct Stepper {
     cfg: TrainConfig,
     optim: Optim,
     steps_taken: usize,
+    /// The names of the variables that train, when not all of them do.
+    trainable: Option<Vec<String>>,
 }
 
 impl Stepper {
@@ -292,7 +294,10 @@ impl Stepper {
         if cfg.grad_accum == 0 {
             candle_core::bail!("grad_accum must be at least 1")
         }
-        let vars = adapter.vars();
+        Self::over(adapter.vars(), cfg)
+    }
+
+    fn over(vars: Vec<candle_core::Var>, cfg: TrainConfig) -> Result<Self> {
         let optim = match cfg.optimizer {
             OptimizerKind::AdamW => Optim::AdamW(AdamW::new(
                 vars,
@@ -310,7 +315,42 @@ impl Stepper {
             cfg,
             optim,
             steps_taken: 0,
+            trainable: None,
         })
+    }
+
+    /// From now on only `adapter`'s variables named in `trainable` train;
+    /// the others keep their values and take no part in the gradient norm.
+    /// The optimizer starts afresh over them (unless they are the ones it
+    /// already steps).
+    pub fn restrict(&mut self, adapter: &dyn Adapter, trainable: &[String]) -> Result<()> {
+        if self.trainable.as_deref() == Some(trainable) {
+            return Ok(());
+        }
+        let vars = adapter
+            .named_vars()
+            .into_iter()
+            .filter(|(name, _)| trainable.contains(name))
+            .map(|(_, v)| v)
+            .collect();
+        let steps_taken = self.steps_taken;
+        *self = Self::over(vars, self.cfg.clone())?;
+        self.steps_taken = steps_taken;
+        self.trainable = Some(trainable.to_vec());
+        Ok(())
+    }
+
+    /// The variables of `adapter` this stepper trains.
+    fn vars_of(&self, adapter: &dyn Adapter) -> Vec<candle_core::Var> {
+        match &self.trainable {
+            None => adapter.vars(),
+            Some(names) => adapter
+                .named_vars()
+                .into_iter()
+                .filter(|(name, _)| names.contains(name))
+                .map(|(_, v)| v)
+                .collect(),
+        }
     }
 
     /// Steps taken since creation.
@@ -358,7 +398,7 @@ impl Stepper {
             )
         }
         let mut lr = self.cfg.lr_at(step, total_steps);
-        let vars = adapter.vars();
+        let vars = self.vars_of(adapter);
         let mut summed: HashMap<TensorId, Tensor> = HashMap::new();
         let mut last: Option<GradStore> = None;
         let mut loss_sum = 0.0;

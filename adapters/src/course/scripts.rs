@@ -31,10 +31,26 @@ pub fn aggregator(course: &CourseFile) -> Result<Box<dyn Aggregator>> {
         return Ok(Box::new(FedAvg));
     };
     let host = ScriptHost::new(&cfg.scripting);
-    let aggregator = ScriptAggregator::new(host, &source, &cfg.aggregator.params)
+    let aggregator = ScriptAggregator::new(host, &source, &strategy_params(course))
         .map_err(|e| at_key(course, key, e))?;
     tracing::info!(script = aggregator.origin(), "aggregation by script");
     Ok(Box::new(aggregator))
+}
+
+/// `[aggregator.params]`, with what a strategy needs to know of the course
+/// and was not set: `num_clients` (SCAFFOLD), and `lora_alpha` of a LoRA
+/// course (FlexLoRA and HetLoRA rescale factors between ranks by it).
+fn strategy_params(course: &CourseFile) -> toml::Table {
+    let mut params = course.cfg.aggregator.params.clone();
+    params
+        .entry("num_clients")
+        .or_insert_with(|| toml::Value::Integer(i64::from(course.cfg.course.clients)));
+    if let Task::Llm(llm) = &course.task {
+        params
+            .entry("lora_alpha")
+            .or_insert_with(|| toml::Value::Float(llm.lora.lora_alpha));
+    }
+    params
 }
 
 /// The `[hooks]` script, if one is configured.
