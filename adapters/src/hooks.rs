@@ -18,6 +18,10 @@
 //! | `ctx.sq_norm()` | the term ‖w‖² (L2 regularization) |
 //! | `ctx.set_lr(x)` | this step's learning rate (`on_batch_start`) |
 //! | `ctx.stop()` | end local training after this step |
+//! | `ctx.linear(p)` | the term Σ ⟨w, p⟩ over the adapter tensors `p` names (its gradient is `p`: SCAFFOLD's correction) |
+//! | `ctx.params()`, `ctx.global()` | the adapter as it stands, and as the server sent it, as `ParamSet`s |
+//! | `ctx.extra` | the extra tensors the server sent with the adapter (names without `extra/`) |
+//! | `ctx.send_extra(p)` | send `p` back to the server beside the adapter, as extra tensors (`on_fit_end`) |
 //!
 //! Terms combine with numbers (`mu / 2.0 * ctx.prox_sq_norm()`, `a + b`) and
 //! `value(term)` reads one. Tensors never cross into the script. As with
@@ -41,8 +45,9 @@ use crate::adapter::Adapter;
 use crate::train::{HookCtx, TrainHooks};
 
 /// The hook scripts shipped in `scripts/hooks/`.
-pub const BUILT_IN_HOOKS: [(&str, &str); 2] = [
+pub const BUILT_IN_HOOKS: [(&str, &str); 3] = [
     ("fedprox", include_str!("../scripts/hooks/fedprox.rhai")),
+    ("scaffold", include_str!("../scripts/hooks/scaffold.rhai")),
     (
         "early_stop",
         include_str!("../scripts/hooks/early_stop.rhai"),
@@ -102,10 +107,16 @@ struct CtxData {
     samples: u64,
     /// The adapter's variables and the anchor (the global adapter) by the same order.
     vars: Arc<Vec<Var>>,
+    names: Arc<Vec<String>>,
     anchor: Arc<Vec<Tensor>>,
+    /// The global adapter and the extra tensors, as the server sent them.
+    global: Arc<ParamSet>,
+    extra: Arc<ParamSet>,
     added: Option<Tensor>,
     set_lr: Option<f64>,
     stop: bool,
+    /// What `ctx.send_extra` set.
+    send_extra: Option<ParamSet>,
 }
 
 impl HookContext {
@@ -126,6 +137,52 @@ impl HookContext {
             None => term.0,
         });
         Ok(())
+    }
+
+    /// `Σ ⟨w, p⟩` over the adapter's tensors that `p` names.
+    fn linear(&mut self, p: ParamSet) -> std::result::Result<LossTerm, Box<EvalAltResult>> {
+        let d = self.lock();
+        let mut total: Option<Tensor> = None;
+        for (name, t) in p.iter() {
+            let i = d.names.iter().position(|n| n == name).ok_or_else(|| {
+                script_err(format!("ctx.linear: the adapter has no tensor `{name}`"))
+            })?;
+            let v = d.vars[i].as_tensor();
+            if v.dims() != t.shape() {
+                return Err(script_err(format!(
+                    "ctx.linear: `{name}` has shape {:?}, the adapter's {:?}",
+                    t.shape(),
+                    v.dims()
+                )));
+            }
+            let term = Tensor::from_slice(t.data(), t.shape(), v.device())
+                .and_then(|c| c.to_dtype(v.dtype()))
+                .and_then(|c| (v * c)?.sum_all())
+                .map_err(script_err)?;
+            total = Some(match total {
+                Some(prev) => (prev + term).map_err(script_err)?,
+                None => term,
+            });
+        }
+        total
+            .map(LossTerm)
+            .ok_or_else(|| script_err("ctx.linear: the ParamSet is empty"))
+    }
+
+    /// The adapter's current values.
+    fn params(&mut self) -> std::result::Result<ParamSet, Box<EvalAltResult>> {
+        let d = self.lock();
+        let mut out = ParamSet::new();
+        for (name, v) in d.names.iter().zip(d.vars.iter()) {
+            let t = v.as_tensor();
+            let data = t
+                .to_dtype(candle_core::DType::F32)
+                .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+                .map_err(script_err)?;
+            out.insert(name.clone(), t.dims().to_vec(), data)
+                .map_err(script_err)?;
+        }
+        Ok(out)
     }
 
     fn sum_sq(&self, minus_anchor: bool) -> std::result::Result<LossTerm, Box<EvalAltResult>> {
@@ -228,6 +285,23 @@ pub fn register_hook_api(engine: &mut Engine) {
         Ok(())
     });
     engine.register_fn("stop", |c: &mut HookContext| c.lock().stop = true);
+    engine.register_fn("linear", HookContext::linear);
+    engine.register_fn("params", HookContext::params);
+    engine.register_fn("global", |c: &mut HookContext| (*c.lock().global).clone());
+    engine.register_get("extra", |c: &mut HookContext| (*c.lock().extra).clone());
+    engine.register_fn("send_extra", |c: &mut HookContext, p: ParamSet| {
+        let mut d = c.lock();
+        if d.phase != "on_fit_end" {
+            return Err(script_err(format!(
+                "ctx.send_extra works in on_fit_end, not in {}",
+                d.phase
+            )));
+        }
+        p.check_finite()
+            .map_err(|e| script_err(format!("ctx.send_extra: {e}")))?;
+        d.send_extra = Some(p);
+        Ok(())
+    });
     engine.register_fn("prox_sq_norm", |c: &mut HookContext| c.sum_sq(true));
     engine.register_fn("sq_norm", |c: &mut HookContext| c.sum_sq(false));
     engine.register_fn("*", |t: &mut LossTerm, x: f64| t.map(|t| t * x));
@@ -440,13 +514,16 @@ impl HookScript {
             samples,
             total_steps,
             vars: Arc::new(vars),
+            names: Arc::new(adapter.named_vars().into_iter().map(|(n, _)| n).collect()),
             anchor: Arc::new(anchor),
+            global: Arc::new(global.clone()),
             ..CtxData::default()
         };
         Ok(BoundHooks {
             script: self,
             base,
             stop_at_start: false,
+            send_extra: None,
         })
     }
 }
@@ -457,9 +534,24 @@ pub struct BoundHooks<'a> {
     base: CtxData,
     /// `ctx.stop()` was called in `on_fit_start`: the fit takes no step.
     stop_at_start: bool,
+    /// What `on_fit_end` sent back with `ctx.send_extra`.
+    send_extra: Option<ParamSet>,
 }
 
 impl BoundHooks<'_> {
+    /// These hooks see `extra`, the tensors the server sent beside the
+    /// adapter, and `lr`, the fit's learning rate, outside the batch hooks too.
+    pub fn with_fit(mut self, extra: &ParamSet, lr: f64) -> Self {
+        self.base.extra = Arc::new(extra.clone());
+        self.base.lr = lr;
+        self
+    }
+
+    /// The extra tensors `on_fit_end` sent back, if any.
+    pub fn take_extra(&mut self) -> Option<ParamSet> {
+        self.send_extra.take()
+    }
+
     /// Calls hook `point` with a context built from `fill`; returns what the script did.
     fn call(&mut self, point: usize, fill: impl FnOnce(&mut CtxData)) -> Result<Option<CtxData>> {
         if !self.script.defined[point] {
@@ -529,6 +621,8 @@ impl TrainHooks for BoundHooks<'_> {
         self.batch_hook(4, ctx)
     }
     fn on_fit_end(&mut self, _adapter: &dyn Adapter) -> Result<()> {
-        self.call(5, |_| {}).map(|_| ())
+        let done = self.call(5, |_| {})?;
+        self.send_extra = done.and_then(|d| d.send_extra);
+        Ok(())
     }
 }

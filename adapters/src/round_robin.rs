@@ -232,7 +232,10 @@ impl LocalTrainer for RoundRobinTrainer {
             Some(h) => {
                 h.refresh();
                 let at = (client, ctx.round, slot.data.n_samples, training.local_steps);
-                Some(h.bind(slot.lora.as_ref(), global, at)?)
+                Some(
+                    h.bind(slot.lora.as_ref(), global, at)?
+                        .with_fit(&ctx.extra, training.optim.lr),
+                )
             }
             None => None,
         };
@@ -252,6 +255,10 @@ impl LocalTrainer for RoundRobinTrainer {
         };
         let done = fit.run(&plan, slot, hooks, self.progress.as_ref())?;
         hooks.on_fit_end(slot.lora.as_ref())?;
+        let extra = bound
+            .as_mut()
+            .and_then(|b| b.take_extra())
+            .unwrap_or_default();
         let mut metrics = BTreeMap::new();
         if !done.personal_losses.is_empty() {
             metrics.insert("personal_loss".into(), mean(&done.personal_losses));
@@ -281,7 +288,7 @@ impl LocalTrainer for RoundRobinTrainer {
             loss: (!losses.is_empty()).then(|| mean(&losses)),
             metrics,
             local_steps: Some(steps_taken as u64),
-            ..LocalUpdate::default()
+            extra,
         })
     }
 

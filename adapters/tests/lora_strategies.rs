@@ -231,3 +231,152 @@ async fn per_client_steps_from_configure_fit_reach_the_llm_trainer() {
     let (_, report) = course(&s, Box::new(agg), None).await;
     assert_eq!(report.sampled.len(), 3);
 }
+
+/// SCAFFOLD's client half, by hand on one SGD step: the correction c − cᵢ
+/// moves the trained adapter by exactly −η·(c − cᵢ) from where plain
+/// training takes it, and the control-variate update sent back is
+/// Δcᵢ = −c + (x − y)/(K·η) with cᵢ = 0.
+#[test]
+fn scaffold_clients_correct_their_gradient_and_send_the_option_ii_update() {
+    use fedtune_adapters::hooks::HookScript;
+    use fedtune_kernel::script::ScriptSection;
+    use fedtune_kernel::{LocalTrainer, TrainContext};
+    let s = setup();
+    let lr = 0.05;
+    let trainer = |hooks: bool| {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let data = BTreeMap::from([(
+            1,
+            ClientData {
+                train: batches(&mut rng, 2),
+                eval: vec![],
+                n_samples: 4,
+            },
+        )]);
+        let training = LocalTraining {
+            local_steps: 1,
+            optim: TrainConfig {
+                lr,
+                optimizer: fedtune_adapters::train::OptimizerKind::Sgd,
+                // Clipping would scale the corrected gradient as a whole.
+                max_grad_norm: None,
+                ..TrainConfig::default()
+            },
+            ..LocalTraining::default()
+        };
+        let t = RoundRobinTrainer::new(s.model.clone(), s.lora.clone(), training, data, 5).unwrap();
+        if !hooks {
+            return t;
+        }
+        let section = ScriptSection {
+            script: Some("scaffold".into()),
+            params: toml::Table::new(),
+        };
+        let h = HookScript::from_config(&section, &Default::default(), None)
+            .unwrap()
+            .unwrap();
+        t.with_hooks(h)
+    };
+    let mut x = RoundRobinTrainer::initial_adapter(&s.model, &s.lora, 5).unwrap();
+    // B = 0 would make A's gradient 0; give both factors values.
+    x = x.map_values(|v| if v == 0.0 { 0.1 } else { v });
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let mut c = x.clone();
+    for (_, t) in c.iter_mut() {
+        t.data_mut()
+            .iter_mut()
+            .for_each(|v| *v = rng.random_range(-0.5..0.5));
+    }
+    let mut extra = ParamSet::new();
+    for (name, t) in c.iter() {
+        extra.insert_tensor(format!("c/{name}"), t.clone());
+    }
+    let ctx = TrainContext::new(1, 7, Default::default(), Default::default())
+        .with_fit(Default::default(), extra.clone());
+    let plain = trainer(false).train(1, &x, &ctx).unwrap();
+    let mut with = trainer(true);
+    let corrected = with.train(1, &x, &ctx).unwrap();
+    let want = plain.params.sub(&c.scale(lr as f32)).unwrap();
+    let off = corrected.params.sub(&want).unwrap().l2_norm();
+    assert!(off < 1e-5 * want.l2_norm(), "{off}");
+    let dc = &corrected.extra;
+    let expected = x
+        .sub(&corrected.params)
+        .unwrap()
+        .scale(1.0 / lr as f32)
+        .sub(&c)
+        .unwrap();
+    for (name, t) in expected.iter() {
+        let got = dc.get(&format!("dc/{name}")).unwrap();
+        let diff: f32 = got
+            .data()
+            .iter()
+            .zip(t.data())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(diff < 1e-3, "{name}: {diff}");
+    }
+    // Without the server's c the hook says what is missing.
+    let bare = TrainContext::new(2, 7, Default::default(), Default::default());
+    let err = with.train(1, &x, &bare).unwrap_err().to_string();
+    assert!(
+        err.contains("set [aggregator] script = \"scaffold\""),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scaffold_course_runs_end_to_end() {
+    let s = setup();
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let data: BTreeMap<u32, ClientData> = (1..=3)
+        .map(|id| {
+            let data = ClientData {
+                train: batches(&mut rng, 3),
+                eval: vec![("test".into(), batches(&mut rng, 1))],
+                n_samples: 6,
+            };
+            (id, data)
+        })
+        .collect();
+    let training = LocalTraining {
+        local_steps: 2,
+        optim: TrainConfig {
+            lr: 0.05,
+            optimizer: fedtune_adapters::train::OptimizerKind::Sgd,
+            ..TrainConfig::default()
+        },
+        ..LocalTraining::default()
+    };
+    let section = fedtune_kernel::script::ScriptSection {
+        script: Some("scaffold".into()),
+        params: toml::Table::new(),
+    };
+    let hooks =
+        fedtune_adapters::hooks::HookScript::from_config(&section, &Default::default(), None)
+            .unwrap()
+            .unwrap();
+    let initial = RoundRobinTrainer::initial_adapter(&s.model, &s.lora, 5).unwrap();
+    let trainer = RoundRobinTrainer::new(s.model.clone(), s.lora.clone(), training, data, 5)
+        .unwrap()
+        .with_hooks(hooks);
+    let cfg = CourseConfig::from_toml("[federate]\nrounds = 3\nclients = 3\n", "<test>").unwrap();
+    let report = run_in_process(
+        &cfg,
+        initial,
+        Arc::new(Mutex::new(trainer)),
+        strategy("scaffold", "num_clients = 3"),
+        MetricsLog::in_memory(),
+    )
+    .await
+    .unwrap();
+    let curve = test_curve(&report);
+    assert!(curve.last().unwrap() < &curve[0], "{curve:?}");
+    // The control variates travel both ways: more bytes than the adapter alone.
+    let round = report
+        .records
+        .iter()
+        .find(|r| r.event == Event::Round)
+        .unwrap();
+    assert!(round.bytes_down > 0 && round.bytes_up > 0);
+}
