@@ -147,7 +147,10 @@ fn bench_codec_reports_every_encoding() {
 
 #[test]
 fn shipped_configs_parse() {
-    for entry in std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("configs")).unwrap() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dirs = [root.join("configs"), root.join("configs/strategies")];
+    let entries = dirs.iter().flat_map(|d| std::fs::read_dir(d).unwrap());
+    for entry in entries {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
             let o = fedtune(&["run", path.to_str().unwrap(), "--dry-run"]);
