@@ -248,11 +248,11 @@ pub fn svd(a: &Matrix, rank: usize) -> Svd {
     let mut s = Vec::with_capacity(r);
     for (k, &(sigma, j)) in order.iter().take(r).enumerate() {
         s.push(sigma);
-        for i in 0..m {
-            u.set(i, k, if sigma > 0.0 { w[j][i] / sigma } else { 0.0 });
+        for (i, &x) in w[j].iter().enumerate() {
+            u.set(i, k, if sigma > 0.0 { x / sigma } else { 0.0 });
         }
-        for i in 0..n {
-            vt.set(i, k, v[j][i]);
+        for (i, &x) in v[j].iter().enumerate() {
+            vt.set(i, k, x);
         }
     }
     Svd { u, s, v: vt }
