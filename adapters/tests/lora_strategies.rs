@@ -72,7 +72,8 @@ fn setup() -> Setup {
 async fn course(
     s: &Setup,
     strategy: Box<dyn Aggregator>,
-    pfl: Option<&str>,
+    optim: TrainConfig,
+    extend: impl FnOnce(RoundRobinTrainer) -> RoundRobinTrainer,
 ) -> (ParamSet, CourseReport) {
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let data: BTreeMap<u32, ClientData> = (1..=3)
@@ -87,23 +88,12 @@ async fn course(
         .collect();
     let training = LocalTraining {
         local_steps: 2,
-        optim: TrainConfig {
-            lr: 1e-2,
-            ..TrainConfig::default()
-        },
+        optim,
         ..LocalTraining::default()
     };
     let initial = RoundRobinTrainer::initial_adapter(&s.model, &s.lora, 5).unwrap();
-    let mut trainer =
-        RoundRobinTrainer::new(s.model.clone(), s.lora.clone(), training, data, 5).unwrap();
-    if let Some(algorithm) = pfl {
-        let cfg = PflConfig {
-            algorithm: algorithm.into(),
-            ..PflConfig::default()
-        };
-        let script = PflScript::from_config(&cfg, &Default::default(), None).unwrap();
-        trainer = trainer.with_pfl_script(script);
-    }
+    let trainer =
+        extend(RoundRobinTrainer::new(s.model.clone(), s.lora.clone(), training, data, 5).unwrap());
     let cfg = CourseConfig::from_toml("[federate]\nrounds = 3\nclients = 3\n", "<test>").unwrap();
     let report = run_in_process(
         &cfg,
@@ -115,6 +105,23 @@ async fn course(
     .await
     .unwrap();
     (initial, report)
+}
+
+fn adam() -> TrainConfig {
+    TrainConfig {
+        lr: 1e-2,
+        ..TrainConfig::default()
+    }
+}
+
+/// A course of plain local training planned by the shipped pFL script `algorithm`.
+async fn pfl_course(s: &Setup, algorithm: &str) -> (ParamSet, CourseReport) {
+    let cfg = PflConfig {
+        algorithm: algorithm.into(),
+        ..PflConfig::default()
+    };
+    let script = PflScript::from_config(&cfg, &Default::default(), None).unwrap();
+    course(s, Box::new(FedAvg), adam(), |t| t.with_pfl_script(script)).await
 }
 
 fn strategy(name: &str, hp: &str) -> Box<dyn Aggregator> {
@@ -152,12 +159,8 @@ fn test_curve(report: &CourseReport) -> Vec<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flexlora_clients_train_at_their_own_ranks_and_the_course_learns() {
     let s = setup();
-    let (initial, report) = course(
-        &s,
-        strategy("flexlora", "ranks = [2, 4, 8]\nlora_alpha = 16.0"),
-        None,
-    )
-    .await;
+    let flex = strategy("flexlora", "ranks = [2, 4, 8]\nlora_alpha = 16.0");
+    let (initial, report) = course(&s, flex, adam(), |t| t).await;
     initial.check_compatible(&report.final_params).unwrap();
     let curve = test_curve(&report);
     assert!(curve.last().unwrap() < &curve[0], "{curve:?}");
@@ -182,7 +185,7 @@ async fn flexlora_clients_train_at_their_own_ranks_and_the_course_learns() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ffa_lora_never_moves_a_and_fedsa_lora_never_shows_the_server_b() {
     let s = setup();
-    let (initial, ffa) = course(&s, Box::new(FedAvg), Some("ffa_lora")).await;
+    let (initial, ffa) = pfl_course(&s, "ffa_lora").await;
     assert_eq!(
         factors(&ffa.final_params, "lora_A"),
         factors(&initial, "lora_A")
@@ -197,7 +200,7 @@ async fn ffa_lora_never_moves_a_and_fedsa_lora_never_shows_the_server_b() {
         "FFA-LoRA learns: {curve:?}"
     );
 
-    let (initial, sa) = course(&s, Box::new(FedAvg), Some("fedsa_lora")).await;
+    let (initial, sa) = pfl_course(&s, "fedsa_lora").await;
     // The server only ever got its own B back; A was averaged.
     assert_eq!(
         factors(&sa.final_params, "lora_B"),
@@ -228,7 +231,7 @@ async fn per_client_steps_from_configure_fit_reach_the_llm_trainer() {
         &toml::Table::new(),
     )
     .unwrap();
-    let (_, report) = course(&s, Box::new(agg), None).await;
+    let (_, report) = course(&s, Box::new(agg), adam(), |t| t).await;
     assert_eq!(report.sampled.len(), 3);
 }
 
@@ -328,26 +331,6 @@ fn scaffold_clients_correct_their_gradient_and_send_the_option_ii_update() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scaffold_course_runs_end_to_end() {
     let s = setup();
-    let mut rng = ChaCha8Rng::seed_from_u64(11);
-    let data: BTreeMap<u32, ClientData> = (1..=3)
-        .map(|id| {
-            let data = ClientData {
-                train: batches(&mut rng, 3),
-                eval: vec![("test".into(), batches(&mut rng, 1))],
-                n_samples: 6,
-            };
-            (id, data)
-        })
-        .collect();
-    let training = LocalTraining {
-        local_steps: 2,
-        optim: TrainConfig {
-            lr: 0.05,
-            optimizer: fedtune_adapters::train::OptimizerKind::Sgd,
-            ..TrainConfig::default()
-        },
-        ..LocalTraining::default()
-    };
     let section = fedtune_kernel::script::ScriptSection {
         script: Some("scaffold".into()),
         params: toml::Table::new(),
@@ -356,20 +339,13 @@ async fn a_scaffold_course_runs_end_to_end() {
         fedtune_adapters::hooks::HookScript::from_config(&section, &Default::default(), None)
             .unwrap()
             .unwrap();
-    let initial = RoundRobinTrainer::initial_adapter(&s.model, &s.lora, 5).unwrap();
-    let trainer = RoundRobinTrainer::new(s.model.clone(), s.lora.clone(), training, data, 5)
-        .unwrap()
-        .with_hooks(hooks);
-    let cfg = CourseConfig::from_toml("[federate]\nrounds = 3\nclients = 3\n", "<test>").unwrap();
-    let report = run_in_process(
-        &cfg,
-        initial,
-        Arc::new(Mutex::new(trainer)),
-        strategy("scaffold", "num_clients = 3"),
-        MetricsLog::in_memory(),
-    )
-    .await
-    .unwrap();
+    let sgd = TrainConfig {
+        lr: 0.05,
+        optimizer: fedtune_adapters::train::OptimizerKind::Sgd,
+        ..TrainConfig::default()
+    };
+    let scaffold = strategy("scaffold", "num_clients = 3");
+    let (_, report) = course(&s, scaffold, sgd, |t| t.with_hooks(hooks)).await;
     let curve = test_curve(&report);
     assert!(curve.last().unwrap() < &curve[0], "{curve:?}");
     // The control variates travel both ways: more bytes than the adapter alone.

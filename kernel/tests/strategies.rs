@@ -484,7 +484,9 @@ async fn bad_instructions_stop_the_course_at_the_scripts_line() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fednova_gives_clients_their_steps_and_normalizes_a_course_by_them() {
     let cfg = course_config("");
-    let report = course(&cfg, Box::new(shipped("fednova", "steps = [1, 3]"))).await.unwrap();
+    let report = course(&cfg, Box::new(shipped("fednova", "steps = [1, 3]")))
+        .await
+        .unwrap();
     // Each client trained the steps it was given (the LS trainer reports them).
     let curve = report.loss_curve("test");
     assert!(curve.last().unwrap().1 < curve[0].1, "{curve:?}");
