@@ -808,3 +808,46 @@ fn soak_a_thousand_rounds_with_kills_end_as_an_undisturbed_course() {
         "server RSS grew: {min}–{max} KiB"
     );
 }
+
+/// Strategies that send each client its own message — other LoRA ranks
+/// (FlexLoRA), extra tensors both ways with client-side state (SCAFFOLD) —
+/// end over NATS where they end in one process.
+#[test]
+fn per_client_strategies_end_over_nats_where_they_end_in_process() {
+    for (name, extra) in [
+        (
+            "flexlora",
+            "[aggregator]\nscript = \"flexlora\"\n[aggregator.params]\nranks = [2, 4]\n",
+        ),
+        (
+            "scaffold",
+            "[aggregator]\nscript = \"scaffold\"\n[hooks]\nscript = \"scaffold\"\n",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = tiny_course(dir.path(), "rounds = 2", 2);
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        text.push_str(extra);
+        std::fs::write(&config, text).unwrap();
+        let inproc = in_process(&config, dir.path());
+        let (nats, creds) = broker(dir.path(), 3);
+        let out = dir.path().join("server");
+        let mut srv = server(&config, &nats, &creds, &out, &[]);
+        let mut clients: Vec<Proc> = (1..=3)
+            .map(|id| client(&config, &nats, &creds, id, &[]))
+            .collect();
+        srv.succeeds();
+        for c in clients.iter_mut() {
+            c.succeeds();
+        }
+        let diff = max_abs_diff(
+            &adapter(&inproc.join("adapter")),
+            &adapter(&out.join("adapter")),
+        );
+        assert!(diff <= 1e-6, "{name}: final adapters differ by {diff}");
+        let summary: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap())
+                .unwrap();
+        assert_eq!(summary["rejected_messages"], 0, "{name}");
+    }
+}
