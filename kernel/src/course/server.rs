@@ -6,10 +6,14 @@
 //! Joining ──all clients joined──▶ [Evaluating 0] ─▶ Training r ─▶ [Evaluating r] ─▶ … ─▶ Finished
 //! ```
 //!
-//! Each training round samples `sample_clients` of the joined clients (seeded by
-//! the course seed and the round, so a run is reproducible and a resumed run
-//! samples the same clients), sends them `train` with the global parameters,
-//! waits for one `update` from each, and aggregates them in client-id order.
+//! Each training round asks the course's strategy ([`Aggregator`]) who
+//! trains and with what: by default `sample_clients` of the joined clients
+//! (seeded by the course seed and the round, so a run is reproducible and a
+//! resumed run samples the same clients), all sent `train` with the global
+//! parameters in one message; a strategy may instead send each client its
+//! own config and parameters (`plan_round` checks them first). The server
+//! waits for one `update` from each, checks it against what that client was
+//! sent, and aggregates them in client-id order.
 //! Every `eval_every` rounds, and after the last, all clients evaluate the new
 //! global parameters. Updates or metrics that do not belong to the current
 //! step (wrong round, a client that was not asked, a second answer, mismatched
