@@ -277,6 +277,10 @@ impl LocalTrainer for RoundRobinTrainer {
             metrics.insert("last_step_loss".to_string(), last);
         }
         let mut params = slot.lora.to_param_set()?;
+        // Frozen tensors are as the server sent them: they need not travel back.
+        for name in &done.frozen {
+            params.remove(name);
+        }
         if let Some(pattern) = &done.keep {
             let local = keep_local(&mut self.local_re, pattern, &mut params, global)?;
             metrics.insert("local_tensors".into(), local.len() as f64);
@@ -506,6 +510,8 @@ struct FitDone {
     keep: Option<String>,
     /// Steps skipped because their loss or gradient was not finite.
     skipped: usize,
+    /// The sent adapter's tensors that `freeze`/`train_only` kept from training.
+    frozen: Vec<String>,
 }
 
 impl Fit<'_> {
@@ -552,6 +558,7 @@ impl Fit<'_> {
             personal_losses: Vec::new(),
             keep: None,
             skipped: 0,
+            frozen: Vec::new(),
         };
         let mut retries = Retries {
             left: self.training.retry_on_nan_loss,
@@ -633,6 +640,13 @@ impl Fit<'_> {
                         .into());
                     }
                     slot.stepper.restrict(slot.lora.as_ref(), &trainable)?;
+                    out.frozen = slot
+                        .lora
+                        .named_vars()
+                        .into_iter()
+                        .map(|(name, _)| name)
+                        .filter(|name| !trainable.contains(name))
+                        .collect();
                 }
                 FitOp::KeepLocal { pattern } => out.keep = Some(pattern.clone()),
             }
@@ -664,8 +678,8 @@ fn pull_to_personal(slot: &ClientSlot, rate: f64) -> Result<(), TrainerError> {
 }
 
 /// Takes the tensors whose names match `pattern` out of `params` (the
-/// client keeps them) and puts the server's own values from `global` in
-/// their place; `compiled` caches the last pattern's regular expression.
+/// client keeps them; they are not sent, and the server takes its own values
+/// for them); `compiled` caches the last pattern's regular expression.
 fn keep_local(
     compiled: &mut Option<(String, regex::Regex)>,
     pattern: &str,
@@ -683,12 +697,11 @@ fn keep_local(
         .map(String::from)
         .collect();
     for name in names {
+        if global.get(&name).is_none() {
+            return Err(format!("keep_local: the global adapter has no `{name}`").into());
+        }
         let mine = params.remove(&name).expect("listed above");
-        local.insert_tensor(name.clone(), mine);
-        let theirs = global
-            .get(&name)
-            .ok_or_else(|| format!("keep_local: the global adapter has no `{name}`"))?;
-        params.insert_tensor(name, theirs.clone());
+        local.insert_tensor(name, mine);
     }
     Ok(local)
 }

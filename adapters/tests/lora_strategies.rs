@@ -200,7 +200,14 @@ async fn ffa_lora_never_moves_a_and_fedsa_lora_never_shows_the_server_b() {
         "FFA-LoRA learns: {curve:?}"
     );
 
+    // A frozen A never travels back: fewer bytes up than plain FedAvg.
+    let (_, plain) = course(&s, Box::new(FedAvg), adam(), |t| t).await;
+    let up = |r: &CourseReport| r.server_stats.bytes_in;
+    assert!(up(&ffa) < up(&plain), "{} vs {}", up(&ffa), up(&plain));
+
     let (initial, sa) = pfl_course(&s, "fedsa_lora").await;
+    // Nor does the local B.
+    assert!(up(&sa) < up(&plain), "{} vs {}", up(&sa), up(&plain));
     // The server only ever got its own B back; A was averaged.
     assert_eq!(
         factors(&sa.final_params, "lora_B"),

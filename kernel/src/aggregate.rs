@@ -189,6 +189,39 @@ pub fn check_payload(global: &ParamSet, payload: &ParamSet) -> Result<(), String
     Ok(())
 }
 
+/// Whether `update` holds some of `sent`'s tensors (none: the client
+/// changed nothing it shares), each in the shape it was sent in.
+pub fn check_subset(sent: &ParamSet, update: &ParamSet) -> Result<(), String> {
+    for (name, t) in update.iter() {
+        match sent.get(name) {
+            None => {
+                return Err(format!(
+                    "it holds a tensor `{name}` the client was not sent"
+                ))
+            }
+            Some(s) if s.shape() != t.shape() => {
+                return Err(format!(
+                    "tensor `{name}` has shape {:?}, it was sent as {:?}",
+                    t.shape(),
+                    s.shape()
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// `update` completed with `sent`'s tensors it leaves out.
+pub fn fill_from(mut update: ParamSet, sent: &ParamSet) -> ParamSet {
+    for (name, t) in sent.iter() {
+        if update.get(name).is_none() {
+            update.insert_tensor(name, t.clone());
+        }
+    }
+    update
+}
+
 /// Which factor of a LoRA module a PEFT tensor name is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Factor {
@@ -299,9 +332,12 @@ pub trait Aggregator: Send {
     }
 
     /// Whether `update` fits the parameters `sent` to its client: by
-    /// default, the same names and shapes.
+    /// default, some of the tensors it was sent, each with the shape it was
+    /// sent in. A client leaves out what it did not change
+    /// (FFA-LoRA's frozen A, FedSA-LoRA's local B); the server takes those
+    /// as it sent them.
     fn check_update(&self, sent: &ParamSet, update: &ParamSet) -> Result<(), String> {
-        sent.check_compatible(update).map_err(|e| e.to_string())
+        check_subset(sent, update)
     }
 
     /// Called after round `round` is aggregated into `global`; the metrics it
@@ -513,6 +549,22 @@ mod tests {
             .unwrap();
         p.insert("m.norm", vec![2], vec![0.0; 2]).unwrap();
         p
+    }
+
+    #[test]
+    fn an_update_may_leave_out_tensors_it_did_not_change() {
+        let sent = lora(4);
+        let mut part = sent.clone();
+        part.remove("m.q_proj.lora_A.weight");
+        assert_eq!(check_subset(&sent, &part), Ok(()));
+        assert_eq!(fill_from(part, &sent), sent);
+        assert_eq!(fill_from(ParamSet::new(), &sent), sent);
+        let mut odd = lora(4);
+        odd.insert("m.other", vec![1], vec![0.0]).unwrap();
+        assert!(check_subset(&sent, &odd)
+            .unwrap_err()
+            .contains("was not sent"));
+        assert!(check_subset(&sent, &lora(2)).unwrap_err().contains("shape"));
     }
 
     #[test]

@@ -29,7 +29,8 @@ use rand_chacha::ChaCha8Rng;
 use tracing::{info, info_span, warn};
 
 use crate::aggregate::{
-    check_payload, split_extra, Aggregator, ClientEval, ClientUpdate, FitConfig, FitInstruction,
+    check_payload, fill_from, split_extra, Aggregator, ClientEval, ClientUpdate, FitConfig,
+    FitInstruction,
 };
 use crate::bus::Transport;
 use crate::checkpoint::Checkpoints;
@@ -926,6 +927,9 @@ fn on_update(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResult
     if let Some(reason) = &body.failed {
         return failed_update(s, (&env, id, round), body.compute_s, reason, ctx);
     }
+    let (params, extra) = split_extra(env.payload.clone().expect("checked above"));
+    // What the client left out, it did not change.
+    let params = fill_from(params, sent_model);
     let n_samples = body.n_samples;
     let (local_steps, train_loss) = (body.local_steps, body.train_loss);
     let Phase::Training { pending, .. } = &mut s.phase else {
@@ -953,7 +957,6 @@ fn on_update(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResult
         unreachable!("phase checked above");
     };
     *bytes_up += bytes_up_now;
-    let (params, extra) = split_extra(env.payload.expect("checked above"));
     updates.push(ClientUpdate {
         client: id,
         n_samples,
