@@ -443,14 +443,23 @@ fn fit_rank(
     else {
         return Ok(false);
     };
-    let wanted = params.get(&pair.a).map_or(0, |a| a.shape()[0]);
-    let current = slot
+    let Some((_, mine)) = slot
         .lora
         .named_vars()
         .into_iter()
         .find(|(name, _)| *name == pair.a)
-        .map_or(0, |(_, v)| v.dims()[0]);
-    if wanted == current || wanted == 0 {
+    else {
+        return Ok(false);
+    };
+    let (current, inputs) = (mine.dims()[0], mine.dims()[1]);
+    // Only a lora_A of this module's inputs sets the rank: its values are
+    // in the payload, so the rank is bounded by the message size. Anything
+    // else is refused by the load that follows.
+    let wanted = match params.get(&pair.a).map(|a| a.shape()) {
+        Some(&[r, i]) if i == inputs && r > 0 => r,
+        _ => return Ok(false),
+    };
+    if wanted == current {
         return Ok(false);
     }
     let resized = AdapterSpec::Lora(crate::lora::LoraConfig {

@@ -363,3 +363,45 @@ async fn a_scaffold_course_runs_end_to_end() {
         .unwrap();
     assert!(round.bytes_down > 0 && round.bytes_up > 0);
 }
+
+/// A server that sends a lora_A of no rows, of no dimensions, or claiming
+/// a huge rank over no inputs gets an error back, not a panic or an
+/// allocation of that rank.
+#[test]
+fn malformed_ranks_from_the_server_are_refused() {
+    use fedtune_kernel::{LocalTrainer, TrainContext};
+    let s = setup();
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let data = BTreeMap::from([(
+        1,
+        ClientData {
+            train: batches(&mut rng, 1),
+            eval: vec![],
+            n_samples: 2,
+        },
+    )]);
+    let mut t = RoundRobinTrainer::new(
+        s.model.clone(),
+        s.lora.clone(),
+        LocalTraining::default(),
+        data,
+        5,
+    )
+    .unwrap();
+    let good = RoundRobinTrainer::initial_adapter(&s.model, &s.lora, 5).unwrap();
+    let a = good
+        .names()
+        .find(|n| n.contains("lora_A"))
+        .unwrap()
+        .to_string();
+    for shape in [vec![], vec![1 << 40, 0], vec![0, 16]] {
+        let mut bad = good.clone();
+        let n: usize = shape.iter().product();
+        bad.insert(&a, shape.clone(), vec![0.0; n]).unwrap();
+        let ctx = TrainContext::new(1, 1, Default::default(), Default::default());
+        assert!(t.train(1, &bad, &ctx).is_err(), "{shape:?}");
+    }
+    // The trainer is still usable.
+    let ctx = TrainContext::new(1, 1, Default::default(), Default::default());
+    assert!(t.train(1, &good, &ctx).is_ok());
+}
