@@ -235,6 +235,19 @@ fn in_process(config: &Path, dir: &Path) -> PathBuf {
     out
 }
 
+/// Waits for the server and every client to exit successfully.
+fn all_succeed(server: &mut Proc, clients: &mut [Proc]) {
+    server.succeeds();
+    for c in clients {
+        c.succeeds();
+    }
+}
+
+/// The largest difference between the final adapters of two run directories.
+fn adapter_diff(a: &Path, b: &Path) -> f32 {
+    max_abs_diff(&adapter(&a.join("adapter")), &adapter(&b.join("adapter")))
+}
+
 fn round_record(metrics: &Path, round: u64) -> serde_json::Value {
     records(metrics)
         .into_iter()
@@ -256,14 +269,8 @@ fn a_server_and_three_client_processes_end_where_the_in_process_course_does() {
         .collect();
     std::thread::sleep(Duration::from_millis(300));
     let mut srv = server(&config, &nats, &creds, &out, &[]);
-    srv.succeeds();
-    for c in clients.iter_mut() {
-        c.succeeds();
-    }
-    let diff = max_abs_diff(
-        &adapter(&inproc.join("adapter")),
-        &adapter(&out.join("adapter")),
-    );
+    all_succeed(&mut srv, &mut clients);
+    let diff = adapter_diff(&inproc, &out);
     assert!(diff <= 1e-6, "final adapters differ by {diff}");
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
@@ -356,19 +363,13 @@ fn a_killed_server_resumes_after_its_last_checkpoint_and_ends_as_if_never_stoppe
     first.kill();
     // The clients keep running; the resumed server calls them back.
     let mut second = server(&config, &nats, &creds, &out, &["--resume"]);
-    second.succeeds();
-    for c in clients.iter_mut() {
-        c.succeeds();
-    }
+    all_succeed(&mut second, &mut clients);
     assert!(
         second.output().contains("resuming after round"),
         "{}",
         second.output()
     );
-    let diff = max_abs_diff(
-        &adapter(&inproc.join("adapter")),
-        &adapter(&out.join("adapter")),
-    );
+    let diff = adapter_diff(&inproc, &out);
     assert!(diff <= 1e-6, "final adapters differ by {diff}");
 }
 
@@ -468,10 +469,7 @@ fn a_course_survives_a_broker_restart_mid_course() {
     // The broker goes away for a second: every connection drops, whatever
     // was in flight is lost; the parties reconnect when it is back.
     nats.restart(Duration::from_secs(1)).unwrap();
-    srv.succeeds();
-    for c in clients.iter_mut() {
-        c.succeeds();
-    }
+    all_succeed(&mut srv, &mut clients);
     assert!(
         round_record(&metrics, 6)["extra"]["clients"]
             .as_f64()
@@ -538,14 +536,8 @@ fn a_course_runs_over_a_three_node_nats_cluster_with_parties_on_different_nodes(
     let mut clients: Vec<Proc> = (1..=3u32)
         .map(|id| client_at(&config, &nodes[(id as usize) % 3].url(), &creds, id, &[]))
         .collect();
-    srv.succeeds();
-    for c in clients.iter_mut() {
-        c.succeeds();
-    }
-    let diff = max_abs_diff(
-        &adapter(&inproc.join("adapter")),
-        &adapter(&out.join("adapter")),
-    );
+    all_succeed(&mut srv, &mut clients);
+    let diff = adapter_diff(&inproc, &out);
     assert!(diff <= 1e-6, "final adapters differ by {diff}");
 }
 
@@ -665,14 +657,8 @@ fn a_course_runs_over_tls_and_a_party_without_the_authority_is_refused() {
     let mut clients: Vec<Proc> = (1..=3)
         .map(|id| client_at(&with_ca, &url, &creds, id, &[]))
         .collect();
-    srv.succeeds();
-    for c in clients.iter_mut() {
-        c.succeeds();
-    }
-    let diff = max_abs_diff(
-        &adapter(&inproc.join("adapter")),
-        &adapter(&out.join("adapter")),
-    );
+    all_succeed(&mut srv, &mut clients);
+    let diff = adapter_diff(&inproc, &out);
     assert!(diff <= 1e-6, "final adapters differ by {diff}");
 }
 
@@ -836,14 +822,8 @@ fn per_client_strategies_end_over_nats_where_they_end_in_process() {
         let mut clients: Vec<Proc> = (1..=3)
             .map(|id| client(&config, &nats, &creds, id, &[]))
             .collect();
-        srv.succeeds();
-        for c in clients.iter_mut() {
-            c.succeeds();
-        }
-        let diff = max_abs_diff(
-            &adapter(&inproc.join("adapter")),
-            &adapter(&out.join("adapter")),
-        );
+        all_succeed(&mut srv, &mut clients);
+        let diff = adapter_diff(&inproc, &out);
         assert!(diff <= 1e-6, "{name}: final adapters differ by {diff}");
         let summary: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap())

@@ -1,40 +1,25 @@
 //! A federated LoRA course end to end: the kernel's server and clients, FedAvg,
 //! and the round-robin LoRA trainer over one shared tiny Llama.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use fedtune_adapters::lora::LoraConfig;
 use fedtune_adapters::model::{Llama, LlamaConfig};
 use fedtune_adapters::round_robin::{ClientData, LocalTraining, RoundRobinTrainer};
 use fedtune_adapters::train::{Batch, TrainConfig};
 use fedtune_kernel::course::run_in_process;
 use fedtune_kernel::{CourseConfig, Event, FedAvg, MetricsLog};
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 const VOCAB: usize = 48;
 
-/// Sequences that count upwards mod VOCAB from a random start: next = current + 1.
 fn counting_batches(rng: &mut ChaCha8Rng, batches: usize, rows: usize, len: usize) -> Vec<Batch> {
-    let d = &Device::Cpu;
-    (0..batches)
-        .map(|_| {
-            let ids: Vec<u32> = (0..rows)
-                .flat_map(|_| {
-                    let start = rng.random_range(0..VOCAB as u32);
-                    (0..len as u32).map(move |i| (start + i) % VOCAB as u32)
-                })
-                .collect();
-            let labels: Vec<i64> = ids.iter().map(|&t| i64::from(t)).collect();
-            Batch {
-                tokens: Tensor::from_vec(ids, (rows, len), d).unwrap(),
-                attention_mask: Tensor::ones((rows, len), DType::U32, d).unwrap(),
-                labels: Tensor::from_vec(labels, (rows, len), d).unwrap(),
-            }
-        })
-        .collect()
+    common::counting_batches(rng, (batches, rows, len), VOCAB as u32)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

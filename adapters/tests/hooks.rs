@@ -1,11 +1,13 @@
 //! Trainer hooks written as Rhai scripts, and the personalized-FL algorithms
 //! (Ditto, pFedMe), on a tiny random Llama.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use fedtune_adapters::hooks::HookScript;
 use fedtune_adapters::lora::LoraConfig;
 use fedtune_adapters::model::{Llama, LlamaConfig};
@@ -32,17 +34,8 @@ fn model() -> Arc<Llama> {
 }
 
 fn batches() -> Vec<Batch> {
-    let d = &Device::Cpu;
     (0..3u32)
-        .map(|b| {
-            let ids: Vec<u32> = (0..2 * 12).map(|i| (i * 7 + b * 3) % 32).collect();
-            let labels: Vec<i64> = ids.iter().map(|&t| i64::from(t)).collect();
-            Batch {
-                tokens: Tensor::from_vec(ids, (2, 12), d).unwrap(),
-                attention_mask: Tensor::ones((2, 12), DType::U32, d).unwrap(),
-                labels: Tensor::from_vec(labels, (2, 12), d).unwrap(),
-            }
-        })
+        .map(|b| common::lm_batch((0..2 * 12).map(|i| (i * 7 + b * 3) % 32).collect(), 2, 12))
         .collect()
 }
 

@@ -2,10 +2,12 @@
 //! clients train at their own ranks, FFA-LoRA never moves A, FedSA-LoRA
 //! never shows the server B, and per-client steps reach the trainer.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use fedtune_adapters::lora::LoraConfig;
 use fedtune_adapters::model::{Llama, LlamaConfig};
 use fedtune_adapters::pfl::{PflConfig, PflScript};
@@ -20,23 +22,7 @@ use rand_chacha::ChaCha8Rng;
 const VOCAB: usize = 32;
 
 fn batches(rng: &mut ChaCha8Rng, n: usize) -> Vec<Batch> {
-    let d = &Device::Cpu;
-    (0..n)
-        .map(|_| {
-            let ids: Vec<u32> = (0..2)
-                .flat_map(|_| {
-                    let start = rng.random_range(0..VOCAB as u32);
-                    (0..12u32).map(move |i| (start + i) % VOCAB as u32)
-                })
-                .collect();
-            let labels: Vec<i64> = ids.iter().map(|&t| i64::from(t)).collect();
-            Batch {
-                tokens: Tensor::from_vec(ids, (2, 12), d).unwrap(),
-                attention_mask: Tensor::ones((2, 12), DType::U32, d).unwrap(),
-                labels: Tensor::from_vec(labels, (2, 12), d).unwrap(),
-            }
-        })
-        .collect()
+    common::counting_batches(rng, (n, 2, 12), VOCAB as u32)
 }
 
 struct Setup {
@@ -148,12 +134,27 @@ fn factors(p: &ParamSet, which: &str) -> ParamSet {
     out
 }
 
-fn test_curve(report: &CourseReport) -> Vec<f64> {
-    report
+/// The course's test loss ended below where it started.
+fn assert_learns(report: &CourseReport, what: &str) {
+    let curve: Vec<f64> = report
         .loss_curve("test")
         .into_iter()
         .map(|(_, l)| l)
-        .collect()
+        .collect();
+    assert!(
+        curve.last().unwrap() < &curve[0],
+        "{what} learns: {curve:?}"
+    );
+}
+
+/// The factor named `kept` ended as it started, the one named `moved` did not.
+fn assert_kept_and_moved(initial: &ParamSet, last: &ParamSet, kept: &str, moved: &str) {
+    assert_eq!(factors(last, kept), factors(initial, kept), "{kept} moved");
+    assert_ne!(
+        factors(last, moved),
+        factors(initial, moved),
+        "{moved} stayed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,8 +163,7 @@ async fn flexlora_clients_train_at_their_own_ranks_and_the_course_learns() {
     let flex = strategy("flexlora", "ranks = [2, 4, 8]\nlora_alpha = 16.0");
     let (initial, report) = course(&s, flex, adam(), |t| t).await;
     initial.check_compatible(&report.final_params).unwrap();
-    let curve = test_curve(&report);
-    assert!(curve.last().unwrap() < &curve[0], "{curve:?}");
+    assert_learns(&report, "FlexLoRA");
     // Smaller ranks cost fewer bytes up: client 1 (rank 2) < 2 (rank 4) < 3 (rank 8).
     let up = |c: u32| {
         report
@@ -186,19 +186,8 @@ async fn flexlora_clients_train_at_their_own_ranks_and_the_course_learns() {
 async fn ffa_lora_never_moves_a_and_fedsa_lora_never_shows_the_server_b() {
     let s = setup();
     let (initial, ffa) = pfl_course(&s, "ffa_lora").await;
-    assert_eq!(
-        factors(&ffa.final_params, "lora_A"),
-        factors(&initial, "lora_A")
-    );
-    assert_ne!(
-        factors(&ffa.final_params, "lora_B"),
-        factors(&initial, "lora_B")
-    );
-    let curve = test_curve(&ffa);
-    assert!(
-        curve.last().unwrap() < &curve[0],
-        "FFA-LoRA learns: {curve:?}"
-    );
+    assert_kept_and_moved(&initial, &ffa.final_params, "lora_A", "lora_B");
+    assert_learns(&ffa, "FFA-LoRA");
 
     // A frozen A never travels back: fewer bytes up than plain FedAvg.
     let (_, plain) = course(&s, Box::new(FedAvg), adam(), |t| t).await;
@@ -209,19 +198,8 @@ async fn ffa_lora_never_moves_a_and_fedsa_lora_never_shows_the_server_b() {
     // Nor does the local B.
     assert!(up(&sa) < up(&plain), "{} vs {}", up(&sa), up(&plain));
     // The server only ever got its own B back; A was averaged.
-    assert_eq!(
-        factors(&sa.final_params, "lora_B"),
-        factors(&initial, "lora_B")
-    );
-    assert_ne!(
-        factors(&sa.final_params, "lora_A"),
-        factors(&initial, "lora_A")
-    );
-    let curve = test_curve(&sa);
-    assert!(
-        curve.last().unwrap() < &curve[0],
-        "FedSA-LoRA learns: {curve:?}"
-    );
+    assert_kept_and_moved(&initial, &sa.final_params, "lora_B", "lora_A");
+    assert_learns(&sa, "FedSA-LoRA");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -353,8 +331,7 @@ async fn a_scaffold_course_runs_end_to_end() {
     };
     let scaffold = strategy("scaffold", "num_clients = 3");
     let (_, report) = course(&s, scaffold, sgd, |t| t.with_hooks(hooks)).await;
-    let curve = test_curve(&report);
-    assert!(curve.last().unwrap() < &curve[0], "{curve:?}");
+    assert_learns(&report, "SCAFFOLD");
     // The control variates travel both ways: more bytes than the adapter alone.
     let round = report
         .records

@@ -3,9 +3,11 @@
 
 use std::sync::OnceLock;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use fedtune_adapters::fetch::ensure_default_model;
 use fedtune_adapters::model::LlamaConfig;
+use fedtune_adapters::train::Batch;
+use rand::Rng;
 
 /// The largest absolute difference between two tensors of one shape.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -47,4 +49,34 @@ pub fn model_path() -> &'static std::path::Path {
     PATH.get_or_init(|| {
         ensure_default_model(|line| eprintln!("{line}")).expect("the default model can be fetched")
     })
+}
+
+/// A batch of `rows × len` token ids (row-major) whose labels are the ids.
+pub fn lm_batch(ids: Vec<u32>, rows: usize, len: usize) -> Batch {
+    let d = &Device::Cpu;
+    let labels: Vec<i64> = ids.iter().map(|&t| i64::from(t)).collect();
+    Batch {
+        tokens: Tensor::from_vec(ids, (rows, len), d).unwrap(),
+        attention_mask: Tensor::ones((rows, len), DType::U32, d).unwrap(),
+        labels: Tensor::from_vec(labels, (rows, len), d).unwrap(),
+    }
+}
+
+/// Sequences that count upwards mod `vocab` from a random start: next = current + 1.
+pub fn counting_batches(
+    rng: &mut impl Rng,
+    (batches, rows, len): (usize, usize, usize),
+    vocab: u32,
+) -> Vec<Batch> {
+    (0..batches)
+        .map(|_| {
+            let ids: Vec<u32> = (0..rows)
+                .flat_map(|_| {
+                    let start = rng.random_range(0..vocab);
+                    (0..len as u32).map(move |i| (start + i) % vocab)
+                })
+                .collect();
+            lm_batch(ids, rows, len)
+        })
+        .collect()
 }
