@@ -634,13 +634,12 @@ impl Fit<'_> {
                 FitOp::PullToPersonal { rate } => pull_to_personal(slot, *rate)?,
                 FitOp::Trainable { pattern, only } => {
                     let re = regex::Regex::new(pattern)?;
-                    let trainable: Vec<String> = slot
+                    let (trainable, frozen): (Vec<String>, Vec<String>) = slot
                         .lora
                         .named_vars()
                         .into_iter()
                         .map(|(name, _)| name)
-                        .filter(|name| re.is_match(name) == *only)
-                        .collect();
+                        .partition(|name| re.is_match(name) == *only);
                     if trainable.is_empty() {
                         return Err(format!(
                             "{}({pattern:?}) leaves no tensor of the adapter to train",
@@ -649,13 +648,7 @@ impl Fit<'_> {
                         .into());
                     }
                     slot.stepper.restrict(slot.lora.as_ref(), &trainable)?;
-                    out.frozen = slot
-                        .lora
-                        .named_vars()
-                        .into_iter()
-                        .map(|(name, _)| name)
-                        .filter(|name| !trainable.contains(name))
-                        .collect();
+                    out.frozen = frozen;
                 }
                 FitOp::KeepLocal { pattern } => out.keep = Some(pattern.clone()),
             }

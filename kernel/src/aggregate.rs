@@ -28,7 +28,7 @@ use std::collections::BTreeMap;
 
 use thiserror::Error;
 
-use crate::params::{ParamError, ParamSet};
+use crate::params::{ParamError, ParamSet, ParamTensor};
 
 /// A per-client configuration a strategy sends with `train`: plain values
 /// (numbers, strings, booleans) by name, e.g. `rank`, `local_steps`, `lr`, `mu`.
@@ -140,9 +140,12 @@ pub struct ClientEval {
 /// rank (the rows of `…lora_A…`, the columns of `…lora_B…`) may differ, as
 /// long as its two factors agree. Extra tensors are not looked at.
 pub fn check_payload(global: &ParamSet, payload: &ParamSet) -> Result<(), String> {
-    let (model, _) = split_extra(payload.clone());
+    let model: Vec<(&str, &ParamTensor)> = payload
+        .iter()
+        .filter(|(name, _)| !name.starts_with(EXTRA_PREFIX))
+        .collect();
     let mine: Vec<&str> = global.names().collect();
-    let theirs: Vec<&str> = model.names().collect();
+    let theirs: Vec<&str> = model.iter().map(|(name, _)| *name).collect();
     if mine != theirs {
         let missing: Vec<&&str> = mine
             .iter()
@@ -158,7 +161,7 @@ pub fn check_payload(global: &ParamSet, payload: &ParamSet) -> Result<(), String
             "its tensors are not the global ones (missing {missing:?}, unknown {unknown:?})"
         ));
     }
-    for (name, t) in model.iter() {
+    for &(name, t) in &model {
         let g = global.get(name).expect("names compared above");
         let (gs, ts) = (g.shape(), t.shape());
         let rank_dim = match lora_factor(name) {
@@ -174,16 +177,19 @@ pub fn check_payload(global: &ParamSet, payload: &ParamSet) -> Result<(), String
             ));
         }
     }
-    for pair in lora_pairs(&model) {
+    // The payload has the global's names, so it has the global's modules.
+    for pair in lora_pairs(global) {
         let (a, b) = (
-            &model.get(&pair.a).expect("paired").shape(),
-            &model.get(&pair.b).expect("paired").shape(),
+            payload.get(&pair.a).expect("names compared above").shape(),
+            payload.get(&pair.b).expect("names compared above").shape(),
         );
-        if a[0] != b[1] {
-            return Err(format!(
-                "LoRA module `{}`: lora_A has rank {} but lora_B rank {}",
-                pair.module, a[0], b[1]
-            ));
+        if let ([r_a, _], [_, r_b]) = (a, b) {
+            if r_a != r_b {
+                return Err(format!(
+                    "LoRA module `{}`: lora_A has rank {r_a} but lora_B rank {r_b}",
+                    pair.module
+                ));
+            }
         }
     }
     Ok(())

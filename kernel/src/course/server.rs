@@ -808,24 +808,24 @@ fn record(s: &mut ServerState, r: Record) -> Result<(), HandlerError> {
 /// What is wrong with an update, if anything: its body, its parameters'
 /// names and shapes (as the strategy judges them against what the client
 /// was `sent`), its extra tensors, its sample count.
+/// Returns the body and, unless the client reports a failure, its
+/// parameters split into the model's and the extra tensors.
 fn check_update(
     env: &Envelope,
+    payload: Option<ParamSet>,
     sent: &ParamSet,
     strategy: &dyn Aggregator,
-) -> Result<protocol::Update, String> {
+) -> Result<(protocol::Update, Option<(ParamSet, ParamSet)>), String> {
     let body: protocol::Update = env.body().map_err(|e| e.to_string())?;
     if body.failed.is_some() {
-        return Ok(body);
+        return Ok((body, None));
     }
     if body.n_samples == 0 {
         return Err("update without a positive `n_samples`".into());
     }
     check_reported(&body.metrics)?;
-    let params = env
-        .payload
-        .as_ref()
-        .ok_or_else(|| "update without parameters".to_string())?;
-    let (model, extra) = split_extra(params.clone());
+    let params = payload.ok_or_else(|| "update without parameters".to_string())?;
+    let (model, extra) = split_extra(params);
     strategy
         .check_update(sent, &model)
         .map_err(|e| format!("update does not match the parameters the client was sent: {e}"))?;
@@ -841,7 +841,7 @@ fn check_update(
     extra
         .check_finite()
         .map_err(|e| format!("its extra tensors hold {e}"))?;
-    Ok(body)
+    Ok((body, Some((model, extra))))
 }
 
 /// What is wrong with an evaluation answer, if anything: its body, the
@@ -891,7 +891,7 @@ fn check_reported(metrics: &BTreeMap<String, f64>) -> Result<(), String> {
         .try_for_each(|name| check_name("metric", name))
 }
 
-fn on_update(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResult {
+fn on_update(s: &mut ServerState, mut env: Envelope, ctx: &mut Ctx) -> HandlerResult {
     let id = client_id(&env)?;
     readmit(s, id);
     let Phase::Training {
@@ -913,8 +913,9 @@ fn on_update(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResult
         },
         Sent::Broadcast => (FitConfig::new(), &s.global),
     };
-    let body = match check_update(&env, sent_model, s.aggregator.as_ref()) {
-        Ok(body) => body,
+    let payload = env.payload.take();
+    let (body, parts) = match check_update(&env, payload, sent_model, s.aggregator.as_ref()) {
+        Ok(checked) => checked,
         // The answer this round waits for, but unusable: a failed answer,
         // never a silence the round would wait on forever.
         Err(problem) if awaited => {
@@ -927,7 +928,7 @@ fn on_update(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResult
     if let Some(reason) = &body.failed {
         return failed_update(s, (&env, id, round), body.compute_s, reason, ctx);
     }
-    let (params, extra) = split_extra(env.payload.clone().expect("checked above"));
+    let (params, extra) = parts.expect("an update that did not fail has parameters");
     // What the client left out, it did not change.
     let params = fill_from(params, sent_model);
     let n_samples = body.n_samples;
