@@ -9,11 +9,13 @@
 //! | `generate` | [`generate`] | decoding throughput with GSM8K's 8-shot prefix, by batch size |
 //! | `scripts` | [`scripts`] | what the Rhai script host costs against the native path |
 //! | `train-step` | [`train`] | one LoRA training step on the default model |
+//! | `sandbox` | [`sandbox`] | time per HumanEval sample, strict sandbox against basic |
 
 mod codec;
 mod generate;
 mod matmul;
 mod peft;
+mod sandbox;
 mod scripts;
 mod train;
 mod wire;
@@ -141,6 +143,18 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Milliseconds per HumanEval sample in the strict sandbox against the basic one (canonical solutions).
+    Sandbox {
+        /// Problems to run (default: all 164).
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Alternating passes over the problems per mode (the median counts).
+        #[arg(long, default_value_t = 3)]
+        passes: usize,
+        /// Where the data sets are (default: $FEDTUNE_DATA_ROOT, ./data or ../shared/data).
+        #[arg(long)]
+        data_root: Option<PathBuf>,
+    },
 }
 
 /// Runs one benchmark.
@@ -165,6 +179,15 @@ pub fn bench(command: BenchCommand) -> Result<()> {
             json,
         } => scripts::scripts(calls, clients, steps, json),
         BenchCommand::Matmul { tokens, reps } => matmul::matmul(tokens, reps),
+        BenchCommand::Sandbox {
+            limit,
+            passes,
+            data_root,
+        } => sandbox::sandbox(
+            &fedtune_adapters::data::data_root(data_root.as_deref()),
+            limit,
+            passes,
+        ),
         BenchCommand::Peft {
             methods,
             steps,

@@ -8,8 +8,9 @@ use clap::Args;
 use fedtune_adapters::course::held_out::held_out_loss;
 use fedtune_adapters::course::{CourseFile, Loaded};
 use fedtune_adapters::data;
+use fedtune_adapters::eval::sandbox;
 use fedtune_adapters::eval::suite::{
-    evaluate, file_name, load_items, parse_tasks, Named, Settings,
+    check_sandbox, evaluate, file_name, load_items, parse_tasks, Named, Settings,
 };
 use fedtune_adapters::progress::Observer;
 
@@ -43,6 +44,12 @@ pub struct EvalArgs {
     /// Seconds a HumanEval program may run.
     #[arg(long, default_value_t = 10)]
     pub timeout: u64,
+    /// How HumanEval's generated code is isolated: strict (namespaces, a
+    /// minimal read-only root, Landlock, seccomp; refuses to run where the
+    /// kernel lacks one) or basic (rlimits only: the code runs with your
+    /// rights). See docs/sandbox.md.
+    #[arg(long, default_value = "strict")]
+    pub sandbox: sandbox::Mode,
     /// Most new tokens per generation (default: the task's).
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
@@ -75,6 +82,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         samples: args.samples,
         temperature: args.temperature,
         timeout: Duration::from_secs(args.timeout.max(1)),
+        sandbox: args.sandbox,
         max_new_tokens: args.max_new_tokens,
         data_root: data::data_root(args.data_root.as_deref()),
         adapter: args.adapter.clone(),
@@ -86,10 +94,15 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         }
         (None, false) => None,
     };
-    // Check python3 and load every task's items before the model: a missing file fails fast.
+    // Check the sandbox and load every task's items before the model: a
+    // missing file or protection fails fast.
+    let sandbox_line = check_sandbox(&tasks, settings.sandbox)?;
     let loaded_items = load_items(&tasks, &settings)?;
     let display = Display::new(args.quiet);
     let say = |line: &str| display.say(line);
+    if let Some(line) = sandbox_line {
+        say(&line);
+    }
     // --model, else the course's own model (the loss task scores its data).
     let model = args
         .model

@@ -109,6 +109,10 @@ pub struct EvalSection {
     pub batch: usize,
     /// Seconds a HumanEval program may run.
     pub timeout_s: u64,
+    /// How HumanEval programs are isolated: "strict" (namespaces, a minimal
+    /// root, Landlock, seccomp; refuses where the kernel lacks one) or
+    /// "basic" (rlimits only; the code runs with your rights).
+    pub sandbox: crate::eval::sandbox::Mode,
 }
 
 impl Default for EvalSection {
@@ -118,6 +122,7 @@ impl Default for EvalSection {
             limit: None,
             batch: 8,
             timeout_s: 10,
+            sandbox: crate::eval::sandbox::Mode::Strict,
         }
     }
 }

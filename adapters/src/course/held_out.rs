@@ -180,6 +180,7 @@ pub fn evaluate_at_end(
         samples: 1,
         temperature: 0.0,
         timeout: std::time::Duration::from_secs(llm.eval.timeout_s.max(1)),
+        sandbox: llm.eval.sandbox,
         max_new_tokens: None,
         data_root: data_root.to_path_buf(),
         adapter: None,

@@ -37,6 +37,7 @@ use super::trainer::{fed_trainer, plain_trainer, trainer_error};
 use super::{ensure, scripts, Context, Result};
 use crate::adapter::AdapterSpec;
 use crate::data::Tokenized;
+use crate::eval::suite::{check_sandbox, parse_tasks};
 use crate::model::Llama;
 use crate::offsite::{Distilled, Emulator};
 use crate::progress::Observer;
@@ -94,6 +95,13 @@ pub fn run_llm_on(
         }
     };
     let say = |line: &str| observer.say(line);
+    // Generated code at the end runs in the sandbox: a machine that cannot
+    // run it fails now, not after the training.
+    for name in &llm.eval.tasks {
+        if let Some(line) = check_sandbox(&parse_tasks(name)?, llm.eval.sandbox)? {
+            say(&line);
+        }
+    }
     let base = match base {
         Some(b) => b.clone(),
         None => Base::load(course.model_path().as_deref(), &say)?,

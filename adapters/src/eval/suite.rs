@@ -12,13 +12,13 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::sandbox::{python_available, Limits};
+use super::sandbox::{self, Limits};
 use super::tasks::{self, Items, Task};
 use super::{
     run_choices, run_generation, summarize, EvalModel, EvalOptions, GroupScore, ItemResult,
     ResultLog, Summary,
 };
-use crate::course::{ensure, Context, CourseError, Result};
+use crate::course::{Context, CourseError, Result};
 use crate::generate::GenerationConfig;
 use crate::progress::Observer;
 
@@ -90,6 +90,8 @@ pub struct Settings {
     pub temperature: f64,
     /// How long a HumanEval program may run.
     pub timeout: Duration,
+    /// How HumanEval programs are isolated.
+    pub sandbox: sandbox::Mode,
     /// Most new tokens per generation (default: the task's).
     pub max_new_tokens: Option<usize>,
     /// Where the data sets are.
@@ -106,15 +108,21 @@ pub fn file_name(task: &Task) -> String {
     }
 }
 
+/// When `tasks` run generated code: checks that the sandbox can run it in
+/// `mode` and returns the line that tells the user how it will.
+pub fn check_sandbox(tasks: &[Named], mode: sandbox::Mode) -> Result<Option<String>> {
+    if !tasks.contains(&Named::Task(Task::HumanEval)) {
+        return Ok(None);
+    }
+    sandbox::check(mode)
+        .map(Some)
+        .map_err(crate::course::CourseError::invalid)
+}
+
 /// Each benchmark's items (`None` for the loss task), after checking that
 /// HumanEval can run its programs.
 pub fn load_items(tasks: &[Named], s: &Settings) -> Result<Vec<Option<Items>>> {
-    if tasks.contains(&Named::Task(Task::HumanEval)) {
-        ensure!(
-            python_available(),
-            "humaneval runs the generated code with python3, which is not installed (apt-get install python3)"
-        );
-    }
+    check_sandbox(tasks, s.sandbox)?;
     tasks
         .iter()
         .map(|named| match named {
@@ -194,6 +202,7 @@ pub fn evaluate(
         samples: s.samples,
         sandbox: Limits {
             timeout: s.timeout,
+            mode: s.sandbox,
             ..Limits::default()
         },
     };
