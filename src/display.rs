@@ -125,8 +125,13 @@ impl Observer for Display {
                 if let Some((bar, _)) = self.course.get() {
                     bar.inc(1);
                 }
+                // The privacy spent so far, when the course has DP.
+                let eps = r
+                    .extra
+                    .get("dp_epsilon")
+                    .map_or(String::new(), |e| format!(", ε = {e:.3}"));
                 self.line(format!(
-                    "round {}/{rounds}: {} clients trained, {:.1} KB up, {:.1} KB down, {:.1} s",
+                    "round {}/{rounds}: {} clients trained, {:.1} KB up, {:.1} KB down, {:.1} s{eps}",
                     r.round,
                     r.extra.get("clients").copied().unwrap_or(0.0),
                     r.bytes_up as f64 / 1e3,

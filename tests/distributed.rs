@@ -797,7 +797,8 @@ fn soak_a_thousand_rounds_with_kills_end_as_an_undisturbed_course() {
 
 /// Strategies that send each client its own message — other LoRA ranks
 /// (FlexLoRA), extra tensors both ways with client-side state (SCAFFOLD) —
-/// end over NATS where they end in one process.
+/// end over NATS where they end in one process; so do courses with
+/// differential privacy, central and local.
 #[test]
 fn per_client_strategies_end_over_nats_where_they_end_in_process() {
     for (name, extra) in [
@@ -808,6 +809,16 @@ fn per_client_strategies_end_over_nats_where_they_end_in_process() {
         (
             "scaffold",
             "[aggregator]\nscript = \"scaffold\"\n[hooks]\nscript = \"scaffold\"\n",
+        ),
+        // Differential privacy: the server's noise and each client's own
+        // are seeded by the course, so processes draw what one process does.
+        (
+            "dp-central",
+            "[privacy]\ndp = \"central\"\nclip_norm = 0.05\nnoise_multiplier = 0.5\nadaptive_clip = true\ncount_noise = 1.0\n",
+        ),
+        (
+            "dp-local",
+            "[privacy]\ndp = \"local\"\nclip_norm = 0.05\nnoise_multiplier = 0.5\n",
         ),
     ] {
         let dir = tempfile::tempdir().unwrap();
@@ -829,5 +840,8 @@ fn per_client_strategies_end_over_nats_where_they_end_in_process() {
             serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap())
                 .unwrap();
         assert_eq!(summary["rejected_messages"], 0, "{name}");
+        if name.starts_with("dp") {
+            assert!(summary["privacy"]["epsilon"].as_f64().unwrap() > 0.0, "{name}");
+        }
     }
 }

@@ -486,11 +486,14 @@ pub struct CourseConfig {
     pub aggregator: crate::script::AggregatorSection,
     /// `[scripting]`: sandbox limits and the script error policy.
     pub scripting: crate::script::ScriptingSection,
+    /// `[privacy]`: differential privacy of the clients' updates.
+    pub privacy: crate::privacy::PrivacySection,
 }
 
 impl CourseConfig {
     /// The sections this type reads.
-    pub const SECTIONS: [&'static str; 4] = ["federate", "wire", "aggregator", "scripting"];
+    pub const SECTIONS: [&'static str; 5] =
+        ["federate", "wire", "aggregator", "scripting", "privacy"];
 
     /// Reads and validates the kernel's sections of `doc`.
     pub fn from_doc(doc: &ConfigDoc) -> Result<Self, ConfigError> {
@@ -499,6 +502,7 @@ impl CourseConfig {
             wire: doc.section("wire")?,
             aggregator: doc.section("aggregator")?,
             scripting: doc.section("scripting")?,
+            privacy: doc.section("privacy")?,
         };
         cfg.validate(doc)?;
         Ok(cfg)
@@ -589,6 +593,14 @@ impl CourseConfig {
         if self.wire.max_message_mib == 0 {
             return err("wire.max_message_mib", "must be at least 1".into());
         }
+        self.privacy
+            .validate(
+                c.rounds,
+                c.clients,
+                self.clients_per_round(),
+                self.aggregator.script.as_deref(),
+            )
+            .map_err(|e| doc.locate(e))?;
         Ok(())
     }
 }
@@ -701,7 +713,7 @@ compression = "gzip"
             .to_string();
         assert_eq!(
             err,
-            "x.toml:1: `cuorse`: unknown section, expected one of `federate`, `wire`, `aggregator`, `scripting`"
+            "x.toml:1: `cuorse`: unknown section, expected one of `federate`, `wire`, `aggregator`, `scripting`, `privacy`"
         );
     }
 

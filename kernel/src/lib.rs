@@ -10,6 +10,7 @@
 //! - [`worker`]: the event loop that decodes, dispatches by kind, runs heavy work off the executor, and sends;
 //! - [`course`]: the server and client behaviours, the [`LocalTrainer`] port and the in-process runner;
 //! - [`aggregate`]: the server's strategy ([`Aggregator`]: sampling, per-client instructions, aggregation, evaluation), FedAvg first;
+//! - [`privacy`]: differential privacy (clipping, Gaussian noise, central or local) and its RDP accountant;
 //! - [`linalg`]: small dense matrices (products, QR, truncated SVD) for strategy scripts;
 //! - [`checkpoint`]: the checkpoint layout a server writes after rounds and a resumed course reads;
 //! - [`script`]: the Rhai script host (sandboxed, hot-reloaded) and scripted aggregators;
@@ -48,6 +49,7 @@ pub mod linalg;
 pub mod message;
 pub mod metrics;
 pub mod params;
+pub mod privacy;
 pub mod script;
 pub mod worker;
 

@@ -19,17 +19,10 @@ fn trainer(spec: SyntheticSpec, steps: usize) -> LeastSquaresTrainer {
     LeastSquaresTrainer::synthetic(spec, 0.1, steps)
 }
 
+mod common;
+
 async fn run(cfg: &CourseConfig, t: LeastSquaresTrainer) -> fedtune_kernel::course::CourseReport {
-    let initial = t.initial_params();
-    run_in_process(
-        cfg,
-        initial,
-        Arc::new(Mutex::new(t)),
-        Box::new(FedAvg),
-        MetricsLog::in_memory(),
-    )
-    .await
-    .unwrap()
+    common::run_least_squares(cfg, t).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,7 @@
 
 use anyhow::{Context, Result};
 use fedtune_adapters::course::numeric::run_least_squares;
-use fedtune_adapters::course::summary::Summary;
+use fedtune_adapters::course::summary::{PrivacySummary, Summary};
 use fedtune_adapters::course::{run_llm, CourseFile, Task};
 use fedtune_kernel::config::TransportKind;
 use fedtune_kernel::course::CourseReport;
@@ -64,6 +64,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             if let Some(c) = summary.centralized_train_loss {
                 println!("centralized least-squares training loss (the optimum): {c:.6}");
             }
+            print_privacy(summary.privacy.as_ref());
             println!("results in {}", out.dir.display());
         }
     }
@@ -168,9 +169,24 @@ fn print_summary(s: &Summary, dir: &std::path::Path) {
         s.wall_s,
         s.peak_rss_mib.map_or("unknown".into(), |m| format!("{m:.0} MiB"))
     );
+    print_privacy(s.privacy.as_ref());
     println!(
         "adapter (PEFT format) in {}\nresults in {}",
         s.adapter,
         dir.display()
     );
+}
+
+/// The privacy a course spent, when it had DP.
+fn print_privacy(p: Option<&PrivacySummary>) {
+    if let Some(p) = p {
+        println!(
+            "differential privacy ({}): ε = {} at δ = {} (noise multiplier {}, clip norm {:.4})",
+            p.dp,
+            p.epsilon.map_or("unknown".into(), |e| format!("{e:.3}")),
+            p.delta,
+            p.noise_multiplier,
+            p.clip_norm
+        );
+    }
 }

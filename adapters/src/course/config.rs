@@ -40,7 +40,7 @@ use crate::tokenizer::TextTokenizer;
 use crate::train::TrainConfig;
 
 /// Every top-level section a course file may have.
-pub const SECTIONS: [&str; 18] = [
+pub const SECTIONS: [&str; 19] = [
     "adapter",
     "offsite",
     "prompt",
@@ -50,6 +50,7 @@ pub const SECTIONS: [&str; 18] = [
     "wire",
     "aggregator",
     "scripting",
+    "privacy",
     "hooks",
     "pfl",
     "trainer",

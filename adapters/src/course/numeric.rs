@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use super::config::CourseFile;
 use super::run_dir::Output;
-use super::summary::{losses_at, traffic};
+use super::summary::{losses_at, traffic, PrivacySummary};
 use super::{scripts, Context, Result};
 
 /// `summary.json` of a numeric course.
@@ -38,6 +38,9 @@ pub struct NumericSummary {
     pub wall_s: f64,
     /// Messages the server rejected.
     pub rejected_messages: u64,
+    /// Differential privacy: what the course spent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<PrivacySummary>,
 }
 
 /// Runs the numeric course `ls` of `course` in this process, writing into
@@ -78,6 +81,7 @@ pub fn run_least_squares(
         bytes_down,
         wall_s: report.wall_s,
         rejected_messages: report.server_stats.rejected,
+        privacy: PrivacySummary::from_records(&cfg.privacy, &report.records),
     };
     let text = serde_json::to_string_pretty(&summary).context("writing the summary")?;
     let path = out.dir.join("summary.json");

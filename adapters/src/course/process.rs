@@ -24,7 +24,7 @@ use super::config::{CourseFile, Task};
 use super::offsite::{emulator, plug_in, BaseModelInfo};
 use super::run_dir::Output;
 use super::store::AdapterStore;
-use super::summary::{losses_at, traffic};
+use super::summary::{losses_at, traffic, PrivacySummary};
 use super::trainer::{client_process_trainer, offsite_client_trainer, trainer_error};
 use super::{ensure, scripts, Context, Result};
 use crate::lora::LoraConfig;
@@ -55,6 +55,7 @@ pub struct ServerEnd {
     /// FedOT: the emulator, its LoRA and the full model, to plug the adapter into at the end.
     offsite: Option<(Emulator, LoraConfig, Base)>,
     out: PathBuf,
+    privacy: fedtune_kernel::privacy::PrivacySection,
 }
 
 /// The server's side of a course, for a process of its own: the initial (or
@@ -101,7 +102,7 @@ pub fn server_process(
     // A server process checkpoints every round: a crash loses at most the round in flight.
     let checkpoints = Checkpoints::new(out.dir.join("checkpoints"), 1, store.clone())
         .with_tag(course.fingerprint()?);
-    let mut aggregator = scripts::aggregator(course)?;
+    let aggregator = scripts::aggregator(course)?;
     let resumed = if out.resume {
         checkpoints.latest()?
     } else {
@@ -109,7 +110,6 @@ pub fn server_process(
     };
     if let Some(found) = &resumed {
         say(&format!("resuming after round {}", found.round));
-        Checkpoints::restore_aggregator(&found.dir, aggregator.as_mut())?;
     }
     let completed = resumed.as_ref().map_or(0, |r| r.round);
     let rounds = cfg.course.rounds;
@@ -120,7 +120,7 @@ pub fn server_process(
         .with_observer(Box::new(move |r: &Record| shown.record(r, rounds)));
     let mut setup = ServerSetup::new(cfg.clone(), initial, aggregator, log);
     if let Some(found) = resumed {
-        setup = setup.resumed_from(found);
+        setup = setup.resumed_from(found)?;
     }
     let base_model = match &offsite {
         Some((emu, _, _)) => Some(BaseModelInfo::message(emu)?),
@@ -138,6 +138,7 @@ pub fn server_process(
             adapter: matches!(course.task, Task::Llm(_)),
             offsite,
             out: out.dir.clone(),
+            privacy: cfg.privacy.clone(),
         },
     })
 }
@@ -171,6 +172,9 @@ pub struct ServerSummary {
     pub wall_s: f64,
     /// Where the final parameters are.
     pub params: String,
+    /// Differential privacy: what the course spent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<PrivacySummary>,
 }
 
 /// One evaluation of [`ServerSummary::evals`].
@@ -238,6 +242,7 @@ impl ServerEnd {
             rejected_messages: rejected,
             wall_s: started.elapsed().as_secs_f64(),
             params: params_path.display().to_string(),
+            privacy: PrivacySummary::from_records(&self.privacy, &results.records),
         };
         let text = serde_json::to_string_pretty(&summary).context("writing the summary")?;
         let path = self.out.join("summary.json");

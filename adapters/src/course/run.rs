@@ -32,7 +32,7 @@ use super::held_out::evaluate_at_end;
 use super::offsite::{emulator, plug_in, OffsiteSummary};
 use super::run_dir::Output;
 use super::store::AdapterStore;
-use super::summary::{read_records, split_losses, traffic, ClientSummary, Summary};
+use super::summary::{read_records, split_losses, traffic, ClientSummary, PrivacySummary, Summary};
 use super::trainer::{fed_trainer, plain_trainer, trainer_error};
 use super::{ensure, scripts, Context, Result};
 use crate::adapter::AdapterSpec;
@@ -273,7 +273,7 @@ impl Setup<'_> {
         cfg: &CourseConfig,
         (start, checkpoints): (Start, Checkpoints),
         trainer: RoundRobinTrainer,
-        mut aggregator: Box<dyn Aggregator>,
+        aggregator: Box<dyn Aggregator>,
         as_client: Option<u32>,
     ) -> Result<CourseReport> {
         let shared = self.log.clone();
@@ -294,11 +294,10 @@ impl Setup<'_> {
         let trainer: SharedTrainer = Arc::new(Mutex::new(trainer.with_progress(self.progress())));
         let setup = match start {
             Start::Fresh(p) => ServerSetup::new(cfg.clone(), p, aggregator, relay),
+            // The strategy's saved state comes back with the checkpoint.
             Start::After(found) => {
-                // An aggregator's saved state comes back from the checkpoint.
-                Checkpoints::restore_aggregator(&found.dir, aggregator.as_mut())?;
                 ServerSetup::new(cfg.clone(), found.params.clone(), aggregator, relay)
-                    .resumed_from(*found)
+                    .resumed_from(*found)?
             }
         };
         let setup = setup.with_checkpoints(checkpoints);
@@ -473,6 +472,7 @@ impl Setup<'_> {
             adapter: adapter_dir.display().to_string(),
             eval,
             offsite,
+            privacy: PrivacySummary::from_records(&cfg.privacy, &records),
         })
     }
 }

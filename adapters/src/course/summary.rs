@@ -70,6 +70,45 @@ pub struct Summary {
     /// FedOT: the emulator, and the adapter plugged back into the full model.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub offsite: Option<OffsiteSummary>,
+    /// Differential privacy: what the course spent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<PrivacySummary>,
+}
+
+/// The `privacy` part of `summary.json`.
+#[derive(Debug, Serialize)]
+pub struct PrivacySummary {
+    /// "central" or "local".
+    pub dp: String,
+    /// ε after the last round (local DP: each client's, had it taken part in every round).
+    pub epsilon: Option<f64>,
+    /// δ.
+    pub delta: f64,
+    /// σ / C.
+    pub noise_multiplier: f64,
+    /// The clip norm of the last round (it moves with adaptive clipping).
+    pub clip_norm: f64,
+}
+
+impl PrivacySummary {
+    /// From the course's `[privacy]` and the last round's record.
+    pub fn from_records(
+        cfg: &fedtune_kernel::privacy::PrivacySection,
+        records: &[Record],
+    ) -> Option<Self> {
+        if !cfg.enabled() {
+            return None;
+        }
+        let last = records.iter().rev().find(|r| r.event == Event::Round);
+        let metric = |k: &str| last.and_then(|r| r.extra.get(k).copied());
+        Some(Self {
+            dp: cfg.dp.name().into(),
+            epsilon: metric("dp_epsilon"),
+            delta: cfg.delta,
+            noise_multiplier: cfg.noise_multiplier,
+            clip_norm: metric("dp_clip_norm").unwrap_or(cfg.clip_norm),
+        })
+    }
 }
 
 impl Summary {

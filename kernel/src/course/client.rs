@@ -27,6 +27,8 @@ use crate::worker::{Ctx, Flow, HandlerError, HandlerResult, JobError, Worker};
 pub struct ClientState {
     id: u32,
     seed: u64,
+    /// `[privacy]` when this client noises its own updates (local DP).
+    local_dp: Option<crate::privacy::PrivacySection>,
     trainer: SharedTrainer,
     joined: bool,
     /// Tells this run of the client from an earlier one (a restarted
@@ -94,6 +96,7 @@ pub fn client_worker(
     let state = ClientState {
         id,
         seed: cfg.course.seed,
+        local_dp: (cfg.privacy.dp == crate::privacy::DpMode::Local).then(|| cfg.privacy.clone()),
         trainer,
         joined: false,
         instance: instance_id(id),
@@ -379,6 +382,10 @@ fn on_train(s: &mut ClientState, env: Envelope, ctx: &mut Ctx) -> HandlerResult 
     let answer = s.last_update.clone();
     let (id, round, trainer) = (s.id, env.round, s.trainer.clone());
     let kept = s.kept.clone();
+    let local_dp = s
+        .local_dp
+        .clone()
+        .map(|p| (p, crate::privacy::noise_seed(s.seed, id, round)));
     s.rounds_trained.push(round);
     s.latest_global = Some(global.clone());
     let course = ctx.course().to_string();
@@ -406,6 +413,19 @@ fn on_train(s: &mut ClientState, env: Envelope, ctx: &mut Ctx) -> HandlerResult 
             trained
         })?;
         let (update, failure) = match update {
+            Ok((mut u, None)) => match &local_dp {
+                // Local DP: clipped and noised here, before it leaves.
+                Some((privacy, seed)) => {
+                    match crate::privacy::privatize_local(&u.params, &global, privacy, *seed) {
+                        Ok(p) => {
+                            u.params = p;
+                            (Ok(u), None)
+                        }
+                        Err(e) => (Err(()), Some(format!("client {id}: local DP: {e}"))),
+                    }
+                }
+                None => (Ok(u), None),
+            },
             Ok((u, unfit)) => (Ok(u), unfit),
             Err(reason) => (Err(()), Some(reason)),
         };

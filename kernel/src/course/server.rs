@@ -212,6 +212,14 @@ impl ServerSetup {
         aggregator: Box<dyn Aggregator>,
         log: MetricsLog,
     ) -> Self {
+        // Central DP stands between the clients' updates and the strategy.
+        let aggregator = crate::privacy::wrap(
+            aggregator,
+            &cfg.privacy,
+            cfg.course.seed,
+            cfg.course.clients,
+            cfg.clients_per_round(),
+        );
         Self {
             cfg,
             completed: 0,
@@ -234,13 +242,22 @@ impl ServerSetup {
         self
     }
 
-    /// Resumes from the checkpoint `restored`: its round and parameters
-    /// (and, in one process, the clients' own states saved with it).
-    pub fn resumed_from(self, restored: crate::checkpoint::Restored) -> Self {
+    /// Resumes from the checkpoint `restored`: its round and parameters,
+    /// the strategy's saved state (restored here, into the strategy as the
+    /// course runs it, differential privacy included) and, in one process,
+    /// the clients' own states saved with it.
+    pub fn resumed_from(
+        mut self,
+        restored: crate::checkpoint::Restored,
+    ) -> Result<Self, crate::CheckpointError> {
+        crate::checkpoint::Checkpoints::restore_aggregator(
+            &restored.dir,
+            self.aggregator.as_mut(),
+        )?;
         let dir = restored.dir;
         let mut me = self.resumed(restored.round, restored.params);
         me.resumed_from = Some(dir);
-        me
+        Ok(me)
     }
 
     /// Checkpoints the global parameters as `checkpoints` says.

@@ -237,8 +237,18 @@ pub fn normal_cdf(z: f64) -> f64 {
 
 /// The complementary error function (Numerical Recipes' Chebyshev fit,
 /// relative error below 1.2e-7 everywhere).
-fn erfc(x: f64) -> f64 {
-    let z = x.abs();
+pub(crate) fn erfc(x: f64) -> f64 {
+    let r = ln_erfc_nonnegative(x.abs()).exp();
+    if x >= 0.0 {
+        r
+    } else {
+        2.0 - r
+    }
+}
+
+/// `ln erfc(z)` for `z ≥ 0`, without underflow however large `z` is (the
+/// same fit, taken in log space).
+pub(crate) fn ln_erfc_nonnegative(z: f64) -> f64 {
     let t = 1.0 / (1.0 + 0.5 * z);
     let poly = -z * z - 1.265_512_23
         + t * (1.000_023_68
@@ -248,16 +258,11 @@ fn erfc(x: f64) -> f64 {
                         + t * (0.278_868_07
                             + t * (-1.135_203_98
                                 + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
-    let r = t * poly.exp();
-    if x >= 0.0 {
-        r
-    } else {
-        2.0 - r
-    }
+    t.ln() + poly
 }
 
 /// A standard normal draw (Box–Muller).
-fn standard_normal(rng: &mut impl Rng) -> f64 {
+pub(crate) fn standard_normal(rng: &mut impl Rng) -> f64 {
     let u1: f64 = rng.random::<f64>().max(1e-300);
     let u2: f64 = rng.random();
     (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()

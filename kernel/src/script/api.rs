@@ -22,6 +22,12 @@
 //! client did not say), `.metrics` and `.config` (maps) and `.extra` (the
 //! `ParamSet` of extra tensors it sent back).
 //!
+//! Differential privacy (`crate::privacy`): `clip_update(params, reference,
+//! c)` → `#{params, norm}` (`reference` plus the difference scaled to L2
+//! norm at most `c`, and the norm before), `gaussian_noise(params, std,
+//! seed)` (N(0, std²) added to every value, from a seeded ChaCha stream),
+//! `dp_epsilon(q, sigma, rounds, delta)` (the RDP accountant).
+//!
 //! Building parameter sets: `param_set()` (empty), `p.put(name, t)` (add or
 //! replace, any shape), `p.remove(name)`, `p.contains(name)`,
 //! `with_extra(p, extra)` (adds `extra`'s tensors as `extra/NAME`).
@@ -754,6 +760,50 @@ fn register_updates(engine: &mut Engine) {
         let beta = usize::try_from(beta).unwrap_or(0);
         with_updates(&updates, |u| aggregate::closest_to_median_of(u, beta))
     });
+    register_privacy(engine);
+}
+
+/// DP's clipping, noise and accountant (see the module docs).
+fn register_privacy(engine: &mut Engine) {
+    use crate::privacy::{accountant, add_gaussian_noise, clip_update};
+    engine.register_fn(
+        "clip_update",
+        |p: &mut ParamSet, reference: ParamSet, c: f64| -> Res<Map> {
+            if !(c > 0.0 && c.is_finite()) {
+                return fail(format!("clip_update: the norm must be positive, got {c}"));
+            }
+            charge(reference.num_elements())?;
+            let (clipped, norm) = clip_update(p, &reference, c).or_else(|e| fail(e.to_string()))?;
+            let mut out = Map::new();
+            out.insert("params".into(), Dynamic::from(clipped));
+            out.insert("norm".into(), Dynamic::from(norm));
+            Ok(out)
+        },
+    );
+    engine.register_fn(
+        "gaussian_noise",
+        |p: &mut ParamSet, std: f64, seed: INT| -> Res<ParamSet> {
+            if !(std >= 0.0 && std.is_finite()) {
+                return fail(format!("gaussian_noise: std must be 0 or more, got {std}"));
+            }
+            charge(p.num_elements())?;
+            let mut out = p.clone();
+            add_gaussian_noise(&mut out, std, seed as u64);
+            Ok(out)
+        },
+    );
+    engine.register_fn(
+        "dp_epsilon",
+        |q: f64, sigma: f64, rounds: INT, delta: f64| -> Res<f64> {
+            let valid = (0.0..=1.0).contains(&q) && sigma >= 0.0 && rounds >= 0 && delta > 0.0 && delta < 1.0;
+            if !valid {
+                return fail(format!(
+                    "dp_epsilon: needs 0 ≤ q ≤ 1, sigma ≥ 0, rounds ≥ 0, 0 < delta < 1 (got {q}, {sigma}, {rounds}, {delta})"
+                ));
+            }
+            Ok(accountant::epsilon(q, sigma, rounds as u64, delta))
+        },
+    );
 }
 
 /// Borrows the `Update`s of a script array (no copies) for a native reduction.
@@ -941,5 +991,41 @@ mod tests {
             .eval_with_scope::<ParamTensor>(&mut scope, "a[\"nope\"]")
             .unwrap_err();
         assert!(err.to_string().contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn dp_functions_are_the_native_ones() {
+        use crate::privacy::{accountant, add_gaussian_noise, clip_update};
+        let e = engine();
+        let mut scope = rhai::Scope::new();
+        scope
+            .push("a", set([4.0, 5.0], 1.0))
+            .push("g", set([1.0, 1.0], 1.0));
+        let out: Map = e
+            .eval_with_scope(&mut scope, "clip_update(a, g, 1.0)")
+            .unwrap();
+        let (want, norm) = clip_update(&set([4.0, 5.0], 1.0), &set([1.0, 1.0], 1.0), 1.0).unwrap();
+        assert_eq!(out["params"].clone().cast::<ParamSet>(), want);
+        assert_eq!(out["norm"].as_float().unwrap(), norm);
+        let noised: ParamSet = e
+            .eval_with_scope(&mut scope, "gaussian_noise(g, 0.5, 11)")
+            .unwrap();
+        let mut native = set([1.0, 1.0], 1.0);
+        add_gaussian_noise(&mut native, 0.5, 11);
+        assert_eq!(noised, native);
+        let eps: f64 = e
+            .eval_with_scope(&mut scope, "dp_epsilon(0.1, 1.0, 100, 1e-5)")
+            .unwrap();
+        assert_eq!(eps, accountant::epsilon(0.1, 1.0, 100, 1e-5));
+        for bad in [
+            "clip_update(a, g, 0.0)",
+            "gaussian_noise(g, -1.0, 1)",
+            "dp_epsilon(2.0, 1.0, 1, 1e-5)",
+        ] {
+            assert!(
+                e.eval_with_scope::<Dynamic>(&mut scope, bad).is_err(),
+                "{bad}"
+            );
+        }
     }
 }
