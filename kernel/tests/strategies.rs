@@ -482,6 +482,57 @@ async fn bad_instructions_stop_the_course_at_the_scripts_line() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_strategy_reporting_a_non_finite_metric_stops_the_course_naming_it() {
+    // Written to metrics.jsonl as null, it would make the run's records
+    // unreadable at the end; the server refuses it when reported (scripts'
+    // maps are checked by the script host already).
+    struct Reports(bool);
+    impl Aggregator for Reports {
+        fn name(&self) -> &str {
+            "reports"
+        }
+        fn aggregate(
+            &mut self,
+            _: &ParamSet,
+            u: &[ClientUpdate],
+            _: u64,
+        ) -> Result<ParamSet, fedtune_kernel::AggregateError> {
+            fedtune_kernel::aggregate_fedavg(u)
+        }
+        fn on_round_end(
+            &mut self,
+            _: &ParamSet,
+            _: u64,
+        ) -> Result<BTreeMap<String, f64>, fedtune_kernel::AggregateError> {
+            let v = if self.0 { f64::INFINITY } else { 1.0 };
+            Ok(BTreeMap::from([("spread".to_string(), v)]))
+        }
+        fn aggregate_evaluate(
+            &mut self,
+            _: &[fedtune_kernel::ClientEval],
+            _: u64,
+        ) -> Result<BTreeMap<String, f64>, fedtune_kernel::AggregateError> {
+            let v = if self.0 { 1.0 } else { f64::NAN };
+            Ok(BTreeMap::from([("spread".to_string(), v)]))
+        }
+    }
+    for (inf_at_round_end, says) in [
+        (true, "on_round_end returned"),
+        (false, "aggregate_evaluate returned"),
+    ] {
+        let err = course(&course_config(""), Box::new(Reports(inf_at_round_end)))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(says), "{err}");
+        assert!(
+            err.contains("metric `spread`") && err.contains("not a finite number"),
+            "{err}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fednova_gives_clients_their_steps_and_normalizes_a_course_by_them() {
     let cfg = course_config("");
     let report = course(&cfg, Box::new(shipped("fednova", "steps = [1, 3]")))

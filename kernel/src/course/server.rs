@@ -903,9 +903,16 @@ fn check_reported(metrics: &BTreeMap<String, f64>) -> Result<(), String> {
     if metrics.len() > MAX_METRICS {
         return Err(format!("{} metrics (at most {MAX_METRICS})", metrics.len()));
     }
-    metrics
-        .keys()
-        .try_for_each(|name| check_name("metric", name))
+    metrics.iter().try_for_each(|(name, value)| {
+        check_name("metric", name)?;
+        // metrics.jsonl is JSON: a NaN or infinity would be written as null
+        // and the run's records could not be read back.
+        if value.is_finite() {
+            Ok(())
+        } else {
+            Err(format!("metric `{name}` = {value}, not a finite number"))
+        }
+    })
 }
 
 fn on_update(s: &mut ServerState, mut env: Envelope, ctx: &mut Ctx) -> HandlerResult {

@@ -471,10 +471,12 @@ impl Aggregator for DpStrategy {
     ) -> Result<BTreeMap<String, f64>, AggregateError> {
         let mut metrics = self.inner.on_round_end(global, round)?;
         metrics.append(&mut self.last.clone());
-        metrics.insert(
-            "dp_epsilon".into(),
-            self.cfg.epsilon_after(round, self.clients, self.per_round),
-        );
+        // Without noise there is no finite ε to report (and records hold
+        // finite numbers only).
+        let eps = self.cfg.epsilon_after(round, self.clients, self.per_round);
+        if eps.is_finite() {
+            metrics.insert("dp_epsilon".into(), eps);
+        }
         Ok(metrics)
     }
 
@@ -617,7 +619,7 @@ mod tests {
         let m = dp.on_round_end(&out, 1).unwrap();
         assert_eq!(m["dp_unclipped_fraction"], 0.5);
         assert_eq!(m["dp_update_norm_mean"], 2.75);
-        assert_eq!(m["dp_epsilon"], f64::INFINITY, "no noise, no privacy");
+        assert!(!m.contains_key("dp_epsilon"), "no noise, no finite ε");
     }
 
     #[test]
