@@ -54,6 +54,11 @@ enum Command {
     Hpo(cmd::hpo::HpoArgs),
     /// Run one course over several seeds (and scenarios); mean ± std per metric.
     Sweep(cmd::hpo::SweepArgs),
+    /// Start a course of your own: a config and editable copies of the scripts it runs.
+    Init(cmd::init::InitArgs),
+    /// The shipped Rhai scripts: list them, or copy one to edit.
+    #[command(subcommand)]
+    Scripts(cmd::init::ScriptsCommand),
     /// Write SVG charts (loss per round per client, bytes per round) and a Markdown report for a run directory.
     Report {
         /// A directory written by `fedtune run`.
@@ -100,6 +105,8 @@ fn main() -> ExitCode {
         Command::Broker(command) => cmd::broker::broker(command),
         Command::Report { dir } => cmd::report::report(&dir),
         Command::Hpo(args) => cmd::hpo::hpo(args),
+        Command::Init(args) => cmd::init::init(args),
+        Command::Scripts(cmd) => cmd::init::scripts(cmd),
         Command::Sweep(args) => cmd::hpo::sweep(args),
     };
     match result {

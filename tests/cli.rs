@@ -254,3 +254,89 @@ fn aggregator_script_errors_name_the_key_or_the_line() {
     assert!(!o.status.success());
     assert!(err.contains(&format!("{}:3:", bad.display())), "{err}");
 }
+
+#[test]
+fn init_writes_a_course_whose_copied_scripts_are_the_ones_that_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let course = dir.path().join("mine");
+    let course_s = course.to_str().unwrap();
+    let o = fedtune(&["init", course_s, "--template", "least-squares"]);
+    assert!(o.status.success(), "stderr: {}", text(&o.stderr));
+    let copy = course.join("scripts/aggregators/fedavg.rhai");
+    assert!(text(&o.stdout).contains(copy.to_str().unwrap()));
+    let config = course.join("config.toml");
+    let run = |out: &str| -> serde_json::Value {
+        let out = dir.path().join(out);
+        let o = fedtune(&[
+            "run",
+            config.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
+        ]);
+        assert!(o.status.success(), "stderr: {}", text(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let learned = run("as-shipped");
+    let before = learned["initial_loss"]["test"].as_f64().unwrap();
+    assert!(learned["final_loss"]["test"].as_f64().unwrap() < 0.1 * before);
+    // Edit the copy (this test runs from the checkout, whose own
+    // scripts/aggregators/fedavg.rhai must not be the one taken): a strategy
+    // that keeps the global parameters learns nothing.
+    std::fs::write(&copy, "fn aggregate(global, updates, round) { global }\n").unwrap();
+    let edited = run("edited");
+    assert_eq!(edited["final_loss"]["test"].as_f64().unwrap(), before);
+    // A second init does not write over the course.
+    let again = fedtune(&["init", course_s]);
+    assert!(!again.status.success());
+    assert!(
+        text(&again.stderr).contains("does not write over"),
+        "{}",
+        text(&again.stderr)
+    );
+    let bad = fedtune(&[
+        "init",
+        dir.path().join("x").to_str().unwrap(),
+        "--template",
+        "fedmagic",
+    ]);
+    assert!(
+        text(&bad.stderr).contains("templates: quickstart"),
+        "{}",
+        text(&bad.stderr)
+    );
+}
+
+#[test]
+fn scripts_list_and_export_name_every_shipped_script() {
+    let list = fedtune(&["scripts", "list"]);
+    let listed = text(&list.stdout);
+    for id in [
+        "aggregators/fedadam",
+        "hooks/fedprox",
+        "pfl/ditto",
+        "hpo/bo",
+    ] {
+        assert!(listed.contains(id), "{id} missing from:\n{listed}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ambiguous = fedtune(&[
+        "scripts",
+        "export",
+        "scaffold",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(text(&ambiguous.stderr).contains("aggregators/scaffold or hooks/scaffold"));
+    let o = fedtune(&[
+        "scripts",
+        "export",
+        "hooks/scaffold",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let written = std::fs::read_to_string(dir.path().join("hooks/scaffold.rhai")).unwrap();
+    assert_eq!(
+        written,
+        std::fs::read_to_string("adapters/scripts/hooks/scaffold.rhai").unwrap()
+    );
+}

@@ -8,6 +8,7 @@ pub mod course_args;
 pub mod data;
 pub mod eval;
 pub mod hpo;
+pub mod init;
 pub mod model;
 pub mod nats;
 pub mod report;

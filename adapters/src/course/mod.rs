@@ -34,6 +34,7 @@ pub mod offsite;
 pub mod process;
 pub mod run;
 pub mod run_dir;
+pub mod scaffold;
 pub mod scripts;
 pub mod store;
 pub mod summary;

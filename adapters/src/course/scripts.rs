@@ -1,8 +1,9 @@
 //! The course's scripts, found and compiled from its file: the server's
 //! `[aggregator]`, the trainer's `[hooks]` and the `[pfl]` plan.
 //!
-//! A script is looked for as the path given, then relative to the config's
-//! folder and its parent, then among the shipped ones by name. Any error —
+//! A script is looked for relative to the config's folder, then its parent,
+//! then as the path given (from the working directory), then among the
+//! shipped ones by name. Any error —
 //! no such script, a syntax error, a missing function — names the key that
 //! chose the script, at its line in the file (or the `--set` that gave it).
 

@@ -116,9 +116,9 @@ pub struct ScriptSection {
 }
 
 impl ScriptSection {
-    /// Finds the script: the path as given (relative to the working
-    /// directory), then relative to `config_dir` and its parent, then a shipped
-    /// script of that name in `built_in`. `Ok(None)` when no script is configured.
+    /// Finds the script: the path relative to `config_dir`, then to its
+    /// parent, then as given (relative to the working directory), then a
+    /// shipped script of that name in `built_in`. `Ok(None)` when no script is configured.
     pub fn resolve_in(
         &self,
         config_dir: Option<&Path>,
@@ -127,8 +127,11 @@ impl ScriptSection {
         let Some(spec) = &self.script else {
             return Ok(None);
         };
+        // Relative to the config first, so a config's paths mean the same
+        // file wherever fedtune runs (a course made by `fedtune init` uses its
+        // own copies even when run from a checkout that ships the originals).
         let given = PathBuf::from(spec);
-        let mut tried = vec![given.clone()];
+        let mut tried = Vec::new();
         if given.is_relative() {
             if let Some(dir) = config_dir {
                 tried.push(dir.join(&given));
@@ -137,6 +140,7 @@ impl ScriptSection {
                 }
             }
         }
+        tried.push(given.clone());
         let mut seen = std::collections::HashSet::new();
         tried.retain(|p| seen.insert(p.clone()));
         if let Some(found) = tried.iter().find(|p| p.is_file()) {
@@ -876,6 +880,24 @@ mod tests {
         assert_eq!(
             found,
             Some(ScriptSource::File(dir.join("scripts/mine.rhai")))
+        );
+        // A copy beside the config wins over the same path from the working
+        // directory (tests run in kernel/, which has scripts/aggregators/).
+        std::fs::create_dir_all(dir.join("scripts/aggregators")).unwrap();
+        std::fs::write(
+            dir.join("scripts/aggregators/fedavg.rhai"),
+            "fn aggregate(g, u, r) { g }",
+        )
+        .unwrap();
+        assert!(Path::new("scripts/aggregators/fedavg.rhai").is_file());
+        let found = section("scripts/aggregators/fedavg.rhai")
+            .resolve(Some(&dir))
+            .unwrap();
+        assert_eq!(
+            found,
+            Some(ScriptSource::File(
+                dir.join("scripts/aggregators/fedavg.rhai")
+            ))
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }
