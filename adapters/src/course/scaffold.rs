@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 use super::config::{CourseFile, Task};
 use super::{ensure, Context, CourseError, Result};
+use fedtune_kernel::script::shipped_name;
+
 use crate::hooks::BUILT_IN_HOOKS;
 use crate::pfl::BUILT_IN_PFL;
 
@@ -175,13 +177,9 @@ pub fn init(dir: &Path, template: &Template) -> Result<Initialized> {
     ];
     let mut scripts = Vec::new();
     let mut copy = |kind: ScriptKind, chosen: Option<&str>| -> Result<String> {
-        // A path or a name: the shipped script of that name (its file stem).
-        let name = chosen.unwrap_or("fedavg");
-        let stem = Path::new(name)
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .unwrap_or(name);
-        let shipped = find_shipped(&format!("{}/{stem}", kind.dir()))?;
+        // A path or a name: the shipped script it names, as resolving it would.
+        let name = shipped_name(chosen.unwrap_or("fedavg"));
+        let shipped = find_shipped(&format!("{}/{name}", kind.dir()))?;
         let path = export(&shipped, &scripts_dir)?;
         scripts.push(path);
         Ok(format!("scripts/{}/{}.rhai", kind.dir(), shipped.name))

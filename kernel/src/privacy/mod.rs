@@ -217,12 +217,7 @@ impl PrivacySection {
             self.update_noise_multiplier(per_round)?;
         }
         if let (DpMode::Central, Some(name)) = (self.dp, strategy) {
-            let stem = name
-                .rsplit('/')
-                .next()
-                .unwrap_or(name)
-                .trim_end_matches(".rhai");
-            if NOT_WITH_CENTRAL_DP.contains(&stem) {
+            if NOT_WITH_CENTRAL_DP.contains(&crate::script::shipped_name(name)) {
                 return Err(KeyError::new(
                     "aggregator.script",
                     format!("`{name}` needs each client's own update or sends clients parameters of their own, but with privacy.dp = \"central\" the strategy sees only the clipped, noised mean of the updates (use fedavg, fedavgm, fedadam, fedyogi or fedadagrad, or dp = \"local\")"),

@@ -101,6 +101,14 @@ pub const BUILT_IN: [(&str, &str); 13] = [
     ),
 ];
 
+/// The shipped script a `script` setting names when no file is found: the
+/// last path component without `.rhai` (`scripts/aggregators/fedadam.rhai`
+/// and `fedadam` both name `fedadam`).
+pub fn shipped_name(spec: &str) -> &str {
+    let bare = spec.strip_suffix(".rhai").unwrap_or(spec);
+    bare.rsplit('/').next().unwrap_or(bare)
+}
+
 /// `[aggregator]`: how the server combines updates (native FedAvg when no script is set).
 pub type AggregatorSection = ScriptSection;
 
@@ -146,8 +154,7 @@ impl ScriptSection {
         if let Some(found) = tried.iter().find(|p| p.is_file()) {
             return Ok(Some(ScriptSource::File(found.clone())));
         }
-        let bare = spec.strip_suffix(".rhai").unwrap_or(spec);
-        let bare = bare.rsplit('/').next().unwrap_or(bare);
+        let bare = shipped_name(spec);
         if let Some((name, text)) = built_in.iter().find(|(n, _)| *n == bare) {
             return Ok(Some(ScriptSource::BuiltIn { name, text }));
         }

@@ -19,7 +19,9 @@ pub mod aggregator;
 pub mod api;
 pub mod state;
 
-pub use aggregator::{toml_to_dynamic, AggregatorSection, ScriptAggregator, ScriptSection};
+pub use aggregator::{
+    shipped_name, toml_to_dynamic, AggregatorSection, ScriptAggregator, ScriptSection,
+};
 pub use aggregator::{
     ScriptLoadError, ScriptNotFound, ScriptSource, BUILT_IN as BUILT_IN_AGGREGATORS,
 };

@@ -180,6 +180,8 @@ pub struct Jail {
     binds: Vec<Bind>,
     stage: CString,
     stage_proc: CString,
+    /// [`SCRATCH`], in the box and under the stage.
+    scratch: CString,
     stage_scratch: CString,
     landlock: Option<Ruleset>,
     seccomp: Option<Vec<Insn>>,
@@ -239,6 +241,7 @@ impl Jail {
             binds: Vec::new(),
             stage: c(STAGE),
             stage_proc: c_path(&staged(Path::new("/proc")))?,
+            scratch: c(SCRATCH),
             stage_scratch: c_path(&staged(Path::new(SCRATCH)))?,
             landlock,
             seccomp,
@@ -351,7 +354,7 @@ impl Jail {
         if let Some(rules) = &self.landlock {
             let devices = [c"/dev/null"];
             rules
-                .restrict_self(c"/", scratch_c(), &devices)
+                .restrict_self(c"/", &self.scratch, &devices)
                 .map_err(|e| fail(Step::Landlock, e))?;
         }
         if let Some(filter) = &self.seccomp {
@@ -433,7 +436,6 @@ impl Jail {
 
     unsafe fn build_root(&self) -> io::Result<()> {
         let none = std::ptr::null::<libc::c_char>();
-        let tmpfs = c"tmpfs";
         if libc::mount(
             none,
             c"/".as_ptr(),
@@ -444,16 +446,7 @@ impl Jail {
         {
             return Err(fail(Step::PrivateMounts, errno()));
         }
-        if libc::mount(
-            tmpfs.as_ptr(),
-            self.stage.as_ptr(),
-            tmpfs.as_ptr(),
-            libc::MS_NOSUID | libc::MS_NODEV,
-            self.stage_options.as_ptr().cast(),
-        ) != 0
-        {
-            return Err(fail(Step::StageRoot, errno()));
-        }
+        mount_tmpfs(&self.stage, &self.stage_options, Step::StageRoot)?;
         for dir in &self.dirs {
             if libc::mkdir(dir.as_ptr(), 0o755) != 0 && errno() != libc::EEXIST {
                 return Err(fail(Step::MakePaths, errno()));
@@ -491,16 +484,7 @@ impl Jail {
             }
         }
         mount_proc(&self.stage_proc)?;
-        if libc::mount(
-            tmpfs.as_ptr(),
-            self.stage_scratch.as_ptr(),
-            tmpfs.as_ptr(),
-            libc::MS_NOSUID | libc::MS_NODEV,
-            self.scratch_options.as_ptr().cast(),
-        ) != 0
-        {
-            return Err(fail(Step::Scratch, errno()));
-        }
+        mount_tmpfs(&self.stage_scratch, &self.scratch_options, Step::Scratch)?;
         // pivot_root(".", ".") stacks the old root on the new one; detaching
         // it leaves the new root alone.
         let dot = c".";
@@ -521,11 +505,27 @@ impl Jail {
         {
             return Err(fail(Step::ReadOnly, errno()));
         }
-        if libc::chdir(scratch_c().as_ptr()) != 0 {
+        if libc::chdir(self.scratch.as_ptr()) != 0 {
             return Err(fail(Step::PivotRoot, errno()));
         }
         Ok(())
     }
+}
+
+/// Mounts a tmpfs (nosuid, nodev) with `options` at `at`; a failure is `step`'s.
+unsafe fn mount_tmpfs(at: &CStr, options: &CStr, step: Step) -> io::Result<()> {
+    let tmpfs = c"tmpfs";
+    if libc::mount(
+        tmpfs.as_ptr(),
+        at.as_ptr(),
+        tmpfs.as_ptr(),
+        libc::MS_NOSUID | libc::MS_NODEV,
+        options.as_ptr().cast(),
+    ) != 0
+    {
+        return Err(fail(step, errno()));
+    }
+    Ok(())
 }
 
 /// Mounts a proc of the caller's PID namespace at `at`.
@@ -542,10 +542,6 @@ unsafe fn mount_proc(at: &CStr) -> io::Result<()> {
         return Err(fail(Step::Proc, errno()));
     }
     Ok(())
-}
-
-fn scratch_c() -> &'static CStr {
-    c"/work"
 }
 
 /// Remounts the bind mount at `target` read-only, keeping the flags a user
