@@ -188,6 +188,8 @@ struct WireEnvelope {
     kind: String,
     meta: Meta,
     payload: Option<Vec<WireTensor>>,
+    #[serde(default, with = "serde_bytes")]
+    blob: Option<Vec<u8>>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -230,6 +232,7 @@ pub fn encode(env: &Envelope, opts: EncodeOptions) -> Result<Bytes, CodecError> 
         kind: env.kind.as_str().to_string(),
         meta: env.meta.clone(),
         payload,
+        blob: env.blob.clone(),
     };
     let body = rmp_serde::to_vec(&wire).map_err(|e| CodecError::Encode(e.to_string()))?;
     let mut frame = Vec::with_capacity(HEADER_LEN + body.len());
@@ -317,6 +320,7 @@ pub fn decode(frame: &[u8], limits: &DecodeLimits) -> Result<Envelope, CodecErro
         kind,
         meta: wire.meta,
         payload,
+        blob: wire.blob,
     })
 }
 
@@ -637,6 +641,22 @@ mod tests {
     }
 
     #[test]
+    fn blobs_round_trip_byte_for_byte_under_every_option() {
+        let blob: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
+        let env = sample_envelope(None).with_blob(blob.clone());
+        for q in [Quantization::None, Quantization::Int8] {
+            for c in [Compression::None, Compression::Deflate] {
+                let back = decode(
+                    &encode(&env, EncodeOptions::new(q, c)).unwrap(),
+                    &DecodeLimits::default(),
+                )
+                .unwrap();
+                assert_eq!(back.blob.as_deref(), Some(&blob[..]));
+            }
+        }
+    }
+
+    #[test]
     fn messages_without_payload_and_custom_kinds_round_trip() {
         let mut env = sample_envelope(None);
         env.kind = MsgKind::Custom("emulator_ready".into());
@@ -732,6 +752,7 @@ mod tests {
             kind: "train".into(),
             meta: Meta::new(),
             payload: Some(tensors),
+            blob: None,
         };
         let mut frame = vec![b'F', b'T', FORMAT_VERSION, 0];
         frame.extend(rmp_serde::to_vec(&wire).unwrap());

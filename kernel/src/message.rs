@@ -131,6 +131,9 @@ pub struct Envelope {
     pub meta: Meta,
     /// Parameters, when the event carries them.
     pub payload: Option<ParamSet>,
+    /// Opaque bytes that are not parameters (secure aggregation's masked
+    /// ring elements), when the event carries them.
+    pub blob: Option<Vec<u8>>,
 }
 
 impl Envelope {
@@ -150,6 +153,7 @@ impl Envelope {
             kind,
             meta: Meta::new(),
             payload: None,
+            blob: None,
         }
     }
 
@@ -166,6 +170,12 @@ impl Envelope {
     /// Attaches a parameter payload.
     pub fn with_payload(mut self, params: ParamSet) -> Self {
         self.payload = Some(params);
+        self
+    }
+
+    /// Attaches opaque bytes.
+    pub fn with_blob(mut self, blob: Vec<u8>) -> Self {
+        self.blob = Some(blob);
         self
     }
 
