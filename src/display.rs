@@ -126,10 +126,17 @@ impl Observer for Display {
                     bar.inc(1);
                 }
                 // The privacy spent so far, when the course has DP.
-                let eps = r
+                let mut eps = r
                     .extra
                     .get("dp_epsilon")
                     .map_or(String::new(), |e| format!(", ε = {e:.3}"));
+                // Secure aggregation: the server knows only the mean loss.
+                if let (Some(loss), true) = (r.loss, r.extra.contains_key("secagg_overhead_bytes"))
+                {
+                    eps.push_str(&format!(
+                        ", securely aggregated (mean train loss {loss:.4})"
+                    ));
+                }
                 self.line(format!(
                     "round {}/{rounds}: {} clients trained, {:.1} KB up, {:.1} KB down, {:.1} s{eps}",
                     r.round,
@@ -139,10 +146,15 @@ impl Observer for Display {
                     r.wall_s
                 ));
             }
-            (Event::Train, Some(c)) => self.line(format!(
-                "  client {c}: mean train loss {:.4} over this round's steps",
-                r.loss.unwrap_or(f64::NAN),
-            )),
+            (Event::Train, Some(c)) => self.line(match r.loss {
+                Some(loss) => {
+                    format!("  client {c}: mean train loss {loss:.4} over this round's steps")
+                }
+                None => format!(
+                    "  client {c}: update received ({:.1} s of training)",
+                    r.compute_s
+                ),
+            }),
             // What the strategy's aggregate_evaluate made of an evaluation.
             (Event::Eval, None) if r.loss.is_none() => self.line(format!(
                 "  {} after round {}: {}",

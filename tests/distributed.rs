@@ -798,7 +798,7 @@ fn soak_a_thousand_rounds_with_kills_end_as_an_undisturbed_course() {
 /// Strategies that send each client its own message — other LoRA ranks
 /// (FlexLoRA), extra tensors both ways with client-side state (SCAFFOLD) —
 /// end over NATS where they end in one process; so do courses with
-/// differential privacy, central and local.
+/// differential privacy, central and local, and with secure aggregation.
 #[test]
 fn per_client_strategies_end_over_nats_where_they_end_in_process() {
     for (name, extra) in [
@@ -820,6 +820,12 @@ fn per_client_strategies_end_over_nats_where_they_end_in_process() {
             "dp-local",
             "[privacy]\ndp = \"local\"\nclip_norm = 0.05\nnoise_multiplier = 0.5\n",
         ),
+        // Secure aggregation: ring sums do not depend on arrival order, and
+        // local DP's noise goes in before the masks.
+        (
+            "secagg-dp-local",
+            "[privacy]\nsecure_aggregation = true\ndp = \"local\"\nclip_norm = 0.05\nnoise_multiplier = 0.5\n",
+        ),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let config = tiny_course(dir.path(), "rounds = 2", 2);
@@ -840,8 +846,13 @@ fn per_client_strategies_end_over_nats_where_they_end_in_process() {
             serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap())
                 .unwrap();
         assert_eq!(summary["rejected_messages"], 0, "{name}");
-        if name.starts_with("dp") {
+        if name.contains("dp") {
             assert!(summary["privacy"]["epsilon"].as_f64().unwrap() > 0.0, "{name}");
+        }
+        if name.starts_with("secagg") {
+            let sa = &summary["privacy"]["secure_aggregation"];
+            assert!(sa["overhead_bytes"].as_u64().unwrap() > 0, "{name}: {sa}");
+            assert_eq!(sa["left"], 0, "{name}");
         }
     }
 }

@@ -10,7 +10,8 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use fedtune_broker::{LocalNats, NatsOptions, NatsTransport};
 use fedtune_kernel::course::{
-    run_in_process, run_on, LeastSquaresTrainer, ServerSetup, SyntheticSpec, Transports,
+    run_in_process, run_on, CourseReport, LeastSquaresTrainer, ServerSetup, SyntheticSpec,
+    Transports,
 };
 use fedtune_kernel::{CourseConfig, FedAvg, MetricsLog, Party, Transport};
 
@@ -163,24 +164,28 @@ async fn damaged_or_foreign_messages_are_counted_and_never_delivered() {
     assert_eq!(stats.delivered.load(Ordering::Relaxed), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_course_over_nats_ends_where_the_in_process_course_ends() {
-    let nats = server();
-    let cfg = CourseConfig::from_toml(
-        "[federate]\nname = \"course-1\"\nrounds = 3\nclients = 3\nseed = 7\n",
-        "<test>",
-    )
-    .unwrap();
+/// The least-squares course of `cfg` (`clients` clients, synthetic data)
+/// in one process and over `nats` with one connection per party, as
+/// separate processes would have: (in process, over NATS).
+async fn in_process_and_over_nats(
+    nats: &LocalNats,
+    cfg: &CourseConfig,
+    clients: u32,
+) -> (CourseReport, CourseReport) {
+    let spec = SyntheticSpec {
+        clients,
+        ..SyntheticSpec::default()
+    };
     let trainer = || {
         Arc::new(Mutex::new(LeastSquaresTrainer::synthetic(
-            SyntheticSpec::default(),
+            spec.clone(),
             0.1,
             5,
         )))
     };
     let initial = trainer().lock().unwrap().initial_params();
     let local = run_in_process(
-        &cfg,
+        cfg,
         initial.clone(),
         trainer(),
         Box::new(FedAvg),
@@ -188,12 +193,10 @@ async fn a_course_over_nats_ends_where_the_in_process_course_ends() {
     )
     .await
     .unwrap();
-
-    // One connection per party, as separate processes would have.
-    let server_t: Arc<dyn Transport> = Arc::new(connect(&nats, "server").await);
-    let mut clients: BTreeMap<u32, Arc<dyn Transport>> = BTreeMap::new();
-    for id in 1..=3 {
-        clients.insert(id, Arc::new(connect(&nats, &format!("client-{id}")).await));
+    let server_t: Arc<dyn Transport> = Arc::new(connect(nats, "server").await);
+    let mut transports: BTreeMap<u32, Arc<dyn Transport>> = BTreeMap::new();
+    for id in 1..=clients {
+        transports.insert(id, Arc::new(connect(nats, &format!("client-{id}")).await));
     }
     let remote = run_on(
         ServerSetup::new(
@@ -205,11 +208,23 @@ async fn a_course_over_nats_ends_where_the_in_process_course_ends() {
         trainer(),
         Transports {
             server: server_t,
-            clients,
+            clients: transports,
         },
     )
     .await
     .unwrap();
+    (local, remote)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_course_over_nats_ends_where_the_in_process_course_ends() {
+    let nats = server();
+    let cfg = CourseConfig::from_toml(
+        "[federate]\nname = \"course-1\"\nrounds = 3\nclients = 3\nseed = 7\n",
+        "<test>",
+    )
+    .unwrap();
+    let (local, remote) = in_process_and_over_nats(&nats, &cfg, 3).await;
     assert_eq!(remote.final_params, local.final_params);
     // Evaluation means are summed in arrival order, which NATS does not fix:
     // equal up to rounding.
@@ -300,4 +315,30 @@ async fn without_valid_credentials_nobody_connects() {
     let err = login(&nats, Some(&wrong)).await.unwrap_err();
     assert!(err.to_lowercase().contains("authoriz"), "{err}");
     assert!(login(&nats, Some(&files.clients[0])).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secure_aggregation_over_nats_sums_exactly_and_a_spy_on_the_server_sees_no_update() {
+    use fedtune_kernel::course::protocol::secagg as sa;
+    use fedtune_kernel::{decode, DecodeLimits};
+
+    let nats = server();
+    let cfg = CourseConfig::from_toml(
+        "[federate]\nname = \"course-1\"\nrounds = 2\nclients = 4\nseed = 3\n[privacy]\nsecure_aggregation = true\n",
+        "<test>",
+    )
+    .unwrap();
+    // A spy with its own connection, listening on the server's subject.
+    let spy_t = connect(&nats, "spy").await;
+    let mut spy = spy_t.subscribe(Party::Server).await.unwrap();
+    let (local, remote) = in_process_and_over_nats(&nats, &cfg, 4).await;
+    // Ring sums do not depend on the order NATS delivers in: exact.
+    assert_eq!(remote.final_params, local.final_params);
+    let mut masked = 0;
+    while let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(300), spy.recv()).await {
+        let env = decode(&d.frame, &DecodeLimits::default()).unwrap();
+        assert!(env.payload.is_none(), "{} carried parameters", env.kind);
+        masked += usize::from(env.kind.as_str() == sa::MASKED);
+    }
+    assert_eq!(masked, 2 * 4, "every masked update passed the spy");
 }

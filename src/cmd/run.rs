@@ -177,9 +177,17 @@ fn print_summary(s: &Summary, dir: &std::path::Path) {
     );
 }
 
-/// The privacy a course spent, when it had DP.
+/// The privacy a course spent, when it had DP or secure aggregation.
 fn print_privacy(p: Option<&PrivacySummary>) {
-    if let Some(p) = p {
+    if let Some(sa) = p.and_then(|p| p.secure_aggregation.as_ref()) {
+        println!(
+            "secure aggregation: the server saw only sums ({:.1} KB of key exchange and shares, {:.2} s unmasking, {} client dropouts recovered)",
+            sa.overhead_bytes as f64 / 1e3,
+            sa.unmask_s,
+            sa.left
+        );
+    }
+    if let Some(p) = p.filter(|p| p.dp != "none") {
         println!(
             "differential privacy ({}): ε = {} at δ = {} (noise multiplier {}, clip norm {:.4})",
             p.dp,

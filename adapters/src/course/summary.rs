@@ -88,6 +88,21 @@ pub struct PrivacySummary {
     pub noise_multiplier: f64,
     /// The clip norm of the last round (it moves with adaptive clipping).
     pub clip_norm: f64,
+    /// Secure aggregation: what it cost, when it was on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secure_aggregation: Option<SecAggSummary>,
+}
+
+/// The `privacy.secure_aggregation` part of `summary.json`.
+#[derive(Debug, Serialize)]
+pub struct SecAggSummary {
+    /// Bytes of the protocol's own messages over all rounds (keys, sealed
+    /// shares, reveals, the server's relays), apart from the masked updates.
+    pub overhead_bytes: u64,
+    /// Seconds the server spent removing masks, over all rounds.
+    pub unmask_s: f64,
+    /// Clients that left a round mid-protocol and were recovered from.
+    pub left: u64,
 }
 
 impl PrivacySummary {
@@ -96,17 +111,24 @@ impl PrivacySummary {
         cfg: &fedtune_kernel::privacy::PrivacySection,
         records: &[Record],
     ) -> Option<Self> {
-        if !cfg.enabled() {
+        if !cfg.enabled() && !cfg.secure_aggregation {
             return None;
         }
-        let last = records.iter().rev().find(|r| r.event == Event::Round);
+        let rounds = || records.iter().filter(|r| r.event == Event::Round);
+        let last = rounds().next_back();
         let metric = |k: &str| last.and_then(|r| r.extra.get(k).copied());
+        let total = |k: &str| rounds().filter_map(|r| r.extra.get(k)).sum::<f64>();
         Some(Self {
             dp: cfg.dp.name().into(),
             epsilon: metric("dp_epsilon"),
             delta: cfg.delta,
             noise_multiplier: cfg.noise_multiplier,
             clip_norm: metric("dp_clip_norm").unwrap_or(cfg.clip_norm),
+            secure_aggregation: cfg.secure_aggregation.then(|| SecAggSummary {
+                overhead_bytes: total("secagg_overhead_bytes") as u64,
+                unmask_s: total("secagg_unmask_s"),
+                left: total("secagg_left") as u64,
+            }),
         })
     }
 }

@@ -15,7 +15,8 @@ use super::kept::KeptState;
 use crate::aggregate::{join_extra, split_extra};
 use crate::bus::Transport;
 use crate::config::CourseConfig;
-use crate::course::protocol::{self, AssignId, JoinIn};
+use crate::course::protocol::{self, secagg as sa, AssignId, JoinIn};
+use crate::course::secagg;
 use crate::course::trainer::{
     derive_seed, LocalTrainer, LocalUpdate, SharedTrainer, TrainContext, TrainerError,
 };
@@ -45,6 +46,18 @@ pub struct ClientState {
     last_metrics: Answer,
     /// Where this client keeps its own state between fits, if anywhere.
     kept: Option<Arc<Mutex<KeptState>>>,
+    /// Secure aggregation's round session, when it is on.
+    secagg: Option<SecAggClient>,
+}
+
+/// What a client needs for secure aggregation.
+#[derive(Clone)]
+struct SecAggClient {
+    slot: secagg::ClientSlot,
+    /// The least threshold fraction this client accepts.
+    fraction: f64,
+    /// Clients a round (the ring's headroom).
+    per_round: usize,
 }
 
 /// See [`ClientState::last_update`].
@@ -107,6 +120,11 @@ pub fn client_worker(
         last_update: Answer::default(),
         last_metrics: Answer::default(),
         kept: None,
+        secagg: cfg.privacy.secure_aggregation.then(|| SecAggClient {
+            slot: secagg::ClientSlot::default(),
+            fraction: cfg.privacy.secagg_threshold,
+            per_round: cfg.clients_per_round() as usize,
+        }),
     };
     Worker::new(Party::Client(id), cfg.course.name.clone(), transport, state)
         .with_encoding(cfg.wire.encode_options())
@@ -126,6 +144,9 @@ pub fn client_worker(
         .on(MsgKind::Train, on_train)
         .on(MsgKind::Evaluate, on_evaluate)
         .on(MsgKind::Finish, on_finish)
+        .on(MsgKind::Custom(sa::PEERS.into()), on_secagg_peers)
+        .on(MsgKind::Custom(sa::INBOX.into()), on_secagg_inbox)
+        .on(MsgKind::Custom(sa::UNMASK.into()), on_secagg_unmask)
 }
 
 /// A number that differs between runs of a client (its id, process and start time).
@@ -368,7 +389,21 @@ fn reply(course: String, id: u32, round: u64, kind: MsgKind) -> Envelope {
 
 fn on_train(s: &mut ClientState, env: Envelope, ctx: &mut Ctx) -> HandlerResult {
     let (sent, tctx) = job_inputs(s, &env, ctx)?;
-    if repeated(&s.last_update, env.round, &sent, ctx)? {
+    // Secure aggregation: a new key exchange for every request; the
+    // training of the round runs once.
+    let secagg = match &s.secagg {
+        Some(sa) => {
+            let (keys, start) = secagg::begin(&sa.slot, ctx.course(), env.round, s.id)
+                .map_err(|e| HandlerError::Fatal(format!("client {}: {e}", s.id)))?;
+            ctx.send(keys)?;
+            if !start {
+                return Ok(Flow::Continue);
+            }
+            Some(sa.clone())
+        }
+        None => None,
+    };
+    if secagg.is_none() && repeated(&s.last_update, env.round, &sent, ctx)? {
         return Ok(Flow::Continue);
     }
     // The strategy's instruction for this client: its configuration, and
@@ -429,6 +464,31 @@ fn on_train(s: &mut ClientState, env: Envelope, ctx: &mut Ctx) -> HandlerResult 
             Ok((u, unfit)) => (Ok(u), unfit),
             Err(reason) => (Err(()), Some(reason)),
         };
+        if let Some(sa) = secagg {
+            // The update leaves only masked, once the peers' shares are here.
+            let ready = match (update, failure) {
+                (Ok(update), None) => {
+                    let params = crate::aggregate::fill_from(update.params, &global);
+                    secagg::ring_update(
+                        update.n_samples,
+                        update.loss,
+                        &params,
+                        &global,
+                        sa.per_round,
+                    )
+                    .map(|x| (x, compute_s))
+                    .map_err(|e| (format!("client {id}: round {round}: {e}"), compute_s))
+                }
+                (_, failure) => Err((
+                    failure.unwrap_or_else(|| "unknown failure".into()),
+                    compute_s,
+                )),
+            };
+            return Ok(secagg::trained(&sa.slot, &course, round, ready)
+                .map(secagg::MaskJob::run)
+                .into_iter()
+                .collect());
+        }
         let reply = match (update, failure) {
             (Ok(update), None) => reply(course, id, round, MsgKind::Update)
                 .with_body(&protocol::Update {
@@ -505,6 +565,44 @@ fn on_evaluate(s: &mut ClientState, env: Envelope, ctx: &mut Ctx) -> HandlerResu
         remember(&answer, &reply);
         Ok(vec![reply])
     });
+    Ok(Flow::Continue)
+}
+
+/// The secure-aggregation session of this client, or a rejection.
+fn secagg_slot(s: &ClientState, env: &Envelope) -> Result<SecAggClient, HandlerError> {
+    from_server(env)?;
+    s.secagg.clone().ok_or_else(|| {
+        HandlerError::Reject(format!(
+            "{} but this client's course has no secure aggregation",
+            env.kind
+        ))
+    })
+}
+
+fn on_secagg_peers(s: &mut ClientState, env: Envelope, ctx: &mut Ctx) -> HandlerResult {
+    let sa = secagg_slot(s, &env)?;
+    let shares = secagg::on_peers(&sa.slot, ctx.course(), &env, sa.fraction)
+        .map_err(|e| HandlerError::Reject(format!("{}: {e}", env.kind)))?;
+    ctx.send(shares)?;
+    Ok(Flow::Continue)
+}
+
+fn on_secagg_inbox(s: &mut ClientState, env: Envelope, ctx: &mut Ctx) -> HandlerResult {
+    let sa = secagg_slot(s, &env)?;
+    let job = secagg::on_inbox(&sa.slot, ctx.course(), &env)
+        .map_err(|e| HandlerError::Reject(format!("{}: {e}", env.kind)))?;
+    if let Some(job) = job {
+        // Masking costs a ChaCha stream per peer: off the message loop.
+        ctx.spawn_blocking(move || Ok(vec![job.run()]));
+    }
+    Ok(Flow::Continue)
+}
+
+fn on_secagg_unmask(s: &mut ClientState, env: Envelope, ctx: &mut Ctx) -> HandlerResult {
+    let sa = secagg_slot(s, &env)?;
+    let reveal = secagg::on_unmask(&sa.slot, ctx.course(), &env)
+        .map_err(|e| HandlerError::Reject(format!("{}: {e}", env.kind)))?;
+    ctx.send(reveal)?;
     Ok(Flow::Continue)
 }
 

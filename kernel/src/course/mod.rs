@@ -10,6 +10,7 @@ mod client;
 mod kept;
 mod least_squares;
 pub mod protocol;
+pub mod secagg;
 mod server;
 mod trainer;
 

@@ -88,6 +88,8 @@ pub enum Step {
     Train,
     /// An evaluation.
     Eval,
+    /// One step of a secure-aggregation round.
+    SecAgg,
 }
 
 /// The server's own timer message.
@@ -95,6 +97,125 @@ pub enum Step {
 pub struct Timeout {
     /// The step whose time is up.
     pub step: Step,
+    /// Which stage of the step (secure aggregation's), when it has stages.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub stage: Option<u8>,
+}
+
+/// Secure aggregation's messages, in the order a round sends them (see
+/// [`crate::course::secagg`] for the protocol).
+pub mod secagg {
+    use serde::{Deserialize, Serialize};
+
+    use crate::privacy::secagg::Share;
+
+    /// Client → server, on `train`: its public keys for the round.
+    pub const KEYS: &str = "secagg_keys";
+    /// Server → the round's clients: every participant's public keys.
+    pub const PEERS: &str = "secagg_peers";
+    /// Client → server: its secrets' shares, sealed for each peer.
+    pub const SHARES: &str = "secagg_shares";
+    /// Server → each client: the shares sealed for it, and who takes part.
+    pub const INBOX: &str = "secagg_inbox";
+    /// Client → server: its masked update (the ring elements as the blob).
+    pub const MASKED: &str = "secagg_masked";
+    /// Server → the surviving clients: whose shares to reveal.
+    pub const UNMASK: &str = "secagg_unmask";
+    /// Client → server: the revealed shares.
+    pub const REVEAL: &str = "secagg_reveal";
+
+    /// `secagg_keys`.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct Keys {
+        /// The X25519 public key shares are sealed to.
+        pub seal_key: [u8; 32],
+        /// The X25519 public key pairwise masks are agreed with.
+        pub mask_key: [u8; 32],
+    }
+
+    /// One participant's keys, as the server relays them.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct PeerKeys {
+        /// The participant.
+        pub client: u32,
+        /// Its keys.
+        #[serde(flatten)]
+        pub keys: Keys,
+    }
+
+    /// `secagg_peers`.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct Peers {
+        /// Shares that recover a secret.
+        pub threshold: u32,
+        /// Every participant that sent keys, the receiver included.
+        pub peers: Vec<PeerKeys>,
+    }
+
+    /// Sealed shares between two clients; `peer` is the receiver on the
+    /// way up and the sender on the way down.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct Sealed {
+        /// The other client.
+        pub peer: u32,
+        /// ChaCha20-Poly1305 ciphertext of the two shares.
+        pub data: Vec<u8>,
+    }
+
+    /// `secagg_shares`.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct Shares {
+        /// The hash of the sender's self-mask seed, to check its recovery.
+        pub commit: [u8; 32],
+        /// One per other peer.
+        pub sealed: Vec<Sealed>,
+    }
+
+    /// `secagg_inbox`.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct Inbox {
+        /// The clients whose shares went out: each masks against all the others.
+        pub participants: Vec<u32>,
+        /// The shares sealed for the receiver, one per other participant.
+        pub sealed: Vec<Sealed>,
+    }
+
+    /// `secagg_masked` (the masked ring elements travel as the blob).
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct Masked {
+        /// Seconds the local training took.
+        pub compute_s: f64,
+        /// Set when the local training failed (then no blob comes): why.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        pub failed: Option<String>,
+    }
+
+    /// `secagg_unmask`.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct Unmask {
+        /// The participants whose masked updates arrived: reveal their self-mask shares.
+        pub survivors: Vec<u32>,
+        /// The participants whose did not: reveal their mask-secret shares.
+        pub dropped: Vec<u32>,
+    }
+
+    /// One revealed share.
+    #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+    pub struct Revealed {
+        /// Whose secret it is a share of.
+        pub client: u32,
+        /// The share (at the revealing client's id).
+        pub share: Share,
+    }
+
+    /// `secagg_reveal`.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct Reveal {
+        /// Shares of the survivors' self-mask seeds.
+        pub self_masks: Vec<Revealed>,
+        /// Shares of the dropped participants' mask secrets.
+        pub mask_secrets: Vec<Revealed>,
+    }
 }
 
 #[cfg(test)]

@@ -35,7 +35,8 @@ use crate::aggregate::{
 use crate::bus::Transport;
 use crate::checkpoint::Checkpoints;
 use crate::config::{CourseConfig, OnDivergence};
-use crate::course::protocol::{self, AssignId, JoinIn, Step, Timeout};
+use crate::course::protocol::{self, secagg as sa, AssignId, JoinIn, Step, Timeout};
+use crate::course::secagg::{Next, ServerSession, Stage};
 use crate::course::trainer::SplitEval;
 use crate::message::{Envelope, MsgKind, Party};
 use crate::metrics::{Event, MetricsLog, Record};
@@ -97,6 +98,8 @@ enum Phase {
         bytes_up: u64,
         bytes_down: u64,
         dropped: Vec<u32>,
+        /// The secure-aggregation protocol of the round, when it is on.
+        secagg: Option<Box<ServerSession>>,
     },
     Evaluating {
         round: u64,
@@ -320,6 +323,18 @@ pub fn server_worker_from(
         .on(MsgKind::Update, on_update)
         .on(MsgKind::Metrics, on_metrics)
         .on(MsgKind::Custom(TIMEOUT.into()), on_timeout)
+        .on(MsgKind::Custom(sa::KEYS.into()), |s, env, ctx| {
+            on_secagg(s, env, ctx, Stage::Keys)
+        })
+        .on(MsgKind::Custom(sa::SHARES.into()), |s, env, ctx| {
+            on_secagg(s, env, ctx, Stage::Shares)
+        })
+        .on(MsgKind::Custom(sa::MASKED.into()), |s, env, ctx| {
+            on_secagg(s, env, ctx, Stage::Masked)
+        })
+        .on(MsgKind::Custom(sa::REVEAL.into()), |s, env, ctx| {
+            on_secagg(s, env, ctx, Stage::Reveal)
+        })
 }
 
 /// The kind of the server's own timer message (never accepted from others).
@@ -348,6 +363,15 @@ pub fn roll_call(s: &mut ServerState, ctx: &mut Ctx) -> HandlerResult {
 
 /// Arms the timeout of `step` of `round`, when the course has one.
 fn arm_timeout(s: &ServerState, step: Step, round: u64, ctx: &mut Ctx) -> Result<(), HandlerError> {
+    arm_timer(s, Timeout { step, stage: None }, round, ctx)
+}
+
+fn arm_timer(
+    s: &ServerState,
+    timer: Timeout,
+    round: u64,
+    ctx: &mut Ctx,
+) -> Result<(), HandlerError> {
     if let Some(t) = s.cfg.course.round_timeout_s {
         let env = Envelope::new(
             ctx.course(),
@@ -356,7 +380,7 @@ fn arm_timeout(s: &ServerState, step: Step, round: u64, ctx: &mut Ctx) -> Result
             vec![Party::Server],
             MsgKind::Custom(TIMEOUT.into()),
         )
-        .with_body(&Timeout { step })?;
+        .with_body(&timer)?;
         ctx.send_after(Duration::from_secs_f64(t), env);
     }
     Ok(())
@@ -370,10 +394,10 @@ fn on_timeout(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResul
             "timeouts come only from the server's own timers".into(),
         ));
     }
-    let step = env
+    let timer = env
         .body::<Timeout>()
-        .map_err(|e| HandlerError::Reject(e.to_string()))?
-        .step;
+        .map_err(|e| HandlerError::Reject(e.to_string()))?;
+    let step = timer.step;
     let min = s.cfg.course.min_clients as usize;
     let timeout = s.cfg.course.round_timeout_s.unwrap_or(0.0);
     match (&mut s.phase, step) {
@@ -446,6 +470,26 @@ fn on_timeout(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResul
             let again: Vec<u32> = pending.keys().copied().collect();
             ask_again(s, (MsgKind::Evaluate, round), &again, ctx)?;
             arm_timeout(s, Step::Eval, round, ctx)?;
+        }
+        (
+            Phase::Training {
+                round,
+                pending,
+                dropped,
+                secagg: Some(session),
+                ..
+            },
+            Step::SecAgg,
+        ) if *round == env.round && timer.stage == Some(session.stage() as u8) => {
+            let round = *round;
+            let late = session.drop_awaited();
+            warn!(round, clients = ?late, "dropped from the round: no {} after {timeout} s", session.stage().awaits());
+            for c in &late {
+                pending.remove(c);
+            }
+            dropped.extend(&late);
+            drop_clients(s, &late);
+            return secagg_advance(s, ctx);
         }
         // A timer of a step that completed in time.
         _ => {}
@@ -596,7 +640,20 @@ fn on_join_in(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResul
         );
     }
     // A client that restarted while the current step waited on it lost the
-    // request: send it again.
+    // request: send it again — except past the key exchange of a secure
+    // aggregation, whose secrets it lost: it leaves the round.
+    if let Phase::Training {
+        secagg: Some(session),
+        pending,
+        ..
+    } = &mut s.phase
+    {
+        if session.stage() != Stage::Keys && session.drop_client(id) {
+            pending.remove(&id);
+            warn!(client = id, "client rejoined mid-round and lost its secure-aggregation secrets; it leaves the round");
+            return secagg_if_complete(s, ctx);
+        }
+    }
     let lost = match &s.phase {
         Phase::Training { round, pending, .. } if pending.contains_key(&id) => {
             Some((MsgKind::Train, *round))
@@ -676,7 +733,28 @@ fn begin_round(s: &mut ServerState, round: u64, ctx: &mut Ctx) -> Result<(), Han
         }
         (Sent::PerClient(sent), pending, total)
     };
+    let secagg = s.cfg.privacy.secure_aggregation.then(|| {
+        let t = crate::privacy::secagg::threshold(picked.len(), s.cfg.privacy.secagg_threshold);
+        let len = crate::privacy::secagg::ring_len(&s.global);
+        Box::new(ServerSession::new(round, &picked, t, len))
+    });
+    if secagg.is_some() && !matches!(sent, Sent::Broadcast) {
+        return Err(HandlerError::Fatal(format!(
+            "round {round}: the strategy ({}) sent clients parameters or settings of their own, but secure aggregation sums updates of one global model: use a strategy that sends everyone the global parameters",
+            s.aggregator.name()
+        )));
+    }
     s.sampled.push((round, picked));
+    let timer = match &secagg {
+        Some(session) => Timeout {
+            step: Step::SecAgg,
+            stage: Some(session.stage() as u8),
+        },
+        None => Timeout {
+            step: Step::Train,
+            stage: None,
+        },
+    };
     s.phase = Phase::Training {
         round,
         sent,
@@ -686,8 +764,123 @@ fn begin_round(s: &mut ServerState, round: u64, ctx: &mut Ctx) -> Result<(), Han
         bytes_up: 0,
         bytes_down: bytes_down as u64,
         dropped: Vec::new(),
+        secagg,
     };
-    arm_timeout(s, Step::Train, round, ctx)
+    arm_timer(s, timer, round, ctx)
+}
+
+/// A secure-aggregation message from a client: taken into the round's
+/// protocol, which moves on once its stage is complete.
+fn on_secagg(s: &mut ServerState, env: Envelope, ctx: &mut Ctx, stage: Stage) -> HandlerResult {
+    let id = client_id(&env)?;
+    let Phase::Training {
+        round,
+        secagg: Some(session),
+        ..
+    } = &mut s.phase
+    else {
+        return Err(HandlerError::Reject(
+            "no secure-aggregation round is running".into(),
+        ));
+    };
+    let round = *round;
+    let reject = |e: String| HandlerError::Reject(e);
+    let body_err = |e: crate::message::BodyError| HandlerError::Reject(e.to_string());
+    match stage {
+        Stage::Keys => session.on_keys(env.round, id, env.body().map_err(body_err)?),
+        Stage::Shares => session.on_shares(env.round, id, env.body().map_err(body_err)?),
+        Stage::Reveal => session.on_reveal(env.round, id, env.body().map_err(body_err)?),
+        Stage::Masked => {
+            let body: sa::Masked = env.body().map_err(body_err)?;
+            let failed = session
+                .on_masked(env.round, id, &body, env.blob.as_deref())
+                .map_err(reject)?;
+            if let Some(reason) = failed {
+                return failed_update(s, (&env, id, round), body.compute_s, &reason, ctx);
+            }
+            let Phase::Training {
+                pending, bytes_up, ..
+            } = &mut s.phase
+            else {
+                unreachable!("phase checked above");
+            };
+            let p = claim(pending, round, &env, id)?;
+            *bytes_up += ctx.received_bytes() as u64;
+            let mut r = Record::new(Event::Train, round, Some(id));
+            r.split = Some("train".into());
+            r.bytes_up = ctx.received_bytes() as u64;
+            r.bytes_down = p.bytes_down as u64;
+            r.compute_s = body.compute_s;
+            r.wall_s = p.sent_at.elapsed().as_secs_f64();
+            record(s, r)?;
+            return secagg_if_complete(s, ctx);
+        }
+    }
+    .map_err(reject)?;
+    session.overhead_bytes += ctx.received_bytes() as u64;
+    secagg_if_complete(s, ctx)
+}
+
+/// Moves the round's secure aggregation on if its stage is complete.
+fn secagg_if_complete(s: &mut ServerState, ctx: &mut Ctx) -> HandlerResult {
+    match &s.phase {
+        Phase::Training {
+            secagg: Some(session),
+            ..
+        } if session.complete() => secagg_advance(s, ctx),
+        _ => Ok(Flow::Continue),
+    }
+}
+
+/// Sends the next stage's messages of the round's secure aggregation, or,
+/// once the sum is known, aggregates it.
+fn secagg_advance(s: &mut ServerState, ctx: &mut Ctx) -> HandlerResult {
+    let Phase::Training {
+        round,
+        secagg: Some(session),
+        updates,
+        ..
+    } = &mut s.phase
+    else {
+        return Ok(Flow::Continue);
+    };
+    let round = *round;
+    let (out, next) = session
+        .advance(ctx.course(), &s.global)
+        .map_err(|e| HandlerError::Fatal(format!("round {round}: {e}")))?;
+    for env in out {
+        session.overhead_bytes += ctx.send(env)? as u64;
+    }
+    match next {
+        Next::Wait => {
+            let stage = Some(session.stage() as u8);
+            arm_timer(
+                s,
+                Timeout {
+                    step: Step::SecAgg,
+                    stage,
+                },
+                round,
+                ctx,
+            )?;
+            Ok(Flow::Continue)
+        }
+        Next::Done(sum) => {
+            info!(
+                round,
+                clients = ?session.survivors(),
+                "secure aggregation: the sum is unmasked"
+            );
+            updates.push(ClientUpdate {
+                client: 0,
+                n_samples: sum.n_samples,
+                params: sum.params,
+                train_loss: Some(sum.loss),
+                ..ClientUpdate::default()
+            });
+            finish_round(s, ctx)
+        }
+    }
 }
 
 /// The strategy's decisions for round `round`: who trains, with what.
@@ -922,11 +1115,17 @@ fn on_update(s: &mut ServerState, mut env: Envelope, ctx: &mut Ctx) -> HandlerRe
         round,
         pending,
         sent,
+        secagg,
         ..
     } = &mut s.phase
     else {
         return Err(HandlerError::Reject("no training round is running".into()));
     };
+    if secagg.is_some() {
+        return Err(HandlerError::Reject(
+            "secure aggregation is on: updates come masked, as secagg_masked".into(),
+        ));
+    }
     let round = *round;
     // Validate everything before claiming, so a bad update leaves the round as it was.
     let awaited = env.round == round && pending.contains_key(&id);
@@ -1043,6 +1242,9 @@ fn client_failed(s: &mut ServerState, id: u32, reason: &str, ctx: &mut Ctx) -> H
     );
     let done = match &mut s.phase {
         Phase::Training {
+            secagg: Some(_), ..
+        } => return secagg_if_complete(s, ctx),
+        Phase::Training {
             pending, dropped, ..
         } => {
             dropped.push(id);
@@ -1066,6 +1268,7 @@ fn finish_round(s: &mut ServerState, ctx: &mut Ctx) -> HandlerResult {
         bytes_up,
         bytes_down,
         dropped,
+        secagg,
         ..
     } = std::mem::replace(&mut s.phase, Phase::Joining)
     else {
@@ -1118,6 +1321,19 @@ fn finish_round(s: &mut ServerState, ctx: &mut Ctx) -> HandlerResult {
     r.bytes_down = bytes_down;
     r.wall_s = started.elapsed().as_secs_f64();
     r.extra.insert("clients".into(), updates.len() as f64);
+    if let Some(session) = &secagg {
+        // The sample-weighted mean training loss, from the unmasked sum.
+        r.loss = updates[0].train_loss;
+        r.extra
+            .insert("clients".into(), session.survivors().len() as f64);
+        r.extra.insert(
+            "secagg_overhead_bytes".into(),
+            session.overhead_bytes as f64,
+        );
+        r.extra.insert("secagg_unmask_s".into(), session.unmask_s);
+        r.extra
+            .insert("secagg_left".into(), session.left.len() as f64);
+    }
     if !dropped.is_empty() {
         r.extra.insert("dropped".into(), dropped.len() as f64);
     }

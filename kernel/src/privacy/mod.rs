@@ -17,8 +17,13 @@
 //!
 //! Clipping and noise are also plain functions ([`clip_update`],
 //! [`add_gaussian_noise`]) that strategy scripts call to build variants.
+//!
+//! Secure aggregation (`secure_aggregation = true`: the server learns only
+//! the sum of the updates) is [`secagg`]'s arithmetic and cryptography,
+//! run as a protocol by [`crate::course::secagg`].
 
 pub mod accountant;
+pub mod secagg;
 
 use std::collections::BTreeMap;
 
@@ -72,6 +77,12 @@ pub struct PrivacySection {
     /// (default: clients per round / 20, the paper's choice). Part of the
     /// privacy budget: the updates' own noise is raised to keep the total σ.
     pub count_noise: Option<f64>,
+    /// Secure aggregation: the clients mask their updates so that the
+    /// server learns only their sum (see [`secagg`]).
+    pub secure_aggregation: bool,
+    /// The fraction of a round's clients whose shares recover a dropped
+    /// client's masks: the threshold is `⌊fraction × n⌋ + 1` (at least 2).
+    pub secagg_threshold: f64,
 }
 
 impl Default for PrivacySection {
@@ -86,6 +97,8 @@ impl Default for PrivacySection {
             target_quantile: 0.5,
             clip_learning_rate: 0.2,
             count_noise: None,
+            secure_aggregation: false,
+            secagg_threshold: 0.5,
         }
     }
 }
@@ -173,6 +186,7 @@ impl PrivacySection {
         per_round: u32,
         strategy: Option<&str>,
     ) -> Result<(), KeyError> {
+        self.validate_secagg(per_round, strategy)?;
         if !self.enabled() {
             return Ok(());
         }
@@ -242,6 +256,43 @@ impl PrivacySection {
                         "{rounds} rounds would spend ε = {eps:.3} > {target} (sampling rate {q:.3}, noise multiplier {}, δ {}): {need}",
                         self.noise_multiplier, self.delta
                     ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl PrivacySection {
+    /// Checks secure aggregation's settings against the course.
+    fn validate_secagg(&self, per_round: u32, strategy: Option<&str>) -> Result<(), KeyError> {
+        if !self.secure_aggregation {
+            return Ok(());
+        }
+        let key = "privacy.secure_aggregation";
+        if self.dp == DpMode::Central {
+            return Err(KeyError::new(
+                key,
+                "central DP clips each client's update at the server, which secure aggregation hides from it: use dp = \"local\" (each client clips and noises before masking)",
+            ));
+        }
+        if per_round < 3 {
+            return Err(KeyError::new(
+                key,
+                format!("needs at least 3 clients a round (this course samples {per_round}): with fewer, a client's update follows from the sum and its own"),
+            ));
+        }
+        if !(self.secagg_threshold > 0.0 && self.secagg_threshold < 1.0) {
+            return Err(KeyError::new(
+                "privacy.secagg_threshold",
+                format!("must be between 0 and 1, got {}", self.secagg_threshold),
+            ));
+        }
+        if let Some(name) = strategy {
+            if NOT_WITH_CENTRAL_DP.contains(&crate::script::shipped_name(name)) {
+                return Err(KeyError::new(
+                    "aggregator.script",
+                    format!("`{name}` needs each client's own update or sends clients parameters of their own, but with secure aggregation the server learns only the sample-weighted sum of the updates (use fedavg, fedavgm, fedadam, fedyogi or fedadagrad)"),
                 ));
             }
         }
