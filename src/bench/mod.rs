@@ -10,6 +10,7 @@
 //! | `scripts` | [`scripts`] | what the Rhai script host costs against the native path |
 //! | `train-step` | [`train`] | one LoRA training step on the default model |
 //! | `sandbox` | [`sandbox`] | time per HumanEval sample, strict sandbox against basic |
+//! | `secagg` | [`secagg`] | time and bytes secure aggregation adds to a round, by clients |
 
 mod codec;
 mod generate;
@@ -17,6 +18,7 @@ mod matmul;
 mod peft;
 mod sandbox;
 mod scripts;
+mod secagg;
 mod train;
 mod wire;
 
@@ -143,6 +145,21 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Time and bytes secure aggregation adds to a round, against plain FedAvg, by clients per round.
+    Secagg {
+        /// Clients per round to measure, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "3,8,32")]
+        clients: Vec<u32>,
+        /// Values per update (default: the quickstart's LoRA adapter, r 8 on q/v of SmolLM2-135M).
+        #[arg(long, default_value_t = 460_800)]
+        params: usize,
+        /// Courses per configuration, alternating (the fastest counts).
+        #[arg(long, default_value_t = 2)]
+        reps: usize,
+        /// Over a local nats-server instead of the in-process bus.
+        #[arg(long)]
+        nats: bool,
+    },
     /// Milliseconds per HumanEval sample in the strict sandbox against the basic one (canonical solutions).
     Sandbox {
         /// Problems to run (default: all 164).
@@ -179,6 +196,12 @@ pub fn bench(command: BenchCommand) -> Result<()> {
             json,
         } => scripts::scripts(calls, clients, steps, json),
         BenchCommand::Matmul { tokens, reps } => matmul::matmul(tokens, reps),
+        BenchCommand::Secagg {
+            clients,
+            params,
+            reps,
+            nats,
+        } => secagg::secagg(&clients, params, reps, nats),
         BenchCommand::Sandbox {
             limit,
             passes,
