@@ -235,6 +235,24 @@ fn in_process(config: &Path, dir: &Path) -> PathBuf {
     out
 }
 
+/// Runs `config` as a server process and three client processes over a
+/// broker of their own; returns the server's run directory.
+fn over_nats(config: &Path, dir: &Path) -> PathBuf {
+    let (nats, creds) = broker(dir, 3);
+    let out = dir.join("server");
+    let mut srv = server(config, &nats, &creds, &out, &[]);
+    let mut clients: Vec<Proc> = (1..=3)
+        .map(|id| client(config, &nats, &creds, id, &[]))
+        .collect();
+    all_succeed(&mut srv, &mut clients);
+    out
+}
+
+/// A run directory's `summary.json`.
+fn summary_of(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap()
+}
+
 /// Waits for the server and every client to exit successfully.
 fn all_succeed(server: &mut Proc, clients: &mut [Proc]) {
     server.succeeds();
@@ -833,18 +851,10 @@ fn per_client_strategies_end_over_nats_where_they_end_in_process() {
         text.push_str(extra);
         std::fs::write(&config, text).unwrap();
         let inproc = in_process(&config, dir.path());
-        let (nats, creds) = broker(dir.path(), 3);
-        let out = dir.path().join("server");
-        let mut srv = server(&config, &nats, &creds, &out, &[]);
-        let mut clients: Vec<Proc> = (1..=3)
-            .map(|id| client(&config, &nats, &creds, id, &[]))
-            .collect();
-        all_succeed(&mut srv, &mut clients);
+        let out = over_nats(&config, dir.path());
         let diff = adapter_diff(&inproc, &out);
         assert!(diff <= 1e-6, "{name}: final adapters differ by {diff}");
-        let summary: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap())
-                .unwrap();
+        let summary = summary_of(&out);
         assert_eq!(summary["rejected_messages"], 0, "{name}");
         if name.contains("dp") {
             assert!(summary["privacy"]["epsilon"].as_f64().unwrap() > 0.0, "{name}");
@@ -855,4 +865,49 @@ fn per_client_strategies_end_over_nats_where_they_end_in_process() {
             assert_eq!(sa["left"], 0, "{name}");
         }
     }
+}
+
+/// `federate.keep_best` on a tiny model whose global adapter an aggregator
+/// script zeroes from round 2 on (back to the base model, where LoRA's
+/// gradients vanish): in one process and as a server process,
+/// the best round's adapter is saved beside the final one, and patience
+/// ends the course early.
+#[test]
+fn the_best_rounds_adapter_is_kept_and_patience_stops_the_course() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("spoil.rhai"),
+        "fn aggregate(global, updates, round) {\n    let mean = weighted_mean(updates);\n    if round >= 2 { scale(mean, 0.0) } else { mean }\n}\n",
+    )
+    .unwrap();
+    let config = tiny_course(
+        dir.path(),
+        "rounds = 6\nsave_every = 1\nkeep_best = \"test_loss\"\nearly_stop_patience = 2\n",
+        3,
+    );
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text = text.replace("lr = 1e-3", "lr = 1e-2");
+    text.push_str("[aggregator]\nscript = \"spoil.rhai\"\n");
+    std::fs::write(&config, text).unwrap();
+    let inproc = in_process(&config, dir.path());
+    let summary = summary_of(&inproc);
+    let best = &summary["best"];
+    assert_eq!(best["key"], "test_loss");
+    assert_eq!(best["round"], 1, "{summary}");
+    assert_eq!(best["stopped_early_after"], 3, "{summary}");
+    let kept = adapter(&inproc.join("adapter-best"));
+    let round_one = adapter(&inproc.join("checkpoints/round-0001"));
+    assert_eq!(
+        max_abs_diff(&kept, &round_one),
+        0.0,
+        "round 1's adapter, bit for bit"
+    );
+    assert!(max_abs_diff(&kept, &adapter(&inproc.join("adapter"))) > 0.0);
+
+    let out = over_nats(&config, dir.path());
+    let summary = summary_of(&out);
+    assert_eq!(summary["best"]["round"], 1, "{summary}");
+    assert_eq!(summary["best"]["stopped_early_after"], 3);
+    let served = adapter(&out.join("adapter-best"));
+    assert!(max_abs_diff(&served, &kept) <= 1e-6);
 }

@@ -147,6 +147,8 @@ const STATE_FILE: &str = "state.json";
 const AGGREGATOR_STATE: &str = "aggregator_state.msgpack";
 /// The folder of the clients' own states (an in-process course's).
 const CLIENTS: &str = "clients";
+/// The server's own state beside the strategy's (`federate.keep_best`'s tracker).
+const SERVER_STATE: &str = "server_state.msgpack";
 
 impl Checkpoints {
     /// Checkpoints in `dir` every `every` rounds (0: never), parameters held by `store`.
@@ -199,8 +201,9 @@ impl Checkpoints {
     }
 
     /// Writes the checkpoint of `round`: the global `params`, the round and
-    /// the number of `clients` aggregated, and `aggregator`'s state if it
-    /// keeps one. Returns the checkpoint's folder.
+    /// the number of `clients` aggregated, `aggregator`'s state if it keeps
+    /// one, the clients' own states and the server's (`keep_best`'s
+    /// tracker). Returns the checkpoint's folder.
     pub fn write(
         &self,
         round: u64,
@@ -208,6 +211,7 @@ impl Checkpoints {
         clients: usize,
         aggregator: &dyn Aggregator,
         client_states: &[(u32, Vec<u8>)],
+        server_state: Option<&[u8]>,
     ) -> Result<PathBuf, CheckpointError> {
         // Everything goes into a hidden folder first, renamed into place at
         // the end: a process killed mid-write leaves no half checkpoint
@@ -236,6 +240,10 @@ impl Checkpoints {
                 "{e}; this checkpoint holds no aggregator state, so a course resumed from it starts the aggregator fresh"
             ),
         }
+        if let Some(bytes) = server_state {
+            let path = partial.join(SERVER_STATE);
+            std::fs::write(&path, bytes).map_err(|e| CheckpointError::io(&path, e))?;
+        }
         if !client_states.is_empty() {
             let folder = partial.join(CLIENTS);
             std::fs::create_dir_all(&folder).map_err(|e| CheckpointError::io(&folder, e))?;
@@ -251,6 +259,25 @@ impl Checkpoints {
         std::fs::rename(&partial, &dir).map_err(|e| CheckpointError::io(&dir, e))?;
         tracing::info!(round, dir = %dir.display(), "checkpoint written");
         Ok(dir)
+    }
+
+    /// Hands the server state saved in the checkpoint folder `dir` to
+    /// `restore`, if that checkpoint saved one.
+    pub fn restore_server_state(
+        dir: &Path,
+        restore: impl FnOnce(&[u8]) -> Result<(), String>,
+    ) -> Result<(), CheckpointError> {
+        let path = dir.join(SERVER_STATE);
+        if !path.is_file() {
+            return Ok(());
+        }
+        let bytes = std::fs::read(&path).map_err(|e| CheckpointError::io(&path, e))?;
+        restore(&bytes).map_err(|e| {
+            CheckpointError::format(
+                &path,
+                format!("{e} (delete the file to resume without the best round so far)"),
+            )
+        })
     }
 
     /// The newest checkpoint that holds parameters in this store's format, if any.
@@ -354,7 +381,7 @@ mod tests {
         assert!(cp.latest().unwrap().is_none(), "nothing yet");
         assert!(!cp.due(1) && cp.due(2) && cp.due(4));
         for round in [2, 10, 4] {
-            cp.write(round, &params(round as f32), 3, &FedAvg, &[])
+            cp.write(round, &params(round as f32), 3, &FedAvg, &[], None)
                 .unwrap();
         }
         // A folder without parameters (a write cut short) is not a checkpoint.
@@ -390,7 +417,8 @@ mod tests {
         let _ = std::fs::remove_dir_all(&tmp);
         let cp = Checkpoints::new(&tmp, 1, Arc::new(MsgpackStore));
         let clients = [(2, b"two".to_vec()), (1, b"one".to_vec())];
-        cp.write(1, &params(1.0), 2, &FedAvg, &clients).unwrap();
+        cp.write(1, &params(1.0), 2, &FedAvg, &clients, None)
+            .unwrap();
         // A process killed while writing round 2 left its parameters only.
         let cut = tmp.join(".round-0002.partial");
         std::fs::create_dir_all(&cut).unwrap();
@@ -403,8 +431,9 @@ mod tests {
         );
         // Round 2 done again: the leftover is cleared, and a round written
         // twice holds the second write only (no stale client file).
-        cp.write(2, &params(2.5), 2, &FedAvg, &clients).unwrap();
-        cp.write(2, &params(3.0), 2, &FedAvg, &clients[..1])
+        cp.write(2, &params(2.5), 2, &FedAvg, &clients, None)
+            .unwrap();
+        cp.write(2, &params(3.0), 2, &FedAvg, &clients[..1], None)
             .unwrap();
         let found = cp.latest().unwrap().unwrap();
         assert_eq!((found.round, found.params), (2, params(3.0)));

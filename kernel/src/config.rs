@@ -334,6 +334,13 @@ pub struct CourseSection {
     /// trainer error): `fail` ends the course naming the round, the client
     /// and the reason; `skip-client` completes the step without that client.
     pub on_divergence: OnDivergence,
+    /// Keep the global parameters of the evaluation with the lowest loss of
+    /// this split (`val_loss`, `test_loss`, …; FS-LLM's
+    /// `best_res_update_round_wise_key`): the runner saves them as `adapter-best/`.
+    pub keep_best: Option<String>,
+    /// End the course once this many evaluations in a row have not
+    /// improved on `keep_best`'s best (0: never).
+    pub early_stop_patience: u64,
 }
 
 /// See [`CourseSection::on_divergence`].
@@ -376,6 +383,8 @@ impl Default for CourseSection {
             min_clients: 1,
             join_retry_s: 2.0,
             on_divergence: OnDivergence::Fail,
+            keep_best: None,
+            early_stop_patience: 0,
         }
     }
 }
@@ -559,6 +568,16 @@ impl CourseConfig {
                     format!("must be a positive number of seconds, got {t}"),
                 );
             }
+        }
+        if let Some(key) = &c.keep_best {
+            if let Err(e) = crate::course::best::BestTracker::new(key, c.early_stop_patience) {
+                return err("federate.keep_best", e);
+            }
+        } else if c.early_stop_patience > 0 {
+            return err(
+                "federate.early_stop_patience",
+                "needs federate.keep_best, the loss it watches (e.g. \"val_loss\")".to_string(),
+            );
         }
         if c.min_clients == 0 || c.min_clients > c.clients {
             return err(

@@ -170,6 +170,15 @@ fn print_summary(s: &Summary, dir: &std::path::Path) {
         s.peak_rss_mib.map_or("unknown".into(), |m| format!("{m:.0} MiB"))
     );
     print_privacy(s.privacy.as_ref());
+    if let Some(b) = &s.best {
+        let stop = b.stopped_early_after.map_or(String::new(), |r| {
+            format!("; stopped early after round {r}")
+        });
+        println!(
+            "best {} {:.4} after round {}: {}{stop}",
+            b.key, b.loss, b.round, b.params
+        );
+    }
     println!(
         "adapter (PEFT format) in {}\nresults in {}",
         s.adapter,

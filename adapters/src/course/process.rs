@@ -24,7 +24,7 @@ use super::config::{CourseFile, Task};
 use super::offsite::{emulator, plug_in, BaseModelInfo};
 use super::run_dir::Output;
 use super::store::AdapterStore;
-use super::summary::{losses_at, traffic, PrivacySummary};
+use super::summary::{losses_at, traffic, BestSummary, PrivacySummary};
 use super::trainer::{client_process_trainer, offsite_client_trainer, trainer_error};
 use super::{ensure, scripts, Context, Result};
 use crate::lora::LoraConfig;
@@ -56,6 +56,7 @@ pub struct ServerEnd {
     offsite: Option<(Emulator, LoraConfig, Base)>,
     out: PathBuf,
     privacy: fedtune_kernel::privacy::PrivacySection,
+    keep_best: Option<String>,
 }
 
 /// The server's side of a course, for a process of its own: the initial (or
@@ -139,6 +140,7 @@ pub fn server_process(
             offsite,
             out: out.dir.clone(),
             privacy: cfg.privacy.clone(),
+            keep_best: cfg.course.keep_best.clone(),
         },
     })
 }
@@ -175,6 +177,9 @@ pub struct ServerSummary {
     /// Differential privacy: what the course spent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub privacy: Option<PrivacySummary>,
+    /// `federate.keep_best`: the best round and where its parameters are.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub best: Option<BestSummary>,
 }
 
 /// One evaluation of [`ServerSummary::evals`].
@@ -200,14 +205,27 @@ impl ServerEnd {
         rejected: u64,
         started: Instant,
     ) -> Result<ServerSummary> {
-        let params_path = self.out.join(match (self.adapter, &self.offsite) {
+        let name = match (self.adapter, &self.offsite) {
             (true, None) => "adapter",
             (true, Some(_)) => "adapter-emulator",
             (false, _) => "final",
-        });
-        std::fs::create_dir_all(&params_path)
-            .with_context(|| format!("cannot create {}", params_path.display()))?;
-        self.store.save(&params_path, &results.global)?;
+        };
+        let save = |dir: &std::path::Path, params: &ParamSet| -> Result<()> {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            self.store.save(dir, params)?;
+            Ok(())
+        };
+        let params_path = self.out.join(name);
+        save(&params_path, &results.global)?;
+        let best = match (&results.best, &self.keep_best) {
+            (Some(b), Some(key)) => {
+                let dir = self.out.join(format!("{name}-best"));
+                save(&dir, &b.params)?;
+                Some(BestSummary::new(key, b, results.stopped_early, &dir))
+            }
+            _ => None,
+        };
         if let Some((emu, lora, full)) = &self.offsite {
             // The adapter plugged into the full model (no test data here: the clients evaluate).
             plug_in(
@@ -243,6 +261,7 @@ impl ServerEnd {
             wall_s: started.elapsed().as_secs_f64(),
             params: params_path.display().to_string(),
             privacy: PrivacySummary::from_records(&self.privacy, &results.records),
+            best,
         };
         let text = serde_json::to_string_pretty(&summary).context("writing the summary")?;
         let path = self.out.join("summary.json");

@@ -32,7 +32,9 @@ use super::held_out::evaluate_at_end;
 use super::offsite::{emulator, plug_in, OffsiteSummary};
 use super::run_dir::Output;
 use super::store::AdapterStore;
-use super::summary::{read_records, split_losses, traffic, ClientSummary, PrivacySummary, Summary};
+use super::summary::{
+    read_records, split_losses, traffic, BestSummary, ClientSummary, PrivacySummary, Summary,
+};
 use super::trainer::{fed_trainer, plain_trainer, trainer_error};
 use super::{ensure, scripts, Context, Result};
 use crate::adapter::AdapterSpec;
@@ -86,6 +88,11 @@ pub fn run_llm_on(
     let started = Instant::now();
     let llm = course.llm()?;
     let cfg = &course.cfg;
+    ensure!(
+        cfg.course.keep_best.is_none() || cfg.course.mode == Mode::Fed,
+        "`federate.keep_best` is for mode = \"fed\"; this course is {:?}, whose evaluation splits are per client",
+        cfg.course.mode
+    );
     // Build the aggregator first: a broken script fails before the model loads.
     let aggregator = match cfg.course.mode {
         Mode::Fed => Some(scripts::aggregator(course)?),
@@ -169,7 +176,7 @@ pub fn run_llm_on(
     };
     observer.course_started(total_rounds);
     let adapter_dir = out.dir.join("adapter");
-    let offsite = match cfg.course.mode {
+    let (offsite, best) = match cfg.course.mode {
         Mode::Fed => setup.fed(
             aggregator.expect("built for fed mode"),
             emulated.as_ref(),
@@ -177,14 +184,15 @@ pub fn run_llm_on(
         )?,
         Mode::Global => {
             setup.global(&adapter_dir)?;
-            None
+            (None, None)
         }
         Mode::Local => {
             setup.local(&adapter_dir)?;
-            None
+            (None, None)
         }
     };
-    let summary = setup.summarize(&adapter_dir, offsite, started)?;
+    let mut summary = setup.summarize(&adapter_dir, offsite, started)?;
+    summary.best = best;
     observer.finished();
     let text = serde_json::to_string_pretty(&summary).context("writing the summary")?;
     let path = out.dir.join("summary.json");
@@ -304,13 +312,14 @@ impl Setup<'_> {
         Ok(self.runtime.block_on(run_in_process_from(setup, trainer))?)
     }
 
-    /// The federated scenario; with FedOT, also the adapter plugged into the full model.
+    /// The federated scenario; with FedOT, also the adapter plugged into
+    /// the full model; with `keep_best`, the best round's adapter too.
     fn fed(
         &self,
         aggregator: Box<dyn Aggregator>,
         emulated: Option<&(Emulator, AdapterSpec, Distilled)>,
         adapter_dir: &Path,
-    ) -> Result<Option<OffsiteSummary>> {
+    ) -> Result<(Option<OffsiteSummary>, Option<BestSummary>)> {
         let data: BTreeMap<u32, ClientData> = self
             .prepared
             .iter()
@@ -323,9 +332,30 @@ impl Setup<'_> {
         let trainer = fed_trainer(self.course, (self.model.clone(), &self.spec), data)?;
         let start = (self.start()?, self.checkpoints(None));
         let report = self.course(&self.course.cfg, start, trainer, aggregator, None)?;
+        // With FedOT the best is the emulator's adapter, as `adapter-emulator/` is.
+        let best_name = match emulated {
+            Some(_) => "adapter-emulator-best",
+            None => "adapter-best",
+        };
+        let best = report
+            .best
+            .as_ref()
+            .map(|b| -> Result<BestSummary> {
+                let dir = self.out.dir.join(best_name);
+                self.store.write(&dir, &b.params)?;
+                let key = self
+                    .course
+                    .cfg
+                    .course
+                    .keep_best
+                    .as_deref()
+                    .unwrap_or_default();
+                Ok(BestSummary::new(key, b, report.stopped_early, &dir))
+            })
+            .transpose()?;
         let Some((emu, emu_spec, distilled)) = emulated else {
             self.store.write(adapter_dir, &report.final_params)?;
-            return Ok(None);
+            return Ok((None, best));
         };
         let AdapterSpec::Lora(emu_lora) = emu_spec else {
             unreachable!("offsite-tuning trains LoRA")
@@ -345,7 +375,7 @@ impl Setup<'_> {
             (adapter_dir, &self.base.file_name()),
         )?;
         summary.distilled = (distilled.steps > 0).then(|| distilled.clone());
-        Ok(Some(summary))
+        Ok((Some(summary), best))
     }
 
     /// The global scenario: one client with everyone's training data,
@@ -473,6 +503,7 @@ impl Setup<'_> {
             eval,
             offsite,
             privacy: PrivacySummary::from_records(&cfg.privacy, &records),
+            best: None,
         })
     }
 }

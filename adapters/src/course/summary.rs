@@ -73,6 +73,43 @@ pub struct Summary {
     /// Differential privacy: what the course spent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub privacy: Option<PrivacySummary>,
+    /// `federate.keep_best`: the best round and where its adapter is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub best: Option<BestSummary>,
+}
+
+/// The `best` part of `summary.json`.
+#[derive(Debug, Serialize)]
+pub struct BestSummary {
+    /// The loss it follows (`val_loss`, …).
+    pub key: String,
+    /// The round with the lowest (0: the initial adapter).
+    pub round: u64,
+    /// Its value.
+    pub loss: f64,
+    /// Where that round's parameters are.
+    pub params: String,
+    /// The round after which early stopping ended the course, if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stopped_early_after: Option<u64>,
+}
+
+impl BestSummary {
+    /// From the course's `keep_best` and what the server kept.
+    pub fn new(
+        key: &str,
+        best: &fedtune_kernel::course::best::BestRound,
+        stopped_early_after: Option<u64>,
+        params: &std::path::Path,
+    ) -> Self {
+        Self {
+            key: key.to_string(),
+            round: best.round,
+            loss: best.loss,
+            params: params.display().to_string(),
+            stopped_early_after,
+        }
+    }
 }
 
 /// The `privacy` part of `summary.json`.

@@ -6,6 +6,7 @@
 //! (simulation, [`run_in_process`]) or across machines; only the transport
 //! differs.
 
+pub mod best;
 mod client;
 mod kept;
 mod least_squares;
@@ -72,6 +73,10 @@ pub struct CourseReport {
     pub client_stats: Vec<(u32, WorkerStats)>,
     /// Wall time of the whole course.
     pub wall_s: f64,
+    /// With `federate.keep_best`: the best evaluated round and its parameters.
+    pub best: Option<best::BestRound>,
+    /// The round after which early stopping ended the course, if it did.
+    pub stopped_early: Option<u64>,
 }
 
 impl CourseReport {
@@ -213,6 +218,8 @@ pub async fn run_on(
         records: results.records,
         evals: results.evals,
         sampled: results.sampled,
+        best: results.best,
+        stopped_early: results.stopped_early,
         server_stats,
         client_stats,
         wall_s: started.elapsed().as_secs_f64(),

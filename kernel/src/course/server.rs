@@ -35,6 +35,7 @@ use crate::aggregate::{
 use crate::bus::Transport;
 use crate::checkpoint::Checkpoints;
 use crate::config::{CourseConfig, OnDivergence};
+use crate::course::best::{BestRound, BestTracker};
 use crate::course::protocol::{self, secagg as sa, AssignId, JoinIn, Step, Timeout};
 use crate::course::secagg::{Next, ServerSession, Stage};
 use crate::course::trainer::SplitEval;
@@ -67,6 +68,10 @@ pub struct ServerResults {
     pub evals: Vec<RoundEval>,
     /// The clients sampled in each round.
     pub sampled: Vec<(u64, Vec<u32>)>,
+    /// With `federate.keep_best`: the best evaluated round.
+    pub best: Option<BestRound>,
+    /// The round after which early stopping ended the course, if it did.
+    pub stopped_early: Option<u64>,
 }
 
 /// A request sent to one client and not yet answered.
@@ -136,6 +141,10 @@ pub struct ServerState {
     /// In one process, the trainer all clients share: its clients' own
     /// states go into every checkpoint.
     clients_of: Option<crate::course::trainer::SharedTrainer>,
+    /// `federate.keep_best`'s tracker.
+    best: Option<BestTracker>,
+    /// The round after which early stopping ended the course.
+    stopped_early: Option<u64>,
 }
 
 impl ServerState {
@@ -183,6 +192,8 @@ impl ServerState {
             records: self.log.into_records(),
             evals: self.evals,
             sampled: self.sampled,
+            best: self.best.and_then(|b| b.best),
+            stopped_early: self.stopped_early,
         }
     }
 }
@@ -205,6 +216,8 @@ pub struct ServerSetup {
     pub checkpoints: Option<Checkpoints>,
     /// The checkpoint this server resumes from, if any.
     pub resumed_from: Option<PathBuf>,
+    /// `federate.keep_best`'s tracker (restored with a checkpoint).
+    pub best: Option<BestTracker>,
 }
 
 impl ServerSetup {
@@ -223,6 +236,12 @@ impl ServerSetup {
             cfg.course.clients,
             cfg.clients_per_round(),
         );
+        // The configuration was validated: its key names a split.
+        let best = cfg
+            .course
+            .keep_best
+            .as_deref()
+            .and_then(|key| BestTracker::new(key, cfg.course.early_stop_patience).ok());
         Self {
             cfg,
             completed: 0,
@@ -231,6 +250,7 @@ impl ServerSetup {
             log,
             checkpoints: None,
             resumed_from: None,
+            best,
         }
     }
 
@@ -257,6 +277,11 @@ impl ServerSetup {
             &restored.dir,
             self.aggregator.as_mut(),
         )?;
+        if let Some(best) = self.best.as_mut() {
+            crate::checkpoint::Checkpoints::restore_server_state(&restored.dir, |bytes| {
+                best.restore(bytes)
+            })?;
+        }
         let dir = restored.dir;
         let mut me = self.resumed(restored.round, restored.params);
         me.resumed_from = Some(dir);
@@ -294,6 +319,7 @@ pub fn server_worker_from(
         log,
         checkpoints,
         resumed_from: _,
+        best,
     } = setup;
     let name = cfg.course.name.clone();
     let limits = cfg.wire.limits();
@@ -315,6 +341,8 @@ pub fn server_worker_from(
         base_sent: BTreeMap::new(),
         checkpoints,
         clients_of: None,
+        best,
+        stopped_early: None,
     };
     Worker::new(Party::Server, name, transport, state)
         .with_encoding(encode)
@@ -1306,12 +1334,19 @@ fn finish_round(s: &mut ServerState, ctx: &mut Ctx) -> HandlerResult {
         // A checkpoint that cannot be written must not pass unnoticed.
         let fatal = |e: String| HandlerError::Fatal(format!("round {round}: {e}"));
         let clients = client_states(s).map_err(fatal)?;
+        let server_state = s
+            .best
+            .as_ref()
+            .map(BestTracker::to_bytes)
+            .transpose()
+            .map_err(fatal)?;
         cp.write(
             round,
             &s.global,
             updates.len(),
             s.aggregator.as_ref(),
             &clients,
+            server_state.as_deref(),
         )
         .map_err(|e| fatal(e.to_string()))?;
     }
@@ -1375,6 +1410,11 @@ fn next_step(s: &mut ServerState, round: u64, ctx: &mut Ctx) -> HandlerResult {
         begin_round(s, round + 1, ctx)?;
         return Ok(Flow::Continue);
     }
+    finish_course(s, round, ctx)
+}
+
+/// Ends the course after `round`: every client gets `finish` with the final parameters.
+fn finish_course(s: &mut ServerState, round: u64, ctx: &mut Ctx) -> HandlerResult {
     // Dropped clients hear of the end too, so a slow one does not wait forever.
     let env = Envelope::new(
         ctx.course(),
@@ -1474,6 +1514,7 @@ fn finish_eval(s: &mut ServerState, ctx: &mut Ctx) -> HandlerResult {
             acc.1 += e.samples;
         }
     }
+    let mut losses = BTreeMap::new();
     for (split, (weighted, samples)) in by_split {
         let loss = if samples > 0 {
             weighted / samples as f64
@@ -1486,6 +1527,7 @@ fn finish_eval(s: &mut ServerState, ctx: &mut Ctx) -> HandlerResult {
         r.samples = Some(samples);
         record(s, r)?;
         info!(round, split = %split, loss, samples, "evaluation");
+        losses.insert(split.clone(), loss);
         s.evals.push(RoundEval {
             round,
             split,
@@ -1525,6 +1567,24 @@ fn finish_eval(s: &mut ServerState, ctx: &mut Ctx) -> HandlerResult {
         record(s, r)?;
     }
     s.last_evaluated = Some(round);
+    if let Some(best) = s.best.as_mut() {
+        let improved = best
+            .observe(round, &losses, &s.global)
+            .map_err(|e| HandlerError::Fatal(format!("round {round}: {e}")))?;
+        if improved {
+            info!(round, "the best evaluation so far");
+        }
+        if best.should_stop() && round < s.cfg.course.rounds {
+            info!(
+                round,
+                best = best.best.as_ref().map(|b| b.round),
+                "early stop: {} evaluations without improvement",
+                best.stale
+            );
+            s.stopped_early = Some(round);
+            return finish_course(s, round, ctx);
+        }
+    }
     next_step(s, round, ctx)
 }
 
