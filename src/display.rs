@@ -130,6 +130,9 @@ impl Observer for Display {
                     .extra
                     .get("dp_epsilon")
                     .map_or(String::new(), |e| format!(", ε = {e:.3}"));
+                if let Some(f) = r.extra.get("flops") {
+                    eps.push_str(&format!(", {:.2} TFLOP", f / 1e12));
+                }
                 // Secure aggregation: the server knows only the mean loss.
                 if let (Some(loss), true) = (r.loss, r.extra.contains_key("secagg_overhead_bytes"))
                 {

@@ -117,6 +117,51 @@ fn the_quickstart_writes_every_output_and_lowers_every_clients_test_loss() {
         );
     }
     assert!(summary["peak_rss_mib"].as_f64().unwrap() > 0.0);
+    // Training FLOPs from the model's shapes: each client's 2 steps of batch
+    // 2 lie between 4·P·N at one token a row and the full count at the
+    // 128-token cap (P = SmolLM2-135M's 134,479,872 matmul parameters,
+    // LoRA r 8 on q/v: 460,800); rounds and the summary add them up.
+    let p = 134_479_872.0;
+    let cap = 2.0
+        * fedtune_adapters::flops::training_step(
+            &fedtune_adapters::model::LlamaConfig {
+                vocab_size: 49152,
+                hidden_size: 576,
+                intermediate_size: 1536,
+                num_hidden_layers: 30,
+                num_attention_heads: 9,
+                num_key_value_heads: 3,
+                rms_norm_eps: 1e-5,
+                rope_theta: 100_000.0,
+                max_position_embeddings: 8192,
+                tie_word_embeddings: true,
+            },
+            460_800,
+            2,
+            128,
+        )
+        .total();
+    let mut total = 0.0;
+    for round in [1u64, 2] {
+        let of = |event: &str| {
+            records
+                .iter()
+                .filter(|r| r["event"] == event && r["round"] == round)
+                .map(|r| r["extra"]["flops"].as_f64().expect("a flops field"))
+                .collect::<Vec<f64>>()
+        };
+        let clients = of("train");
+        assert_eq!(clients.len(), 3);
+        for f in &clients {
+            assert!(
+                *f >= 2.0 * 4.0 * p * 2.0 && *f <= cap,
+                "{f} outside [.., {cap}]"
+            );
+        }
+        assert_eq!(of("round"), vec![clients.iter().sum::<f64>()]);
+        total += clients.iter().sum::<f64>();
+    }
+    assert_eq!(summary["train_flops"].as_f64().unwrap(), total);
     let log = std::fs::read_to_string(out.join("run.log")).unwrap();
     assert!(
         log.contains("round aggregated"),

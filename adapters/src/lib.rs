@@ -11,6 +11,7 @@
 //! - [`loss`]: the causal language-modelling loss with prompt masking;
 //! - [`tokenizer`]: byte-level BPE rebuilt from GGUF metadata, or `tokenizer.json`;
 //! - [`train`], [`optim`]: optimizer steps on an adapter (AdamW/SGD, accumulation, clipping, schedules, hook points);
+//! - [`flops`]: a training step's FLOPs from the model's shapes (FS-LLM's cost accounting);
 //! - [`peft`]: adapters saved and loaded in PEFT's on-disk layout;
 //! - [`generate`]: greedy and top-p generation with a KV cache and stop sequences;
 //! - [`hooks`], [`pfl`]: trainer hooks and personalized-FL plans as Rhai scripts (shipped ones in `scripts/`);
@@ -26,6 +27,7 @@ pub mod course;
 pub mod data;
 pub mod eval;
 pub mod fetch;
+pub mod flops;
 pub mod generate;
 pub mod hooks;
 pub mod kernels;

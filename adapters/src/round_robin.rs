@@ -266,6 +266,7 @@ impl LocalTrainer for RoundRobinTrainer {
         if done.skipped > 0 {
             metrics.insert("skipped_steps".into(), done.skipped as f64);
         }
+        metrics.insert("flops".into(), done.flops);
         let steps_taken = done.losses.len();
         // The round's loss: of the sent adapter's steps, or the personal ones when it took none.
         let losses = if done.losses.is_empty() {
@@ -521,6 +522,8 @@ struct FitDone {
     skipped: usize,
     /// The sent adapter's tensors that `freeze`/`train_only` kept from training.
     frozen: Vec<String>,
+    /// FLOPs of every step taken, skipped ones included ([`crate::flops`]).
+    flops: f64,
 }
 
 impl Fit<'_> {
@@ -568,6 +571,7 @@ impl Fit<'_> {
             keep: None,
             skipped: 0,
             frozen: Vec::new(),
+            flops: 0.0,
         };
         let mut retries = Retries {
             left: self.training.retry_on_nan_loss,
@@ -588,7 +592,7 @@ impl Fit<'_> {
                     (&slot.data.train, &mut slot.cursor, accum),
                     *steps,
                     hooks,
-                    (self.ctx, &mut retries),
+                    (self.ctx, &mut retries, &mut out.flops),
                     &mut report,
                 )?),
                 FitOp::TrainPersonal {
@@ -627,7 +631,7 @@ impl Fit<'_> {
                         (&slot.data.train, &mut slot.personal_cursor, accum),
                         *steps,
                         &mut prox,
-                        (self.ctx, &mut retries),
+                        (self.ctx, &mut retries, &mut out.flops),
                         &mut report,
                     )?);
                 }
@@ -764,10 +768,11 @@ fn run_steps(
     (data, cursor, accum): (&[Batch], &mut usize, usize),
     n: usize,
     hooks: &mut dyn TrainHooks,
-    (ctx, retries): (&TrainContext, &mut Retries),
+    (ctx, retries, flops): (&TrainContext, &mut Retries, &mut f64),
     report: &mut dyn FnMut(f64),
 ) -> Result<Vec<f64>, TrainerError> {
     let mut losses = Vec::with_capacity(n);
+    let trainable = lora.num_parameters();
     for step in 0..n {
         if ctx.is_cancelled() {
             return Err("training cancelled".into());
@@ -777,6 +782,10 @@ fn run_steps(
             .map(|k| data[(*cursor + k) % len].clone())
             .collect();
         *cursor = (*cursor + accum) % len;
+        for b in &micro {
+            let (rows, cols) = b.tokens.dims2()?;
+            *flops += crate::flops::training_step(model.config(), trainable, rows, cols).total();
+        }
         let r = stepper.step(model, lora, &micro, (step, n), hooks)?;
         if r.skipped {
             if retries.left == 0 {

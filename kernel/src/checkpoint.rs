@@ -399,7 +399,9 @@ mod tests {
         assert_eq!(Checkpoints::newest_round(&tmp), Some(10));
         // Another configuration's checkpoints are refused; its own are taken.
         let tagged = Checkpoints::new(&tmp, 1, Arc::new(MsgpackStore)).with_tag("abc");
-        tagged.write(11, &params(11.0), 3, &FedAvg, &[]).unwrap();
+        tagged
+            .write(11, &params(11.0), 3, &FedAvg, &[], None)
+            .unwrap();
         assert_eq!(tagged.latest().unwrap().unwrap().round, 11);
         let other = Checkpoints::new(&tmp, 1, Arc::new(MsgpackStore)).with_tag("xyz");
         let err = other.latest().unwrap_err().to_string();

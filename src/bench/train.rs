@@ -3,7 +3,8 @@
 //! Settings follow the reference measurement in DESIGN.md: SmolLM2-135M in
 //! f32, LoRA r 8 / alpha 16 on q_proj and v_proj, AdamW, batch 4 × 128 tokens.
 //! FLOPs are counted as 4 × parameters × tokens (a forward pass, plus the
-//! backward pass to the inputs; frozen weights need no weight gradients).
+//! backward pass to the inputs; frozen weights need no weight gradients):
+//! the matmul term of [`fedtune_adapters::flops`], attention left out.
 
 use std::time::Instant;
 
@@ -61,7 +62,6 @@ pub fn train_step(batch: usize, seq_len: usize, steps: usize, json: bool) -> Res
         DType::F32,
         &device,
     )?;
-    let n = batch * seq_len;
     let b = seeded_batch(cfg.vocab_size, batch, seq_len, &device)?;
     let mut stepper = Stepper::new(&lora, TrainConfig::default())?;
     // One untimed step warms allocators and caches.
@@ -105,8 +105,9 @@ pub fn train_step(batch: usize, seq_len: usize, steps: usize, json: bool) -> Res
     }
     let optimizer_s = (min_s - forward_s - backward_s).max(0.0);
 
-    let params = model_parameters(model);
-    let gflop = 4.0 * params as f64 * n as f64 / 1e9;
+    let params = fedtune_adapters::flops::matmul_params(model.config()) as usize;
+    let gflop =
+        fedtune_adapters::flops::training_step(model.config(), 0, batch, seq_len).matmul / 1e9;
     let report = TrainStepReport {
         batch,
         seq_len,
@@ -149,23 +150,6 @@ pub fn train_step(batch: usize, seq_len: usize, steps: usize, json: bool) -> Res
         );
     }
     Ok(())
-}
-
-/// Parameters that cost FLOPs per token: every block's weights plus the output head
-/// (tied embeddings counted once, as the head).
-fn model_parameters(model: &fedtune_adapters::model::Llama) -> usize {
-    let c = model.config();
-    let per_layer: usize = fedtune_adapters::model::Projection::ALL
-        .iter()
-        .map(|p| {
-            let (i, o) = p.dims(c);
-            i * o
-        })
-        .sum::<usize>()
-        + 2 * c.hidden_size;
-    c.num_hidden_layers * per_layer
-        + c.vocab_size * c.hidden_size * if c.tie_word_embeddings { 1 } else { 2 }
-        + c.hidden_size
 }
 
 /// A `batch × seq_len` batch of seeded token ids spread over the vocabulary;

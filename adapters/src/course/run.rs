@@ -498,6 +498,11 @@ impl Setup<'_> {
             bytes_up,
             bytes_down,
             wall_s: started.elapsed().as_secs_f64(),
+            train_flops: records
+                .iter()
+                .filter(|r| r.event == fedtune_kernel::Event::Train)
+                .filter_map(|r| r.extra.get("flops"))
+                .sum(),
             peak_rss_mib: peak_rss_mib(),
             adapter: adapter_dir.display().to_string(),
             eval,

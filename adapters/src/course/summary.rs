@@ -60,6 +60,9 @@ pub struct Summary {
     pub bytes_down: u64,
     /// Wall time of the run.
     pub wall_s: f64,
+    /// Training FLOPs of every client over every round, counted from the
+    /// model's shapes (`flops` in metrics.jsonl's train and round records).
+    pub train_flops: f64,
     /// Peak resident memory.
     pub peak_rss_mib: Option<f64>,
     /// Where the final adapter is.

@@ -1372,6 +1372,11 @@ fn finish_round(s: &mut ServerState, ctx: &mut Ctx) -> HandlerResult {
     if !dropped.is_empty() {
         r.extra.insert("dropped".into(), dropped.len() as f64);
     }
+    // The clients' training FLOPs, when their trainers count them.
+    let flops: f64 = updates.iter().filter_map(|u| u.metrics.get("flops")).sum();
+    if flops > 0.0 {
+        r.extra.insert("flops".into(), flops);
+    }
     r.extra.insert("global_norm".into(), s.global.l2_norm());
     r.extra.extend(round_metrics);
     record(s, r)?;
