@@ -649,7 +649,7 @@ mod tests {
         assert_eq!(shares[&2][0], add(5, mul(c, 2)));
         // Other chunks of a zero secret: pure coefficient times x.
         assert_eq!(shares[&2][1], mul(shares[&1][1], 2));
-        assert_eq!(inverse(2), (P + 1) / 2);
+        assert_eq!(inverse(2), P / 2 + 1);
     }
 
     #[test]
