@@ -176,13 +176,7 @@ async fn in_process_and_over_nats(
         clients,
         ..SyntheticSpec::default()
     };
-    let trainer = || {
-        Arc::new(Mutex::new(LeastSquaresTrainer::synthetic(
-            spec.clone(),
-            0.1,
-            5,
-        )))
-    };
+    let trainer = || Arc::new(Mutex::new(LeastSquaresTrainer::synthetic(spec, 0.1, 5)));
     let initial = trainer().lock().unwrap().initial_params();
     let local = run_in_process(
         cfg,
