@@ -47,6 +47,10 @@ pub struct ClientData {
 pub struct LocalTraining {
     /// Optimizer steps per round.
     pub local_steps: usize,
+    /// When positive, passes over the client's training data per round
+    /// instead: `local_epochs × ⌈batches / grad_accum⌉` steps, so clients
+    /// with more data take more steps (FS-LLM's `batch_or_epoch = "epoch"`).
+    pub local_epochs: usize,
     /// Keep AdamW's moments across rounds instead of starting fresh.
     pub keep_optimizer_state: bool,
     /// Steps whose loss or gradient is not finite that a fit may skip (and
@@ -60,6 +64,7 @@ impl Default for LocalTraining {
     fn default() -> Self {
         Self {
             local_steps: 10,
+            local_epochs: 0,
             keep_optimizer_state: false,
             retry_on_nan_loss: 0,
             optim: TrainConfig::default(),
@@ -210,11 +215,21 @@ impl LocalTrainer for RoundRobinTrainer {
         global: &ParamSet,
         ctx: &TrainContext,
     ) -> Result<LocalUpdate, TrainerError> {
-        let training = configured(&self.training, ctx)?;
+        let mut training = configured(&self.training, ctx)?;
         let slot = self
             .clients
             .get_mut(&client)
             .ok_or_else(|| format!("this trainer has no data for client {client}"))?;
+        // Epochs: this client's passes over its data (a strategy's own
+        // local_steps for this fit wins).
+        if training.local_epochs > 0 && !ctx.config.contains_key("local_steps") {
+            let per_epoch = slot
+                .data
+                .train
+                .len()
+                .div_ceil(training.optim.grad_accum.max(1));
+            training.local_steps = training.local_epochs * per_epoch.max(1);
+        }
         let plan = plan_fit(self.pfl.as_mut(), &training, (client, ctx.round), slot)?;
         let resized = fit_rank(
             slot,

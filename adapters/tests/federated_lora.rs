@@ -176,3 +176,69 @@ fn a_fresh_trainer_continues_where_the_round_says() {
         "the restarted client trained on other batches"
     );
 }
+
+/// `local_epochs`: each client passes over its own data that many times a
+/// round — ⌈batches / grad_accum⌉ steps a pass, so clients with more data
+/// take more steps — unless the strategy sets this fit's local_steps.
+#[test]
+fn local_epochs_take_each_clients_own_number_of_steps() {
+    use fedtune_kernel::{LocalTrainer, TrainContext};
+
+    let cfg = LlamaConfig {
+        vocab_size: VOCAB,
+        hidden_size: 16,
+        intermediate_size: 32,
+        num_hidden_layers: 1,
+        num_attention_heads: 2,
+        num_key_value_heads: 1,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10_000.0,
+        max_position_embeddings: 32,
+        tie_word_embeddings: true,
+    };
+    let model = Arc::new(Llama::random(cfg, 5, DType::F32, &Device::Cpu).unwrap());
+    let lora = LoraConfig {
+        r: 2,
+        lora_alpha: 4.0,
+        lora_dropout: 0.0,
+        target_modules: vec!["q_proj".into()],
+        layers_to_transform: None,
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    // 4, 7 and 5 batches: 2 epochs at grad_accum 2 are 4, 8 and 6 steps.
+    let data: BTreeMap<u32, ClientData> = [(1u32, 4usize), (2, 7), (3, 5)]
+        .into_iter()
+        .map(|(id, n)| {
+            let d = ClientData {
+                train: counting_batches(&mut rng, n, 2, 8),
+                eval: Vec::new(),
+                n_samples: 2 * n as u64,
+            };
+            (id, d)
+        })
+        .collect();
+    let training = LocalTraining {
+        local_steps: 1,
+        local_epochs: 2,
+        optim: TrainConfig {
+            grad_accum: 2,
+            ..TrainConfig::default()
+        },
+        ..LocalTraining::default()
+    };
+    let global = RoundRobinTrainer::initial_adapter(&model, &lora, 1).unwrap();
+    let mut trainer = RoundRobinTrainer::new(model, lora, training, data, 1).unwrap();
+    let ctx = || TrainContext::new(1, 7, Default::default(), Default::default());
+    for (client, steps) in [(1, 4), (2, 8), (3, 6)] {
+        let update = trainer.train(client, &global, &ctx()).unwrap();
+        assert_eq!(update.local_steps, Some(steps), "client {client}");
+    }
+    // A strategy's own local_steps for a fit overrides the epochs.
+    let mut config = fedtune_kernel::FitConfig::new();
+    config.insert("local_steps".into(), serde_json::json!(3));
+    let fit = ctx().with_fit(config, Default::default());
+    assert_eq!(
+        trainer.train(2, &global, &fit).unwrap().local_steps,
+        Some(3)
+    );
+}

@@ -160,10 +160,13 @@ fn print_summary(s: &Summary, dir: &std::path::Path) {
         fmt(s.mean_client_test_loss_after),
     );
     println!(
-        "\nmode {:?}, {} rounds × {} local steps: {:.1} KB up, {:.1} KB down, {:.2} TFLOP of training, {:.0} s wall, peak RSS {}",
+        "\nmode {:?}, {} rounds × {}: {:.1} KB up, {:.1} KB down, {:.2} TFLOP of training, {:.0} s wall, peak RSS {}",
         s.mode,
         s.rounds,
-        s.local_steps,
+        match s.local_epochs {
+            0 => format!("{} local steps", s.local_steps),
+            e => format!("{e} local epochs"),
+        },
         s.bytes_up as f64 / 1e3,
         s.bytes_down as f64 / 1e3,
         s.train_flops / 1e12,

@@ -134,6 +134,9 @@ impl Default for EvalSection {
 pub struct TrainSection {
     /// Optimizer steps per client per round.
     pub local_steps: usize,
+    /// When positive: passes over each client's training data per round
+    /// instead of `local_steps` (FS-LLM's `batch_or_epoch = "epoch"`).
+    pub local_epochs: usize,
     /// Examples per micro-batch.
     pub batch_size: usize,
     /// Examples per evaluation batch.
@@ -150,6 +153,7 @@ impl Default for TrainSection {
     fn default() -> Self {
         Self {
             local_steps: 10,
+            local_epochs: 0,
             batch_size: 4,
             eval_batch_size: 8,
             keep_optimizer_state: false,
@@ -325,6 +329,7 @@ impl LlmConfig {
     pub fn local_training(&self) -> LocalTraining {
         LocalTraining {
             local_steps: self.train.local_steps,
+            local_epochs: self.train.local_epochs,
             keep_optimizer_state: self.train.keep_optimizer_state,
             retry_on_nan_loss: self.train.retry_on_nan_loss,
             optim: self.optim.clone(),

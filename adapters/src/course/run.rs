@@ -491,6 +491,7 @@ impl Setup<'_> {
             rounds: cfg.course.rounds,
             clients: cfg.course.clients,
             local_steps: self.llm.train.local_steps,
+            local_epochs: self.llm.train.local_epochs,
             test_loss_before: Summary::weighted_mean(&per_client, |s| s.test_loss_before),
             test_loss_after: Summary::weighted_mean(&per_client, |s| s.test_loss_after),
             mean_client_test_loss_after: Summary::mean_after(&per_client),

@@ -45,6 +45,9 @@ pub struct Summary {
     pub clients: u32,
     /// Local steps per round.
     pub local_steps: usize,
+    /// Passes over each client's data per round, when they replace `local_steps`.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub local_epochs: usize,
     /// Sample-weighted mean of the clients' test losses.
     pub test_loss_before: Option<f64>,
     /// Sample-weighted mean of the clients' test losses after the last round.
@@ -113,6 +116,10 @@ impl BestSummary {
             stopped_early_after,
         }
     }
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// The `privacy` part of `summary.json`.
