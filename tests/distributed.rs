@@ -911,3 +911,41 @@ fn the_best_rounds_adapter_is_kept_and_patience_stops_the_course() {
     let served = adapter(&out.join("adapter-best"));
     assert!(max_abs_diff(&served, &kept) <= 1e-6);
 }
+
+/// A personalized (Ditto) course on a tiny model writes each client's own
+/// adapter in PEFT's layout, and `[eval] tasks = ["loss"]` scores each on
+/// its client's data: the loss the course measured with that adapter.
+#[test]
+fn personalized_courses_save_and_score_each_clients_own_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_course(dir.path(), "rounds = 2", 2);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("[pfl]\nalgorithm = \"ditto\"\n[eval]\ntasks = [\"loss\"]\n");
+    std::fs::write(&config, text).unwrap();
+    let out = in_process(&config, dir.path());
+    let summary = summary_of(&out);
+    let global = &summary["eval"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["task"] == "loss:test")
+        .unwrap()["groups"];
+    for c in summary["per_client"].as_array().unwrap() {
+        let id = c["id"].as_u64().unwrap();
+        let own = out.join(format!("adapter/client-{id}"));
+        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+            assert!(own.join(f).is_file(), "client {id}: {f}");
+        }
+        let scored = c["own_adapter_eval"]["loss:test"].as_f64().unwrap();
+        let in_course = c["test_loss_after"].as_f64().unwrap();
+        assert!(
+            (scored - in_course).abs() < 1e-4,
+            "client {id}: {scored} from its saved adapter vs {in_course} in the course"
+        );
+        let with_global = global[format!("client {id}")]["score"].as_f64().unwrap();
+        assert!(
+            (scored - with_global).abs() > 1e-6,
+            "client {id}: its own adapter is not the global one"
+        );
+    }
+}

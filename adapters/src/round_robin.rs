@@ -181,6 +181,25 @@ impl RoundRobinTrainer {
         }
     }
 
+    /// The adapter client `client` evaluates with once the course ends on
+    /// `global`: its personal adapter (Ditto, pFedMe), or `global` with its
+    /// own local parts (local_adapter, FedSA-LoRA's `keep_local`); `None`
+    /// when it has neither and simply uses `global`.
+    pub fn client_adapter(
+        &self,
+        client: u32,
+        global: &ParamSet,
+    ) -> Result<Option<ParamSet>, TrainerError> {
+        let Some(slot) = self.clients.get(&client) else {
+            return Ok(None);
+        };
+        Ok(match (&slot.personal, &slot.local) {
+            (Some(p), _) => Some(p.to_param_set()?),
+            (None, Some(local)) => Some(with_local(global, Some(local)).into_owned()),
+            (None, None) => None,
+        })
+    }
+
     /// Runs `hooks` around every client's local training.
     pub fn with_hooks(mut self, hooks: HookScript) -> Self {
         self.hooks = Some(hooks);

@@ -148,8 +148,8 @@ pub fn run_named(
         .collect()
 }
 
-/// Runs the `[eval]` tasks on the final adapter in `adapter_dir` (on each
-/// client's, in local mode) with the course's `base` model, writing results
+/// Runs the `[eval]` tasks on the final adapter in `adapter_dir` (and on
+/// each client's own, in local mode and in personalized courses) with the course's `base` model, writing results
 /// under `out/eval/`.
 pub fn evaluate_at_end(
     course: &CourseFile,
@@ -172,7 +172,15 @@ pub fn evaluate_at_end(
                 )
             })
             .collect(),
-        _ => vec![(String::new(), adapter_dir.to_path_buf())],
+        // The global adapter, and in personalized courses each client's own.
+        _ => std::iter::once((String::new(), adapter_dir.to_path_buf()))
+            .chain((1..=cfg.course.clients).filter_map(|c| {
+                let dir = adapter_dir.join(format!("client-{c}"));
+                dir.join("adapter_model.safetensors")
+                    .is_file()
+                    .then(|| (format!("client-{c}/"), dir))
+            }))
+            .collect(),
     };
     let settings = Settings {
         limit: llm.eval.limit,

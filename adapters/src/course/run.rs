@@ -36,7 +36,7 @@ use super::summary::{
     read_records, split_losses, traffic, BestSummary, ClientSummary, PrivacySummary, Summary,
 };
 use super::trainer::{fed_trainer, plain_trainer, trainer_error};
-use super::{ensure, scripts, Context, Result};
+use super::{ensure, scripts, Context, CourseError, Result};
 use crate::adapter::AdapterSpec;
 use crate::data::Tokenized;
 use crate::eval::suite::{check_sandbox, parse_tasks};
@@ -283,7 +283,7 @@ impl Setup<'_> {
         trainer: RoundRobinTrainer,
         aggregator: Box<dyn Aggregator>,
         as_client: Option<u32>,
-    ) -> Result<CourseReport> {
+    ) -> Result<(CourseReport, Arc<Mutex<RoundRobinTrainer>>)> {
         let shared = self.log.clone();
         let observer = self.observer.clone();
         let rounds = cfg.course.rounds;
@@ -299,7 +299,8 @@ impl Setup<'_> {
                 }
             }
         }));
-        let trainer: SharedTrainer = Arc::new(Mutex::new(trainer.with_progress(self.progress())));
+        let trainer = Arc::new(Mutex::new(trainer.with_progress(self.progress())));
+        let shared: SharedTrainer = trainer.clone();
         let setup = match start {
             Start::Fresh(p) => ServerSetup::new(cfg.clone(), p, aggregator, relay),
             // The strategy's saved state comes back with the checkpoint.
@@ -309,7 +310,36 @@ impl Setup<'_> {
             }
         };
         let setup = setup.with_checkpoints(checkpoints);
-        Ok(self.runtime.block_on(run_in_process_from(setup, trainer))?)
+        let report = self.runtime.block_on(run_in_process_from(setup, shared))?;
+        Ok((report, trainer))
+    }
+
+    /// Personalized courses: each client's own adapter (personal, or the
+    /// global one with its local parts) as `adapter_dir/client-N/`.
+    fn write_client_adapters(
+        &self,
+        trainer: &Mutex<RoundRobinTrainer>,
+        global: &ParamSet,
+        adapter_dir: &Path,
+    ) -> Result<()> {
+        let trainer = trainer
+            .lock()
+            .map_err(|_| CourseError::invalid("the trainer panicked during the course"))?;
+        let mut written = 0;
+        for id in 1..=self.course.cfg.course.clients {
+            if let Some(own) = trainer.client_adapter(id, global).map_err(trainer_error)? {
+                self.store
+                    .write(&adapter_dir.join(format!("client-{id}")), &own)?;
+                written += 1;
+            }
+        }
+        if written > 0 {
+            self.observer.say(&format!(
+                "{written} clients' own adapters in {}/client-N",
+                adapter_dir.display()
+            ));
+        }
+        Ok(())
     }
 
     /// The federated scenario; with FedOT, also the adapter plugged into
@@ -331,7 +361,7 @@ impl Setup<'_> {
             .collect::<Result<_>>()?;
         let trainer = fed_trainer(self.course, (self.model.clone(), &self.spec), data)?;
         let start = (self.start()?, self.checkpoints(None));
-        let report = self.course(&self.course.cfg, start, trainer, aggregator, None)?;
+        let (report, trainer) = self.course(&self.course.cfg, start, trainer, aggregator, None)?;
         // With FedOT the best is the emulator's adapter, as `adapter-emulator/` is.
         let best_name = match emulated {
             Some(_) => "adapter-emulator-best",
@@ -355,6 +385,7 @@ impl Setup<'_> {
             .transpose()?;
         let Some((emu, emu_spec, distilled)) = emulated else {
             self.store.write(adapter_dir, &report.final_params)?;
+            self.write_client_adapters(&trainer, &report.final_params, adapter_dir)?;
             return Ok((None, best));
         };
         let AdapterSpec::Lora(emu_lora) = emu_spec else {
@@ -410,7 +441,8 @@ impl Setup<'_> {
             BTreeMap::from([(1, one)]),
         )?;
         let start = (self.start()?, self.checkpoints(None));
-        let report = self.course(&single_client(cfg), start, trainer, Box::new(FedAvg), None)?;
+        let (report, _) =
+            self.course(&single_client(cfg), start, trainer, Box::new(FedAvg), None)?;
         self.store.write(adapter_dir, &report.final_params)
     }
 
@@ -436,7 +468,7 @@ impl Setup<'_> {
                 Start::Fresh(initial.clone()),
                 self.checkpoints(Some(&format!("client-{id}"))),
             );
-            let report = self.course(&l_cfg, start, trainer, Box::new(FedAvg), Some(id))?;
+            let (report, _) = self.course(&l_cfg, start, trainer, Box::new(FedAvg), Some(id))?;
             self.store.write(
                 &adapter_dir.join(format!("client-{id}")),
                 &report.final_params,
@@ -455,6 +487,15 @@ impl Setup<'_> {
     ) -> Result<Summary> {
         let cfg = &self.course.cfg;
         let records = read_records(&self.out.dir.join("metrics.jsonl"))?;
+        // The full model (with FedOT, `model` is the emulator; the adapter in
+        // `adapter/` is the full model's).
+        let eval = evaluate_at_end(
+            self.course,
+            &self.base,
+            adapter_dir,
+            (&self.out.dir, &self.out.data_root()),
+            self.observer.as_ref(),
+        )?;
         let per_client: Vec<ClientSummary> = self
             .prepared
             .iter()
@@ -465,6 +506,16 @@ impl Setup<'_> {
                     Mode::Global => split_losses(&records, 1, &format!("test:{id}")),
                     _ => split_losses(&records, id, "test"),
                 };
+                // Its own adapter's scores: on its own group where the task has one.
+                let prefix = format!("client-{id}/");
+                let own_adapter_eval = eval
+                    .iter()
+                    .filter_map(|r| {
+                        let task = r.task.strip_prefix(&prefix)?;
+                        let group = r.groups.get(&format!("client {}", p.name));
+                        Some((task.to_string(), group.map_or(r.score, |g| g.score)))
+                    })
+                    .collect();
                 ClientSummary {
                     id,
                     name: p.name.clone(),
@@ -472,19 +523,11 @@ impl Setup<'_> {
                     test_examples: p.test.len(),
                     test_loss_before: before,
                     test_loss_after: after,
+                    own_adapter_eval,
                 }
             })
             .collect();
         let (bytes_up, bytes_down) = traffic(&records);
-        // The full model (with FedOT, `model` is the emulator; the adapter in
-        // `adapter/` is the full model's).
-        let eval = evaluate_at_end(
-            self.course,
-            &self.base,
-            adapter_dir,
-            (&self.out.dir, &self.out.data_root()),
-            self.observer.as_ref(),
-        )?;
         Ok(Summary {
             course: cfg.course.name.clone(),
             mode: cfg.course.mode,

@@ -30,6 +30,11 @@ pub struct ClientSummary {
     pub test_loss_before: Option<f64>,
     /// Test loss after the last round.
     pub test_loss_after: Option<f64>,
+    /// Personalized courses: the `[eval]` tasks' scores with this client's
+    /// own adapter (`adapter/client-N/`), on its own data where the task
+    /// scores clients separately (`loss`), else overall.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub own_adapter_eval: BTreeMap<String, f64>,
 }
 
 /// `summary.json` of an LLM course.
