@@ -106,3 +106,74 @@ fn every_kind_of_task_runs_on_the_default_model_and_resumes() {
     assert!(loss > 0.1 && loss < 10.0, "{loss}");
     assert!((r["extra"]["perplexity"].as_f64().unwrap() - loss.exp()).abs() < 1e-9);
 }
+
+/// NQ-open (exact match, F1 beside it), OpenBookQA and helm-mini (their
+/// mean with MMLU) end to end on the default model, as MMLU is above.
+#[test]
+fn nq_open_openbookqa_and_helm_mini_run_on_the_default_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let nq = eval(&[
+        "eval",
+        "nq-open",
+        "--limit",
+        "3",
+        "--max-new-tokens",
+        "8",
+        "--out",
+        &out("nq.json"),
+    ]);
+    assert_eq!(
+        (nq["task"].as_str(), nq["items"].as_u64()),
+        (Some("nq-open"), Some(3))
+    );
+    let (em, f1) = (
+        nq["score"].as_f64().unwrap(),
+        nq["extra"]["f1"].as_f64().unwrap(),
+    );
+    // An exact match has F1 1: F1 is never below exact match.
+    assert!((0.0..=1.0).contains(&f1) && f1 >= em, "em {em}, f1 {f1}");
+    let items: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out("nq.json")).unwrap()).unwrap();
+    for item in items["items"].as_array().unwrap() {
+        assert!(item["detail"]["f1"].as_f64().is_some(), "{item}");
+    }
+
+    let obqa = eval(&[
+        "eval",
+        "openbookqa",
+        "--limit",
+        "4",
+        "--out",
+        &out("obqa.json"),
+    ]);
+    assert_eq!(obqa["items"].as_u64(), Some(4));
+    assert!((0.0..=1.0).contains(&obqa["score"].as_f64().unwrap()));
+
+    let helm = eval(&[
+        "eval",
+        "helm-mini",
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--out",
+        &out("helm.json"),
+    ]);
+    let tasks: Vec<&str> = helm["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["task"].as_str().unwrap())
+        .collect();
+    assert_eq!(tasks, ["mmlu", "nq-open", "openbookqa"]);
+    let mean = helm["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["score"].as_f64().unwrap())
+        .sum::<f64>()
+        / 3.0;
+    assert!((helm["score"].as_f64().unwrap() - mean).abs() < 1e-12);
+    assert!(helm["note"].as_str().unwrap().contains("closed-book"));
+}

@@ -156,7 +156,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
             "metric": "mean score",
             "score": mean,
             "tasks": reports,
-            "note": "HELM-MINI without IMDB, which is not available here",
+            "note": "not FS-LLM's HELM-MINI: NaturalQuestions is closed-book here (exact match the score, F1 beside it), the paper's is open-book scored by F1, and IMDB is not available; compare per task",
         })
     };
     println!("{}", serde_json::to_string_pretty(&printed)?);

@@ -67,6 +67,49 @@ pub fn exact_match(prediction: &str, golds: &[String]) -> bool {
     golds.iter().any(|g| normalize_answer(g) == p)
 }
 
+/// SQuAD's token F1 against the best of the gold answers: the harmonic
+/// mean of precision and recall of the normalized tokens the prediction
+/// shares with a gold answer (counted with multiplicity); 1 when both are
+/// empty after normalization, 0 when only one is.
+pub fn f1(prediction: &str, golds: &[String]) -> f64 {
+    let tokens = |s: &str| {
+        normalize_answer(s)
+            .split_whitespace()
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    let pred = tokens(prediction);
+    golds
+        .iter()
+        .map(|g| {
+            let gold = tokens(g);
+            if pred.is_empty() || gold.is_empty() {
+                return f64::from(u8::from(pred == gold));
+            }
+            let mut left: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+            for t in &gold {
+                *left.entry(t.as_str()).or_default() += 1;
+            }
+            let common = pred
+                .iter()
+                .filter(|t| match left.get_mut(t.as_str()) {
+                    Some(n) if *n > 0 => {
+                        *n -= 1;
+                        true
+                    }
+                    _ => false,
+                })
+                .count();
+            if common == 0 {
+                return 0.0;
+            }
+            let precision = common as f64 / pred.len() as f64;
+            let recall = common as f64 / gold.len() as f64;
+            2.0 * precision * recall / (precision + recall)
+        })
+        .fold(0.0, f64::max)
+}
+
 /// The unbiased estimator of pass@k from `n` samples of which `c` passed:
 /// 1 − C(n − c, k) / C(n, k), computed as a stable product.
 pub fn pass_at_k(n: usize, c: usize, k: usize) -> f64 {
@@ -130,6 +173,23 @@ mod tests {
             &["Bob Russell".into(), "Bobby Scott".into()]
         ));
         assert!(!exact_match("Bobby", &["Bobby Scott".into()]));
+    }
+
+    #[test]
+    fn f1_is_squads_token_overlap_by_hand() {
+        let g = |xs: &[&str]| xs.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        // "Bobby" vs "Bobby Scott": P 1, R 1/2, F1 2/3.
+        assert!((f1("Bobby", &g(&["Bobby Scott"])) - 2.0 / 3.0).abs() < 1e-12);
+        // Articles and punctuation go before counting: exact.
+        assert_eq!(f1("The Eiffel Tower!", &g(&["eiffel tower"])), 1.0);
+        // A repeated token counts once per occurrence in the gold: "cat cat
+        // sat" vs "cat sat": common 2, P 2/3, R 1, F1 0.8.
+        assert!((f1("cat cat sat", &g(&["cat sat"])) - 0.8).abs() < 1e-12);
+        // The best gold counts; nothing shared is 0; empty vs empty is 1.
+        assert_eq!(f1("Paris", &g(&["London", "paris"])), 1.0);
+        assert_eq!(f1("Rome", &g(&["London"])), 0.0);
+        assert_eq!(f1("the", &g(&["a"])), 1.0);
+        assert_eq!(f1("", &g(&["London"])), 0.0);
     }
 
     #[test]

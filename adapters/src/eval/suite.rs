@@ -31,7 +31,9 @@ pub enum Named {
     Loss,
 }
 
-/// Parses a task name; `helm-mini` is MMLU, NQ-open and OpenBookQA.
+/// Parses a task name; `helm-mini` is MMLU, NQ-open and OpenBookQA (not
+/// FS-LLM's HELM-MINI, whose NaturalQuestions is open-book and scored by
+/// F1, and which has IMDB: see docs/evaluation.md).
 pub fn parse_tasks(name: &str) -> Result<Vec<Named>> {
     match name {
         "helm-mini" => Ok(vec![
@@ -260,7 +262,7 @@ pub fn evaluate(
         tokens_per_s: generated as f64 / seconds.max(1e-9),
         items_per_s: (n - resumed.min(n)) as f64 / seconds.max(1e-9),
         groups,
-        extra: Default::default(),
+        extra: item_means(&results, &[tasks::F1]),
         out: out.to_path_buf(),
     };
     let mut settings = header;
@@ -269,4 +271,47 @@ pub fn evaluate(
     let full = serde_json::json!({ "summary": report, "settings": settings, "items": results });
     write_json(out, &full)?;
     Ok(report)
+}
+
+/// The mean over `results` of each numeric item detail in `names` that
+/// every item has (NQ-open's F1 beside its exact match).
+fn item_means(results: &[ItemResult], names: &[&str]) -> BTreeMap<String, f64> {
+    names
+        .iter()
+        .filter_map(|&name| {
+            let values: Option<Vec<f64>> = results
+                .iter()
+                .map(|r| r.detail.get(name).and_then(|v| v.as_f64()))
+                .collect();
+            let values = values.filter(|v| !v.is_empty())?;
+            Some((
+                name.to_string(),
+                values.iter().sum::<f64>() / values.len() as f64,
+            ))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod item_mean_tests {
+    use super::*;
+
+    #[test]
+    fn a_detail_every_item_has_is_averaged_and_others_left_out() {
+        let item = |f1: Option<f64>| ItemResult {
+            id: "x".into(),
+            score: 0.0,
+            group: None,
+            prediction: String::new(),
+            gold: String::new(),
+            detail: f1
+                .map(|v| BTreeMap::from([(tasks::F1.to_string(), serde_json::json!(v))]))
+                .unwrap_or_default(),
+        };
+        let all = [item(Some(1.0)), item(Some(0.5)), item(Some(0.0))];
+        assert_eq!(item_means(&all, &[tasks::F1])[tasks::F1], 0.5);
+        let some = [item(Some(1.0)), item(None)];
+        assert!(item_means(&some, &[tasks::F1]).is_empty());
+        assert!(item_means(&[], &[tasks::F1]).is_empty());
+    }
 }

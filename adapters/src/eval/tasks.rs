@@ -8,14 +8,14 @@
 //! | `mmlu` | `mmlu/test.jsonl.gz`, `mmlu/dev.jsonl.gz` | 5-shot per subject, as Hendrycks et al. | the likeliest of ` A`…` D` |
 //! | `openbookqa` | `openbookqa/test.jsonl.gz` | `Question: …\nAnswer:` | the likeliest choice text |
 //! | `mc` | any JSONL of `question`, `choices`, `answer` | as `openbookqa` | the likeliest choice text |
-//! | `nq-open` | `nq-open/NQ-open.dev.jsonl.gz` | `Q: …?\nA:` | normalized exact match with any gold answer |
+//! | `nq-open` | `nq-open/NQ-open.dev.jsonl.gz` | `Q: …?\nA:` | normalized exact match with any gold answer; SQuAD's token F1 beside it (closed book: no passage is given) |
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::answer::{exact_match, gsm8k_answer, numbers_equal, pass_at_k};
+use super::answer::{exact_match, f1, gsm8k_answer, numbers_equal, pass_at_k};
 use super::sandbox::{run_python, Limits, Outcome};
 use super::{ChoiceItem, GenItem, ItemResult};
 use crate::data::{gsm8k_gold, json_records};
@@ -469,6 +469,9 @@ fn finish_name(g: &Generation) -> Value {
     serde_json::to_value(&g.finish).unwrap_or(Value::Null)
 }
 
+/// The item detail (and report figure) holding NQ-open's token F1.
+pub const F1: &str = "f1";
+
 /// Scores one generation item of `task`.
 pub fn score(
     task: &Task,
@@ -499,13 +502,17 @@ pub fn score(
         Task::NqOpen => {
             let pred = first.text.trim().to_string();
             let ok = exact_match(&pred, &item.gold);
+            let f1 = f1(&pred, &item.gold);
             Ok(ItemResult {
                 id: item.id.clone(),
                 score: f64::from(u8::from(ok)),
                 group: None,
                 prediction: pred,
                 gold: item.gold.join(" | "),
-                detail: detail(&[("tokens", Value::from(first.ids.len()))]),
+                detail: detail(&[
+                    ("tokens", Value::from(first.ids.len())),
+                    (F1, Value::from(f1)),
+                ]),
             })
         }
         Task::HumanEval => {
