@@ -949,3 +949,139 @@ fn personalized_courses_save_and_score_each_clients_own_adapter() {
         );
     }
 }
+
+/// Reads every TFRecord of a TensorBoard event file, checking both CRCs of
+/// each, and decodes each `Event`'s scalars with a generic protobuf wire
+/// reader: `(tag, step, value)`, after the `file_version` event.
+fn tensorboard_scalars(path: &Path) -> (String, Vec<(String, i64, f32)>) {
+    use fedtune_kernel::tensorboard::masked_crc;
+    fn varint(b: &[u8], i: &mut usize) -> u64 {
+        let (mut v, mut shift) = (0u64, 0);
+        loop {
+            let byte = b[*i];
+            *i += 1;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte < 0x80 {
+                return v;
+            }
+            shift += 7;
+        }
+    }
+    /// Fields of one message: (number, wire type, bytes or value).
+    fn fields(b: &[u8]) -> Vec<(u64, Vec<u8>)> {
+        let mut i = 0;
+        let mut out = Vec::new();
+        while i < b.len() {
+            let key = varint(b, &mut i);
+            let data = match key & 7 {
+                0 => varint(b, &mut i).to_le_bytes().to_vec(),
+                1 => {
+                    i += 8;
+                    b[i - 8..i].to_vec()
+                }
+                5 => {
+                    i += 4;
+                    b[i - 4..i].to_vec()
+                }
+                2 => {
+                    let n = varint(b, &mut i) as usize;
+                    i += n;
+                    b[i - n..i].to_vec()
+                }
+                t => panic!("wire type {t}"),
+            };
+            out.push((key >> 3, data));
+        }
+        out
+    }
+    let bytes = std::fs::read(path).unwrap();
+    let (mut i, mut version, mut scalars) = (0, String::new(), Vec::new());
+    while i < bytes.len() {
+        let len = &bytes[i..i + 8];
+        assert_eq!(
+            masked_crc(len).to_le_bytes(),
+            bytes[i + 8..i + 12],
+            "length CRC"
+        );
+        let n = u64::from_le_bytes(len.try_into().unwrap()) as usize;
+        let data = &bytes[i + 12..i + 12 + n];
+        assert_eq!(
+            masked_crc(data).to_le_bytes(),
+            bytes[i + 12 + n..i + 16 + n],
+            "data CRC"
+        );
+        i += 16 + n;
+        let event = fields(data);
+        let step = event
+            .iter()
+            .find(|(f, _)| *f == 2)
+            .map_or(0, |(_, v)| i64::from_le_bytes(v[..8].try_into().unwrap()));
+        for (f, v) in &event {
+            match f {
+                3 => version = String::from_utf8(v.clone()).unwrap(),
+                5 => {
+                    for (_, value) in fields(v) {
+                        let value = fields(&value);
+                        let tag = String::from_utf8(value[0].1.clone()).unwrap();
+                        let x = f32::from_le_bytes(value[1].1[..4].try_into().unwrap());
+                        scalars.push((tag, step, x));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    (version, scalars)
+}
+
+/// Every course writes TensorBoard scalars beside metrics.jsonl: read back
+/// with CRC checks, they are the records' values at their rounds.
+#[test]
+fn a_course_writes_tensorboard_scalars_of_its_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_course(dir.path(), "rounds = 2", 2);
+    let out = in_process(&config, dir.path());
+    let files: Vec<PathBuf> = std::fs::read_dir(out.join("tb"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(files[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .starts_with("events.out.tfevents."));
+    let (version, scalars) = tensorboard_scalars(&files[0]);
+    assert_eq!(version, "brain.Event:2");
+    let find = |tag: &str, step: i64| {
+        scalars
+            .iter()
+            .find(|(t, s, _)| t == tag && *s == step)
+            .unwrap_or_else(|| panic!("no {tag} at {step}"))
+            .2
+    };
+    let mut checked = 0;
+    for r in records(&out.join("metrics.jsonl")) {
+        let round = r["round"].as_i64().unwrap();
+        match (r["event"].as_str().unwrap(), r["client"].as_u64()) {
+            ("eval", Some(c)) if r["split"] == "test" => {
+                let want = r["loss"].as_f64().unwrap() as f32;
+                assert_eq!(find(&format!("eval/test_loss/client_{c}"), round), want);
+                checked += 1;
+            }
+            ("train", Some(c)) => {
+                let want = r["extra"]["flops"].as_f64().unwrap() as f32;
+                assert_eq!(find(&format!("train/flops/client_{c}"), round), want);
+                checked += 1;
+            }
+            ("round", None) => {
+                let want = r["bytes_up"].as_f64().unwrap() as f32;
+                assert_eq!(find("round/bytes_up", round), want);
+                checked += 1;
+            }
+            _ => {}
+        }
+    }
+    // 3 clients × (3 evaluations + 2 trainings) + 2 rounds.
+    assert_eq!(checked, 3 * 3 + 3 * 2 + 2);
+}

@@ -10,12 +10,12 @@
 //! - [`worker`]: the event loop that decodes, dispatches by kind, runs heavy work off the executor, and sends;
 //! - [`course`]: the server and client behaviours, the [`LocalTrainer`] port and the in-process runner;
 //! - [`aggregate`]: the server's strategy ([`Aggregator`]: sampling, per-client instructions, aggregation, evaluation), FedAvg first;
-//! - [`privacy`]: differential privacy (clipping, Gaussian noise, central or local) and its RDP accountant;
+//! - [`privacy`]: differential privacy (clipping, Gaussian noise, central or local) and its RDP accountant; secure aggregation's arithmetic and cryptography;
 //! - [`linalg`]: small dense matrices (products, QR, truncated SVD) for strategy scripts;
 //! - [`checkpoint`]: the checkpoint layout a server writes after rounds and a resumed course reads;
 //! - [`script`]: the Rhai script host (sandboxed, hot-reloaded) and scripted aggregators;
 //! - [`config`]: TOML course configuration with `--set` overrides and errors that name the key;
-//! - [`metrics`]: per-round, per-client cost records as JSON lines;
+//! - [`metrics`]: per-round, per-client cost records as JSON lines; [`tensorboard`]: the same as TensorBoard scalars;
 //! - [`hpo`]: hyperparameter search over whole courses (search spaces, a Gaussian process, searcher scripts).
 //!
 //! The ML side (models, adapters, data, the training core) lives in
@@ -51,6 +51,7 @@ pub mod metrics;
 pub mod params;
 pub mod privacy;
 pub mod script;
+pub mod tensorboard;
 pub mod worker;
 
 pub use aggregate::{

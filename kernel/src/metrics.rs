@@ -78,6 +78,7 @@ pub struct MetricsLog {
     records: Vec<Record>,
     file: Option<BufWriter<File>>,
     observer: Option<Observer>,
+    tensorboard: Option<crate::tensorboard::EventWriter>,
 }
 
 /// Called with each record as it is logged (progress displays).
@@ -89,6 +90,7 @@ impl std::fmt::Debug for MetricsLog {
             .field("records", &self.records.len())
             .field("file", &self.file.is_some())
             .field("observer", &self.observer.is_some())
+            .field("tensorboard", &self.tensorboard.is_some())
             .finish()
     }
 }
@@ -106,7 +108,15 @@ impl MetricsLog {
             records: Vec::new(),
             file: Some(BufWriter::new(file)),
             observer: None,
+            tensorboard: None,
         })
+    }
+
+    /// Also writes every record's scalars to a TensorBoard event file in
+    /// `dir` (see [`crate::tensorboard`]).
+    pub fn with_tensorboard(mut self, dir: &Path) -> std::io::Result<Self> {
+        self.tensorboard = Some(crate::tensorboard::EventWriter::create(dir)?);
+        Ok(self)
     }
 
     /// Cuts the metrics file at `path` back to what a course resumed after
@@ -148,6 +158,9 @@ impl MetricsLog {
             serde_json::to_writer(&mut *file, &record)?;
             file.write_all(b"\n")?;
             file.flush()?;
+        }
+        if let Some(tb) = &mut self.tensorboard {
+            tb.write(&record)?;
         }
         if let Some(observe) = &mut self.observer {
             observe(&record);

@@ -53,6 +53,7 @@ pub fn run_least_squares(
 ) -> Result<(CourseReport, NumericSummary)> {
     let cfg = &course.cfg;
     let log = MetricsLog::to_file(&out.dir.join("metrics.jsonl"))
+        .and_then(|log| log.with_tensorboard(&out.dir.join("tb")))
         .with_context(|| format!("cannot write metrics to {}", out.dir.display()))?;
     let task = ls.trainer(cfg.course.clients);
     let initial = task.initial_params();

@@ -117,6 +117,7 @@ pub fn server_process(
     observer.course_started(rounds.saturating_sub(completed));
     let shown = observer.clone();
     let log = MetricsLog::to_file(&out.dir.join("metrics.jsonl"))
+        .and_then(|log| log.with_tensorboard(&out.dir.join("tb")))
         .with_context(|| format!("cannot write metrics to {}", out.dir.display()))?
         .with_observer(Box::new(move |r: &Record| shown.record(r, rounds)));
     let mut setup = ServerSetup::new(cfg.clone(), initial, aggregator, log);

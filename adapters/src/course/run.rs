@@ -151,6 +151,7 @@ pub fn run_llm_on(
     };
     let store = AdapterStore::new(spec.clone(), model.config().clone(), &base.file_name());
     let log = MetricsLog::to_file(&out.dir.join("metrics.jsonl"))
+        .and_then(|log| log.with_tensorboard(&out.dir.join("tb")))
         .with_context(|| format!("cannot write metrics to {}", out.dir.display()))?;
     let setup = Setup {
         course,
