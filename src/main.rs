@@ -14,7 +14,7 @@ mod runlog;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// Federated fine-tuning of large language models.
 #[derive(Debug, Parser)]
@@ -64,6 +64,11 @@ enum Command {
         /// A directory written by `fedtune run`.
         dir: PathBuf,
     },
+    /// Print a shell completion script (e.g. `fedtune completions bash > ~/.local/share/bash-completion/completions/fedtune`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[global_allocator]
@@ -104,6 +109,15 @@ fn main() -> ExitCode {
         Command::Data(command) => cmd::data::run(command),
         Command::Broker(command) => cmd::broker::broker(command),
         Command::Report { dir } => cmd::report::report(&dir),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "fedtune",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
         Command::Hpo(args) => cmd::hpo::hpo(args),
         Command::Init(args) => cmd::init::init(args),
         Command::Scripts(cmd) => cmd::init::scripts(cmd),

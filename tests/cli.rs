@@ -340,3 +340,29 @@ fn scripts_list_and_export_name_every_shipped_script() {
         std::fs::read_to_string("adapters/scripts/hooks/scaffold.rhai").unwrap()
     );
 }
+
+#[test]
+fn completions_cover_every_command_in_each_shell() {
+    let o = fedtune(&["completions", "bash"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let bash = text(&o.stdout);
+    assert!(
+        bash.contains("_fedtune()") && bash.contains("complete -F _fedtune"),
+        "{bash}"
+    );
+    for command in [
+        "run", "server", "client", "eval", "bench", "hpo", "init", "secagg",
+    ] {
+        assert!(bash.contains(command), "bash completion lacks {command}");
+    }
+    let zsh = text(&fedtune(&["completions", "zsh"]).stdout);
+    assert!(zsh.starts_with("#compdef fedtune"), "{zsh}");
+    let fish = text(&fedtune(&["completions", "fish"]).stdout);
+    assert!(fish.contains("complete -c fedtune"), "{fish}");
+    let o = fedtune(&["completions", "tcsh"]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("bash"),
+        "the error lists the shells"
+    );
+}
