@@ -828,21 +828,22 @@ fn per_client_strategies_end_over_nats_where_they_end_in_process() {
             "scaffold",
             "[aggregator]\nscript = \"scaffold\"\n[hooks]\nscript = \"scaffold\"\n",
         ),
-        // Differential privacy: the server's noise and each client's own
-        // are seeded by the course, so processes draw what one process does.
+        // Differential privacy: the server's noise, and each client's own
+        // when asked to be reproducible, are seeded by the course, so
+        // processes draw what one process does.
         (
             "dp-central",
             "[privacy]\ndp = \"central\"\nclip_norm = 0.05\nnoise_multiplier = 0.5\nadaptive_clip = true\ncount_noise = 1.0\n",
         ),
         (
             "dp-local",
-            "[privacy]\ndp = \"local\"\nclip_norm = 0.05\nnoise_multiplier = 0.5\n",
+            "[privacy]\ndp = \"local\"\nclip_norm = 0.05\nnoise_multiplier = 0.5\nreproducible_local_noise = true\n",
         ),
         // Secure aggregation: ring sums do not depend on arrival order, and
         // local DP's noise goes in before the masks.
         (
             "secagg-dp-local",
-            "[privacy]\nsecure_aggregation = true\ndp = \"local\"\nclip_norm = 0.05\nnoise_multiplier = 0.5\n",
+            "[privacy]\nsecure_aggregation = true\ndp = \"local\"\nclip_norm = 0.05\nnoise_multiplier = 0.5\nreproducible_local_noise = true\n",
         ),
     ] {
         let dir = tempfile::tempdir().unwrap();

@@ -65,7 +65,7 @@ async fn central_dp_reports_the_accountants_epsilon_every_round_and_still_learns
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_dp_noises_each_client_and_repeats_with_its_seed() {
     let text =
-        format!("{BASE}[privacy]\ndp = \"local\"\nclip_norm = 5.0\nnoise_multiplier = 0.05\n");
+        format!("{BASE}[privacy]\ndp = \"local\"\nclip_norm = 5.0\nnoise_multiplier = 0.05\nreproducible_local_noise = true\n");
     let plain = run(&config(BASE)).await;
     let dp = run(&config(&text)).await;
     assert_ne!(dp.final_params, plain.final_params);
@@ -175,4 +175,21 @@ async fn a_resumed_course_with_adaptive_clipping_ends_bit_for_bit_where_an_unint
     assert_ne!(clip(&full, 4), 0.5);
     assert_eq!(clip(&resumed, 4), clip(&full, 4));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// By default a client's local noise comes from the OS, not from the
+/// course seed the server knows: the same course twice draws other noise
+/// (with the seed-derived noise the server could redraw and remove it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_noise_is_not_derived_from_the_config_unless_asked() {
+    let text =
+        format!("{BASE}[privacy]\ndp = \"local\"\nclip_norm = 5.0\nnoise_multiplier = 0.05\n");
+    let a = run(&config(&text)).await;
+    let b = run(&config(&text)).await;
+    assert_ne!(a.final_params, b.final_params);
+    let seeded = format!("{text}reproducible_local_noise = true\n");
+    assert_eq!(
+        run(&config(&seeded)).await.final_params,
+        run(&config(&seeded)).await.final_params
+    );
 }

@@ -417,10 +417,14 @@ fn on_train(s: &mut ClientState, env: Envelope, ctx: &mut Ctx) -> HandlerResult 
     let answer = s.last_update.clone();
     let (id, round, trainer) = (s.id, env.round, s.trainer.clone());
     let kept = s.kept.clone();
-    let local_dp = s
-        .local_dp
-        .clone()
-        .map(|p| (p, crate::privacy::noise_seed(s.seed, id, round)));
+    let local_dp = match s.local_dp.clone() {
+        Some(p) => {
+            let seed = crate::privacy::local_noise_seed(&p, s.seed, id, round)
+                .map_err(|e| HandlerError::Fatal(format!("client {id}: {e}")))?;
+            Some((p, seed))
+        }
+        None => None,
+    };
     s.rounds_trained.push(round);
     s.latest_global = Some(global.clone());
     let course = ctx.course().to_string();

@@ -77,6 +77,12 @@ pub struct PrivacySection {
     /// (default: clients per round / 20, the paper's choice). Part of the
     /// privacy budget: the updates' own noise is raised to keep the total σ.
     pub count_noise: Option<f64>,
+    /// Local DP: draw each client's noise from a seed the course config
+    /// determines (course seed, client, round), so a simulation repeats —
+    /// but then whoever knows the config, the server included, can redraw
+    /// the noise and remove it. Off (the default), each client draws its
+    /// noise from the operating system's random source.
+    pub reproducible_local_noise: bool,
     /// Secure aggregation: the clients mask their updates so that the
     /// server learns only their sum (see [`secagg`]).
     pub secure_aggregation: bool,
@@ -97,6 +103,7 @@ impl Default for PrivacySection {
             target_quantile: 0.5,
             clip_learning_rate: 0.2,
             count_noise: None,
+            reproducible_local_noise: false,
             secure_aggregation: false,
             secagg_threshold: 0.5,
         }
@@ -298,6 +305,23 @@ impl PrivacySection {
         }
         Ok(())
     }
+}
+
+/// The seed of client `client`'s local-DP noise in `round`: from the
+/// course's seed when `cfg` asks for reproducible noise, else from the
+/// operating system's random source (which the server cannot redraw).
+pub fn local_noise_seed(
+    cfg: &PrivacySection,
+    course_seed: u64,
+    client: u32,
+    round: u64,
+) -> Result<u64, String> {
+    if cfg.reproducible_local_noise {
+        return Ok(noise_seed(course_seed, client, round));
+    }
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).map_err(|e| format!("no OS randomness for the local DP noise: {e}"))?;
+    Ok(u64::from_le_bytes(b))
 }
 
 /// A seed for round `round`'s noise of `client` (0: the server's), apart
