@@ -150,6 +150,11 @@ async fn run(
         .unwrap()
 }
 
+/// A one-round course's round record.
+fn round_record(r: &CourseReport) -> &fedtune_kernel::Record {
+    r.records.iter().find(|r| r.event == Event::Round).unwrap()
+}
+
 fn assert_close(a: &CourseReport, b: &CourseReport, tol: f32) {
     for ((name, x), (_, y)) in a.final_params.iter().zip(b.final_params.iter()) {
         for (u, v) in x.data().iter().zip(y.data()) {
@@ -258,11 +263,7 @@ async fn a_client_killed_after_its_masked_update_is_recovered_and_counted() {
     let plain = run(&cfg(""), None, None).await;
     let secure = run(&cfg(SECAGG), None, Some((3, sa::MASKED, true))).await;
     assert_close(&secure, &plain, 1e-5);
-    let round = secure
-        .records
-        .iter()
-        .find(|r| r.event == Event::Round)
-        .unwrap();
+    let round = round_record(&secure);
     assert_eq!(
         round.extra["clients"],
         f64::from(CLIENTS),
@@ -278,11 +279,7 @@ async fn a_client_killed_before_its_masked_update_is_excluded_and_the_sum_is_the
     let plain = run(&cfg(""), None, Some((3, "update", false))).await;
     let secure = run(&cfg(SECAGG), None, Some((3, sa::MASKED, false))).await;
     assert_close(&secure, &plain, 1e-5);
-    let round = secure
-        .records
-        .iter()
-        .find(|r| r.event == Event::Round)
-        .unwrap();
+    let round = round_record(&secure);
     assert_eq!(round.extra["clients"], f64::from(CLIENTS - 1));
     // Without its masks removed, the sum would be uniform garbage: the
     // plain FedAvg of the others is what came out.

@@ -792,25 +792,21 @@ pub fn on_unmask(slot: &ClientSlot, course: &str, env: &Envelope) -> Result<Enve
             s.received.get(&c).copied()
         }
     };
+    // Of each client of `whose`, the share `part` picks.
+    let revealed = |whose: &BTreeSet<u32>, part: fn(SharePair) -> ring::Share| -> Vec<Revealed> {
+        whose
+            .iter()
+            .filter_map(|&c| {
+                share_of(c).map(|p| Revealed {
+                    client: c,
+                    share: part(p),
+                })
+            })
+            .collect()
+    };
     let reveal = Reveal {
-        self_masks: survivors
-            .iter()
-            .filter_map(|&c| {
-                share_of(c).map(|p| Revealed {
-                    client: c,
-                    share: p.b,
-                })
-            })
-            .collect(),
-        mask_secrets: dropped
-            .iter()
-            .filter_map(|&c| {
-                share_of(c).map(|p| Revealed {
-                    client: c,
-                    share: p.s,
-                })
-            })
-            .collect(),
+        self_masks: revealed(&survivors, |p| p.b),
+        mask_secrets: revealed(&dropped, |p| p.s),
     };
     let env = reply(course, env.round, s.me, REVEAL)
         .with_body(&reveal)
