@@ -17,6 +17,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use fedtune_kernel::Party;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -110,10 +111,11 @@ pub fn write_config(
         user: "server".into(),
         password: random_password()?,
     };
+    let probe = subjects.probe(Party::Server);
     users.push(user_block(
         &server,
-        &[&format!("{ROOT}.{course}.client.*"), &all],
-        &[&subjects.server_inbox()],
+        &[&format!("{ROOT}.{course}.client.*"), &all, &probe],
+        &[&subjects.server_inbox(), &probe],
     ));
     let server_path = dir.join("server.json");
     write_private(&server_path, &credentials_json(&server))?;
@@ -123,10 +125,11 @@ pub fn write_config(
             user: format!("client-{id}"),
             password: random_password()?,
         };
+        let probe = subjects.probe(Party::Client(id));
         users.push(user_block(
             &c,
-            &[&subjects.subject(Route::ToServerFrom(id))],
-            &[&subjects.subject(Route::ToClient(id)), &all],
+            &[&subjects.subject(Route::ToServerFrom(id)), &probe],
+            &[&subjects.subject(Route::ToClient(id)), &all, &probe],
         ));
         let path = dir.join(format!("client-{id}.json"));
         write_private(&path, &credentials_json(&c))?;
@@ -173,7 +176,8 @@ pub fn add_tls(config: &Path, cert: &Path, key: &Path) -> Result<(), AuthError> 
 }
 
 fn user_block(c: &Credentials, publish: &[&str], subscribe: &[&str]) -> String {
-    // Nothing else: fedtune uses no request/reply, so no `_INBOX.>` either.
+    // Nothing else: fedtune uses no request/reply, so no `_INBOX.>` either
+    // (the probe subject is the party's own echo, see `Subjects::probe`).
     let list = |xs: &[&str]| {
         xs.iter()
             .map(|s| format!("{s:?}"))

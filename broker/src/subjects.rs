@@ -67,6 +67,22 @@ impl Subjects {
         }
     }
 
+    /// `me`'s own echo subject: a party publishes a token there and waits
+    /// for it to come back, the one round trip that proves the broker has
+    /// registered the party's earlier subscriptions (no other party may
+    /// publish or subscribe there).
+    pub fn probe(&self, me: Party) -> String {
+        match me {
+            Party::Server => format!("{ROOT}.{}.probe.server", self.course),
+            Party::Client(id) => format!("{ROOT}.{}.probe.{id}", self.course),
+        }
+    }
+
+    /// The prefix of every probe subject of this course.
+    pub fn probe_prefix(&self) -> String {
+        format!("{ROOT}.{}.probe.", self.course)
+    }
+
     /// What the server subscribes to: every client's messages to it.
     pub fn server_inbox(&self) -> String {
         format!("{ROOT}.{}.server.*", self.course)

@@ -47,6 +47,11 @@ const H_SHA: &str = "Fedtune-Sha256";
 /// Room left in each NATS message for the headers above.
 const HEADER_ROOM: usize = 1024;
 
+/// How long `subscribe` waits for its probe to come back before it goes on
+/// without the guarantee (a broker config written before probes existed
+/// refuses the probe subject).
+const PROBE_WAIT: Duration = Duration::from_secs(3);
+
 /// How to connect.
 #[derive(Debug, Clone)]
 pub struct NatsOptions {
@@ -165,12 +170,17 @@ impl NatsTransport {
         // permissions with an asynchronous error, not on the call: keep it.
         let (refused_tx, refusals) = watch::channel(None);
         let refused_tx = Arc::new(refused_tx);
+        // A refused probe only tells of a broker config older than probes
+        // (see `round_trip`), not of a party out of bounds.
+        let probes = Arc::new(subjects.probe_prefix());
         connect = connect.event_callback(move |event| {
             let refused_tx = refused_tx.clone();
+            let probes = probes.clone();
             async move {
                 match event {
                     async_nats::Event::ServerError(async_nats::ServerError::Other(m))
-                        if m.to_ascii_lowercase().contains("permissions violation") =>
+                        if m.to_ascii_lowercase().contains("permissions violation")
+                            && !m.contains(probes.as_str()) =>
                     {
                         tracing::warn!("the NATS server refused: {m}");
                         // The first refusal is the telling one; keep it.
@@ -243,6 +253,54 @@ impl NatsTransport {
         &self.client
     }
 
+    /// Returns once the broker has registered every subscription this
+    /// connection made before: it publishes a token on `me`'s probe subject
+    /// and waits for it to come back. The broker handles one connection's
+    /// operations in order, so the echo proves the earlier SUBs are live and
+    /// nothing another party sends afterwards can miss them. (`flush` only
+    /// empties the socket buffer: another connection's message can still
+    /// overtake the SUB inside the broker.) Without the echo in time — a
+    /// broker config written before probes existed refuses the subject — it
+    /// warns and goes on: the course protocol's retries cover the gap.
+    async fn round_trip(&self, me: Party) -> Result<(), TransportError> {
+        let subject = self.subjects.probe(me);
+        let fail = |e: &dyn std::fmt::Display| {
+            TransportError::Other(format!("probing the broker on {subject}: {e}"))
+        };
+        let token = Bytes::from(format!(
+            "{}-probe-{}",
+            self.nonce,
+            self.next_id.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut echo = self
+            .client
+            .subscribe(subject.clone())
+            .await
+            .map_err(|e| fail(&e))?;
+        self.client
+            .publish(subject.clone(), token.clone())
+            .await
+            .map_err(|e| fail(&e))?;
+        self.client.flush().await.map_err(|e| fail(&e))?;
+        let heard = tokio::time::timeout(PROBE_WAIT, async {
+            while let Some(m) = echo.next().await {
+                if m.payload == token {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        echo.unsubscribe().await.ok();
+        if heard != Ok(true) {
+            tracing::warn!(
+                "the NATS broker did not echo {subject} within {PROBE_WAIT:?}; going on \
+                 (regenerate its config with `fedtune broker config` to allow the probe)"
+            );
+        }
+        Ok(())
+    }
+
     async fn publish(&self, subject: String, frame: Bytes) -> Result<(), TransportError> {
         let id = format!(
             "{}-{}",
@@ -312,12 +370,7 @@ impl Transport for NatsTransport {
                 }
             });
         }
-        // The server has registered the subscriptions once it answers a ping:
-        // nothing sent after this returns can miss them.
-        self.client
-            .flush()
-            .await
-            .map_err(|e| TransportError::Other(format!("subscribing: {e}")))?;
+        self.round_trip(me).await?;
         Ok(Subscription::new(rx))
     }
 }

@@ -336,3 +336,61 @@ async fn secure_aggregation_over_nats_sums_exactly_and_a_spy_on_the_server_sees_
     }
     assert_eq!(masked, 2 * 4, "every masked update passed the spy");
 }
+
+/// `subscribe` returns once the broker has registered the subscription:
+/// a message another, already connected party publishes right after it
+/// returns is delivered (flushing the SUB to the socket is not enough; the
+/// other connection's message can overtake it inside the broker).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_sent_the_moment_subscribe_returns_is_delivered() {
+    let nats = server();
+    let client = connect(&nats, "client-1").await;
+    let mut lost = 0;
+    for i in 0..=255u8 {
+        let srv = connect(&nats, "server").await;
+        let mut inbox = srv.subscribe(Party::Server).await.unwrap();
+        client
+            .send(Party::Client(1), Party::Server, Bytes::from(vec![i]))
+            .await
+            .unwrap();
+        match tokio::time::timeout(Duration::from_secs(2), inbox.recv()).await {
+            Ok(Some(got)) => assert_eq!(&got.frame[..], &[i]),
+            _ => lost += 1,
+        }
+    }
+    assert_eq!(
+        lost, 0,
+        "messages sent right after subscribe returned were lost"
+    );
+}
+
+/// A broker config written before probes existed refuses the probe subject:
+/// subscribing still works (after the probe's wait, with a warning) and the
+/// refused probe is not taken for a party out of bounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_config_without_probe_permissions_still_carries_a_course() {
+    let dir = tempfile::tempdir().unwrap();
+    let files =
+        fedtune_broker::auth::write_config("course-1", 1, ("127.0.0.1", 4222), dir.path()).unwrap();
+    let text = std::fs::read_to_string(&files.config).unwrap();
+    let old = text
+        .replace(", \"fedtune.course-1.probe.server\"", "")
+        .replace(", \"fedtune.course-1.probe.1\"", "");
+    assert!(!old.contains("probe") && text.contains("probe"));
+    std::fs::write(&files.config, old).unwrap();
+    let nats = LocalNats::start(Some(&files.config)).expect("nats-server starts with the config");
+    let srv = login(&nats, Some(&files.server)).await.unwrap();
+    let c1 = login(&nats, Some(&files.clients[0])).await.unwrap();
+    let mut inbox = srv.subscribe(Party::Server).await.unwrap();
+    let mut to_c1 = c1.subscribe(Party::Client(1)).await.unwrap();
+    c1.send(Party::Client(1), Party::Server, Bytes::from_static(b"up"))
+        .await
+        .unwrap();
+    srv.send(Party::Server, Party::Client(1), Bytes::from_static(b"down"))
+        .await
+        .unwrap();
+    assert_eq!(&inbox.recv().await.unwrap().frame[..], b"up");
+    assert_eq!(&to_c1.recv().await.unwrap().frame[..], b"down");
+    assert_eq!(*srv.refusals().borrow(), None);
+    assert_eq!(*c1.refusals().borrow(), None);
+}
