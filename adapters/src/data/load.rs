@@ -367,6 +367,10 @@ fn convert(
     Ok(ex)
 }
 
+/// The phrase GSM8K answers end with in FS-LLM's training data and in the
+/// 8-shot exemplars: `The answer is N.`
+pub const GSM8K_TRIGGER: &str = "The answer is";
+
 /// The number after the last `####` of a GSM8K answer, commas removed.
 pub fn gsm8k_gold(answer: &str) -> Result<String, RecordError> {
     let (_, tail) = answer

@@ -18,7 +18,9 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use fetch::{fetch_builtin, FetchSource, SOURCES};
-pub use load::{gsm8k_gold, json_records, load, Fields, Format, Loaded, RecordError};
+pub use load::{
+    gsm8k_gold, json_records, load, Fields, Format, Loaded, RecordError, GSM8K_TRIGGER,
+};
 pub use split::{meta_values, split, train_val_test, Labeler, Rule, SplitterKind, Unmatched};
 pub use template::{collate, tokenize, Template, Tokenized};
 
@@ -168,6 +170,8 @@ pub struct DataSpec {
     pub seed: u64,
     /// Prompt template: `alpaca` (FS-LLM's), `chatml`, or a `.toml` path.
     pub template: String,
+    /// How GSM8K answers are trained on (format `gsm8k` only).
+    pub gsm8k_answer: Gsm8kAnswer,
     /// Longest token sequence (prompt + response + eos).
     pub max_tokens: usize,
     /// Use at most this many examples per client and split (0: all), for quick runs.
@@ -192,9 +196,32 @@ impl Default for DataSpec {
             test_fraction: 0.1,
             seed: 0,
             template: "alpaca".into(),
+            gsm8k_answer: Gsm8kAnswer::TheAnswerIs,
             max_tokens: 512,
             limit_per_client: 0,
             eval_limit: 0,
+        }
+    }
+}
+
+/// The form of a GSM8K training answer's last line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Gsm8kAnswer {
+    /// FS-LLM's: `#### N` becomes `The answer is N`, the phrase the 8-shot
+    /// evaluation's exemplars end with and its answer extraction looks for.
+    TheAnswerIs,
+    /// The data set's own `#### N`.
+    Raw,
+}
+
+impl Gsm8kAnswer {
+    /// `answer` (a GSM8K answer ending in `#### N`) in this form: FS-LLM's
+    /// `output.replace('####', 'The answer is')`.
+    pub fn apply(self, answer: &str) -> String {
+        match self {
+            Gsm8kAnswer::TheAnswerIs => answer.replace("####", GSM8K_TRIGGER),
+            Gsm8kAnswer::Raw => answer.to_string(),
         }
     }
 }
@@ -300,6 +327,11 @@ pub fn build(spec: &DataSpec, root: &Path, clients: usize) -> Result<FederatedDa
         mut examples,
         skipped,
     } = load(&path, format, spec.fields.as_ref(), spec.skip_bad_records)?;
+    if format == Format::Gsm8k {
+        for ex in &mut examples {
+            ex.output = spec.gsm8k_answer.apply(&ex.output);
+        }
+    }
     let unlabelled = match &spec.labeler {
         Some(l) => l.apply(&mut examples)?,
         None => 0,
@@ -373,5 +405,54 @@ impl FederatedData {
                 tokenize(tok, &template.render(ex), &ex.output, max_tokens)
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two GSM8K records in a file under a fresh directory.
+    fn gsm8k_file() -> (tempfile::TempDir, DataSpec) {
+        let dir = tempfile::tempdir().unwrap();
+        let body = concat!(
+            "{\"question\": \"Natalia sold 48 clips. How many?\", \"answer\": \"48/2 = <<48/2=24>>24\\n#### 72\"}\n",
+            "{\"question\": \"Weng earns $12. How much?\", \"answer\": \"12/60 = 0.2\\n#### 1,010\"}\n",
+        );
+        std::fs::write(dir.path().join("gsm.jsonl"), body).unwrap();
+        let spec = DataSpec {
+            path: Some("gsm.jsonl".into()),
+            format: Some(Format::Gsm8k),
+            test_fraction: 0.0,
+            ..DataSpec::default()
+        };
+        (dir, spec)
+    }
+
+    #[test]
+    fn gsm8k_targets_end_in_the_answer_is_by_default_and_raw_on_request() {
+        let (dir, spec) = gsm8k_file();
+        let d = build(&spec, dir.path(), 1).unwrap();
+        let outs: Vec<&str> = d.examples.iter().map(|e| e.output.as_str()).collect();
+        assert_eq!(
+            outs,
+            [
+                "48/2 = <<48/2=24>>24\nThe answer is 72",
+                "12/60 = 0.2\nThe answer is 1,010"
+            ]
+        );
+        // The gold comes from the file's `####` line either way, and the
+        // evaluator reads the trained form back to it.
+        for e in &d.examples {
+            let got = crate::eval::answer::gsm8k_answer(&e.output).unwrap();
+            assert!(crate::eval::answer::numbers_equal(&got, &e.meta["gold"]));
+        }
+        let raw = DataSpec {
+            gsm8k_answer: Gsm8kAnswer::Raw,
+            ..spec
+        };
+        let d = build(&raw, dir.path(), 1).unwrap();
+        assert!(d.examples[0].output.ends_with("#### 72"));
+        assert_eq!(d.examples[1].meta["gold"], "1010");
     }
 }

@@ -2,38 +2,51 @@
 //! SQuAD-style answer normalization (NaturalQuestions exact match), and the
 //! unbiased pass@k estimator of Chen et al. (2021).
 
-/// The answer of a GSM8K completion: the last number in it, commas removed
-/// (`1,234` → `1234`), with its sign and decimals; a trailing `.` (end of
-/// sentence) is not a decimal point. `None` when the text has no number.
+/// The answer of a GSM8K completion as FS-LLM's `clean_answer` extracts it:
+/// in the lower-cased text with every comma removed, the first number after
+/// the first "the answer is", or the last number of the whole text when the
+/// phrase is absent; numbers are `-?\d+\.?\d*` and a trailing `.` (end of
+/// sentence) is dropped. `None` when there is no number where it looks
+/// (also when the phrase is followed by no number before the next one,
+/// FS-LLM's `[invalid]`).
 pub fn gsm8k_answer(completion: &str) -> Option<String> {
-    let chars: Vec<char> = completion.chars().collect();
-    let mut last = None;
+    let lower = completion.to_lowercase().replace(',', "");
+    let trigger = crate::data::GSM8K_TRIGGER.to_lowercase();
+    let mut parts = lower.split(trigger.as_str());
+    let whole = parts.next().unwrap_or_default();
+    let pick = match parts.next() {
+        Some(after) => numbers(after).into_iter().next(),
+        None => numbers(whole).pop(),
+    }?;
+    Some(pick.strip_suffix('.').unwrap_or(pick).to_string())
+}
+
+/// The matches of the regular expression `-?\d+\.?\d*` in `text`, left to
+/// right and non-overlapping, as Python's `re.findall` returns them.
+fn numbers(text: &str) -> Vec<&str> {
+    let b = text.as_bytes();
+    let digits_from = |mut i: usize| {
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        i
+    };
+    let mut out = Vec::new();
     let mut i = 0;
-    while i < chars.len() {
-        if !chars[i].is_ascii_digit() {
+    while i < b.len() {
+        let sign = usize::from(b[i] == b'-');
+        if !b.get(i + sign).is_some_and(u8::is_ascii_digit) {
             i += 1;
             continue;
         }
-        let start = i;
-        let mut text = String::new();
-        while i < chars.len() {
-            let c = chars[i];
-            let next_is_digit = chars.get(i + 1).is_some_and(|d| d.is_ascii_digit());
-            if c.is_ascii_digit() {
-                text.push(c);
-            } else if c == ',' && next_is_digit && !text.contains('.') {
-                // A thousands separator: 1,234 (not "1, 2").
-            } else if c == '.' && next_is_digit && !text.contains('.') {
-                text.push(c);
-            } else {
-                break;
-            }
-            i += 1;
+        let mut end = digits_from(i + sign);
+        if b.get(end) == Some(&b'.') {
+            end = digits_from(end + 1);
         }
-        let negative = start > 0 && chars[start - 1] == '-';
-        last = Some(if negative { format!("-{text}") } else { text });
+        out.push(&text[i..end]);
+        i = end;
     }
-    last
+    out
 }
 
 /// Whether two numbers written as text are equal (`18` = `18.0` = `18.00`);
@@ -127,6 +140,32 @@ pub fn pass_at_k(n: usize, c: usize, k: usize) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gsm8k_takes_the_number_after_the_answer_is_as_fs_llm_does() {
+        let cases = [
+            // The first number after the first trigger, not the last number.
+            ("The answer is 18. Then she buys 20 more.", "18"),
+            ("so 3 + 4 = 7\nThe answer is 7", "7"),
+            ("THE ANSWER IS -12.5 degrees", "-12.5"),
+            ("The answer is $1,018.", "1018"),
+            ("The answer is 5 apples. The answer is 7.", "5"),
+            // Raw GSM8K form: no trigger, the last number.
+            ("48/2 = <<48/2=24>>24 clips\n#### 72", "72"),
+            // Trailing period dropped, decimals kept.
+            ("It costs 7.5.", "7.5"),
+        ];
+        for (text, want) in cases {
+            assert_eq!(gsm8k_answer(text).as_deref(), Some(want), "{text}");
+        }
+        // The trigger followed by no number is invalid, as in FS-LLM, even
+        // if a number came before it.
+        assert_eq!(gsm8k_answer("I get 4. The answer is unknown."), None);
+        // Python's re.findall(r'-?\d+\.?\d*', ...) on a few strings.
+        assert_eq!(numbers("3-2 = 1"), ["3", "-2", "1"]);
+        assert_eq!(numbers("a 1.2.3 b"), ["1.2", "3"]);
+        assert_eq!(numbers("--5 x12. 7"), ["-5", "12.", "7"]);
+    }
 
     #[test]
     fn gsm8k_takes_the_last_number_as_written() {

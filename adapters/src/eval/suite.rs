@@ -185,6 +185,9 @@ pub fn evaluate(
         "samples": s.samples,
         "temperature": generation.temperature,
         "max_new_tokens": generation.max_new_tokens,
+        // Items scored by an earlier rule are not mixed in: GSM8K's answer
+        // was the last number until FS-LLM's extraction replaced it.
+        "scoring": matches!(task, Task::Gsm8k).then_some("fs-llm-clean-answer"),
     });
     let items_path = out.with_extension("items.jsonl");
     let mut log = ResultLog::open(&items_path, &header).context("opening the results log")?;

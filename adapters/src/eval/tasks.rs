@@ -3,7 +3,7 @@
 //!
 //! | task | data (under the data root) | prompt | score |
 //! |---|---|---|---|
-//! | `gsm8k` | `gsm8k/test.jsonl.gz` | 8-shot chain of thought (Wei et al.'s exemplars, `configs/eval/gsm8k-cot-8shot.jsonl`) | the last number of the completion equals the number after `####` |
+//! | `gsm8k` | `gsm8k/test.jsonl.gz` | 8-shot chain of thought (Wei et al.'s exemplars, `configs/eval/gsm8k-cot-8shot.jsonl`) | FS-LLM's extraction (the first number after "The answer is", else the last number) equals the number after `####` |
 //! | `humaneval` | `humaneval/HumanEval.jsonl.gz` | the function's signature and docstring | `prompt + completion + test + check(entry_point)` exits 0 in the sandbox (pass@1) |
 //! | `mmlu` | `mmlu/test.jsonl.gz`, `mmlu/dev.jsonl.gz` | 5-shot per subject, as Hendrycks et al. | the likeliest of ` A`…` D` |
 //! | `openbookqa` | `openbookqa/test.jsonl.gz` | `Question: …\nAnswer:` | the likeliest choice text |
