@@ -41,6 +41,10 @@ enum Command {
     Bench(bench::BenchCommand),
     /// Evaluate the base model or an adapter on a benchmark (GSM8K, HumanEval, MMLU, …).
     Eval(cmd::eval::EvalArgs),
+    /// Continue one prompt with the base model or an adapter, streaming the text.
+    Generate(cmd::generate::GenerateArgs),
+    /// Talk with the base model or an adapter in its chat layout.
+    Chat(cmd::generate::ChatArgs),
     /// Manage models.
     #[command(subcommand)]
     Model(cmd::model::ModelCommand),
@@ -104,6 +108,8 @@ fn main() -> ExitCode {
         Command::Server(args) => cmd::server::server(args),
         Command::Client(args) => cmd::client::client(args),
         Command::Eval(args) => cmd::eval::eval(args),
+        Command::Generate(args) => cmd::generate::generate(args),
+        Command::Chat(args) => cmd::generate::chat(args),
         Command::Bench(command) => bench::bench(command),
         Command::Model(command) => cmd::model::model(command),
         Command::Data(command) => cmd::data::run(command),

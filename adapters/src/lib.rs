@@ -13,7 +13,8 @@
 //! - [`train`], [`optim`]: optimizer steps on an adapter (AdamW/SGD, accumulation, clipping, schedules, hook points);
 //! - [`flops`]: a training step's FLOPs from the model's shapes (FS-LLM's cost accounting);
 //! - [`peft`]: adapters saved and loaded in PEFT's on-disk layout;
-//! - [`generate`]: greedy and top-p generation with a KV cache and stop sequences;
+//! - [`generate`]: greedy and top-p generation with a KV cache and stop sequences, streamed as it goes;
+//! - [`chat`]: conversations rendered in the model's chat layout (ChatML, Llama 3, plain);
 //! - [`hooks`], [`pfl`]: trainer hooks and personalized-FL plans as Rhai scripts (shipped ones in `scripts/`);
 //! - [`round_robin`]: the kernel's `LocalTrainer` port — many clients' adapters over one shared base;
 //! - [`data`]: data set loaders, prompt templates (shipped ones in `assets/`), splitters and downloads;
@@ -23,6 +24,7 @@
 //! - [`progress`]: how long work reports while it runs.
 
 pub mod adapter;
+pub mod chat;
 pub mod course;
 pub mod data;
 pub mod eval;

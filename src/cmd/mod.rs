@@ -7,6 +7,7 @@ pub mod client;
 pub mod course_args;
 pub mod data;
 pub mod eval;
+pub mod generate;
 pub mod hpo;
 pub mod init;
 pub mod model;
