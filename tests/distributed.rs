@@ -946,7 +946,7 @@ fn personalized_courses_save_and_score_each_clients_own_adapter() {
         let with_global = global[format!("client {id}")]["score"].as_f64().unwrap();
         assert!(
             (scored - with_global).abs() > 1e-6,
-            "client {id}: its own adapter is not the global one"
+            "client {id}: its own adapter ({scored}) is not the global one ({with_global})"
         );
     }
 }

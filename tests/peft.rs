@@ -269,12 +269,16 @@ fn fedot_in_process_aligns_the_emulator_and_reports_the_full_models_loss() {
         "6",
     ]);
     let out = dir.path().join("fedot");
+    let saved = dir.path().join("emulator");
+    let emulator_path = format!("offsite.emulator_path={}", saved.display());
     fedtune(&[
         "run",
         config.to_str().unwrap(),
         "--out",
         out.to_str().unwrap(),
         "--quiet",
+        "--set",
+        &emulator_path,
         "--set",
         &format!("model.path={}", model.display()),
         "--set",
@@ -307,4 +311,47 @@ fn fedot_in_process_aligns_the_emulator_and_reports_the_full_models_loss() {
     // So does the course's own [eval], on the full model it loaded.
     let at_end = summary["eval"][0]["score"].as_f64().unwrap();
     assert!((at_end - full).abs() < 1e-4, "[eval] {at_end} vs {full}");
+
+    // The aligned emulator was saved: a second course reuses it (no second
+    // alignment) and ends exactly where the first did.
+    assert!(saved.join("emulator.safetensors").is_file());
+    let again = dir.path().join("fedot-again");
+    let rerun = |out: &Path, extra: &str| {
+        Command::new(env!("CARGO_BIN_EXE_fedtune"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args([
+                "run",
+                config.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ])
+            .args(["--set", &emulator_path, "--set"])
+            .arg(format!("model.path={}", model.display()))
+            .args(["--set", "offsite.enabled=true", "--set", "offsite.emu_l=1"])
+            .args([
+                "--set",
+                "offsite.emu_r=1",
+                "--set",
+                "offsite.distill_steps=10",
+            ])
+            .args(["--set", "offsite.distill_examples=20", "--set"])
+            .args(["offsite.distill_lr=1e-3", "--set", "eval.tasks=[\"loss\"]"])
+            .args(["--set", extra])
+            .output()
+            .unwrap()
+    };
+    let o = rerun(&again, "offsite.drop_ratio=0.5");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert!(said.contains("reusing the emulator saved in"), "{said}");
+    assert!(!said.contains("aligning the emulator"), "{said}");
+    let second = json(&again.join("summary.json"));
+    assert_eq!(second["offsite"], summary["offsite"]);
+    assert!(summary["test_loss_after"].is_f64());
+    assert_eq!(second["test_loss_after"], summary["test_loss_after"]);
+    // Other settings on the same directory are refused, naming the change.
+    let o = rerun(&dir.path().join("fedot-other"), "offsite.drop_ratio=0.2");
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("offsite.drop_ratio: saved 0.5, now 0.2"), "{e}");
 }

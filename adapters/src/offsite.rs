@@ -15,6 +15,9 @@
 //! that joins, so any other compression of the middle (distillation,
 //! quantization) fits the same place.
 
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
 use candle_core::{DType, Device, Result, Tensor};
 use fedtune_kernel::{KeyError, ParamSet};
 use serde::{Deserialize, Serialize};
@@ -43,6 +46,10 @@ pub struct OffsiteConfig {
     pub distill_examples: usize,
     /// Distillation's learning rate (AdamW on LoRA in the kept middle layers).
     pub distill_lr: f64,
+    /// A directory for the (aligned) emulator: a course reuses the one saved
+    /// there when it was made from the same model and settings, and saves
+    /// the one it builds there otherwise.
+    pub emulator_path: Option<PathBuf>,
 }
 
 impl Default for OffsiteConfig {
@@ -56,6 +63,7 @@ impl Default for OffsiteConfig {
             distill_data: "dolly".into(),
             distill_examples: 200,
             distill_lr: 1e-4,
+            emulator_path: None,
         }
     }
 }
@@ -136,7 +144,7 @@ pub fn build_emulator(full: &Llama, cfg: &OffsiteConfig) -> Result<Emulator> {
 
 /// What aligning an emulator did: the mean per-token KL divergence of its
 /// next-token distributions from the full model's, on held-out public text.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Distilled {
     /// Optimizer steps taken.
     pub steps: usize,
@@ -349,4 +357,107 @@ mod tests {
         );
         assert!(rename_layer("model.layers.9.x", &kept).is_err());
     }
+}
+
+/// The description saved beside an emulator's weights.
+#[derive(Serialize, Deserialize)]
+struct SavedEmulator {
+    /// What it was made from (see [`save_emulator`]).
+    origin: serde_json::Value,
+    llama_config: LlamaConfig,
+    kept_layers: Vec<usize>,
+    distilled: Distilled,
+}
+
+const EMULATOR_WEIGHTS: &str = "emulator.safetensors";
+const EMULATOR_INFO: &str = "emulator.json";
+
+/// Saves `emu` (and how it was aligned) in `dir`: its weights as
+/// `emulator.safetensors`, its shape, kept layers, alignment and `origin` —
+/// whatever must match for a later course to reuse it (the full model's
+/// digest, the `[offsite]` settings) — as `emulator.json`.
+pub fn save_emulator(
+    dir: &Path,
+    emu: &Emulator,
+    distilled: &Distilled,
+    origin: &serde_json::Value,
+) -> Result<()> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| candle_core::Error::msg(format!("creating {}: {e}", dir.display())))?;
+    let weights: HashMap<String, Tensor> = emu.model.named_weights().into_iter().collect();
+    candle_core::safetensors::save(&weights, dir.join(EMULATOR_WEIGHTS))?;
+    let info = SavedEmulator {
+        origin: origin.clone(),
+        llama_config: emu.model.config().clone(),
+        kept_layers: emu.kept.clone(),
+        distilled: distilled.clone(),
+    };
+    let text = serde_json::to_string_pretty(&info).map_err(candle_core::Error::wrap)?;
+    let path = dir.join(EMULATOR_INFO);
+    std::fs::write(&path, text)
+        .map_err(|e| candle_core::Error::msg(format!("writing {}: {e}", path.display())))
+}
+
+/// The emulator [`save_emulator`] left in `dir`, with its alignment; `None`
+/// when `dir` holds none. One made from another `origin` is an error naming
+/// what differs, not silently replaced: the directory may be another
+/// course's.
+pub fn load_emulator(
+    dir: &Path,
+    origin: &serde_json::Value,
+    dtype: DType,
+    device: &Device,
+) -> Result<Option<(Emulator, Distilled)>> {
+    let info_path = dir.join(EMULATOR_INFO);
+    if !info_path.is_file() {
+        return Ok(None);
+    }
+    let fail = |what: String| candle_core::Error::msg(format!("{}: {what}", info_path.display()));
+    let text = std::fs::read_to_string(&info_path).map_err(|e| fail(e.to_string()))?;
+    let info: SavedEmulator = serde_json::from_str(&text).map_err(|e| fail(e.to_string()))?;
+    if &info.origin != origin {
+        return Err(fail(format!(
+            "the emulator saved here was made from other settings ({}); \
+             point offsite.emulator_path elsewhere or delete the directory",
+            differences(&info.origin, origin).join(", ")
+        )));
+    }
+    let weights = candle_core::safetensors::load(dir.join(EMULATOR_WEIGHTS), device)?;
+    let model = Llama::from_named(info.llama_config, |name| {
+        weights
+            .get(name)
+            .ok_or_else(|| fail(format!("the saved weights lack `{name}`")))?
+            .to_dtype(dtype)
+    })?;
+    let emu = Emulator {
+        model,
+        kept: info.kept_layers,
+    };
+    Ok(Some((emu, info.distilled)))
+}
+
+/// `key: saved → now` for each top-level key (one level into objects)
+/// where two origins differ.
+fn differences(saved: &serde_json::Value, now: &serde_json::Value) -> Vec<String> {
+    let empty = serde_json::Map::new();
+    let (a, b) = (
+        saved.as_object().unwrap_or(&empty),
+        now.as_object().unwrap_or(&empty),
+    );
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let null = serde_json::Value::Null;
+    let mut out = Vec::new();
+    for k in keys {
+        let (x, y) = (a.get(k).unwrap_or(&null), b.get(k).unwrap_or(&null));
+        match (x, y) {
+            (serde_json::Value::Object(_), serde_json::Value::Object(_)) if x != y => {
+                out.extend(differences(x, y).into_iter().map(|d| format!("{k}.{d}")))
+            }
+            _ if x != y => out.push(format!("{k}: saved {x}, now {y}")),
+            _ => {}
+        }
+    }
+    out
 }

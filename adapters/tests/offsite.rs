@@ -103,6 +103,7 @@ fn distillation_brings_the_emulator_closer_to_the_full_model() {
     let held_out = [batch(4)];
     let before = emu.model.named_weights();
     let report = distill(&full, &mut emu, &cfg, (&train, &held_out), &|_, _| {}).unwrap();
+    saved_and_reused(&emu, &report, &batch(5));
     assert_eq!(report.steps, 40);
     assert!(
         report.kl_after < 0.7 * report.kl_before,
@@ -118,4 +119,37 @@ fn distillation_brings_the_emulator_closer_to_the_full_model() {
         let projection = name.contains("_proj");
         assert_eq!(changed, middle && projection, "{name}");
     }
+}
+
+/// The aligned emulator saved and loaded back gives bit-identical logits and
+/// the same alignment report; one saved from other settings is refused by
+/// name, and an empty directory holds none.
+fn saved_and_reused(
+    emu: &fedtune_adapters::offsite::Emulator,
+    report: &fedtune_adapters::offsite::Distilled,
+    batch: &fedtune_adapters::train::Batch,
+) {
+    use fedtune_adapters::offsite::{load_emulator, save_emulator};
+    let dir = tempfile::tempdir().unwrap();
+    let origin = serde_json::json!({"model_sha256": "ab12", "offsite": {"drop_ratio": 0.5}});
+    let load =
+        |origin: &serde_json::Value| load_emulator(dir.path(), origin, DType::F64, &Device::Cpu);
+    assert!(load(&origin).unwrap().is_none());
+    save_emulator(dir.path(), emu, report, &origin).unwrap();
+    let (again, distilled) = load(&origin).unwrap().expect("saved");
+    assert_eq!(again.kept, emu.kept);
+    assert_eq!(&distilled, report);
+    let logits = |m: &Llama| {
+        m.forward(&batch.tokens, Some(&batch.attention_mask), None)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
+    };
+    let (a, b) = (logits(&emu.model), logits(&again.model));
+    assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+    let other = serde_json::json!({"model_sha256": "ab12", "offsite": {"drop_ratio": 0.2}});
+    let e = load(&other).err().expect("refused").to_string();
+    assert!(e.contains("offsite.drop_ratio: saved 0.5, now 0.2"), "{e}");
 }

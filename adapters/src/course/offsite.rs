@@ -16,7 +16,10 @@ use crate::adapter::AdapterSpec;
 use crate::data::{self, DataSpec, Template};
 use crate::lora::LoraConfig;
 use crate::model::{Llama, LlamaConfig, ProjectionAdapter};
-use crate::offsite::{build_emulator, distill, lora_for_full, plug_into_full, Distilled, Emulator};
+use crate::offsite::{
+    build_emulator, distill, load_emulator, lora_for_full, plug_into_full, save_emulator,
+    Distilled, Emulator,
+};
 use crate::tokenizer::TextTokenizer;
 use crate::train::{summed_token_loss, Batch};
 
@@ -56,10 +59,13 @@ impl BaseModelInfo {
 /// adapter layers); `None` without `[offsite]`.
 ///
 /// With `offsite.distill_steps` the emulator is first aligned to the full
-/// model on `offsite.distill_data` (read from `data_root`, tokenized with `tok`).
+/// model on `offsite.distill_data` (read from `data_root`, tokenized with
+/// `tok`). With `offsite.emulator_path` the emulator saved there is reused
+/// when it was made from the same model file (`model_path`) and settings,
+/// and the one built is saved there otherwise.
 pub fn emulator(
     llm: &LlmConfig,
-    model: &Llama,
+    (model, model_path): (&Llama, &Path),
     tok: &TextTokenizer,
     data_root: &Path,
     say: &dyn Fn(&str),
@@ -70,6 +76,26 @@ pub fn emulator(
     let o = &llm.offsite;
     o.validate(model.config().num_hidden_layers)
         .map_err(super::CourseError::invalid)?;
+    let saved = match &o.emulator_path {
+        Some(dir) => Some((dir, origin(llm, model_path)?)),
+        None => None,
+    };
+    if let Some((dir, origin)) = &saved {
+        let found = load_emulator(dir, origin, model.dtype(), model.device())
+            .with_context(|| format!("offsite.emulator_path {}", dir.display()))?;
+        if let Some((emu, distilled)) = found {
+            say(&format!(
+                "reusing the emulator saved in {} (layers {:?}; aligned in {} steps, KL {:.4} -> {:.4})",
+                dir.display(),
+                emu.kept,
+                distilled.steps,
+                distilled.kl_before,
+                distilled.kl_after
+            ));
+            let spec = AdapterSpec::Lora(o.emulator_lora(&llm.lora, emu.kept.len()));
+            return Ok(Some((emu, spec, distilled)));
+        }
+    }
     let mut emu = build_emulator(model, o).context("building the emulator")?;
     let (train, held_out) = if o.distill_steps > 0 {
         distillation_data(llm, tok, data_root)?
@@ -97,8 +123,35 @@ pub fn emulator(
             distilled.kl_before, distilled.kl_after
         ));
     }
+    if let Some((dir, origin)) = &saved {
+        save_emulator(dir, &emu, &distilled, origin)
+            .with_context(|| format!("saving the emulator to {}", dir.display()))?;
+        say(&format!(
+            "emulator saved in {}: courses with offsite.emulator_path = {:?} reuse it",
+            dir.display(),
+            dir.display().to_string()
+        ));
+    }
     let spec = AdapterSpec::Lora(o.emulator_lora(&llm.lora, emu.kept.len()));
     Ok(Some((emu, spec, distilled)))
+}
+
+/// What a saved emulator must have been made from to be reused: the full
+/// model's bytes, the `[offsite]` settings and what shapes distillation's
+/// batches.
+fn origin(llm: &LlmConfig, model_path: &Path) -> Result<serde_json::Value> {
+    let digest = crate::fetch::content_digest(model_path)
+        .with_context(|| format!("reading {}", model_path.display()))?;
+    let settings = crate::offsite::OffsiteConfig {
+        emulator_path: None,
+        ..llm.offsite.clone()
+    };
+    Ok(serde_json::json!({
+        "model_sha256": digest,
+        "offsite": settings,
+        "distill_batch_size": llm.train.batch_size,
+        "distill_max_tokens": llm.data.max_tokens,
+    }))
 }
 
 /// Public text for the emulator's alignment: training batches and a tenth

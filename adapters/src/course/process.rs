@@ -79,21 +79,22 @@ pub fn server_process(
         Task::Llm(llm) => {
             let base = Base::load(course.model_path().as_deref(), &say)?;
             let root = crate::data::data_root(out.data_root.as_deref());
-            let (model, spec) = match emulator(llm, &base.model, &base.tok, &root, &say)? {
-                Some((emu, spec, _)) => {
-                    say(&format!(
-                        "offsite-tuning: clients get an emulator of layers {:?}",
-                        emu.kept
-                    ));
-                    let model = emu.model.clone();
-                    let crate::adapter::AdapterSpec::Lora(lora) = &spec else {
-                        unreachable!("offsite-tuning trains LoRA")
-                    };
-                    offsite = Some((emu, lora.clone(), base.clone()));
-                    (model, spec)
-                }
-                None => ((*base.model).clone(), llm.spec(&base.tok)?),
-            };
+            let (model, spec) =
+                match emulator(llm, (&base.model, &base.path), &base.tok, &root, &say)? {
+                    Some((emu, spec, _)) => {
+                        say(&format!(
+                            "offsite-tuning: clients get an emulator of layers {:?}",
+                            emu.kept
+                        ));
+                        let model = emu.model.clone();
+                        let crate::adapter::AdapterSpec::Lora(lora) = &spec else {
+                            unreachable!("offsite-tuning trains LoRA")
+                        };
+                        offsite = Some((emu, lora.clone(), base.clone()));
+                        (model, spec)
+                    }
+                    None => ((*base.model).clone(), llm.spec(&base.tok)?),
+                };
             let initial = RoundRobinTrainer::initial_adapter(&model, &spec, cfg.course.seed)
                 .map_err(trainer_error)?;
             let store = AdapterStore::new(spec, model.config().clone(), &base.file_name());

@@ -135,7 +135,13 @@ pub fn run_llm_on(
         template.name
     ));
     // FedOT trains on the emulator; the full model stays for the final evaluation.
-    let emulated = emulator(llm, &base.model, &base.tok, &out.data_root(), &say)?;
+    let emulated = emulator(
+        llm,
+        (&base.model, &base.path),
+        &base.tok,
+        &out.data_root(),
+        &say,
+    )?;
     let (model, spec) = match &emulated {
         Some((emu, spec, _)) => {
             say(&format!(
