@@ -80,7 +80,7 @@ pub fn generate(
     cfg: &GenerationConfig,
     adapter: Option<&dyn ProjectionAdapter>,
 ) -> Result<Generation> {
-    generate_streaming(model, tokenizer, prompt, cfg, adapter, &mut |_| true)
+    decode_loop(model, tokenizer, prompt, cfg, adapter, None)
 }
 
 /// [`generate`], handing each piece of text to `on_text` as soon as it is
@@ -97,6 +97,19 @@ pub fn generate_streaming(
     cfg: &GenerationConfig,
     adapter: Option<&dyn ProjectionAdapter>,
     on_text: &mut dyn FnMut(&str) -> bool,
+) -> Result<Generation> {
+    decode_loop(model, tokenizer, prompt, cfg, adapter, Some(on_text))
+}
+
+/// [`generate`] and [`generate_streaming`]: the text is decoded after each
+/// token only when a stop sequence or a listener needs it.
+fn decode_loop(
+    model: &Llama,
+    tokenizer: &TextTokenizer,
+    prompt: &[u32],
+    cfg: &GenerationConfig,
+    adapter: Option<&dyn ProjectionAdapter>,
+    mut on_text: Option<&mut dyn FnMut(&str) -> bool>,
 ) -> Result<Generation> {
     if prompt.is_empty() {
         candle_core::bail!("cannot generate from an empty prompt")
@@ -120,16 +133,20 @@ pub fn generate_streaming(
             break FinishReason::Eos;
         }
         ids.push(next);
-        let text = decode(&ids)?;
-        if let Some(stop) = cfg.stop.iter().find(|s| text.contains(s.as_str())) {
-            break FinishReason::Stop(stop.clone());
-        }
-        let ready = settled(&text, &cfg.stop);
-        if ready > sent && text.is_char_boundary(sent) {
-            if !on_text(&text[sent..ready]) {
-                break FinishReason::Interrupted;
+        if !cfg.stop.is_empty() || on_text.is_some() {
+            let text = decode(&ids)?;
+            if let Some(stop) = cfg.stop.iter().find(|s| text.contains(s.as_str())) {
+                break FinishReason::Stop(stop.clone());
             }
-            sent = ready;
+            let ready = settled(&text, &cfg.stop);
+            if let Some(on_text) = on_text.as_mut() {
+                if ready > sent && text.is_char_boundary(sent) {
+                    if !on_text(&text[sent..ready]) {
+                        break FinishReason::Interrupted;
+                    }
+                    sent = ready;
+                }
+            }
         }
         input = Tensor::new(&[next], device)?.unsqueeze(0)?;
     };
@@ -139,8 +156,10 @@ pub fn generate_streaming(
             text.truncate(at);
         }
     }
-    if finish != FinishReason::Interrupted && text.len() > sent && text.is_char_boundary(sent) {
-        on_text(&text[sent..]);
+    if let Some(on_text) = on_text {
+        if finish != FinishReason::Interrupted && text.len() > sent && text.is_char_boundary(sent) {
+            on_text(&text[sent..]);
+        }
     }
     Ok(Generation { text, ids, finish })
 }

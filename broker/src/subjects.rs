@@ -72,9 +72,10 @@ impl Subjects {
     /// registered the party's earlier subscriptions (no other party may
     /// publish or subscribe there).
     pub fn probe(&self, me: Party) -> String {
+        let prefix = self.probe_prefix();
         match me {
-            Party::Server => format!("{ROOT}.{}.probe.server", self.course),
-            Party::Client(id) => format!("{ROOT}.{}.probe.{id}", self.course),
+            Party::Server => format!("{prefix}server"),
+            Party::Client(id) => format!("{prefix}{id}"),
         }
     }
 

@@ -11,7 +11,6 @@ use fedtune_adapters::chat::{ChatLayout, Role, Turn};
 use fedtune_adapters::course::Loaded;
 use fedtune_adapters::data::{Example, Template};
 use fedtune_adapters::generate::{generate_streaming, FinishReason, GenerationConfig};
-
 use fedtune_adapters::progress::Observer;
 
 use crate::display::Display;
@@ -137,11 +136,10 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     ensure!(!prompt.is_empty(), "the prompt is empty");
     // A bad template or sampling setting fails before the model loads.
     let layout = Layout::parse(&args.template)?;
-    args.sampling.config(GREEDY, Vec::new())?;
+    let mut cfg = args.sampling.config(GREEDY, Vec::new())?;
     let loaded = args.sampling.load()?;
-    let (text, mut stop) = layout.render(&loaded, &args.sampling, &prompt);
-    stop.extend(args.stop.iter().cloned());
-    let cfg = args.sampling.config(GREEDY, stop)?;
+    let (text, stop) = layout.render(&loaded, &args.sampling, &prompt);
+    cfg.stop = stop.into_iter().chain(args.stop.iter().cloned()).collect();
     let view = loaded.view();
     let ids = view.tok.encode(&text)?;
     check_fits(&loaded, ids.len(), cfg.max_new_tokens)?;
