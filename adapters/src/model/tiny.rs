@@ -46,6 +46,24 @@ fn err(e: impl std::fmt::Display) -> candle_core::Error {
     candle_core::Error::msg(e.to_string())
 }
 
+/// The character GPT-2's byte-level encoding writes for each byte, in byte
+/// order: printable bytes stand for themselves, the others for 256, 257, …
+/// in turn (`ByteLevel::alphabet()` is the same set, unordered).
+fn byte_level_chars() -> Vec<char> {
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    let mut next = 256;
+    (0..=255u8)
+        .map(|b| {
+            if printable(b) {
+                char::from(b)
+            } else {
+                next += 1;
+                char::from_u32(next - 1).expect("below the surrogates")
+            }
+        })
+        .collect()
+}
+
 /// Writes a tiny random model to `dir` (`config.json`, `model.safetensors`,
 /// `tokenizer.json`) and returns its configuration.
 pub fn write_tiny_model(dir: &Path, spec: TinySpec) -> candle_core::Result<LlamaConfig> {
@@ -56,17 +74,14 @@ pub fn write_tiny_model(dir: &Path, spec: TinySpec) -> candle_core::Result<Llama
         )));
     }
     std::fs::create_dir_all(dir).map_err(err)?;
-    // The tokenizer: one token per byte, as GPT-2's byte-level alphabet writes them.
-    let mut vocab: Vec<(String, u32)> = ByteLevel::alphabet()
-        .into_iter()
-        .map(|c| c.to_string())
-        .zip(0..)
-        .collect();
-    vocab.sort_by_key(|(_, id)| *id);
+    // The tokenizer: one token per byte, the byte's value, as GPT-2's
+    // byte-level alphabet writes it.
     let bpe = BPE::builder()
         .vocab_and_merges(
-            vocab
+            byte_level_chars()
                 .into_iter()
+                .zip(0..)
+                .map(|(c, id)| (c.to_string(), id))
                 .collect::<tokenizers::models::bpe::Vocab>(),
             Vec::new(),
         )
@@ -135,5 +150,29 @@ mod tests {
             .unwrap();
         let logits = loaded.model.forward(&input, None, None).unwrap();
         assert_eq!(logits.dims(), &[1, 8, cfg.vocab_size]);
+    }
+
+    /// Each byte's token is the byte's value, in every process: the
+    /// tokenizer (and so every test on a tiny model) is the same each time.
+    #[test]
+    fn a_bytes_token_is_its_value() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny_model(dir.path(), TinySpec::default()).unwrap();
+        let tok = super::super::load_hf_dir(dir.path(), DType::F32, &Device::Cpu)
+            .unwrap()
+            .tokenizer
+            .unwrap();
+        let text = "Az09 !~\n\t\u{7f}é";
+        let bytes: Vec<u32> = text.bytes().map(u32::from).collect();
+        assert_eq!(tok.encode(text).unwrap(), bytes);
+        let all: Vec<u8> = (0..=255).collect();
+        let text = String::from_utf8_lossy(&all).into_owned();
+        let ids = tok.encode(&text).unwrap();
+        assert_eq!(ids, text.bytes().map(u32::from).collect::<Vec<_>>());
+        let mut ours = byte_level_chars();
+        let mut theirs: Vec<char> = ByteLevel::alphabet().into_iter().collect();
+        ours.sort_unstable();
+        theirs.sort_unstable();
+        assert_eq!(ours, theirs);
     }
 }
