@@ -104,6 +104,39 @@ fn a_lora_course_without_data_says_what_is_missing() {
     );
 }
 
+/// A server runs federated courses only: a local or global one is refused
+/// before anything is written, naming the key.
+#[test]
+fn a_server_refuses_a_course_that_is_not_federated() {
+    let dir = tempfile::tempdir().unwrap();
+    for mode in ["local", "global"] {
+        let out = dir.path().join(mode);
+        let o = fedtune(&[
+            "server",
+            "configs/least-squares.toml",
+            "--nats",
+            "nats://127.0.0.1:9",
+            "--set",
+            &format!("federate.mode=\"{mode}\""),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(!o.status.success());
+        let e = text(&o.stderr);
+        assert!(
+            e.contains(
+                "federate.mode in configs/least-squares.toml: a server runs federated courses"
+            ),
+            "{e}"
+        );
+        assert!(
+            e.contains(&format!("run a {mode} course with `fedtune run`")),
+            "{e}"
+        );
+        assert!(!out.exists());
+    }
+}
+
 #[test]
 fn dry_run_prints_the_resolved_configuration() {
     let o = fedtune(&[

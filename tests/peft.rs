@@ -160,15 +160,7 @@ async fn a_fedot_client_receives_the_emulator_and_never_the_dropped_layers() {
     use fedtune_kernel::{decode, DecodeLimits, MsgKind, Party, Transport};
     let dir = tempfile::tempdir().unwrap();
     let config = tiny_course(dir.path());
-    let model = dir.path().join("model6");
-    fedtune(&[
-        "model",
-        "tiny",
-        "--out",
-        model.to_str().unwrap(),
-        "--layers",
-        "6",
-    ]);
+    let model = six_layer_model(dir.path());
     let nats = fedtune_broker::LocalNats::start(None).unwrap();
     let spy = fedtune_broker::NatsTransport::connect(
         &nats.url(),
@@ -255,47 +247,68 @@ async fn a_fedot_client_receives_the_emulator_and_never_the_dropped_layers() {
     assert_eq!(plugged["layers_to_transform"], serde_json::json!([0, 5]));
 }
 
+/// `dir/model6`, a six-layer tiny model, made on first use.
+fn six_layer_model(dir: &Path) -> PathBuf {
+    let model = dir.join("model6");
+    if !model.exists() {
+        fedtune(&[
+            "model",
+            "tiny",
+            "--out",
+            model.to_str().unwrap(),
+            "--layers",
+            "6",
+        ]);
+    }
+    model
+}
+
+/// A FedOT course of `config` on [`six_layer_model`]: the emulator keeps
+/// layers 0, 1, 3 and 5 (`emu_l = emu_r = 1`) and the loss is evaluated at
+/// the end; `extra` overrides more.
+fn fedot(dir: &Path, config: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let model = six_layer_model(dir);
+    let model_path = format!("model.path={}", model.display());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fedtune"));
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
+        .arg("run")
+        .arg(config)
+        .arg("--out")
+        .arg(out);
+    let common = [
+        model_path.as_str(),
+        "offsite.enabled=true",
+        "offsite.emu_l=1",
+        "offsite.emu_r=1",
+        "eval.tasks=[\"loss\"]",
+    ];
+    for set in common.iter().chain(extra) {
+        cmd.args(["--set", set]);
+    }
+    cmd.output().unwrap()
+}
+
+/// [`fedot`], which must succeed.
+fn fedot_ok(dir: &Path, config: &Path, out: &Path, extra: &[&str]) {
+    let o = fedot(dir, config, out, extra);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
 #[test]
 fn fedot_in_process_aligns_the_emulator_and_reports_the_full_models_loss() {
     let dir = tempfile::tempdir().unwrap();
     let config = tiny_course(dir.path());
     let model = dir.path().join("model6");
-    fedtune(&[
-        "model",
-        "tiny",
-        "--out",
-        model.to_str().unwrap(),
-        "--layers",
-        "6",
-    ]);
     let out = dir.path().join("fedot");
     let saved = dir.path().join("emulator");
     let emulator_path = format!("offsite.emulator_path={}", saved.display());
-    fedtune(&[
-        "run",
-        config.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--quiet",
-        "--set",
-        &emulator_path,
-        "--set",
-        &format!("model.path={}", model.display()),
-        "--set",
-        "offsite.enabled=true",
-        "--set",
-        "offsite.emu_l=1",
-        "--set",
-        "offsite.emu_r=1",
-        "--set",
+    let aligned = [
+        emulator_path.as_str(),
         "offsite.distill_steps=10",
-        "--set",
         "offsite.distill_examples=20",
-        "--set",
         "offsite.distill_lr=1e-3",
-        "--set",
-        "eval.tasks=[\"loss\"]",
-    ]);
+    ];
+    fedot_ok(dir.path(), &config, &out, &aligned);
     let summary = json(&out.join("summary.json"));
     let o = &summary["offsite"];
     assert_eq!(o["kept_layers"], serde_json::json!([0, 1, 3, 5]));
@@ -315,30 +328,47 @@ fn fedot_in_process_aligns_the_emulator_and_reports_the_full_models_loss() {
     // The aligned emulator was saved: a second course reuses it (no second
     // alignment) and ends exactly where the first did.
     assert!(saved.join("emulator.safetensors").is_file());
-    let again = dir.path().join("fedot-again");
-    let rerun = |out: &Path, extra: &str| {
+    // `fedtune eval --emulator` scores the emulator with the clients'
+    // adapter, as the course did at its end (FS-LLM's eval_type "emu"); the
+    // full model's loss differs.
+    let on_emulator = |model: &Path| {
         Command::new(env!("CARGO_BIN_EXE_fedtune"))
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .args([
-                "run",
-                config.to_str().unwrap(),
-                "--out",
-                out.to_str().unwrap(),
-            ])
-            .args(["--set", &emulator_path, "--set"])
-            .arg(format!("model.path={}", model.display()))
-            .args(["--set", "offsite.enabled=true", "--set", "offsite.emu_l=1"])
-            .args([
-                "--set",
-                "offsite.emu_r=1",
-                "--set",
-                "offsite.distill_steps=10",
-            ])
-            .args(["--set", "offsite.distill_examples=20", "--set"])
-            .args(["offsite.distill_lr=1e-3", "--set", "eval.tasks=[\"loss\"]"])
-            .args(["--set", extra])
+            .args(["eval", "loss", "--quiet", "--config"])
+            .arg(&config)
+            .arg("--emulator")
+            .arg(&saved)
+            .arg("--adapter")
+            .arg(out.join("adapter-emulator"))
+            .arg("--model")
+            .arg(model)
+            .arg("--out")
+            .arg(dir.path().join("eval-emulator.json"))
             .output()
             .unwrap()
+    };
+    let o = on_emulator(&model);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let emu_loss = report["score"].as_f64().unwrap();
+    let course_loss = summary["test_loss_after"].as_f64().unwrap();
+    assert!(
+        (emu_loss - course_loss).abs() < 1e-4,
+        "{emu_loss} vs {course_loss}"
+    );
+    assert!((emu_loss - full).abs() > 1e-3, "{emu_loss} vs {full}");
+    // Another full model (another tokenizer, perhaps) is refused.
+    let o = on_emulator(&dir.path().join("model"));
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("the emulator was made from another model"),
+        "{e}"
+    );
+    let again = dir.path().join("fedot-again");
+    let rerun = |out: &Path, extra: &str| {
+        let mut sets = aligned.to_vec();
+        sets.push(extra);
+        fedot(dir.path(), &config, out, &sets)
     };
     let o = rerun(&again, "offsite.drop_ratio=0.5");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -354,4 +384,96 @@ fn fedot_in_process_aligns_the_emulator_and_reports_the_full_models_loss() {
     assert!(!o.status.success());
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("offsite.drop_ratio: saved 0.5, now 0.2"), "{e}");
+}
+
+/// LocalOT (FS-LLM's baseline for FedOT): each client tunes the emulator on
+/// its own data alone; each one's adapter is plugged into the full model and
+/// scored there on that client's own test split.
+#[test]
+fn local_offsite_tuning_plugs_each_clients_adapter_into_the_full_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_course(dir.path());
+    let out = dir.path().join("localot");
+    fedot_ok(dir.path(), &config, &out, &["federate.mode=\"local\""]);
+    let summary = json(&out.join("summary.json"));
+    let o = &summary["offsite"];
+    assert_eq!(o["kept_layers"], serde_json::json!([0, 1, 3, 5]));
+    let each = o["clients_test_loss_full_model"].as_object().unwrap();
+    assert_eq!(each.len(), 2, "{o}");
+    let mut losses = Vec::new();
+    for c in summary["per_client"].as_array().unwrap() {
+        let id = c["id"].as_u64().unwrap();
+        for sub in ["adapter", "adapter-emulator"] {
+            let f = out.join(format!("{sub}/client-{id}/adapter_model.safetensors"));
+            assert!(f.is_file(), "{}", f.display());
+        }
+        let plugged = json(&out.join(format!("adapter/client-{id}/adapter_config.json")));
+        assert_eq!(plugged["layers_to_transform"], serde_json::json!([0, 5]));
+        // The course's own [eval] loads the saved full-model adapter and
+        // scores it on the client's own group: the same loss.
+        let full = each[&id.to_string()].as_f64().unwrap();
+        let scored = c["own_adapter_eval"]["loss:test"].as_f64().unwrap();
+        assert!(
+            (full - scored).abs() < 1e-4,
+            "client {id}: {full} vs {scored}"
+        );
+        // The course's losses are the emulator's.
+        let on_emulator = c["test_loss_after"].as_f64().unwrap();
+        assert!((full - on_emulator).abs() > 1e-3, "client {id}");
+        losses.push(full);
+    }
+    assert!((losses[0] - losses[1]).abs() > 1e-6, "{losses:?}");
+    let mean = o["test_loss_full_model"].as_f64().unwrap();
+    let (lo, hi) = (losses[0].min(losses[1]), losses[0].max(losses[1]));
+    assert!(lo <= mean && mean <= hi, "{mean} outside {losses:?}");
+
+    // The global scenario: one adapter, on everyone's data, plugged in as FedOT's is.
+    let out = dir.path().join("globalot");
+    fedot_ok(dir.path(), &config, &out, &["federate.mode=\"global\""]);
+    let o = &json(&out.join("summary.json"))["offsite"];
+    assert!(out
+        .join("adapter-emulator/adapter_model.safetensors")
+        .is_file());
+    let full = o["test_loss_full_model"].as_f64().unwrap();
+    let model = dir.path().join("model6");
+    assert!((eval_loss(&config, &out.join("adapter"), &model) - full).abs() < 1e-4);
+}
+
+/// FedOT as offsite-tuning trains it: the emulator's adapter layers in full
+/// (`offsite.tune = "full"`), plugged back into the full model's first and
+/// last layers.
+#[test]
+fn fedot_can_train_the_adapter_layers_in_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_course(dir.path());
+    let model = dir.path().join("model6");
+    let out = dir.path().join("full");
+    fedot_ok(
+        dir.path(),
+        &config,
+        &out,
+        &["offsite.tune=\"full\"", "optim.lr=1e-4"],
+    );
+    let summary = json(&out.join("summary.json"));
+    let o = &summary["offsite"];
+    assert_eq!(o["kept_layers"], serde_json::json!([0, 1, 3, 5]));
+    // Every projection of two layers of the tiny model (hidden 64, two
+    // key/value heads of 16, MLP 128): q, o 64·64; k, v 32·64; gate, up, down 128·64.
+    let per_layer = 2 * 64 * 64 + 2 * 32 * 64 + 3 * 128 * 64;
+    assert_eq!(o["trainable_params"], serde_json::json!(2 * per_layer));
+    let emu = json(&out.join("adapter-emulator/adapter_config.json"));
+    assert_eq!(emu["peft_type"], "FEDTUNE_FULL");
+    assert_eq!(emu["layers_to_transform"], serde_json::json!([0, 3]));
+    let plugged = json(&out.join("adapter/adapter_config.json"));
+    assert_eq!(plugged["layers_to_transform"], serde_json::json!([0, 5]));
+    // It trained: the emulator's loss fell.
+    let (before, after) = (
+        summary["test_loss_before"].as_f64().unwrap(),
+        summary["test_loss_after"].as_f64().unwrap(),
+    );
+    assert!(after < before, "{before} -> {after}");
+    // The saved full-model adapter loads back to the loss the course measured.
+    let full = o["test_loss_full_model"].as_f64().unwrap();
+    assert!((eval_loss(&config, &out.join("adapter"), &model) - full).abs() < 1e-4);
+    assert!((full - o["test_loss_full_model_base"].as_f64().unwrap()).abs() > 1e-6);
 }

@@ -91,6 +91,23 @@ impl Adapter for crate::lora::Lora {
     }
 }
 
+impl Adapter for crate::full::FullDelta {
+    fn peft_type(&self) -> &'static str {
+        FULL_PEFT_TYPE
+    }
+
+    fn named_vars(&self) -> Vec<(String, Var)> {
+        crate::full::FullDelta::named_vars(self)
+    }
+
+    fn set_grad_enabled(&self, on: bool) {
+        crate::full::FullDelta::set_grad_enabled(self, on)
+    }
+}
+
+/// The `peft_type` fedtune writes for [`crate::full::FullDelta`] (not a PEFT method).
+pub const FULL_PEFT_TYPE: &str = "FEDTUNE_FULL";
+
 impl Adapter for crate::prompt::PromptAdapter {
     fn peft_type(&self) -> &'static str {
         self.method().peft_type()
@@ -111,6 +128,8 @@ impl Adapter for crate::prompt::PromptAdapter {
 pub enum AdapterSpec {
     /// LoRA.
     Lora(crate::lora::LoraConfig),
+    /// Chosen layers' projections trained in full (offsite-tuning's adapter layers).
+    Full(crate::full::FullConfig),
     /// Prompt tuning, P-tuning or prefix-tuning; `init_ids` are the token
     /// ids of `config.init_text` when prompt tuning starts from a text.
     Prompt {
@@ -128,6 +147,12 @@ impl AdapterSpec {
                 model.config(),
                 cfg.clone(),
                 seed,
+                model.dtype(),
+                model.device(),
+            )?),
+            AdapterSpec::Full(cfg) => Box::new(crate::full::FullDelta::new(
+                model.config(),
+                cfg.clone(),
                 model.dtype(),
                 model.device(),
             )?),
@@ -149,6 +174,7 @@ impl AdapterSpec {
     pub fn peft_type(&self) -> &'static str {
         match self {
             AdapterSpec::Lora(_) => "LORA",
+            AdapterSpec::Full(_) => FULL_PEFT_TYPE,
             AdapterSpec::Prompt { method, .. } => method.peft_type(),
         }
     }

@@ -15,8 +15,9 @@
 //!   backward: `12·L·B·T²·d` (the full square: the causal mask is applied
 //!   to computed scores);
 //! - **the adapter**: `6·A·N` for its `A` trainable parameters (forward,
-//!   input and weight gradients) — exact for LoRA's two factors, an
-//!   estimate of the same form for prompt and prefix tuning.
+//!   input and weight gradients) — exact for LoRA's two factors and for
+//!   weights trained in full ([`crate::full`]), an estimate of the same
+//!   form for prompt and prefix tuning.
 //!
 //! Norms, rotary embeddings, activations, the softmax and the optimizer are
 //! left out: each is O(N·h), under a percent of the matmuls here.

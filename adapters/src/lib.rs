@@ -6,7 +6,7 @@
 //!
 //! - [`model`]: the Llama-family decoder (forward pass safe for training), loaded from GGUF or a Hugging Face directory;
 //! - [`kernels`], [`simd`]: fused CPU ops (linear, LoRA, RMSNorm, softmax, SwiGLU, RoPE, attention) with analytic backward passes;
-//! - [`adapter`]: one interface over every PEFT method; [`lora`] and [`prompt`] (prompt tuning, P-tuning, prefix-tuning) implement it;
+//! - [`adapter`]: one interface over every PEFT method; [`lora`], [`prompt`] (prompt tuning, P-tuning, prefix-tuning) and [`full`] (layers trained in full, for offsite-tuning) implement it;
 //! - [`offsite`]: offsite-tuning's emulator (layer dropping) and its alignment by distillation;
 //! - [`loss`]: the causal language-modelling loss with prompt masking;
 //! - [`tokenizer`]: byte-level BPE rebuilt from GGUF metadata, or `tokenizer.json`;
@@ -30,6 +30,7 @@ pub mod data;
 pub mod eval;
 pub mod fetch;
 pub mod flops;
+pub mod full;
 pub mod generate;
 pub mod hooks;
 pub mod kernels;

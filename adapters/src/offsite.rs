@@ -22,6 +22,8 @@ use candle_core::{DType, Device, Result, Tensor};
 use fedtune_kernel::{KeyError, ParamSet};
 use serde::{Deserialize, Serialize};
 
+use crate::adapter::AdapterSpec;
+use crate::full::FullConfig;
 use crate::lora::LoraConfig;
 use crate::model::{Llama, LlamaConfig};
 
@@ -50,6 +52,27 @@ pub struct OffsiteConfig {
     /// there when it was made from the same model and settings, and saves
     /// the one it builds there otherwise.
     pub emulator_path: Option<PathBuf>,
+    /// What clients train in the adapter layers: `lora` (LoRA as `[lora]`
+    /// says) or `full` (every projection, as offsite-tuning does).
+    #[serde(skip_serializing_if = "Tune::is_lora")]
+    pub tune: Tune,
+}
+
+/// See [`OffsiteConfig::tune`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tune {
+    /// LoRA inside the adapter layers.
+    #[default]
+    Lora,
+    /// The adapter layers' projections in full.
+    Full,
+}
+
+impl Tune {
+    fn is_lora(&self) -> bool {
+        *self == Tune::Lora
+    }
 }
 
 impl Default for OffsiteConfig {
@@ -64,6 +87,7 @@ impl Default for OffsiteConfig {
             distill_examples: 200,
             distill_lr: 1e-4,
             emulator_path: None,
+            tune: Tune::Lora,
         }
     }
 }
@@ -119,6 +143,17 @@ impl OffsiteConfig {
         LoraConfig {
             layers_to_transform: Some(self.adapter_layers(emulator_layers)),
             ..lora.clone()
+        }
+    }
+
+    /// What clients train on an emulator of `emulator_layers` layers: LoRA
+    /// (`lora` in the adapter layers) or the adapter layers in full.
+    pub fn emulator_spec(&self, lora: &LoraConfig, emulator_layers: usize) -> AdapterSpec {
+        match self.tune {
+            Tune::Lora => AdapterSpec::Lora(self.emulator_lora(lora, emulator_layers)),
+            Tune::Full => AdapterSpec::Full(FullConfig::every_projection(
+                self.adapter_layers(emulator_layers),
+            )),
         }
     }
 }
@@ -282,15 +317,35 @@ pub fn plug_into_full(params: &ParamSet, kept: &[usize]) -> Result<ParamSet> {
     Ok(out)
 }
 
-/// The LoRA config of an emulator adapter, for the full model.
-pub fn lora_for_full(cfg: &LoraConfig, kept: &[usize]) -> LoraConfig {
-    LoraConfig {
-        layers_to_transform: cfg
-            .layers_to_transform
-            .as_ref()
-            .map(|l| l.iter().map(|&i| kept[i]).collect()),
-        ..cfg.clone()
-    }
+/// The spec of an emulator adapter (LoRA or layers trained in full), for
+/// the full model: its layers renumbered as the full model's.
+pub fn spec_for_full(spec: &AdapterSpec, kept: &[usize]) -> Result<AdapterSpec> {
+    let renumber = |layers: &[usize]| -> Result<Vec<usize>> {
+        layers
+            .iter()
+            .map(|&i| {
+                kept.get(i).copied().ok_or_else(|| {
+                    candle_core::Error::msg(format!("the emulator has no layer {i}"))
+                })
+            })
+            .collect()
+    };
+    Ok(match spec {
+        AdapterSpec::Lora(cfg) => AdapterSpec::Lora(LoraConfig {
+            layers_to_transform: match &cfg.layers_to_transform {
+                Some(l) => Some(renumber(l)?),
+                None => None,
+            },
+            ..cfg.clone()
+        }),
+        AdapterSpec::Full(cfg) => AdapterSpec::Full(FullConfig {
+            layers_to_transform: renumber(&cfg.layers_to_transform)?,
+            ..cfg.clone()
+        }),
+        AdapterSpec::Prompt { .. } => {
+            candle_core::bail!("offsite-tuning trains LoRA or full layers, not prompts")
+        }
+    })
 }
 
 fn rename_layer(name: &str, kept: &[usize]) -> Result<String> {
@@ -408,32 +463,89 @@ pub fn load_emulator(
     dtype: DType,
     device: &Device,
 ) -> Result<Option<(Emulator, Distilled)>> {
-    let info_path = dir.join(EMULATOR_INFO);
-    if !info_path.is_file() {
+    let Some(info) = read_info(dir)? else {
+        return Ok(None);
+    };
+    if &info.origin != origin {
+        return Err(info_error(
+            dir,
+            format!(
+                "the emulator saved here was made from other settings ({}); \
+                 point offsite.emulator_path elsewhere or delete the directory",
+                differences(&info.origin, origin).join(", ")
+            ),
+        ));
+    }
+    load_weights(dir, info, dtype, device).map(Some)
+}
+
+/// The emulator saved in `dir` for evaluation (FS-LLM's `eval_type =
+/// "emu"`), checking that it was made from the full model whose content
+/// digest ([`crate::fetch::content_digest`]) is `model_sha256`: that model
+/// supplies the tokenizer.
+pub fn open_emulator(
+    dir: &Path,
+    model_sha256: &str,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Emulator, Distilled)> {
+    let info = read_info(dir)?.ok_or_else(|| {
+        candle_core::Error::msg(format!(
+            "{} holds no emulator ({EMULATOR_INFO}): give the directory a FedOT \
+             course saved with offsite.emulator_path",
+            dir.display()
+        ))
+    })?;
+    let made_from = info.origin.get("model_sha256").and_then(|v| v.as_str());
+    if made_from != Some(model_sha256) {
+        return Err(info_error(
+            dir,
+            format!(
+                "the emulator was made from another model (SHA-256 {}, this one's is \
+                 {model_sha256}); give the model it was made from with --model",
+                made_from.unwrap_or("unrecorded")
+            ),
+        ));
+    }
+    load_weights(dir, info, dtype, device)
+}
+
+/// `message` about the `emulator.json` in `dir`.
+fn info_error(dir: &Path, message: String) -> candle_core::Error {
+    candle_core::Error::msg(format!("{}: {message}", dir.join(EMULATOR_INFO).display()))
+}
+
+/// The description in `dir`, `None` when it has none.
+fn read_info(dir: &Path) -> Result<Option<SavedEmulator>> {
+    let path = dir.join(EMULATOR_INFO);
+    if !path.is_file() {
         return Ok(None);
     }
-    let fail = |what: String| candle_core::Error::msg(format!("{}: {what}", info_path.display()));
-    let text = std::fs::read_to_string(&info_path).map_err(|e| fail(e.to_string()))?;
-    let info: SavedEmulator = serde_json::from_str(&text).map_err(|e| fail(e.to_string()))?;
-    if &info.origin != origin {
-        return Err(fail(format!(
-            "the emulator saved here was made from other settings ({}); \
-             point offsite.emulator_path elsewhere or delete the directory",
-            differences(&info.origin, origin).join(", ")
-        )));
-    }
+    let text = std::fs::read_to_string(&path).map_err(|e| info_error(dir, e.to_string()))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| info_error(dir, e.to_string()))
+}
+
+/// The weights `info` describes, from `dir`.
+fn load_weights(
+    dir: &Path,
+    info: SavedEmulator,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Emulator, Distilled)> {
     let weights = candle_core::safetensors::load(dir.join(EMULATOR_WEIGHTS), device)?;
     let model = Llama::from_named(info.llama_config, |name| {
         weights
             .get(name)
-            .ok_or_else(|| fail(format!("the saved weights lack `{name}`")))?
+            .ok_or_else(|| info_error(dir, format!("the saved weights lack `{name}`")))?
             .to_dtype(dtype)
     })?;
     let emu = Emulator {
         model,
         kept: info.kept_layers,
     };
-    Ok(Some((emu, info.distilled)))
+    Ok((emu, info.distilled))
 }
 
 /// `key: saved → now` for each top-level key (one level into objects)

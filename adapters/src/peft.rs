@@ -72,11 +72,6 @@ pub fn save_lora(
     params: &ParamSet,
     base_model: &str,
 ) -> Result<(), PeftError> {
-    let io = |message: String| PeftError::Io {
-        path: dir.display().to_string(),
-        message,
-    };
-    std::fs::create_dir_all(dir).map_err(|e| io(e.to_string()))?;
     let json = AdapterConfigJson {
         peft_type: "LORA".into(),
         task_type: Some("CAUSAL_LM".into()),
@@ -94,7 +89,22 @@ pub fn save_lora(
         inference_mode: true,
         layers_to_transform: config.layers_to_transform.clone(),
     };
-    let text = serde_json::to_string_pretty(&json).map_err(|e| io(e.to_string()))?;
+    write_adapter_dir(dir, &json, params)
+}
+
+/// `dir` with `config` as `adapter_config.json` and `params` as
+/// `adapter_model.safetensors`.
+fn write_adapter_dir(
+    dir: &Path,
+    config: &impl Serialize,
+    params: &ParamSet,
+) -> Result<(), PeftError> {
+    let io = |message: String| PeftError::Io {
+        path: dir.display().to_string(),
+        message,
+    };
+    std::fs::create_dir_all(dir).map_err(|e| io(e.to_string()))?;
+    let text = serde_json::to_string_pretty(config).map_err(|e| io(e.to_string()))?;
     std::fs::write(dir.join("adapter_config.json"), text).map_err(|e| io(e.to_string()))?;
     let tensors = tensors_of(params).map_err(|e| io(e.to_string()))?;
     candle_core::safetensors::save(&tensors, dir.join("adapter_model.safetensors"))
@@ -251,6 +261,26 @@ pub fn save_prompt(
         .map_err(|e| io(e.to_string()))
 }
 
+/// Writes weights trained in full ([`crate::full`]): the deltas in
+/// `adapter_model.safetensors`, and an `adapter_config.json` in PEFT's
+/// shape whose `peft_type` is fedtune's own (no PEFT method loads it).
+fn save_full(
+    dir: &Path,
+    config: &crate::full::FullConfig,
+    params: &ParamSet,
+    base_model: &str,
+) -> Result<(), PeftError> {
+    let json = serde_json::json!({
+        "peft_type": crate::adapter::FULL_PEFT_TYPE,
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "target_modules": config.target_modules,
+        "layers_to_transform": config.layers_to_transform,
+        "fedtune": "each tensor is the change to the base model's weight of the same path (`delta` for `weight`)",
+    });
+    write_adapter_dir(dir, &json, params)
+}
+
 /// Writes any adapter of `spec` (LoRA or prompt learning) in PEFT's layout.
 pub fn save_adapter(
     dir: &Path,
@@ -261,6 +291,7 @@ pub fn save_adapter(
 ) -> Result<(), PeftError> {
     match spec {
         crate::adapter::AdapterSpec::Lora(cfg) => save_lora(dir, cfg, params, base_model),
+        crate::adapter::AdapterSpec::Full(cfg) => save_full(dir, cfg, params, base_model),
         crate::adapter::AdapterSpec::Prompt { method, config, .. } => {
             save_prompt(dir, (*method, config), params, model, base_model)
         }
@@ -285,6 +316,20 @@ pub fn load_adapter(dir: &Path) -> Result<(crate::adapter::AdapterSpec, ParamSet
     if peft_type == "LORA" {
         let (cfg, params) = load_lora(dir)?;
         return Ok((crate::adapter::AdapterSpec::Lora(cfg), params));
+    }
+    if peft_type == crate::adapter::FULL_PEFT_TYPE {
+        let config: crate::full::FullConfig = serde_json::from_value(serde_json::json!({
+            "target_modules": json["target_modules"],
+            "layers_to_transform": json["layers_to_transform"],
+        }))
+        .map_err(|e| io(&path, e.to_string()))?;
+        let file = dir.join("adapter_model.safetensors");
+        let tensors = candle_core::safetensors::load(&file, &Device::Cpu)
+            .map_err(|e| io(&file, e.to_string()))?;
+        return Ok((
+            crate::adapter::AdapterSpec::Full(config),
+            params_of(tensors, &file)?,
+        ));
     }
     let method = match peft_type {
         "PROMPT_TUNING" => PromptMethod::Prompt,

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Result};
 use clap::Args;
 use fedtune_adapters::course::held_out::held_out_loss;
-use fedtune_adapters::course::{CourseFile, Loaded};
+use fedtune_adapters::course::{Base, CourseFile, Loaded};
 use fedtune_adapters::data;
 use fedtune_adapters::eval::sandbox;
 use fedtune_adapters::eval::suite::{
@@ -57,6 +57,12 @@ pub struct EvalArgs {
     /// `[model] path`, else SmolLM2-135M-Instruct, fetched on first use).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// A FedOT emulator directory (what `offsite.emulator_path` saved):
+    /// evaluate on it instead of the full model, as FS-LLM's `eval_type =
+    /// "emu"` does, usually with the course's `adapter-emulator/`. --model
+    /// names the full model it was made from (checked), whose tokenizer it uses.
+    #[arg(long)]
+    pub emulator: Option<PathBuf>,
     /// Where the data sets are (default: $FEDTUNE_DATA_ROOT, ./data, ../shared/data).
     #[arg(long)]
     pub data_root: Option<PathBuf>,
@@ -108,7 +114,14 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         .model
         .clone()
         .or_else(|| course.as_ref().and_then(CourseFile::model_path));
-    let loaded = Loaded::load(model.as_deref(), args.adapter.as_deref(), &say)?;
+    let loaded = match &args.emulator {
+        Some(dir) => Loaded::with_adapter(
+            Base::emulator(dir, model.as_deref(), &say)?,
+            args.adapter.as_deref(),
+            &say,
+        )?,
+        None => Loaded::load(model.as_deref(), args.adapter.as_deref(), &say)?,
+    };
     let mut reports = Vec::new();
     for (named, items) in tasks.iter().zip(loaded_items) {
         let name = match named {
@@ -121,7 +134,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
                 "{}-{name}.json",
                 p.file_stem().unwrap_or_default().to_string_lossy(),
             )),
-            (None, _) => default_out(&name, args.adapter.as_deref()),
+            (None, _) => default_out(&name, args.emulator.is_some(), args.adapter.as_deref()),
         };
         let report = match (named, items, &course) {
             (Named::Task(task), Some(items), _) => evaluate(
@@ -163,8 +176,9 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-/// `runs/eval/TASK[-ADAPTER].json`, the adapter named by its last two path parts.
-fn default_out(name: &str, adapter: Option<&Path>) -> PathBuf {
+/// `runs/eval/TASK[-emulator][-ADAPTER].json`, the adapter named by its last
+/// two path parts.
+fn default_out(name: &str, emulator: bool, adapter: Option<&Path>) -> PathBuf {
     let who = match adapter {
         Some(dir) => format!(
             "-{}",
@@ -182,5 +196,6 @@ fn default_out(name: &str, adapter: Option<&Path>) -> PathBuf {
         ),
         None => String::new(),
     };
-    PathBuf::from("runs/eval").join(format!("{name}{who}.json"))
+    let on = if emulator { "-emulator" } else { "" };
+    PathBuf::from("runs/eval").join(format!("{name}{on}{who}.json"))
 }

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use clap::Args;
-use fedtune_adapters::course::process::server_process;
+use fedtune_adapters::course::process::{check_federated, server_process};
 use fedtune_adapters::course::CourseFile;
 use fedtune_adapters::progress::Observer;
 use fedtune_kernel::course::{roll_call, server_worker_from};
@@ -60,6 +60,7 @@ pub struct ServerArgs {
 pub fn server(args: ServerArgs) -> Result<()> {
     let started = Instant::now();
     let course = CourseFile::load(&args.config, &args.set)?;
+    check_federated(&course)?;
     let cfg = &course.cfg;
     let mut out = run_output(
         &course,

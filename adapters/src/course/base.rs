@@ -87,6 +87,32 @@ impl Base {
             path,
         })
     }
+
+    /// The emulator a FedOT course saved in `dir` (`offsite.emulator_path`),
+    /// with the tokenizer of the full model at `path` (the default model
+    /// when `None`), which it must have been made from: what FS-LLM's
+    /// `eval_type = "emu"` scores, with the course's `adapter-emulator/`.
+    pub fn emulator(dir: &Path, path: Option<&Path>, say: &dyn Fn(&str)) -> Result<Self> {
+        let path = model_path(path, say)?;
+        let digest = crate::fetch::content_digest(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let (emu, distilled) =
+            crate::offsite::open_emulator(dir, &digest, DType::F32, &Device::Cpu)
+                .with_context(|| format!("loading the emulator {}", dir.display()))?;
+        say(&format!(
+            "emulator {}: the full model's layers {:?} ({} steps of alignment, KL {:.4} -> {:.4})",
+            dir.display(),
+            emu.kept,
+            distilled.steps,
+            distilled.kl_before,
+            distilled.kl_after
+        ));
+        Ok(Self {
+            tok: Arc::new(Self::load_tokenizer(Some(&path), say)?),
+            model: Arc::new(emu.model),
+            path: dir.to_path_buf(),
+        })
+    }
 }
 
 /// A loaded model, its tokenizer and (optionally) an adapter: what an evaluation runs.

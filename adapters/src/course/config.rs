@@ -277,10 +277,6 @@ impl LlmConfig {
     /// Fails early, naming the section, when the course's scenario and its
     /// LLM sections do not go together.
     fn check_scenario(&self, cfg: &CourseConfig) -> Result<()> {
-        ensure!(
-            !(self.offsite.enabled && cfg.course.mode != Mode::Fed),
-            "[offsite] (FedOT) applies to mode = \"fed\" only"
-        );
         // Sampling only means something for the federated scenario; say so rather than ignore it.
         let samples = cfg
             .course

@@ -3,6 +3,7 @@
 //! each joining client, and the trained adapter plugged back into the full
 //! model at the end. The emulator itself is [`crate::offsite`]'s.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use fedtune_kernel::{Meta, ParamSet};
@@ -14,10 +15,9 @@ use super::store::AdapterStore;
 use super::{Context, Result};
 use crate::adapter::AdapterSpec;
 use crate::data::{self, DataSpec, Template};
-use crate::lora::LoraConfig;
 use crate::model::{Llama, LlamaConfig, ProjectionAdapter};
 use crate::offsite::{
-    build_emulator, distill, load_emulator, lora_for_full, plug_into_full, save_emulator,
+    build_emulator, distill, load_emulator, plug_into_full, save_emulator, spec_for_full,
     Distilled, Emulator,
 };
 use crate::tokenizer::TextTokenizer;
@@ -92,7 +92,7 @@ pub fn emulator(
                 distilled.kl_before,
                 distilled.kl_after
             ));
-            let spec = AdapterSpec::Lora(o.emulator_lora(&llm.lora, emu.kept.len()));
+            let spec = o.emulator_spec(&llm.lora, emu.kept.len());
             return Ok(Some((emu, spec, distilled)));
         }
     }
@@ -132,7 +132,7 @@ pub fn emulator(
             dir.display().to_string()
         ));
     }
-    let spec = AdapterSpec::Lora(o.emulator_lora(&llm.lora, emu.kept.len()));
+    let spec = o.emulator_spec(&llm.lora, emu.kept.len());
     Ok(Some((emu, spec, distilled)))
 }
 
@@ -142,8 +142,10 @@ pub fn emulator(
 fn origin(llm: &LlmConfig, model_path: &Path) -> Result<serde_json::Value> {
     let digest = crate::fetch::content_digest(model_path)
         .with_context(|| format!("reading {}", model_path.display()))?;
+    // Where it is kept and what clients train on it do not make an emulator.
     let settings = crate::offsite::OffsiteConfig {
         emulator_path: None,
+        tune: crate::offsite::Tune::Lora,
         ..llm.offsite.clone()
     };
     Ok(serde_json::json!({
@@ -188,7 +190,7 @@ fn distillation_data(
     ))
 }
 
-/// What FedOT's course ends with.
+/// What FedOT's (or LocalOT's) course ends with.
 #[derive(Debug, Serialize)]
 pub struct OffsiteSummary {
     /// The full model's layers the emulator kept.
@@ -198,52 +200,89 @@ pub struct OffsiteSummary {
     /// The adapter's trainable parameters.
     pub trainable_params: usize,
     /// Token-weighted test loss of the adapter plugged into the full model
-    /// (the course's own `test_loss_after` is on the emulator).
+    /// (in a local course each client's own, on its own test split; the
+    /// course's own `test_loss_after` is on the emulator).
     pub test_loss_full_model: Option<f64>,
     /// The full model without any adapter, on the same tokens.
     pub test_loss_full_model_base: Option<f64>,
+    /// LocalOT: each client's own adapter in the full model, on its own
+    /// test split (`test_loss_full_model` is their token-weighted mean).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub clients_test_loss_full_model: BTreeMap<u32, f64>,
     /// The emulator's alignment by distillation, when `offsite.distill_steps` asked for one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub distilled: Option<Distilled>,
 }
 
-/// FedOT's end: renames the emulator adapter `params` (LoRA `lora`, in the
-/// emulator's numbering) onto the full model's layers, saves it in `dir`
-/// (PEFT, for the full model named `base_name`) and measures the test loss
-/// of the full model with it (and without) over `test` batches.
+/// One adapter trained on the emulator, for [`plug_in`]: its parameters,
+/// where the full model's version goes, and the test batches it answers for.
+pub struct Trained<'a> {
+    /// The adapter, in the emulator's numbering.
+    pub params: &'a ParamSet,
+    /// The directory for the full model's adapter.
+    pub dir: &'a Path,
+    /// The test batches (per client) it is scored on.
+    pub test: &'a [Vec<Batch>],
+    /// The client whose own adapter it is (LocalOT); `None` for the course's.
+    pub client: Option<u32>,
+}
+
+/// FedOT's end (and LocalOT's, one adapter per client): renames each
+/// emulator adapter (of `spec`, in the emulator's numbering) onto the full
+/// model's layers, saves it (for the full model named `base_name`) and
+/// measures the token-weighted test loss of the full model with each
+/// adapter on its own test batches, and without any on all of them.
 pub fn plug_in(
     full: &Llama,
     emu: &Emulator,
-    (lora, params): (&LoraConfig, &ParamSet),
-    test: &[Vec<Batch>],
-    (dir, base_name): (&Path, &str),
+    spec: &AdapterSpec,
+    trained: &[Trained<'_>],
+    base_name: &str,
 ) -> Result<OffsiteSummary> {
-    let plugged = plug_into_full(params, &emu.kept).context("renaming the emulator adapter")?;
-    let spec = AdapterSpec::Lora(lora_for_full(lora, &emu.kept));
-    AdapterStore::new(spec.clone(), full.config().clone(), base_name).write(dir, &plugged)?;
-    let adapter = spec
-        .build(full, 0)
-        .context("building the plugged adapter")?;
-    adapter
-        .load_param_set(&plugged)
-        .context("loading the plugged adapter")?;
-    adapter.set_grad_enabled(false);
-    let loss_of = |with: Option<&dyn ProjectionAdapter>| -> Result<Option<f64>> {
-        let (mut sum, mut tokens) = (0.0, 0usize);
-        for batches in test {
-            let (s, t) =
-                summed_token_loss(full, with, batches).context("scoring the full model")?;
-            sum += s;
-            tokens += t;
+    let spec = spec_for_full(spec, &emu.kept).context("the adapter for the full model")?;
+    let store = AdapterStore::new(spec.clone(), full.config().clone(), base_name);
+    let loss_of =
+        |with: Option<&dyn ProjectionAdapter>, test: &[Vec<Batch>]| -> Result<(f64, usize)> {
+            let (mut sum, mut tokens) = (0.0, 0usize);
+            for batches in test {
+                let (s, t) =
+                    summed_token_loss(full, with, batches).context("scoring the full model")?;
+                sum += s;
+                tokens += t;
+            }
+            Ok((sum, tokens))
+        };
+    let mean = |(sum, tokens): (f64, usize)| (tokens > 0).then(|| sum / tokens as f64);
+    let (mut with, mut without) = ((0.0, 0), (0.0, 0));
+    let mut trainable_params = 0;
+    let mut per_client = BTreeMap::new();
+    for t in trained {
+        let plugged =
+            plug_into_full(t.params, &emu.kept).context("renaming the emulator adapter")?;
+        store.write(t.dir, &plugged)?;
+        let adapter = spec
+            .build(full, 0)
+            .context("building the plugged adapter")?;
+        adapter
+            .load_param_set(&plugged)
+            .context("loading the plugged adapter")?;
+        adapter.set_grad_enabled(false);
+        let (s, n) = loss_of(Some(adapter.as_ref() as &dyn ProjectionAdapter), t.test)?;
+        with = (with.0 + s, with.1 + n);
+        if let (Some(id), Some(loss)) = (t.client, mean((s, n))) {
+            per_client.insert(id, loss);
         }
-        Ok((tokens > 0).then(|| sum / tokens as f64))
-    };
+        let (s, n) = loss_of(None, t.test)?;
+        without = (without.0 + s, without.1 + n);
+        trainable_params = plugged.num_elements();
+    }
     Ok(OffsiteSummary {
         kept_layers: emu.kept.clone(),
         full_layers: full.config().num_hidden_layers,
-        trainable_params: plugged.num_elements(),
-        test_loss_full_model: loss_of(Some(adapter.as_ref() as &dyn ProjectionAdapter))?,
-        test_loss_full_model_base: loss_of(None)?,
+        trainable_params,
+        test_loss_full_model: mean(with),
+        test_loss_full_model_base: mean(without),
+        clients_test_loss_full_model: per_client,
         distilled: None,
     })
 }

@@ -15,19 +15,20 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use fedtune_kernel::config::Mode;
 use fedtune_kernel::course::{ServerResults, ServerSetup, SharedTrainer};
 use fedtune_kernel::{Checkpoints, Meta, MetricsLog, MsgpackStore, ParamSet, ParamStore, Record};
 use serde::Serialize;
 
 use super::base::Base;
 use super::config::{CourseFile, Task};
-use super::offsite::{emulator, plug_in, BaseModelInfo};
+use super::offsite::{emulator, plug_in, BaseModelInfo, Trained};
 use super::run_dir::Output;
 use super::store::AdapterStore;
 use super::summary::{losses_at, traffic, BestSummary, PrivacySummary};
 use super::trainer::{client_process_trainer, offsite_client_trainer, trainer_error};
 use super::{ensure, scripts, Context, Result};
-use crate::lora::LoraConfig;
+use crate::adapter::AdapterSpec;
 use crate::offsite::Emulator;
 use crate::progress::Observer;
 use crate::round_robin::RoundRobinTrainer;
@@ -52,11 +53,25 @@ pub struct ServerEnd {
     store: Arc<dyn ParamStore>,
     /// Whether the parameters are an adapter (else plain parameters).
     adapter: bool,
-    /// FedOT: the emulator, its LoRA and the full model, to plug the adapter into at the end.
-    offsite: Option<(Emulator, LoraConfig, Base)>,
+    /// FedOT: the emulator, what clients train on it and the full model, to plug the adapter into at the end.
+    offsite: Option<(Emulator, AdapterSpec, Base)>,
     out: PathBuf,
     privacy: fedtune_kernel::privacy::PrivacySection,
     keep_best: Option<String>,
+}
+
+/// Fails unless `course` is federated (`mode = "fed"`): the only kind a
+/// server and its clients run.
+pub fn check_federated(course: &CourseFile) -> Result<()> {
+    let mode = course.cfg.course.mode;
+    ensure!(
+        mode == Mode::Fed,
+        "federate.mode in {}: a server runs federated courses (mode = \"fed\"); \
+         run a {} course with `fedtune run`",
+        course.doc.origin(),
+        format!("{mode:?}").to_lowercase()
+    );
+    Ok(())
 }
 
 /// The server's side of a course, for a process of its own: the initial (or
@@ -69,6 +84,7 @@ pub fn server_process(
     observer: Arc<dyn Observer>,
 ) -> Result<ServerProcess> {
     let cfg = &course.cfg;
+    check_federated(course)?;
     let say = |line: &str| observer.say(line);
     let mut offsite = None;
     let (initial, store): (ParamSet, Arc<dyn ParamStore>) = match &course.task {
@@ -87,10 +103,7 @@ pub fn server_process(
                             emu.kept
                         ));
                         let model = emu.model.clone();
-                        let crate::adapter::AdapterSpec::Lora(lora) = &spec else {
-                            unreachable!("offsite-tuning trains LoRA")
-                        };
-                        offsite = Some((emu, lora.clone(), base.clone()));
+                        offsite = Some((emu, spec.clone(), base.clone()));
                         (model, spec)
                     }
                     None => ((*base.model).clone(), llm.spec(&base.tok)?),
@@ -228,15 +241,15 @@ impl ServerEnd {
             }
             _ => None,
         };
-        if let Some((emu, lora, full)) = &self.offsite {
+        if let Some((emu, spec, full)) = &self.offsite {
             // The adapter plugged into the full model (no test data here: the clients evaluate).
-            plug_in(
-                &full.model,
-                emu,
-                (lora, &results.global),
-                &[],
-                (&self.out.join("adapter"), &full.file_name()),
-            )?;
+            let trained = Trained {
+                params: &results.global,
+                dir: &self.out.join("adapter"),
+                test: &[],
+                client: None,
+            };
+            plug_in(&full.model, emu, spec, &[trained], &full.file_name())?;
         }
         let (bytes_up, bytes_down) = traffic(&results.records);
         let summary = ServerSummary {

@@ -15,7 +15,7 @@
 //! `metrics.jsonl`, `checkpoints/`, `adapter/` and `summary.json`.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -29,7 +29,7 @@ use super::base::Base;
 use super::config::{CourseFile, LlmConfig};
 use super::data::{batches, client_data, course_data, prepare, Prepared};
 use super::held_out::evaluate_at_end;
-use super::offsite::{emulator, plug_in, OffsiteSummary};
+use super::offsite::{emulator, plug_in, OffsiteSummary, Trained};
 use super::run_dir::Output;
 use super::store::AdapterStore;
 use super::summary::{
@@ -189,14 +189,8 @@ pub fn run_llm_on(
             emulated.as_ref(),
             &adapter_dir,
         )?,
-        Mode::Global => {
-            setup.global(&adapter_dir)?;
-            (None, None)
-        }
-        Mode::Local => {
-            setup.local(&adapter_dir)?;
-            (None, None)
-        }
+        Mode::Global => (setup.global(emulated.as_ref(), &adapter_dir)?, None),
+        Mode::Local => (setup.local(emulated.as_ref(), &adapter_dir)?, None),
     };
     let mut summary = setup.summarize(&adapter_dir, offsite, started)?;
     summary.best = best;
@@ -390,35 +384,79 @@ impl Setup<'_> {
                 Ok(BestSummary::new(key, b, report.stopped_early, &dir))
             })
             .transpose()?;
-        let Some((emu, emu_spec, distilled)) = emulated else {
+        if emulated.is_none() {
             self.store.write(adapter_dir, &report.final_params)?;
             self.write_client_adapters(&trainer, &report.final_params, adapter_dir)?;
-            return Ok((None, best));
+        }
+        let offsite = self.plug_in(emulated, &[(&report.final_params, None)], adapter_dir)?;
+        Ok((offsite, best))
+    }
+
+    /// With FedOT (or LocalOT, one adapter per client), each adapter
+    /// trained on the emulator — `(params, Some(client))` for a client's
+    /// own, `(params, None)` for the course's — is saved under
+    /// `adapter-emulator/` and, plugged into the full model, under
+    /// `adapter_dir` (`client-N/` for a client's), and scored on the full
+    /// model: a client's on its own test split, the course's on all.
+    fn plug_in(
+        &self,
+        emulated: Option<&(Emulator, AdapterSpec, Distilled)>,
+        trained: &[(&ParamSet, Option<u32>)],
+        adapter_dir: &Path,
+    ) -> Result<Option<OffsiteSummary>> {
+        let Some((emu, emu_spec, distilled)) = emulated else {
+            return Ok(None);
         };
-        let AdapterSpec::Lora(emu_lora) = emu_spec else {
-            unreachable!("offsite-tuning trains LoRA")
-        };
-        self.store
-            .write(&self.out.dir.join("adapter-emulator"), &report.final_params)?;
         let test: Vec<Vec<Batch>> = self
             .prepared
             .iter()
             .map(|p| self.batch(&p.test, self.llm.train.eval_batch_size, None))
             .collect::<Result<_>>()?;
+        let sub = |dir: &Path, client: Option<u32>| match client {
+            Some(id) => dir.join(format!("client-{id}")),
+            None => dir.to_path_buf(),
+        };
+        let dirs: Vec<PathBuf> = trained
+            .iter()
+            .map(|(params, client)| {
+                self.store.write(
+                    &sub(&self.out.dir.join("adapter-emulator"), *client),
+                    params,
+                )?;
+                Ok(sub(adapter_dir, *client))
+            })
+            .collect::<Result<_>>()?;
+        let plugged: Vec<Trained<'_>> = trained
+            .iter()
+            .zip(&dirs)
+            .map(|((params, client), dir)| Trained {
+                params,
+                dir,
+                test: match client {
+                    Some(id) => &test[*id as usize - 1..*id as usize],
+                    None => &test,
+                },
+                client: *client,
+            })
+            .collect();
         let mut summary = plug_in(
             &self.base.model,
             emu,
-            (emu_lora, &report.final_params),
-            &test,
-            (adapter_dir, &self.base.file_name()),
+            emu_spec,
+            &plugged,
+            &self.base.file_name(),
         )?;
         summary.distilled = (distilled.steps > 0).then(|| distilled.clone());
-        Ok((Some(summary), best))
+        Ok(Some(summary))
     }
 
     /// The global scenario: one client with everyone's training data,
     /// evaluated on each client's test split.
-    fn global(&self, adapter_dir: &Path) -> Result<()> {
+    fn global(
+        &self,
+        emulated: Option<&(Emulator, AdapterSpec, Distilled)>,
+        adapter_dir: &Path,
+    ) -> Result<Option<OffsiteSummary>> {
         let all_train: Vec<Tokenized> =
             self.prepared.iter().flat_map(|p| p.train.clone()).collect();
         let mut eval = Vec::new();
@@ -450,16 +488,25 @@ impl Setup<'_> {
         let start = (self.start()?, self.checkpoints(None));
         let (report, _) =
             self.course(&single_client(cfg), start, trainer, Box::new(FedAvg), None)?;
-        self.store.write(adapter_dir, &report.final_params)
+        if emulated.is_none() {
+            self.store.write(adapter_dir, &report.final_params)?;
+        }
+        self.plug_in(emulated, &[(&report.final_params, None)], adapter_dir)
     }
 
-    /// The local scenario: one single-client course per client, with no aggregation.
-    fn local(&self, adapter_dir: &Path) -> Result<()> {
+    /// The local scenario: one single-client course per client, with no
+    /// aggregation (with `[offsite]`, LocalOT: each client tunes the emulator alone).
+    fn local(
+        &self,
+        emulated: Option<&(Emulator, AdapterSpec, Distilled)>,
+        adapter_dir: &Path,
+    ) -> Result<Option<OffsiteSummary>> {
         let l_cfg = single_client(&self.course.cfg);
         let initial = match self.start()? {
             Start::Fresh(p) => p,
             Start::After(found) => found.params,
         };
+        let mut trained = Vec::new();
         for (c, p) in self.prepared.iter().enumerate() {
             let id = c as u32 + 1;
             self.observer
@@ -476,12 +523,16 @@ impl Setup<'_> {
                 self.checkpoints(Some(&format!("client-{id}"))),
             );
             let (report, _) = self.course(&l_cfg, start, trainer, Box::new(FedAvg), Some(id))?;
-            self.store.write(
-                &adapter_dir.join(format!("client-{id}")),
-                &report.final_params,
-            )?;
+            if emulated.is_none() {
+                self.store.write(
+                    &adapter_dir.join(format!("client-{id}")),
+                    &report.final_params,
+                )?;
+            }
+            trained.push((report.final_params, Some(id)));
         }
-        Ok(())
+        let trained: Vec<(&ParamSet, Option<u32>)> = trained.iter().map(|(p, c)| (p, *c)).collect();
+        self.plug_in(emulated, &trained, adapter_dir)
     }
 
     /// The summary, from the whole metrics file: a resumed course's

@@ -23,7 +23,7 @@ use super::{ensure, Context, CourseError, Result};
 use crate::data;
 
 /// The files and folders a run writes: what `--overwrite` deletes.
-const RUN_FILES: [&str; 16] = [
+const RUN_FILES: [&str; 17] = [
     "config.toml",
     "metrics.jsonl",
     "summary.json",
@@ -33,6 +33,7 @@ const RUN_FILES: [&str; 16] = [
     "checkpoints",
     "adapter",
     "adapter-emulator",
+    "adapter-emulator-best",
     "adapter-best",
     "final",
     "eval",

@@ -87,7 +87,7 @@ pub fn offsite_client_trainer(
         build: Box::new(move |model| {
             let layers = model.config().num_hidden_layers;
             let llm = course.llm()?;
-            let spec = AdapterSpec::Lora(llm.offsite.emulator_lora(&llm.lora, layers));
+            let spec = llm.offsite.emulator_spec(&llm.lora, layers);
             fed_trainer(
                 &course,
                 (model, &spec),
