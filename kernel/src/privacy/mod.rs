@@ -121,9 +121,10 @@ impl DpMode {
     }
 }
 
-/// Shipped strategies that central DP would break: their result is not a
-/// function of the mean update, or they send clients parameters of their own.
-const NOT_WITH_CENTRAL_DP: [&str; 8] = [
+/// Shipped strategies that central DP or secure aggregation would break:
+/// their result is not a function of the mean update, or they send clients
+/// parameters of their own.
+const NEEDS_EACH_UPDATE: [&str; 8] = [
     "median",
     "trimmed_mean",
     "krum",
@@ -133,6 +134,21 @@ const NOT_WITH_CENTRAL_DP: [&str; 8] = [
     "flexlora",
     "hetlora",
 ];
+
+/// Refuses `strategy` when it is one of [`NEEDS_EACH_UPDATE`]: `hides` says
+/// what the server sees instead of each client's update, `or_else` what
+/// else a user may change.
+fn each_update_needed(strategy: Option<&str>, hides: &str, or_else: &str) -> Result<(), KeyError> {
+    match strategy {
+        Some(name) if NEEDS_EACH_UPDATE.contains(&crate::script::shipped_name(name)) => {
+            Err(KeyError::new(
+                "aggregator.script",
+                format!("`{name}` needs each client's own update or sends clients parameters of their own, but {hides} (use fedavg, fedavgm, fedadam, fedyogi or fedadagrad{or_else})"),
+            ))
+        }
+        _ => Ok(()),
+    }
+}
 
 impl PrivacySection {
     /// Whether any DP is on.
@@ -237,13 +253,12 @@ impl PrivacySection {
             positive("privacy.count_noise", self.count_std(per_round))?;
             self.update_noise_multiplier(per_round)?;
         }
-        if let (DpMode::Central, Some(name)) = (self.dp, strategy) {
-            if NOT_WITH_CENTRAL_DP.contains(&crate::script::shipped_name(name)) {
-                return Err(KeyError::new(
-                    "aggregator.script",
-                    format!("`{name}` needs each client's own update or sends clients parameters of their own, but with privacy.dp = \"central\" the strategy sees only the clipped, noised mean of the updates (use fedavg, fedavgm, fedadam, fedyogi or fedadagrad, or dp = \"local\")"),
-                ));
-            }
+        if self.dp == DpMode::Central {
+            each_update_needed(
+                strategy,
+                "with privacy.dp = \"central\" the strategy sees only the clipped, noised mean of the updates",
+                ", or dp = \"local\"",
+            )?;
         }
         if let Some(target) = self.target_epsilon {
             positive("privacy.target_epsilon", target)?;
@@ -295,15 +310,11 @@ impl PrivacySection {
                 format!("must be between 0 and 1, got {}", self.secagg_threshold),
             ));
         }
-        if let Some(name) = strategy {
-            if NOT_WITH_CENTRAL_DP.contains(&crate::script::shipped_name(name)) {
-                return Err(KeyError::new(
-                    "aggregator.script",
-                    format!("`{name}` needs each client's own update or sends clients parameters of their own, but with secure aggregation the server learns only the sample-weighted sum of the updates (use fedavg, fedavgm, fedadam, fedyogi or fedadagrad)"),
-                ));
-            }
-        }
-        Ok(())
+        each_update_needed(
+            strategy,
+            "with secure aggregation the server learns only the sample-weighted sum of the updates",
+            "",
+        )
     }
 }
 
@@ -757,6 +768,14 @@ mod tests {
         cfg.target_epsilon = None;
         let err = cfg.validate(10, 3, 3, Some("krum")).unwrap_err();
         assert_eq!(err.key, "aggregator.script");
+        assert!(
+            err.message
+                .contains("`krum` needs each client's own update")
+                && err.message.contains("clipped, noised mean")
+                && err.message.contains("fedadagrad, or dp = \"local\")"),
+            "{}",
+            err.message
+        );
         assert!(cfg.validate(10, 3, 3, Some("fedadam")).is_ok());
         cfg.adaptive_clip = true;
         cfg.count_noise = Some(0.4);
