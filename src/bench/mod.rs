@@ -57,7 +57,8 @@ pub enum BenchCommand {
     /// client per round, seconds per training step, peak memory.
     Peft {
         /// Methods to measure, comma-separated (lora, prompt, p-tuning, prefix,
-        /// fedot-RATIO: LoRA in a 2 + 2-layer emulator with that drop ratio).
+        /// fedot-RATIO: LoRA in a 2 + 2-layer emulator with that drop ratio,
+        /// fedot-full-RATIO: those 2 + 2 layers trained in full).
         #[arg(
             long,
             value_delimiter = ',',

@@ -12,7 +12,7 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::Device;
 use fedtune_adapters::adapter::AdapterSpec;
 use fedtune_adapters::lora::LoraConfig;
-use fedtune_adapters::offsite::{build_emulator, OffsiteConfig};
+use fedtune_adapters::offsite::{build_emulator, OffsiteConfig, Tune};
 use fedtune_adapters::prompt::{PromptConfig, PromptMethod};
 use fedtune_adapters::train::{NoHooks, Stepper, TrainConfig};
 use fedtune_kernel::{encode, Compression, EncodeOptions, Envelope, MsgKind, Party, Quantization};
@@ -55,7 +55,8 @@ fn spec(method: &str) -> Result<AdapterSpec> {
             ..LoraConfig::default()
         }),
         other => bail!(
-            "unknown method `{other}` (lora, prompt, p-tuning, prefix, fedot-RATIO such as fedot-0.5)"
+            "unknown method `{other}` (lora, prompt, p-tuning, prefix, fedot-RATIO such as \
+             fedot-0.5, fedot-full-RATIO for the adapter layers trained in full)"
         ),
     })
 }
@@ -63,21 +64,27 @@ fn spec(method: &str) -> Result<AdapterSpec> {
 /// Measures `method` in this process.
 fn measure(method: &str, steps: usize, batch: usize, seq_len: usize) -> Result<Row> {
     let loaded = default_model_f32()?;
-    // FedOT: LoRA in the emulator's 2 + 2 adapter layers, the middle dropped uniformly.
+    // FedOT: LoRA in the emulator's 2 + 2 adapter layers (or those layers
+    // trained in full), the middle dropped uniformly.
     let (model, spec) = match method.strip_prefix("fedot-") {
-        Some(ratio) => {
+        Some(rest) => {
+            let (tune, ratio) = match rest.strip_prefix("full-") {
+                Some(ratio) => (Tune::Full, ratio),
+                None => (Tune::Lora, rest),
+            };
             let cfg = OffsiteConfig {
                 enabled: true,
                 drop_ratio: ratio
                     .parse()
                     .with_context(|| format!("`{method}`: the drop ratio is not a number"))?,
+                tune,
                 ..OffsiteConfig::default()
             };
             let emu = build_emulator(&loaded.model, &cfg)?;
             let AdapterSpec::Lora(lora) = spec(method)? else {
-                unreachable!("FedOT trains LoRA")
+                unreachable!("FedOT's LoRA settings")
             };
-            let spec = AdapterSpec::Lora(cfg.emulator_lora(&lora, emu.kept.len()));
+            let spec = cfg.emulator_spec(&lora, emu.kept.len());
             (emu.model, spec)
         }
         None => (loaded.model, spec(method)?),
