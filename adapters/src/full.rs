@@ -43,19 +43,11 @@ impl FullConfig {
 
     /// The targeted projections, or an error naming an unknown module.
     pub fn projections(&self) -> std::result::Result<Vec<Projection>, KeyError> {
-        let mut out = Vec::new();
-        for name in &self.target_modules {
-            let p = Projection::from_name(name).ok_or_else(|| {
-                KeyError::new(
-                    "target_modules",
-                    format!("unknown projection `{name}` to train in full"),
-                )
-            })?;
-            if !out.contains(&p) {
-                out.push(p);
-            }
-        }
-        Ok(out)
+        Projection::parse_all(
+            &self.target_modules,
+            "target_modules",
+            "projection to train in full",
+        )
     }
 }
 

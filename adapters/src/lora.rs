@@ -51,22 +51,11 @@ impl Default for LoraConfig {
 impl LoraConfig {
     /// The targeted projections, or an error naming an unknown module.
     pub fn projections(&self) -> std::result::Result<Vec<Projection>, KeyError> {
-        let mut out = Vec::new();
-        for name in &self.target_modules {
-            let p = Projection::from_name(name).ok_or_else(|| {
-                let known: Vec<&str> = Projection::ALL.iter().map(|p| p.name()).collect();
-                KeyError::new(
-                    "lora.target_modules",
-                    format!(
-                        "unknown LoRA target module `{name}` (known: {})",
-                        known.join(", ")
-                    ),
-                )
-            })?;
-            if !out.contains(&p) {
-                out.push(p);
-            }
-        }
+        let out = Projection::parse_all(
+            &self.target_modules,
+            "lora.target_modules",
+            "LoRA target module",
+        )?;
         if out.is_empty() {
             return Err(KeyError::new(
                 "lora.target_modules",

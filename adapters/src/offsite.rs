@@ -332,10 +332,11 @@ pub fn spec_for_full(spec: &AdapterSpec, kept: &[usize]) -> Result<AdapterSpec> 
     };
     Ok(match spec {
         AdapterSpec::Lora(cfg) => AdapterSpec::Lora(LoraConfig {
-            layers_to_transform: match &cfg.layers_to_transform {
-                Some(l) => Some(renumber(l)?),
-                None => None,
-            },
+            layers_to_transform: cfg
+                .layers_to_transform
+                .as_deref()
+                .map(renumber)
+                .transpose()?,
             ..cfg.clone()
         }),
         AdapterSpec::Full(cfg) => AdapterSpec::Full(FullConfig {
@@ -424,6 +425,10 @@ struct SavedEmulator {
     distilled: Distilled,
 }
 
+/// The key of a saved emulator's `origin` that holds the full model's
+/// content digest ([`crate::fetch::content_digest`]).
+pub const ORIGIN_MODEL_DIGEST: &str = "model_sha256";
+
 const EMULATOR_WEIGHTS: &str = "emulator.safetensors";
 const EMULATOR_INFO: &str = "emulator.json";
 
@@ -496,7 +501,7 @@ pub fn open_emulator(
             dir.display()
         ))
     })?;
-    let made_from = info.origin.get("model_sha256").and_then(|v| v.as_str());
+    let made_from = info.origin[ORIGIN_MODEL_DIGEST].as_str();
     if made_from != Some(model_sha256) {
         return Err(info_error(
             dir,

@@ -148,12 +148,13 @@ fn origin(llm: &LlmConfig, model_path: &Path) -> Result<serde_json::Value> {
         tune: crate::offsite::Tune::Lora,
         ..llm.offsite.clone()
     };
-    Ok(serde_json::json!({
-        "model_sha256": digest,
+    let mut origin = serde_json::json!({
         "offsite": settings,
         "distill_batch_size": llm.train.batch_size,
         "distill_max_tokens": llm.data.max_tokens,
-    }))
+    });
+    origin[crate::offsite::ORIGIN_MODEL_DIGEST] = digest.into();
+    Ok(origin)
 }
 
 /// Public text for the emulator's alignment: training batches and a tenth

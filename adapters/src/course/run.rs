@@ -384,27 +384,34 @@ impl Setup<'_> {
                 Ok(BestSummary::new(key, b, report.stopped_early, &dir))
             })
             .transpose()?;
+        let offsite = self.save_adapters(emulated, &[(&report.final_params, None)], adapter_dir)?;
         if emulated.is_none() {
-            self.store.write(adapter_dir, &report.final_params)?;
             self.write_client_adapters(&trainer, &report.final_params, adapter_dir)?;
         }
-        let offsite = self.plug_in(emulated, &[(&report.final_params, None)], adapter_dir)?;
         Ok((offsite, best))
     }
 
-    /// With FedOT (or LocalOT, one adapter per client), each adapter
-    /// trained on the emulator — `(params, Some(client))` for a client's
-    /// own, `(params, None)` for the course's — is saved under
-    /// `adapter-emulator/` and, plugged into the full model, under
-    /// `adapter_dir` (`client-N/` for a client's), and scored on the full
-    /// model: a client's on its own test split, the course's on all.
-    fn plug_in(
+    /// Saves each adapter a scenario trained — `(params, Some(client))` for
+    /// a client's own, `(params, None)` for the course's — under
+    /// `adapter_dir` (`client-N/` for a client's). With FedOT (or LocalOT)
+    /// they were trained on the emulator: each goes under
+    /// `adapter-emulator/` as it is and under `adapter_dir` plugged into the
+    /// full model, where it is scored (a client's on its own test split, the
+    /// course's on all).
+    fn save_adapters(
         &self,
         emulated: Option<&(Emulator, AdapterSpec, Distilled)>,
         trained: &[(&ParamSet, Option<u32>)],
         adapter_dir: &Path,
     ) -> Result<Option<OffsiteSummary>> {
+        let sub = |dir: &Path, client: Option<u32>| match client {
+            Some(id) => dir.join(format!("client-{id}")),
+            None => dir.to_path_buf(),
+        };
         let Some((emu, emu_spec, distilled)) = emulated else {
+            for (params, client) in trained {
+                self.store.write(&sub(adapter_dir, *client), params)?;
+            }
             return Ok(None);
         };
         let test: Vec<Vec<Batch>> = self
@@ -412,10 +419,6 @@ impl Setup<'_> {
             .iter()
             .map(|p| self.batch(&p.test, self.llm.train.eval_batch_size, None))
             .collect::<Result<_>>()?;
-        let sub = |dir: &Path, client: Option<u32>| match client {
-            Some(id) => dir.join(format!("client-{id}")),
-            None => dir.to_path_buf(),
-        };
         let dirs: Vec<PathBuf> = trained
             .iter()
             .map(|(params, client)| {
@@ -488,10 +491,7 @@ impl Setup<'_> {
         let start = (self.start()?, self.checkpoints(None));
         let (report, _) =
             self.course(&single_client(cfg), start, trainer, Box::new(FedAvg), None)?;
-        if emulated.is_none() {
-            self.store.write(adapter_dir, &report.final_params)?;
-        }
-        self.plug_in(emulated, &[(&report.final_params, None)], adapter_dir)
+        self.save_adapters(emulated, &[(&report.final_params, None)], adapter_dir)
     }
 
     /// The local scenario: one single-client course per client, with no
@@ -523,16 +523,16 @@ impl Setup<'_> {
                 self.checkpoints(Some(&format!("client-{id}"))),
             );
             let (report, _) = self.course(&l_cfg, start, trainer, Box::new(FedAvg), Some(id))?;
+            // Saved as soon as it is trained (an interrupted local run keeps
+            // the clients done); with FedOT all are plugged in at the end.
             if emulated.is_none() {
-                self.store.write(
-                    &adapter_dir.join(format!("client-{id}")),
-                    &report.final_params,
-                )?;
+                self.save_adapters(None, &[(&report.final_params, Some(id))], adapter_dir)?;
+            } else {
+                trained.push((report.final_params, Some(id)));
             }
-            trained.push((report.final_params, Some(id)));
         }
         let trained: Vec<(&ParamSet, Option<u32>)> = trained.iter().map(|(p, c)| (p, *c)).collect();
-        self.plug_in(emulated, &trained, adapter_dir)
+        self.save_adapters(emulated, &trained, adapter_dir)
     }
 
     /// The summary, from the whole metrics file: a resumed course's

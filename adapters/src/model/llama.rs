@@ -81,6 +81,29 @@ impl Projection {
         Self::ALL.into_iter().find(|p| p.name() == name)
     }
 
+    /// Parses a list of short names, each once, in order; an unknown one is
+    /// an error at `key` naming it as a `what` and listing the known names.
+    pub fn parse_all(
+        names: &[String],
+        key: &str,
+        what: &str,
+    ) -> std::result::Result<Vec<Self>, fedtune_kernel::KeyError> {
+        let mut out = Vec::new();
+        for name in names {
+            let p = Self::from_name(name).ok_or_else(|| {
+                let known: Vec<&str> = Self::ALL.iter().map(|p| p.name()).collect();
+                fedtune_kernel::KeyError::new(
+                    key,
+                    format!("unknown {what} `{name}` (known: {})", known.join(", ")),
+                )
+            })?;
+            if !out.contains(&p) {
+                out.push(p);
+            }
+        }
+        Ok(out)
+    }
+
     /// `(in, out)` features of this projection in a model of `cfg`'s shape.
     pub fn dims(self, cfg: &LlamaConfig) -> (usize, usize) {
         let (h, kv, i) = (
