@@ -477,3 +477,67 @@ fn fedot_can_train_the_adapter_layers_in_full() {
     assert!((eval_loss(&config, &out.join("adapter"), &model) - full).abs() < 1e-4);
     assert!((full - o["test_loss_full_model_base"].as_f64().unwrap()).abs() > 1e-6);
 }
+
+/// A LoRA course on a tiny model of each family besides Llama's — Mistral
+/// (its sliding window shorter than the sequences) and Qwen2 (query, key and
+/// value biases) — lowers the test loss, saves a PEFT adapter that `fedtune
+/// eval loss` reloads to the course's final loss, and generates through the
+/// KV cache.
+#[test]
+fn a_lora_course_runs_on_every_model_family() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_course(dir.path());
+    for family in ["mistral", "qwen2"] {
+        let model = dir.path().join(format!("model-{family}"));
+        fedtune(&[
+            "model",
+            "tiny",
+            "--family",
+            family,
+            "--out",
+            model.to_str().unwrap(),
+        ]);
+        assert_eq!(json(&model.join("config.json"))["model_type"], family);
+        let out = dir.path().join(format!("lora-{family}"));
+        fedtune(&[
+            "run",
+            config.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--quiet",
+            "--set",
+            &format!("model.path={:?}", model.display().to_string()),
+            "--set",
+            "lora.target_modules=[\"q_proj\",\"k_proj\",\"v_proj\",\"o_proj\"]",
+        ]);
+        let summary = json(&out.join("summary.json"));
+        let (before, after) = (
+            summary["test_loss_before"].as_f64().unwrap(),
+            summary["test_loss_after"].as_f64().unwrap(),
+        );
+        assert!(after < before, "{family}: {before} -> {after}");
+        let adapter = out.join("adapter");
+        let reloaded = eval_loss(&config, &adapter, &model);
+        assert!(
+            (reloaded - after).abs() < 1e-4,
+            "{family}: reloaded {reloaded} vs course {after}"
+        );
+        let report: serde_json::Value = serde_json::from_str(&fedtune(&[
+            "eval",
+            "gsm8k",
+            "--limit",
+            "2",
+            "--batch",
+            "2",
+            "--max-new-tokens",
+            "8",
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+            "--quiet",
+        ]))
+        .unwrap();
+        assert_eq!(report["items"], 2, "{family}: {report}");
+    }
+}

@@ -124,18 +124,7 @@ fn the_quickstart_writes_every_output_and_lowers_every_clients_test_loss() {
     let p = 134_479_872.0;
     let cap = 2.0
         * fedtune_adapters::flops::training_step(
-            &fedtune_adapters::model::LlamaConfig {
-                vocab_size: 49152,
-                hidden_size: 576,
-                intermediate_size: 1536,
-                num_hidden_layers: 30,
-                num_attention_heads: 9,
-                num_key_value_heads: 3,
-                rms_norm_eps: 1e-5,
-                rope_theta: 100_000.0,
-                max_position_embeddings: 8192,
-                tie_word_embeddings: true,
-            },
+            &fedtune_adapters::model::LlamaConfig::default(),
             460_800,
             2,
             128,

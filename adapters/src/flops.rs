@@ -79,20 +79,10 @@ mod tests {
     use super::*;
     use crate::model::Llama;
 
-    /// SmolLM2-135M-Instruct's shapes, as its GGUF header gives them.
+    /// SmolLM2-135M-Instruct's shapes (the default model's header gives
+    /// them: `adapters/tests/default_model.rs` checks).
     fn smollm2() -> LlamaConfig {
-        LlamaConfig {
-            vocab_size: 49152,
-            hidden_size: 576,
-            intermediate_size: 1536,
-            num_hidden_layers: 30,
-            num_attention_heads: 9,
-            num_key_value_heads: 3,
-            rms_norm_eps: 1e-5,
-            rope_theta: 100_000.0,
-            max_position_embeddings: 8192,
-            tie_word_embeddings: true,
-        }
+        LlamaConfig::default()
     }
 
     #[test]
@@ -131,6 +121,7 @@ mod tests {
             rope_theta: 10_000.0,
             max_position_embeddings: 64,
             tie_word_embeddings: false,
+            ..Default::default()
         };
         let model = Llama::random(
             cfg.clone(),

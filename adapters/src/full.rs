@@ -155,6 +155,7 @@ mod tests {
             rope_theta: 10_000.0,
             max_position_embeddings: 64,
             tie_word_embeddings: true,
+            ..Default::default()
         };
         Llama::random(cfg, 3, DType::F64, &Device::Cpu).unwrap()
     }

@@ -20,6 +20,14 @@ fn loaded() -> &'static (GgufModel, TextTokenizer) {
 }
 
 #[test]
+fn the_default_config_is_the_default_models_shape() {
+    assert_eq!(
+        loaded().0.model.config(),
+        &fedtune_adapters::model::LlamaConfig::default()
+    );
+}
+
+#[test]
 fn gguf_tokenizer_round_trips_exactly() {
     let (_, tok) = loaded();
     for text in [

@@ -35,6 +35,7 @@ async fn a_federated_lora_course_lowers_every_clients_loss() {
         rope_theta: 10_000.0,
         max_position_embeddings: 64,
         tie_word_embeddings: true,
+        ..Default::default()
     };
     let model = Arc::new(Llama::random(cfg, 3, DType::F32, &Device::Cpu).unwrap());
     let lora = LoraConfig {
@@ -131,6 +132,7 @@ fn a_fresh_trainer_continues_where_the_round_says() {
         rope_theta: 10_000.0,
         max_position_embeddings: 64,
         tie_word_embeddings: true,
+        ..Default::default()
     };
     let model = Arc::new(Llama::random(cfg, 3, DType::F32, &Device::Cpu).unwrap());
     let lora = LoraConfig {
@@ -195,6 +197,7 @@ fn local_epochs_take_each_clients_own_number_of_steps() {
         rope_theta: 10_000.0,
         max_position_embeddings: 32,
         tie_word_embeddings: true,
+        ..Default::default()
     };
     let model = Arc::new(Llama::random(cfg, 5, DType::F32, &Device::Cpu).unwrap());
     let lora = LoraConfig {

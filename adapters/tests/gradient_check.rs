@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use fedtune_adapters::adapter::Adapter;
 use fedtune_adapters::lora::{Lora, LoraConfig};
 use fedtune_adapters::loss::{causal_lm_loss, IGNORE_INDEX};
-use fedtune_adapters::model::Llama;
+use fedtune_adapters::model::{Llama, LlamaConfig};
 use fedtune_kernel::ParamSet;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -50,8 +50,21 @@ fn batch(device: &Device) -> (Tensor, Tensor, Tensor) {
 
 #[test]
 fn lora_gradients_match_finite_differences() {
+    check_lora_gradients(common::tiny_config(true));
+}
+
+/// The same check on every other family the decoder implements (biases,
+/// a sliding window, wide heads, scaled rotary frequencies).
+#[test]
+fn lora_gradients_match_finite_differences_in_every_family() {
+    for (family, cfg) in common::family_configs() {
+        println!("{family}:");
+        check_lora_gradients(cfg);
+    }
+}
+
+fn check_lora_gradients(cfg: LlamaConfig) {
     let device = Device::Cpu;
-    let cfg = common::tiny_config(true);
     let model = Llama::random(cfg.clone(), 7, DType::F64, &device).unwrap();
     let lora = Lora::new(&cfg, all_modules(), 11, DType::F64, &device).unwrap();
     // B starts at zero, which would make every A-gradient zero: randomize it.

@@ -20,6 +20,7 @@ fn config(tied: bool) -> LlamaConfig {
         rope_theta: 50_000.0,
         max_position_embeddings: 64,
         tie_word_embeddings: tied,
+        ..Default::default()
     }
 }
 

@@ -29,6 +29,7 @@ fn model() -> Arc<Llama> {
         rope_theta: 10_000.0,
         max_position_embeddings: 32,
         tie_word_embeddings: true,
+        ..Default::default()
     };
     Arc::new(Llama::random(cfg, 5, DType::F32, &Device::Cpu).unwrap())
 }

@@ -21,12 +21,27 @@ fn tiny(positions: usize) -> LlamaConfig {
         rope_theta: 10_000.0,
         max_position_embeddings: positions,
         tie_word_embeddings: true,
+        ..Default::default()
     }
 }
 
 #[test]
 fn cached_chunks_reproduce_the_full_forward() {
-    let cfg = tiny(32);
+    cached_chunks_match(tiny(32));
+}
+
+/// In every family too: Qwen2's biases, Mistral's sliding window (shorter
+/// than the sequence, so cached keys leave it) and wide heads, Llama 3's
+/// scaled rotary frequencies.
+#[test]
+fn cached_chunks_reproduce_the_full_forward_in_every_family() {
+    for (family, cfg) in common::family_configs() {
+        println!("{family}");
+        cached_chunks_match(cfg);
+    }
+}
+
+fn cached_chunks_match(cfg: LlamaConfig) {
     let device = Device::Cpu;
     let model = Llama::random(cfg.clone(), 4, DType::F64, &device).unwrap();
     // A LoRA with non-zero B, so the adapter path is part of what is compared.

@@ -42,6 +42,7 @@ fn setup() -> Setup {
         rope_theta: 10_000.0,
         max_position_embeddings: 32,
         tie_word_embeddings: true,
+        ..Default::default()
     };
     Setup {
         model: Arc::new(Llama::random(cfg, 3, DType::F32, &Device::Cpu).unwrap()),

@@ -62,6 +62,7 @@ pub fn config_from_gguf(content: &gguf_file::Content) -> Result<LlamaConfig> {
             .unwrap_or(10_000.0),
         max_position_embeddings: u("llama.context_length").unwrap_or(2048),
         tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
+        ..Default::default()
     };
     if let Ok(rope_dim) = u("llama.rope.dimension_count") {
         if rope_dim != cfg.head_dim() {

@@ -4,6 +4,12 @@
 //! shards listed in `model.safetensors.index.json`, and usually
 //! `tokenizer.json`. Tensors are converted to the requested dtype; names are
 //! Hugging Face's own, which is also this crate's layout.
+//!
+//! The families read are those of [`Family`] (`model_type` `llama`,
+//! `mistral`, `qwen2`); any other, and any option of theirs that the decoder
+//! does not implement (a rotary scaling other than Llama 3's, Qwen2's
+//! per-layer sliding windows, Llama's optional biases, an activation other than SiLU),
+//! is refused by name rather than run wrongly.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -11,7 +17,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Result, Tensor};
 use serde::Deserialize;
 
-use super::config::LlamaConfig;
+use super::config::{Family, LlamaConfig};
 use super::llama::Llama;
 use crate::tokenizer::TextTokenizer;
 
@@ -25,10 +31,6 @@ pub struct HfModel {
 
 #[derive(Deserialize)]
 struct ConfigHead {
-    #[serde(default)]
-    model_type: Option<String>,
-    #[serde(default)]
-    rope_scaling: Option<serde_json::Value>,
     #[serde(default)]
     eos_token_id: Option<serde_json::Value>,
 }
@@ -47,19 +49,8 @@ pub fn load_hf_dir(dir: &Path, dtype: DType, device: &Device) -> Result<HfModel>
     let config_path = dir.join("config.json");
     let text = std::fs::read_to_string(&config_path).map_err(|e| err(&config_path, e))?;
     let head: ConfigHead = serde_json::from_str(&text).map_err(|e| err(&config_path, e))?;
-    if let Some(kind) = head.model_type.as_deref() {
-        if !matches!(kind, "llama" | "mistral") {
-            return Err(err(
-                &config_path,
-                format!("model_type `{kind}` is not a Llama-family model"),
-            ));
-        }
-    }
-    if head.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
-        return Err(err(&config_path, "rope_scaling is not supported"));
-    }
-    let cfg: LlamaConfig = serde_json::from_str(&text).map_err(|e| err(&config_path, e))?;
-    cfg.validate().map_err(|e| err(&config_path, e))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| err(&config_path, e))?;
+    let cfg = config_of(json).map_err(|e| err(&config_path, e))?;
 
     let mut tensors = HashMap::new();
     let single = dir.join("model.safetensors");
@@ -92,6 +83,83 @@ pub fn load_hf_dir(dir: &Path, dtype: DType, device: &Device) -> Result<HfModel>
 
     let tokenizer = tokenizer_of(dir, &config_path, &head)?;
     Ok(HfModel { model, tokenizer })
+}
+
+/// The decoder's configuration from a `config.json`'s contents: the
+/// family's conventions made explicit, unsupported options refused.
+pub fn config_of(mut json: serde_json::Value) -> std::result::Result<LlamaConfig, String> {
+    let Some(obj) = json.as_object_mut() else {
+        return Err("is not a JSON object".into());
+    };
+    let kind = obj
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .unwrap_or("llama")
+        .to_string();
+    let Some(family) = Family::from_model_type(&kind) else {
+        return Err(format!(
+            "model_type `{kind}` is not a Llama-family model this decoder implements (supported: {})",
+            Family::NAMES.join(", ")
+        ));
+    };
+    obj.insert("model_type".into(), family.name().into());
+    for key in ["hidden_act", "hidden_activation"] {
+        if let Some(act) = obj.get(key).and_then(|v| v.as_str()) {
+            if act != "silu" {
+                return Err(format!("{key} `{act}` is not supported (only `silu`)"));
+            }
+        }
+    }
+    for key in ["mlp_bias", "attention_bias"] {
+        if obj.get(key).and_then(|v| v.as_bool()) == Some(true) {
+            return Err(format!("{key} = true is not supported"));
+        }
+    }
+    // Rotary scaling: Llama 3's (spelled `rope_type` or, in older files,
+    // `type`); "default" means none.
+    match obj.get("rope_scaling").cloned() {
+        None | Some(serde_json::Value::Null) => {
+            obj.remove("rope_scaling");
+        }
+        Some(serde_json::Value::Object(mut scaling)) => {
+            let kind = scaling
+                .get("rope_type")
+                .or_else(|| scaling.get("type"))
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_string();
+            match kind.as_str() {
+                "default" => {
+                    obj.remove("rope_scaling");
+                }
+                "llama3" => {
+                    scaling.insert("rope_type".into(), kind.into());
+                    obj.insert("rope_scaling".into(), scaling.into());
+                }
+                other => {
+                    return Err(format!(
+                        "rope_scaling type `{other}` is not supported (only `llama3`)"
+                    ))
+                }
+            }
+        }
+        Some(other) => return Err(format!("rope_scaling {other} is not an object")),
+    }
+    // Sliding windows: Mistral's applies to every layer; Qwen2 lists one it
+    // does not use unless `use_sliding_window` (and then only from
+    // `max_window_layers` on, which this decoder does not implement).
+    if family == Family::Qwen2 {
+        if obj.get("use_sliding_window").and_then(|v| v.as_bool()) == Some(true) {
+            return Err("use_sliding_window = true is not supported for qwen2".into());
+        }
+        obj.remove("sliding_window");
+    }
+    if family == Family::Llama {
+        obj.remove("sliding_window");
+    }
+    let cfg: LlamaConfig = serde_json::from_value(json).map_err(|e| e.to_string())?;
+    cfg.validate().map_err(|e| e.to_string())?;
+    Ok(cfg)
 }
 
 /// Only the tokenizer of the Hugging Face directory `dir` (no weights

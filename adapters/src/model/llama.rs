@@ -104,15 +104,22 @@ impl Projection {
         Ok(out)
     }
 
+    /// This projection's place in [`Projection::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// `(in, out)` features of this projection in a model of `cfg`'s shape.
     pub fn dims(self, cfg: &LlamaConfig) -> (usize, usize) {
-        let (h, kv, i) = (
+        let (h, q, kv, i) = (
             cfg.hidden_size,
-            cfg.num_key_value_heads * cfg.head_dim(),
+            cfg.q_dim(),
+            cfg.kv_dim(),
             cfg.intermediate_size,
         );
         match self {
-            Projection::Q | Projection::O => (h, h),
+            Projection::Q => (h, q),
+            Projection::O => (q, h),
             Projection::K | Projection::V => (h, kv),
             Projection::Gate | Projection::Up => (h, i),
             Projection::Down => (i, h),
@@ -179,6 +186,9 @@ pub struct LayerWeights {
     pub up_proj: Tensor,
     /// `(hidden, intermediate)`
     pub down_proj: Tensor,
+    /// Each projection's bias `(out)`, by [`Projection::index`], where the
+    /// family has one ([`LlamaConfig::has_bias`]).
+    pub biases: [Option<Tensor>; 7],
 }
 
 impl LayerWeights {
@@ -199,7 +209,13 @@ impl LayerWeights {
             gate_proj: projection(Projection::Gate)?,
             up_proj: projection(Projection::Up)?,
             down_proj: projection(Projection::Down)?,
+            biases: Default::default(),
         })
+    }
+
+    /// The bias of one projection, if it has one.
+    pub fn bias(&self, p: Projection) -> Option<&Tensor> {
+        self.biases[p.index()].as_ref()
     }
 
     /// The weight of one projection.
@@ -279,6 +295,15 @@ impl Llama {
                     l.weight(p),
                     &[dout, din],
                 )?;
+                let bias = format!("model.layers.{i}.{}.bias", p.path());
+                match (l.bias(p), cfg.has_bias(p)) {
+                    (Some(b), true) => check(&bias, b, &[dout])?,
+                    (None, false) => {}
+                    (Some(_), false) => {
+                        candle_core::bail!("weight `{bias}` is given, the config has no such bias")
+                    }
+                    (None, true) => candle_core::bail!("weight `{bias}` is missing"),
+                }
             }
         }
         let (cos, sin) = rope_tables(&cfg, embed_tokens.dtype(), embed_tokens.device())?;
@@ -329,11 +354,14 @@ impl Llama {
                 });
             }
             let mut weights = weights.into_iter();
-            layers.push(LayerWeights::from_parts(
-                l.input_layernorm.clone(),
-                l.post_attention_layernorm.clone(),
-                |_| Ok(weights.next().expect("one weight per projection")),
-            )?);
+            layers.push(LayerWeights {
+                biases: l.biases.clone(),
+                ..LayerWeights::from_parts(
+                    l.input_layernorm.clone(),
+                    l.post_attention_layernorm.clone(),
+                    |_| Ok(weights.next().expect("one weight per projection")),
+                )?
+            });
         }
         Self::new(
             self.cfg.clone(),
@@ -355,9 +383,14 @@ impl Llama {
         for i in 0..cfg.num_hidden_layers {
             let input_norm = take(&format!("model.layers.{i}.input_layernorm.weight"))?;
             let post_norm = take(&format!("model.layers.{i}.post_attention_layernorm.weight"))?;
-            layers.push(LayerWeights::from_parts(input_norm, post_norm, |p| {
+            let mut layer = LayerWeights::from_parts(input_norm, post_norm, |p| {
                 take(&format!("model.layers.{i}.{}.weight", p.path()))
-            })?);
+            })?;
+            for p in Projection::ALL.into_iter().filter(|&p| cfg.has_bias(p)) {
+                layer.biases[p.index()] =
+                    Some(take(&format!("model.layers.{i}.{}.bias", p.path()))?);
+            }
+            layers.push(layer);
         }
         let norm = take("model.norm.weight")?;
         let lm_head = if cfg.tie_word_embeddings {
@@ -393,9 +426,14 @@ impl Llama {
                 .into_iter();
             let input_norm = tensor(&[h], 1.0, 0.1)?;
             let post_norm = tensor(&[h], 1.0, 0.1)?;
-            layers.push(LayerWeights::from_parts(input_norm, post_norm, |_| {
+            let mut layer = LayerWeights::from_parts(input_norm, post_norm, |_| {
                 Ok(projections.next().expect("one weight per projection"))
-            })?);
+            })?;
+            // Biases last, so a seed draws the same weights with or without them.
+            for p in Projection::ALL.into_iter().filter(|&p| cfg.has_bias(p)) {
+                layer.biases[p.index()] = Some(tensor(&[p.dims(&cfg).1], 0.0, 0.5)?);
+            }
+            layers.push(layer);
         }
         let norm = tensor(&[h], 1.0, 0.1)?;
         let lm_head = if cfg.tie_word_embeddings {
@@ -447,6 +485,9 @@ impl Llama {
                     format!("model.layers.{i}.{}.weight", p.path()),
                     l.weight(p).clone(),
                 ));
+                if let Some(b) = l.bias(p) {
+                    out.push((format!("model.layers.{i}.{}.bias", p.path()), b.clone()));
+                }
             }
         }
         out
@@ -650,15 +691,19 @@ impl Llama {
         adapter: Option<&dyn ProjectionAdapter>,
     ) -> Result<Tensor> {
         let w = weights.weight(p);
-        let Some(a) = adapter else {
-            return frozen_linear(x, w);
+        let y = match adapter {
+            None => frozen_linear(x, w)?,
+            Some(a) => match a.low_rank(layer, p, x)? {
+                Some(term) => lora_linear(x, w, &term)?,
+                None => match a.delta(layer, p, x)? {
+                    Some(d) => (frozen_linear(x, w)? + d)?,
+                    None => frozen_linear(x, w)?,
+                },
+            },
         };
-        if let Some(term) = a.low_rank(layer, p, x)? {
-            return lora_linear(x, w, &term);
-        }
-        match a.delta(layer, p, x)? {
-            Some(d) => frozen_linear(x, w)? + d,
-            None => frozen_linear(x, w),
+        match weights.bias(p) {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
         }
     }
 
@@ -741,7 +786,8 @@ impl Llama {
     }
 
     /// Additive attention bias `(b, 1, groups·t, offset + t)`: causal over
-    /// absolute positions, plus padded keys.
+    /// absolute positions (within the sliding window, when the model has
+    /// one), plus padded keys.
     fn attention_bias(
         &self,
         b: usize,
@@ -751,10 +797,17 @@ impl Llama {
     ) -> Result<Tensor> {
         let groups = self.cfg.gqa_groups();
         let keys = offset + t;
+        let window = self.cfg.sliding_window.unwrap_or(usize::MAX);
         let causal: Vec<f32> = (0..groups * t)
             .flat_map(|row| {
                 let i = offset + row % t;
-                (0..keys).map(move |j| if j <= i { 0.0 } else { MASKED as f32 })
+                (0..keys).map(move |j| {
+                    if j <= i && i - j < window {
+                        0.0
+                    } else {
+                        MASKED as f32
+                    }
+                })
             })
             .collect();
         let causal = Tensor::from_vec(causal, (1, 1, groups * t, keys), self.device())?
@@ -916,12 +969,16 @@ impl KvCache {
     }
 }
 
-/// Cosine and sine tables `(max_positions, head_dim / 2)` of the rotary embedding.
+/// Cosine and sine tables `(max_positions, head_dim / 2)` of the rotary
+/// embedding (with Llama 3's frequency scaling when the config has it).
 fn rope_tables(cfg: &LlamaConfig, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
     let hd = cfg.head_dim();
     let theta = f64::from(cfg.rope_theta);
     let inv_freq: Vec<f64> = (0..hd / 2)
-        .map(|i| 1.0 / theta.powf(2.0 * i as f64 / hd as f64))
+        .map(|i| {
+            let f = 1.0 / theta.powf(2.0 * i as f64 / hd as f64);
+            cfg.rope_scaling.as_ref().map_or(f, |s| s.scale(f))
+        })
         .collect();
     let n = cfg.max_position_embeddings;
     let angles: Vec<f64> = (0..n)

@@ -14,8 +14,8 @@ mod llama;
 mod tiny;
 
 pub use crate::kernels::{frozen_linear, LowRank};
-pub use config::LlamaConfig;
+pub use config::{Family, LlamaConfig, RopeScaling};
 pub use gguf::{load_gguf, GgufModel};
-pub use hf::{load_hf_dir, load_hf_tokenizer, HfModel};
+pub use hf::{config_of, load_hf_dir, load_hf_tokenizer, HfModel};
 pub use llama::{KvCache, LayerWeights, Llama, Projection, ProjectionAdapter};
-pub use tiny::{write_tiny_model, TinySpec, TINY_EOS};
+pub use tiny::{write_tiny_model, TinySpec, TINY_EOS, TINY_SLIDING_WINDOW};

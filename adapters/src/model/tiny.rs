@@ -12,7 +12,7 @@ use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 
-use super::config::LlamaConfig;
+use super::config::{Family, LlamaConfig};
 use super::llama::Llama;
 
 /// The end-of-sequence token of the tiny tokenizer.
@@ -29,7 +29,15 @@ pub struct TinySpec {
     pub heads: usize,
     /// Seed of the random weights.
     pub seed: u64,
+    /// The architecture: Qwen2's has biases on the query, key and value
+    /// projections; Mistral's a sliding attention window of
+    /// [`TINY_SLIDING_WINDOW`] positions.
+    pub family: Family,
 }
+
+/// The sliding window of a tiny Mistral: shorter than a course's sequences,
+/// so that the window matters.
+pub const TINY_SLIDING_WINDOW: usize = 48;
 
 impl Default for TinySpec {
     fn default() -> Self {
@@ -38,6 +46,7 @@ impl Default for TinySpec {
             hidden: 64,
             heads: 4,
             seed: 0,
+            family: Family::Llama,
         }
     }
 }
@@ -108,6 +117,9 @@ pub fn write_tiny_model(dir: &Path, spec: TinySpec) -> candle_core::Result<Llama
         rope_theta: 10_000.0,
         max_position_embeddings: 8192,
         tie_word_embeddings: true,
+        family: spec.family,
+        sliding_window: (spec.family == Family::Mistral).then_some(TINY_SLIDING_WINDOW),
+        ..Default::default()
     };
     if heads % cfg.num_key_value_heads != 0 {
         return Err(err(format!(
@@ -117,8 +129,7 @@ pub fn write_tiny_model(dir: &Path, spec: TinySpec) -> candle_core::Result<Llama
     }
     let model = Llama::random(cfg.clone(), spec.seed, DType::F32, &Device::Cpu)?;
     let mut json = serde_json::to_value(&cfg).map_err(err)?;
-    json["model_type"] = "llama".into();
-    json["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
+    json["architectures"] = serde_json::json!([spec.family.architecture()]);
     json["torch_dtype"] = "float32".into();
     json["eos_token_id"] = eos.into();
     std::fs::write(dir.join("config.json"), json.to_string()).map_err(err)?;
@@ -154,6 +165,28 @@ mod tests {
 
     /// Each byte's token is the byte's value, in every process: the
     /// tokenizer (and so every test on a tiny model) is the same each time.
+    #[test]
+    fn tiny_models_of_each_family_load_back_as_written() {
+        for family in [Family::Mistral, Family::Qwen2] {
+            let dir = tempfile::tempdir().unwrap();
+            let spec = TinySpec {
+                family,
+                ..TinySpec::default()
+            };
+            let cfg = write_tiny_model(dir.path(), spec).unwrap();
+            let loaded = super::super::load_hf_dir(dir.path(), DType::F32, &Device::Cpu).unwrap();
+            assert_eq!(loaded.model.config(), &cfg);
+            assert_eq!(cfg.family, family);
+            let biases = loaded
+                .model
+                .named_weights()
+                .iter()
+                .filter(|(n, _)| n.ends_with(".bias"))
+                .count();
+            assert_eq!(biases, if family == Family::Qwen2 { 2 * 3 } else { 0 });
+        }
+    }
+
     #[test]
     fn a_bytes_token_is_its_value() {
         let dir = tempfile::tempdir().unwrap();

@@ -5,7 +5,7 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
 use fedtune_adapters::fetch::ensure_default_model;
-use fedtune_adapters::model::LlamaConfig;
+use fedtune_adapters::model::{Family, LlamaConfig, RopeScaling};
 use fedtune_adapters::train::Batch;
 use rand::Rng;
 
@@ -32,7 +32,54 @@ pub fn tiny_config(tie_word_embeddings: bool) -> LlamaConfig {
         rope_theta: 10_000.0,
         max_position_embeddings: 32,
         tie_word_embeddings,
+        ..Default::default()
     }
+}
+
+/// Llama 3's rotary scaling, at a scale where a tiny model's frequencies
+/// fall in each of its three bands (kept, interpolated, stretched).
+pub fn llama3_scaling() -> RopeScaling {
+    RopeScaling {
+        rope_type: "llama3".into(),
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 64,
+    }
+}
+
+/// [`tiny_config`] as each supported family other than plain Llama:
+/// Qwen2 (query/key/value biases, untied head), Mistral with a 4-position
+/// sliding window and heads wider than `hidden / heads`, Llama 3's rotary
+/// scaling.
+pub fn family_configs() -> Vec<(&'static str, LlamaConfig)> {
+    let base = tiny_config(true);
+    vec![
+        (
+            "qwen2",
+            LlamaConfig {
+                family: Family::Qwen2,
+                tie_word_embeddings: false,
+                ..base.clone()
+            },
+        ),
+        (
+            "mistral",
+            LlamaConfig {
+                family: Family::Mistral,
+                sliding_window: Some(4),
+                explicit_head_dim: Some(6),
+                ..base.clone()
+            },
+        ),
+        (
+            "llama3",
+            LlamaConfig {
+                rope_scaling: Some(llama3_scaling()),
+                ..base
+            },
+        ),
+    ]
 }
 
 /// About 150 tokens of GSM8K-style English with numbers.
