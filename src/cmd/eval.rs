@@ -53,8 +53,9 @@ pub struct EvalArgs {
     /// Most new tokens per generation (default: the task's).
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
-    /// A GGUF model file or Hugging Face directory (default: --config's
-    /// `[model] path`, else SmolLM2-135M-Instruct, fetched on first use).
+    /// A GGUF model file, a Hugging Face directory or id (`hf:ORG/NAME[@REV]`)
+    /// (default: --config's `[model] path`, else SmolLM2-135M-Instruct,
+    /// fetched on first use).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// A FedOT emulator directory (what `offsite.emulator_path` saved):

@@ -18,8 +18,8 @@ use crate::display::Display;
 /// The model, the adapter and how tokens are picked: shared by both commands.
 #[derive(Debug, Args)]
 pub struct Sampling {
-    /// A GGUF model file or Hugging Face directory (default:
-    /// SmolLM2-135M-Instruct, fetched on first use).
+    /// A GGUF model file, a Hugging Face directory or id (`hf:ORG/NAME[@REV]`)
+    /// (default: SmolLM2-135M-Instruct, fetched on first use).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// A PEFT adapter directory (as `fedtune run` writes under `adapter/`).

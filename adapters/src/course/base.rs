@@ -1,7 +1,9 @@
 //! The base model a course trains around, and a model with an adapter for evaluation.
 //!
 //! A model is read once per process — a GGUF file (the default model's
-//! format) or a Hugging Face directory — and shared: the round-robin
+//! format), a Hugging Face directory, or a Hugging Face id `hf:ORG/NAME`
+//! (downloaded into the Hugging Face cache, [`crate::model::fetch_model`])
+//! — and shared: the round-robin
 //! trainer, FedOT's emulator and the evaluations at the end all use the
 //! same [`Base`].
 
@@ -15,7 +17,9 @@ use crate::adapter::Adapter;
 use crate::course::Context;
 use crate::eval::EvalModel;
 use crate::fetch::ensure_default_model;
-use crate::model::{load_gguf, load_hf_dir, load_hf_tokenizer, Llama, ProjectionAdapter};
+use crate::model::{
+    fetch_model, load_gguf, load_hf_dir, load_hf_tokenizer, HubId, Llama, ProjectionAdapter,
+};
 use crate::peft::load_adapter;
 use crate::tokenizer::TextTokenizer;
 
@@ -28,29 +32,45 @@ pub struct Base {
     pub tok: Arc<TextTokenizer>,
     /// The file or directory it was read from.
     pub path: PathBuf,
+    /// Its name as adapters record their base model: the hub id, or the
+    /// file's (directory's) name.
+    pub name: String,
 }
 
-/// `path`, or the default model's (fetched on first use).
-fn model_path(path: Option<&Path>, say: &dyn Fn(&str)) -> Result<PathBuf> {
-    match path {
-        Some(p) => Ok(p.to_path_buf()),
-        None => ensure_default_model(say).context("fetching the default model"),
+/// Where the model `path` names is on disk, and its name: a Hugging Face id
+/// downloaded (or found in the cache), a local path as it is, or the default
+/// model's (fetched on first use) when `None`.
+fn model_path(path: Option<&Path>, say: &dyn Fn(&str)) -> Result<(PathBuf, String)> {
+    let file_name = |p: &Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let Some(p) = path else {
+        let p = ensure_default_model(say).context("fetching the default model")?;
+        return Ok((p.clone(), file_name(&p)));
+    };
+    match p.to_str().and_then(HubId::parse) {
+        None => Ok((p.to_path_buf(), file_name(p))),
+        Some(id) => {
+            let id = id.map_err(|e| CourseError::invalid(e.to_string()))?;
+            let dir = fetch_model(&id, say).map_err(|e| CourseError::invalid(e.to_string()))?;
+            Ok((dir, id.to_string()))
+        }
     }
 }
 
 impl Base {
-    /// The model file's (or directory's) name, as adapters record their base model.
+    /// The model's name, as adapters record their base model
+    /// (`base_model_name_or_path`): the hub id, or the file's name.
     pub fn file_name(&self) -> String {
-        self.path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
+        self.name.clone()
     }
 
     /// Only the tokenizer of the model at `path` (or the default model's):
     /// GGUF metadata or a directory's `tokenizer.json`, no weights read.
     pub fn load_tokenizer(path: Option<&Path>, say: &dyn Fn(&str)) -> Result<TextTokenizer> {
-        let path = model_path(path, say)?;
+        let (path, _) = model_path(path, say)?;
         let context = || format!("reading the tokenizer of {}", path.display());
         if !path.is_dir() {
             return TextTokenizer::from_gguf_path(&path).with_context(context);
@@ -64,9 +84,10 @@ impl Base {
 
     /// Loads the model at `path` — a GGUF file, or a Hugging Face directory
     /// with `config.json`, safetensors weights and `tokenizer.json` (as
-    /// `fedtune model tiny` writes) — or the default model when `None`.
+    /// `fedtune model tiny` writes), a Hugging Face id `hf:ORG/NAME[@REV]`
+    /// — or the default model when `None`.
     pub fn load(path: Option<&Path>, say: &dyn Fn(&str)) -> Result<Self> {
-        let path = model_path(path, say)?;
+        let (path, name) = model_path(path, say)?;
         say(&format!("loading {}", path.display()));
         let context = || format!("loading the model {}", path.display());
         if path.is_dir() {
@@ -78,6 +99,7 @@ impl Base {
                 model: Arc::new(hf.model),
                 tok: Arc::new(tok),
                 path,
+                name,
             });
         }
         let loaded = load_gguf(&path, DType::F32, &Device::Cpu).with_context(context)?;
@@ -85,6 +107,7 @@ impl Base {
             tok: Arc::new(TextTokenizer::from_gguf(&loaded.content).with_context(context)?),
             model: Arc::new(loaded.model),
             path,
+            name,
         })
     }
 
@@ -93,7 +116,7 @@ impl Base {
     /// when `None`), which it must have been made from: what FS-LLM's
     /// `eval_type = "emu"` scores, with the course's `adapter-emulator/`.
     pub fn emulator(dir: &Path, path: Option<&Path>, say: &dyn Fn(&str)) -> Result<Self> {
-        let path = model_path(path, say)?;
+        let (path, _) = model_path(path, say)?;
         let digest = crate::fetch::content_digest(&path)
             .with_context(|| format!("reading {}", path.display()))?;
         let (emu, distilled) =
@@ -111,6 +134,10 @@ impl Base {
             tok: Arc::new(Self::load_tokenizer(Some(&path), say)?),
             model: Arc::new(emu.model),
             path: dir.to_path_buf(),
+            name: dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
         })
     }
 }
@@ -135,6 +162,7 @@ impl Loaded {
             model,
             tok,
             path: model_path,
+            ..
         } = base;
         let adapter = match adapter {
             None => None,

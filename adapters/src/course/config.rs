@@ -32,6 +32,7 @@ use crate::adapter::AdapterSpec;
 use crate::data::DataSpec;
 use crate::eval::suite::parse_tasks;
 use crate::lora::LoraConfig;
+use crate::model::HubId;
 use crate::offsite::OffsiteConfig;
 use crate::pfl::PflConfig;
 use crate::prompt::{PromptConfig, PromptInit, PromptMethod};
@@ -92,8 +93,10 @@ pub enum TrainerKind {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelSection {
-    /// A GGUF file or a Hugging Face directory; the default model
-    /// (SmolLM2-135M-Instruct, fetched on first use) when unset.
+    /// A GGUF file, a Hugging Face directory, or a Hugging Face id
+    /// `hf:ORG/NAME[@REVISION]` (downloaded into the Hugging Face cache);
+    /// the default model (SmolLM2-135M-Instruct, fetched on first use) when
+    /// unset.
     pub path: Option<PathBuf>,
 }
 
@@ -271,6 +274,15 @@ impl LlmConfig {
             s.data.name.is_some() || s.data.path.is_some(),
             "{origin}: a LoRA course needs a [data] section with `name` or `path`"
         );
+        let hub_id = s
+            .model
+            .path
+            .as_ref()
+            .and_then(|p| p.to_str())
+            .and_then(HubId::parse);
+        if let Some(Err(e)) = hub_id {
+            return Err(doc.key_error("model.path", e.to_string()).into());
+        }
         Ok(s)
     }
 

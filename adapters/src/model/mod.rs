@@ -1,4 +1,4 @@
-//! The Llama-family decoder: configuration, weights, forward pass, loaders.
+//! The Llama-family decoder (Llama, Llama 3, Qwen2, Mistral: see [`config`]): configuration, weights, forward pass, loaders (GGUF, Hugging Face directories, Hugging Face ids).
 //!
 //! The forward pass is written for training: its RMSNorm, softmax, RoPE,
 //! SwiGLU and frozen projections are the fused ops of [`crate::kernels`],
@@ -10,6 +10,7 @@
 mod config;
 mod gguf;
 mod hf;
+mod hub;
 mod llama;
 mod tiny;
 
@@ -17,5 +18,6 @@ pub use crate::kernels::{frozen_linear, LowRank};
 pub use config::{Family, LlamaConfig, RopeScaling};
 pub use gguf::{load_gguf, GgufModel};
 pub use hf::{config_of, load_hf_dir, load_hf_tokenizer, HfModel};
+pub use hub::{fetch_model, HubError, HubId, HUB_PREFIX};
 pub use llama::{KvCache, LayerWeights, Llama, Projection, ProjectionAdapter};
 pub use tiny::{write_tiny_model, TinySpec, TINY_EOS, TINY_SLIDING_WINDOW};
