@@ -479,15 +479,15 @@ fn fedot_can_train_the_adapter_layers_in_full() {
 }
 
 /// A LoRA course on a tiny model of each family besides Llama's — Mistral
-/// (its sliding window shorter than the sequences) and Qwen2 (query, key and
-/// value biases) — lowers the test loss, saves a PEFT adapter that `fedtune
+/// (its sliding window shorter than the sequences), Qwen2 (query, key and
+/// value biases) and Gemma — lowers the test loss, saves a PEFT adapter that `fedtune
 /// eval loss` reloads to the course's final loss, and generates through the
 /// KV cache.
 #[test]
 fn a_lora_course_runs_on_every_model_family() {
     let dir = tempfile::tempdir().unwrap();
     let config = tiny_course(dir.path());
-    for family in ["mistral", "qwen2"] {
+    for family in ["mistral", "qwen2", "gemma"] {
         let model = dir.path().join(format!("model-{family}"));
         fedtune(&[
             "model",

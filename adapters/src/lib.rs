@@ -4,7 +4,7 @@
 //! [`LocalTrainer`](fedtune_kernel::LocalTrainer) port and knows nothing of
 //! models. This crate brings the models, with candle:
 //!
-//! - [`model`]: the Llama-family decoder (Llama, Llama 3, Qwen2, Mistral; forward pass safe for training), loaded from GGUF, a Hugging Face directory or a Hugging Face id;
+//! - [`model`]: the Llama-family decoder (Llama, Llama 3, Qwen2, Mistral, Gemma; forward pass safe for training), loaded from GGUF, a Hugging Face directory or a Hugging Face id;
 //! - [`kernels`], [`simd`]: fused CPU ops (linear, LoRA, RMSNorm, softmax, SwiGLU, RoPE, attention) with analytic backward passes;
 //! - [`adapter`]: one interface over every PEFT method; [`lora`], [`prompt`] (prompt tuning, P-tuning, prefix-tuning) and [`full`] (layers trained in full, for offsite-tuning) implement it;
 //! - [`offsite`]: offsite-tuning's emulator (layer dropping) and its alignment by distillation;

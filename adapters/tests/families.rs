@@ -1,10 +1,10 @@
 //! Each model family's forward pass against an independent implementation:
-//! candle-transformers' Qwen2, Mistral and Llama (with Llama 3's rotary
-//! scaling), loaded from the same random weights in Hugging Face layout.
+//! candle-transformers' Qwen2, Mistral, Gemma and Llama (with Llama 3's
+//! rotary scaling), loaded from the same random weights in Hugging Face layout.
 //! Logits of every position agree to 1e-4 in f32.
 //!
 //! candle's references return the last position's logits only (Mistral,
-//! Llama), so those are run once per prefix. candle's Mistral lets a
+//! Gemma, Llama), so those are run once per prefix. candle's Mistral lets a
 //! position see `sliding_window` positions before itself, Hugging Face's
 //! (and fedtune's) `sliding_window - 1`: the reference is given a window one
 //! shorter so that both mean the same masks.
@@ -15,7 +15,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::{llama, mistral, qwen2};
+use candle_transformers::models::{gemma, llama, mistral, qwen2};
 use fedtune_adapters::model::{Family, Llama, LlamaConfig};
 
 const SEQ: usize = 12;
@@ -173,6 +173,47 @@ fn mistral_with_a_sliding_window_and_wide_heads_matches_candle_transformers_mist
 }
 
 #[test]
+fn gemma_matches_candle_transformers_gemma() {
+    let cfg = config("gemma");
+    assert_ne!(cfg.head_dim(), cfg.hidden_size / cfg.num_attention_heads);
+    let model = Llama::random(cfg.clone(), 8, DType::F32, &Device::Cpu).unwrap();
+    // Hugging Face's files hold a norm weight less one.
+    let stored = model.named_weights();
+    let norm = &stored
+        .iter()
+        .find(|(n, _)| n == "model.norm.weight")
+        .unwrap()
+        .1;
+    let mean = norm.mean_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(
+        mean.abs() < 0.1,
+        "stored norm weights centre on 0, got {mean}"
+    );
+    let reference = gemma::Config {
+        attention_bias: false,
+        head_dim: cfg.head_dim(),
+        hidden_act: Some(candle_nn::Activation::GeluPytorchTanh),
+        hidden_activation: None,
+        hidden_size: cfg.hidden_size,
+        intermediate_size: cfg.intermediate_size,
+        num_attention_heads: cfg.num_attention_heads,
+        num_hidden_layers: cfg.num_hidden_layers,
+        num_key_value_heads: cfg.num_key_value_heads,
+        rms_norm_eps: cfg.rms_norm_eps,
+        rope_theta: f64::from(cfg.rope_theta),
+        vocab_size: cfg.vocab_size,
+        max_position_embeddings: cfg.max_position_embeddings,
+    };
+    let mut theirs = gemma::Model::new(false, &reference, weights(&model)).unwrap();
+    let ids = tokens(cfg.vocab_size);
+    let want = per_prefix(&ids, |input| {
+        theirs.clear_kv_cache();
+        theirs.forward(input, 0).unwrap()
+    });
+    assert_close("gemma", &ours(&model, &ids), &want);
+}
+
+#[test]
 fn llama3_rotary_scaling_matches_candle_transformers_llama() {
     let cfg = config("llama3");
     let scaling = cfg.rope_scaling.clone().unwrap();
@@ -265,9 +306,14 @@ fn hugging_face_configs_of_each_family_are_read_or_refused_by_name() {
             .rope_scaling,
         None
     );
+    let gemma = with(json!({"model_type": "gemma", "hidden_act": "gelu", "head_dim": 8})).unwrap();
+    assert_eq!(gemma.family, Family::Gemma);
+    assert!(gemma.tie_word_embeddings, "Gemma's head is its embeddings");
 
     for (extra, says) in [
-        (json!({"model_type": "gemma"}), "model_type `gemma` is not a Llama-family model this decoder implements (supported: llama, mistral, qwen2)"),
+        (json!({"model_type": "gemma2"}), "model_type `gemma2` is not a Llama-family model this decoder implements (supported: llama, mistral, qwen2, gemma)"),
+        (json!({"model_type": "gemma", "hidden_act": "gelu", "hidden_activation": "gelu"}), "hidden_activation `gelu` is not supported for gemma"),
+        (json!({"model_type": "gemma", "hidden_act": "gelu", "tie_word_embeddings": false}), "tie_word_embeddings = false is not supported"),
         (json!({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}), "rope_scaling type `yarn` is not supported"),
         (json!({"model_type": "qwen2", "use_sliding_window": true}), "use_sliding_window = true is not supported"),
         (json!({"hidden_act": "gelu_pytorch_tanh"}), "hidden_act `gelu_pytorch_tanh` is not supported"),

@@ -32,8 +32,8 @@ pub enum ModelCommand {
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// The architecture (`model_type`): llama, mistral (a sliding
-        /// attention window shorter than a course's sequences) or qwen2
-        /// (biases on the query, key and value projections).
+        /// attention window shorter than a course's sequences), qwen2
+        /// (biases on the query, key and value projections) or gemma.
         #[arg(long, default_value = "llama", value_parser = parse_family)]
         family: Family,
     },

@@ -5,7 +5,7 @@
 //! differ only in what [`LlamaConfig`]'s family fields say — biases on the
 //! query, key and value projections (Qwen2), a head width other than
 //! `hidden / heads`, Llama 3's rotary frequency scaling, Mistral's sliding
-//! attention window.
+//! attention window, Gemma's scaled embeddings, `1 + w` norms and GELU MLP.
 
 use serde::{Deserialize, Serialize};
 
@@ -20,11 +20,15 @@ pub enum Family {
     Mistral,
     /// Qwen2 and Qwen2.5: biases on the query, key and value projections.
     Qwen2,
+    /// Gemma (the first): embeddings scaled by `√hidden`, RMSNorm weights
+    /// stored as `w − 1` (the norm multiplies by `1 + w`), a GELU (tanh)
+    /// gate in the MLP, a tied head.
+    Gemma,
 }
 
 impl Family {
     /// Every family, as `model_type` spells it.
-    pub const NAMES: [&'static str; 3] = ["llama", "mistral", "qwen2"];
+    pub const NAMES: [&'static str; 4] = ["llama", "mistral", "qwen2", "gemma"];
 
     /// Parses a `model_type`.
     pub fn from_model_type(name: &str) -> Option<Self> {
@@ -32,6 +36,7 @@ impl Family {
             "llama" => Some(Family::Llama),
             "mistral" => Some(Family::Mistral),
             "qwen2" => Some(Family::Qwen2),
+            "gemma" => Some(Family::Gemma),
             _ => None,
         }
     }
@@ -42,6 +47,7 @@ impl Family {
             Family::Llama => "LlamaForCausalLM",
             Family::Mistral => "MistralForCausalLM",
             Family::Qwen2 => "Qwen2ForCausalLM",
+            Family::Gemma => "GemmaForCausalLM",
         }
     }
 
@@ -51,6 +57,7 @@ impl Family {
             Family::Llama => "llama",
             Family::Mistral => "mistral",
             Family::Qwen2 => "qwen2",
+            Family::Gemma => "gemma",
         }
     }
 }

@@ -6,9 +6,11 @@
 //! Hugging Face's own, which is also this crate's layout.
 //!
 //! The families read are those of [`Family`] (`model_type` `llama`,
-//! `mistral`, `qwen2`); any other, and any option of theirs that the decoder
+//! `mistral`, `qwen2`, `gemma`); any other (Gemma 2 and 3 among them), and
+//! any option of theirs that the decoder
 //! does not implement (a rotary scaling other than Llama 3's, Qwen2's
-//! per-layer sliding windows, Llama's optional biases, an activation other than SiLU),
+//! per-layer sliding windows, Llama's optional biases, an activation other
+//! than SiLU (Gemma: GELU's tanh form)),
 //! is refused by name rather than run wrongly.
 
 use std::collections::{BTreeSet, HashMap};
@@ -103,10 +105,37 @@ pub fn config_of(mut json: serde_json::Value) -> std::result::Result<LlamaConfig
         ));
     };
     obj.insert("model_type".into(), family.name().into());
+    // The MLP's activation: SiLU, or Gemma's GELU with the tanh
+    // approximation (what transformers runs for Gemma's `hidden_act =
+    // "gelu"` unless `hidden_activation` says otherwise).
+    let allowed: &[&str] = match family {
+        Family::Gemma => &["gelu", "gelu_pytorch_tanh"],
+        _ => &["silu"],
+    };
     for key in ["hidden_act", "hidden_activation"] {
         if let Some(act) = obj.get(key).and_then(|v| v.as_str()) {
-            if act != "silu" {
-                return Err(format!("{key} `{act}` is not supported (only `silu`)"));
+            let exact_gelu = family == Family::Gemma && key == "hidden_activation" && act == "gelu";
+            if !allowed.contains(&act) || exact_gelu {
+                return Err(format!(
+                    "{key} `{act}` is not supported for {} (only `{}`)",
+                    family.name(),
+                    if family == Family::Gemma {
+                        "gelu_pytorch_tanh"
+                    } else {
+                        "silu"
+                    }
+                ));
+            }
+        }
+    }
+    if family == Family::Gemma {
+        // Gemma's head is the embeddings.
+        match obj.get("tie_word_embeddings").and_then(|v| v.as_bool()) {
+            Some(false) => {
+                return Err("gemma with tie_word_embeddings = false is not supported".into())
+            }
+            _ => {
+                obj.insert("tie_word_embeddings".into(), true.into());
             }
         }
     }
@@ -154,7 +183,7 @@ pub fn config_of(mut json: serde_json::Value) -> std::result::Result<LlamaConfig
         }
         obj.remove("sliding_window");
     }
-    if family == Family::Llama {
+    if matches!(family, Family::Llama | Family::Gemma) {
         obj.remove("sliding_window");
     }
     let cfg: LlamaConfig = serde_json::from_value(json).map_err(|e| e.to_string())?;

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::config::LlamaConfig;
+use super::config::{Family, LlamaConfig};
 use crate::kernels::{
     attention, attention_fuses, frozen_linear, lora_linear, rms_norm, rope, softmax_last_dim,
     swiglu, AttentionDims, LowRank,
@@ -372,17 +372,31 @@ impl Llama {
         )
     }
 
+    /// What Hugging Face's files store of an RMSNorm weight is the weight
+    /// less this: Gemma's norms multiply by `1 + w`, and the model keeps
+    /// `1 + w` so that every family runs the same norm.
+    fn norm_offset(cfg: &LlamaConfig) -> f64 {
+        if cfg.family == Family::Gemma {
+            1.0
+        } else {
+            0.0
+        }
+    }
+
     /// A model of shape `cfg` from tensors named as [`Llama::named_weights`]
     /// names them (Hugging Face's names); `take` removes one by name.
     pub fn from_named(
         cfg: LlamaConfig,
         mut take: impl FnMut(&str) -> Result<Tensor>,
     ) -> Result<Self> {
+        let offset = Self::norm_offset(&cfg);
         let embed = take("model.embed_tokens.weight")?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let input_norm = take(&format!("model.layers.{i}.input_layernorm.weight"))?;
+            let input_norm = shift(input_norm, offset)?;
             let post_norm = take(&format!("model.layers.{i}.post_attention_layernorm.weight"))?;
+            let post_norm = shift(post_norm, offset)?;
             let mut layer = LayerWeights::from_parts(input_norm, post_norm, |p| {
                 take(&format!("model.layers.{i}.{}.weight", p.path()))
             })?;
@@ -392,7 +406,7 @@ impl Llama {
             }
             layers.push(layer);
         }
-        let norm = take("model.norm.weight")?;
+        let norm = shift(take("model.norm.weight")?, offset)?;
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
@@ -459,14 +473,17 @@ impl Llama {
         self.embed_tokens.device()
     }
 
-    /// Every weight under its Hugging Face name (`lm_head.weight` only when untied).
+    /// Every weight under its Hugging Face name (`lm_head.weight` only when
+    /// untied), as Hugging Face stores it.
     pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+        let offset = -Self::norm_offset(&self.cfg);
+        let norm = |t: &Tensor| shift(t.clone(), offset).expect("a norm weight shifts");
         let mut out = vec![
             (
                 "model.embed_tokens.weight".to_string(),
                 self.embed_tokens.clone(),
             ),
-            ("model.norm.weight".to_string(), self.norm.clone()),
+            ("model.norm.weight".to_string(), norm(&self.norm)),
         ];
         if let Some(head) = &self.lm_head {
             out.push(("lm_head.weight".to_string(), head.clone()));
@@ -474,11 +491,11 @@ impl Llama {
         for (i, l) in self.layers.iter().enumerate() {
             out.push((
                 format!("model.layers.{i}.input_layernorm.weight"),
-                l.input_layernorm.clone(),
+                norm(&l.input_layernorm),
             ));
             out.push((
                 format!("model.layers.{i}.post_attention_layernorm.weight"),
-                l.post_attention_layernorm.clone(),
+                norm(&l.post_attention_layernorm),
             ));
             for p in Projection::ALL {
                 out.push((
@@ -654,6 +671,11 @@ impl Llama {
                 mask_ext = Some(Tensor::cat(&[&ones, m], 1)?);
             }
         }
+        if self.cfg.family == Family::Gemma {
+            // Gemma scales its input embeddings (virtual tokens' too, as
+            // PEFT passes them in with the rest).
+            h = (h * (self.cfg.hidden_size as f64).sqrt())?;
+        }
         let mask = self.attention_bias(b, tt, pos0, mask_ext.as_ref())?;
         for (i, layer) in self.layers.iter().enumerate() {
             let x = rms_norm(&h, &layer.input_layernorm, self.cfg.rms_norm_eps)?;
@@ -667,7 +689,13 @@ impl Llama {
             let x = rms_norm(&h, &layer.post_attention_layernorm, self.cfg.rms_norm_eps)?;
             let gate = self.project(i, Projection::Gate, layer, &x, adapter)?;
             let up = self.project(i, Projection::Up, layer, &x, adapter)?;
-            let mlp = self.project(i, Projection::Down, layer, &swiglu(&gate, &up)?, adapter)?;
+            let act = match self.cfg.family {
+                // GELU (tanh approximation) gates Gemma's MLP: composite
+                // ops, whose gradients candle provides.
+                Family::Gemma => (gate.gelu()? * up)?,
+                _ => swiglu(&gate, &up)?,
+            };
+            let mlp = self.project(i, Projection::Down, layer, &act, adapter)?;
             h = (h + mlp)?;
         }
         let mut out = rms_norm(&h, &self.norm, self.cfg.rms_norm_eps)?;
@@ -875,6 +903,15 @@ fn append_kv(
     bk.slice_set(&k.contiguous()?, 2, offset)?;
     bv.slice_set(&v.contiguous()?, 2, offset)?;
     Ok((bk.narrow(2, 0, need)?, bv.narrow(2, 0, need)?))
+}
+
+/// `t + by`, or `t` itself when `by` is zero.
+fn shift(t: Tensor, by: f64) -> Result<Tensor> {
+    if by == 0.0 {
+        Ok(t)
+    } else {
+        t + by
+    }
 }
 
 /// Positions a cache buffer has room for beyond what it was first asked to hold.

@@ -31,7 +31,8 @@ pub struct TinySpec {
     pub seed: u64,
     /// The architecture: Qwen2's has biases on the query, key and value
     /// projections; Mistral's a sliding attention window of
-    /// [`TINY_SLIDING_WINDOW`] positions.
+    /// [`TINY_SLIDING_WINDOW`] positions; Gemma's scales its embeddings and
+    /// gates its MLP with GELU.
     pub family: Family,
 }
 

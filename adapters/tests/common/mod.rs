@@ -51,7 +51,7 @@ pub fn llama3_scaling() -> RopeScaling {
 /// [`tiny_config`] as each supported family other than plain Llama:
 /// Qwen2 (query/key/value biases, untied head), Mistral with a 4-position
 /// sliding window and heads wider than `hidden / heads`, Llama 3's rotary
-/// scaling.
+/// scaling, Gemma (scaled embeddings, `1 + w` norms, GELU, wide heads).
 pub fn family_configs() -> Vec<(&'static str, LlamaConfig)> {
     let base = tiny_config(true);
     vec![
@@ -76,6 +76,14 @@ pub fn family_configs() -> Vec<(&'static str, LlamaConfig)> {
             "llama3",
             LlamaConfig {
                 rope_scaling: Some(llama3_scaling()),
+                ..base.clone()
+            },
+        ),
+        (
+            "gemma",
+            LlamaConfig {
+                family: Family::Gemma,
+                explicit_head_dim: Some(8),
                 ..base
             },
         ),
