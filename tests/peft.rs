@@ -457,12 +457,25 @@ fn fedot_can_train_the_adapter_layers_in_full() {
     let summary = json(&out.join("summary.json"));
     let o = &summary["offsite"];
     assert_eq!(o["kept_layers"], serde_json::json!([0, 1, 3, 5]));
-    // Every projection of two layers of the tiny model (hidden 64, two
-    // key/value heads of 16, MLP 128): q, o 64·64; k, v 32·64; gate, up, down 128·64.
-    let per_layer = 2 * 64 * 64 + 2 * 32 * 64 + 3 * 128 * 64;
+    // The whole of two layers of the tiny model (hidden 64, two key/value
+    // heads of 16, MLP 128): q, o 64·64; k, v 32·64; gate, up, down 128·64;
+    // the two norms 64 each.
+    let per_layer = 2 * 64 * 64 + 2 * 32 * 64 + 3 * 128 * 64 + 2 * 64;
     assert_eq!(o["trainable_params"], serde_json::json!(2 * per_layer));
     let emu = json(&out.join("adapter-emulator/adapter_config.json"));
     assert_eq!(emu["peft_type"], "FEDTUNE_FULL");
+    assert_eq!(emu["norms"], true);
+    let tensors = candle_core::safetensors::load(
+        out.join("adapter/adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let norm = &tensors["base_model.model.model.layers.5.post_attention_layernorm.delta"];
+    let moved = norm.abs().unwrap().max_all().unwrap();
+    assert!(
+        moved.to_scalar::<f32>().unwrap() > 0.0,
+        "the norms trained (and were renumbered into the full model)"
+    );
     assert_eq!(emu["layers_to_transform"], serde_json::json!([0, 3]));
     let plugged = json(&out.join("adapter/adapter_config.json"));
     assert_eq!(plugged["layers_to_transform"], serde_json::json!([0, 5]));

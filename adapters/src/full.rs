@@ -1,14 +1,15 @@
-//! Full fine-tuning of chosen layers' projections: what offsite-tuning
-//! trains in its adapter layers (FS-LLM's FedOT trains them whole, not LoRA
-//! inside them).
+//! Full fine-tuning of chosen layers' projections (and norms): what
+//! offsite-tuning trains in its adapter layers (FS-LLM's FedOT trains them
+//! whole, not LoRA inside them).
 //!
 //! Each chosen weight `W` becomes `W + Δ`, with `Δ` trainable and starting
 //! at zero. The forward pass adds `x·Δᵀ` to the frozen projection, so the
 //! gradient of `Δ` is the gradient of `W` and training `Δ` is training `W`
 //! itself, while the frozen base stays shared by every simulated client.
 //! What crosses the wire is `Δ`, as large as the weights; averaging the
-//! clients' `Δ` is averaging their `W`. The layers' RMSNorm weights stay
-//! frozen (offsite-tuning trains them too: 2·hidden values a layer).
+//! clients' `Δ` is averaging their `W`. With `norms`, the layers' two
+//! RMSNorm weights get a `Δ` the same way (2·hidden values a layer), so the
+//! whole layer trains, as in offsite-tuning.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,7 +18,7 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use fedtune_kernel::KeyError;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{LlamaConfig, Projection, ProjectionAdapter};
+use crate::model::{LlamaConfig, Norm, Projection, ProjectionAdapter};
 
 /// Which weights are trained in full.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -27,10 +28,13 @@ pub struct FullConfig {
     pub target_modules: Vec<String>,
     /// The layers whose projections are trained.
     pub layers_to_transform: Vec<usize>,
+    /// Whether those layers' two RMSNorm weights are trained too.
+    #[serde(default)]
+    pub norms: bool,
 }
 
 impl FullConfig {
-    /// Every projection of `layers`.
+    /// The whole of `layers`: every projection and both norms.
     pub fn every_projection(layers: Vec<usize>) -> Self {
         Self {
             target_modules: Projection::ALL
@@ -38,6 +42,7 @@ impl FullConfig {
                 .map(|p| p.name().to_string())
                 .collect(),
             layers_to_transform: layers,
+            norms: true,
         }
     }
 
@@ -56,11 +61,17 @@ pub fn delta_name(layer: usize, p: Projection) -> String {
     format!("base_model.model.model.layers.{layer}.{}.delta", p.path())
 }
 
+/// The name of one trained norm weight's `Δ`.
+pub fn norm_delta_name(layer: usize, n: Norm) -> String {
+    format!("base_model.model.model.layers.{layer}.{}.delta", n.path())
+}
+
 /// The trainable `Δ` of every chosen weight.
 #[derive(Debug)]
 pub struct FullDelta {
     config: FullConfig,
     deltas: BTreeMap<(usize, Projection), Var>,
+    norms: BTreeMap<(usize, Norm), Var>,
     grad_enabled: AtomicBool,
 }
 
@@ -73,7 +84,7 @@ impl FullDelta {
         device: &Device,
     ) -> Result<Self> {
         let projections = config.projections().map_err(candle_core::Error::msg)?;
-        let mut deltas = BTreeMap::new();
+        let (mut deltas, mut norms) = (BTreeMap::new(), BTreeMap::new());
         for &layer in &config.layers_to_transform {
             if layer >= model.num_hidden_layers {
                 candle_core::bail!(
@@ -86,10 +97,17 @@ impl FullDelta {
                 let zero = Tensor::zeros((dout, din), dtype, device)?;
                 deltas.insert((layer, p), Var::from_tensor(&zero)?);
             }
+            if config.norms {
+                for n in Norm::ALL {
+                    let zero = Tensor::zeros(model.hidden_size, dtype, device)?;
+                    norms.insert((layer, n), Var::from_tensor(&zero)?);
+                }
+            }
         }
         Ok(Self {
             config,
             deltas,
+            norms,
             grad_enabled: AtomicBool::new(true),
         })
     }
@@ -111,15 +129,36 @@ impl FullDelta {
             .map(|v| v.as_tensor().detach())
     }
 
+    /// `Δ` of norm `norm` of block `layer`, `(hidden)`, if trained.
+    pub fn merged_norm_delta(&self, layer: usize, norm: Norm) -> Option<Tensor> {
+        self.norms
+            .get(&(layer, norm))
+            .map(|v| v.as_tensor().detach())
+    }
+
     /// `(name, variable)` pairs in name order.
     pub fn named_vars(&self) -> Vec<(String, Var)> {
         let mut out: Vec<(String, Var)> = self
             .deltas
             .iter()
             .map(|(&(layer, p), v)| (delta_name(layer, p), v.clone()))
+            .chain(
+                self.norms
+                    .iter()
+                    .map(|(&(layer, n), v)| (norm_delta_name(layer, n), v.clone())),
+            )
             .collect();
         out.sort_by(|x, y| x.0.cmp(&y.0));
         out
+    }
+
+    /// The variable itself, or a detached view when gradients are off.
+    fn tracked(&self, v: &Var) -> Tensor {
+        if self.grad_enabled.load(Ordering::Relaxed) {
+            v.as_tensor().clone()
+        } else {
+            v.as_tensor().detach()
+        }
     }
 }
 
@@ -128,13 +167,12 @@ impl ProjectionAdapter for FullDelta {
         let Some(d) = self.deltas.get(&(layer, proj)) else {
             return Ok(None);
         };
-        let d = if self.grad_enabled.load(Ordering::Relaxed) {
-            d.as_tensor().clone()
-        } else {
-            d.as_tensor().detach()
-        };
         // (n, in) · Δᵀ → (n, out)
-        Ok(Some(x.matmul(&d.t()?)?))
+        Ok(Some(x.matmul(&self.tracked(d).t()?)?))
+    }
+
+    fn norm_delta(&self, layer: usize, norm: Norm) -> Result<Option<Tensor>> {
+        Ok(self.norms.get(&(layer, norm)).map(|v| self.tracked(v)))
     }
 }
 
@@ -171,7 +209,7 @@ mod tests {
             &Device::Cpu,
         )
         .unwrap();
-        assert_eq!(full.named_vars().len(), 7);
+        assert_eq!(full.named_vars().len(), 7 + 2, "projections and norms");
         for (i, (name, v)) in full.named_vars().into_iter().enumerate() {
             assert!(name.contains(".layers.1."), "{name}");
             let t = Tensor::randn(0.0, 0.1, v.dims(), &Device::Cpu).unwrap();
@@ -179,6 +217,8 @@ mod tests {
         }
         let changed = model
             .with_deltas(|layer, p| Ok(full.merged_delta(layer, p)))
+            .unwrap()
+            .with_norm_deltas(|layer, n| Ok(full.merged_norm_delta(layer, n)))
             .unwrap();
         let tokens = Tensor::new(&[[3u32, 9, 1, 30, 7, 7]], &Device::Cpu).unwrap();
         let a = model.forward(&tokens, None, Some(&full)).unwrap();

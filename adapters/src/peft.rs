@@ -276,6 +276,7 @@ fn save_full(
         "base_model_name_or_path": base_model,
         "target_modules": config.target_modules,
         "layers_to_transform": config.layers_to_transform,
+        "norms": config.norms,
         "fedtune": "each tensor is the change to the base model's weight of the same path (`delta` for `weight`)",
     });
     write_adapter_dir(dir, &json, params)
@@ -321,6 +322,7 @@ pub fn load_adapter(dir: &Path) -> Result<(crate::adapter::AdapterSpec, ParamSet
         let config: crate::full::FullConfig = serde_json::from_value(serde_json::json!({
             "target_modules": json["target_modules"],
             "layers_to_transform": json["layers_to_transform"],
+            "norms": json["norms"].as_bool().unwrap_or(false),
         }))
         .map_err(|e| io(&path, e.to_string()))?;
         let file = dir.join("adapter_model.safetensors");

@@ -127,6 +127,28 @@ impl Projection {
     }
 }
 
+/// The two RMSNorms of a decoder block, by their Hugging Face names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Norm {
+    /// `input_layernorm`, before attention.
+    Input,
+    /// `post_attention_layernorm`, before the MLP.
+    PostAttention,
+}
+
+impl Norm {
+    /// Both, in block order.
+    pub const ALL: [Norm; 2] = [Norm::Input, Norm::PostAttention];
+
+    /// The module's path inside a block.
+    pub fn path(self) -> &'static str {
+        match self {
+            Norm::Input => "input_layernorm",
+            Norm::PostAttention => "post_attention_layernorm",
+        }
+    }
+}
+
 /// What an adapter adds to the forward pass: terms on projections (LoRA
 /// adds `scale · x Aᵀ Bᵀ`), virtual tokens before the input (prompt tuning,
 /// P-tuning), or keys and values before every layer's own (prefix-tuning).
@@ -149,6 +171,12 @@ pub trait ProjectionAdapter {
 
     /// Embeddings `(n, hidden)` to put before every sequence's tokens.
     fn virtual_tokens(&self) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    /// A term `(hidden)` added to the weight of norm `norm` of block
+    /// `layer` (a norm trained in full); `None` leaves it alone.
+    fn norm_delta(&self, _layer: usize, _norm: Norm) -> Result<Option<Tensor>> {
         Ok(None)
     }
 
@@ -216,6 +244,14 @@ impl LayerWeights {
     /// The bias of one projection, if it has one.
     pub fn bias(&self, p: Projection) -> Option<&Tensor> {
         self.biases[p.index()].as_ref()
+    }
+
+    /// The weight of one norm.
+    pub fn norm(&self, n: Norm) -> &Tensor {
+        match n {
+            Norm::Input => &self.input_layernorm,
+            Norm::PostAttention => &self.post_attention_layernorm,
+        }
     }
 
     /// The weight of one projection.
@@ -381,6 +417,36 @@ impl Llama {
         } else {
             0.0
         }
+    }
+
+    /// This model with `delta(layer, norm)` added to the norm weights where
+    /// it gives one (merging norms trained in full into the model).
+    pub fn with_norm_deltas(
+        &self,
+        mut delta: impl FnMut(usize, Norm) -> Result<Option<Tensor>>,
+    ) -> Result<Self> {
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for (i, l) in self.layers.iter().enumerate() {
+            let mut norm = |n: Norm| -> Result<Tensor> {
+                let w = l.norm(n);
+                match delta(i, n)? {
+                    Some(d) => w + d.to_dtype(w.dtype())?,
+                    None => Ok(w.clone()),
+                }
+            };
+            layers.push(LayerWeights {
+                input_layernorm: norm(Norm::Input)?,
+                post_attention_layernorm: norm(Norm::PostAttention)?,
+                ..l.clone()
+            });
+        }
+        Self::new(
+            self.cfg.clone(),
+            self.embed_tokens.clone(),
+            layers,
+            self.norm.clone(),
+            self.lm_head.clone(),
+        )
     }
 
     /// A model of shape `cfg` from tensors named as [`Llama::named_weights`]
@@ -678,7 +744,7 @@ impl Llama {
         }
         let mask = self.attention_bias(b, tt, pos0, mask_ext.as_ref())?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let x = rms_norm(&h, &layer.input_layernorm, self.cfg.rms_norm_eps)?;
+            let x = self.block_norm(i, Norm::Input, layer, &h, adapter)?;
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
             let prefix = match adapter {
                 Some(a) if np > 0 => a.kv_prefix(i)?,
@@ -686,7 +752,7 @@ impl Llama {
             };
             let attn = self.attention(i, layer, &x, (b, tt, pos0), &mask, slot, prefix, adapter)?;
             h = (h + attn)?;
-            let x = rms_norm(&h, &layer.post_attention_layernorm, self.cfg.rms_norm_eps)?;
+            let x = self.block_norm(i, Norm::PostAttention, layer, &h, adapter)?;
             let gate = self.project(i, Projection::Gate, layer, &x, adapter)?;
             let up = self.project(i, Projection::Up, layer, &x, adapter)?;
             let act = match self.cfg.family {
@@ -708,6 +774,31 @@ impl Llama {
                 .reshape((b * t, hidden))?;
         }
         Ok((out, np + tt))
+    }
+
+    /// RMSNorm `norm` of block `layer`; when the adapter trains its weight,
+    /// the fused norm runs with unit weight and the weight multiplies after,
+    /// so that the weight's term gets a gradient too.
+    fn block_norm(
+        &self,
+        layer: usize,
+        norm: Norm,
+        weights: &LayerWeights,
+        h: &Tensor,
+        adapter: Option<&dyn ProjectionAdapter>,
+    ) -> Result<Tensor> {
+        let w = weights.norm(norm);
+        let delta = match adapter {
+            Some(a) => a.norm_delta(layer, norm)?,
+            None => None,
+        };
+        match delta {
+            None => rms_norm(h, w, self.cfg.rms_norm_eps),
+            Some(d) => {
+                let ones = Tensor::ones(w.dims(), w.dtype(), w.device())?;
+                rms_norm(h, &ones, self.cfg.rms_norm_eps)?.broadcast_mul(&(w + d)?)
+            }
+        }
     }
 
     fn project(

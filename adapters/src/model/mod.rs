@@ -19,5 +19,5 @@ pub use config::{Family, LlamaConfig, RopeScaling};
 pub use gguf::{load_gguf, GgufModel};
 pub use hf::{config_of, load_hf_dir, load_hf_tokenizer, HfModel};
 pub use hub::{fetch_model, HubError, HubId, HUB_PREFIX};
-pub use llama::{KvCache, LayerWeights, Llama, Projection, ProjectionAdapter};
+pub use llama::{KvCache, LayerWeights, Llama, Norm, Projection, ProjectionAdapter};
 pub use tiny::{write_tiny_model, TinySpec, TINY_EOS, TINY_SLIDING_WINDOW};

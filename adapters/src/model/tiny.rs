@@ -168,7 +168,7 @@ mod tests {
     /// tokenizer (and so every test on a tiny model) is the same each time.
     #[test]
     fn tiny_models_of_each_family_load_back_as_written() {
-        for family in [Family::Mistral, Family::Qwen2] {
+        for family in [Family::Mistral, Family::Qwen2, Family::Gemma] {
             let dir = tempfile::tempdir().unwrap();
             let spec = TinySpec {
                 family,
