@@ -9,6 +9,7 @@ mod bench;
 mod chart;
 mod cmd;
 mod display;
+mod live;
 mod runlog;
 
 use std::path::PathBuf;
@@ -68,6 +69,15 @@ enum Command {
         /// A directory written by `fedtune run`.
         dir: PathBuf,
     },
+    /// Follow runs in a browser: a live page of their loss, bytes and clients' status.
+    Serve {
+        /// Run directories (written, or being written, by `fedtune run`).
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+        /// Where to listen (default: a free loopback port; the address is printed).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        addr: String,
+    },
     /// Print a shell completion script (e.g. `fedtune completions bash > ~/.local/share/bash-completion/completions/fedtune`).
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -115,6 +125,7 @@ fn main() -> ExitCode {
         Command::Data(command) => cmd::data::run(command),
         Command::Broker(command) => cmd::broker::broker(command),
         Command::Report { dir } => cmd::report::report(&dir),
+        Command::Serve { dirs, addr } => live::serve(dirs, &addr),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,

@@ -4,17 +4,23 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # What the tests run besides cargo: python3 (HumanEval's sandbox),
-# nats-server (the NATS transport's tests start their own on a free port)
-# and openssl (the TLS test makes its own certificates).
+# nats-server (the NATS transport's tests start their own on a free port),
+# openssl (the TLS test makes its own certificates) and Chromium with
+# chromedriver (the live view's test loads the page in a headless browser).
 missing=()
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || missing+=(nats-server)
+# The live view's browser test drives Chromium through chromedriver.
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+[ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "tests/run.sh: installing ${missing[*]} (Debian packages)" >&2
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
     $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+# Here the browser test must find a browser, not skip.
+export FEDTUNE_REQUIRE_BROWSER=1
 cargo test --workspace -j 2 "$@"
 # The narrower SIMD paths a CPU without AVX-512 (avx2) or without AVX2
 # (scalar) takes: the kernels' value-and-gradient tests and the training

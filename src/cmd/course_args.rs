@@ -39,6 +39,10 @@ pub struct RunArgs {
     /// Replace an earlier run in --out DIR (its files are deleted, nothing else).
     #[arg(long, conflicts_with = "resume")]
     pub overwrite: bool,
+    /// Follow the course in a browser: serve the live view on ADDR
+    /// (default 127.0.0.1:0, a free loopback port; the address is printed).
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:0")]
+    pub serve: Option<String>,
 }
 
 /// Where a course run writes: `out`, or `runs/<course>-<timestamp>`;

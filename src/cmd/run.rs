@@ -27,6 +27,14 @@ pub fn run(args: RunArgs) -> Result<()> {
         args.data_root.as_deref(),
     )?;
     let _lock = out.prepare(&course)?;
+    let _live = match &args.serve {
+        Some(addr) => {
+            let view = crate::live::LiveView::start(vec![out.dir.clone()], addr)?;
+            eprintln!("live view: {}", view.url());
+            Some(view)
+        }
+        None => None,
+    };
     if course.broker.transport == TransportKind::Nats {
         return super::spawn::run_processes(&course, &args, &out.dir);
     }
