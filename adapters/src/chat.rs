@@ -3,11 +3,14 @@
 //!
 //! A model's chat template is a Jinja program (`tokenizer.chat_template` in
 //! a GGUF, `chat_template` in `tokenizer_config.json`); fedtune carries no
-//! Jinja engine, so it recognizes the two layouts today's small models use
+//! Jinja engine, so it recognizes the layouts today's small models use
 //! and renders them natively: ChatML (`<|im_start|>role … <|im_end|>`:
-//! SmolLM2, Qwen2.5) and Llama 3 (`<|start_header_id|>role<|end_header_id|>
-//! … <|eot_id|>`). A model with neither (or no template, as fedtune's tiny
-//! test models) gets a plain `User:` / `Assistant:` transcript. A default
+//! SmolLM2, Qwen2.5), Llama 3 (`<|start_header_id|>role<|end_header_id|>
+//! … <|eot_id|>`) and Gemma (`<start_of_turn>user … <end_of_turn>`, the
+//! assistant called `model`, a system prompt folded into the first user
+//! turn). A model with none of them (Mistral's `[INST]` among them, or no
+//! template, as fedtune's tiny test models) gets a plain `User:` /
+//! `Assistant:` transcript. A default
 //! system prompt written literally in a ChatML template (SmolLM2's "You are
 //! a helpful AI assistant named SmolLM…") is used when the caller gives
 //! none, as the template itself would.
@@ -66,6 +69,9 @@ pub enum ChatLayout {
     /// `<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>`
     /// after `<|begin_of_text|>` (which the tokenizer may add itself).
     Llama3,
+    /// `<start_of_turn>{user|model}\n{content}<end_of_turn>\n`; a system
+    /// turn is put before the first user turn's content.
+    Gemma,
     /// `User: …` / `Assistant: …` lines: for models without a known template.
     Plain,
 }
@@ -75,6 +81,8 @@ const IM_END: &str = "<|im_end|>";
 const HEADER_START: &str = "<|start_header_id|>";
 const HEADER_END: &str = "<|end_header_id|>";
 const EOT: &str = "<|eot_id|>";
+const TURN_START: &str = "<start_of_turn>";
+const TURN_END: &str = "<end_of_turn>";
 
 impl ChatLayout {
     /// The layout of `tok`'s model, from its chat template.
@@ -93,6 +101,8 @@ impl ChatLayout {
             }
         } else if t.contains(HEADER_START) && t.contains(EOT) {
             ChatLayout::Llama3
+        } else if t.contains(TURN_START) && t.contains(TURN_END) {
+            ChatLayout::Gemma
         } else {
             ChatLayout::Plain
         }
@@ -103,6 +113,7 @@ impl ChatLayout {
         match self {
             ChatLayout::ChatMl { .. } => "ChatML",
             ChatLayout::Llama3 => "Llama 3",
+            ChatLayout::Gemma => "Gemma",
             ChatLayout::Plain => "plain User:/Assistant:",
         }
     }
@@ -135,6 +146,24 @@ impl ChatLayout {
                 }
                 out.push_str(&format!("{HEADER_START}assistant{HEADER_END}\n\n"));
             }
+            ChatLayout::Gemma => {
+                let mut system = None;
+                for t in turns {
+                    let (who, text) = match t.role {
+                        Role::System => {
+                            system = Some(t.content.trim().to_string());
+                            continue;
+                        }
+                        Role::User => match system.take() {
+                            Some(s) => ("user", format!("{s}\n\n{}", t.content.trim())),
+                            None => ("user", t.content.trim().to_string()),
+                        },
+                        Role::Assistant => ("model", t.content.trim().to_string()),
+                    };
+                    out.push_str(&format!("{TURN_START}{who}\n{text}{TURN_END}\n"));
+                }
+                out.push_str(&format!("{TURN_START}model\n"));
+            }
             ChatLayout::Plain => {
                 for t in turns {
                     let who = match t.role {
@@ -155,6 +184,7 @@ impl ChatLayout {
         match self {
             ChatLayout::ChatMl { .. } => vec![IM_END.into(), IM_START.into()],
             ChatLayout::Llama3 => vec![EOT.into(), HEADER_START.into()],
+            ChatLayout::Gemma => vec![TURN_END.into(), TURN_START.into()],
             ChatLayout::Plain => vec!["\nUser:".into()],
         }
     }
@@ -235,6 +265,23 @@ mod tests {
             layout.render(&[Turn::new(Role::User, " Hi ")]),
             "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
         );
+        // Gemma's: no system role (it is folded into the first user turn),
+        // the assistant is `model`.
+        let gemma =
+            "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}";
+        let layout = ChatLayout::from_template(Some(gemma));
+        assert_eq!(layout, ChatLayout::Gemma);
+        assert_eq!(
+            layout.render(&[
+                Turn::new(Role::System, "Be brief."),
+                Turn::new(Role::User, "Hi"),
+                Turn::new(Role::Assistant, "Hello."),
+                Turn::new(Role::User, "2+2?"),
+            ]),
+            "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n\
+             <start_of_turn>user\n2+2?<end_of_turn>\n<start_of_turn>model\n"
+        );
+        assert_eq!(layout.stops()[0], "<end_of_turn>");
         assert_eq!(ChatLayout::from_template(None), ChatLayout::Plain);
         assert_eq!(
             ChatLayout::from_template(Some("{{ messages }}"))

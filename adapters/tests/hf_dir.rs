@@ -120,3 +120,38 @@ fn broken_directories_are_explained() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_directorys_chat_template_is_read_from_its_tokenizer_config() {
+    use fedtune_adapters::chat::ChatLayout;
+    use fedtune_adapters::model::{load_hf_tokenizer, write_tiny_model, TinySpec};
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_model(dir.path(), TinySpec::default()).unwrap();
+    let tok = load_hf_tokenizer(dir.path()).unwrap().unwrap();
+    assert_eq!(
+        ChatLayout::of(&tok),
+        ChatLayout::Plain,
+        "no tokenizer_config.json"
+    );
+    let qwen = "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}{%- endfor %}";
+    std::fs::write(
+        dir.path().join("tokenizer_config.json"),
+        serde_json::json!({ "chat_template": qwen }).to_string(),
+    )
+    .unwrap();
+    let tok = load_hf_tokenizer(dir.path()).unwrap().unwrap();
+    assert_eq!(tok.chat_template.as_deref(), Some(qwen));
+    assert!(matches!(ChatLayout::of(&tok), ChatLayout::ChatMl { .. }));
+    // Older files list named templates; the default one is used.
+    std::fs::write(
+        dir.path().join("tokenizer_config.json"),
+        serde_json::json!({ "chat_template": [
+            {"name": "tool_use", "template": "x"},
+            {"name": "default", "template": "<start_of_turn>{{ m }}<end_of_turn>"}
+        ]})
+        .to_string(),
+    )
+    .unwrap();
+    let tok = load_hf_tokenizer(dir.path()).unwrap().unwrap();
+    assert_eq!(ChatLayout::of(&tok), ChatLayout::Gemma);
+}

@@ -220,7 +220,26 @@ fn tokenizer_of(
                 "has no eos_token_id, which the tokenizer needs",
             )
         })?;
-    Ok(Some(
-        TextTokenizer::from_file(&tok_path, eos as u32).map_err(|e| err(&tok_path, e))?,
-    ))
+    let mut tok = TextTokenizer::from_file(&tok_path, eos as u32).map_err(|e| err(&tok_path, e))?;
+    tok.chat_template = chat_template(dir)?;
+    Ok(Some(tok))
+}
+
+/// The chat template of `dir/tokenizer_config.json`, if it has one: a
+/// string, or a list of named templates of which the `default` one.
+fn chat_template(dir: &Path) -> Result<Option<String>> {
+    let path = dir.join("tokenizer_config.json");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(None);
+    };
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| err(&path, e))?;
+    Ok(match &json["chat_template"] {
+        serde_json::Value::String(t) => Some(t.clone()),
+        serde_json::Value::Array(named) => named
+            .iter()
+            .find(|t| t["name"] == "default")
+            .and_then(|t| t["template"].as_str())
+            .map(str::to_string),
+        _ => None,
+    })
 }

@@ -1,7 +1,8 @@
 //! Models named by their Hugging Face id: `hf:ORG/NAME[@REVISION]`.
 //!
 //! The files a [`super::load_hf_dir`] directory needs — `config.json`,
-//! `tokenizer.json`, and the weights as `model.safetensors` or as the shards
+//! `tokenizer.json` (and `tokenizer_config.json`, for the chat template,
+//! when there is one), and the weights as `model.safetensors` or as the shards
 //! that `model.safetensors.index.json` lists — are downloaded through the
 //! `hf-hub` crate into the standard Hugging Face cache
 //! (`$HF_HOME/hub/models--ORG--NAME/…`, shared with Python's
@@ -269,6 +270,8 @@ pub fn fetch_model(id: &HubId, say: &dyn Fn(&str)) -> Result<PathBuf, HubError> 
         .ok_or_else(|| layout("the cache path has no parent".into()))?
         .to_path_buf();
     source.get(id, "tokenizer.json", say)?;
+    // The chat template lives here; a repository without one is fine.
+    let _ = source.get(id, "tokenizer_config.json", say);
     // One file of weights, else the shards an index lists (asking for the
     // single file first, as transformers does).
     let mut files = vec![];
