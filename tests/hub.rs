@@ -251,6 +251,22 @@ fn eval_loss(
     report["score"].as_f64().unwrap()
 }
 
+/// `fedtune eval loss` of `model` that must fail: its error output.
+fn eval_fails(env: &Env, config: &Path, model: &str, extra: &[(&str, &str)]) -> String {
+    env.fails(
+        &[
+            "eval",
+            "loss",
+            "--config",
+            config.to_str().unwrap(),
+            "--model",
+            model,
+            "--quiet",
+        ],
+        extra,
+    )
+}
+
 #[test]
 fn a_course_trains_a_model_named_by_its_hub_id() {
     let dir = tempfile::tempdir().unwrap();
@@ -349,18 +365,7 @@ fn a_course_trains_a_model_named_by_its_hub_id() {
         asked,
         "offline asked the hub"
     );
-    let err = env.fails(
-        &[
-            "eval",
-            "loss",
-            "--config",
-            config.to_str().unwrap(),
-            "--model",
-            "hf:test-org/other",
-            "--quiet",
-        ],
-        &offline,
-    );
+    let err = eval_fails(&env, &config, "hf:test-org/other", &offline);
     assert!(
         err.contains("HF_HUB_OFFLINE is set and config.json of test-org/other is not in the cache"),
         "{err}"
@@ -377,16 +382,10 @@ fn a_course_trains_a_model_named_by_its_hub_id() {
     assert!(v2.join("model-00002-of-00002.safetensors").is_file());
 
     // Without the token the hub refuses, and the error says who and what.
-    let err = env.fails(
-        &[
-            "eval",
-            "loss",
-            "--config",
-            config.to_str().unwrap(),
-            "--model",
-            "hf:test-org/tiny-qwen@v3",
-            "--quiet",
-        ],
+    let err = eval_fails(
+        &env,
+        &config,
+        "hf:test-org/tiny-qwen@v3",
         &[("HF_TOKEN", "wrong")],
     );
     assert!(
@@ -406,18 +405,7 @@ fn a_course_trains_a_model_named_by_its_hub_id() {
         .unwrap()
         .corrupt
         .push("model.safetensors".into());
-    let err = env.fails(
-        &[
-            "eval",
-            "loss",
-            "--config",
-            config.to_str().unwrap(),
-            "--model",
-            "hf:test-org/tampered",
-            "--quiet",
-        ],
-        &[],
-    );
+    let err = eval_fails(&env, &config, "hf:test-org/tampered", &[]);
     let sha = format!("{:x}", Sha256::digest(&weights));
     assert!(
         err.contains("model.safetensors of test-org/tampered: SHA-256 is")

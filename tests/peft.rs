@@ -59,6 +59,30 @@ fn eval_loss(config: &Path, adapter: &Path, model: &Path) -> f64 {
     report["score"].as_f64().unwrap()
 }
 
+/// `fedtune eval gsm8k` on two items with `adapter` (8-shot, batched over a
+/// shared cached prefix): the report.
+fn eval_gsm8k(adapter: &Path, model: &Path, new_tokens: usize) -> serde_json::Value {
+    let results = adapter.with_file_name("gsm8k.jsonl");
+    serde_json::from_str(&fedtune(&[
+        "eval",
+        "gsm8k",
+        "--limit",
+        "2",
+        "--batch",
+        "2",
+        "--max-new-tokens",
+        &new_tokens.to_string(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        results.to_str().unwrap(),
+        "--quiet",
+    ]))
+    .unwrap()
+}
+
 #[test]
 fn every_method_trains_saves_in_peft_layout_and_reloads_to_its_final_loss() {
     let dir = tempfile::tempdir().unwrap();
@@ -104,25 +128,7 @@ fn every_method_trains_saves_in_peft_layout_and_reloads_to_its_final_loss() {
             "{kind} {extra}: reloaded {reloaded} vs course {after}"
         );
         // Generation (8-shot GSM8K, a shared cached prefix) runs with it too.
-        let results = out.join("gsm8k.jsonl");
-        let report: serde_json::Value = serde_json::from_str(&fedtune(&[
-            "eval",
-            "gsm8k",
-            "--limit",
-            "2",
-            "--batch",
-            "2",
-            "--max-new-tokens",
-            "4",
-            "--adapter",
-            adapter.to_str().unwrap(),
-            "--model",
-            model.to_str().unwrap(),
-            "--out",
-            results.to_str().unwrap(),
-            "--quiet",
-        ]))
-        .unwrap();
+        let report = eval_gsm8k(&adapter, &model, 4);
         assert_eq!(report["items"], 2, "{kind} {extra}: {report}");
     }
 }
@@ -535,22 +541,7 @@ fn a_lora_course_runs_on_every_model_family() {
             (reloaded - after).abs() < 1e-4,
             "{family}: reloaded {reloaded} vs course {after}"
         );
-        let report: serde_json::Value = serde_json::from_str(&fedtune(&[
-            "eval",
-            "gsm8k",
-            "--limit",
-            "2",
-            "--batch",
-            "2",
-            "--max-new-tokens",
-            "8",
-            "--adapter",
-            adapter.to_str().unwrap(),
-            "--model",
-            model.to_str().unwrap(),
-            "--quiet",
-        ]))
-        .unwrap();
+        let report = eval_gsm8k(&adapter, &model, 8);
         assert_eq!(report["items"], 2, "{family}: {report}");
     }
 }
