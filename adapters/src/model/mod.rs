@@ -1,4 +1,4 @@
-//! The Llama-family decoder (Llama, Llama 3, Qwen2, Mistral, Gemma: see [`config`]): configuration, weights, forward pass, loaders (GGUF, Hugging Face directories, Hugging Face ids).
+//! The Llama-family decoder (Llama, Llama 3, Qwen2, Mistral, Gemma: see [`LlamaConfig`] and [`Family`]): configuration, weights, forward pass, loaders (GGUF, Hugging Face directories, Hugging Face ids).
 //!
 //! The forward pass is written for training: its RMSNorm, softmax, RoPE,
 //! SwiGLU and frozen projections are the fused ops of [`crate::kernels`],
