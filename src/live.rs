@@ -3,7 +3,7 @@
 //!
 //! `fedtune serve RUN_DIR...` and `fedtune run … --serve [ADDR]` start it.
 //! The server is plain HTTP/1.1 on threads (no framework), bound to
-//! loopback unless told otherwise, with three routes and nothing read from
+//! loopback unless told otherwise, with three routes and nothing used of
 //! the request but its first line:
 //!
 //! - `/` — the page (`live.html`, compiled in);
@@ -32,8 +32,11 @@ const PAGE: &str = include_str!("live.html");
 /// How often a followed `metrics.jsonl` is read for new lines.
 const POLL: Duration = Duration::from_millis(200);
 
-/// The longest request line read (anything longer is refused).
+/// The longest request (or header) line read; longer ones are cut there.
 const MAX_REQUEST_LINE: usize = 2048;
+
+/// Header lines read before answering (the rest are left unread).
+const MAX_HEADER_LINES: usize = 64;
 
 /// A live view serving some run directories.
 pub struct LiveView {
@@ -93,6 +96,20 @@ fn answer(stream: TcpStream, runs: &[PathBuf]) -> Result<()> {
         .by_ref()
         .take(MAX_REQUEST_LINE as u64)
         .read_until(b'\n', &mut line)?;
+    // The headers are read (and ignored) too: closing a socket with
+    // unread request bytes resets the connection, and the browser may
+    // lose the reply.
+    let mut header = Vec::new();
+    for _ in 0..MAX_HEADER_LINES {
+        header.clear();
+        let n = reader
+            .by_ref()
+            .take(MAX_REQUEST_LINE as u64)
+            .read_until(b'\n', &mut header)?;
+        if n == 0 || header == b"\r\n" || header == b"\n" {
+            break;
+        }
+    }
     let line = String::from_utf8_lossy(&line);
     let mut parts = line.split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
@@ -250,6 +267,20 @@ mod tests {
             "{runs}"
         );
         assert!(get(&addr, "/events?run=7").starts_with("HTTP/1.1 404"));
+        // A request with many headers still gets its whole reply (unread
+        // request bytes at close would reset the connection).
+        for _ in 0..5 {
+            let mut s = TcpStream::connect(&addr).unwrap();
+            let mut request = "GET /runs HTTP/1.1\r\n".to_string();
+            for i in 0..60 {
+                request.push_str(&format!("X-Padding-{i}: {}\r\n", "x".repeat(1500)));
+            }
+            request.push_str("\r\n");
+            s.write_all(request.as_bytes()).unwrap();
+            let mut reply = String::new();
+            s.read_to_string(&mut reply).unwrap();
+            assert!(reply.contains("\"name\":\"run-a\""), "{reply}");
+        }
         assert!(get(&addr, "/../etc/passwd").starts_with("HTTP/1.1 404"));
 
         // Lines arrive as they are completed; `end` once the summary exists.
