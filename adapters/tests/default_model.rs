@@ -21,10 +21,12 @@ fn loaded() -> &'static (GgufModel, TextTokenizer) {
 
 #[test]
 fn the_default_config_is_the_default_models_shape() {
-    assert_eq!(
-        loaded().0.model.config(),
-        &fedtune_adapters::model::LlamaConfig::default()
-    );
+    let got = loaded().0.model.config();
+    let mut want = fedtune_adapters::model::LlamaConfig::default();
+    // The header stores epsilon as an f32 (1e-5 reads back as 9.99999975e-6).
+    assert!((got.rms_norm_eps - want.rms_norm_eps).abs() < 1e-12);
+    want.rms_norm_eps = got.rms_norm_eps;
+    assert_eq!(got, &want);
 }
 
 #[test]
