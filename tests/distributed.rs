@@ -179,12 +179,14 @@ fn rand_tag() -> u128 {
         .as_nanos()
 }
 
+/// An adapter directory's tensors, a LoRA residual's included.
 fn adapter(dir: &Path) -> HashMap<String, Vec<f32>> {
-    let tensors = candle_core::safetensors::load(
-        dir.join("adapter_model.safetensors"),
-        &candle_core::Device::Cpu,
-    )
-    .unwrap();
+    let load =
+        |file: &str| candle_core::safetensors::load(dir.join(file), &candle_core::Device::Cpu);
+    let mut tensors = load("adapter_model.safetensors").unwrap();
+    if let Ok(residual) = load("fedtune_residual.safetensors") {
+        tensors.extend(residual);
+    }
     tensors
         .into_iter()
         .map(|(k, t)| (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
@@ -814,7 +816,8 @@ fn soak_a_thousand_rounds_with_kills_end_as_an_undisturbed_course() {
 }
 
 /// Strategies that send each client its own message — other LoRA ranks
-/// (FlexLoRA), extra tensors both ways with client-side state (SCAFFOLD) —
+/// (FlexLoRA), extra tensors both ways with client-side state (SCAFFOLD),
+/// a residual the clients merge (FedEx-LoRA, FLoRA) —
 /// end over NATS where they end in one process; so do courses with
 /// differential privacy, central and local, and with secure aggregation.
 #[test]
@@ -827,6 +830,13 @@ fn per_client_strategies_end_over_nats_where_they_end_in_process() {
         (
             "scaffold",
             "[aggregator]\nscript = \"scaffold\"\n[hooks]\nscript = \"scaffold\"\n",
+        ),
+        // A residual the server sets and every client merges (FedEx-LoRA
+        // broadcasts it; FLoRA sends each rank its own message with it).
+        ("fedex_lora", "[aggregator]\nscript = \"fedex_lora\"\n"),
+        (
+            "flora",
+            "[aggregator]\nscript = \"flora\"\n[aggregator.params]\nranks = [2, 4]\n",
         ),
         // Differential privacy: the server's noise, and each client's own
         // when asked to be reproducible, are seeded by the course, so
@@ -849,12 +859,24 @@ fn per_client_strategies_end_over_nats_where_they_end_in_process() {
         let dir = tempfile::tempdir().unwrap();
         let config = tiny_course(dir.path(), "rounds = 2", 2);
         let mut text = std::fs::read_to_string(&config).unwrap();
+        let residual = name == "fedex_lora" || name == "flora";
+        if residual {
+            text = text.replace("[lora]\n", "[lora]\nresidual = true\n");
+        }
         text.push_str(extra);
         std::fs::write(&config, text).unwrap();
         let inproc = in_process(&config, dir.path());
         let out = over_nats(&config, dir.path());
         let diff = adapter_diff(&inproc, &out);
         assert!(diff <= 1e-6, "{name}: final adapters differ by {diff}");
+        if residual {
+            let saved = adapter(&out.join("adapter"));
+            let moved = saved
+                .iter()
+                .filter(|(n, _)| n.contains("lora_residual"))
+                .any(|(_, v)| v.iter().any(|&x| x != 0.0));
+            assert!(moved, "{name}: no residual saved, or all zero");
+        }
         let summary = summary_of(&out);
         assert_eq!(summary["rejected_messages"], 0, "{name}");
         if name.contains("dp") {

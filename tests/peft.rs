@@ -545,3 +545,70 @@ fn a_lora_course_runs_on_every_model_family() {
         assert_eq!(report["items"], 2, "{family}: {report}");
     }
 }
+
+/// A FedEx-LoRA course saves its residual beside the PEFT factors; the
+/// adapter reloads to the course's own loss, and without its residual file
+/// it is refused, naming the file, rather than evaluated as something else.
+#[test]
+fn a_fedex_lora_adapter_reloads_with_its_residual() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_course(dir.path());
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("\n[lora]\nresidual = true\n\n[aggregator]\nscript = \"fedex_lora\"\n");
+    std::fs::write(&config, text).unwrap();
+    let out = dir.path().join("fedex");
+    fedtune(&[
+        "run",
+        config.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    let summary = json(&out.join("summary.json"));
+    let (before, after) = (
+        summary["test_loss_before"].as_f64().unwrap(),
+        summary["test_loss_after"].as_f64().unwrap(),
+    );
+    assert!(after < before, "{before} -> {after}");
+    let adapter = out.join("adapter");
+    assert_eq!(
+        json(&adapter.join("adapter_config.json"))["fedtune_residual"],
+        true
+    );
+    let model = dir.path().join("model");
+    let reloaded = eval_loss(&config, &adapter, &model);
+    assert!(
+        (reloaded - after).abs() < 1e-4,
+        "reloaded {reloaded} vs course {after}"
+    );
+    // The residual matters: the factors alone (as PEFT would load them) are another model.
+    let factors_only = dir.path().join("factors-only");
+    std::fs::create_dir(&factors_only).unwrap();
+    let mut cfg = json(&adapter.join("adapter_config.json"));
+    cfg.as_object_mut().unwrap().remove("fedtune_residual");
+    std::fs::write(factors_only.join("adapter_config.json"), cfg.to_string()).unwrap();
+    std::fs::copy(
+        adapter.join("adapter_model.safetensors"),
+        factors_only.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let without = eval_loss(&config, &factors_only, &model);
+    assert!(
+        (without - after).abs() > 1e-3,
+        "without the residual {without} vs {after}"
+    );
+    std::fs::remove_file(adapter.join("fedtune_residual.safetensors")).unwrap();
+    let failed = Command::new(env!("CARGO_BIN_EXE_fedtune"))
+        .args(["eval", "loss", "--config", config.to_str().unwrap()])
+        .args([
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!failed.status.success());
+    let err = String::from_utf8_lossy(&failed.stderr);
+    assert!(err.contains("fedtune_residual.safetensors"), "{err}");
+}

@@ -19,6 +19,20 @@ pub trait Adapter: ProjectionAdapter + Send + Sync {
     /// Every trainable variable with its name, in name order.
     fn named_vars(&self) -> Vec<(String, Var)>;
 
+    /// State that is exchanged and saved with the adapter but never trained
+    /// (a LoRA residual), with its name, in name order.
+    fn frozen_vars(&self) -> Vec<(String, Var)> {
+        Vec::new()
+    }
+
+    /// The trainable and the frozen variables, in name order.
+    fn all_vars(&self) -> Vec<(String, Var)> {
+        let mut all = self.named_vars();
+        all.extend(self.frozen_vars());
+        all.sort_by(|x, y| x.0.cmp(&y.0));
+        all
+    }
+
     /// Turns training-only behaviour (dropout) on or off.
     fn set_training(&self, _on: bool) {}
 
@@ -41,10 +55,11 @@ pub trait Adapter: ProjectionAdapter + Send + Sync {
         self.named_vars().iter().map(|(_, v)| v.elem_count()).sum()
     }
 
-    /// The variables as a kernel `ParamSet` (f32), what crosses the wire.
+    /// The variables, frozen ones included, as a kernel `ParamSet` (f32):
+    /// what crosses the wire.
     fn to_param_set(&self) -> Result<ParamSet> {
         let mut set = ParamSet::new();
-        for (name, var) in self.named_vars() {
+        for (name, var) in self.all_vars() {
             let t = var.as_tensor();
             let data = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             set.insert(name, t.dims().to_vec(), data)
@@ -59,7 +74,7 @@ pub trait Adapter: ProjectionAdapter + Send + Sync {
         let mine = self.to_param_set()?;
         mine.check_compatible(params)
             .map_err(candle_core::Error::wrap)?;
-        for (name, var) in self.named_vars() {
+        for (name, var) in self.all_vars() {
             let t = params.get(&name).expect("names checked above");
             let value =
                 Tensor::from_slice(t.data(), t.shape(), var.device())?.to_dtype(var.dtype())?;
@@ -76,6 +91,10 @@ impl Adapter for crate::lora::Lora {
 
     fn named_vars(&self) -> Vec<(String, Var)> {
         crate::lora::Lora::named_vars(self)
+    }
+
+    fn frozen_vars(&self) -> Vec<(String, Var)> {
+        self.residual_vars()
     }
 
     fn set_training(&self, on: bool) {

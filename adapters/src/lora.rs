@@ -34,6 +34,13 @@ pub struct LoraConfig {
     /// Adapt only these layers (PEFT's `layers_to_transform`); all when unset.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub layers_to_transform: Option<Vec<usize>>,
+    /// A frozen dense term `R` (`out × in`, starting at zero) beside each
+    /// adapted projection, so the weight is `W + R + (alpha / r)·B·A`. The
+    /// strategy sets it (FedEx-LoRA's residual, FLoRA's merged stack); the
+    /// client never trains it. Not a PEFT option: an adapter with it is
+    /// saved with its `R` in a file of its own.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub residual: bool,
 }
 
 impl Default for LoraConfig {
@@ -44,6 +51,7 @@ impl Default for LoraConfig {
             lora_dropout: 0.05,
             target_modules: vec!["q_proj".into(), "v_proj".into()],
             layers_to_transform: None,
+            residual: false,
         }
     }
 }
@@ -80,6 +88,9 @@ impl LoraConfig {
     }
 }
 
+/// The part name of a residual (`….q_proj.lora_residual.weight`).
+pub const RESIDUAL: &str = "lora_residual";
+
 /// The PEFT name of one LoRA matrix.
 pub fn peft_name(layer: usize, p: Projection, part: &str) -> String {
     format!(
@@ -88,11 +99,12 @@ pub fn peft_name(layer: usize, p: Projection, part: &str) -> String {
     )
 }
 
-/// One projection's pair of trainable factors.
+/// One projection's pair of trainable factors, and its frozen residual.
 #[derive(Debug, Clone)]
 struct Factors {
     a: Var,
     b: Var,
+    residual: Option<Var>,
 }
 
 /// The trainable LoRA state of one model.
@@ -144,11 +156,16 @@ impl Lora {
                     .collect();
                 let a = Tensor::from_vec(a, (config.r, din), device)?.to_dtype(dtype)?;
                 let b = Tensor::zeros((dout, config.r), dtype, device)?;
+                let residual = match config.residual {
+                    true => Some(Var::zeros((dout, din), dtype, device)?),
+                    false => None,
+                };
                 factors.insert(
                     (layer, p),
                     Factors {
                         a: Var::from_tensor(&a)?,
                         b: Var::from_tensor(&b)?,
+                        residual,
                     },
                 );
             }
@@ -220,14 +237,33 @@ impl Lora {
         &self.config
     }
 
-    /// The weight change `scale · B·A` `(out, in)` this adapter makes to
-    /// projection `proj` of block `layer` (what merging adds to the weight).
+    /// The weight change `scale · B·A` (plus the residual `R`, if any)
+    /// `(out, in)` this adapter makes to projection `proj` of block `layer`
+    /// (what merging adds to the weight).
     pub fn merged_delta(&self, layer: usize, proj: Projection) -> Result<Option<Tensor>> {
         let Some(f) = self.factors.get(&(layer, proj)) else {
             return Ok(None);
         };
-        let delta = f.b.as_tensor().matmul(f.a.as_tensor())?;
-        Ok(Some((delta * self.scaling)?))
+        let delta = (f.b.as_tensor().matmul(f.a.as_tensor())? * self.scaling)?;
+        Ok(Some(match &f.residual {
+            Some(r) => (delta + r.as_tensor())?,
+            None => delta,
+        }))
+    }
+
+    /// `(name, variable)` of every frozen residual, in name order (empty
+    /// without [`LoraConfig::residual`]).
+    pub fn residual_vars(&self) -> Vec<(String, Var)> {
+        let mut out: Vec<(String, Var)> = self
+            .factors
+            .iter()
+            .filter_map(|(&(layer, p), f)| {
+                let r = f.residual.clone()?;
+                Some((peft_name(layer, p, RESIDUAL), r))
+            })
+            .collect();
+        out.sort_by(|x, y| x.0.cmp(&y.0));
+        out
     }
 
     /// `(PEFT name, variable)` pairs in name order.
@@ -248,6 +284,14 @@ impl Lora {
 }
 
 impl ProjectionAdapter for Lora {
+    fn weight_delta(&self, layer: usize, proj: Projection) -> Result<Option<Tensor>> {
+        Ok(self
+            .factors
+            .get(&(layer, proj))
+            .and_then(|f| f.residual.as_ref())
+            .map(|r| r.as_tensor().detach()))
+    }
+
     fn delta(&self, layer: usize, proj: Projection, x: &Tensor) -> Result<Option<Tensor>> {
         let Some(term) = self.low_rank(layer, proj, x)? else {
             return Ok(None);
@@ -278,5 +322,171 @@ impl ProjectionAdapter for Lora {
             scale: self.scaling,
             mask: self.dropout_mask(x)?,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapter::Adapter;
+    use crate::model::Llama;
+
+    fn tiny() -> Llama {
+        let cfg = LlamaConfig {
+            vocab_size: 40,
+            hidden_size: 16,
+            intermediate_size: 24,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            max_position_embeddings: 64,
+            ..Default::default()
+        };
+        Llama::random(cfg, 3, DType::F64, &Device::Cpu).unwrap()
+    }
+
+    /// LoRA on q and v with a residual, every tensor random (B too).
+    fn with_residual(model: &Llama) -> Lora {
+        let config = LoraConfig {
+            r: 2,
+            residual: true,
+            ..Default::default()
+        };
+        let lora = Lora::new(model.config(), config, 1, DType::F64, &Device::Cpu).unwrap();
+        for (i, (_, v)) in lora.all_vars().into_iter().enumerate() {
+            let t = Tensor::randn(0.0, 0.2, v.dims(), &Device::Cpu).unwrap();
+            v.set(&(t * (1.0 + i as f64 / 10.0)).unwrap()).unwrap();
+        }
+        lora
+    }
+
+    fn max_diff(x: &Tensor, y: &Tensor) -> f64 {
+        (x - y)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// A residual is frozen state: exchanged and saved, never trained.
+    #[test]
+    fn a_residual_crosses_the_wire_but_is_not_trained() {
+        let model = tiny();
+        let lora = with_residual(&model);
+        let trainable: Vec<String> = lora.named_vars().into_iter().map(|(n, _)| n).collect();
+        let residuals: Vec<String> = lora.residual_vars().into_iter().map(|(n, _)| n).collect();
+        assert_eq!((trainable.len(), residuals.len()), (8, 4));
+        assert!(residuals
+            .iter()
+            .all(|n| n.ends_with(".lora_residual.weight")));
+        assert!(trainable.iter().all(|n| !residuals.contains(n)));
+        let set = lora.to_param_set().unwrap();
+        assert_eq!(set.len(), 12);
+        // q_proj's residual is (out, in) = (16, 16); v_proj's (8, 16).
+        let v = peft_name(0, Projection::V, RESIDUAL);
+        assert_eq!(set.get(&v).unwrap().shape(), [8, 16]);
+        // A fresh adapter takes all of it back.
+        let fresh = Lora::new(
+            model.config(),
+            lora.config().clone(),
+            9,
+            DType::F64,
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert!(
+            fresh.residual_vars()[0]
+                .1
+                .as_tensor()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+                == 0.0
+        );
+        fresh.load_param_set(&set).unwrap();
+        assert_eq!(fresh.to_param_set().unwrap(), set);
+    }
+
+    /// With a residual `R`, the adapted model is the model whose weights are
+    /// `W + R + s·B·A` (what `merged_delta` gives).
+    #[test]
+    fn a_residual_is_the_same_as_changed_weights() {
+        let model = tiny();
+        let lora = with_residual(&model);
+        let changed = model
+            .with_deltas(|layer, p| lora.merged_delta(layer, p))
+            .unwrap();
+        let tokens = Tensor::new(&[[3u32, 9, 1, 30, 7, 7]], &Device::Cpu).unwrap();
+        let a = model.forward(&tokens, None, Some(&lora)).unwrap();
+        let b = changed.forward(&tokens, None, None).unwrap();
+        assert!(max_diff(&a, &b) < 1e-10, "{}", max_diff(&a, &b));
+        // The residual matters: without it the logits differ.
+        let factors_only = model
+            .with_deltas(|layer, p| {
+                let Some(f) = lora.factors.get(&(layer, p)) else {
+                    return Ok(None);
+                };
+                Ok(Some(
+                    (f.b.as_tensor().matmul(f.a.as_tensor())? * lora.scaling)?,
+                ))
+            })
+            .unwrap();
+        let c = factors_only.forward(&tokens, None, None).unwrap();
+        assert!(max_diff(&a, &c) > 1e-3);
+    }
+
+    /// The factors' gradients with a residual in place match central finite
+    /// differences (the residual shapes every layer's input).
+    #[test]
+    fn factor_gradients_with_a_residual_match_finite_differences() {
+        let model = tiny();
+        let lora = with_residual(&model);
+        let tokens = Tensor::new(&[[3u32, 9, 1, 30, 7, 2]], &Device::Cpu).unwrap();
+        let loss = || {
+            let logits = model.forward(&tokens, None, Some(&lora)).unwrap();
+            candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        };
+        let grads = loss().backward().unwrap();
+        for (name, v) in lora.named_vars() {
+            let g = grads.get(v.as_tensor()).unwrap().flatten_all().unwrap();
+            let at = v.elem_count() / 3;
+            let analytic = g.get(at).unwrap().to_scalar::<f64>().unwrap();
+            let nudge = |by: f64| {
+                let mut data = v
+                    .as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap();
+                data[at] += by;
+                v.set(&Tensor::from_vec(data, v.dims(), &Device::Cpu).unwrap())
+                    .unwrap();
+            };
+            let probe = |by: f64| {
+                nudge(by);
+                let l = loss().to_scalar::<f64>().unwrap();
+                nudge(-by);
+                l
+            };
+            let h = 1e-5;
+            let numeric = (probe(h) - probe(-h)) / (2.0 * h);
+            assert!(
+                (analytic - numeric).abs() < 1e-6 * (1.0 + numeric.abs()),
+                "{name}: {analytic} vs {numeric}"
+            );
+        }
+        // No gradient reaches a residual.
+        for (name, v) in lora.residual_vars() {
+            assert!(grads.get(v.as_tensor()).is_none(), "{name}");
+        }
     }
 }

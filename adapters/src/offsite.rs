@@ -250,6 +250,7 @@ pub fn distill(
             .map(|p| p.name().to_string())
             .collect(),
         layers_to_transform: Some(middle),
+        residual: false,
     };
     let model = &emu.model;
     let lora = crate::lora::Lora::new(model.config(), lora_cfg, 7, model.dtype(), model.device())?;

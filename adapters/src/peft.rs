@@ -6,7 +6,8 @@
 //! keep PEFT's `prompt_embeddings` (the virtual tokens, or the prefixes, as
 //! the model sees them) and, beside them in `fedtune_trainable.safetensors`,
 //! every trainable tensor (P-tuning's encoder, the prefix projection), so
-//! that training can go on from them. Import rejects what this implementation would silently get
+//! that training can go on from them. A LoRA adapter with a residual
+//! (FedEx-LoRA, FLoRA) keeps it in `fedtune_residual.safetensors`. Import rejects what this implementation would silently get
 //! wrong: DoRA, rsLoRA, biases, per-layer rank or alpha patterns.
 
 use std::collections::HashMap;
@@ -59,7 +60,16 @@ struct AdapterConfigJson {
     inference_mode: bool,
     #[serde(default)]
     layers_to_transform: Option<Vec<usize>>,
+    /// fedtune's own key: the adapter has a residual (see [`LoraConfig::residual`]),
+    /// in [`RESIDUAL_FILE`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    fedtune_residual: bool,
 }
+
+/// The file beside `adapter_model.safetensors` that holds a LoRA adapter's
+/// residuals, so that the PEFT file holds only what PEFT knows (PEFT loads
+/// the factors alone: without the residual, not the trained model).
+pub const RESIDUAL_FILE: &str = "fedtune_residual.safetensors";
 
 fn none_string() -> String {
     "none".into()
@@ -88,8 +98,30 @@ pub fn save_lora(
         alpha_pattern: HashMap::new(),
         inference_mode: true,
         layers_to_transform: config.layers_to_transform.clone(),
+        fedtune_residual: config.residual,
     };
-    write_adapter_dir(dir, &json, params)
+    let residual = format!(".{}.weight", crate::lora::RESIDUAL);
+    let (res, factors): (Vec<_>, Vec<_>) = params.iter().partition(|(n, _)| n.ends_with(&residual));
+    let set = |items: Vec<(&str, &fedtune_kernel::ParamTensor)>| {
+        let mut out = ParamSet::new();
+        for (name, t) in items {
+            out.insert_tensor(name, t.clone());
+        }
+        out
+    };
+    write_adapter_dir(dir, &json, &set(factors))?;
+    if !res.is_empty() {
+        let path = dir.join(RESIDUAL_FILE);
+        let tensors = tensors_of(&set(res)).map_err(|e| PeftError::Io {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        candle_core::safetensors::save(&tensors, &path).map_err(|e| PeftError::Io {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+    }
+    Ok(())
 }
 
 /// `dir` with `config` as `adapter_config.json` and `params` as
@@ -147,16 +179,23 @@ pub fn load_lora(dir: &Path) -> Result<(LoraConfig, ParamSet), PeftError> {
         lora_dropout: json.lora_dropout,
         target_modules: json.target_modules,
         layers_to_transform: json.layers_to_transform,
+        residual: json.fedtune_residual,
     };
     config.projections().map_err(|e| unsupported(&e.message))?;
     let weights = dir.join("adapter_model.safetensors");
     let tensors = candle_core::safetensors::load(&weights, &Device::Cpu)
         .map_err(|e| io(&weights, e.to_string()))?;
     // PEFT writes adapter names into keys only for non-default adapters (`.lora_A.default.weight`).
-    let tensors = tensors
+    let mut tensors: HashMap<String, Tensor> = tensors
         .into_iter()
         .map(|(name, t)| (name.replace(".default.weight", ".weight"), t))
         .collect();
+    if config.residual {
+        let path = dir.join(RESIDUAL_FILE);
+        let residuals = candle_core::safetensors::load(&path, &Device::Cpu)
+            .map_err(|e| io(&path, e.to_string()))?;
+        tensors.extend(residuals);
+    }
     let params = params_of(tensors, &weights)?;
     Ok((config, params))
 }

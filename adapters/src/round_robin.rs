@@ -312,9 +312,11 @@ impl LocalTrainer for RoundRobinTrainer {
             metrics.insert("last_step_loss".to_string(), last);
         }
         let mut params = slot.lora.to_param_set()?;
-        // Frozen tensors are as the server sent them: they need not travel back.
-        for name in &done.frozen {
-            params.remove(name);
+        // Frozen tensors (and a residual, never trained) are as the server
+        // sent them: they need not travel back.
+        let residual = slot.lora.frozen_vars().into_iter().map(|(name, _)| name);
+        for name in done.frozen.iter().cloned().chain(residual) {
+            params.remove(&name);
         }
         if let Some(pattern) = &done.keep {
             let local = keep_local(&mut self.local_re, pattern, &mut params, global)?;

@@ -45,7 +45,7 @@ async fn a_federated_lora_course_lowers_every_clients_loss() {
         target_modules: ["q_proj", "v_proj", "up_proj", "down_proj"]
             .map(String::from)
             .to_vec(),
-        layers_to_transform: None,
+        ..LoraConfig::default()
     };
     let mut rng = ChaCha8Rng::seed_from_u64(17);
     let data: BTreeMap<u32, ClientData> = (1..=3)
@@ -205,7 +205,7 @@ fn local_epochs_take_each_clients_own_number_of_steps() {
         lora_alpha: 4.0,
         lora_dropout: 0.0,
         target_modules: vec!["q_proj".into()],
-        layers_to_transform: None,
+        ..LoraConfig::default()
     };
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     // 4, 7 and 5 batches: 2 epochs at grad_accum 2 are 4, 8 and 6 steps.

@@ -31,7 +31,7 @@ fn all_modules() -> LoraConfig {
         ]
         .map(String::from)
         .to_vec(),
-        layers_to_transform: None,
+        ..LoraConfig::default()
     }
 }
 

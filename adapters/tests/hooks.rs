@@ -45,7 +45,7 @@ const LORA: fn() -> LoraConfig = || LoraConfig {
     lora_alpha: 8.0,
     lora_dropout: 0.0,
     target_modules: vec!["q_proj".into(), "v_proj".into()],
-    layers_to_transform: None,
+    ..LoraConfig::default()
 };
 
 fn trainer(steps: usize) -> (RoundRobinTrainer, ParamSet) {

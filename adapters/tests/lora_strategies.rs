@@ -1,6 +1,8 @@
 //! Federated LoRA strategies end to end on a tiny Llama: FlexLoRA's
 //! clients train at their own ranks, FFA-LoRA never moves A, FedSA-LoRA
-//! never shows the server B, and per-client steps reach the trainer.
+//! never shows the server B, per-client steps reach the trainer, and
+//! FedEx-LoRA's and FLoRA's residuals make the global model exactly the
+//! clients' average.
 
 mod common;
 
@@ -51,7 +53,7 @@ fn setup() -> Setup {
             lora_alpha: 16.0,
             lora_dropout: 0.0,
             target_modules: ["q_proj", "v_proj"].map(String::from).to_vec(),
-            layers_to_transform: None,
+            ..LoraConfig::default()
         },
     }
 }
@@ -382,4 +384,188 @@ fn malformed_ranks_from_the_server_are_refused() {
     // The trainer is still usable.
     let ctx = TrainContext::new(1, 1, Default::default(), Default::default());
     assert!(t.train(1, &good, &ctx).is_ok());
+}
+
+/// One fit as the client saw it.
+#[derive(Clone)]
+struct Fit {
+    round: u64,
+    client: u32,
+    /// What the server sent.
+    sent: ParamSet,
+    /// What the client ended with: its update, the sent tensors it did not
+    /// send back filled in.
+    ended: ParamSet,
+    samples: u64,
+    /// Whether the update carried a residual back.
+    sent_back_residual: bool,
+}
+
+/// A trainer that records every fit of the one it wraps.
+struct Recording {
+    inner: RoundRobinTrainer,
+    fits: Arc<Mutex<Vec<Fit>>>,
+}
+
+impl fedtune_kernel::LocalTrainer for Recording {
+    fn train(
+        &mut self,
+        client: u32,
+        global: &ParamSet,
+        ctx: &fedtune_kernel::TrainContext,
+    ) -> Result<fedtune_kernel::LocalUpdate, fedtune_kernel::course::TrainerError> {
+        let update = self.inner.train(client, global, ctx)?;
+        let mut ended = global.clone();
+        for (name, t) in update.params.iter() {
+            ended.insert_tensor(name, t.clone());
+        }
+        self.fits.lock().unwrap().push(Fit {
+            round: ctx.round,
+            client,
+            sent: global.clone(),
+            ended,
+            samples: update.n_samples,
+            sent_back_residual: update.params.names().any(|n| n.contains("lora_residual")),
+        });
+        Ok(update)
+    }
+
+    fn evaluate(
+        &mut self,
+        client: u32,
+        global: &ParamSet,
+        ctx: &fedtune_kernel::TrainContext,
+    ) -> Result<Vec<fedtune_kernel::SplitEval>, fedtune_kernel::course::TrainerError> {
+        self.inner.evaluate(client, global, ctx)
+    }
+}
+
+/// `params` as a LoRA adapter of `base`'s settings at its own rank.
+fn adapter_of(s: &Setup, params: &ParamSet) -> fedtune_adapters::lora::Lora {
+    use fedtune_adapters::adapter::Adapter;
+    let a = params.names().find(|n| n.contains("lora_A")).unwrap();
+    let cfg = LoraConfig {
+        r: params.get(a).unwrap().shape()[0],
+        ..s.lora.clone()
+    };
+    let lora =
+        fedtune_adapters::lora::Lora::new(s.model.config(), cfg, 0, DType::F32, &Device::Cpu)
+            .unwrap();
+    lora.load_param_set(params).unwrap();
+    lora
+}
+
+/// The largest difference between the weight change `R + s·B·A` of
+/// `global` and the clients' sample-weighted average of theirs, over every
+/// adapted projection.
+fn gap_to_average(s: &Setup, global: &ParamSet, fits: &[&Fit]) -> f64 {
+    use fedtune_adapters::model::Projection;
+    let total: u64 = fits.iter().map(|f| f.samples).sum();
+    let g = adapter_of(s, global);
+    let mut worst = 0.0f64;
+    for p in [Projection::Q, Projection::V] {
+        let want = fits
+            .iter()
+            .map(|f| {
+                let delta = adapter_of(s, &f.ended).merged_delta(0, p).unwrap().unwrap();
+                (delta * (f.samples as f64 / total as f64)).unwrap()
+            })
+            .reduce(|x, y| (x + y).unwrap())
+            .unwrap();
+        let got = g.merged_delta(0, p).unwrap().unwrap();
+        let gap = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+        worst = worst.max(f64::from(gap.to_scalar::<f32>().unwrap()));
+    }
+    worst
+}
+
+/// A 2-round course of `strategy` with clients of 3, 5 and 7 samples,
+/// every fit recorded.
+async fn recorded_course(s: &Setup, strategy: Box<dyn Aggregator>) -> (CourseReport, Vec<Fit>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let data: BTreeMap<u32, ClientData> = (1..=3)
+        .map(|id| {
+            let data = ClientData {
+                train: batches(&mut rng, 3),
+                eval: vec![("test".into(), batches(&mut rng, 1))],
+                n_samples: 2 * u64::from(id) + 1,
+            };
+            (id, data)
+        })
+        .collect();
+    let training = LocalTraining {
+        local_steps: 3,
+        optim: adam(),
+        ..LocalTraining::default()
+    };
+    let inner = RoundRobinTrainer::new(s.model.clone(), s.lora.clone(), training, data, 5).unwrap();
+    let initial = RoundRobinTrainer::initial_adapter(&s.model, &s.lora, 5).unwrap();
+    let fits = Arc::new(Mutex::new(Vec::new()));
+    let recording = Recording {
+        inner,
+        fits: fits.clone(),
+    };
+    let cfg = CourseConfig::from_toml("[federate]\nrounds = 2\nclients = 3\n", "<test>").unwrap();
+    let report = run_in_process(
+        &cfg,
+        initial,
+        Arc::new(Mutex::new(recording)),
+        strategy,
+        MetricsLog::in_memory(),
+    )
+    .await
+    .unwrap();
+    let fits = fits.lock().unwrap().clone();
+    (report, fits)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fedex_lora_and_flora_make_the_global_model_exactly_the_clients_average() {
+    let mut s = setup();
+    s.lora.residual = true;
+    for (name, hp) in [
+        ("fedex_lora", "lora_alpha = 16.0"),
+        ("flora", "ranks = [2, 4, 8]\nlora_alpha = 16.0"),
+    ] {
+        let (report, fits) = recorded_course(&s, strategy(name, hp)).await;
+        assert_learns(&report, name);
+        let round = |r: u64| fits.iter().filter(|f| f.round == r).collect::<Vec<_>>();
+        assert_eq!((round(1).len(), round(2).len()), (3, 3));
+        // After round 1 the global model is what round 2 was sent (FLoRA's
+        // fresh factors have B = 0, so only the residual carries it);
+        // after round 2 it is the final adapter.
+        let after_1 = &round(2)[0].sent;
+        let gaps = [
+            gap_to_average(&s, after_1, &round(1)),
+            gap_to_average(&s, &report.final_params, &round(2)),
+        ];
+        assert!(gaps.iter().all(|&g| g < 1e-6), "{name}: {gaps:?}");
+        // The residual moved, and no client sent one back.
+        let largest = after_1
+            .iter()
+            .filter(|(n, _)| n.contains("lora_residual"))
+            .flat_map(|(_, t)| t.data().to_vec())
+            .fold(0.0f32, |m, x| m.max(x.abs()));
+        assert!(largest > 1e-4, "{name}: the residual stayed zero");
+        assert!(fits.iter().all(|f| !f.sent_back_residual), "{name}");
+        if name == "flora" {
+            // Client c trained at rank 2, 4, 8 from the initial A and a zero B.
+            for f in round(2) {
+                let a = f.sent.names().find(|n| n.contains("lora_A")).unwrap();
+                assert_eq!(
+                    f.sent.get(a).unwrap().shape()[0],
+                    [2, 4, 8][f.client as usize - 1]
+                );
+            }
+        } else {
+            // Plain FedAvg of the same fits misses the average: the check can fail.
+            let updates: Vec<_> = round(2)
+                .iter()
+                .map(|f| fedtune_kernel::ClientUpdate::new(f.client, f.samples, f.ended.clone()))
+                .collect();
+            let avg = FedAvg.aggregate(after_1, &updates, 2).unwrap();
+            let gap = gap_to_average(&s, &avg, &round(2));
+            assert!(gap > 1e-5, "FedAvg's gap {gap}");
+        }
+    }
 }

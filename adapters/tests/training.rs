@@ -27,7 +27,7 @@ fn lora(cfg: &LlamaConfig) -> Lora {
         lora_alpha: 8.0,
         lora_dropout: 0.0,
         target_modules: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
-        layers_to_transform: None,
+        ..LoraConfig::default()
     };
     Lora::new(cfg, lc, 9, DType::F64, &Device::Cpu).unwrap()
 }
@@ -351,7 +351,7 @@ fn lora_dropout_is_seeded_and_only_on_while_training() {
             lora_alpha: 8.0,
             lora_dropout: 0.5,
             target_modules: vec!["q_proj".into(), "v_proj".into()],
-            layers_to_transform: None,
+            ..LoraConfig::default()
         };
         let l = Lora::new(&cfg, lc, 3, DType::F64, &Device::Cpu).unwrap();
         // Non-zero B so the branch (and its dropout) shows in the output.

@@ -278,6 +278,126 @@ fn hetlora_zero_pads_and_truncates_ranks() {
     assert_eq!(next.get(B).unwrap().data(), [1.0, 3.0]);
 }
 
+const R: &str = "m.q_proj.lora_residual.weight";
+
+/// `p` with the residual `res` (the same for every client: what the server sent).
+fn with_residual(mut p: ParamSet, res: &ParamTensor) -> ParamSet {
+    p.insert_tensor(R, res.clone());
+    p
+}
+
+/// The weight change `R + scale · B·A` of a LoRA set with a residual.
+fn effective(p: &ParamSet, alpha: f64) -> Matrix {
+    let mut m = product(p, alpha);
+    for (x, r) in m.data.iter_mut().zip(to_matrix(p.get(R).unwrap()).data) {
+        *x += r;
+    }
+    m
+}
+
+/// `Σ pᵢ · effective(clientᵢ)`, pᵢ by samples.
+fn weighted_effective(clients: &[ClientUpdate], alpha: f64) -> Matrix {
+    let total: u64 = clients.iter().map(|u| u.n_samples).sum();
+    let first = effective(&clients[0].params, alpha);
+    let mut sum = Matrix::zeros(first.rows, first.cols);
+    for u in clients {
+        let p = u.n_samples as f64 / total as f64;
+        for (s, x) in sum.data.iter_mut().zip(effective(&u.params, alpha).data) {
+            *s += p * x;
+        }
+    }
+    sum
+}
+
+fn random_residual((d_in, d_out): (usize, usize), rng: &mut impl Rng) -> ParamTensor {
+    let values = (0..d_in * d_out)
+        .map(|_| rng.random_range(-1.0..1.0))
+        .collect();
+    ParamTensor::new(vec![d_out, d_in], values).unwrap()
+}
+
+#[test]
+fn fedex_lora_makes_the_global_weight_exactly_the_clients_average() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let (dims, alpha) = ((7, 6), 6.0);
+    let res = random_residual(dims, &mut rng);
+    let global = with_residual(random_lora(3, dims, &mut rng), &res);
+    let clients: Vec<ClientUpdate> = [(1, 10u64), (2, 30), (3, 60)]
+        .iter()
+        .map(|&(c, n)| {
+            let p = with_residual(random_lora(3, dims, &mut rng), &res);
+            ClientUpdate::new(c, n, p)
+        })
+        .collect();
+    let mut fedex = shipped("fedex_lora", "lora_alpha = 6.0");
+    let next = fedex.aggregate(&global, &clients, 1).unwrap();
+    let want = weighted_effective(&clients, alpha);
+    let err = max_diff(&effective(&next, alpha), &want);
+    assert!(err < 1e-5, "{err}");
+    // The factors are FedAvg's: A = Σ pᵢ·Aᵢ (0.1, 0.3, 0.6).
+    let a: Vec<f32> = (0..clients[0].params.get(A).unwrap().data().len())
+        .map(|i| {
+            [0.1f32, 0.3, 0.6]
+                .iter()
+                .zip(&clients)
+                .map(|(p, u)| p * u.params.get(A).unwrap().data()[i])
+                .sum()
+        })
+        .collect();
+    for (x, y) in next.get(A).unwrap().data().iter().zip(&a) {
+        assert!((x - y).abs() < 1e-6);
+    }
+    // Without the residual's correction FedAvg misses the average by far.
+    let fedavg = FedAvg.aggregate(&global, &clients, 1).unwrap();
+    assert!(max_diff(&effective(&fedavg, alpha), &want) > 1e-1);
+    // An adapter without residuals is refused, naming the setting.
+    let bare: Vec<ClientUpdate> = (1..=2)
+        .map(|c| ClientUpdate::new(c, 1, random_lora(3, dims, &mut rng)))
+        .collect();
+    let err = fedex
+        .aggregate(&random_lora(3, dims, &mut rng), &bare, 2)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("[lora] residual = true"), "{err}");
+}
+
+#[test]
+fn flora_merges_the_stacked_factors_into_the_residual_and_restarts_them() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(6);
+    let (dims, alpha) = ((5, 4), 6.0);
+    let res = random_residual(dims, &mut rng);
+    let global = with_residual(random_lora(3, dims, &mut rng), &res);
+    let mut flora = shipped("flora", "ranks = [1, 2, 3]\nlora_alpha = 6.0");
+    // configure_fit: client c gets the first c rows of the global A, a zero
+    // B of rank c and the residual as it is.
+    let ins = flora.configure_fit(&global, &[1, 2, 3], 1).unwrap();
+    let global_a = global.get(A).unwrap().data();
+    for (i, r) in ins.iter().zip([1usize, 2, 3]) {
+        let p = i.params.as_ref().unwrap();
+        assert_eq!(p.get(A).unwrap().shape(), [r, dims.0]);
+        assert_eq!(p.get(A).unwrap().data(), &global_a[..r * dims.0]);
+        assert_eq!(p.get(B).unwrap().shape(), [dims.1, r]);
+        assert!(p.get(B).unwrap().data().iter().all(|&x| x == 0.0));
+        assert_eq!(p.get(R).unwrap(), &res);
+    }
+    // aggregate_fit at ranks 1, 2, 3: R' = R + Σ pᵢ·(alpha/rᵢ)·BᵢAᵢ, by hand in f64.
+    let clients: Vec<ClientUpdate> = [(1, 1, 10u64), (2, 2, 30), (3, 3, 60)]
+        .iter()
+        .map(|&(c, r, n)| {
+            let p = with_residual(random_lora(r, dims, &mut rng), &res);
+            ClientUpdate::new(c, n, p)
+        })
+        .collect();
+    let next = flora.aggregate(&global, &clients, 1).unwrap();
+    let want = weighted_effective(&clients, alpha);
+    let err = max_diff(&to_matrix(next.get(R).unwrap()), &want);
+    assert!(err < 1e-5, "{err}");
+    // The next round starts from the initial A and a zero B.
+    assert_eq!(next.get(A).unwrap(), global.get(A).unwrap());
+    assert!(next.get(B).unwrap().data().iter().all(|&x| x == 0.0));
+    assert!(max_diff(&effective(&next, alpha), &want) < 1e-5);
+}
+
 #[test]
 fn scaffold_sends_c_and_moves_it_by_the_clients_control_variate_updates() {
     let mut s = shipped("scaffold", "num_clients = 4");

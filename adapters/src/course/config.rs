@@ -241,6 +241,10 @@ impl LlmConfig {
             if let Err(e) = s.offsite.validate(usize::MAX / 2) {
                 return Err(doc.locate(e).into());
             }
+            if s.lora.residual {
+                let why = "FedOT renumbers the emulator's LoRA onto the full model; a residual (FedEx-LoRA, FLoRA) is not carried over, so it cannot be used with [offsite]";
+                return Err(doc.key_error("lora.residual", why.into()).into());
+            }
         }
         for name in &s.eval.tasks {
             if let Err(e) = parse_tasks(name) {

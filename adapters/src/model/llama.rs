@@ -169,6 +169,13 @@ pub trait ProjectionAdapter {
         Ok(None)
     }
 
+    /// A frozen term `(out, in)` added to the weight of projection `proj`
+    /// of block `layer` before it multiplies (a LoRA residual); `None`
+    /// leaves the weight alone. Gradients flow to the input, not to it.
+    fn weight_delta(&self, _layer: usize, _proj: Projection) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
     /// Embeddings `(n, hidden)` to put before every sequence's tokens.
     fn virtual_tokens(&self) -> Result<Option<Tensor>> {
         Ok(None)
@@ -809,7 +816,18 @@ impl Llama {
         x: &Tensor,
         adapter: Option<&dyn ProjectionAdapter>,
     ) -> Result<Tensor> {
-        let w = weights.weight(p);
+        let merged;
+        let w = match adapter
+            .map(|a| a.weight_delta(layer, p))
+            .transpose()?
+            .flatten()
+        {
+            Some(d) => {
+                merged = (weights.weight(p) + d)?;
+                &merged
+            }
+            None => weights.weight(p),
+        };
         let y = match adapter {
             None => frozen_linear(x, w)?,
             Some(a) => match a.low_rank(layer, p, x)? {

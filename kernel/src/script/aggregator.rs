@@ -49,7 +49,7 @@ use crate::params::ParamSet;
 
 /// The strategies shipped in `scripts/aggregators/`, compiled into the binary
 /// so that a bare name works from any directory.
-pub const BUILT_IN: [(&str, &str); 13] = [
+pub const BUILT_IN: [(&str, &str); 15] = [
     (
         "fedavg",
         include_str!("../../scripts/aggregators/fedavg.rhai"),
@@ -98,6 +98,14 @@ pub const BUILT_IN: [(&str, &str); 13] = [
     (
         "scaffold",
         include_str!("../../scripts/aggregators/scaffold.rhai"),
+    ),
+    (
+        "flora",
+        include_str!("../../scripts/aggregators/flora.rhai"),
+    ),
+    (
+        "fedex_lora",
+        include_str!("../../scripts/aggregators/fedex_lora.rhai"),
     ),
 ];
 
