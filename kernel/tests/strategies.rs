@@ -398,6 +398,48 @@ fn flora_merges_the_stacked_factors_into_the_residual_and_restarts_them() {
     assert!(max_diff(&effective(&next, alpha), &want) < 1e-5);
 }
 
+/// The residual strategies read each client's parameters once, so their
+/// tensor work grows with the adapter, not with clients × modules × adapter:
+/// 12 modules and 8 clients fit in a 1 MiB budget (reading every client's
+/// parameters once per module, as a first version did, took 3 MiB).
+#[test]
+fn residual_strategies_fit_a_small_tensor_budget() {
+    use fedtune_kernel::script::ScriptingSection;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let lora = |rng: &mut rand_chacha::ChaCha8Rng| {
+        let mut p = ParamSet::new();
+        for m in 0..12 {
+            let name = |part: &str| format!("layers.{m}.q_proj.{part}.weight");
+            let mut values = |n: usize| (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+            p.insert(name("lora_A"), vec![2, 16], values(32)).unwrap();
+            p.insert(name("lora_B"), vec![16, 2], values(32)).unwrap();
+            p.insert(name("lora_residual"), vec![16, 16], values(256))
+                .unwrap();
+        }
+        p
+    };
+    let global = lora(&mut rng);
+    let clients: Vec<ClientUpdate> = (1..=8)
+        .map(|c| ClientUpdate::new(c, 10, lora(&mut rng)))
+        .collect();
+    let limits = ScriptingSection {
+        max_tensor_mib: 1,
+        ..Default::default()
+    };
+    for name in ["fedex_lora", "flora"] {
+        let section = AggregatorSection {
+            script: Some(name.into()),
+            params: "lora_alpha = 4.0".parse().unwrap(),
+        };
+        let source = section.resolve(None).unwrap().unwrap();
+        let mut strategy =
+            ScriptAggregator::new(ScriptHost::new(&limits), &source, &section.params).unwrap();
+        strategy
+            .aggregate(&global, &clients, 1)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+}
+
 #[test]
 fn scaffold_sends_c_and_moves_it_by_the_clients_control_variate_updates() {
     let mut s = shipped("scaffold", "num_clients = 4");
