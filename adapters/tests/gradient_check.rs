@@ -50,7 +50,15 @@ fn batch(device: &Device) -> (Tensor, Tensor, Tensor) {
 
 #[test]
 fn lora_gradients_match_finite_differences() {
-    check_lora_gradients(common::tiny_config(true));
+    check_lora_gradients(common::tiny_config(true), false);
+}
+
+/// With a frozen residual beside every projection (FedEx-LoRA, FLoRA),
+/// randomized like the factors: the factors' gradients stay exact and none
+/// reaches the residual.
+#[test]
+fn lora_gradients_match_finite_differences_with_a_residual() {
+    check_lora_gradients(common::tiny_config(true), true);
 }
 
 /// The same check on every other family the decoder implements (biases,
@@ -59,15 +67,21 @@ fn lora_gradients_match_finite_differences() {
 fn lora_gradients_match_finite_differences_in_every_family() {
     for (family, cfg) in common::family_configs() {
         println!("{family}:");
-        check_lora_gradients(cfg);
+        check_lora_gradients(cfg, false);
     }
 }
 
-fn check_lora_gradients(cfg: LlamaConfig) {
+fn check_lora_gradients(cfg: LlamaConfig, residual: bool) {
     let device = Device::Cpu;
     let model = Llama::random(cfg.clone(), 7, DType::F64, &device).unwrap();
-    let lora = Lora::new(&cfg, all_modules(), 11, DType::F64, &device).unwrap();
-    // B starts at zero, which would make every A-gradient zero: randomize it.
+    let lora_cfg = LoraConfig {
+        residual,
+        ..all_modules()
+    };
+    let lora = Lora::new(&cfg, lora_cfg, 11, DType::F64, &device).unwrap();
+    assert_eq!(lora.residual_vars().len(), if residual { 2 * 7 } else { 0 });
+    // B starts at zero, which would make every A-gradient zero: randomize it
+    // (and the residual, which starts at zero too).
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let mut start = ParamSet::new();
     for (name, t) in lora.to_param_set().unwrap().iter() {
@@ -158,6 +172,12 @@ fn check_lora_gradients(cfg: LlamaConfig) {
         2 * 7 * 2 * 3,
         "every A and B of every module in both layers"
     );
+    for (name, var) in lora.residual_vars() {
+        assert!(
+            grads.get(var.as_tensor()).is_none(),
+            "{name} got a gradient"
+        );
+    }
     println!("checked {checked} elements; worst relative error {worst:.2e}");
 }
 

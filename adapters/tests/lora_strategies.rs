@@ -58,23 +58,29 @@ fn setup() -> Setup {
     }
 }
 
+/// Three clients with three training batches and one test batch each, and
+/// `samples(id)` training samples.
+fn clients(samples: impl Fn(u32) -> u64) -> BTreeMap<u32, ClientData> {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    (1..=3)
+        .map(|id| {
+            let data = ClientData {
+                train: batches(&mut rng, 3),
+                eval: vec![("test".into(), batches(&mut rng, 1))],
+                n_samples: samples(id),
+            };
+            (id, data)
+        })
+        .collect()
+}
+
 async fn course(
     s: &Setup,
     strategy: Box<dyn Aggregator>,
     optim: TrainConfig,
     extend: impl FnOnce(RoundRobinTrainer) -> RoundRobinTrainer,
 ) -> (ParamSet, CourseReport) {
-    let mut rng = ChaCha8Rng::seed_from_u64(11);
-    let data: BTreeMap<u32, ClientData> = (1..=3)
-        .map(|id| {
-            let data = ClientData {
-                train: batches(&mut rng, 3),
-                eval: vec![("test".into(), batches(&mut rng, 1))],
-                n_samples: 6,
-            };
-            (id, data)
-        })
-        .collect();
+    let data = clients(|_| 6);
     let training = LocalTraining {
         local_steps: 2,
         optim,
@@ -482,17 +488,7 @@ fn gap_to_average(s: &Setup, global: &ParamSet, fits: &[&Fit]) -> f64 {
 /// A 2-round course of `strategy` with clients of 3, 5 and 7 samples,
 /// every fit recorded.
 async fn recorded_course(s: &Setup, strategy: Box<dyn Aggregator>) -> (CourseReport, Vec<Fit>) {
-    let mut rng = ChaCha8Rng::seed_from_u64(11);
-    let data: BTreeMap<u32, ClientData> = (1..=3)
-        .map(|id| {
-            let data = ClientData {
-                train: batches(&mut rng, 3),
-                eval: vec![("test".into(), batches(&mut rng, 1))],
-                n_samples: 2 * u64::from(id) + 1,
-            };
-            (id, data)
-        })
-        .collect();
+    let data = clients(|id| 2 * u64::from(id) + 1);
     let training = LocalTraining {
         local_steps: 3,
         optim: adam(),
