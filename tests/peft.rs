@@ -38,6 +38,14 @@ fn tiny_course(dir: &Path) -> PathBuf {
     config
 }
 
+/// A course summary's held-out loss before and after training.
+fn losses(summary: &serde_json::Value) -> (f64, f64) {
+    (
+        summary["test_loss_before"].as_f64().unwrap(),
+        summary["test_loss_after"].as_f64().unwrap(),
+    )
+}
+
 fn json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
@@ -486,10 +494,7 @@ fn fedot_can_train_the_adapter_layers_in_full() {
     let plugged = json(&out.join("adapter/adapter_config.json"));
     assert_eq!(plugged["layers_to_transform"], serde_json::json!([0, 5]));
     // It trained: the emulator's loss fell.
-    let (before, after) = (
-        summary["test_loss_before"].as_f64().unwrap(),
-        summary["test_loss_after"].as_f64().unwrap(),
-    );
+    let (before, after) = losses(&summary);
     assert!(after < before, "{before} -> {after}");
     // The saved full-model adapter loads back to the loss the course measured.
     let full = o["test_loss_full_model"].as_f64().unwrap();
@@ -529,11 +534,7 @@ fn a_lora_course_runs_on_every_model_family() {
             "--set",
             "lora.target_modules=[\"q_proj\",\"k_proj\",\"v_proj\",\"o_proj\"]",
         ]);
-        let summary = json(&out.join("summary.json"));
-        let (before, after) = (
-            summary["test_loss_before"].as_f64().unwrap(),
-            summary["test_loss_after"].as_f64().unwrap(),
-        );
+        let (before, after) = losses(&json(&out.join("summary.json")));
         assert!(after < before, "{family}: {before} -> {after}");
         let adapter = out.join("adapter");
         let reloaded = eval_loss(&config, &adapter, &model);
@@ -564,11 +565,7 @@ fn a_fedex_lora_adapter_reloads_with_its_residual() {
         out.to_str().unwrap(),
         "--quiet",
     ]);
-    let summary = json(&out.join("summary.json"));
-    let (before, after) = (
-        summary["test_loss_before"].as_f64().unwrap(),
-        summary["test_loss_after"].as_f64().unwrap(),
-    );
+    let (before, after) = losses(&json(&out.join("summary.json")));
     assert!(after < before, "{before} -> {after}");
     let adapter = out.join("adapter");
     assert_eq!(

@@ -101,27 +101,24 @@ pub fn save_lora(
         fedtune_residual: config.residual,
     };
     let residual = format!(".{}.weight", crate::lora::RESIDUAL);
-    let (res, factors): (Vec<_>, Vec<_>) = params.iter().partition(|(n, _)| n.ends_with(&residual));
-    let set = |items: Vec<(&str, &fedtune_kernel::ParamTensor)>| {
-        let mut out = ParamSet::new();
-        for (name, t) in items {
-            out.insert_tensor(name, t.clone());
-        }
-        out
-    };
-    write_adapter_dir(dir, &json, &set(factors))?;
-    if !res.is_empty() {
-        let path = dir.join(RESIDUAL_FILE);
-        let tensors = tensors_of(&set(res)).map_err(|e| PeftError::Io {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })?;
-        candle_core::safetensors::save(&tensors, &path).map_err(|e| PeftError::Io {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })?;
+    let (mut factors, mut residuals) = (ParamSet::new(), ParamSet::new());
+    for (name, t) in params.iter() {
+        let into = match name.ends_with(&residual) {
+            true => &mut residuals,
+            false => &mut factors,
+        };
+        into.insert_tensor(name, t.clone());
     }
-    Ok(())
+    write_adapter_dir(dir, &json, &factors)?;
+    if residuals.is_empty() {
+        return Ok(());
+    }
+    let path = dir.join(RESIDUAL_FILE);
+    let io = |e: candle_core::Error| PeftError::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    };
+    candle_core::safetensors::save(&tensors_of(&residuals).map_err(io)?, &path).map_err(io)
 }
 
 /// `dir` with `config` as `adapter_config.json` and `params` as
