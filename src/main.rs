@@ -58,7 +58,7 @@ enum Command {
     /// Search a course's hyperparameters (random, grid, sha, hyperband, bo, fts, flora or a script).
     Hpo(cmd::hpo::HpoArgs),
     /// Run one course over several seeds (and scenarios); mean ± std per metric.
-    Sweep(cmd::hpo::SweepArgs),
+    Sweep(cmd::sweep::SweepArgs),
     /// Start a course of your own: a config and editable copies of the scripts it runs.
     Init(cmd::init::InitArgs),
     /// The shipped Rhai scripts: list them, or copy one to edit.
@@ -138,7 +138,7 @@ fn main() -> ExitCode {
         Command::Hpo(args) => cmd::hpo::hpo(args),
         Command::Init(args) => cmd::init::init(args),
         Command::Scripts(cmd) => cmd::init::scripts(cmd),
-        Command::Sweep(args) => cmd::hpo::sweep(args),
+        Command::Sweep(args) => cmd::sweep::sweep(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

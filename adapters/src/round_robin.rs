@@ -573,26 +573,7 @@ impl Fit<'_> {
     ) -> Result<FitDone, TrainerError> {
         let accum = self.training.optim.grad_accum;
         let budget: usize = plan.iter().map(FitOp::steps).sum();
-        // Where this fit's data picks up: where a client that trained this
-        // plan in every earlier round would be — from the round alone, not
-        // from what this process happens to remember, so a restarted client
-        // or a resumed course trains on exactly the batches an uninterrupted
-        // one would. (A client left out of some rounds skips their batches.)
-        let (sent, personal): (usize, usize) = plan.iter().fold((0, 0), |(a, b), op| match op {
-            FitOp::Train { steps } => (a + steps, b),
-            FitOp::TrainPersonal { steps, .. } => (a, b + steps),
-            _ => (a, b),
-        });
-        let len = slot.data.train.len();
-        let earlier = self.ctx.round.saturating_sub(1);
-        slot.cursor = position(earlier, sent * accum, len);
-        slot.personal_cursor = position(earlier, personal * accum, len);
-        // Dropout draws from this client's and round's seed, not from the
-        // process's history.
-        slot.lora.reseed(self.ctx.seed);
-        if let Some(p) = &slot.personal {
-            p.reseed(self.ctx.seed ^ 0x5eed);
-        }
+        self.place(plan, slot);
         let mut done = 0;
         let client = self.client;
         let mut report = |loss: f64| {
@@ -673,22 +654,7 @@ impl Fit<'_> {
                 }
                 FitOp::PullToPersonal { rate } => pull_to_personal(slot, *rate)?,
                 FitOp::Trainable { pattern, only } => {
-                    let re = regex::Regex::new(pattern)?;
-                    let (trainable, frozen): (Vec<String>, Vec<String>) = slot
-                        .lora
-                        .named_vars()
-                        .into_iter()
-                        .map(|(name, _)| name)
-                        .partition(|name| re.is_match(name) == *only);
-                    if trainable.is_empty() {
-                        return Err(format!(
-                            "{}({pattern:?}) leaves no tensor of the adapter to train",
-                            if *only { "train_only" } else { "freeze" }
-                        )
-                        .into());
-                    }
-                    slot.stepper.restrict(slot.lora.as_ref(), &trainable)?;
-                    out.frozen = frozen;
+                    out.frozen = restrict_training(slot, pattern, *only)?;
                 }
                 FitOp::KeepLocal { pattern } => out.keep = Some(pattern.clone()),
             }
@@ -696,6 +662,55 @@ impl Fit<'_> {
         out.skipped = retries.used;
         Ok(out)
     }
+
+    /// Puts `slot`'s data cursors where this fit's data picks up — where a
+    /// client that trained `plan` in every earlier round would be, from the
+    /// round alone, not from what this process happens to remember, so a
+    /// restarted client or a resumed course trains on exactly the batches
+    /// an uninterrupted one would (a client left out of some rounds skips
+    /// their batches) — and reseeds its dropout from this client's and
+    /// round's seed, not from the process's history.
+    fn place(&self, plan: &[FitOp], slot: &mut ClientSlot) {
+        let accum = self.training.optim.grad_accum;
+        let (sent, personal): (usize, usize) = plan.iter().fold((0, 0), |(a, b), op| match op {
+            FitOp::Train { steps } => (a + steps, b),
+            FitOp::TrainPersonal { steps, .. } => (a, b + steps),
+            _ => (a, b),
+        });
+        let len = slot.data.train.len();
+        let earlier = self.ctx.round.saturating_sub(1);
+        slot.cursor = position(earlier, sent * accum, len);
+        slot.personal_cursor = position(earlier, personal * accum, len);
+        slot.lora.reseed(self.ctx.seed);
+        if let Some(p) = &slot.personal {
+            p.reseed(self.ctx.seed ^ 0x5eed);
+        }
+    }
+}
+
+/// Trains only the adapter tensors `pattern` matches (`only`) or all but
+/// them (`freeze`); the names kept from training.
+fn restrict_training(
+    slot: &mut ClientSlot,
+    pattern: &str,
+    only: bool,
+) -> Result<Vec<String>, TrainerError> {
+    let re = regex::Regex::new(pattern)?;
+    let (trainable, frozen): (Vec<String>, Vec<String>) = slot
+        .lora
+        .named_vars()
+        .into_iter()
+        .map(|(name, _)| name)
+        .partition(|name| re.is_match(name) == only);
+    if trainable.is_empty() {
+        return Err(format!(
+            "{}({pattern:?}) leaves no tensor of the adapter to train",
+            if only { "train_only" } else { "freeze" }
+        )
+        .into());
+    }
+    slot.stepper.restrict(slot.lora.as_ref(), &trainable)?;
+    Ok(frozen)
 }
 
 /// The batch a walk of `per_fit` batches a fit over `len` batches reaches after `fits` fits.

@@ -135,11 +135,46 @@ pub struct ClientEval {
     pub metrics: BTreeMap<String, f64>,
 }
 
+/// Why a payload or an update does not fit the parameters it stands for.
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum FitError {
+    /// The payload's tensor names are not the global ones (a few of each
+    /// side are named).
+    #[error("its tensors are not the global ones (missing {missing:?}, unknown {unknown:?})")]
+    Names {
+        missing: Vec<String>,
+        unknown: Vec<String>,
+    },
+    /// A tensor whose shape a client of the global shape cannot load.
+    #[error("tensor `{name}` has shape {shape:?}, which a client of the global shape {global:?} cannot load")]
+    Shape {
+        name: String,
+        shape: Vec<usize>,
+        global: Vec<usize>,
+    },
+    /// A LoRA module whose two factors disagree on the rank.
+    #[error("LoRA module `{module}`: lora_A has rank {a} but lora_B rank {b}")]
+    Rank { module: String, a: usize, b: usize },
+    /// An update holding a tensor its client was not sent.
+    #[error("it holds a tensor `{0}` the client was not sent")]
+    NotSent(String),
+    /// An update tensor in another shape than it was sent in.
+    #[error("tensor `{name}` has shape {shape:?}, it was sent as {sent:?}")]
+    Resized {
+        name: String,
+        shape: Vec<usize>,
+        sent: Vec<usize>,
+    },
+    /// A tensor that does not hold finite numbers.
+    #[error(transparent)]
+    Params(#[from] ParamError),
+}
+
 /// Whether `payload` is something a client of `global`'s adapter can load:
 /// the same tensor names, and the same shapes except that a LoRA module's
 /// rank (the rows of `…lora_A…`, the columns of `…lora_B…`) may differ, as
 /// long as its two factors agree. Extra tensors are not looked at.
-pub fn check_payload(global: &ParamSet, payload: &ParamSet) -> Result<(), String> {
+pub fn check_payload(global: &ParamSet, payload: &ParamSet) -> Result<(), FitError> {
     let model: Vec<(&str, &ParamTensor)> = payload
         .iter()
         .filter(|(name, _)| !name.starts_with(EXTRA_PREFIX))
@@ -147,19 +182,17 @@ pub fn check_payload(global: &ParamSet, payload: &ParamSet) -> Result<(), String
     let mine: Vec<&str> = global.names().collect();
     let theirs: Vec<&str> = model.iter().map(|(name, _)| *name).collect();
     if mine != theirs {
-        let missing: Vec<&&str> = mine
-            .iter()
-            .filter(|n| !theirs.contains(n))
-            .take(3)
-            .collect();
-        let unknown: Vec<&&str> = theirs
-            .iter()
-            .filter(|n| !mine.contains(n))
-            .take(3)
-            .collect();
-        return Err(format!(
-            "its tensors are not the global ones (missing {missing:?}, unknown {unknown:?})"
-        ));
+        let first_three = |of: &[&str], not_in: &[&str]| -> Vec<String> {
+            of.iter()
+                .filter(|n| !not_in.contains(n))
+                .take(3)
+                .map(|n| n.to_string())
+                .collect()
+        };
+        return Err(FitError::Names {
+            missing: first_three(&mine, &theirs),
+            unknown: first_three(&theirs, &mine),
+        });
     }
     for &(name, t) in &model {
         let g = global.get(name).expect("names compared above");
@@ -172,9 +205,11 @@ pub fn check_payload(global: &ParamSet, payload: &ParamSet) -> Result<(), String
         let fits = gs.len() == ts.len()
             && (0..gs.len()).all(|d| gs[d] == ts[d] || (Some(d) == rank_dim && ts[d] > 0));
         if !fits {
-            return Err(format!(
-                "tensor `{name}` has shape {ts:?}, which a client of the global shape {gs:?} cannot load"
-            ));
+            return Err(FitError::Shape {
+                name: name.to_string(),
+                shape: ts.to_vec(),
+                global: gs.to_vec(),
+            });
         }
     }
     // The payload has the global's names, so it has the global's modules.
@@ -185,10 +220,11 @@ pub fn check_payload(global: &ParamSet, payload: &ParamSet) -> Result<(), String
         );
         if let ([r_a, _], [_, r_b]) = (a, b) {
             if r_a != r_b {
-                return Err(format!(
-                    "LoRA module `{}`: lora_A has rank {r_a} but lora_B rank {r_b}",
-                    pair.module
-                ));
+                return Err(FitError::Rank {
+                    module: pair.module,
+                    a: *r_a,
+                    b: *r_b,
+                });
             }
         }
     }
@@ -197,20 +233,16 @@ pub fn check_payload(global: &ParamSet, payload: &ParamSet) -> Result<(), String
 
 /// Whether `update` holds some of `sent`'s tensors (none: the client
 /// changed nothing it shares), each in the shape it was sent in.
-pub fn check_subset(sent: &ParamSet, update: &ParamSet) -> Result<(), String> {
+pub fn check_subset(sent: &ParamSet, update: &ParamSet) -> Result<(), FitError> {
     for (name, t) in update.iter() {
         match sent.get(name) {
-            None => {
-                return Err(format!(
-                    "it holds a tensor `{name}` the client was not sent"
-                ))
-            }
+            None => return Err(FitError::NotSent(name.to_string())),
             Some(s) if s.shape() != t.shape() => {
-                return Err(format!(
-                    "tensor `{name}` has shape {:?}, it was sent as {:?}",
-                    t.shape(),
-                    s.shape()
-                ))
+                return Err(FitError::Resized {
+                    name: name.to_string(),
+                    shape: t.shape().to_vec(),
+                    sent: s.shape().to_vec(),
+                })
             }
             Some(_) => {}
         }
@@ -342,7 +374,7 @@ pub trait Aggregator: Send {
     /// sent in. A client leaves out what it did not change
     /// (FFA-LoRA's frozen A, FedSA-LoRA's local B); the server takes those
     /// as it sent them.
-    fn check_update(&self, sent: &ParamSet, update: &ParamSet) -> Result<(), String> {
+    fn check_update(&self, sent: &ParamSet, update: &ParamSet) -> Result<(), FitError> {
         check_subset(sent, update)
     }
 
@@ -569,8 +601,12 @@ mod tests {
         odd.insert("m.other", vec![1], vec![0.0]).unwrap();
         assert!(check_subset(&sent, &odd)
             .unwrap_err()
+            .to_string()
             .contains("was not sent"));
-        assert!(check_subset(&sent, &lora(2)).unwrap_err().contains("shape"));
+        assert!(check_subset(&sent, &lora(2))
+            .unwrap_err()
+            .to_string()
+            .contains("shape"));
     }
 
     #[test]
@@ -589,17 +625,20 @@ mod tests {
             .unwrap();
         assert!(check_payload(&global, &odd)
             .unwrap_err()
+            .to_string()
             .contains("rank 4 but lora_B rank 2"));
         let mut wide = lora(8);
         wide.insert("m.q_proj.lora_A.weight", vec![8, 5], vec![0.0; 40])
             .unwrap();
         assert!(check_payload(&global, &wide)
             .unwrap_err()
+            .to_string()
             .contains("cannot load"));
         let mut short = lora(8);
         short.remove("m.norm");
         assert!(check_payload(&global, &short)
             .unwrap_err()
+            .to_string()
             .contains("missing"));
         let mut norm = lora(8);
         norm.insert("m.norm", vec![3], vec![0.0; 3]).unwrap();

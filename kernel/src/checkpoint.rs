@@ -263,9 +263,9 @@ impl Checkpoints {
 
     /// Hands the server state saved in the checkpoint folder `dir` to
     /// `restore`, if that checkpoint saved one.
-    pub fn restore_server_state(
+    pub fn restore_server_state<E: std::fmt::Display>(
         dir: &Path,
-        restore: impl FnOnce(&[u8]) -> Result<(), String>,
+        restore: impl FnOnce(&[u8]) -> Result<(), E>,
     ) -> Result<(), CheckpointError> {
         let path = dir.join(SERVER_STATE);
         if !path.is_file() {

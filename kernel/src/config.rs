@@ -571,7 +571,7 @@ impl CourseConfig {
         }
         if let Some(key) = &c.keep_best {
             if let Err(e) = crate::course::best::BestTracker::new(key, c.early_stop_patience) {
-                return err("federate.keep_best", e);
+                return err("federate.keep_best", e.to_string());
             }
         } else if c.early_stop_patience > 0 {
             return err(

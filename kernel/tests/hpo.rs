@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use fedtune_kernel::hpo::{
     run_search, Budget, ClientOutcome, Config, Evaluation, Objective, SearchOutcome, SearchSetup,
-    Space, TrialJob, TrialOutcome, TrialRunner, BUILT_IN,
+    Space, TrialError, TrialJob, TrialOutcome, TrialRunner, BUILT_IN,
 };
 use fedtune_kernel::script::ScriptSource;
 
@@ -64,17 +64,17 @@ fn coord(c: &Config, k: &str) -> f64 {
 }
 
 impl TrialRunner for Bowl {
-    fn check(&self, config: &Config) -> Result<(), String> {
+    fn check(&self, config: &Config) -> Result<(), TrialError> {
         match config
             .keys()
             .find(|k| !["x", "y", "federate.mode"].contains(&k.as_str()))
         {
-            Some(k) => Err(format!("`{k}`: unknown field")),
+            Some(k) => Err(format!("`{k}`: unknown field").into()),
             None => Ok(()),
         }
     }
 
-    fn run(&self, job: &TrialJob) -> Result<TrialOutcome, String> {
+    fn run(&self, job: &TrialJob) -> Result<TrialOutcome, TrialError> {
         self.runs.fetch_add(1, Ordering::SeqCst);
         self.jobs.lock().unwrap().push((job.trial, job.rounds));
         let (x, y) = (coord(&job.config, "x"), coord(&job.config, "y"));
@@ -432,10 +432,10 @@ fn failed_trials_are_recorded_and_never_picked() {
         runs: AtomicUsize,
     }
     impl TrialRunner for Flaky {
-        fn check(&self, _: &Config) -> Result<(), String> {
+        fn check(&self, _: &Config) -> Result<(), TrialError> {
             Ok(())
         }
-        fn run(&self, job: &TrialJob) -> Result<TrialOutcome, String> {
+        fn run(&self, job: &TrialJob) -> Result<TrialOutcome, TrialError> {
             self.runs.fetch_add(1, Ordering::SeqCst);
             let x = coord(&job.config, "x");
             if x > 0.0 && !self.fixed {

@@ -16,3 +16,4 @@ pub mod report;
 pub mod run;
 pub mod server;
 pub mod spawn;
+pub mod sweep;

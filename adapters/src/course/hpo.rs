@@ -17,7 +17,8 @@ use std::sync::{Arc, Mutex};
 
 use fedtune_kernel::config::{ConfigDoc, Mode};
 use fedtune_kernel::hpo::{
-    overrides, ClientOutcome, Config, Space, SpaceError, TrialJob, TrialOutcome, TrialRunner,
+    overrides, ClientOutcome, Config, Space, SpaceError, TrialError, TrialJob, TrialOutcome,
+    TrialRunner,
 };
 use fedtune_kernel::{Checkpoints, Event, Record};
 
@@ -236,22 +237,13 @@ fn numeric_clients(records: &[Record]) -> Vec<ClientOutcome> {
 }
 
 impl TrialRunner for CourseTrials {
-    fn check(&self, config: &Config) -> std::result::Result<(), String> {
-        self.course(config, 1)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+    fn check(&self, config: &Config) -> std::result::Result<(), TrialError> {
+        self.course(config, 1)?;
+        Ok(())
     }
 
-    fn run(&self, job: &TrialJob) -> std::result::Result<TrialOutcome, String> {
-        self.run_course(job).map_err(|e| {
-            let mut text = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                text.push_str(&format!(": {s}"));
-                source = s.source();
-            }
-            text
-        })
+    fn run(&self, job: &TrialJob) -> std::result::Result<TrialOutcome, TrialError> {
+        Ok(self.run_course(job)?)
     }
 
     fn fingerprint(&self) -> String {

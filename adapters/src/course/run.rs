@@ -113,27 +113,7 @@ pub fn run_llm_on(
         Some(b) => b.clone(),
         None => Base::load(course.model_path().as_deref(), &say)?,
     };
-    let (fed, template) = course_data(course, &out.data_root())?;
-    let prepared = prepare(&fed, &template, &base.tok, llm.data.max_tokens)?;
-    if let Some((line, why)) = fed.skipped.first() {
-        say(&format!(
-            "{}: {} malformed records left out (data.skip_bad_records), the first at line {line}: {why}",
-            fed.path.display(),
-            fed.skipped.len()
-        ));
-    }
-    say(&format!(
-        "{}: {} examples over {} clients ({}), template `{}`",
-        fed.path.display(),
-        fed.examples.len(),
-        prepared.len(),
-        prepared
-            .iter()
-            .map(|p| format!("{} {}", p.name, p.train.len()))
-            .collect::<Vec<_>>()
-            .join(", "),
-        template.name
-    ));
+    let prepared = tokenized_clients(course, out, &base, &say)?;
     // FedOT trains on the emulator; the full model stays for the final evaluation.
     let emulated = emulator(
         llm,
@@ -199,6 +179,38 @@ pub fn run_llm_on(
     let path = out.dir.join("summary.json");
     std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(summary)
+}
+
+/// The course's data, split over its clients and tokenized, with a line
+/// saying what was read (and what was left out).
+fn tokenized_clients(
+    course: &CourseFile,
+    out: &Output,
+    base: &Base,
+    say: &dyn Fn(&str),
+) -> Result<Vec<Prepared>> {
+    let (fed, template) = course_data(course, &out.data_root())?;
+    let prepared = prepare(&fed, &template, &base.tok, course.llm()?.data.max_tokens)?;
+    if let Some((line, why)) = fed.skipped.first() {
+        say(&format!(
+            "{}: {} malformed records left out (data.skip_bad_records), the first at line {line}: {why}",
+            fed.path.display(),
+            fed.skipped.len()
+        ));
+    }
+    say(&format!(
+        "{}: {} examples over {} clients ({}), template `{}`",
+        fed.path.display(),
+        fed.examples.len(),
+        prepared.len(),
+        prepared
+            .iter()
+            .map(|p| format!("{} {}", p.name, p.train.len()))
+            .collect::<Vec<_>>()
+            .join(", "),
+        template.name
+    ));
+    Ok(prepared)
 }
 
 /// Says which configured scripts a `global` or `local` course leaves unused.

@@ -157,38 +157,8 @@ pub fn evaluate(
     observer: &dyn Observer,
 ) -> Result<TaskReport> {
     let started = Instant::now();
-    let (stop, default_max) = match &items {
-        Items::Gen {
-            stop,
-            max_new_tokens,
-            ..
-        } => (stop.clone(), *max_new_tokens),
-        Items::Choice { .. } => (Vec::new(), 0),
-    };
-    let generation = GenerationConfig {
-        max_new_tokens: s.max_new_tokens.unwrap_or(default_max),
-        temperature: if s.samples > 1 { s.temperature } else { 0.0 },
-        top_p: 0.95,
-        seed: 0,
-        stop,
-        ignore_eos: false,
-    };
-    // An interrupted evaluation resumes only with the same model and adapter
-    // — the same bytes, wherever they lie — and the same settings.
-    let digest = |p: &Path| {
-        crate::fetch::content_digest(p).with_context(|| format!("reading {}", p.display()))
-    };
-    let header = serde_json::json!({
-        "task": task.name(),
-        "model_sha256": digest(model_path)?,
-        "adapter_sha256": s.adapter.as_deref().map(digest).transpose()?,
-        "samples": s.samples,
-        "temperature": generation.temperature,
-        "max_new_tokens": generation.max_new_tokens,
-        // Items scored by an earlier rule are not mixed in: GSM8K's answer
-        // was the last number until FS-LLM's extraction replaced it.
-        "scoring": matches!(task, Task::Gsm8k).then_some("fs-llm-clean-answer"),
-    });
+    let generation = generation_config(&items, s);
+    let header = log_header(task, model_path, s, &generation)?;
     let items_path = out.with_extension("items.jsonl");
     let mut log = ResultLog::open(&items_path, &header).context("opening the results log")?;
     let resumed = log.finished();
@@ -274,6 +244,52 @@ pub fn evaluate(
     let full = serde_json::json!({ "summary": report, "settings": settings, "items": results });
     write_json(out, &full)?;
     Ok(report)
+}
+
+/// How `items` are generated under settings `s` (greedy unless sampling
+/// several answers).
+fn generation_config(items: &Items, s: &Settings) -> GenerationConfig {
+    let (stop, default_max) = match items {
+        Items::Gen {
+            stop,
+            max_new_tokens,
+            ..
+        } => (stop.clone(), *max_new_tokens),
+        Items::Choice { .. } => (Vec::new(), 0),
+    };
+    GenerationConfig {
+        max_new_tokens: s.max_new_tokens.unwrap_or(default_max),
+        temperature: if s.samples > 1 { s.temperature } else { 0.0 },
+        top_p: 0.95,
+        seed: 0,
+        stop,
+        ignore_eos: false,
+    }
+}
+
+/// The results log's header: an interrupted evaluation resumes only with
+/// the same model and adapter — the same bytes, wherever they lie — and
+/// the same settings.
+fn log_header(
+    task: &Task,
+    model_path: &Path,
+    s: &Settings,
+    generation: &GenerationConfig,
+) -> Result<serde_json::Value> {
+    let digest = |p: &Path| {
+        crate::fetch::content_digest(p).with_context(|| format!("reading {}", p.display()))
+    };
+    Ok(serde_json::json!({
+        "task": task.name(),
+        "model_sha256": digest(model_path)?,
+        "adapter_sha256": s.adapter.as_deref().map(digest).transpose()?,
+        "samples": s.samples,
+        "temperature": generation.temperature,
+        "max_new_tokens": generation.max_new_tokens,
+        // Items scored by an earlier rule are not mixed in: GSM8K's answer
+        // was the last number until FS-LLM's extraction replaced it.
+        "scoring": matches!(task, Task::Gsm8k).then_some("fs-llm-clean-answer"),
+    }))
 }
 
 /// The mean over `results` of each numeric item detail in `names` that

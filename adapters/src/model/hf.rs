@@ -87,9 +87,20 @@ pub fn load_hf_dir(dir: &Path, dtype: DType, device: &Device) -> Result<HfModel>
     Ok(HfModel { model, tokenizer })
 }
 
+/// A `config.json` this decoder cannot run, and why.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct Unsupported(pub String);
+
+impl From<&str> for Unsupported {
+    fn from(why: &str) -> Self {
+        Self(why.to_string())
+    }
+}
+
 /// The decoder's configuration from a `config.json`'s contents: the
 /// family's conventions made explicit, unsupported options refused.
-pub fn config_of(mut json: serde_json::Value) -> std::result::Result<LlamaConfig, String> {
+pub fn config_of(mut json: serde_json::Value) -> std::result::Result<LlamaConfig, Unsupported> {
     let Some(obj) = json.as_object_mut() else {
         return Err("is not a JSON object".into());
     };
@@ -99,10 +110,10 @@ pub fn config_of(mut json: serde_json::Value) -> std::result::Result<LlamaConfig
         .unwrap_or("llama")
         .to_string();
     let Some(family) = Family::from_model_type(&kind) else {
-        return Err(format!(
+        return Err(Unsupported(format!(
             "model_type `{kind}` is not a Llama-family model this decoder implements (supported: {})",
             Family::NAMES.join(", ")
-        ));
+        )));
     };
     obj.insert("model_type".into(), family.name().into());
     // The MLP's activation: SiLU, or Gemma's GELU with the tanh
@@ -116,7 +127,7 @@ pub fn config_of(mut json: serde_json::Value) -> std::result::Result<LlamaConfig
         if let Some(act) = obj.get(key).and_then(|v| v.as_str()) {
             let exact_gelu = family == Family::Gemma && key == "hidden_activation" && act == "gelu";
             if !allowed.contains(&act) || exact_gelu {
-                return Err(format!(
+                return Err(Unsupported(format!(
                     "{key} `{act}` is not supported for {} (only `{}`)",
                     family.name(),
                     if family == Family::Gemma {
@@ -124,7 +135,7 @@ pub fn config_of(mut json: serde_json::Value) -> std::result::Result<LlamaConfig
                     } else {
                         "silu"
                     }
-                ));
+                )));
             }
         }
     }
@@ -141,7 +152,7 @@ pub fn config_of(mut json: serde_json::Value) -> std::result::Result<LlamaConfig
     }
     for key in ["mlp_bias", "attention_bias"] {
         if obj.get(key).and_then(|v| v.as_bool()) == Some(true) {
-            return Err(format!("{key} = true is not supported"));
+            return Err(Unsupported(format!("{key} = true is not supported")));
         }
     }
     // Rotary scaling: Llama 3's (spelled `rope_type` or, in older files,
@@ -166,13 +177,17 @@ pub fn config_of(mut json: serde_json::Value) -> std::result::Result<LlamaConfig
                     obj.insert("rope_scaling".into(), scaling.into());
                 }
                 other => {
-                    return Err(format!(
+                    return Err(Unsupported(format!(
                         "rope_scaling type `{other}` is not supported (only `llama3`)"
-                    ))
+                    )))
                 }
             }
         }
-        Some(other) => return Err(format!("rope_scaling {other} is not an object")),
+        Some(other) => {
+            return Err(Unsupported(format!(
+                "rope_scaling {other} is not an object"
+            )))
+        }
     }
     // Sliding windows: Mistral's applies to every layer; Qwen2 lists one it
     // does not use unless `use_sliding_window` (and then only from
@@ -186,8 +201,8 @@ pub fn config_of(mut json: serde_json::Value) -> std::result::Result<LlamaConfig
     if matches!(family, Family::Llama | Family::Gemma) {
         obj.remove("sliding_window");
     }
-    let cfg: LlamaConfig = serde_json::from_value(json).map_err(|e| e.to_string())?;
-    cfg.validate().map_err(|e| e.to_string())?;
+    let cfg: LlamaConfig = serde_json::from_value(json).map_err(|e| Unsupported(e.to_string()))?;
+    cfg.validate().map_err(|e| Unsupported(e.to_string()))?;
     Ok(cfg)
 }
 

@@ -13,7 +13,33 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::params::ParamSet;
+use crate::params::{ParamError, ParamSet};
+
+/// Why the best round cannot be tracked, saved or taken back.
+#[derive(Debug, thiserror::Error)]
+pub enum BestError {
+    /// The key names no split's loss.
+    #[error("`{0}` is not a split's loss (`val_loss`, `test_loss`, …)")]
+    NotALoss(String),
+    /// The clients did not evaluate the followed split.
+    #[error("federate.keep_best follows the `{split}` split's loss, but the clients evaluated only {evaluated:?}")]
+    NotEvaluated {
+        split: String,
+        evaluated: Vec<String>,
+    },
+    /// The tracker cannot be written as bytes.
+    #[error("{0}")]
+    Encode(#[from] rmp_serde::encode::Error),
+    /// Saved bytes that are no tracker.
+    #[error("{0}")]
+    Decode(#[from] rmp_serde::decode::Error),
+    /// A saved tracker that followed another split.
+    #[error("it tracked the `{saved}` split's loss, this course tracks `{now}`")]
+    OtherSplit { saved: String, now: String },
+    /// Saved best parameters that are not finite.
+    #[error("its best parameters hold {0}")]
+    NonFinite(ParamError),
+}
 
 /// The evaluation with the lowest loss so far.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,9 +72,8 @@ pub fn split_of(key: &str) -> Option<&str> {
 impl BestTracker {
     /// Tracks the loss `key` names (`<split>_loss`); stops after
     /// `patience` evaluations without improvement (0: never).
-    pub fn new(key: &str, patience: u64) -> Result<Self, String> {
-        let split = split_of(key)
-            .ok_or_else(|| format!("`{key}` is not a split's loss (`val_loss`, `test_loss`, …)"))?;
+    pub fn new(key: &str, patience: u64) -> Result<Self, BestError> {
+        let split = split_of(key).ok_or_else(|| BestError::NotALoss(key.to_string()))?;
         Ok(Self {
             split: split.to_string(),
             patience,
@@ -64,14 +89,13 @@ impl BestTracker {
         round: u64,
         losses: &BTreeMap<String, f64>,
         global: &ParamSet,
-    ) -> Result<bool, String> {
-        let &loss = losses.get(&self.split).ok_or_else(|| {
-            format!(
-                "federate.keep_best follows the `{}` split's loss, but the clients evaluated only {:?}",
-                self.split,
-                losses.keys().collect::<Vec<_>>()
-            )
-        })?;
+    ) -> Result<bool, BestError> {
+        let &loss = losses
+            .get(&self.split)
+            .ok_or_else(|| BestError::NotEvaluated {
+                split: self.split.clone(),
+                evaluated: losses.keys().cloned().collect(),
+            })?;
         let better = self.best.as_ref().is_none_or(|b| loss < b.loss);
         if better {
             self.best = Some(BestRound {
@@ -92,24 +116,22 @@ impl BestTracker {
     }
 
     /// The tracker as checkpoint bytes.
-    pub fn to_bytes(&self) -> Result<Vec<u8>, String> {
-        rmp_serde::to_vec_named(self).map_err(|e| e.to_string())
+    pub fn to_bytes(&self) -> Result<Vec<u8>, BestError> {
+        Ok(rmp_serde::to_vec_named(self)?)
     }
 
     /// A tracker back from [`Self::to_bytes`], continuing with this one's
     /// settings (they may have changed since the checkpoint).
-    pub fn restore(&mut self, bytes: &[u8]) -> Result<(), String> {
-        let saved: Self = rmp_serde::from_slice(bytes).map_err(|e| e.to_string())?;
+    pub fn restore(&mut self, bytes: &[u8]) -> Result<(), BestError> {
+        let saved: Self = rmp_serde::from_slice(bytes)?;
         if saved.split != self.split {
-            return Err(format!(
-                "it tracked the `{}` split's loss, this course tracks `{}`",
-                saved.split, self.split
-            ));
+            return Err(BestError::OtherSplit {
+                saved: saved.split,
+                now: self.split.clone(),
+            });
         }
         if let Some(b) = &saved.best {
-            b.params
-                .check_finite()
-                .map_err(|e| format!("its best parameters hold {e}"))?;
+            b.params.check_finite().map_err(BestError::NonFinite)?;
         }
         self.best = saved.best;
         self.stale = saved.stale;
@@ -154,7 +176,10 @@ mod tests {
     #[test]
     fn a_missing_split_or_a_key_that_is_no_loss_is_named() {
         let mut t = BestTracker::new("train_loss", 0).unwrap();
-        let e = t.observe(1, &losses(1.0), &at(0.0)).unwrap_err();
+        let e = t
+            .observe(1, &losses(1.0), &at(0.0))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("`train`") && e.contains("\"val\""), "{e}");
         assert!(!t.should_stop(), "patience 0 never stops");
         for key in ["val", "_loss", "val loss_loss", "accuracy"] {

@@ -21,7 +21,7 @@ use crate::course::trainer::{
     derive_seed, LocalTrainer, LocalUpdate, SharedTrainer, TrainContext, TrainerError,
 };
 use crate::message::{Envelope, MsgKind, Party};
-use crate::params::ParamSet;
+use crate::params::{ParamError, ParamSet};
 use crate::worker::{Ctx, Flow, HandlerError, HandlerResult, JobError, Worker};
 
 /// What a client keeps between messages; returned when it stops.
@@ -342,21 +342,35 @@ fn job_inputs(
     Ok((global, tctx))
 }
 
+/// A client's training or evaluation that failed, as the server hears it.
+#[derive(Debug, thiserror::Error)]
+#[error("client {id}: {what} in round {round} failed: {error}")]
+struct JobFailed {
+    id: u32,
+    round: u64,
+    what: &'static str,
+    error: TrainerError,
+}
+
 /// Runs `work` on the shared trainer; returns its result — or why it
 /// failed, naming the client, the round and what failed, for the server to
 /// hear — and the seconds it took. Only a trainer that panicked earlier is
 /// an error of the job itself.
 fn with_trainer<T>(
     trainer: &SharedTrainer,
-    (id, round, what): (u32, u64, &str),
+    (id, round, what): (u32, u64, &'static str),
     work: impl FnOnce(&mut dyn LocalTrainer) -> Result<T, TrainerError>,
-) -> Result<(Result<T, String>, f64), JobError> {
+) -> Result<(Result<T, JobFailed>, f64), JobError> {
     let started = Instant::now();
     let mut guard = trainer
         .lock()
         .map_err(|_| "the shared trainer panicked earlier")?;
-    let out =
-        work(&mut *guard).map_err(|e| format!("client {id}: {what} in round {round} failed: {e}"));
+    let out = work(&mut *guard).map_err(|error| JobFailed {
+        id,
+        round,
+        what,
+        error,
+    });
     if let Err(reason) = &out {
         warn!("{reason}; reporting it to the server");
     }
@@ -413,88 +427,88 @@ fn on_train(s: &mut ClientState, env: Envelope, ctx: &mut Ctx) -> HandlerResult 
         .map_err(|e| HandlerError::Reject(e.to_string()))?
         .config;
     let (global, extra) = split_extra(sent);
-    let tctx = tctx.with_fit(config, extra);
-    let answer = s.last_update.clone();
-    let (id, round, trainer) = (s.id, env.round, s.trainer.clone());
-    let kept = s.kept.clone();
+    let (id, round) = (s.id, env.round);
     let local_dp = match s.local_dp.clone() {
         Some(p) => {
-            let seed = crate::privacy::local_noise_seed(&p, s.seed, id, round)
-                .map_err(|e| HandlerError::Fatal(format!("client {id}: {e}")))?;
+            let seed = crate::privacy::local_noise_seed(&p, s.seed, id, round).map_err(|e| {
+                HandlerError::Fatal(format!(
+                    "client {id}: no OS randomness for the local DP noise: {e}"
+                ))
+            })?;
             Some((p, seed))
         }
         None => None,
     };
     s.rounds_trained.push(round);
     s.latest_global = Some(global.clone());
-    let course = ctx.course().to_string();
-    ctx.spawn_blocking(move || {
+    let job = TrainJob {
+        id,
+        round,
+        course: ctx.course().to_string(),
+        trainer: s.trainer.clone(),
+        kept: s.kept.clone(),
+        tctx: tctx.with_fit(config, extra),
+        global,
+        local_dp,
+        secagg,
+        answer: s.last_update.clone(),
+    };
+    ctx.spawn_blocking(move || job.run());
+    Ok(Flow::Continue)
+}
+
+/// A round's local training, as it runs on a blocking thread.
+struct TrainJob {
+    id: u32,
+    round: u64,
+    course: String,
+    trainer: SharedTrainer,
+    kept: Option<Arc<Mutex<KeptState>>>,
+    tctx: TrainContext,
+    global: ParamSet,
+    local_dp: Option<(crate::privacy::PrivacySection, u64)>,
+    secagg: Option<SecAggClient>,
+    answer: Answer,
+}
+
+impl TrainJob {
+    fn run(self) -> Result<Vec<Envelope>, JobError> {
+        let (id, round) = (self.id, self.round);
         let _span = info_span!("train", client = id, round).entered();
-        // The update, and why it must not be sent (judged once, here).
-        let (update, compute_s) = with_trainer(&trainer, (id, round, "training"), |t| {
-            let mut kept = match &kept {
-                Some(k) => Some(k.lock().map_err(|_| "the client's state keeper panicked")?),
-                None => None,
-            };
-            if let Some(k) = kept.as_mut() {
-                k.before(t, id, round)?;
-            }
-            let trained = t.train(id, &global, &tctx).map(|u| {
-                let unfit = unfit(&u, id, round);
-                (u, unfit)
+        let (update, compute_s) = self.train()?;
+        // The update, or why it must not be sent (judged once, here).
+        let update = update
+            .map_err(|e| e.to_string())
+            .and_then(|(u, unfit)| unfit.map_or(Ok(u), Err))
+            .and_then(|u| {
+                self.privatize(u)
+                    .map_err(|e| format!("client {id}: local DP: {e}"))
             });
-            if let Some(k) = kept.as_mut() {
-                match &trained {
-                    Ok((_, None)) => k.after(t, id, round)?,
-                    _ => k.lost(),
-                }
-            }
-            trained
-        })?;
-        let (update, failure) = match update {
-            Ok((mut u, None)) => match &local_dp {
-                // Local DP: clipped and noised here, before it leaves.
-                Some((privacy, seed)) => {
-                    match crate::privacy::privatize_local(&u.params, &global, privacy, *seed) {
-                        Ok(p) => {
-                            u.params = p;
-                            (Ok(u), None)
-                        }
-                        Err(e) => (Err(()), Some(format!("client {id}: local DP: {e}"))),
-                    }
-                }
-                None => (Ok(u), None),
-            },
-            Ok((u, unfit)) => (Ok(u), unfit),
-            Err(reason) => (Err(()), Some(reason)),
-        };
-        if let Some(sa) = secagg {
+        if let Some(sa) = &self.secagg {
             // The update leaves only masked, once the peers' shares are here.
-            let ready = match (update, failure) {
-                (Ok(update), None) => {
-                    let params = crate::aggregate::fill_from(update.params, &global);
+            let ready = match update {
+                Ok(update) => {
+                    let params = crate::aggregate::fill_from(update.params, &self.global);
                     secagg::ring_update(
                         update.n_samples,
                         update.loss,
                         &params,
-                        &global,
+                        &self.global,
                         sa.per_round,
                     )
                     .map(|x| (x, compute_s))
                     .map_err(|e| (format!("client {id}: round {round}: {e}"), compute_s))
                 }
-                (_, failure) => Err((
-                    failure.unwrap_or_else(|| "unknown failure".into()),
-                    compute_s,
-                )),
+                Err(failure) => Err((failure, compute_s)),
             };
-            return Ok(secagg::trained(&sa.slot, &course, round, ready)
+            return Ok(secagg::trained(&sa.slot, &self.course, round, ready)
                 .map(secagg::MaskJob::run)
                 .into_iter()
                 .collect());
         }
-        let reply = match (update, failure) {
-            (Ok(update), None) => reply(course, id, round, MsgKind::Update)
+        let reply = reply(self.course, id, round, MsgKind::Update);
+        let reply = match update {
+            Ok(update) => reply
                 .with_body(&protocol::Update {
                     n_samples: update.n_samples,
                     compute_s,
@@ -511,21 +525,55 @@ fn on_train(s: &mut ClientState, env: Envelope, ctx: &mut Ctx) -> HandlerResult 
                 })?
                 .with_payload(join_extra(update.params, &update.extra)),
             // A failed training sends its reason, never parameters.
-            (_, failure) => {
-                reply(course, id, round, MsgKind::Update).with_body(&protocol::Update {
-                    n_samples: 0,
-                    compute_s,
-                    train_loss: None,
-                    local_steps: None,
-                    metrics: Default::default(),
-                    failed: failure.or_else(|| Some("unknown failure".into())),
-                })?
-            }
+            Err(failure) => reply.with_body(&protocol::Update {
+                n_samples: 0,
+                compute_s,
+                train_loss: None,
+                local_steps: None,
+                metrics: Default::default(),
+                failed: Some(failure),
+            })?,
         };
-        remember(&answer, &reply);
+        remember(&self.answer, &reply);
         Ok(vec![reply])
-    });
-    Ok(Flow::Continue)
+    }
+
+    /// The trained update and why it must not be sent, if it must not
+    /// (or why training failed), and the seconds it took; the client's
+    /// kept state taken up before and saved after a fit that may be sent.
+    #[allow(clippy::type_complexity)]
+    fn train(&self) -> Result<(Result<(LocalUpdate, Option<String>), JobFailed>, f64), JobError> {
+        let (id, round) = (self.id, self.round);
+        with_trainer(&self.trainer, (id, round, "training"), |t| {
+            let mut kept = match &self.kept {
+                Some(k) => Some(k.lock().map_err(|_| "the client's state keeper panicked")?),
+                None => None,
+            };
+            if let Some(k) = kept.as_mut() {
+                k.before(t, id, round)?;
+            }
+            let trained = t.train(id, &self.global, &self.tctx).map(|u| {
+                let unfit = unfit(&u, id, round);
+                (u, unfit)
+            });
+            if let Some(k) = kept.as_mut() {
+                match &trained {
+                    Ok((_, None)) => k.after(t, id, round)?,
+                    _ => k.lost(),
+                }
+            }
+            trained
+        })
+    }
+
+    /// Local DP: `update` clipped and noised here, before it leaves.
+    fn privatize(&self, mut update: LocalUpdate) -> Result<LocalUpdate, ParamError> {
+        if let Some((privacy, seed)) = &self.local_dp {
+            update.params =
+                crate::privacy::privatize_local(&update.params, &self.global, privacy, *seed)?;
+        }
+        Ok(update)
+    }
 }
 
 fn on_evaluate(s: &mut ClientState, env: Envelope, ctx: &mut Ctx) -> HandlerResult {
@@ -562,7 +610,7 @@ fn on_evaluate(s: &mut ClientState, env: Envelope, ctx: &mut Ctx) -> HandlerResu
             Err(reason) => protocol::Metrics {
                 results: Vec::new(),
                 compute_s,
-                failed: Some(reason),
+                failed: Some(reason.to_string()),
             },
         };
         let reply = reply(course, id, round, MsgKind::Metrics).with_body(&body)?;

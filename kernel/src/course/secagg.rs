@@ -24,6 +24,34 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
+/// Why a secure-aggregation message is refused, or a stage cannot go on.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
+impl Refused {
+    fn new(why: impl Into<String>) -> Self {
+        Self(why.into())
+    }
+
+    /// The refusal that `e` explains.
+    fn from_display(e: impl std::fmt::Display) -> Self {
+        Self(e.to_string())
+    }
+}
+
+impl From<String> for Refused {
+    fn from(why: String) -> Self {
+        Self(why)
+    }
+}
+
+impl From<&str> for Refused {
+    fn from(why: &str) -> Self {
+        Self(why.to_string())
+    }
+}
+
 use crate::message::{Envelope, MsgKind, Party};
 use crate::params::ParamSet;
 use crate::privacy::secagg::{self as ring, RoundKeys, SharePair, Sign};
@@ -135,46 +163,46 @@ impl ServerSession {
         self.masked.keys().copied().collect()
     }
 
-    fn expect(&self, stage: Stage, round: u64, id: u32) -> Result<(), String> {
+    fn expect(&self, stage: Stage, round: u64, id: u32) -> Result<(), Refused> {
         if round != self.round {
-            return Err(format!(
+            return Err(Refused::new(format!(
                 "{} for round {round} arrived during round {}",
                 stage.awaits(),
                 self.round
-            ));
+            )));
         }
         if self.stage != stage {
-            return Err(format!(
+            return Err(Refused::new(format!(
                 "{} arrived while the round waits for {}",
                 stage.awaits(),
                 self.stage.awaits()
-            ));
+            )));
         }
         if !self.awaited.contains(&id) {
-            return Err(format!(
+            return Err(Refused::new(format!(
                 "client {id} was not asked for {} in round {round}, or already answered",
                 stage.awaits()
-            ));
+            )));
         }
         Ok(())
     }
 
     /// Takes `id`'s public keys.
     /// A client asked again (it rejoined) sends new keys, which replace its old ones.
-    pub fn on_keys(&mut self, round: u64, id: u32, keys: Keys) -> Result<(), String> {
+    pub fn on_keys(&mut self, round: u64, id: u32, keys: Keys) -> Result<(), Refused> {
         if self.stage == Stage::Keys && round == self.round && self.keys.remove(&id).is_some() {
             self.awaited.insert(id);
         }
         self.expect(Stage::Keys, round, id)?;
         if !ring::usable_public(&keys.mask_key) || !ring::usable_public(&keys.seal_key) {
-            return Err("a public key of small order".into());
+            return Err(Refused::new("a public key of small order"));
         }
         if self
             .keys
             .values()
             .any(|k| k.mask_key == keys.mask_key || k.seal_key == keys.seal_key)
         {
-            return Err("its public keys repeat another client's".into());
+            return Err(Refused::new("its public keys repeat another client's"));
         }
         self.awaited.remove(&id);
         self.keys.insert(id, keys);
@@ -182,22 +210,22 @@ impl ServerSession {
     }
 
     /// Takes `id`'s sealed shares: one for each other client that sent keys.
-    pub fn on_shares(&mut self, round: u64, id: u32, shares: Shares) -> Result<(), String> {
+    pub fn on_shares(&mut self, round: u64, id: u32, shares: Shares) -> Result<(), Refused> {
         self.expect(Stage::Shares, round, id)?;
         let mut to: Vec<u32> = shares.sealed.iter().map(|s| s.peer).collect();
         to.sort_unstable();
         let want: Vec<u32> = self.keys.keys().copied().filter(|&c| c != id).collect();
         if to != want {
-            return Err(format!(
+            return Err(Refused::new(format!(
                 "shares addressed to {to:?}, but the round's other clients are {want:?}"
-            ));
+            )));
         }
         if let Some(s) = shares.sealed.iter().find(|s| s.data.len() != SEALED_LEN) {
-            return Err(format!(
+            return Err(Refused::new(format!(
                 "the shares for client {} are {} bytes, not {SEALED_LEN}",
                 s.peer,
                 s.data.len()
-            ));
+            )));
         }
         self.awaited.remove(&id);
         self.shares.insert(id, shares);
@@ -212,7 +240,7 @@ impl ServerSession {
         id: u32,
         body: &Masked,
         blob: Option<&[u8]>,
-    ) -> Result<Option<String>, String> {
+    ) -> Result<Option<String>, Refused> {
         self.expect(Stage::Masked, round, id)?;
         if let Some(reason) = &body.failed {
             self.awaited.remove(&id);
@@ -234,7 +262,7 @@ impl ServerSession {
 
     /// Takes `id`'s revealed shares: exactly one of every survivor's self
     /// mask and of every dropped participant's mask secret.
-    pub fn on_reveal(&mut self, round: u64, id: u32, reveal: Reveal) -> Result<(), String> {
+    pub fn on_reveal(&mut self, round: u64, id: u32, reveal: Reveal) -> Result<(), Refused> {
         self.expect(Stage::Reveal, round, id)?;
         // Shares of survivors' self masks and dropped clients' mask
         // secrets only, each client at most once (a client that could not
@@ -249,10 +277,10 @@ impl ServerSession {
         if !fits(&reveal.self_masks, &survivors)
             || !fits(&reveal.mask_secrets, &self.dropped_before_masking)
         {
-            return Err(format!(
+            return Err(Refused::new(format!(
                 "its revealed shares are not of the survivors {survivors:?} and the dropped {:?}, once each",
                 self.dropped_before_masking
-            ));
+            )));
         }
         self.awaited.remove(&id);
         self.reveals.insert(id, reveal);
@@ -276,12 +304,12 @@ impl ServerSession {
         was
     }
 
-    fn enough(&self, have: usize, what: &str) -> Result<(), String> {
+    fn enough(&self, have: usize, what: &str) -> Result<(), Refused> {
         if have < self.threshold {
-            return Err(format!(
+            return Err(Refused::new(format!(
                 "secure aggregation needs {} clients of the round at every step, but only {have} {what} (left the round: {:?})",
                 self.threshold, self.left
-            ));
+            )));
         }
         Ok(())
     }
@@ -292,7 +320,7 @@ impl ServerSession {
         &mut self,
         course: &str,
         global: &ParamSet,
-    ) -> Result<(Vec<Envelope>, Next), String> {
+    ) -> Result<(Vec<Envelope>, Next), Refused> {
         let round = self.round;
         let to_all = |ids: &[u32], kind: &str| {
             Envelope::new(
@@ -303,7 +331,7 @@ impl ServerSession {
                 MsgKind::Custom(kind.into()),
             )
         };
-        let body_err = |e: crate::message::BodyError| e.to_string();
+        let body_err = Refused::from_display;
         match self.stage {
             Stage::Keys => {
                 self.enough(self.keys.len(), "sent their keys")?;
@@ -378,7 +406,7 @@ impl ServerSession {
                 self.enough(self.reveals.len(), "revealed their shares")?;
                 let started = std::time::Instant::now();
                 let sum = self.unmask()?;
-                let aggregate = ring::decode_sum(&sum, global).map_err(|e| e.to_string())?;
+                let aggregate = ring::decode_sum(&sum, global).map_err(Refused::from_display)?;
                 self.unmask_s = started.elapsed().as_secs_f64();
                 Ok((Vec::new(), Next::Done(aggregate)))
             }
@@ -387,7 +415,7 @@ impl ServerSession {
 
     /// The sum of the survivors' updates: their masked vectors added, the
     /// self masks and the dropped clients' pair masks taken out.
-    fn unmask(&self) -> Result<Vec<u64>, String> {
+    fn unmask(&self) -> Result<Vec<u64>, Refused> {
         let mut sum = vec![0u64; self.ring_len];
         for x in self.masked.values() {
             for (s, v) in sum.iter_mut().zip(x) {
@@ -428,7 +456,7 @@ impl ServerSession {
             })?;
             for &u in self.masked.keys() {
                 let seed = ring::pair_seed(&secret, &self.keys[&u].mask_key, self.round, (v, u))
-                    .map_err(|e| e.to_string())?;
+                    .map_err(Refused::from_display)?;
                 // Survivor u applied this mask with its own sign: undo it.
                 let undo = match ring::pair_sign(u, v) {
                     Sign::Plus => Sign::Minus,
@@ -449,8 +477,8 @@ pub fn ring_update(
     params: &ParamSet,
     global: &ParamSet,
     per_round: usize,
-) -> Result<Vec<u64>, String> {
-    ring::encode(n_samples, loss, params, global, per_round).map_err(|e| e.to_string())
+) -> Result<Vec<u64>, Refused> {
+    ring::encode(n_samples, loss, params, global, per_round).map_err(Refused::from_display)
 }
 
 /// The trained update of a client, ready to mask: its ring elements and
@@ -522,14 +550,14 @@ pub fn begin(
     course: &str,
     round: u64,
     me: u32,
-) -> Result<(Envelope, bool), String> {
-    let keys = RoundKeys::generate().map_err(|e| e.to_string())?;
+) -> Result<(Envelope, bool), Refused> {
+    let keys = RoundKeys::generate().map_err(Refused::from_display)?;
     let msg = reply(course, round, me, KEYS)
         .with_body(&Keys {
             seal_key: keys.c_public,
             mask_key: keys.s_public,
         })
-        .map_err(|e| e.to_string())?;
+        .map_err(Refused::from_display)?;
     let mut guard = lock(slot);
     let (trained, training) = match guard.take() {
         Some(old) if old.round == round => (old.trained, old.training),
@@ -559,12 +587,12 @@ fn session<'a>(
     guard: &'a mut std::sync::MutexGuard<'_, Option<ClientSession>>,
     round: u64,
     what: &str,
-) -> Result<&'a mut ClientSession, String> {
+) -> Result<&'a mut ClientSession, Refused> {
     match guard.as_mut() {
         Some(s) if s.round == round => Ok(s),
-        _ => Err(format!(
+        _ => Err(Refused::new(format!(
             "{what} for round {round}, which this client is not in"
-        )),
+        ))),
     }
 }
 
@@ -576,31 +604,35 @@ pub fn on_peers(
     course: &str,
     env: &Envelope,
     min_fraction: f64,
-) -> Result<Envelope, String> {
-    let peers: Peers = env.body().map_err(|e| e.to_string())?;
+) -> Result<Envelope, Refused> {
+    let peers: Peers = env.body().map_err(Refused::from_display)?;
     let mut guard = lock(slot);
     let s = session(&mut guard, env.round, PEERS)?;
     if s.b.is_some() {
-        return Err("a second list of peers in one round".into());
+        return Err(Refused::new("a second list of peers in one round"));
     }
     let ids: Vec<u32> = peers.peers.iter().map(|p| p.client).collect();
     let set: BTreeSet<u32> = ids.iter().copied().collect();
     if set.len() != ids.len() || set.contains(&0) {
-        return Err(format!("peers {ids:?} repeat a client or name client 0"));
+        return Err(Refused::new(format!(
+            "peers {ids:?} repeat a client or name client 0"
+        )));
     }
     let mine = peers.peers.iter().find(|p| p.client == s.me);
     if mine.map(|p| (p.keys.seal_key, p.keys.mask_key)) != Some((s.keys.c_public, s.keys.s_public))
     {
-        return Err("the peers list does not hold this client's own keys".into());
+        return Err(Refused::new(
+            "the peers list does not hold this client's own keys",
+        ));
     }
     let t = peers.threshold as usize;
     let floor = ring::threshold(ids.len(), min_fraction);
     if t < floor || t > ids.len() {
-        return Err(format!(
+        return Err(Refused::new(format!(
             "a threshold of {t} for {} peers (this client accepts {floor} to {})",
             ids.len(),
             ids.len()
-        ));
+        )));
     }
     // Every pairwise seed now: a key that agrees on nothing is refused here.
     let mut pair_seeds = BTreeMap::new();
@@ -614,10 +646,11 @@ pub fn on_peers(
         .map_err(|e| format!("client {}'s key: {e}", p.client))?;
         pair_seeds.insert(p.client, seed);
     }
-    let b = ring::os_random().map_err(|e| e.to_string())?;
+    let b = ring::os_random().map_err(Refused::from_display)?;
     let random = || ring::os_random();
-    let b_shares = ring::split(&b, &ids, t, random).map_err(|e| e.to_string())?;
-    let s_shares = ring::split(s.keys.mask_secret(), &ids, t, random).map_err(|e| e.to_string())?;
+    let b_shares = ring::split(&b, &ids, t, random).map_err(Refused::from_display)?;
+    let s_shares =
+        ring::split(s.keys.mask_secret(), &ids, t, random).map_err(Refused::from_display)?;
     let mut sealed = Vec::new();
     for p in &peers.peers {
         let pair = SharePair {
@@ -629,7 +662,7 @@ pub fn on_peers(
             continue;
         }
         let data = ring::seal(&s.keys, &p.keys.seal_key, env.round, (s.me, p.client), pair)
-            .map_err(|e| e.to_string())?;
+            .map_err(Refused::from_display)?;
         sealed.push(Sealed {
             peer: p.client,
             data,
@@ -648,7 +681,7 @@ pub fn on_peers(
             commit: ring::commit(&b),
             sealed,
         })
-        .map_err(|e| e.to_string())
+        .map_err(Refused::from_display)
 }
 
 /// The shares sealed for this client: kept; the masking to run if the
@@ -657,12 +690,12 @@ pub fn on_inbox(
     slot: &ClientSlot,
     course: &str,
     env: &Envelope,
-) -> Result<Option<MaskJob>, String> {
-    let inbox: Inbox = env.body().map_err(|e| e.to_string())?;
+) -> Result<Option<MaskJob>, Refused> {
+    let inbox: Inbox = env.body().map_err(Refused::from_display)?;
     let mut guard = lock(slot);
     let s = session(&mut guard, env.round, INBOX)?;
     if s.b.is_none() || s.participants.is_some() {
-        return Err("an inbox before the peers, or a second one".into());
+        return Err(Refused::new("an inbox before the peers, or a second one"));
     }
     let set: BTreeSet<u32> = inbox.participants.iter().copied().collect();
     if set.len() != inbox.participants.len()
@@ -670,10 +703,10 @@ pub fn on_inbox(
         || !set.iter().all(|c| s.peers.contains_key(c))
         || set.len() < s.threshold
     {
-        return Err(format!(
+        return Err(Refused::new(format!(
             "participants {:?} are not at least {} of this round's peers with this client among them",
             inbox.participants, s.threshold
-        ));
+        )));
     }
     for sealed in &inbox.sealed {
         let Some(from) = s
@@ -752,8 +785,8 @@ fn mask_job(s: &mut ClientSession, course: &str) -> Option<MaskJob> {
 /// The server asks for shares: of every survivor's self mask and every
 /// dropped participant's mask secret — never both of one client; the
 /// `secagg_reveal` to send (the same again if asked again).
-pub fn on_unmask(slot: &ClientSlot, course: &str, env: &Envelope) -> Result<Envelope, String> {
-    let unmask: Unmask = env.body().map_err(|e| e.to_string())?;
+pub fn on_unmask(slot: &ClientSlot, course: &str, env: &Envelope) -> Result<Envelope, Refused> {
+    let unmask: Unmask = env.body().map_err(Refused::from_display)?;
     let mut guard = lock(slot);
     let s = session(&mut guard, env.round, UNMASK)?;
     if let Some(done) = &s.revealed {
@@ -779,10 +812,10 @@ pub fn on_unmask(slot: &ClientSlot, course: &str, env: &Envelope) -> Result<Enve
         || !survivors.contains(&s.me)
         || survivors.len() < s.threshold
     {
-        return Err(format!(
+        return Err(Refused::new(format!(
             "refusing to reveal: survivors {:?} and dropped {:?} must split this round's participants {participants:?}, hold this client, and keep at least {} survivors",
             unmask.survivors, unmask.dropped, s.threshold
-        ));
+        )));
     }
     let own = s.own.ok_or("no own shares")?;
     let share_of = |c: u32| {
@@ -810,7 +843,7 @@ pub fn on_unmask(slot: &ClientSlot, course: &str, env: &Envelope) -> Result<Enve
     };
     let env = reply(course, env.round, s.me, REVEAL)
         .with_body(&reveal)
-        .map_err(|e| e.to_string())?;
+        .map_err(Refused::from_display)?;
     s.revealed = Some(env.clone());
     Ok(env)
 }
@@ -963,7 +996,7 @@ mod tests {
     fn too_few_survivors_end_the_round_with_the_step_named() {
         let mut r = up_to_masking(4, &[3, 4]);
         r.server.drop_awaited();
-        let e = r.server.advance(COURSE, &r.global).unwrap_err();
+        let e = r.server.advance(COURSE, &r.global).unwrap_err().0;
         assert!(e.contains("needs 3") && e.contains("masked updates"), "{e}");
     }
 
@@ -1008,11 +1041,13 @@ mod tests {
         assert!(server
             .on_keys(1, 1, low)
             .unwrap_err()
+            .0
             .contains("small order"));
         server.on_keys(1, 1, good(1)).unwrap();
         assert!(server
             .on_keys(1, 2, good(1))
             .unwrap_err()
+            .0
             .contains("repeat"));
         // Client 1 asked again (it rejoined): its new keys replace the old.
         server.on_keys(1, 1, good(5)).unwrap();
@@ -1029,7 +1064,7 @@ mod tests {
             failed: None,
         };
         assert!(r.server.on_masked(7, 1, &m, Some(&[0u8; 8])).is_err());
-        let e = r.server.on_masked(7, 3, &m, Some(&[0u8; 8])).unwrap_err();
+        let e = r.server.on_masked(7, 3, &m, Some(&[0u8; 8])).unwrap_err().0;
         assert!(e.contains("ring elements"), "{e}");
         assert!(r.server.on_masked(6, 3, &m, None).is_err());
         let keys = Keys {
@@ -1040,6 +1075,7 @@ mod tests {
             .server
             .on_keys(7, 3, keys)
             .unwrap_err()
+            .0
             .contains("waits for secagg_masked"));
     }
 }

@@ -30,7 +30,7 @@ use tracing::{info, info_span, warn};
 
 use crate::aggregate::{
     check_payload, fill_from, split_extra, Aggregator, ClientEval, ClientUpdate, FitConfig,
-    FitInstruction,
+    FitError, FitInstruction,
 };
 use crate::bus::Transport;
 use crate::checkpoint::Checkpoints;
@@ -39,9 +39,9 @@ use crate::course::best::{BestRound, BestTracker};
 use crate::course::protocol::{self, secagg as sa, AssignId, JoinIn, Step, Timeout};
 use crate::course::secagg::{Next, ServerSession, Stage};
 use crate::course::trainer::SplitEval;
-use crate::message::{Envelope, MsgKind, Party};
+use crate::message::{BodyError, Envelope, MsgKind, Party};
 use crate::metrics::{Event, MetricsLog, Record};
-use crate::params::ParamSet;
+use crate::params::{ParamError, ParamSet};
 use crate::worker::{Ctx, Flow, HandlerError, HandlerResult, Worker};
 
 /// The sample-weighted mean of one split's evaluation over all clients, after one round.
@@ -812,7 +812,7 @@ fn on_secagg(s: &mut ServerState, env: Envelope, ctx: &mut Ctx, stage: Stage) ->
         ));
     };
     let round = *round;
-    let reject = |e: String| HandlerError::Reject(e);
+    let reject = |e: crate::course::secagg::Refused| HandlerError::Reject(e.0);
     let body_err = |e: crate::message::BodyError| HandlerError::Reject(e.to_string());
     match stage {
         Stage::Keys => session.on_keys(env.round, id, env.body().map_err(body_err)?),
@@ -970,7 +970,7 @@ fn plan_round(s: &mut ServerState, round: u64) -> Result<Vec<FitInstruction>, Ha
         }
         if let Some(p) = &i.params {
             check_payload(&s.global, p)
-                .and_then(|()| p.check_finite().map_err(|e| e.to_string()))
+                .and_then(|()| p.check_finite().map_err(crate::aggregate::FitError::from))
                 .map_err(|e| {
                     fatal(
                         "configure_fit",
@@ -1043,6 +1043,37 @@ fn record(s: &mut ServerState, r: Record) -> Result<(), HandlerError> {
         .map_err(|e| HandlerError::Fatal(format!("cannot write metrics: {e}")))
 }
 
+/// Why a client's answer cannot be used.
+#[derive(Debug, thiserror::Error)]
+enum Unusable {
+    #[error(transparent)]
+    Body(#[from] BodyError),
+    #[error("update without a positive `n_samples`")]
+    NoSamples,
+    #[error("update without parameters")]
+    NoParameters,
+    #[error("update does not match the parameters the client was sent: {0}")]
+    Misfit(FitError),
+    #[error(
+        "its extra tensors hold {extra} values, more than twice the {params} of the parameters"
+    )]
+    ExtraSize { extra: usize, params: usize },
+    #[error("its extra tensors hold {0}")]
+    ExtraNonFinite(ParamError),
+    #[error("{0} splits (at most {MAX_SPLITS})")]
+    Splits(usize),
+    #[error("split `{0}` has a non-finite loss")]
+    SplitLoss(String),
+    #[error(
+        "{what} name {name:?} is empty, longer than {MAX_NAME} bytes or holds control characters"
+    )]
+    Name { what: &'static str, name: String },
+    #[error("{0} metrics (at most {MAX_METRICS})")]
+    Metrics(usize),
+    #[error("metric `{name}` = {value}, not a finite number")]
+    MetricValue { name: String, value: f64 },
+}
+
 /// What is wrong with an update, if anything: its body, its parameters'
 /// names and shapes (as the strategy judges them against what the client
 /// was `sent`), its extra tensors, its sample count.
@@ -1053,46 +1084,43 @@ fn check_update(
     payload: Option<ParamSet>,
     sent: &ParamSet,
     strategy: &dyn Aggregator,
-) -> Result<(protocol::Update, Option<(ParamSet, ParamSet)>), String> {
-    let body: protocol::Update = env.body().map_err(|e| e.to_string())?;
+) -> Result<(protocol::Update, Option<(ParamSet, ParamSet)>), Unusable> {
+    let body: protocol::Update = env.body()?;
     if body.failed.is_some() {
         return Ok((body, None));
     }
     if body.n_samples == 0 {
-        return Err("update without a positive `n_samples`".into());
+        return Err(Unusable::NoSamples);
     }
     check_reported(&body.metrics)?;
-    let params = payload.ok_or_else(|| "update without parameters".to_string())?;
+    let params = payload.ok_or(Unusable::NoParameters)?;
     let (model, extra) = split_extra(params);
     strategy
         .check_update(sent, &model)
-        .map_err(|e| format!("update does not match the parameters the client was sent: {e}"))?;
+        .map_err(Unusable::Misfit)?;
     // Extra tensors (control variates) are the strategy's to read, but
     // bounded: at most twice the model's size, and finite.
     if extra.num_elements() > 2 * sent.num_elements().max(1) {
-        return Err(format!(
-            "its extra tensors hold {} values, more than twice the {} of the parameters",
-            extra.num_elements(),
-            sent.num_elements()
-        ));
+        return Err(Unusable::ExtraSize {
+            extra: extra.num_elements(),
+            params: sent.num_elements(),
+        });
     }
-    extra
-        .check_finite()
-        .map_err(|e| format!("its extra tensors hold {e}"))?;
+    extra.check_finite().map_err(Unusable::ExtraNonFinite)?;
     Ok((body, Some((model, extra))))
 }
 
 /// What is wrong with an evaluation answer, if anything: its body, the
 /// number and names of its splits, their losses and metrics.
-fn check_metrics(env: &Envelope) -> Result<protocol::Metrics, String> {
-    let m: protocol::Metrics = env.body().map_err(|e| e.to_string())?;
+fn check_metrics(env: &Envelope) -> Result<protocol::Metrics, Unusable> {
+    let m: protocol::Metrics = env.body()?;
     if m.results.len() > MAX_SPLITS {
-        return Err(format!("{} splits (at most {MAX_SPLITS})", m.results.len()));
+        return Err(Unusable::Splits(m.results.len()));
     }
     for e in &m.results {
         check_name("split", &e.split)?;
         if !e.loss.is_finite() {
-            return Err(format!("split `{}` has a non-finite loss", e.split));
+            return Err(Unusable::SplitLoss(e.split.clone()));
         }
         check_reported(&e.metrics)?;
     }
@@ -1107,12 +1135,12 @@ const MAX_METRICS: usize = 64;
 const MAX_NAME: usize = 64;
 
 /// A split's or metric's name, as it will stand in metrics.jsonl.
-fn check_name(what: &str, name: &str) -> Result<(), String> {
+fn check_name(what: &'static str, name: &str) -> Result<(), Unusable> {
     if name.is_empty() || name.len() > MAX_NAME || name.chars().any(char::is_control) {
-        let shown: String = name.chars().take(MAX_NAME).collect();
-        return Err(format!(
-            "{what} name {shown:?} is empty, longer than {MAX_NAME} bytes or holds control characters"
-        ));
+        return Err(Unusable::Name {
+            what,
+            name: name.chars().take(MAX_NAME).collect(),
+        });
     }
     Ok(())
 }
@@ -1120,9 +1148,9 @@ fn check_name(what: &str, name: &str) -> Result<(), String> {
 /// The named metrics a client reports, before any reaches the records: a
 /// few, with short names (what a client sends becomes lines in the run
 /// directory, so it is bounded; a non-finite value is written as null).
-fn check_reported(metrics: &BTreeMap<String, f64>) -> Result<(), String> {
+fn check_reported(metrics: &BTreeMap<String, f64>) -> Result<(), Unusable> {
     if metrics.len() > MAX_METRICS {
-        return Err(format!("{} metrics (at most {MAX_METRICS})", metrics.len()));
+        return Err(Unusable::Metrics(metrics.len()));
     }
     metrics.iter().try_for_each(|(name, value)| {
         check_name("metric", name)?;
@@ -1131,7 +1159,10 @@ fn check_reported(metrics: &BTreeMap<String, f64>) -> Result<(), String> {
         if value.is_finite() {
             Ok(())
         } else {
-            Err(format!("metric `{name}` = {value}, not a finite number"))
+            Err(Unusable::MetricValue {
+                name: name.clone(),
+                value: *value,
+            })
         }
     })
 }
@@ -1174,7 +1205,7 @@ fn on_update(s: &mut ServerState, mut env: Envelope, ctx: &mut Ctx) -> HandlerRe
                 format!("client {id}: its update for round {round} cannot be used: {problem}");
             return failed_update(s, (&env, id, round), 0.0, &reason, ctx);
         }
-        Err(problem) => return Err(HandlerError::Reject(problem)),
+        Err(problem) => return Err(HandlerError::Reject(problem.to_string())),
     };
     if let Some(reason) = &body.failed {
         return failed_update(s, (&env, id, round), body.compute_s, reason, ctx);
@@ -1332,14 +1363,13 @@ fn finish_round(s: &mut ServerState, ctx: &mut Ctx) -> HandlerResult {
         .map_err(|e| HandlerError::Fatal(format!("round {round}: on_round_end returned {e}")))?;
     if let Some(cp) = s.checkpoints.as_ref().filter(|cp| cp.due(round)) {
         // A checkpoint that cannot be written must not pass unnoticed.
-        let fatal = |e: String| HandlerError::Fatal(format!("round {round}: {e}"));
-        let clients = client_states(s).map_err(fatal)?;
+        let clients = client_states(s)?;
         let server_state = s
             .best
             .as_ref()
             .map(BestTracker::to_bytes)
             .transpose()
-            .map_err(fatal)?;
+            .map_err(|e| HandlerError::Fatal(format!("round {round}: {e}")))?;
         cp.write(
             round,
             &s.global,
@@ -1348,7 +1378,7 @@ fn finish_round(s: &mut ServerState, ctx: &mut Ctx) -> HandlerResult {
             &clients,
             server_state.as_deref(),
         )
-        .map_err(|e| fatal(e.to_string()))?;
+        .map_err(|e| HandlerError::Fatal(format!("round {round}: {e}")))?;
     }
     let mut r = Record::new(Event::Round, round, None);
     r.samples = Some(updates.iter().map(|u| u.n_samples).sum());
@@ -1385,18 +1415,18 @@ fn finish_round(s: &mut ServerState, ctx: &mut Ctx) -> HandlerResult {
 }
 
 /// In one process, every client's own state, to go into a checkpoint.
-fn client_states(s: &ServerState) -> Result<Vec<(u32, Vec<u8>)>, String> {
+fn client_states(s: &ServerState) -> Result<Vec<(u32, Vec<u8>)>, HandlerError> {
     let Some(trainer) = &s.clients_of else {
         return Ok(Vec::new());
     };
     let trainer = trainer
         .lock()
-        .map_err(|_| "the shared trainer panicked earlier".to_string())?;
+        .map_err(|_| HandlerError::Fatal("the shared trainer panicked earlier".into()))?;
     let mut out = Vec::new();
     for id in 1..=s.cfg.course.clients {
         let saved = trainer
             .save_client(id)
-            .map_err(|e| format!("saving client {id}'s state: {e}"))?;
+            .map_err(|e| HandlerError::Fatal(format!("saving client {id}'s state: {e}")))?;
         out.extend(saved.map(|bytes| (id, bytes)));
     }
     Ok(out)
@@ -1464,7 +1494,7 @@ fn on_metrics(s: &mut ServerState, env: Envelope, ctx: &mut Ctx) -> HandlerResul
                 format!("client {id}: its evaluation of round {round} cannot be used: {problem}");
             return client_failed(s, id, &reason, ctx);
         }
-        Err(problem) => return Err(HandlerError::Reject(problem)),
+        Err(problem) => return Err(HandlerError::Reject(problem.to_string())),
     };
     if let Some(reason) = failed {
         claim(pending, round, &env, id)?;

@@ -25,7 +25,7 @@ pub mod space;
 pub use gp::{expected_improvement, Gp, GpError, Kernel};
 pub use search::{
     run_search, Budget, ClientOutcome, Evaluation, HpoError, Objective, OnEvaluation,
-    SearchOutcome, SearchSetup, TrialJob, TrialOutcome, TrialRunner,
+    SearchOutcome, SearchSetup, TrialError, TrialJob, TrialOutcome, TrialRunner,
 };
 pub use space::{overrides, Config, Domain, Param, Space, SpaceError};
 

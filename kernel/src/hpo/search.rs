@@ -160,12 +160,16 @@ pub struct TrialOutcome {
     pub bytes_down: u64,
 }
 
+/// Why a trial's configuration was refused or its run failed: the
+/// runner's own error (its chain of sources goes into the ledger).
+pub type TrialError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Runs trials: the port between the searcher and what a course is.
 pub trait TrialRunner: Send + Sync {
     /// Refuses a configuration the course cannot run, saying why (naming the key).
-    fn check(&self, config: &Config) -> Result<(), String>;
+    fn check(&self, config: &Config) -> Result<(), TrialError>;
     /// Runs one evaluation to its end; an error is a failed trial (recorded, not fatal).
-    fn run(&self, job: &TrialJob) -> Result<TrialOutcome, String>;
+    fn run(&self, job: &TrialJob) -> Result<TrialOutcome, TrialError>;
     /// Identifies the course searched over: a resumed search must have the same.
     fn fingerprint(&self) -> String;
 }
@@ -545,19 +549,49 @@ struct Scheduler {
     on_evaluation: OnEvaluation,
 }
 
+/// Why a searcher's `suggest` or `report` is refused.
+#[derive(Debug, Error)]
+enum SchedulerError {
+    #[error("a trial worker panicked")]
+    Poisoned,
+    #[error("rounds must be at least 1")]
+    NoRounds,
+    #[error("no evaluation {0} was suggested")]
+    Unknown(i64),
+    #[error("{}", chain(.0.as_ref()))]
+    Refused(TrialError),
+}
+
+impl From<SchedulerError> for Box<EvalAltResult> {
+    fn from(e: SchedulerError) -> Self {
+        e.to_string().into()
+    }
+}
+
+/// An error and its sources, joined by `: `.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    text
+}
+
 impl Scheduler {
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, State>, String> {
-        self.state
-            .lock()
-            .map_err(|_| "a trial worker panicked".to_string())
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, State>, SchedulerError> {
+        self.state.lock().map_err(|_| SchedulerError::Poisoned)
     }
 
     /// Queues `config` at `rounds`; its id.
-    fn suggest(&self, config: Config, rounds: u64) -> Result<u64, String> {
+    fn suggest(&self, config: Config, rounds: u64) -> Result<u64, SchedulerError> {
         if rounds == 0 {
-            return Err("rounds must be at least 1".into());
+            return Err(SchedulerError::NoRounds);
         }
-        self.runner.check(&config)?;
+        self.runner
+            .check(&config)
+            .map_err(SchedulerError::Refused)?;
         let key = config_key(&config);
         let mut st = self.lock()?;
         let eval = st.slots.len() as u64;
@@ -589,12 +623,12 @@ impl Scheduler {
     }
 
     /// Waits for evaluation `id`.
-    fn report(&self, id: i64) -> Result<Evaluation, String> {
+    fn report(&self, id: i64) -> Result<Evaluation, SchedulerError> {
         let mut st = self.lock()?;
         let slot = usize::try_from(id)
             .ok()
             .filter(|&i| i < st.slots.len())
-            .ok_or_else(|| format!("no evaluation {id} was suggested"))?;
+            .ok_or(SchedulerError::Unknown(id))?;
         loop {
             if let Slot::Done(e) = &st.slots[slot] {
                 return Ok(e.clone());
@@ -602,7 +636,7 @@ impl Scheduler {
             st = self
                 .changed
                 .wait(st)
-                .map_err(|_| "a trial worker panicked".to_string())?;
+                .map_err(|_| SchedulerError::Poisoned)?;
         }
     }
 
@@ -694,7 +728,7 @@ impl Scheduler {
                     bytes_up: 0,
                     bytes_down: 0,
                     wall_s,
-                    error: Some(why),
+                    error: Some(chain(why.as_ref())),
                 },
             };
             if let Ok(mut f) = self.ledger.lock() {
@@ -740,8 +774,26 @@ fn register(
     space: Arc<Space>,
     on_say: Box<dyn Fn(&str) + Send + Sync>,
 ) {
+    register_space(engine, rng.clone());
+    register_trials(engine, sched, space);
+    register_gp(engine, rng);
+    engine.register_fn("say", move |text: &str| on_say(text));
+    engine.register_fn("top", |reports: Array, k: i64| -> Rhai<Array> {
+        let mut ranked = ranked(&reports)?;
+        ranked.truncate(usize::try_from(k).unwrap_or(0));
+        Ok(ranked.into_iter().map(|(_, _, r)| r).collect())
+    });
+    engine.register_fn("best_of", |reports: Array| -> Rhai<Dynamic> {
+        Ok(ranked(&reports)?
+            .into_iter()
+            .find(|(o, _, _)| o.is_finite())
+            .map_or(Dynamic::UNIT, |(_, _, r)| r))
+    });
+}
+
+/// The space's API: sampling, grids, unit-cube coordinates, random numbers.
+fn register_space(engine: &mut Engine, rng: Arc<Mutex<ChaCha8Rng>>) {
     engine.register_type_with_name::<SpaceHandle>("Space");
-    engine.register_type_with_name::<GpHandle>("Gp");
     let r = rng.clone();
     engine.register_fn("sample", move |s: &mut SpaceHandle| -> Map {
         let mut rng = r.lock().expect("the rng is never poisoned");
@@ -802,23 +854,33 @@ fn register(
     engine.register_fn("random", move || -> f64 {
         r.lock().expect("the rng is never poisoned").random()
     });
-    let r = rng.clone();
     engine.register_fn("random_unit", move |s: &mut SpaceHandle| -> Array {
-        let mut rng = r.lock().expect("the rng is never poisoned");
+        let mut rng = rng.lock().expect("the rng is never poisoned");
         (0..s.space.dims())
             .map(|_| Dynamic::from_float(rng.random()))
             .collect()
     });
+}
+
+/// A script's configuration map as a configuration holding every key of
+/// `space` (`what`: the function asking, for the message).
+fn full_config(space: &Space, c: &Map, what: &str) -> Rhai<Config> {
+    let config = map_to_config(c)?;
+    match space.params.iter().find(|p| !config.contains_key(&p.key)) {
+        Some(p) => fail(format!(
+            "{what}: a configuration lacks the space's key `{}`",
+            p.key
+        )),
+        None => Ok(config),
+    }
+}
+
+/// Running evaluations: `suggest`, `report`, and `evaluate` for both at once.
+fn register_trials(engine: &mut Engine, sched: Arc<Scheduler>, space: Arc<Space>) {
     let sc = sched.clone();
     let sp = space.clone();
     engine.register_fn("suggest", move |c: Map, rounds: i64| -> Rhai<i64> {
-        let config = map_to_config(&c)?;
-        if let Some(p) = sp.params.iter().find(|p| !config.contains_key(&p.key)) {
-            return fail(format!(
-                "suggest: the configuration lacks the space's key `{}`",
-                p.key
-            ));
-        }
+        let config = full_config(&sp, &c, "suggest")?;
         let rounds =
             u64::try_from(rounds).map_err(|_| "suggest: rounds must be positive".to_string())?;
         Ok(sc.suggest(config, rounds)? as i64)
@@ -827,8 +889,6 @@ fn register(
     engine.register_fn("report", move |id: i64| -> Rhai<Map> {
         Ok(sc.report(id)?.to_map())
     });
-    let sc = sched.clone();
-    let sp = space.clone();
     engine.register_fn(
         "evaluate",
         move |configs: Array, rounds: i64| -> Rhai<Array> {
@@ -839,32 +899,36 @@ fn register(
                 let Some(m) = c.read_lock::<Map>() else {
                     return fail("evaluate: expects an array of configuration maps");
                 };
-                let config = map_to_config(&m)?;
-                if let Some(p) = sp.params.iter().find(|p| !config.contains_key(&p.key)) {
-                    return fail(format!(
-                        "evaluate: a configuration lacks the space's key `{}`",
-                        p.key
-                    ));
-                }
-                ids.push(sc.suggest(config, rounds)?);
+                ids.push(sched.suggest(full_config(&space, &m, "evaluate")?, rounds)?);
             }
             ids.into_iter()
-                .map(|id| Ok(Dynamic::from_map(sc.report(id as i64)?.to_map())))
+                .map(|id| Ok(Dynamic::from_map(sched.report(id as i64)?.to_map())))
                 .collect()
         },
     );
+}
+
+/// At most `limit` points, each an array of floats (`what`: the function
+/// asking, for the message).
+fn points(xs: &Array, limit: usize, what: &str) -> Rhai<Vec<Vec<f64>>> {
+    if xs.len() > limit {
+        return fail(format!("{what}: at most {limit} points"));
+    }
+    xs.iter()
+        .map(|x| match x.read_lock::<Array>() {
+            Some(a) => floats(&a, what),
+            None => fail(format!("{what}: each point is an array of floats")),
+        })
+        .collect()
+}
+
+/// The Gaussian process: fit, predict, expected improvement, posterior draws.
+fn register_gp(engine: &mut Engine, rng: Arc<Mutex<ChaCha8Rng>>) {
+    engine.register_type_with_name::<GpHandle>("Gp");
     engine.register_fn("gp_fit", |xs: Array, ys: Array| -> Rhai<GpHandle> {
         let ys = floats(&ys, "gp_fit")?;
-        let xs: Vec<Vec<f64>> = xs
-            .iter()
-            .map(|x| match x.read_lock::<Array>() {
-                Some(a) => floats(&a, "gp_fit"),
-                None => fail("gp_fit: each point is an array of floats"),
-            })
-            .collect::<Rhai<_>>()?;
-        if xs.len() > 2000 {
-            return fail("gp_fit: at most 2000 points (an exact GP is cubic in them)");
-        }
+        // An exact GP is cubic in its points.
+        let xs = points(&xs, 2000, "gp_fit")?;
         Gp::fit(&xs, &ys)
             .map(|g| GpHandle(Arc::new(g)))
             .map_err(|e| format!("gp_fit: {e}").into())
@@ -880,21 +944,11 @@ fn register(
         let (mean, std) = g.0.predict(&floats(&x, "ei")?);
         Ok(expected_improvement(mean, std, best))
     });
-    let r = rng;
     engine.register_fn(
         "sample",
-        move |g: &mut GpHandle, points: Array| -> Rhai<Array> {
-            let pts: Vec<Vec<f64>> = points
-                .iter()
-                .map(|x| match x.read_lock::<Array>() {
-                    Some(a) => floats(&a, "sample"),
-                    None => fail("sample: each point is an array of floats"),
-                })
-                .collect::<Rhai<_>>()?;
-            if pts.len() > 2000 {
-                return fail("sample: at most 2000 points per draw");
-            }
-            let mut rng = r.lock().expect("the rng is never poisoned");
+        move |g: &mut GpHandle, xs: Array| -> Rhai<Array> {
+            let pts = points(&xs, 2000, "sample")?;
+            let mut rng = rng.lock().expect("the rng is never poisoned");
             match g.0.sample(&pts, &mut *rng) {
                 Ok(v) => Ok(v.into_iter().map(Dynamic::from_float).collect()),
                 Err(e) => fail(format!("sample: {e}")),
@@ -902,18 +956,6 @@ fn register(
         },
     );
     engine.register_fn("expected_improvement", expected_improvement);
-    engine.register_fn("say", move |text: &str| on_say(text));
-    engine.register_fn("top", |reports: Array, k: i64| -> Rhai<Array> {
-        let mut ranked = ranked(&reports)?;
-        ranked.truncate(usize::try_from(k).unwrap_or(0));
-        Ok(ranked.into_iter().map(|(_, _, r)| r).collect())
-    });
-    engine.register_fn("best_of", |reports: Array| -> Rhai<Dynamic> {
-        Ok(ranked(&reports)?
-            .into_iter()
-            .find(|(o, _, _)| o.is_finite())
-            .map_or(Dynamic::UNIT, |(_, _, r)| r))
-    });
 }
 
 /// Reports sorted by objective (failed ones last), ties by evaluation id.

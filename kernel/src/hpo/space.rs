@@ -245,7 +245,7 @@ fn flatten(
         };
         if inner.keys().any(|k| KINDS.contains(&k.as_str())) {
             out.push(Param {
-                domain: Domain::parse(inner).map_err(|m| err(&key, m))?,
+                domain: Domain::parse(inner, |m| err(&key, m))?,
                 key,
             });
         } else if !inner.is_empty() {
@@ -263,14 +263,14 @@ fn flatten(
 impl Domain {
     /// Reads `{ uniform = [lo, hi] }`, `{ log-uniform = [lo, hi] }`,
     /// `{ int = [lo, hi], log = false }` or `{ choice = [...] }`.
-    fn parse(t: &toml::Table) -> Result<Self, String> {
+    fn parse(t: &toml::Table, bad: impl Fn(String) -> SpaceError) -> Result<Self, SpaceError> {
         let kinds: Vec<&str> = t
             .keys()
             .map(String::as_str)
             .filter(|k| KINDS.contains(k))
             .collect();
         if kinds.len() != 1 {
-            return Err(format!("give one domain, not {}", kinds.join(" and ")));
+            return Err(bad(format!("give one domain, not {}", kinds.join(" and "))));
         }
         let kind = kinds[0];
         let allowed: &[&str] = if kind == "int" {
@@ -279,50 +279,60 @@ impl Domain {
             &[kind]
         };
         if let Some(extra) = t.keys().find(|k| !allowed.contains(&k.as_str())) {
-            return Err(format!("unknown field `{extra}` in a {kind} domain"));
+            return Err(bad(format!("unknown field `{extra}` in a {kind} domain")));
         }
         let value = &t[kind];
         if kind == "choice" {
-            let values = value
-                .as_array()
-                .ok_or("a choice is a list of values, as in { choice = [4, 8, 16] }")?;
+            let values = value.as_array().ok_or_else(|| {
+                bad("a choice is a list of values, as in { choice = [4, 8, 16] }".into())
+            })?;
             if values.is_empty() {
-                return Err("the choice is empty: list at least one value".into());
+                return Err(bad("the choice is empty: list at least one value".into()));
             }
             return Ok(Domain::Choice(values.clone()));
         }
         let pair = value.as_array().filter(|a| a.len() == 2).ok_or_else(|| {
-            format!("a {kind} domain is [low, high], as in {{ {kind} = [1, 10] }}")
+            bad(format!(
+                "a {kind} domain is [low, high], as in {{ {kind} = [1, 10] }}"
+            ))
         })?;
         if kind == "int" {
             let (Some(low), Some(high)) = (pair[0].as_integer(), pair[1].as_integer()) else {
-                return Err("an int domain's bounds are integers".into());
+                return Err(bad("an int domain's bounds are integers".into()));
             };
             let log = match t.get("log") {
                 None => false,
-                Some(v) => v.as_bool().ok_or("`log` is true or false")?,
+                Some(v) => v
+                    .as_bool()
+                    .ok_or_else(|| bad("`log` is true or false".into()))?,
             };
             if low > high {
-                return Err(format!("the domain is empty: low {low} > high {high}"));
+                return Err(bad(format!("the domain is empty: low {low} > high {high}")));
             }
             if log && low < 1 {
-                return Err(format!("a log-scaled int domain needs low >= 1, got {low}"));
+                return Err(bad(format!(
+                    "a log-scaled int domain needs low >= 1, got {low}"
+                )));
             }
             return Ok(Domain::Int { low, high, log });
         }
         let num = |v: &toml::Value| v.as_float().or_else(|| v.as_integer().map(|i| i as f64));
         let (Some(low), Some(high)) = (num(&pair[0]), num(&pair[1])) else {
-            return Err(format!("a {kind} domain's bounds are numbers"));
+            return Err(bad(format!("a {kind} domain's bounds are numbers")));
         };
         if !(low.is_finite() && high.is_finite()) {
-            return Err("the bounds must be finite".into());
+            return Err(bad("the bounds must be finite".into()));
         }
         if low >= high {
-            return Err(format!("the domain is empty: low {low} >= high {high}"));
+            return Err(bad(format!(
+                "the domain is empty: low {low} >= high {high}"
+            )));
         }
         if kind == "log-uniform" {
             if low <= 0.0 {
-                return Err(format!("a log-uniform domain needs low > 0, got {low}"));
+                return Err(bad(format!(
+                    "a log-uniform domain needs low > 0, got {low}"
+                )));
             }
             return Ok(Domain::LogUniform { low, high });
         }

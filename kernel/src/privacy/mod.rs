@@ -31,7 +31,7 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use crate::aggregate::{
-    fill_from, AggregateError, Aggregator, ClientEval, ClientUpdate, FitInstruction,
+    fill_from, AggregateError, Aggregator, ClientEval, ClientUpdate, FitError, FitInstruction,
 };
 use crate::config::KeyError;
 use crate::course::derive_seed;
@@ -326,12 +326,12 @@ pub fn local_noise_seed(
     course_seed: u64,
     client: u32,
     round: u64,
-) -> Result<u64, String> {
+) -> Result<u64, getrandom::Error> {
     if cfg.reproducible_local_noise {
         return Ok(noise_seed(course_seed, client, round));
     }
     let mut b = [0u8; 8];
-    getrandom::fill(&mut b).map_err(|e| format!("no OS randomness for the local DP noise: {e}"))?;
+    getrandom::fill(&mut b)?;
     Ok(u64::from_le_bytes(b))
 }
 
@@ -541,7 +541,7 @@ impl Aggregator for DpStrategy {
         Ok(plan)
     }
 
-    fn check_update(&self, sent: &ParamSet, update: &ParamSet) -> Result<(), String> {
+    fn check_update(&self, sent: &ParamSet, update: &ParamSet) -> Result<(), FitError> {
         self.inner.check_update(sent, update)
     }
 

@@ -39,7 +39,7 @@ use std::path::{Path, PathBuf};
 use rhai::{Array, Dynamic, Map};
 use serde::{Deserialize, Serialize};
 
-use super::{OnScriptError, ScriptError, ScriptFile, ScriptHost};
+use super::{BadValue, OnScriptError, ScriptError, ScriptFile, ScriptHost};
 use std::collections::BTreeMap;
 
 use crate::aggregate::{
@@ -303,7 +303,7 @@ impl ScriptAggregator {
         (name, round): (&str, u64),
         args: impl rhai::FuncArgs,
         arity: usize,
-        read: impl FnOnce(Dynamic) -> Result<T, String>,
+        read: impl FnOnce(Dynamic) -> Result<T, BadValue>,
         fallback: impl FnOnce() -> Result<T, AggregateError>,
     ) -> Result<Option<T>, AggregateError> {
         if !self.script.has_fn(name, arity) {
@@ -350,14 +350,16 @@ impl ScriptAggregator {
 }
 
 /// A script's map of numbers (`on_round_end`, `aggregate_evaluate`); nothing is an empty map.
-fn read_numbers(out: Dynamic, hook: &str) -> Result<BTreeMap<String, f64>, String> {
+fn read_numbers(out: Dynamic, hook: &str) -> Result<BTreeMap<String, f64>, BadValue> {
     if out.is_unit() {
         return Ok(BTreeMap::new());
     }
     let type_name = out.type_name().to_string();
-    let map = out
-        .try_cast::<Map>()
-        .ok_or_else(|| format!("`{hook}` must return a map of numbers, it returned {type_name}"))?;
+    let map = out.try_cast::<Map>().ok_or_else(|| {
+        BadValue(format!(
+            "`{hook}` must return a map of numbers, it returned {type_name}"
+        ))
+    })?;
     map.into_iter()
         .map(|(k, v)| {
             let x = v
@@ -365,17 +367,17 @@ fn read_numbers(out: Dynamic, hook: &str) -> Result<BTreeMap<String, f64>, Strin
                 .ok()
                 .or_else(|| v.as_int().ok().map(|i| i as f64))
                 .filter(|x| x.is_finite())
-                .ok_or_else(|| format!("`{hook}`: `{k}` is not a finite number"))?;
+                .ok_or_else(|| BadValue(format!("`{hook}`: `{k}` is not a finite number")))?;
             Ok((k.to_string(), x))
         })
         .collect()
 }
 
 /// What `configure_fit` returned: an instruction or a bare client id per client.
-fn read_instructions(out: Dynamic) -> Result<Vec<FitInstruction>, String> {
+fn read_instructions(out: Dynamic) -> Result<Vec<FitInstruction>, BadValue> {
     let type_name = out.type_name().to_string();
     let list = out.try_cast::<Array>().ok_or_else(|| {
-        format!("`configure_fit` must return an array of fit_ins(…) or client ids, it returned {type_name}")
+        BadValue(format!("`configure_fit` must return an array of fit_ins(…) or client ids, it returned {type_name}"))
     })?;
     list.into_iter()
         .enumerate()
@@ -385,10 +387,10 @@ fn read_instructions(out: Dynamic) -> Result<Vec<FitInstruction>, String> {
             }
             match item.as_int().ok().and_then(|c| u32::try_from(c).ok()) {
                 Some(c) => Ok(FitInstruction::plain(c)),
-                None => Err(format!(
+                None => Err(BadValue(format!(
                     "`configure_fit`: element {i} is a {}, neither fit_ins(…) nor a client id",
                     item.type_name()
-                )),
+                ))),
             }
         })
         .collect()
@@ -462,7 +464,9 @@ impl Aggregator for ScriptAggregator {
         let read = |out: Dynamic| {
             let type_name = out.type_name().to_string();
             let list = out.try_cast::<Array>().ok_or_else(|| {
-                format!("`sample` must return an array of client ids, it returned {type_name}")
+                BadValue(format!(
+                    "`sample` must return an array of client ids, it returned {type_name}"
+                ))
             })?;
             list.into_iter()
                 .map(|c| {
@@ -471,9 +475,9 @@ impl Aggregator for ScriptAggregator {
                         .and_then(|c| u32::try_from(c).ok())
                         .filter(|c| joined.contains(c))
                         .ok_or_else(|| {
-                            format!(
+                            BadValue(format!(
                                 "`sample` returned {c}, which is not a joined client ({joined:?})"
-                            )
+                            ))
                         })
                 })
                 .collect()

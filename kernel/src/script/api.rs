@@ -200,14 +200,14 @@ impl Drop for FitRound {
 }
 
 /// A script value as a config value: a number, string or boolean.
-pub fn config_value(key: &str, v: &Dynamic) -> Result<serde_json::Value, String> {
+pub fn config_value(key: &str, v: &Dynamic) -> Result<serde_json::Value, super::BadValue> {
     if let Some(i) = v.clone().try_cast::<INT>() {
         return Ok(i.into());
     }
     if let Some(x) = v.clone().try_cast::<f64>() {
         return serde_json::Number::from_f64(x)
             .map(serde_json::Value::Number)
-            .ok_or_else(|| format!("config `{key}` is {x}, not a finite number"));
+            .ok_or_else(|| super::BadValue(format!("config `{key}` is {x}, not a finite number")));
     }
     if let Some(b) = v.clone().try_cast::<bool>() {
         return Ok(b.into());
@@ -215,10 +215,10 @@ pub fn config_value(key: &str, v: &Dynamic) -> Result<serde_json::Value, String>
     if v.is_string() {
         return Ok(v.to_string().into());
     }
-    Err(format!(
+    Err(super::BadValue(format!(
         "config `{key}` is a {}; a config holds numbers, strings and booleans",
         v.type_name()
-    ))
+    )))
 }
 
 /// A config as a script map.
@@ -259,7 +259,7 @@ fn fit_ins(client: INT, config: Map, params: Option<ParamSet>) -> Res<FitInstruc
         }
         if let Some(p) = &params {
             aggregate::check_payload(global, p)
-                .and_then(|()| p.check_finite().map_err(|e| e.to_string()))
+                .and_then(|()| p.check_finite().map_err(aggregate::FitError::from))
                 .or_else(|e| fail(format!("fit_ins: client {client}'s parameters: {e}")))?;
         }
         Ok(())
@@ -388,7 +388,15 @@ fn concat(parts: &[ParamTensor], dim: usize) -> Res<ParamTensor> {
     new_tensor(out_shape, data)
 }
 
+/// Matrices for strategies: building, reshaping, decomposing, reading.
 fn register_matrices(engine: &mut Engine) {
+    register_construction(engine);
+    register_shaping(engine);
+    register_decompositions(engine);
+}
+
+/// `tensor`, `zeros`, `eye`, `diag`.
+fn register_construction(engine: &mut Engine) {
     engine.register_fn(
         "tensor",
         |shape: Array, values: Array| -> Res<ParamTensor> {
@@ -428,6 +436,10 @@ fn register_matrices(engine: &mut Engine) {
         }
         from_matrix(&m)
     });
+}
+
+/// `matmul`, `transpose`, `reshape`, `slice`, `concat`.
+fn register_shaping(engine: &mut Engine) {
     engine.register_fn(
         "matmul",
         |a: &mut ParamTensor, b: ParamTensor| -> Res<ParamTensor> {
@@ -488,6 +500,10 @@ fn register_matrices(engine: &mut Engine) {
             .map_or_else(|| fail("concat: the array must hold tensors"), Ok)?;
         concat(&parts, usize::try_from(dim).unwrap_or(usize::MAX))
     });
+}
+
+/// `qr`, `svd`, reading values (`values`, `at`) and `lora_pairs`.
+fn register_decompositions(engine: &mut Engine) {
     engine.register_fn("qr", |t: &mut ParamTensor| -> Res<Map> {
         let (q, r) = linalg::qr(&matrix(t, "qr")?);
         let mut out = Map::new();

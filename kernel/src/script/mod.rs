@@ -124,6 +124,23 @@ pub enum OnScriptError {
     Skip,
 }
 
+/// A value a script gave that is not what the host asked of it.
+#[derive(Debug, Error, Clone, PartialEq)]
+#[error("{0}")]
+pub struct BadValue(pub String);
+
+impl From<String> for BadValue {
+    fn from(why: String) -> Self {
+        Self(why)
+    }
+}
+
+impl From<BadValue> for String {
+    fn from(e: BadValue) -> Self {
+        e.0
+    }
+}
+
 /// A script that failed to load, compile or run.
 #[derive(Debug, Error, Clone, PartialEq)]
 #[error("{file}:{line}:{column}: {message} (while {doing})")]

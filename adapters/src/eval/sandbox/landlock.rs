@@ -47,7 +47,7 @@ struct PathBeneath {
 }
 
 /// The Landlock ABI version the kernel offers, or why there is none.
-pub fn abi() -> Result<u32, String> {
+pub fn abi() -> Result<u32, super::Lacking> {
     // SAFETY: the version query takes no pointer.
     let v = unsafe {
         libc::syscall(
@@ -68,7 +68,8 @@ pub fn abi() -> Result<u32, String> {
             e => format!(
                 "the version query failed: {}",
                 std::io::Error::from_raw_os_error(e)
-            ),
+            )
+            .into(),
         }),
     }
 }

@@ -55,14 +55,36 @@ impl Mode {
     }
 }
 
+/// A sandbox mode name that is neither `strict` nor `basic`.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("unknown sandbox `{0}` (strict or basic)")]
+pub struct UnknownMode(pub String);
+
 impl std::str::FromStr for Mode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownMode;
+    fn from_str(s: &str) -> Result<Self, UnknownMode> {
         match s {
             "strict" => Ok(Mode::Strict),
             "basic" => Ok(Mode::Basic),
-            other => Err(format!("unknown sandbox `{other}` (strict or basic)")),
+            other => Err(UnknownMode(other.to_string())),
         }
+    }
+}
+
+/// Why one protection cannot be had on this machine.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct Lacking(pub String);
+
+impl From<String> for Lacking {
+    fn from(why: String) -> Self {
+        Self(why)
+    }
+}
+
+impl From<&str> for Lacking {
+    fn from(why: &str) -> Self {
+        Self(why.to_string())
     }
 }
 
@@ -129,13 +151,13 @@ pub enum SandboxError {
 #[derive(Debug, Clone)]
 pub struct Protections {
     /// The interpreter and where it lives.
-    pub interpreter: Result<Interpreter, String>,
+    pub interpreter: Result<Interpreter, Lacking>,
     /// User, mount, PID, network and IPC namespaces with the minimal root.
-    pub namespaces: Result<(), String>,
+    pub namespaces: Result<(), Lacking>,
     /// Landlock, with the kernel's ABI version.
-    pub landlock: Result<u32, String>,
+    pub landlock: Result<u32, Lacking>,
     /// The seccomp filter.
-    pub seccomp: Result<(), String>,
+    pub seccomp: Result<(), Lacking>,
 }
 
 impl Protections {
@@ -143,9 +165,9 @@ impl Protections {
     pub fn detect() -> &'static Protections {
         static FOUND: OnceLock<Protections> = OnceLock::new();
         FOUND.get_or_init(|| {
-            let interpreter = Interpreter::find(PATH).map_err(|e| e.to_string());
+            let interpreter = Interpreter::find(PATH).map_err(|e| Lacking(e.to_string()));
             let Ok(interp) = &interpreter else {
-                let why = "no python3".to_string();
+                let why = Lacking::from("no python3");
                 return Protections {
                     interpreter,
                     namespaces: Err(why.clone()),
@@ -157,26 +179,28 @@ impl Protections {
                 timeout: Duration::from_secs(10),
                 ..Limits::default()
             };
-            let try_box = |landlock, seccomp| -> Result<(), String> {
+            let try_box = |landlock, seccomp| -> Result<(), Lacking> {
                 let jail = jail::Jail::new(interp, 1 << 20, landlock, seccomp)
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| Lacking(e.to_string()))?;
                 match run_jailed(interp, jail, "pass", &probe) {
                     Ok(Outcome::Passed) => Ok(()),
-                    Ok(other) => Err(format!("a trivial program did not pass: {other:?}")),
-                    Err(e) => Err(e.to_string()),
+                    Ok(other) => Err(Lacking(format!(
+                        "a trivial program did not pass: {other:?}"
+                    ))),
+                    Err(e) => Err(Lacking(e.to_string())),
                 }
             };
             let namespaces = try_box(None, None);
             let landlock = landlock::abi().and_then(|abi| {
                 namespaces
                     .as_ref()
-                    .map_err(|_| "needs the namespaces".to_string())?;
+                    .map_err(|_| Lacking::from("needs the namespaces"))?;
                 try_box(Some(landlock::Ruleset::for_abi(abi)), None).map(|()| abi)
             });
             let seccomp = seccomp::program().and_then(|filter| {
                 namespaces
                     .as_ref()
-                    .map_err(|_| "needs the namespaces".to_string())?;
+                    .map_err(|_| Lacking::from("needs the namespaces"))?;
                 try_box(None, Some(filter))
             });
             Protections {
@@ -211,7 +235,7 @@ pub fn check(mode: Mode) -> Result<String, SandboxError> {
     let interp = found
         .interpreter
         .as_ref()
-        .map_err(|e| SandboxError::NoPython(e.clone()))?;
+        .map_err(|e| SandboxError::NoPython(e.to_string()))?;
     match mode {
         Mode::Basic => Ok(format!(
             "warning: sandbox basic: generated code runs as you with {} (rlimits and a temporary directory only; it can read your files and use the network)",

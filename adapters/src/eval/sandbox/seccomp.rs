@@ -137,7 +137,7 @@ fn jump(code: u16, k: u32, jt: u8, jf: u8) -> Insn {
 }
 
 /// The filter, or why this architecture has none.
-pub fn program() -> Result<Vec<Insn>, String> {
+pub fn program() -> Result<Vec<Insn>, super::Lacking> {
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     {
         let eperm = RET_ERRNO | libc::EPERM as u32;
@@ -177,10 +177,10 @@ pub fn program() -> Result<Vec<Insn>, String> {
     }
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     {
-        Err(format!(
+        Err(super::Lacking(format!(
             "no filter is written for {}",
             std::env::consts::ARCH
-        ))
+        )))
     }
 }
 

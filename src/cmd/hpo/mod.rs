@@ -1,13 +1,13 @@
-//! `fedtune hpo` and `fedtune sweep`: hyperparameter search over whole
-//! courses, and one course over several seeds (and scenarios).
+//! `fedtune hpo`: hyperparameter search over whole courses.
 //!
-//! Both run trials through `fedtune_adapters::course::hpo::CourseTrials`
+//! It and `fedtune sweep` (one course over several seeds, [`super::sweep`])
+//! run trials through `fedtune_adapters::course::hpo::CourseTrials`
 //! (one loaded base model for every trial) under the kernel's searcher
 //! host; a sweep is the `grid` searcher over `federate.seed` (and
 //! `federate.mode`). This file parses, prints one line per finished
-//! evaluation, and writes `best.toml`, `report.md` and its charts.
+//! evaluation and writes `best.toml`; [`report`] writes `report.md` and its
+//! charts.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,13 +18,14 @@ use clap::Args;
 use fedtune_adapters::course::hpo::CourseTrials;
 use fedtune_adapters::course::CourseFile;
 use fedtune_kernel::hpo::{
-    ranks, run_search, spearman, Budget, Domain, Evaluation, Objective, OnEvaluation, Param,
-    SearchOutcome, SearchSetup, Space, BUILT_IN,
+    run_search, Budget, Domain, Evaluation, Objective, OnEvaluation, Param, SearchOutcome,
+    SearchSetup, Space, BUILT_IN,
 };
 use fedtune_kernel::script::{ScriptSection, ScriptSource};
 
 use super::course_args::default_run_dir;
-use crate::chart::{chart, line_chart, Series, Style};
+
+mod report;
 
 /// Arguments of `fedtune hpo`.
 #[derive(Debug, Args)]
@@ -89,42 +90,14 @@ pub struct HpoArgs {
     pub data_root: Option<PathBuf>,
 }
 
-/// Arguments of `fedtune sweep`.
-#[derive(Debug, Args)]
-pub struct SweepArgs {
-    /// The course configuration (TOML).
-    pub config: PathBuf,
-    /// Seeds: federate.seed, federate.seed + 1, …
-    #[arg(long, default_value_t = 3)]
-    pub seeds: u64,
-    /// Scenarios to run each seed in (FS-LLM's Table 2: fed,global,local).
-    #[arg(long, value_delimiter = ',', default_value = "fed")]
-    pub modes: Vec<String>,
-    /// Override a config value: `--set federate.rounds=3` (repeatable).
-    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
-    pub set: Vec<String>,
-    /// Courses run at a time.
-    #[arg(long, default_value_t = 1)]
-    pub parallel: usize,
-    /// Output directory (default: runs/sweep-<course>-<timestamp>).
-    #[arg(long)]
-    pub out: Option<PathBuf>,
-    /// Continue the sweep in --out DIR: finished courses are not run again.
-    #[arg(long)]
-    pub resume: bool,
-    /// Data root (default: $FEDTUNE_DATA_ROOT, else ./data, else ../shared/data).
-    #[arg(long)]
-    pub data_root: Option<PathBuf>,
-}
-
 /// Output directory, log and trial runner shared by both commands.
-struct Prepared {
-    course: CourseFile,
-    runner: Arc<CourseTrials>,
-    out: PathBuf,
+pub(super) struct Prepared {
+    pub(super) course: CourseFile,
+    pub(super) runner: Arc<CourseTrials>,
+    pub(super) out: PathBuf,
 }
 
-fn prepare(
+pub(super) fn prepare(
     config: &Path,
     set: &[String],
     (out, resume): (Option<&Path>, bool),
@@ -157,7 +130,7 @@ fn prepare(
 }
 
 /// Prints a line per finished evaluation.
-fn progress(objective: &Objective) -> OnEvaluation {
+pub(super) fn progress(objective: &Objective) -> OnEvaluation {
     let started = Instant::now();
     let metric = objective.metric.clone();
     Box::new(move |e: &Evaluation, ran: bool| {
@@ -196,7 +169,7 @@ fn short(v: &toml::Value) -> String {
     }
 }
 
-fn script_source(method: &str) -> Result<ScriptSource> {
+pub(super) fn script_source(method: &str) -> Result<ScriptSource> {
     let section = ScriptSection {
         script: Some(method.to_string()),
         params: toml::Table::new(),
@@ -268,14 +241,9 @@ pub fn hpo(args: HpoArgs) -> Result<()> {
             p.out.join("trials.jsonl").display()
         );
     };
-    let best_toml = p.out.join("best.toml");
-    let text = p.runner.resolved(&best.config, rounds)?;
-    std::fs::write(&best_toml, format!("# The best configuration of the search in {} (evaluation {}, trial {}, {} rounds: {} {:.6}).\n# Run it: fedtune run {}\n\n{text}",
-        p.out.display(), best.eval, best.trial, best.rounds, objective.metric,
-        best.metrics.get(&objective.metric).copied().unwrap_or(f64::NAN), best_toml.display()))
-        .with_context(|| format!("cannot write {}", best_toml.display()))?;
-    let score = args.score.clone().or_else(|| first_score(&outcome));
-    let report = write_report(
+    let best_toml = write_best(&p, best, &objective, rounds)?;
+    let score = args.score.clone().or_else(|| report::first_score(&outcome));
+    let report = report::write_report(
         &p.out,
         &outcome,
         (&args.method, &space),
@@ -307,6 +275,37 @@ pub fn hpo(args: HpoArgs) -> Result<()> {
         total,
         started.elapsed().as_secs_f64()
     );
+    print_best(best, &objective);
+    println!(
+        "runnable configuration in {}\nreport in {}",
+        best_toml.display(),
+        report.display()
+    );
+    Ok(())
+}
+
+/// `DIR/best.toml`: the best configuration as a course file one can run.
+fn write_best(
+    p: &Prepared,
+    best: &Evaluation,
+    objective: &Objective,
+    rounds: u64,
+) -> Result<PathBuf> {
+    let path = p.out.join("best.toml");
+    let text = p.runner.resolved(&best.config, rounds)?;
+    let value = best
+        .metrics
+        .get(&objective.metric)
+        .copied()
+        .unwrap_or(f64::NAN);
+    std::fs::write(&path, format!("# The best configuration of the search in {} (evaluation {}, trial {}, {} rounds: {} {value:.6}).\n# Run it: fedtune run {}\n\n{text}",
+        p.out.display(), best.eval, best.trial, best.rounds, objective.metric, path.display()))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
+}
+
+/// The best evaluation and its configuration, on standard output.
+fn print_best(best: &Evaluation, objective: &Objective) {
     println!(
         "best: evaluation {} (trial {}, {} rounds): {} {:.6}",
         best.eval,
@@ -321,12 +320,6 @@ pub fn hpo(args: HpoArgs) -> Result<()> {
     for (k, v) in &best.config {
         println!("  {k} = {v}");
     }
-    println!(
-        "runnable configuration in {}\nreport in {}",
-        best_toml.display(),
-        report.display()
-    );
-    Ok(())
 }
 
 /// `--param NAME=VALUE`s as a table (values read as TOML, else as strings).
@@ -467,302 +460,8 @@ fn reseed_top(
     Ok(s)
 }
 
-/// The first metric that is not a loss (a task's score).
-fn first_score(o: &SearchOutcome) -> Option<String> {
-    o.evaluations
-        .iter()
-        .flat_map(|e| e.metrics.keys())
-        .find(|k| !k.ends_with("loss"))
-        .cloned()
-}
-
-/// `report.md` with charts under `report/`: objective per evaluation,
-/// best so far, and (with a score) the rank-vs-rank landscape.
-fn write_report(
-    out: &Path,
-    o: &SearchOutcome,
-    (method, space): (&str, &Space),
-    objective: &Objective,
-    score: Option<&str>,
-) -> Result<PathBuf> {
-    let dir = out.join("report");
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let metric = &objective.metric;
-    let mut md = String::new();
-    writeln!(md, "# Hyperparameter search: `{method}`\n")?;
-    writeln!(
-        md,
-        "{} evaluations of {} configurations; objective: {} ({} is better). Space ({}):\n",
-        o.evaluations.len(),
-        o.evaluations
-            .iter()
-            .map(|e| e.trial)
-            .collect::<std::collections::BTreeSet<_>>()
-            .len(),
-        objective.metric,
-        if objective.maximize {
-            "higher"
-        } else {
-            "lower"
-        },
-        space.origin
-    )?;
-    for p in &space.params {
-        writeln!(md, "- `{}`: {}", p.key, p.domain)?;
-    }
-    // Objective per evaluation, one series per fidelity.
-    let mut by_rounds: BTreeMap<u64, Vec<(f64, f64)>> = BTreeMap::new();
-    for e in &o.evaluations {
-        if let Some(v) = e.metrics.get(metric) {
-            by_rounds
-                .entry(e.rounds)
-                .or_default()
-                .push((e.eval as f64, *v));
-        }
-    }
-    let series: Vec<Series> = by_rounds
-        .into_iter()
-        .map(|(r, pts)| (format!("{r} rounds"), pts))
-        .collect();
-    let mut charts = vec![(
-        "objective.svg",
-        chart(
-            &format!("{metric} per evaluation"),
-            "evaluation",
-            metric,
-            &series,
-            Style::Points,
-        ),
-    )];
-    let mut best = f64::INFINITY;
-    let curve: Vec<(f64, f64)> = o
-        .evaluations
-        .iter()
-        .filter_map(|e| {
-            let v = e.objective?;
-            best = best.min(v);
-            let shown = if objective.maximize { -best } else { best };
-            Some((e.eval as f64, shown))
-        })
-        .collect();
-    charts.push((
-        "best-so-far.svg",
-        line_chart(
-            &format!("best {metric} so far"),
-            "evaluation",
-            metric,
-            &[("best".into(), curve)],
-        ),
-    ));
-    writeln!(
-        md,
-        "\n![objective](report/objective.svg)\n\n![best so far](report/best-so-far.svg)\n"
-    )?;
-    if let Some(score) = score.filter(|s| *s != metric.as_str()) {
-        // FS-LLM's Figure 5b: rank by the objective against rank by the score,
-        // over the configurations evaluated at the most rounds.
-        let top = o
-            .evaluations
-            .iter()
-            .filter(|e| e.objective.is_some())
-            .map(|e| e.rounds)
-            .max();
-        let both: Vec<&Evaluation> = o
-            .evaluations
-            .iter()
-            .filter(|e| {
-                Some(e.rounds) == top
-                    && e.metrics.contains_key(metric)
-                    && e.metrics.contains_key(score)
-            })
-            .collect();
-        let obj: Vec<f64> = both.iter().filter_map(|e| e.objective).collect();
-        let sc = Objective::parse(score);
-        let scv: Vec<f64> = both.iter().filter_map(|e| sc.of(&e.metrics)).collect();
-        let rho = spearman(&obj, &scv);
-        let (ro, rs) = (ranks(&obj), ranks(&scv));
-        let pts: Vec<(f64, f64)> = ro.into_iter().zip(rs).collect();
-        let rho_text = rho.map_or(
-            "undefined (fewer than 3 pairs, or a constant side)".to_string(),
-            |r| format!("{r:.3}"),
-        );
-        charts.push((
-            "rank-vs-rank.svg",
-            chart(
-                &format!("rank by {metric} vs rank by {score} (Spearman rho {rho_text})"),
-                &format!("rank by {metric} (1 = best)"),
-                &format!("rank by {score} (1 = best)"),
-                &[("configuration".into(), pts)],
-                Style::Points,
-            ),
-        ));
-        writeln!(
-            md,
-            "## {metric} against {score}\n\nOver the {} configurations evaluated at {} rounds, Spearman's rho between their ranks by {metric} and by {score} (1 = best for both) is {rho_text}.\n\n![rank vs rank](report/rank-vs-rank.svg)\n",
-            both.len(),
-            top.unwrap_or(0)
-        )?;
-    }
-    writeln!(md, "## Evaluations\n")?;
-    let keys: Vec<&String> = space.params.iter().map(|p| &p.key).collect();
-    let mut extra: Vec<String> = o
-        .evaluations
-        .iter()
-        .flat_map(|e| e.metrics.keys().cloned())
-        .collect();
-    extra.sort();
-    extra.dedup();
-    let head: Vec<String> = ["eval", "trial", "rounds"]
-        .iter()
-        .map(|s| s.to_string())
-        .chain(keys.iter().map(|k| format!("`{k}`")))
-        .chain(extra.iter().cloned())
-        .chain(["s".to_string(), "error".to_string()])
-        .collect();
-    writeln!(md, "| {} |", head.join(" | "))?;
-    writeln!(md, "|{}", "---|".repeat(head.len()))?;
-    for e in &o.evaluations {
-        let mut cells = vec![
-            e.eval.to_string(),
-            e.trial.to_string(),
-            e.rounds.to_string(),
-        ];
-        cells.extend(
-            keys.iter()
-                .map(|k| e.config.get(*k).map_or("-".into(), short)),
-        );
-        cells.extend(
-            extra
-                .iter()
-                .map(|m| e.metrics.get(m).map_or("-".into(), |v| format!("{v:.4}"))),
-        );
-        cells.push(format!("{:.1}", e.wall_s));
-        cells.push(e.error.clone().unwrap_or_default().replace('|', "/"));
-        writeln!(md, "| {} |", cells.join(" | "))?;
-    }
-    for (name, svg) in charts {
-        let path = dir.join(name);
-        std::fs::write(&path, svg).with_context(|| format!("cannot write {}", path.display()))?;
-    }
-    let path = out.join("report.md");
-    std::fs::write(&path, md).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(path)
-}
-
-/// `fedtune sweep`.
-pub fn sweep(args: SweepArgs) -> Result<()> {
-    let p = prepare(
-        &args.config,
-        &args.set,
-        (args.out.as_deref(), args.resume),
-        args.data_root.as_deref(),
-        "sweep",
-    )?;
-    if args.seeds == 0 || args.modes.is_empty() || args.parallel == 0 {
-        bail!("--seeds, --modes and --parallel need at least one");
-    }
-    let first = p.course.cfg.course.seed;
-    let seeds: Vec<String> = (0..args.seeds).map(|i| (first + i).to_string()).collect();
-    let modes: Vec<String> = args
-        .modes
-        .iter()
-        .map(|m| format!("\"{}\"", m.trim()))
-        .collect();
-    let text = format!(
-        "\"federate.seed\" = {{ choice = [{}] }}\n\"federate.mode\" = {{ choice = [{}] }}\n",
-        seeds.join(", "),
-        modes.join(", ")
-    );
-    let space = Space::parse(&text, "--seeds/--modes")?;
-    p.runner.check_space(&space)?;
-    let rounds = p.course.cfg.course.rounds;
-    let objective = Objective::parse("loss");
-    let n = args.seeds * args.modes.len() as u64;
-    eprintln!(
-        "{n} courses of {} ({} seeds from {first} × modes {}), {rounds} rounds each; results in {}",
-        args.config.display(),
-        args.seeds,
-        args.modes.join(","),
-        p.out.display()
-    );
-    let setup = SearchSetup {
-        space,
-        runner: p.runner.clone(),
-        objective: objective.clone(),
-        budget: Budget {
-            trials: n,
-            rounds,
-            min_rounds: 1,
-            eta: 3,
-            seed: 0,
-            params: toml::Table::new(),
-        },
-        parallel: args.parallel,
-        out: p.out.clone(),
-        resume: args.resume,
-        retry_failed: false,
-        method: "sweep".into(),
-        on_evaluation: progress(&objective),
-        on_say: Box::new(|_| {}),
-    };
-    let outcome = run_search(setup, &script_source("grid")?)?;
-    let table = sweep_table(&outcome, &args.modes);
-    print!("\n{table}");
-    let path = p.out.join("sweep.md");
-    std::fs::write(
-        &path,
-        format!(
-            "# Sweep of {} over {} seeds\n\n{table}",
-            args.config.display(),
-            args.seeds
-        ),
-    )
-    .with_context(|| format!("cannot write {}", path.display()))?;
-    println!("table in {}", path.display());
-    Ok(())
-}
-
-/// Mean ± sample standard deviation over seeds of every metric, per mode.
-fn sweep_table(o: &SearchOutcome, modes: &[String]) -> String {
-    let mut metrics: Vec<String> = o
-        .evaluations
-        .iter()
-        .flat_map(|e| e.metrics.keys().cloned())
-        .collect();
-    metrics.sort();
-    metrics.dedup();
-    let mut s = String::new();
-    let _ = writeln!(s, "| mode | seeds | {} |", metrics.join(" | "));
-    let _ = writeln!(s, "|---|---|{}", "---|".repeat(metrics.len()));
-    for mode in modes {
-        let runs: Vec<&Evaluation> = o
-            .evaluations
-            .iter()
-            .filter(|e| e.config.get("federate.mode").and_then(|v| v.as_str()) == Some(mode.trim()))
-            .collect();
-        let failed = runs.iter().filter(|e| e.error.is_some()).count();
-        let cells: Vec<String> = metrics
-            .iter()
-            .map(|m| {
-                let v: Vec<f64> = runs
-                    .iter()
-                    .filter_map(|e| e.metrics.get(m).copied())
-                    .collect();
-                mean_std_cell(&v)
-            })
-            .collect();
-        let seeds = if failed > 0 {
-            format!("{} ({failed} failed)", runs.len())
-        } else {
-            runs.len().to_string()
-        };
-        let _ = writeln!(s, "| {} | {seeds} | {} |", mode.trim(), cells.join(" | "));
-    }
-    s
-}
-
 /// `mean ± std` for a table, `-` without values.
-fn mean_std_cell(v: &[f64]) -> String {
+pub(super) fn mean_std_cell(v: &[f64]) -> String {
     mean_std(v).map_or("-".into(), |(mean, sd)| format!("{mean:.4} ± {sd:.4}"))
 }
 
