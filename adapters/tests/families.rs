@@ -322,7 +322,7 @@ fn hugging_face_configs_of_each_family_are_read_or_refused_by_name() {
                 "high_freq_factor": 1.0, "original_max_position_embeddings": 64}}),
          "high_freq_factor > low_freq_factor"),
     ] {
-        let e = with(extra.clone()).unwrap_err();
+        let e = with(extra.clone()).unwrap_err().to_string();
         assert!(e.contains(says), "{extra}: {e}");
     }
 }

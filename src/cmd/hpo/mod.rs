@@ -351,12 +351,7 @@ fn reseed_top(
     if space.params.iter().any(|q| q.key == "federate.seed") {
         bail!("--top-k re-runs over federate.seed, which the space already varies");
     }
-    let top = o
-        .evaluations
-        .iter()
-        .filter(|e| e.objective.is_some())
-        .map(|e| e.rounds)
-        .max();
+    let top = report::top_rounds(o);
     let mut best: Vec<&Evaluation> = o
         .evaluations
         .iter()

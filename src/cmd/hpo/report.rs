@@ -15,6 +15,15 @@ use crate::chart::{chart, line_chart, Series, Style};
 /// A chart's file name under `report/` and its SVG.
 type Chart = (&'static str, String);
 
+/// The most rounds any evaluation with an objective ran (the highest fidelity).
+pub fn top_rounds(o: &SearchOutcome) -> Option<u64> {
+    o.evaluations
+        .iter()
+        .filter(|e| e.objective.is_some())
+        .map(|e| e.rounds)
+        .max()
+}
+
 /// The first metric that is not a loss (a task's score).
 pub fn first_score(o: &SearchOutcome) -> Option<String> {
     o.evaluations
@@ -141,12 +150,7 @@ fn objective_charts(o: &SearchOutcome, objective: &Objective) -> Vec<Chart> {
 /// the configurations evaluated at the most rounds; the section's text and
 /// its chart.
 fn rank_against(o: &SearchOutcome, metric: &str, score: &str) -> (String, String) {
-    let top = o
-        .evaluations
-        .iter()
-        .filter(|e| e.objective.is_some())
-        .map(|e| e.rounds)
-        .max();
+    let top = top_rounds(o);
     let both: Vec<&Evaluation> = o
         .evaluations
         .iter()

@@ -546,7 +546,7 @@ mod tests {
     fn modes_parse_and_unknown_ones_are_named() {
         assert_eq!("strict".parse::<Mode>().unwrap(), Mode::Strict);
         assert_eq!("basic".parse::<Mode>().unwrap(), Mode::Basic);
-        let err = "docker".parse::<Mode>().unwrap_err();
+        let err = "docker".parse::<Mode>().unwrap_err().to_string();
         assert!(
             err.contains("`docker`") && err.contains("strict or basic"),
             "{err}"
