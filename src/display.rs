@@ -206,7 +206,7 @@ impl Observer for Display {
             bar.set_length(total as u64);
             bar.set_position(done as u64);
             bar.set_message(format!("{:.1} tok/s", tokens as f64 / secs));
-        } else if !self.quiet && done > 0 && done % (total / 10).max(1) == 0 {
+        } else if !self.quiet && done > 0 && done.is_multiple_of((total / 10).max(1)) {
             // Without a terminal, a line at every tenth of the way.
             eprintln!(
                 "{task}: {done}/{total} items, {secs:.0} s, {:.1} tokens/s",

@@ -217,7 +217,7 @@ fn follow(out: &mut TcpStream, dir: &Path) -> Result<()> {
         }
         // A comment now and then finds a closed connection.
         idle += 1;
-        if idle % 25 == 0 {
+        if idle.is_multiple_of(25) {
             write!(out, ": alive\n\n")?;
         }
         out.flush()?;

@@ -197,7 +197,7 @@ impl Checkpoints {
 
     /// Whether a checkpoint is due after `round`.
     pub fn due(&self, round: u64) -> bool {
-        self.every > 0 && round % self.every == 0
+        self.every > 0 && round.is_multiple_of(self.every)
     }
 
     /// Writes the checkpoint of `round`: the global `params`, the round and

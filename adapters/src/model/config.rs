@@ -211,19 +211,19 @@ impl LlamaConfig {
         if c.num_attention_heads == 0 || c.num_key_value_heads == 0 {
             return Err(ShapeError("head counts must be positive".into()));
         }
-        if c.explicit_head_dim.is_none() && c.hidden_size % c.num_attention_heads != 0 {
+        if c.explicit_head_dim.is_none() && !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             return Err(ShapeError(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 c.hidden_size, c.num_attention_heads
             )));
         }
-        if c.num_attention_heads % c.num_key_value_heads != 0 {
+        if !c.num_attention_heads.is_multiple_of(c.num_key_value_heads) {
             return Err(ShapeError(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 c.num_attention_heads, c.num_key_value_heads
             )));
         }
-        if c.head_dim() % 2 != 0 {
+        if !c.head_dim().is_multiple_of(2) {
             return Err(ShapeError(format!(
                 "head_dim {} must be even for rotary embeddings",
                 c.head_dim()

@@ -77,7 +77,10 @@ fn byte_level_chars() -> Vec<char> {
 /// Writes a tiny random model to `dir` (`config.json`, `model.safetensors`,
 /// `tokenizer.json`) and returns its configuration.
 pub fn write_tiny_model(dir: &Path, spec: TinySpec) -> candle_core::Result<LlamaConfig> {
-    if spec.heads == 0 || spec.hidden % spec.heads != 0 || (spec.hidden / spec.heads) % 2 != 0 {
+    if spec.heads == 0
+        || !spec.hidden.is_multiple_of(spec.heads)
+        || !(spec.hidden / spec.heads).is_multiple_of(2)
+    {
         return Err(err(format!(
             "hidden ({}) must split into heads ({}) of an even width",
             spec.hidden, spec.heads
@@ -122,7 +125,7 @@ pub fn write_tiny_model(dir: &Path, spec: TinySpec) -> candle_core::Result<Llama
         sliding_window: (spec.family == Family::Mistral).then_some(TINY_SLIDING_WINDOW),
         ..Default::default()
     };
-    if heads % cfg.num_key_value_heads != 0 {
+    if !heads.is_multiple_of(cfg.num_key_value_heads) {
         return Err(err(format!(
             "{heads} heads do not group into {} key/value heads",
             cfg.num_key_value_heads

@@ -169,7 +169,7 @@ fn ask_to_join(s: &mut ClientState, ctx: &mut Ctx) -> Result<(), HandlerError> {
     s.join_attempts += 1;
     if s.join_attempts == 1 {
         info!(client = s.id, "asked to join");
-    } else if s.join_attempts % 10 == 0 {
+    } else if s.join_attempts.is_multiple_of(10) {
         warn!(
             client = s.id,
             attempts = s.join_attempts,

@@ -1436,7 +1436,7 @@ fn client_states(s: &ServerState) -> Result<Vec<(u32, Vec<u8>)>, HandlerError> {
 fn next_step(s: &mut ServerState, round: u64, ctx: &mut Ctx) -> HandlerResult {
     let c = &s.cfg.course;
     let evaluated = s.last_evaluated == Some(round);
-    let due = round > 0 && (round % c.eval_every == 0 || round == c.rounds);
+    let due = round > 0 && (round.is_multiple_of(c.eval_every) || round == c.rounds);
     if due && !evaluated {
         begin_eval(s, round, ctx)?;
         return Ok(Flow::Continue);
