@@ -13,7 +13,8 @@ use fedtune_adapters::eval::batch::{generate_aligned, SharedPrefix};
 use fedtune_adapters::eval::tasks::{self, Items, Task};
 use fedtune_adapters::generate::GenerationConfig;
 
-use fedtune_adapters::course::Loaded;
+use fedtune_adapters::course::{Base, Loaded};
+use fedtune_adapters::model::Compute;
 
 pub fn generate(batches: &[usize], tokens: usize, data_root: &Path) -> Result<()> {
     let loaded = Loaded::load(None, None, &|m| eprintln!("{m}"))?;
@@ -98,6 +99,7 @@ pub fn random_prompts(
     batches: &[usize],
     prompt_len: usize,
     tokens: usize,
+    compute: Compute,
     json: bool,
 ) -> Result<()> {
     use rand::{Rng, SeedableRng};
@@ -105,7 +107,12 @@ pub fn random_prompts(
         prompt_len > 0 && tokens > 0,
         "--prompt-len and --tokens must be positive"
     );
-    let loaded = Loaded::load(None, None, &|m| eprintln!("{m}"))?;
+    let say = |m: &str| eprintln!("{m}");
+    let loaded = Loaded::with_adapter(
+        Base::load(None, &say)?.in_compute(compute, &say)?,
+        None,
+        &say,
+    )?;
     let m = loaded.view();
     let vocab = m.model.config().vocab_size as u32;
     let empty = SharedPrefix::new(m.model, m.tok, "", m.adapter)?;
@@ -114,10 +121,10 @@ pub fn random_prompts(
         ignore_eos: true,
         ..GenerationConfig::default()
     };
-    let path = fedtune_adapters::simd::simd_path().name();
+    let path = compute.path();
     if !json {
         println!(
-            "prefill of {prompt_len} random tokens + greedy decoding of {tokens} (f32, {path} path)\n"
+            "prefill of {prompt_len} random tokens + greedy decoding of {tokens} ({path} path)\n"
         );
         println!("| batch | seconds | new tokens/s |");
         println!("|---:|---:|---:|");

@@ -22,11 +22,12 @@ pub fn matmul(tokens: usize, reps: usize) -> Result<()> {
         (576, 49_152),
     ];
     println!(
-        "x (tokens {tokens} x in) · Wᵀ (out x in), best of {reps}; GFLOP/s (f32 on the {} path)\n",
-        fedtune_adapters::simd::simd_path().name()
+        "x (tokens {tokens} x in) · Wᵀ (out x in), best of {reps}; GFLOP/s (fused f32 on the {} path, fused bf16 weight on {})\n",
+        fedtune_adapters::simd::simd_path().name(),
+        fedtune_adapters::kernels::bf16::bf16_path()
     );
-    println!("| in × out | fused f32 | f32 | bf16 | f16 |");
-    println!("|---|---:|---:|---:|---:|");
+    println!("| in × out | fused f32 | fused bf16 weight | fused bf16 input grad | candle f32 | candle bf16 | candle f16 |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     for (din, dout) in shapes {
         let x = Tensor::rand(-1f32, 1f32, (tokens, din), &device)?;
         let w = Tensor::rand(-1f32, 1f32, (dout, din), &device)?;
@@ -41,7 +42,26 @@ pub fn matmul(tokens: usize, reps: usize) -> Result<()> {
             Ok(best)
         };
         let fused = best_of(&|| Ok(fedtune_adapters::kernels::frozen_linear(&x, &w)?))?;
-        let mut row = format!("| {din} × {dout} | {:.0} |", gflop / fused);
+        let w16 = w.to_dtype(DType::BF16)?;
+        let fused16 = best_of(&|| Ok(fedtune_adapters::kernels::frozen_linear(&x, &w16)?))?;
+        // The input gradient g · W of the same projection: the backward of
+        // sum(y ⊙ g), timed alone (its elementwise part is m·n of m·n·k).
+        let g = Tensor::rand(-1f32, 1f32, (tokens, dout), &device)?;
+        let xv = candle_core::Var::from_tensor(&x)?;
+        let mut grad16 = f64::INFINITY;
+        for _ in 0..reps {
+            let y = fedtune_adapters::kernels::frozen_linear(xv.as_tensor(), &w16)?;
+            let loss = (y * &g)?.sum_all()?;
+            let t = Instant::now();
+            drop(loss.backward()?);
+            grad16 = grad16.min(t.elapsed().as_secs_f64());
+        }
+        let mut row = format!(
+            "| {din} × {dout} | {:.0} | {:.0} | {:.0} |",
+            gflop / fused,
+            gflop / fused16,
+            gflop / grad16
+        );
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             let (x, w) = (x.to_dtype(dtype)?, w.to_dtype(dtype)?);
             let best = best_of(&|| Ok(x.matmul(&w.t()?)?))?;

@@ -26,6 +26,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Subcommand;
+use fedtune_adapters::model::Compute;
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -112,6 +113,9 @@ pub enum BenchCommand {
         /// With --prompt-len: no GSM8K prefix (the like-for-like comparison).
         #[arg(long, requires = "prompt_len")]
         no_prefix: bool,
+        /// With --prompt-len: the frozen base's dtype (auto, f32, bf16).
+        #[arg(long, default_value = "f32")]
+        compute: Compute,
         /// Print JSON lines (with --prompt-len).
         #[arg(long)]
         json: bool,
@@ -142,6 +146,9 @@ pub enum BenchCommand {
         /// Timed steps (after one warm-up step).
         #[arg(long, default_value_t = 3)]
         steps: usize,
+        /// The frozen base's dtype: auto, f32 or bf16 (`[model] compute`).
+        #[arg(long, default_value = "f32")]
+        compute: Compute,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -188,8 +195,9 @@ pub fn bench(command: BenchCommand) -> Result<()> {
             batch,
             seq_len,
             steps,
+            compute,
             json,
-        } => train::train_step(batch, seq_len, steps, json),
+        } => train::train_step(batch, seq_len, steps, compute, json),
         BenchCommand::Scripts {
             calls,
             clients,
@@ -229,9 +237,10 @@ pub fn bench(command: BenchCommand) -> Result<()> {
             batches,
             tokens,
             prompt_len: Some(prompt_len),
+            compute,
             json,
             ..
-        } => generate::random_prompts(&batches, prompt_len, tokens, json),
+        } => generate::random_prompts(&batches, prompt_len, tokens, compute, json),
         BenchCommand::Generate {
             batches,
             tokens,

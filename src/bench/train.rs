@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use fedtune_adapters::adapter::Adapter;
 use fedtune_adapters::fetch::ensure_default_model;
 use fedtune_adapters::lora::{Lora, LoraConfig};
-use fedtune_adapters::model::load_gguf;
+use fedtune_adapters::model::{load_gguf, Compute};
 use fedtune_adapters::train::{Batch, NoHooks, Stepper, TrainConfig};
 use fedtune_kernel::metrics::peak_rss_mib;
 use serde::Serialize;
@@ -37,16 +37,23 @@ struct TrainStepReport {
     threads: usize,
     /// The SIMD path the matrix products ran on (`avx512`, `avx2`, `scalar`).
     simd: &'static str,
+    /// The frozen base's product path (`f32-avx512`, `bf16-avx512`, …).
+    compute: String,
 }
 
-pub fn train_step(batch: usize, seq_len: usize, steps: usize, json: bool) -> Result<()> {
+pub fn train_step(
+    batch: usize,
+    seq_len: usize,
+    steps: usize,
+    compute: Compute,
+    json: bool,
+) -> Result<()> {
     ensure!(
         batch > 0 && seq_len > 1 && steps > 0,
         "--batch, --seq-len (> 1) and --steps must be positive"
     );
     let device = Device::Cpu;
-    let loaded = default_model_f32()?;
-    let model = &loaded.model;
+    let model = &default_model_f32()?.model.into_compute(compute.dtype())?;
     let cfg = model.config();
     ensure!(
         seq_len <= cfg.max_position_embeddings,
@@ -127,16 +134,17 @@ pub fn train_step(batch: usize, seq_len: usize, steps: usize, json: bool) -> Res
             .map(|n| n.get())
             .unwrap_or(1),
         simd: fedtune_adapters::simd::simd_path().name(),
+        compute: compute.path(),
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
-            "LoRA step (r 8, q/v, AdamW, f32-{}), batch {batch} x {seq_len}, {} threads, {steps} steps:\n\
+            "LoRA step (r 8, q/v, AdamW, {}), batch {batch} x {seq_len}, {} threads, {steps} steps:\n\
              {:.3} s/step mean (median {median_s:.3}, best {min_s:.3}), {:.1} GFLOP/step, {:.1} GFLOP/s at the median\n\
              forward + loss {:.3} s, backward {:.3} s, rest of the best step (optimizer, clipping) ~{:.3} s\n\
              model {} parameters, LoRA {} parameters, peak RSS {}",
-            report.simd,
+            report.compute,
             report.threads,
             per_step,
             gflop,

@@ -111,6 +111,30 @@ impl Base {
         })
     }
 
+    /// This base with its frozen weights in `compute`'s dtype
+    /// ([`Llama::with_compute`]); says so when that is not f32.
+    pub fn in_compute(self, compute: crate::model::Compute, say: &dyn Fn(&str)) -> Result<Self> {
+        let dtype = compute.dtype();
+        if dtype == self.model.dtype() {
+            return Ok(self);
+        }
+        say(&format!(
+            "frozen base in {dtype:?} (model.compute = \"{}\": {})",
+            compute.name(),
+            compute.path()
+        ));
+        // Converted in place when no one else holds the f32 model.
+        let model = Arc::try_unwrap(self.model).unwrap_or_else(|shared| (*shared).clone());
+        Ok(Self {
+            model: Arc::new(
+                model
+                    .into_compute(dtype)
+                    .context("converting the base model")?,
+            ),
+            ..self
+        })
+    }
+
     /// The emulator a FedOT course saved in `dir` (`offsite.emulator_path`),
     /// with the tokenizer of the full model at `path` (the default model
     /// when `None`), which it must have been made from: what FS-LLM's

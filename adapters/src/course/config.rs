@@ -98,6 +98,12 @@ pub struct ModelSection {
     /// the default model (SmolLM2-135M-Instruct, fetched on first use) when
     /// unset.
     pub path: Option<PathBuf>,
+    /// What the frozen base is stored and multiplied in: `f32` (the
+    /// default), `bf16` (half the memory; AVX512-BF16 products where the CPU
+    /// has them) or `auto` (bf16 where it has them). Left out of the
+    /// resolved config when f32, so earlier runs keep their fingerprint.
+    #[serde(skip_serializing_if = "crate::model::Compute::is_f32")]
+    pub compute: crate::model::Compute,
 }
 
 /// `[eval]`: benchmarks run on the final adapter when the course ends.
@@ -244,6 +250,10 @@ impl LlmConfig {
             if s.lora.residual {
                 let why = "FedOT renumbers the emulator's LoRA onto the full model; a residual (FedEx-LoRA, FLoRA) is not carried over, so it cannot be used with [offsite]";
                 return Err(doc.key_error("lora.residual", why.into()).into());
+            }
+            if s.model.compute != crate::model::Compute::F32 {
+                let why = "FedOT builds, aligns and trains layers of the emulator in full, which needs the f32 base; remove model.compute (or set it to \"f32\") with [offsite]";
+                return Err(doc.key_error("model.compute", why.into()).into());
             }
         }
         for name in &s.eval.tasks {

@@ -93,7 +93,8 @@ pub fn server_process(
             Arc::new(MsgpackStore),
         ),
         Task::Llm(llm) => {
-            let base = Base::load(course.model_path().as_deref(), &say)?;
+            let base = Base::load(course.model_path().as_deref(), &say)?
+                .in_compute(llm.model.compute, &say)?;
             let root = crate::data::data_root(out.data_root.as_deref());
             let (model, spec) =
                 match emulator(llm, (&base.model, &base.path), &base.tok, &root, &say)? {
@@ -308,8 +309,9 @@ pub fn client_process(
                 course, &tok, data_root, id,
             )?))
         }
-        Task::Llm(_) => {
-            let base = Base::load(course.model_path().as_deref(), say)?;
+        Task::Llm(llm) => {
+            let base = Base::load(course.model_path().as_deref(), say)?
+                .in_compute(llm.model.compute, say)?;
             Arc::new(Mutex::new(client_process_trainer(
                 course, &base, data_root, id,
             )?))

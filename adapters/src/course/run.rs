@@ -112,7 +112,8 @@ pub fn run_llm_on(
     let base = match base {
         Some(b) => b.clone(),
         None => Base::load(course.model_path().as_deref(), &say)?,
-    };
+    }
+    .in_compute(llm.model.compute, &say)?;
     let prepared = tokenized_clients(course, out, &base, &say)?;
     // FedOT trains on the emulator; the full model stays for the final evaluation.
     let emulated = emulator(

@@ -3,21 +3,36 @@
 //! candle's matmul backward computes both operands' gradients, so a plain
 //! matmul spends a weight-sized product and buffer per projection per step on
 //! a gradient nobody uses. This op's backward is `grad · W` alone.
+//!
+//! A frozen `W` may be stored in bf16 while `x` is f32 (`[model] compute =
+//! "bf16"`): both products then run in [`super::bf16`], and the output and
+//! gradients stay f32.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
 
 use super::gemm::{gemm, Mat, Shared};
 use super::rows::{by_dtype, data, fused, on_pool, pool_threads, with_data, Real};
 
 /// `x · Wᵀ` for a frozen weight `W` `(out, in)`; `x` is `(…, in)`.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if !fused(x) || x.dtype() != w.dtype() || !w.is_contiguous() {
+    if !fused(x) || !weight_fits(x, w) || !w.is_contiguous() {
+        let w = if w.dtype() == x.dtype() {
+            w.clone()
+        } else {
+            w.to_dtype(x.dtype())?
+        };
         return x.broadcast_matmul(&w.t()?);
     }
     x.contiguous()?.apply_op1(Linear {
         w: w.clone(),
         transposed: true,
     })
+}
+
+/// Whether the fused products take a weight of `w`'s dtype beside `x`'s:
+/// the same dtype, or a bf16 weight with f32 activations.
+pub(super) fn weight_fits(x: &Tensor, w: &Tensor) -> bool {
+    w.dtype() == x.dtype() || (w.dtype() == DType::BF16 && x.dtype() == DType::F32)
 }
 
 /// `x · Wᵀ` (`transposed`, the forward) or `g · W` (the backward), blocks
@@ -40,7 +55,17 @@ impl Linear {
             )
         }
         let m = x.len() / k.max(1);
-        let out = if self.transposed && m <= STREAM_ROWS && k > 0 {
+        let out = if self.w.dtype() == DType::BF16 && T::DTYPE != DType::BF16 {
+            with_data::<half::bf16, _>(&self.w, "linear", |w| {
+                T::bf16_product(x, w, self.transposed, (m, k, n))
+            })?
+            .ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "linear: a bf16 weight multiplies f32 inputs, not {:?}",
+                    T::DTYPE
+                ))
+            })?
+        } else if self.transposed && m <= STREAM_ROWS && k > 0 {
             self.streamed(x, (m, k, n))?
         } else {
             self.packed(x, (m, k, n))?

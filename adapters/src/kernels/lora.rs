@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 
 use super::gemm::{gemm, matmul_t, Mat, MatMut};
-use super::linear::{frozen_linear, Linear};
+use super::linear::{frozen_linear, weight_fits, Linear};
 use super::rows::{block_rows, by_dtype, data, fused, par_blocks, with_data, Real};
 
 /// A low-rank term `scale · (x ⊙ mask) Aᵀ Bᵀ` added to a frozen projection.
@@ -27,7 +27,9 @@ pub struct LowRank {
 pub fn lora_linear(x: &Tensor, w: &Tensor, term: &LowRank) -> Result<Tensor> {
     let LowRank { a, b, scale, mask } = term;
     let simple = fused(x)
-        && [w, a, b]
+        && weight_fits(x, w)
+        && w.rank() == 2
+        && [a, b]
             .iter()
             .all(|t| t.dtype() == x.dtype() && t.rank() == 2)
         && mask.as_ref().is_none_or(|m| m.dims() == x.dims());

@@ -16,7 +16,8 @@
 //!
 //! | file | op |
 //! |---|---|
-//! | [`linear`] | `x · Wᵀ` for a frozen `W` (backward: `g · W` only) |
+//! | [`linear`] | `x · Wᵀ` for a frozen `W` (backward: `g · W` only); `W` may be bf16 with `x` in f32 |
+//! | [`bf16`] | those two products with a bf16 `W`: `vdpbf16ps` on AVX512-BF16, else widened to f32 |
 //! | [`lora`] | `x · Wᵀ + scale · (x ⊙ mask) Aᵀ Bᵀ`, gradients for `x`, `A`, `B` |
 //! | [`rms_norm`] | RMSNorm with a frozen weight |
 //! | [`softmax`] | softmax over the last dimension |
@@ -27,6 +28,7 @@
 //! | `gemm` | the one checked wrapper around the `gemm` crate (f32/f64 on the SIMD path [`crate::simd::simd_path`] picks at run time), and the only `unsafe` for it |
 
 pub mod attention;
+pub mod bf16;
 mod gemm;
 pub mod linear;
 pub mod lora;

@@ -19,6 +19,14 @@ pub trait Real: WithDType {
     fn max_of(row: &[Self]) -> Self;
     /// `out[i·c + j] = x_i · w_j` over the `k`-long rows of `x` and `w`.
     fn dots(x: &[Self], w: &[Self], k: usize, out: &mut [Self]);
+    /// `x (m × k) · B (k × n)` for a bf16 weight (`B = Wᵀ` when
+    /// `transposed`), or `None` when this type does not multiply with bf16.
+    fn bf16_product(
+        x: &[Self],
+        w: &[half::bf16],
+        transposed: bool,
+        mkn: (usize, usize, usize),
+    ) -> Option<Vec<Self>>;
 }
 
 impl Real for f32 {
@@ -34,6 +42,14 @@ impl Real for f32 {
     }
     fn dots(x: &[Self], w: &[Self], k: usize, out: &mut [Self]) {
         simd::dots(x, w, k, out)
+    }
+    fn bf16_product(
+        x: &[Self],
+        w: &[half::bf16],
+        transposed: bool,
+        mkn: (usize, usize, usize),
+    ) -> Option<Vec<Self>> {
+        Some(super::bf16::product(x, w, transposed, mkn))
     }
 }
 
@@ -60,6 +76,14 @@ impl Real for f64 {
                 out[i * c + j] = xi.iter().zip(wj).map(|(p, q)| p * q).sum();
             }
         }
+    }
+    fn bf16_product(
+        _: &[Self],
+        _: &[half::bf16],
+        _: bool,
+        _: (usize, usize, usize),
+    ) -> Option<Vec<Self>> {
+        None
     }
 }
 

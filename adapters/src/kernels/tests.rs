@@ -239,3 +239,114 @@ fn lora_linear_matches_the_composite_form_with_and_without_dropout() {
         );
     }
 }
+
+/// `t` in f32 as the bf16 products see it: rounded to bf16 where they run
+/// on the bf16 units, as it is where the weight is widened to f32.
+fn as_bf16_operand(t: &Tensor) -> Tensor {
+    if bf16::bf16_units() {
+        t.to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    } else {
+        t.clone()
+    }
+}
+
+#[test]
+fn bf16_weights_give_the_f32_products_of_their_values_forward_and_back() {
+    // Rows through the packed kernel (1 to 40, so the 8-row tiles and their
+    // remainders), outputs not a multiple of the 32-column panel, odd `in`.
+    for (x, w) in [
+        (&[2, 9, 5][..], [7, 5]),
+        (&[1, 1, 37][..], [100, 37]),
+        (&[2, 20, 64][..], [70, 64]),
+        (&[40, 33][..], [33, 33]),
+    ] {
+        let w32 = seeded(&w, 3).to_dtype(DType::F32).unwrap();
+        let w16 = w32.to_dtype(DType::BF16).unwrap();
+        let wide = w16.to_dtype(DType::F32).unwrap();
+        let xv = Var::from_tensor(&seeded(x, 1).to_dtype(DType::F32).unwrap()).unwrap();
+        let y = frozen_linear(xv.as_tensor(), &w16).unwrap();
+        assert_eq!(y.dtype(), DType::F32);
+        let expect = as_bf16_operand(xv.as_tensor())
+            .to_dtype(DType::F64)
+            .unwrap()
+            .broadcast_matmul(&wide.to_dtype(DType::F64).unwrap().t().unwrap())
+            .unwrap();
+        let scale = 1.0 + max_diff(&expect, &expect.zeros_like().unwrap());
+        assert!(
+            max_diff(&y.to_dtype(DType::F64).unwrap(), &expect) < 1e-5 * scale,
+            "{x:?} · {w:?}: values differ by {}",
+            max_diff(&y.to_dtype(DType::F64).unwrap(), &expect)
+        );
+        // d/dx of sum(y ⊙ p) is p · W, with p rounded as the kernel rounds it.
+        let p = seeded(y.dims(), 99).to_dtype(DType::F32).unwrap();
+        let grads = (y * &p).unwrap().sum_all().unwrap().backward().unwrap();
+        let dx = grads.get(xv.as_tensor()).unwrap();
+        let expect = as_bf16_operand(&p)
+            .to_dtype(DType::F64)
+            .unwrap()
+            .broadcast_matmul(&wide.to_dtype(DType::F64).unwrap())
+            .unwrap();
+        let scale = 1.0 + max_diff(&expect, &expect.zeros_like().unwrap());
+        assert!(
+            max_diff(&dx.to_dtype(DType::F64).unwrap(), &expect) < 1e-5 * scale,
+            "{x:?} · {w:?}: input gradients differ by {}",
+            max_diff(&dx.to_dtype(DType::F64).unwrap(), &expect)
+        );
+    }
+}
+
+#[test]
+fn lora_over_a_bf16_weight_adds_the_same_low_rank_term() {
+    // The fused LoRA op with a bf16 base against the bf16 base product plus
+    // the low-rank term in composite ops: values and gradients of x, A, B.
+    let w16 = seeded(&[70, 37], 3).to_dtype(DType::BF16).unwrap();
+    let f32_var = |dims: &[usize], seed| {
+        Var::from_tensor(&seeded(dims, seed).to_dtype(DType::F32).unwrap()).unwrap()
+    };
+    let (x, a, b) = (
+        f32_var(&[3, 11, 37], 1),
+        f32_var(&[4, 37], 5),
+        f32_var(&[70, 4], 6),
+    );
+    let term = LowRank {
+        a: a.as_tensor().clone(),
+        b: b.as_tensor().clone(),
+        scale: 0.5,
+        mask: None,
+    };
+    let fused = lora_linear(x.as_tensor(), &w16, &term).unwrap();
+    let low = x
+        .as_tensor()
+        .broadcast_matmul(&a.as_tensor().t().unwrap())
+        .unwrap()
+        .broadcast_matmul(&b.as_tensor().t().unwrap())
+        .unwrap();
+    let reference = (frozen_linear(x.as_tensor(), &w16).unwrap() + (low * 0.5).unwrap()).unwrap();
+    assert!(
+        max_diff(&fused, &reference) < 1e-4,
+        "values differ by {}",
+        max_diff(&fused, &reference)
+    );
+    let p = seeded(fused.dims(), 99).to_dtype(DType::F32).unwrap();
+    let gf = (fused * &p).unwrap().sum_all().unwrap().backward().unwrap();
+    let gr = (reference * &p)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for v in [&x, &a, &b] {
+        let (f, r) = (
+            gf.get(v.as_tensor()).unwrap(),
+            gr.get(v.as_tensor()).unwrap(),
+        );
+        assert!(
+            max_diff(f, r) < 1e-3,
+            "gradients differ by {}",
+            max_diff(f, r)
+        );
+    }
+}

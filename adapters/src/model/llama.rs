@@ -283,6 +283,9 @@ pub struct Llama {
     layers: Vec<LayerWeights>,
     norm: Tensor,
     lm_head: Option<Tensor>,
+    /// The output head in the compute dtype ([`Llama::with_compute`]) when
+    /// that is not the weights' own.
+    compute_head: Option<Tensor>,
     cos: Tensor,
     sin: Tensor,
 }
@@ -356,9 +359,57 @@ impl Llama {
             layers,
             norm,
             lm_head,
+            compute_head: None,
             cos,
             sin,
         })
+    }
+
+    /// This model with its frozen projections and output head stored in
+    /// `dtype` (bf16: half the memory, products on the bf16 units where the
+    /// CPU has them; [`crate::kernels::bf16`]); embeddings, norms and every
+    /// activation stay in the model's own dtype. `dtype` equal to the
+    /// model's gives the model back.
+    pub fn with_compute(&self, dtype: DType) -> Result<Self> {
+        self.clone().into_compute(dtype)
+    }
+
+    /// [`Llama::with_compute`] of this model, converting one layer at a
+    /// time and letting each layer's old weights go once converted (unless
+    /// another model shares them), so memory never holds two whole copies.
+    pub fn into_compute(mut self, dtype: DType) -> Result<Self> {
+        if dtype == self.dtype() {
+            return Ok(self);
+        }
+        let head = self.output_weight().to_dtype(dtype)?;
+        self.layers = std::mem::take(&mut self.layers)
+            .into_iter()
+            .map(|l| {
+                Ok(LayerWeights {
+                    biases: l.biases.clone(),
+                    ..LayerWeights::from_parts(
+                        l.input_layernorm.clone(),
+                        l.post_attention_layernorm.clone(),
+                        |p| l.weight(p).to_dtype(dtype),
+                    )?
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.compute_head = Some(head);
+        Ok(self)
+    }
+
+    /// The dtype the frozen projections are stored and multiplied in.
+    pub fn compute_dtype(&self) -> DType {
+        self.layers
+            .first()
+            .map_or_else(|| self.dtype(), |l| l.q_proj.dtype())
+    }
+
+    /// `model` (built from this one's tensors) with this one's compute head.
+    fn keeping_compute(&self, mut model: Self) -> Self {
+        model.compute_head = self.compute_head.clone();
+        model
     }
 
     /// A model of these layers only (by index, in the order given), sharing
@@ -371,13 +422,14 @@ impl Llama {
             num_hidden_layers: keep.len(),
             ..self.cfg.clone()
         };
-        Self::new(
+        let model = Self::new(
             cfg,
             self.embed_tokens.clone(),
             keep.iter().map(|&i| self.layers[i].clone()).collect(),
             self.norm.clone(),
             self.lm_head.clone(),
-        )
+        )?;
+        Ok(self.keeping_compute(model))
     }
 
     /// This model with `delta(layer, projection)` added to the projection
@@ -392,7 +444,9 @@ impl Llama {
             for p in Projection::ALL {
                 let w = l.weight(p);
                 weights.push(match delta(i, p)? {
-                    Some(d) => (w + d.to_dtype(w.dtype())?)?,
+                    // A merged weight keeps the model's own precision: a
+                    // small delta rounded into bf16 would be lost.
+                    Some(d) => (w.to_dtype(self.dtype())? + d.to_dtype(self.dtype())?)?,
                     None => w.clone(),
                 });
             }
@@ -406,13 +460,14 @@ impl Llama {
                 )?
             });
         }
-        Self::new(
+        let model = Self::new(
             self.cfg.clone(),
             self.embed_tokens.clone(),
             layers,
             self.norm.clone(),
             self.lm_head.clone(),
-        )
+        )?;
+        Ok(self.keeping_compute(model))
     }
 
     /// What Hugging Face's files store of an RMSNorm weight is the weight
@@ -447,13 +502,14 @@ impl Llama {
                 ..l.clone()
             });
         }
-        Self::new(
+        let model = Self::new(
             self.cfg.clone(),
             self.embed_tokens.clone(),
             layers,
             self.norm.clone(),
             self.lm_head.clone(),
-        )
+        )?;
+        Ok(self.keeping_compute(model))
     }
 
     /// A model of shape `cfg` from tensors named as [`Llama::named_weights`]
@@ -590,7 +646,10 @@ impl Llama {
 
     /// The output head: `lm_head`, or the token embeddings when tied.
     pub fn output_weight(&self) -> &Tensor {
-        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+        self.compute_head
+            .as_ref()
+            .or(self.lm_head.as_ref())
+            .unwrap_or(&self.embed_tokens)
     }
 
     /// Logits `(batch, seq, vocab)` for token ids `(batch, seq)`.
@@ -823,7 +882,8 @@ impl Llama {
             .flatten()
         {
             Some(d) => {
-                merged = (weights.weight(p) + d)?;
+                // In the delta's dtype: a bf16 weight is widened first.
+                merged = (weights.weight(p).to_dtype(d.dtype())? + d)?;
                 &merged
             }
             None => weights.weight(p),

@@ -7,6 +7,7 @@
 //! once behind an `Arc` and shared by every client; adapters add their terms
 //! through [`ProjectionAdapter`].
 
+mod compute;
 mod config;
 mod gguf;
 mod hf;
@@ -15,6 +16,7 @@ mod llama;
 mod tiny;
 
 pub use crate::kernels::{frozen_linear, LowRank};
+pub use compute::{Compute, UnknownCompute};
 pub use config::{Family, LlamaConfig, RopeScaling};
 pub use gguf::{load_gguf, GgufModel};
 pub use hf::{config_of, load_hf_dir, load_hf_tokenizer, HfModel};

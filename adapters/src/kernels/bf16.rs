@@ -1,0 +1,480 @@
+//! Products with a frozen weight stored in bf16: `x · Wᵀ` (the forward) and
+//! `g · W` (the input gradient), `x` and `g` in f32, sums in f32.
+//!
+//! Stored in bf16 a frozen weight takes half the memory, and on CPUs with
+//! AVX512-BF16 the product runs on `vdpbf16ps`, which multiplies *pairs* of
+//! bf16 and adds both products into one f32 lane: twice the multiplies of
+//! an f32 FMA per instruction. The operand `x` is rounded to bf16 (to
+//! nearest, ties to even) once per call; the weight is packed per call into
+//! panels of 32 output columns holding, for each pair of the summed index,
+//! the 32 columns' two values side by side — the layout `vdpbf16ps` reads.
+//! One thread packs and multiplies a block of columns, so a panel is packed
+//! once and swept by every row of `x` while it is in cache.
+//!
+//! Without AVX512-BF16 (or when `FEDTUNE_SIMD` narrows the path) each
+//! column block of the weight is widened to f32 and multiplied by the f32
+//! `gemm`: the same numbers as the bf16 weight with f32 activations, at f32
+//! speed, never an illegal instruction.
+//!
+//! `unsafe` here is the intrinsics: every pointer the microkernel reads is
+//! inside a slice whose length is asserted before the loop (see
+//! [`tile`]).
+
+use half::bf16;
+
+use super::gemm::{gemm, Mat, Shared};
+use super::rows::{on_pool, pool_threads};
+use crate::simd::{simd_path, SimdPath};
+
+/// Output columns per packed panel: two 16-lane registers.
+const NR: usize = 32;
+/// Rows of `x` per microkernel call: 8 × 2 accumulators stay in registers.
+const MR: usize = 8;
+/// Rows of `x` at most for which W's rows are streamed instead of packed.
+const STREAM_ROWS: usize = 16;
+
+/// Whether this process multiplies bf16 weights on `vdpbf16ps`.
+pub fn bf16_units() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        simd_path() == SimdPath::Avx512
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+            && std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The name of the path a bf16 product takes here, for benchmark reports.
+pub fn bf16_path() -> &'static str {
+    if bf16_units() {
+        "bf16-avx512"
+    } else {
+        "bf16-widened-f32"
+    }
+}
+
+/// `y (m × n) = x (m × k) · B (k × n)` with `B = Wᵀ` for `W (n × k)` when
+/// `transposed` (a projection's forward), else `B = W` for `W (k × n)`
+/// (its input gradient).
+pub(crate) fn product(
+    x: &[f32],
+    w: &[bf16],
+    transposed: bool,
+    (m, k, n): (usize, usize, usize),
+) -> Vec<f32> {
+    assert_eq!(x.len(), m * k, "bf16 product: x is not {m} × {k}");
+    assert_eq!(w.len(), k * n, "bf16 product: W does not hold {k} × {n}");
+    if m == 0 || n == 0 || k == 0 {
+        return vec![0.0; m * n];
+    }
+    // Rows are written one by one: the output starts zeroed.
+    let out = Shared::zeroed(m, n);
+    // As many column blocks as threads, each a whole number of panels.
+    let per = n.div_ceil(NR).div_ceil(pool_threads()) * NR;
+    if bf16_units() && transposed && m <= STREAM_ROWS {
+        // Decoding: W's rows streamed once, unpacked, each dotted with every row of x.
+        let xb = pairs(x, m, k);
+        let per = n.div_ceil(pool_threads() * 4).next_multiple_of(16).max(16);
+        on_pool(n.div_ceil(per), |b| {
+            let cols = b * per..((b + 1) * per).min(n);
+            let mut local = vec![0f32; m * cols.len()];
+            streamed(&xb, &w[cols.start * k..cols.end * k], (m, k), &mut local);
+            let mut dst = out.block(0..m, cols.clone());
+            for (i, row) in local.chunks_exact(cols.len()).enumerate() {
+                dst.row(i).copy_from_slice(row);
+            }
+        });
+    } else if bf16_units() {
+        let xb = pairs(x, m, k);
+        on_pool(n.div_ceil(per), |b| {
+            let cols = b * per..((b + 1) * per).min(n);
+            let mut dst = out.block(0..m, cols.clone());
+            let mut panel = vec![0u32; k.div_ceil(2) * NR];
+            for c0 in cols.clone().step_by(NR) {
+                let width = NR.min(cols.end - c0);
+                pack(w, transposed, (k, n), c0..c0 + width, &mut panel);
+                sweep(&xb, &panel, (m, k.div_ceil(2)), |row, values| {
+                    dst.row(row)[c0 - cols.start..][..width].copy_from_slice(&values[..width]);
+                });
+            }
+        });
+    } else {
+        on_pool(n.div_ceil(per), |b| {
+            let cols = b * per..((b + 1) * per).min(n);
+            let wide = widen(w, transposed, (k, n), cols.clone());
+            gemm(
+                &mut out.block(0..m, cols.clone()),
+                Mat::new(x, m, k),
+                Mat::new(&wide, k, cols.len()),
+                false,
+            );
+        });
+    }
+    out.into_vec()
+}
+
+/// `B`'s columns `cols` (see [`product`]) as an f32 `k × cols` matrix.
+fn widen(
+    w: &[bf16],
+    transposed: bool,
+    (k, n): (usize, usize),
+    cols: std::ops::Range<usize>,
+) -> Vec<f32> {
+    let mut out = Vec::with_capacity(k * cols.len());
+    for kk in 0..k {
+        out.extend(cols.clone().map(|j| {
+            let v = if transposed {
+                w[j * k + kk]
+            } else {
+                w[kk * n + j]
+            };
+            v.to_f32()
+        }));
+    }
+    out
+}
+
+/// `x (m × k)` rounded to bf16, each row's values in pairs (`k` padded to
+/// even with a zero): the low half of each word is the even element.
+fn pairs(x: &[f32], m: usize, k: usize) -> Vec<u32> {
+    let k2 = k.div_ceil(2);
+    let mut out = vec![0u32; m * k2];
+    for (row, dst) in x.chunks_exact(k).zip(out.chunks_exact_mut(k2)) {
+        round_row(row, dst);
+    }
+    out
+}
+
+/// One row of [`pairs`].
+fn round_row(row: &[f32], dst: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if bf16_units() {
+        // SAFETY: the CPU has AVX512-BF16 (checked by bf16_units).
+        unsafe { x86::round_row(row, dst) };
+        return;
+    }
+    for (d, p) in dst.iter_mut().zip(row.chunks(2)) {
+        let lo = bf16::from_f32(p[0]).to_bits() as u32;
+        let hi = p.get(1).map_or(0, |&v| bf16::from_f32(v).to_bits() as u32);
+        *d = lo | hi << 16;
+    }
+}
+
+/// Packs `B`'s columns `cols` (at most [`NR`]) into `panel`: for each pair
+/// `kk` of the summed index, `NR` words `(B[2kk, j], B[2kk+1, j])`, columns
+/// past `cols` zero.
+fn pack(
+    w: &[bf16],
+    transposed: bool,
+    (k, n): (usize, usize),
+    cols: std::ops::Range<usize>,
+    panel: &mut [u32],
+) {
+    let k2 = k.div_ceil(2);
+    assert_eq!(panel.len(), k2 * NR);
+    panel.fill(0);
+    if transposed {
+        // Row j of W holds B's column j: its pairs are consecutive.
+        for (jj, j) in cols.enumerate() {
+            let row = &w[j * k..(j + 1) * k];
+            for (kk, p) in row.chunks(2).enumerate() {
+                let lo = p[0].to_bits() as u32;
+                let hi = p.get(1).map_or(0, |v| v.to_bits() as u32);
+                panel[kk * NR + jj] = lo | hi << 16;
+            }
+        }
+    } else {
+        // Rows 2kk and 2kk + 1 of W, interleaved (the last alone when k is odd).
+        let width = cols.len();
+        for (kk, dst) in panel.chunks_exact_mut(NR).enumerate() {
+            let even = &w[2 * kk * n + cols.start..][..width];
+            if 2 * kk + 1 < k {
+                let odd = &w[(2 * kk + 1) * n + cols.start..][..width];
+                for ((d, e), o) in dst.iter_mut().zip(even).zip(odd) {
+                    *d = e.to_bits() as u32 | (o.to_bits() as u32) << 16;
+                }
+            } else {
+                for (d, e) in dst.iter_mut().zip(even) {
+                    *d = e.to_bits() as u32;
+                }
+            }
+        }
+    }
+}
+
+/// `out[i·c + j] = x_i · w_j` for the `m` rows of `xb` (pairs, see
+/// [`pairs`]) and the `c` rows of `w` (`k` values each).
+fn streamed(xb: &[u32], w: &[bf16], (m, k): (usize, usize), out: &mut [f32]) {
+    let (k2, c) = (k.div_ceil(2), w.len() / k.max(1));
+    assert!(xb.len() == m * k2 && w.len() == c * k && out.len() == m * c);
+    for (j, wj) in w.chunks_exact(k).enumerate() {
+        for (i, xi) in xb.chunks_exact(k2).enumerate() {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: streamed runs only where bf16_units() holds (see product).
+            let dot = unsafe { x86::dot(xi, wj) };
+            #[cfg(not(target_arch = "x86_64"))]
+            let dot = 0.0;
+            out[i * c + j] = dot;
+        }
+    }
+}
+
+/// Every row of `xb` (`m` rows of `k2` pairs) times the packed `panel`;
+/// `emit(row, values)` takes each output row's [`NR`] values.
+fn sweep(xb: &[u32], panel: &[u32], (m, k2): (usize, usize), mut emit: impl FnMut(usize, &[f32])) {
+    assert_eq!(xb.len(), m * k2);
+    assert_eq!(panel.len(), k2 * NR);
+    let mut row = 0;
+    while row < m {
+        let rows = MR.min(m - row);
+        let mut acc = [[0f32; NR]; MR];
+        let x = &xb[row * k2..(row + rows) * k2];
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: sweep runs only where bf16_units() holds (see product).
+        unsafe {
+            x86::tile_any(x, panel, k2, rows, &mut acc)
+        };
+        for (r, values) in acc.iter().take(rows).enumerate() {
+            emit(row + r, values);
+        }
+        row += rows;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{MR, NR};
+
+    /// One row of [`super::pairs`], 32 values per conversion.
+    ///
+    /// # Safety
+    /// The CPU must have AVX512F and AVX512-BF16.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn round_row(row: &[f32], dst: &mut [u32]) {
+        let full = row.len() / 32;
+        for c in 0..full {
+            let src = &row[c * 32..c * 32 + 32];
+            let out = &mut dst[c * 16..c * 16 + 16];
+            // SAFETY: src holds 32 values, out 16 words (sliced above).
+            unsafe {
+                let lo = _mm512_loadu_ps(src.as_ptr());
+                let hi = _mm512_loadu_ps(src.as_ptr().add(16));
+                let both: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                _mm512_storeu_si512(out.as_mut_ptr().cast(), both);
+            }
+        }
+        for (i, d) in dst.iter_mut().enumerate().skip(full * 16) {
+            let lo = half::bf16::from_f32(row[2 * i]).to_bits() as u32;
+            let hi = row
+                .get(2 * i + 1)
+                .map_or(0, |&v| half::bf16::from_f32(v).to_bits() as u32);
+            *d = lo | hi << 16;
+        }
+    }
+
+    /// The dot product of one row of pairs `x` (`k.div_ceil(2)` words) and
+    /// one weight row `w` (`k` values).
+    ///
+    /// # Safety
+    /// The CPU must have AVX512F and AVX512-BF16. Every load is of 16 words
+    /// of `x` and 32 values of `w` inside the first `full` blocks (below),
+    /// the tail read through the slices.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn dot(x: &[u32], w: &[half::bf16]) -> f32 {
+        let k = w.len();
+        assert!(x.len() == k.div_ceil(2));
+        let full = k / 32;
+        let mut acc = _mm512_setzero_ps();
+        for b in 0..full {
+            // SAFETY: b < full = k / 32, so words 16b..16b+16 of x and
+            // values 32b..32b+32 of w are inside the slices.
+            unsafe {
+                let xv: __m512bh =
+                    std::mem::transmute(_mm512_loadu_si512(x.as_ptr().add(16 * b).cast()));
+                let wv: __m512bh =
+                    std::mem::transmute(_mm512_loadu_si512(w.as_ptr().add(32 * b).cast()));
+                acc = _mm512_dpbf16_ps(acc, xv, wv);
+            }
+        }
+        let mut sum = _mm512_reduce_add_ps(acc);
+        for q in 32 * full..k {
+            let word = x[q / 2];
+            let bits = if q % 2 == 0 {
+                word & 0xffff
+            } else {
+                word >> 16
+            } as u16;
+            sum += half::bf16::from_bits(bits).to_f32() * w[q].to_f32();
+        }
+        sum
+    }
+
+    /// [`tile`] for 1 to [`MR`] rows.
+    ///
+    /// # Safety
+    /// The CPU must have AVX512F and AVX512-BF16.
+    pub(super) unsafe fn tile_any(
+        x: &[u32],
+        panel: &[u32],
+        k2: usize,
+        rows: usize,
+        acc: &mut [[f32; NR]; MR],
+    ) {
+        // SAFETY: as this function's.
+        unsafe {
+            match rows {
+                8 => tile::<8>(x, panel, k2, acc),
+                7 => tile::<7>(x, panel, k2, acc),
+                6 => tile::<6>(x, panel, k2, acc),
+                5 => tile::<5>(x, panel, k2, acc),
+                4 => tile::<4>(x, panel, k2, acc),
+                3 => tile::<3>(x, panel, k2, acc),
+                2 => tile::<2>(x, panel, k2, acc),
+                1 => tile::<1>(x, panel, k2, acc),
+                _ => unreachable!("1 to {MR} rows"),
+            }
+        }
+    }
+
+    /// `acc[r] = x_r · panel` for the `R` rows of `x` (`k2` pairs each).
+    ///
+    /// # Safety
+    /// The CPU must have AVX512F and AVX512-BF16. Bounds are asserted
+    /// here: every read is of `x[r·k2 + kk]` (r < R, kk < k2) or of
+    /// `panel[kk·NR .. kk·NR + NR]`.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn tile<const R: usize>(x: &[u32], panel: &[u32], k2: usize, acc: &mut [[f32; NR]; MR]) {
+        assert!(R <= MR && x.len() >= R * k2 && panel.len() >= k2 * NR);
+        let mut c = [[_mm512_setzero_ps(); 2]; R];
+        let (xp, pp) = (x.as_ptr(), panel.as_ptr());
+        for kk in 0..k2 {
+            // SAFETY: kk < k2 and the lengths asserted above.
+            unsafe {
+                let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(pp.add(kk * NR).cast()));
+                let b1: __m512bh =
+                    std::mem::transmute(_mm512_loadu_si512(pp.add(kk * NR + 16).cast()));
+                for (r, cr) in c.iter_mut().enumerate() {
+                    let a: __m512bh =
+                        std::mem::transmute(_mm512_set1_epi32(*xp.add(r * k2 + kk) as i32));
+                    cr[0] = _mm512_dpbf16_ps(cr[0], a, b0);
+                    cr[1] = _mm512_dpbf16_ps(cr[1], a, b1);
+                }
+            }
+        }
+        for (cr, out) in c.iter().zip(acc.iter_mut()) {
+            // SAFETY: out holds NR = 32 values.
+            unsafe {
+                _mm512_storeu_ps(out.as_mut_ptr(), cr[0]);
+                _mm512_storeu_ps(out.as_mut_ptr().add(16), cr[1]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The product in f64 of `x` and the bf16 weight, with `x` rounded to
+    /// bf16 as the fast path rounds it (`round_x`) or not.
+    fn reference(
+        x: &[f32],
+        w: &[bf16],
+        transposed: bool,
+        (m, k, n): (usize, usize, usize),
+        round_x: bool,
+    ) -> Vec<f64> {
+        let xr = |v: f32| {
+            if round_x {
+                f64::from(bf16::from_f32(v).to_f32())
+            } else {
+                f64::from(v)
+            }
+        };
+        let mut y = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                y[i * n + j] = (0..k)
+                    .map(|q| {
+                        let b = if transposed {
+                            w[j * k + q]
+                        } else {
+                            w[q * n + j]
+                        };
+                        xr(x[i * k + q]) * f64::from(b.to_f32())
+                    })
+                    .sum();
+            }
+        }
+        y
+    }
+
+    fn data(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| {
+                ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) % 2001) as f32 / 1000.0
+                    - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn products_match_f64_at_odd_shapes_both_ways() {
+        // Odd k (a padded pair), rows not a multiple of MR, columns not of NR.
+        for (m, k, n) in [
+            (1, 1, 1),
+            (3, 7, 5),
+            (13, 33, 70),
+            (9, 64, 32),
+            (17, 129, 100),
+        ] {
+            for transposed in [true, false] {
+                let x = data(m * k, 1);
+                let w: Vec<bf16> = data(k * n, 7).into_iter().map(bf16::from_f32).collect();
+                let y = product(&x, &w, transposed, (m, k, n));
+                // The fast path rounds x to bf16; the widened one keeps f32.
+                let exact = reference(&x, &w, transposed, (m, k, n), bf16_units());
+                for (i, (&a, &b)) in y.iter().zip(&exact).enumerate() {
+                    assert!(
+                        (f64::from(a) - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                        "{m}×{k}×{n} transposed {transposed}, element {i}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even_in_both_paths() {
+        // 1 + 2^-8 lies halfway between bf16 neighbours 1 and 1 + 2^-7: ties to even (1).
+        let x = [1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0, -2.5, 3.0e38];
+        let mut fast = vec![0u32; 2];
+        round_row(&x, &mut fast);
+        let expect: Vec<u32> = x
+            .chunks(2)
+            .map(|p| {
+                bf16::from_f32(p[0]).to_bits() as u32
+                    | (bf16::from_f32(p[1]).to_bits() as u32) << 16
+            })
+            .collect();
+        assert_eq!(fast, expect);
+        assert_eq!(bf16::from_f32(x[0]).to_f32(), 1.0);
+        // And a row long enough for the vector conversion, with a tail.
+        let long = data(70, 3);
+        let mut fast = vec![0u32; 35];
+        round_row(&long, &mut fast);
+        let expect: Vec<u32> = long
+            .chunks(2)
+            .map(|p| {
+                bf16::from_f32(p[0]).to_bits() as u32
+                    | (bf16::from_f32(p[1]).to_bits() as u32) << 16
+            })
+            .collect();
+        assert_eq!(fast, expect);
+    }
+}
