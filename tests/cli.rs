@@ -399,3 +399,44 @@ fn completions_cover_every_command_in_each_shell() {
         "the error lists the shells"
     );
 }
+
+/// `[model] compute` takes f32, bf16 or auto; a wrong value, or bf16 with
+/// FedOT (which trains emulator layers in full), is refused by key before
+/// any model loads.
+#[test]
+fn a_compute_setting_is_checked_by_key() {
+    let dry = |sets: &[&str]| {
+        let mut args = vec!["run", "configs/fed-gsm8k-3-fedot.toml", "--dry-run"];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        fedtune(&args)
+    };
+    let o = dry(&["model.compute=\"fp8\""]);
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("model.compute") && err.contains("fp8"),
+        "{err}"
+    );
+    let o = dry(&["model.compute=\"bf16\""]);
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("model.compute") && err.contains("[offsite]"),
+        "{err}"
+    );
+    let o = fedtune(&[
+        "run",
+        "configs/quickstart.toml",
+        "--dry-run",
+        "--set",
+        "model.compute=\"bf16\"",
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stdout).contains("compute = \"bf16\""),
+        "{}",
+        text(&o.stdout)
+    );
+}

@@ -13,11 +13,11 @@ use fedtune_adapters::eval::batch::{generate_aligned, SharedPrefix};
 use fedtune_adapters::eval::tasks::{self, Items, Task};
 use fedtune_adapters::generate::GenerationConfig;
 
-use fedtune_adapters::course::{Base, Loaded};
+use fedtune_adapters::course::Loaded;
 use fedtune_adapters::model::Compute;
 
 pub fn generate(batches: &[usize], tokens: usize, data_root: &Path) -> Result<()> {
-    let loaded = Loaded::load(None, None, &|m| eprintln!("{m}"))?;
+    let loaded = Loaded::load(None, None, Compute::F32, &|m| eprintln!("{m}"))?;
     let m = loaded.view();
     let items = tasks::load(&Task::Gsm8k, data_root, Some(1))?;
     let Items::Gen {
@@ -107,12 +107,7 @@ pub fn random_prompts(
         prompt_len > 0 && tokens > 0,
         "--prompt-len and --tokens must be positive"
     );
-    let say = |m: &str| eprintln!("{m}");
-    let loaded = Loaded::with_adapter(
-        Base::load(None, &say)?.in_compute(compute, &say)?,
-        None,
-        &say,
-    )?;
+    let loaded = Loaded::load(None, None, compute, &|m| eprintln!("{m}"))?;
     let m = loaded.view();
     let vocab = m.model.config().vocab_size as u32;
     let empty = SharedPrefix::new(m.model, m.tok, "", m.adapter)?;

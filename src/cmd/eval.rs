@@ -12,6 +12,7 @@ use fedtune_adapters::eval::sandbox;
 use fedtune_adapters::eval::suite::{
     check_sandbox, evaluate, file_name, load_items, parse_tasks, Named, Settings,
 };
+use fedtune_adapters::model::Compute;
 use fedtune_adapters::progress::Observer;
 
 use crate::display::Display;
@@ -73,6 +74,10 @@ pub struct EvalArgs {
     /// The course config whose data split the `loss` task scores.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// The frozen weights' dtype: f32, bf16 or auto (default: --config's
+    /// `[model] compute`, else f32).
+    #[arg(long)]
+    pub compute: Option<Compute>,
     /// Which split of the config's data the `loss` task scores: test, val or train.
     #[arg(long, default_value = "test")]
     pub split: String,
@@ -121,7 +126,14 @@ pub fn eval(args: EvalArgs) -> Result<()> {
             args.adapter.as_deref(),
             &say,
         )?,
-        None => Loaded::load(model.as_deref(), args.adapter.as_deref(), &say)?,
+        None => {
+            let course_compute = course
+                .as_ref()
+                .and_then(|c| c.llm().ok())
+                .map(|l| l.model.compute);
+            let compute = args.compute.or(course_compute).unwrap_or_default();
+            Loaded::load(model.as_deref(), args.adapter.as_deref(), compute, &say)?
+        }
     };
     let mut reports = Vec::new();
     for (named, items) in tasks.iter().zip(loaded_items) {

@@ -44,6 +44,10 @@ pub struct Sampling {
     /// Print no loading messages.
     #[arg(long)]
     pub quiet: bool,
+    /// The frozen weights' dtype: f32, bf16 (half the memory, bf16 products
+    /// where the CPU has them) or auto.
+    #[arg(long, default_value = "f32")]
+    pub compute: fedtune_adapters::model::Compute,
 }
 
 impl Sampling {
@@ -79,6 +83,7 @@ impl Sampling {
         Ok(Loaded::load(
             self.model.as_deref(),
             self.adapter.as_deref(),
+            self.compute,
             &|l| display.say(l),
         )?)
     }

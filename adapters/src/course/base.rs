@@ -175,9 +175,19 @@ pub struct Loaded {
 }
 
 impl Loaded {
-    /// Loads the model (the default one if `path` is `None`) and the adapter in `adapter`.
-    pub fn load(path: Option<&Path>, adapter: Option<&Path>, say: &dyn Fn(&str)) -> Result<Self> {
-        Self::with_adapter(Base::load(path, say)?, adapter, say)
+    /// Loads the model (the default one if `path` is `None`), its frozen
+    /// weights in `compute`'s dtype, and the adapter in `adapter`.
+    pub fn load(
+        path: Option<&Path>,
+        adapter: Option<&Path>,
+        compute: crate::model::Compute,
+        say: &dyn Fn(&str),
+    ) -> Result<Self> {
+        Self::with_adapter(
+            Base::load(path, say)?.in_compute(compute, say)?,
+            adapter,
+            say,
+        )
     }
 
     /// `base` with the adapter in `adapter` (none: the base model alone).
