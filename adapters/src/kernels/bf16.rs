@@ -32,6 +32,10 @@ const NR: usize = 32;
 const MR: usize = 8;
 /// Rows of `x` at most for which W's rows are streamed instead of packed.
 const STREAM_ROWS: usize = 16;
+/// Pairs of the summed index per packed chunk: 32 columns' chunk is 64 KiB.
+const KC: usize = 512;
+/// Words of packed panels swept together (256 KiB, within L2).
+const GROUP_WORDS: usize = 64 * 1024;
 
 /// Whether this process multiplies bf16 weights on `vdpbf16ps`.
 pub fn bf16_units() -> bool {
@@ -88,17 +92,34 @@ pub(crate) fn product(
             }
         });
     } else if bf16_units() {
-        let xb = pairs(x, m, k);
+        let (xb, k2) = (pairs(x, m, k), k.div_ceil(2));
         on_pool(n.div_ceil(per), |b| {
             let cols = b * per..((b + 1) * per).min(n);
             let mut dst = out.block(0..m, cols.clone());
-            let mut panel = vec![0u32; k.div_ceil(2) * NR];
-            for c0 in cols.clone().step_by(NR) {
-                let width = NR.min(cols.end - c0);
-                pack(w, transposed, (k, n), c0..c0 + width, &mut panel);
-                sweep(&xb, &panel, (m, k.div_ceil(2)), |row, values| {
-                    dst.row(row)[c0 - cols.start..][..width].copy_from_slice(&values[..width]);
-                });
+            let panels: Vec<usize> = cols.clone().step_by(NR).collect();
+            // A chunk of the summed index and a group of panels at a time,
+            // packed into about 256 KiB, so they stay in cache while every
+            // row of x passes them.
+            let group = (GROUP_WORDS / (KC.min(k2) * NR)).max(1);
+            let mut packed = vec![0u32; group * KC.min(k2) * NR];
+            for kc0 in (0..k2).step_by(KC) {
+                let chunk = kc0..(kc0 + KC).min(k2);
+                let size = chunk.len() * NR;
+                for starts in panels.chunks(group) {
+                    for (p, &c0) in starts.iter().enumerate() {
+                        let cols = c0..(c0 + NR).min(cols.end);
+                        let panel = &mut packed[p * size..][..size];
+                        pack(w, transposed, (k, n), (cols, chunk.clone()), panel);
+                    }
+                    let used = &packed[..starts.len() * size];
+                    sweep(&xb, used, (m, k2), chunk.clone(), |row, p, values| {
+                        let c0 = starts[p] - cols.start;
+                        let width = NR.min(cols.end - starts[p]);
+                        for (d, v) in dst.row(row)[c0..][..width].iter_mut().zip(values) {
+                            *d += v;
+                        }
+                    });
+                }
             }
         });
     } else {
@@ -168,23 +189,23 @@ fn round_row(row: &[f32], dst: &mut [u32]) {
     }
 }
 
-/// Packs `B`'s columns `cols` (at most [`NR`]) into `panel`: for each pair
-/// `kk` of the summed index, `NR` words `(B[2kk, j], B[2kk+1, j])`, columns
-/// past `cols` zero.
+/// Packs `B`'s columns `cols` (at most [`NR`]) for the pairs `pairs` of the
+/// summed index into `panel`: for each pair `kk`, `NR` words
+/// `(B[2kk, j], B[2kk+1, j])`, columns past `cols` zero.
 fn pack(
     w: &[bf16],
     transposed: bool,
     (k, n): (usize, usize),
-    cols: std::ops::Range<usize>,
+    (cols, pairs): (std::ops::Range<usize>, std::ops::Range<usize>),
     panel: &mut [u32],
 ) {
-    let k2 = k.div_ceil(2);
-    assert_eq!(panel.len(), k2 * NR);
+    assert_eq!(panel.len(), pairs.len() * NR);
+    assert!(pairs.end <= k.div_ceil(2) && cols.len() <= NR);
     panel.fill(0);
     if transposed {
         // Row j of W holds B's column j: its pairs are consecutive.
         for (jj, j) in cols.enumerate() {
-            let row = &w[j * k..(j + 1) * k];
+            let row = &w[j * k..(j + 1) * k][2 * pairs.start..(2 * pairs.end).min(k)];
             for (kk, p) in row.chunks(2).enumerate() {
                 let lo = p[0].to_bits() as u32;
                 let hi = p.get(1).map_or(0, |v| v.to_bits() as u32);
@@ -194,7 +215,7 @@ fn pack(
     } else {
         // Rows 2kk and 2kk + 1 of W, interleaved (the last alone when k is odd).
         let width = cols.len();
-        for (kk, dst) in panel.chunks_exact_mut(NR).enumerate() {
+        for (dst, kk) in panel.chunks_exact_mut(NR).zip(pairs) {
             let even = &w[2 * kk * n + cols.start..][..width];
             if 2 * kk + 1 < k {
                 let odd = &w[(2 * kk + 1) * n + cols.start..][..width];
@@ -227,23 +248,33 @@ fn streamed(xb: &[u32], w: &[bf16], (m, k): (usize, usize), out: &mut [f32]) {
     }
 }
 
-/// Every row of `xb` (`m` rows of `k2` pairs) times the packed `panel`;
-/// `emit(row, values)` takes each output row's [`NR`] values.
-fn sweep(xb: &[u32], panel: &[u32], (m, k2): (usize, usize), mut emit: impl FnMut(usize, &[f32])) {
-    assert_eq!(xb.len(), m * k2);
-    assert_eq!(panel.len(), k2 * NR);
+/// Every row of `xb` (`m` rows of `k2` pairs), its pairs `chunk`, times each
+/// packed panel of `packed` (that chunk of one panel after another);
+/// `emit(row, panel, values)` takes the [`NR`] partial sums.
+fn sweep(
+    xb: &[u32],
+    packed: &[u32],
+    (m, k2): (usize, usize),
+    chunk: std::ops::Range<usize>,
+    mut emit: impl FnMut(usize, usize, &[f32]),
+) {
+    let size = chunk.len() * NR;
+    assert!(xb.len() == m * k2 && chunk.end <= k2 && size > 0 && packed.len().is_multiple_of(size));
     let mut row = 0;
     while row < m {
         let rows = MR.min(m - row);
-        let mut acc = [[0f32; NR]; MR];
-        let x = &xb[row * k2..(row + rows) * k2];
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: sweep runs only where bf16_units() holds (see product).
-        unsafe {
-            x86::tile_any(x, panel, k2, rows, &mut acc)
-        };
-        for (r, values) in acc.iter().take(rows).enumerate() {
-            emit(row + r, values);
+        // Rows row.. of x from the chunk's first pair on: `rows` rows `k2` apart.
+        let x = &xb[row * k2 + chunk.start..(row + rows - 1) * k2 + chunk.end];
+        for (p, panel) in packed.chunks_exact(size).enumerate() {
+            let mut acc = [[0f32; NR]; MR];
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: sweep runs only where bf16_units() holds (see product).
+            unsafe {
+                x86::tile_any(x, k2, panel, rows, &mut acc)
+            };
+            for (r, values) in acc.iter().take(rows).enumerate() {
+                emit(row + r, p, values);
+            }
         }
         row += rows;
     }
@@ -321,47 +352,54 @@ mod x86 {
     /// The CPU must have AVX512F and AVX512-BF16.
     pub(super) unsafe fn tile_any(
         x: &[u32],
+        stride: usize,
         panel: &[u32],
-        k2: usize,
         rows: usize,
         acc: &mut [[f32; NR]; MR],
     ) {
         // SAFETY: as this function's.
         unsafe {
             match rows {
-                8 => tile::<8>(x, panel, k2, acc),
-                7 => tile::<7>(x, panel, k2, acc),
-                6 => tile::<6>(x, panel, k2, acc),
-                5 => tile::<5>(x, panel, k2, acc),
-                4 => tile::<4>(x, panel, k2, acc),
-                3 => tile::<3>(x, panel, k2, acc),
-                2 => tile::<2>(x, panel, k2, acc),
-                1 => tile::<1>(x, panel, k2, acc),
+                8 => tile::<8>(x, stride, panel, acc),
+                7 => tile::<7>(x, stride, panel, acc),
+                6 => tile::<6>(x, stride, panel, acc),
+                5 => tile::<5>(x, stride, panel, acc),
+                4 => tile::<4>(x, stride, panel, acc),
+                3 => tile::<3>(x, stride, panel, acc),
+                2 => tile::<2>(x, stride, panel, acc),
+                1 => tile::<1>(x, stride, panel, acc),
                 _ => unreachable!("1 to {MR} rows"),
             }
         }
     }
 
-    /// `acc[r] = x_r · panel` for the `R` rows of `x` (`k2` pairs each).
+    /// `acc[r] = x_r · panel` for the `R` rows of `x`, `stride` words apart,
+    /// each `kc = panel.len() / NR` pairs long.
     ///
     /// # Safety
     /// The CPU must have AVX512F and AVX512-BF16. Bounds are asserted
-    /// here: every read is of `x[r·k2 + kk]` (r < R, kk < k2) or of
+    /// here: every read is of `x[r·stride + kk]` (r < R, kk < kc) or of
     /// `panel[kk·NR .. kk·NR + NR]`.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn tile<const R: usize>(x: &[u32], panel: &[u32], k2: usize, acc: &mut [[f32; NR]; MR]) {
-        assert!(R <= MR && x.len() >= R * k2 && panel.len() >= k2 * NR);
+    unsafe fn tile<const R: usize>(
+        x: &[u32],
+        stride: usize,
+        panel: &[u32],
+        acc: &mut [[f32; NR]; MR],
+    ) {
+        let kc = panel.len() / NR;
+        assert!(R >= 1 && R <= MR && kc <= stride && x.len() >= (R - 1) * stride + kc);
         let mut c = [[_mm512_setzero_ps(); 2]; R];
         let (xp, pp) = (x.as_ptr(), panel.as_ptr());
-        for kk in 0..k2 {
-            // SAFETY: kk < k2 and the lengths asserted above.
+        for kk in 0..kc {
+            // SAFETY: kk < kc and the lengths asserted above.
             unsafe {
                 let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(pp.add(kk * NR).cast()));
                 let b1: __m512bh =
                     std::mem::transmute(_mm512_loadu_si512(pp.add(kk * NR + 16).cast()));
                 for (r, cr) in c.iter_mut().enumerate() {
                     let a: __m512bh =
-                        std::mem::transmute(_mm512_set1_epi32(*xp.add(r * k2 + kk) as i32));
+                        std::mem::transmute(_mm512_set1_epi32(*xp.add(r * stride + kk) as i32));
                     cr[0] = _mm512_dpbf16_ps(cr[0], a, b0);
                     cr[1] = _mm512_dpbf16_ps(cr[1], a, b1);
                 }
@@ -426,8 +464,11 @@ mod tests {
 
     #[test]
     fn products_match_f64_at_odd_shapes_both_ways() {
-        // Odd k (a padded pair), rows not a multiple of MR, columns not of NR.
+        // Odd k (a padded pair), rows not a multiple of MR, columns not of
+        // NR; k over one chunk (2·KC) so partial sums add up across chunks.
         for (m, k, n) in [
+            (19, 2 * KC + 3, 40),
+            (25, 4 * KC, 33),
             (1, 1, 1),
             (3, 7, 5),
             (13, 33, 70),
