@@ -23,6 +23,7 @@
 use half::bf16;
 
 use super::gemm::{gemm, Mat, Shared};
+use super::linear::{by_column_blocks, STREAM_ROWS};
 use super::rows::{on_pool, pool_threads};
 use crate::simd::{simd_path, SimdPath};
 
@@ -30,8 +31,6 @@ use crate::simd::{simd_path, SimdPath};
 const NR: usize = 32;
 /// Rows of `x` per microkernel call: 8 × 2 accumulators stay in registers.
 const MR: usize = 8;
-/// Rows of `x` at most for which W's rows are streamed instead of packed.
-const STREAM_ROWS: usize = 16;
 /// Pairs of the summed index per packed chunk: 32 columns' chunk is 64 KiB.
 const KC: usize = 512;
 /// Words of packed panels swept together (256 KiB, within L2).
@@ -74,24 +73,18 @@ pub(crate) fn product(
     if m == 0 || n == 0 || k == 0 {
         return vec![0.0; m * n];
     }
+    if bf16_units() && transposed && m <= STREAM_ROWS {
+        // Decoding: W's rows streamed once, unpacked, each dotted with every row of x.
+        let xb = pairs(x, m, k);
+        return by_column_blocks(m, n, |cols, local| {
+            streamed(&xb, &w[cols.start * k..cols.end * k], (m, k), local)
+        });
+    }
     // Rows are written one by one: the output starts zeroed.
     let out = Shared::zeroed(m, n);
     // As many column blocks as threads, each a whole number of panels.
     let per = n.div_ceil(NR).div_ceil(pool_threads()) * NR;
-    if bf16_units() && transposed && m <= STREAM_ROWS {
-        // Decoding: W's rows streamed once, unpacked, each dotted with every row of x.
-        let xb = pairs(x, m, k);
-        let per = n.div_ceil(pool_threads() * 4).next_multiple_of(16).max(16);
-        on_pool(n.div_ceil(per), |b| {
-            let cols = b * per..((b + 1) * per).min(n);
-            let mut local = vec![0f32; m * cols.len()];
-            streamed(&xb, &w[cols.start * k..cols.end * k], (m, k), &mut local);
-            let mut dst = out.block(0..m, cols.clone());
-            for (i, row) in local.chunks_exact(cols.len()).enumerate() {
-                dst.row(i).copy_from_slice(row);
-            }
-        });
-    } else if bf16_units() {
+    if bf16_units() {
         let (xb, k2) = (pairs(x, m, k), k.div_ceil(2));
         on_pool(n.div_ceil(per), |b| {
             let cols = b * per..((b + 1) * per).min(n);

@@ -122,26 +122,40 @@ impl Linear {
     /// block of W first, and for so few rows packing costs more than the
     /// product.
     fn streamed<T: Real>(&self, x: &[T], (m, k, n): (usize, usize, usize)) -> Result<Vec<T>> {
-        // Blocks small enough to balance the pool, large enough to amortize it.
-        let per = n.div_ceil(pool_threads() * 4).next_multiple_of(16).max(16);
-        let out = Shared::zeroed(m, n);
         with_data::<T, _>(&self.w, "linear", |w| {
-            on_pool(n.div_ceil(per), |b| {
-                let cols = b * per..((b + 1) * per).min(n);
-                let mut local = vec![T::from_f64(0.0); m * cols.len()];
-                T::dots(x, &w[cols.start * k..cols.end * k], k, &mut local);
-                let mut dst = out.block(0..m, cols.clone());
-                for (i, row) in local.chunks_exact(cols.len()).enumerate() {
-                    dst.row(i).copy_from_slice(row);
-                }
-            });
-        })?;
-        Ok(out.into_vec())
+            by_column_blocks(m, n, |cols, local| {
+                T::dots(x, &w[cols.start * k..cols.end * k], k, local)
+            })
+        })
     }
 }
 
-/// Rows of `x` at most for which [`Linear`] streams W instead of calling gemm.
-const STREAM_ROWS: usize = 16;
+/// Rows of `x` at most for which W is streamed instead of packed (here and
+/// in [`super::bf16`]).
+pub(super) const STREAM_ROWS: usize = 16;
+
+/// An `m × n` output whose column blocks `fill(cols, block)` computes on the
+/// worker pool, each into a zeroed row-major `m × cols.len()` buffer: the
+/// streamed products' split, blocks small enough to balance the pool and
+/// large enough to amortize it.
+pub(super) fn by_column_blocks<T: WithDType>(
+    m: usize,
+    n: usize,
+    fill: impl Fn(std::ops::Range<usize>, &mut [T]) + Sync,
+) -> Vec<T> {
+    let per = n.div_ceil(pool_threads() * 4).next_multiple_of(16).max(16);
+    let out = Shared::zeroed(m, n);
+    on_pool(n.div_ceil(per), |b| {
+        let cols = b * per..((b + 1) * per).min(n);
+        let mut local = vec![T::from_f64(0.0); m * cols.len()];
+        fill(cols.clone(), &mut local);
+        let mut dst = out.block(0..m, cols.clone());
+        for (i, row) in local.chunks_exact(cols.len()).enumerate() {
+            dst.row(i).copy_from_slice(row);
+        }
+    });
+    out.into_vec()
+}
 
 impl CustomOp1 for Linear {
     fn name(&self) -> &'static str {
