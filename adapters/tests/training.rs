@@ -389,3 +389,23 @@ fn lora_dropout_is_seeded_and_only_on_while_training() {
     l1.set_training(false);
     assert_eq!(max_diff(&eval, &run(&l1)), 0.0);
 }
+
+#[test]
+fn a_compute_dtype_converts_there_and_back() {
+    // bf16 and back to f32 gives f32 projections and the weights' own head
+    // again (asking for f32 once left a converted model in bf16).
+    let cfg = common::tiny_config(false);
+    let model = Llama::random(cfg, 5, DType::F32, &Device::Cpu).unwrap();
+    let bf16 = model.with_compute(DType::BF16).unwrap();
+    assert_eq!(bf16.compute_dtype(), DType::BF16);
+    assert_eq!(bf16.output_weight().dtype(), DType::BF16);
+    assert_eq!(bf16.dtype(), DType::F32);
+    let back = bf16.with_compute(DType::F32).unwrap();
+    assert_eq!(back.compute_dtype(), DType::F32);
+    assert_eq!(back.output_weight().dtype(), DType::F32);
+    assert_eq!(
+        back.output_weight().to_vec2::<f32>().unwrap(),
+        model.output_weight().to_vec2::<f32>().unwrap(),
+        "the f32 head is the model's own, not a bf16 round trip"
+    );
+}

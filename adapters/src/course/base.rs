@@ -115,7 +115,7 @@ impl Base {
     /// ([`Llama::with_compute`]); says so when that is not f32.
     pub fn in_compute(self, compute: crate::model::Compute, say: &dyn Fn(&str)) -> Result<Self> {
         let dtype = compute.dtype();
-        if dtype == self.model.dtype() {
+        if dtype == self.model.compute_dtype() {
             return Ok(self);
         }
         say(&format!(

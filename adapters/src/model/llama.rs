@@ -378,10 +378,15 @@ impl Llama {
     /// time and letting each layer's old weights go once converted (unless
     /// another model shares them), so memory never holds two whole copies.
     pub fn into_compute(mut self, dtype: DType) -> Result<Self> {
-        if dtype == self.dtype() {
+        if dtype == self.compute_dtype() {
             return Ok(self);
         }
-        let head = self.output_weight().to_dtype(dtype)?;
+        // Back in the model's own dtype, the head is the weights' own again.
+        let head = if dtype == self.dtype() {
+            None
+        } else {
+            Some(self.output_weight().to_dtype(dtype)?)
+        };
         self.layers = std::mem::take(&mut self.layers)
             .into_iter()
             .map(|l| {
@@ -395,7 +400,7 @@ impl Llama {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        self.compute_head = Some(head);
+        self.compute_head = head;
         Ok(self)
     }
 
