@@ -440,3 +440,90 @@ fn a_compute_setting_is_checked_by_key() {
         text(&o.stdout)
     );
 }
+
+/// `[model] device` takes cpu, cuda or cuda:N, refused by key otherwise;
+/// `--device` sets it. On a build without CUDA every command that would
+/// use a GPU stops at once with the way to get one, before any data or
+/// model is read (no panic deep in a course).
+#[test]
+fn a_device_setting_is_checked_by_key_and_fails_at_start_without_cuda() {
+    let o = fedtune(&[
+        "run",
+        "configs/quickstart.toml",
+        "--dry-run",
+        "--set",
+        "model.device=\"gpu\"",
+    ]);
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("model.device") && err.contains("gpu") && err.contains("cpu, cuda or cuda:N"),
+        "{err}"
+    );
+    let o = fedtune(&[
+        "run",
+        "configs/quickstart.toml",
+        "--dry-run",
+        "--device",
+        "cuda:1",
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stdout).contains("device = \"cuda:1\""),
+        "{}",
+        text(&o.stdout)
+    );
+    // The default stays out of the resolved config (earlier runs keep their fingerprint).
+    let o = fedtune(&["run", "configs/quickstart.toml", "--dry-run"]);
+    assert!(!text(&o.stdout).contains("device ="), "{}", text(&o.stdout));
+    if cfg!(feature = "cuda") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let out = out.to_str().unwrap();
+    let commands: [&[&str]; 5] = [
+        &[
+            "run",
+            "configs/quickstart.toml",
+            "--device",
+            "cuda",
+            "--out",
+            out,
+        ],
+        &["eval", "gsm8k", "--limit", "1", "--device", "cuda:0"],
+        &["bench", "train-step", "--device", "cuda"],
+        &["generate", "--prompt", "hi", "--device", "cuda"],
+        &[
+            "bench",
+            "generate",
+            "--prompt-len",
+            "8",
+            "--no-prefix",
+            "--device",
+            "cuda",
+        ],
+    ];
+    for args in commands {
+        let started = std::time::Instant::now();
+        let o = fedtune(args);
+        let err = text(&o.stderr);
+        assert!(!o.status.success(), "{args:?}");
+        assert!(
+            err.contains("built without CUDA") && err.contains("--features cuda"),
+            "{args:?}: {err}"
+        );
+        assert!(
+            !err.contains("panicked") && !err.contains("loading"),
+            "{args:?}: {err}"
+        );
+        assert!(
+            started.elapsed().as_secs() < 20,
+            "{args:?} did not fail at start"
+        );
+    }
+    assert!(
+        !Path::new(out).exists(),
+        "the run directory is not made for a run that cannot start"
+    );
+}

@@ -84,7 +84,7 @@ pub fn cross_entropy_rows(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
             targets.len()
         )
     }
-    if !logits.device().is_cpu() {
+    if !logits.device().is_cpu() || crate::kernels::composite_forced() {
         return composite_cross_entropy(logits, targets);
     }
     let logits = logits.contiguous()?;

@@ -14,10 +14,10 @@ use fedtune_adapters::eval::tasks::{self, Items, Task};
 use fedtune_adapters::generate::GenerationConfig;
 
 use fedtune_adapters::course::Loaded;
-use fedtune_adapters::model::Compute;
+use fedtune_adapters::model::Placement;
 
 pub fn generate(batches: &[usize], tokens: usize, data_root: &Path) -> Result<()> {
-    let loaded = Loaded::load(None, None, Compute::F32, &|m| eprintln!("{m}"))?;
+    let loaded = Loaded::load(None, None, Placement::default(), &|m| eprintln!("{m}"))?;
     let m = loaded.view();
     let items = tasks::load(&Task::Gsm8k, data_root, Some(1))?;
     let Items::Gen {
@@ -97,9 +97,8 @@ pub fn generate(batches: &[usize], tokens: usize, data_root: &Path) -> Result<()
 /// same short warm-up.
 pub fn random_prompts(
     batches: &[usize],
-    prompt_len: usize,
-    tokens: usize,
-    compute: Compute,
+    (prompt_len, tokens): (usize, usize),
+    placement: Placement,
     json: bool,
 ) -> Result<()> {
     use rand::{Rng, SeedableRng};
@@ -107,7 +106,7 @@ pub fn random_prompts(
         prompt_len > 0 && tokens > 0,
         "--prompt-len and --tokens must be positive"
     );
-    let loaded = Loaded::load(None, None, compute, &|m| eprintln!("{m}"))?;
+    let loaded = Loaded::load(None, None, placement, &|m| eprintln!("{m}"))?;
     let m = loaded.view();
     let vocab = m.model.config().vocab_size as u32;
     let empty = SharedPrefix::new(m.model, m.tok, "", m.adapter)?;
@@ -116,7 +115,7 @@ pub fn random_prompts(
         ignore_eos: true,
         ..GenerationConfig::default()
     };
-    let path = compute.path();
+    let path = placement.path();
     if !json {
         println!(
             "prefill of {prompt_len} random tokens + greedy decoding of {tokens} ({path} path)\n"

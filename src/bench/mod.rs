@@ -26,7 +26,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Subcommand;
-use fedtune_adapters::model::Compute;
+use fedtune_adapters::model::{Compute, DeviceSpec, Placement};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -116,6 +116,9 @@ pub enum BenchCommand {
         /// With --prompt-len: the frozen base's dtype (auto, f32, bf16).
         #[arg(long, default_value = "f32")]
         compute: Compute,
+        /// With --prompt-len: where the model runs (cpu, cuda, cuda:N).
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
         /// Print JSON lines (with --prompt-len).
         #[arg(long)]
         json: bool,
@@ -149,6 +152,9 @@ pub enum BenchCommand {
         /// The frozen base's dtype: auto, f32 or bf16 (`[model] compute`).
         #[arg(long, default_value = "f32")]
         compute: Compute,
+        /// Where the step runs: cpu, cuda or cuda:N (`[model] device`).
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -196,8 +202,9 @@ pub fn bench(command: BenchCommand) -> Result<()> {
             seq_len,
             steps,
             compute,
+            device,
             json,
-        } => train::train_step(batch, seq_len, steps, compute, json),
+        } => train::train_step((batch, seq_len, steps), Placement { compute, device }, json),
         BenchCommand::Scripts {
             calls,
             clients,
@@ -238,9 +245,15 @@ pub fn bench(command: BenchCommand) -> Result<()> {
             tokens,
             prompt_len: Some(prompt_len),
             compute,
+            device,
             json,
             ..
-        } => generate::random_prompts(&batches, prompt_len, tokens, compute, json),
+        } => generate::random_prompts(
+            &batches,
+            (prompt_len, tokens),
+            Placement { compute, device },
+            json,
+        ),
         BenchCommand::Generate {
             batches,
             tokens,

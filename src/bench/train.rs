@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use fedtune_adapters::adapter::Adapter;
 use fedtune_adapters::fetch::ensure_default_model;
 use fedtune_adapters::lora::{Lora, LoraConfig};
-use fedtune_adapters::model::{load_gguf, Compute};
+use fedtune_adapters::model::{load_gguf, Placement};
 use fedtune_adapters::train::{Batch, NoHooks, Stepper, TrainConfig};
 use fedtune_kernel::metrics::peak_rss_mib;
 use serde::Serialize;
@@ -42,18 +42,19 @@ struct TrainStepReport {
 }
 
 pub fn train_step(
-    batch: usize,
-    seq_len: usize,
-    steps: usize,
-    compute: Compute,
+    (batch, seq_len, steps): (usize, usize, usize),
+    placement: Placement,
     json: bool,
 ) -> Result<()> {
     ensure!(
         batch > 0 && seq_len > 1 && steps > 0,
         "--batch, --seq-len (> 1) and --steps must be positive"
     );
-    let device = Device::Cpu;
-    let model = &default_model_f32()?.model.into_compute(compute.dtype())?;
+    let device = placement.device.open()?;
+    let model = &default_model_f32()?
+        .model
+        .into_compute(placement.dtype())?
+        .to_device(&device)?;
     let cfg = model.config();
     ensure!(
         seq_len <= cfg.max_position_embeddings,
@@ -89,6 +90,8 @@ pub fn train_step(
             (s + 1, steps + 1),
             &mut NoHooks,
         )?;
+        // A GPU queues work: the step is done when the device says so.
+        device.synchronize()?;
         times.push(started.elapsed().as_secs_f64());
     }
     let per_step = times.iter().sum::<f64>() / steps as f64;
@@ -107,6 +110,7 @@ pub fn train_step(
         forward_s = forward_s.min(t.elapsed().as_secs_f64());
         let t = Instant::now();
         let grads = loss.backward()?;
+        device.synchronize()?;
         backward_s = backward_s.min(t.elapsed().as_secs_f64());
         drop(grads);
     }
@@ -134,7 +138,7 @@ pub fn train_step(
             .map(|n| n.get())
             .unwrap_or(1),
         simd: fedtune_adapters::simd::simd_path().name(),
-        compute: compute.path(),
+        compute: placement.path(),
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -17,6 +17,9 @@ pub struct RunArgs {
     /// Override a config value: `--set federate.rounds=3` (repeatable).
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     pub set: Vec<String>,
+    /// Where the model runs: cpu, cuda or cuda:N (`--set model.device=…`).
+    #[arg(long)]
+    pub device: Option<fedtune_adapters::model::DeviceSpec>,
     /// Output directory (default: runs/<course>-<timestamp>).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -43,6 +46,14 @@ pub struct RunArgs {
     /// (default 127.0.0.1:0, a free loopback port; the address is printed).
     #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:0")]
     pub serve: Option<String>,
+}
+
+impl RunArgs {
+    /// The config overrides: `--set`s, then `--device`'s.
+    pub fn overrides(&self) -> Vec<String> {
+        let device = self.device.map(|d| format!("model.device=\"{d}\""));
+        self.set.iter().cloned().chain(device).collect()
+    }
 }
 
 /// Where a course run writes: `out`, or `runs/<course>-<timestamp>`;

@@ -12,7 +12,7 @@ use fedtune_adapters::eval::sandbox;
 use fedtune_adapters::eval::suite::{
     check_sandbox, evaluate, file_name, load_items, parse_tasks, Named, Settings,
 };
-use fedtune_adapters::model::Compute;
+use fedtune_adapters::model::{Compute, DeviceSpec, Placement};
 use fedtune_adapters::progress::Observer;
 
 use crate::display::Display;
@@ -78,6 +78,10 @@ pub struct EvalArgs {
     /// `[model] compute`, else f32).
     #[arg(long)]
     pub compute: Option<Compute>,
+    /// Where the model runs: cpu, cuda or cuda:N (default: --config's
+    /// `[model] device`, else cpu).
+    #[arg(long)]
+    pub device: Option<DeviceSpec>,
     /// Which split of the config's data the `loss` task scores: test, val or train.
     #[arg(long, default_value = "test")]
     pub split: String,
@@ -106,6 +110,23 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         }
         (None, false) => None,
     };
+    // --compute and --device, else the course's own; a device that cannot
+    // be used fails now, before any data or model is read.
+    let course_model = course
+        .as_ref()
+        .and_then(|c| c.llm().ok())
+        .map(|l| l.model.clone());
+    let placement = Placement {
+        compute: args
+            .compute
+            .or(course_model.as_ref().map(|m| m.compute))
+            .unwrap_or_default(),
+        device: args
+            .device
+            .or(course_model.as_ref().map(|m| m.device))
+            .unwrap_or_default(),
+    };
+    placement.device.open()?;
     // Check the sandbox and load every task's items before the model: a
     // missing file or protection fails fast.
     let sandbox_line = check_sandbox(&tasks, settings.sandbox)?;
@@ -121,19 +142,19 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         .clone()
         .or_else(|| course.as_ref().and_then(CourseFile::model_path));
     let loaded = match &args.emulator {
+        // FedOT's emulator is trained and scored in f32.
         Some(dir) => Loaded::with_adapter(
-            Base::emulator(dir, model.as_deref(), &say)?,
+            Base::emulator(dir, model.as_deref(), &say)?.place(
+                Placement {
+                    compute: Compute::F32,
+                    ..placement
+                },
+                &say,
+            )?,
             args.adapter.as_deref(),
             &say,
         )?,
-        None => {
-            let course_compute = course
-                .as_ref()
-                .and_then(|c| c.llm().ok())
-                .map(|l| l.model.compute);
-            let compute = args.compute.or(course_compute).unwrap_or_default();
-            Loaded::load(model.as_deref(), args.adapter.as_deref(), compute, &say)?
-        }
+        None => Loaded::load(model.as_deref(), args.adapter.as_deref(), placement, &say)?,
     };
     let mut reports = Vec::new();
     for (named, items) in tasks.iter().zip(loaded_items) {

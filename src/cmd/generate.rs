@@ -48,6 +48,10 @@ pub struct Sampling {
     /// where the CPU has them) or auto.
     #[arg(long, default_value = "f32")]
     pub compute: fedtune_adapters::model::Compute,
+    /// Where the model runs: cpu, cuda or cuda:N (a build with
+    /// `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: fedtune_adapters::model::DeviceSpec,
 }
 
 impl Sampling {
@@ -83,7 +87,10 @@ impl Sampling {
         Ok(Loaded::load(
             self.model.as_deref(),
             self.adapter.as_deref(),
-            self.compute,
+            fedtune_adapters::model::Placement {
+                compute: self.compute,
+                device: self.device,
+            },
             &|l| display.say(l),
         )?)
     }

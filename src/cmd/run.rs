@@ -15,10 +15,14 @@ use crate::display::Display;
 
 /// `fedtune run`.
 pub fn run(args: RunArgs) -> Result<()> {
-    let course = CourseFile::load(&args.config, &args.set)?;
+    let course = CourseFile::load(&args.config, &args.overrides())?;
     if args.dry_run {
         print!("{}", course.resolved()?);
         return Ok(());
+    }
+    // A device that cannot be used stops the run before its directory exists.
+    if let Ok(llm) = course.llm() {
+        llm.model.device.open()?;
     }
     let out = run_output(
         &course,

@@ -18,7 +18,8 @@ use crate::course::Context;
 use crate::eval::EvalModel;
 use crate::fetch::ensure_default_model;
 use crate::model::{
-    fetch_model, load_gguf, load_hf_dir, load_hf_tokenizer, HubId, Llama, ProjectionAdapter,
+    fetch_model, load_gguf, load_hf_dir, load_hf_tokenizer, HubId, Llama, Placement,
+    ProjectionAdapter,
 };
 use crate::peft::load_adapter;
 use crate::tokenizer::TextTokenizer;
@@ -111,26 +112,40 @@ impl Base {
         })
     }
 
-    /// This base with its frozen weights in `compute`'s dtype
-    /// ([`Llama::with_compute`]); says so when that is not f32.
-    pub fn in_compute(self, compute: crate::model::Compute, say: &dyn Fn(&str)) -> Result<Self> {
-        let dtype = compute.dtype();
-        if dtype == self.model.compute_dtype() {
+    /// This base with its frozen weights in the placement's dtype
+    /// ([`Llama::with_compute`]), on its device ([`Llama::to_device`]);
+    /// says so when that is not f32 on the CPU. The dtype changes first, so
+    /// a bf16 base crosses to a GPU at half the size.
+    pub fn place(self, placement: Placement, say: &dyn Fn(&str)) -> Result<Self> {
+        let device = placement.device.open()?;
+        let dtype = placement.dtype();
+        let (convert, moves) = (
+            dtype != self.model.compute_dtype(),
+            !self.model.device().same_device(&device),
+        );
+        if !convert && !moves {
             return Ok(self);
         }
         say(&format!(
-            "frozen base in {dtype:?} (model.compute = \"{}\": {})",
-            compute.name(),
-            compute.path()
+            "frozen base in {dtype:?} on {} (model.compute = \"{}\": {})",
+            placement.device,
+            placement.compute.name(),
+            placement.path()
         ));
         // Converted in place when no one else holds the f32 model.
-        let model = Arc::try_unwrap(self.model).unwrap_or_else(|shared| (*shared).clone());
+        let mut model = Arc::try_unwrap(self.model).unwrap_or_else(|shared| (*shared).clone());
+        if convert {
+            model = model
+                .into_compute(dtype)
+                .context("converting the base model")?;
+        }
+        if moves {
+            model = model
+                .to_device(&device)
+                .with_context(|| format!("moving the base model to {}", placement.device))?;
+        }
         Ok(Self {
-            model: Arc::new(
-                model
-                    .into_compute(dtype)
-                    .context("converting the base model")?,
-            ),
+            model: Arc::new(model),
             ..self
         })
     }
@@ -176,18 +191,17 @@ pub struct Loaded {
 
 impl Loaded {
     /// Loads the model (the default one if `path` is `None`), its frozen
-    /// weights in `compute`'s dtype, and the adapter in `adapter`.
+    /// weights in the placement's dtype and on its device, and the adapter
+    /// in `adapter`. The device is opened first, so one that cannot be used
+    /// fails before anything is read.
     pub fn load(
         path: Option<&Path>,
         adapter: Option<&Path>,
-        compute: crate::model::Compute,
+        placement: Placement,
         say: &dyn Fn(&str),
     ) -> Result<Self> {
-        Self::with_adapter(
-            Base::load(path, say)?.in_compute(compute, say)?,
-            adapter,
-            say,
-        )
+        placement.device.open()?;
+        Self::with_adapter(Base::load(path, say)?.place(placement, say)?, adapter, say)
     }
 
     /// `base` with the adapter in `adapter` (none: the base model alone).

@@ -104,6 +104,21 @@ pub struct ModelSection {
     /// resolved config when f32, so earlier runs keep their fingerprint.
     #[serde(skip_serializing_if = "crate::model::Compute::is_f32")]
     pub compute: crate::model::Compute,
+    /// Where the model lives and runs: `cpu` (the default, with the fused
+    /// kernels), `cuda` or `cuda:N` (a build with `--features cuda`; the
+    /// composite ops). Left out of the resolved config when cpu.
+    #[serde(skip_serializing_if = "crate::model::DeviceSpec::is_cpu")]
+    pub device: crate::model::DeviceSpec,
+}
+
+impl ModelSection {
+    /// The device and the frozen base's dtype this section asks for.
+    pub fn placement(&self) -> crate::model::Placement {
+        crate::model::Placement {
+            compute: self.compute,
+            device: self.device,
+        }
+    }
 }
 
 /// `[eval]`: benchmarks run on the final adapter when the course ends.

@@ -27,6 +27,7 @@ use super::numeric::run_least_squares;
 use super::run::run_llm_on;
 use super::run_dir::Output;
 use super::{Base, CourseError, Result};
+use crate::model::Placement;
 use crate::progress::Silent;
 
 /// Runs a course file's trials.
@@ -35,7 +36,7 @@ pub struct CourseTrials {
     doc: ConfigDoc,
     data_root: Option<PathBuf>,
     /// Base models loaded so far, by path (`None`: the default model).
-    bases: Mutex<BTreeMap<Option<PathBuf>, Base>>,
+    bases: Mutex<BTreeMap<(Option<PathBuf>, Placement), Base>>,
     fingerprint: String,
     /// An LLM course (checkpointed every round, so trials can continue).
     llm: bool,
@@ -106,19 +107,23 @@ impl CourseTrials {
         Ok(doc)
     }
 
-    /// The base model of `course`, loaded once per path.
+    /// The base model of `course` in its placement (dtype and device),
+    /// loaded and placed once per path and placement, not once per trial.
     fn base(&self, course: &CourseFile) -> Result<Base> {
-        let path = course.model_path();
+        let key = match &course.task {
+            Task::Llm(llm) => (course.model_path(), llm.model.placement()),
+            Task::LeastSquares(_) => (course.model_path(), Placement::default()),
+        };
         let mut bases = self
             .bases
             .lock()
             .map_err(|_| CourseError::invalid("a trial panicked while loading the model"))?;
-        if let Some(b) = bases.get(&path) {
+        if let Some(b) = bases.get(&key) {
             return Ok(b.clone());
         }
         let say = |line: &str| (self.say)(line);
-        let base = Base::load(path.as_deref(), &say)?;
-        bases.insert(path, base.clone());
+        let base = Base::load(key.0.as_deref(), &say)?.place(key.1, &say)?;
+        bases.insert(key, base.clone());
         Ok(base)
     }
 

@@ -58,6 +58,9 @@ pub enum CourseError {
     /// The configuration is valid TOML, but the course cannot run as configured.
     #[error("{0}")]
     Invalid(String),
+    /// `[model] device` cannot be used here.
+    #[error(transparent)]
+    Device(#[from] crate::model::DeviceError),
     /// The kernel's course failed (a worker, a transport, a trainer).
     #[error(transparent)]
     Course(#[from] fedtune_kernel::course::CourseError),

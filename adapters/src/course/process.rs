@@ -93,8 +93,9 @@ pub fn server_process(
             Arc::new(MsgpackStore),
         ),
         Task::Llm(llm) => {
+            llm.model.device.open()?;
             let base = Base::load(course.model_path().as_deref(), &say)?
-                .in_compute(llm.model.compute, &say)?;
+                .place(llm.model.placement(), &say)?;
             let root = crate::data::data_root(out.data_root.as_deref());
             let (model, spec) =
                 match emulator(llm, (&base.model, &base.path), &base.tok, &root, &say)? {
@@ -310,8 +311,9 @@ pub fn client_process(
             )?))
         }
         Task::Llm(llm) => {
+            llm.model.device.open()?;
             let base = Base::load(course.model_path().as_deref(), say)?
-                .in_compute(llm.model.compute, say)?;
+                .place(llm.model.placement(), say)?;
             Arc::new(Mutex::new(client_process_trainer(
                 course, &base, data_root, id,
             )?))

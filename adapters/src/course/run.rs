@@ -102,6 +102,8 @@ pub fn run_llm_on(
         }
     };
     let say = |line: &str| observer.say(line);
+    // A device that cannot be used fails before any data or model is read.
+    llm.model.device.open()?;
     // Generated code at the end runs in the sandbox: a machine that cannot
     // run it fails now, not after the training.
     for name in &llm.eval.tasks {
@@ -113,7 +115,7 @@ pub fn run_llm_on(
         Some(b) => b.clone(),
         None => Base::load(course.model_path().as_deref(), &say)?,
     }
-    .in_compute(llm.model.compute, &say)?;
+    .place(llm.model.placement(), &say)?;
     let prepared = tokenized_clients(course, out, &base, &say)?;
     // FedOT trains on the emulator; the full model stays for the final evaluation.
     let emulated = emulator(

@@ -15,7 +15,7 @@ use super::base::Base;
 use super::config::CourseFile;
 use super::data::client_process_data;
 use super::offsite::BaseModelInfo;
-use super::{scripts, CourseError, Result};
+use super::{scripts, Context, CourseError, Result};
 use crate::adapter::AdapterSpec;
 use crate::model::Llama;
 use crate::round_robin::{ClientData, LocalTraining, RoundRobinTrainer};
@@ -81,10 +81,21 @@ pub fn offsite_client_trainer(
     data_root: Option<&Path>,
     id: u32,
 ) -> Result<OffsiteClient> {
+    let device = course.llm()?.model.device;
+    let opened = device.open()?;
     let data = client_process_data(course, tok, data_root, id)?;
     let course = course.clone();
     Ok(OffsiteClient {
         build: Box::new(move |model| {
+            // The emulator arrives on the CPU; it trains on `[model] device`.
+            let model = if model.device().same_device(&opened) {
+                model
+            } else {
+                let moved = model
+                    .to_device(&opened)
+                    .with_context(|| format!("moving the emulator to {device}"))?;
+                Arc::new(moved)
+            };
             let layers = model.config().num_hidden_layers;
             let llm = course.llm()?;
             let spec = llm.offsite.emulator_spec(&llm.lora, layers);

@@ -16,17 +16,28 @@ use super::rows::{by_dtype, data, fused, on_pool, pool_threads, with_data, Real}
 /// `x · Wᵀ` for a frozen weight `W` `(out, in)`; `x` is `(…, in)`.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if !fused(x) || !weight_fits(x, w) || !w.is_contiguous() {
-        let w = if w.dtype() == x.dtype() {
-            w.clone()
-        } else {
-            w.to_dtype(x.dtype())?
-        };
-        return x.broadcast_matmul(&w.t()?);
+        return composite_linear(x, w);
     }
     x.contiguous()?.apply_op1(Linear {
         w: w.clone(),
         transposed: true,
     })
+}
+
+/// `x · Wᵀ` in candle's ops. A weight in another dtype than `x` is widened
+/// on the CPU (the reference for the fused products); on a GPU `x` goes to
+/// the weight's dtype instead, so a bf16 base multiplies on the tensor
+/// cores, and the product comes back in `x`'s dtype.
+fn composite_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if w.dtype() == x.dtype() {
+        x.broadcast_matmul(&w.t()?)
+    } else if x.device().is_cpu() {
+        x.broadcast_matmul(&w.to_dtype(x.dtype())?.t()?)
+    } else {
+        x.to_dtype(w.dtype())?
+            .broadcast_matmul(&w.t()?)?
+            .to_dtype(x.dtype())
+    }
 }
 
 /// Whether the fused products take a weight of `w`'s dtype beside `x`'s:

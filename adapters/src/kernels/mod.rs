@@ -12,7 +12,9 @@
 //! Every function takes the fused path for contiguous f32/f64 CPU tensors and
 //! falls back to the composite candle ops otherwise (other devices, f16/bf16),
 //! which are also the references the tests compare against, value and
-//! gradient.
+//! gradient. `FEDTUNE_KERNELS=composite` (or [`composite_only`] on one
+//! thread) turns the fused path off on the CPU: the math a GPU runs, which
+//! the tests compare with the fused kernels through a whole training step.
 //!
 //! | file | op |
 //! |---|---|
@@ -47,6 +49,6 @@ pub use lora::{lora_linear, LowRank};
 pub use rms_norm::{rms_norm, rms_norm_composite};
 pub use rope::rope;
 pub(crate) use rows::par_blocks;
-pub use rows::Real;
+pub use rows::{composite_forced, composite_only, Real};
 pub use softmax::softmax_last_dim;
 pub use swiglu::swiglu;

@@ -2,8 +2,9 @@
 //! storage, the worker pool, and the skeleton of a row-wise op (each output
 //! row computed from the same row of the inputs).
 
+use std::cell::Cell;
 use std::ops::Range;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor, WithDType};
 
@@ -89,7 +90,33 @@ impl Real for f64 {
 
 /// True when the fused kernels can take `t`.
 pub(super) fn fused(t: &Tensor) -> bool {
-    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64) && !composite_forced()
+}
+
+thread_local! {
+    static COMPOSITE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the fused CPU kernels are off and every op takes its composite
+/// candle form, as on a GPU: `FEDTUNE_KERNELS=composite` for the whole
+/// process, or inside [`composite_only`] on this thread.
+pub fn composite_forced() -> bool {
+    static ENV: OnceLock<bool> = OnceLock::new();
+    COMPOSITE.with(Cell::get)
+        || *ENV.get_or_init(|| std::env::var("FEDTUNE_KERNELS").is_ok_and(|v| v == "composite"))
+}
+
+/// Runs `f` with every op on this thread in its composite candle form —
+/// the math a GPU runs — so the two can be compared on the CPU.
+pub fn composite_only<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            COMPOSITE.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(COMPOSITE.with(|c| c.replace(true)));
+    f()
 }
 
 /// Runs `f(first_row, rows)` over blocks of `rows_per_block` rows of `out`

@@ -350,3 +350,157 @@ fn lora_over_a_bf16_weight_adds_the_same_low_rank_term() {
         );
     }
 }
+
+/// Composite-only mode turns the fused path off on its thread and only there.
+#[test]
+fn composite_only_switches_this_thread_off_the_fused_path() {
+    let t = seeded(&[2, 3], 1).to_dtype(DType::F32).unwrap();
+    let fused_here = || super::rows::fused(&t);
+    assert!(fused_here());
+    assert!(composite_only(|| !fused_here() && composite_forced()));
+    assert!(fused_here(), "restored afterwards");
+    std::thread::scope(|s| {
+        composite_only(|| s.spawn(|| assert!(super::rows::fused(&t))).join().unwrap());
+    });
+    // Restored after a panic inside, too.
+    let _ = std::panic::catch_unwind(|| composite_only(|| panic!("inside")));
+    assert!(fused_here());
+}
+
+/// Two micro-batches of two sequences over a 40-token vocabulary: the
+/// second sequence right-padded, some labels ignored (−100).
+fn step_batches() -> Vec<crate::train::Batch> {
+    let batch = |shift: u32| {
+        let ids: Vec<u32> = (0..14u32).map(|i| (i * 7 + shift * 3 + 1) % 40).collect();
+        let mask: Vec<u32> = (0..14)
+            .map(|i| u32::from(i < 5 || (7..12).contains(&i)))
+            .collect();
+        let labels: Vec<i64> = ids
+            .iter()
+            .zip(&mask)
+            .enumerate()
+            .map(|(i, (&id, &m))| {
+                if m == 0 || i == 0 || i == 7 {
+                    -100
+                } else {
+                    id as i64
+                }
+            })
+            .collect();
+        let t = |v: Tensor| v.reshape((2, 7)).unwrap();
+        crate::train::Batch {
+            tokens: t(Tensor::new(ids, &Device::Cpu).unwrap()),
+            attention_mask: t(Tensor::new(mask, &Device::Cpu).unwrap()),
+            labels: t(Tensor::new(labels, &Device::Cpu).unwrap()),
+        }
+    };
+    vec![batch(0), batch(1)]
+}
+
+/// Three AdamW steps (two micro-batches each, gradient clipping) of
+/// `spec` on a tiny grouped-query model: the losses and the final
+/// parameters.
+fn three_steps(spec: &crate::adapter::AdapterSpec, dtype: DType) -> (Vec<f64>, Vec<Tensor>) {
+    use crate::train::{NoHooks, Stepper, TrainConfig};
+    let cfg = crate::model::LlamaConfig {
+        vocab_size: 40,
+        hidden_size: 16,
+        intermediate_size: 24,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        max_position_embeddings: 64,
+        ..Default::default()
+    };
+    let model = crate::model::Llama::random(cfg, 5, dtype, &Device::Cpu).unwrap();
+    let adapter = spec.build(&model, 11).unwrap();
+    let train = TrainConfig {
+        lr: 2e-2,
+        grad_accum: 2,
+        max_grad_norm: Some(0.5),
+        ..TrainConfig::default()
+    };
+    let mut stepper = Stepper::new(adapter.as_ref(), train).unwrap();
+    let batches = step_batches();
+    let losses = (0..3)
+        .map(|s| {
+            let r = stepper
+                .step(&model, adapter.as_ref(), &batches, (s, 3), &mut NoHooks)
+                .unwrap();
+            assert!(!r.skipped);
+            r.loss
+        })
+        .collect();
+    let params = adapter
+        .vars()
+        .iter()
+        .map(|v| v.as_tensor().clone())
+        .collect();
+    (losses, params)
+}
+
+/// A whole training step — embeddings, RMSNorm, RoPE, grouped-query
+/// attention with padding, SwiGLU, LoRA or prompt parameters, the head, the
+/// loss, backward, clipping, AdamW — gives the same losses and parameters
+/// with the fused CPU kernels as with the composite candle ops a GPU runs:
+/// the GPU path's math is the tested math.
+#[test]
+fn a_training_step_is_the_same_fused_and_composite() {
+    use crate::adapter::AdapterSpec;
+    use crate::lora::LoraConfig;
+    use crate::prompt::{PromptConfig, PromptMethod};
+    let every_projection = LoraConfig {
+        r: 4,
+        target_modules: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..Default::default()
+    };
+    let prompt = |method| AdapterSpec::Prompt {
+        method,
+        config: PromptConfig {
+            num_virtual_tokens: 3,
+            encoder_hidden_size: 8,
+            ..Default::default()
+        },
+        init_ids: None,
+    };
+    let specs = [
+        ("lora", AdapterSpec::Lora(every_projection)),
+        ("prefix", prompt(PromptMethod::Prefix)),
+        ("p-tuning", prompt(PromptMethod::PTuning)),
+    ];
+    for (dtype, tol) in [(DType::F64, 1e-9), (DType::F32, 2e-4)] {
+        for (name, spec) in &specs {
+            let (fused_losses, fused) = three_steps(spec, dtype);
+            let (losses, params) = composite_only(|| three_steps(spec, dtype));
+            for (a, b) in fused_losses.iter().zip(&losses) {
+                assert!(
+                    (a - b).abs() < tol * a.abs(),
+                    "{name} {dtype:?}: loss {a} vs {b}"
+                );
+            }
+            // The steps moved the parameters, so agreeing is not trivial.
+            assert!(
+                fused_losses[2] < fused_losses[0] - 1e-3,
+                "{name}: {fused_losses:?}"
+            );
+            for (a, b) in fused.iter().zip(&params) {
+                let scale = 1.0 + max_diff(a, &a.zeros_like().unwrap());
+                assert!(
+                    max_diff(a, b) < tol * scale,
+                    "{name} {dtype:?}: {}",
+                    max_diff(a, b)
+                );
+            }
+        }
+    }
+}

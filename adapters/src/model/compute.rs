@@ -8,7 +8,9 @@ use crate::kernels::bf16::bf16_units;
 /// What the frozen base's projections and output head are stored and
 /// multiplied in. Adapter parameters, their gradients, the optimizer state,
 /// norms, softmax, the loss and every activation stay f32 either way.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Compute {
     /// bf16 where the CPU multiplies bf16 natively (AVX512-BF16), else f32.

@@ -404,6 +404,43 @@ impl Llama {
         Ok(self)
     }
 
+    /// This model with every tensor on `device` (a clone sharing the
+    /// tensors when it is there already).
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        if self.device().same_device(device) {
+            return Ok(self.clone());
+        }
+        let to = |t: &Tensor| t.to_device(device);
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                let mut biases: [Option<Tensor>; 7] = Default::default();
+                for (moved, b) in biases.iter_mut().zip(&l.biases) {
+                    *moved = b.as_ref().map(to).transpose()?;
+                }
+                Ok(LayerWeights {
+                    biases,
+                    ..LayerWeights::from_parts(
+                        to(&l.input_layernorm)?,
+                        to(&l.post_attention_layernorm)?,
+                        |p| to(l.weight(p)),
+                    )?
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            cfg: self.cfg.clone(),
+            embed_tokens: to(&self.embed_tokens)?,
+            layers,
+            norm: to(&self.norm)?,
+            lm_head: self.lm_head.as_ref().map(to).transpose()?,
+            compute_head: self.compute_head.as_ref().map(to).transpose()?,
+            cos: to(&self.cos)?,
+            sin: to(&self.sin)?,
+        })
+    }
+
     /// The dtype the frozen projections are stored and multiplied in.
     pub fn compute_dtype(&self) -> DType {
         self.layers
@@ -772,6 +809,12 @@ impl Llama {
         adapter: Option<&dyn ProjectionAdapter>,
     ) -> Result<(Tensor, usize)> {
         let (b, t) = tokens.dims2()?;
+        // Batches are collated on the CPU; they follow the weights.
+        let tokens = &tokens.to_device(self.device())?;
+        let attention_mask = attention_mask
+            .map(|m| m.to_device(self.device()))
+            .transpose()?;
+        let attention_mask = attention_mask.as_ref();
         let offset = cache.as_ref().map_or(0, |c| c.len);
         // Virtual tokens and prefixes belong to a sequence's start only.
         let starts = offset == 0;

@@ -9,6 +9,7 @@
 
 mod compute;
 mod config;
+mod device;
 mod gguf;
 mod hf;
 mod hub;
@@ -18,6 +19,7 @@ mod tiny;
 pub use crate::kernels::{frozen_linear, LowRank};
 pub use compute::{Compute, UnknownCompute};
 pub use config::{Family, LlamaConfig, RopeScaling};
+pub use device::{DeviceError, DeviceSpec, Placement, UnknownDevice};
 pub use gguf::{load_gguf, GgufModel};
 pub use hf::{config_of, load_hf_dir, load_hf_tokenizer, HfModel};
 pub use hub::{fetch_model, HubError, HubId, HUB_PREFIX};
