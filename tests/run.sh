@@ -28,3 +28,8 @@ cargo test --workspace -j 2 "$@"
 for path in avx2 scalar; do
     FEDTUNE_SIMD=$path cargo test -p fedtune-adapters -j 2 --lib --test training "$@"
 done
+# The composite candle ops every device but the CPU runs (a GPU's math):
+# the same tests with the fused kernels off, except the kernels' own, which
+# compare the two paths and need both.
+FEDTUNE_KERNELS=composite cargo test -p fedtune-adapters -j 2 --lib --test training "$@" \
+    -- --skip kernels::tests
