@@ -11,6 +11,7 @@
 //! straight to the system allocator.
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 
 /// Blocks at least this large are rounded and cached.
@@ -33,6 +34,10 @@ struct Block {
 /// The system allocator with a small cache of large blocks.
 pub struct CachingAlloc {
     cache: Mutex<[Option<Block>; SLOTS]>,
+    /// Bytes handed out and not yet freed (parked blocks not counted).
+    live: AtomicUsize,
+    /// The most `live` has been since [`CachingAlloc::reset_peak`].
+    peak: AtomicUsize,
 }
 
 impl CachingAlloc {
@@ -40,7 +45,32 @@ impl CachingAlloc {
     pub const fn new() -> Self {
         Self {
             cache: Mutex::new([None; SLOTS]),
+            live: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
         }
+    }
+
+    /// Bytes the program holds now (what it allocated and has not freed).
+    pub fn live_bytes(&self) -> usize {
+        self.live.load(Relaxed)
+    }
+
+    /// The most bytes the program held at once since the last reset.
+    pub fn peak_bytes(&self) -> usize {
+        self.peak.load(Relaxed)
+    }
+
+    /// Starts a new peak from what is held now.
+    pub fn reset_peak(&self) {
+        self.peak.store(self.live.load(Relaxed), Relaxed);
+    }
+
+    fn note(&self, p: *mut u8, size: usize) -> *mut u8 {
+        if !p.is_null() {
+            let now = self.live.fetch_add(size, Relaxed) + size;
+            self.peak.fetch_max(now, Relaxed);
+        }
+        p
     }
 
     /// The layout actually requested from the system for `layout`.
@@ -98,10 +128,10 @@ unsafe impl GlobalAlloc for CachingAlloc {
         let layout = Self::rounded(layout);
         if layout.size() >= LARGE {
             if let Some(p) = self.take(layout) {
-                return p;
+                return self.note(p, layout.size());
             }
         }
-        System.alloc(layout)
+        self.note(System.alloc(layout), layout.size())
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
@@ -109,14 +139,15 @@ unsafe impl GlobalAlloc for CachingAlloc {
         if layout.size() >= LARGE {
             if let Some(p) = self.take(layout) {
                 p.write_bytes(0, layout.size());
-                return p;
+                return self.note(p, layout.size());
             }
         }
-        System.alloc_zeroed(layout)
+        self.note(System.alloc_zeroed(layout), layout.size())
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         let layout = Self::rounded(layout);
+        self.live.fetch_sub(layout.size(), Relaxed);
         if layout.size() >= LARGE && self.park(ptr, layout) {
             return;
         }
@@ -130,7 +161,12 @@ unsafe impl GlobalAlloc for CachingAlloc {
         };
         let new = Self::rounded(new);
         if old.size() < LARGE && new.size() < LARGE {
-            return System.realloc(ptr, layout, new_size);
+            let moved = System.realloc(ptr, layout, new_size);
+            if !moved.is_null() {
+                self.live.fetch_sub(old.size(), Relaxed);
+                self.note(moved, new.size());
+            }
+            return moved;
         }
         if old.size() == new.size() {
             return ptr;
@@ -191,6 +227,31 @@ mod tests {
             .map(|b| b.size)
             .sum();
         assert!(held <= BUDGET);
+    }
+
+    #[test]
+    fn live_bytes_and_their_peak_are_counted() {
+        let a = CachingAlloc::new();
+        let small = Layout::from_size_align(1000, 8).unwrap();
+        let big = Layout::from_size_align(LARGE + 1, 64).unwrap();
+        let rounded = LARGE + GRAIN;
+        unsafe {
+            let s = a.alloc(small);
+            let b = a.alloc(big);
+            assert_eq!(a.live_bytes(), 1000 + rounded);
+            a.dealloc(b, big); // parked: no longer the program's
+            assert_eq!(a.live_bytes(), 1000);
+            assert_eq!(a.peak_bytes(), 1000 + rounded);
+            a.reset_peak();
+            assert_eq!(a.peak_bytes(), 1000);
+            let b = a.alloc_zeroed(big); // from the cache, counted again
+            let s = a.realloc(s, small, 3000);
+            assert_eq!(a.live_bytes(), 3000 + rounded);
+            assert_eq!(a.peak_bytes(), 3000 + rounded);
+            a.dealloc(s, Layout::from_size_align(3000, 8).unwrap());
+            a.dealloc(b, big);
+        }
+        assert_eq!(a.live_bytes(), 0);
     }
 
     #[test]

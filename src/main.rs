@@ -86,7 +86,7 @@ enum Command {
 }
 
 #[global_allocator]
-static GLOBAL: alloc::CachingAlloc = alloc::CachingAlloc::new();
+pub(crate) static GLOBAL: alloc::CachingAlloc = alloc::CachingAlloc::new();
 
 /// Keeps freed memory in the process for reuse.
 ///

@@ -34,6 +34,12 @@ struct TrainStepReport {
     backward_s: f64,
     optimizer_s: f64,
     peak_rss_mib: Option<f64>,
+    /// Heap bytes the program held before the first step (model, adapter,
+    /// batch), in MiB (host memory only).
+    held_before_steps_mib: f64,
+    /// The most heap bytes it held at once during the steps; the rest of
+    /// the peak RSS is memory freed but kept by the allocators for reuse.
+    peak_held_mib: f64,
     threads: usize,
     /// The SIMD path the matrix products ran on (`avx512`, `avx2`, `scalar`).
     simd: &'static str,
@@ -72,6 +78,9 @@ pub fn train_step(
     )?;
     let b = seeded_batch(cfg.vocab_size, batch, seq_len, &device)?;
     let mut stepper = Stepper::new(&lora, TrainConfig::default())?;
+    // What the steps add to the model: the heap's peak from here on.
+    let held_before = crate::GLOBAL.live_bytes();
+    crate::GLOBAL.reset_peak();
     // One untimed step warms allocators and caches.
     stepper.step(
         model,
@@ -134,6 +143,8 @@ pub fn train_step(
         backward_s,
         optimizer_s,
         peak_rss_mib: peak_rss_mib(),
+        held_before_steps_mib: mib(held_before),
+        peak_held_mib: mib(crate::GLOBAL.peak_bytes()),
         threads: std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1),
@@ -143,25 +154,43 @@ pub fn train_step(
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        println!(
-            "LoRA step (r 8, q/v, AdamW, {}), batch {batch} x {seq_len}, {} threads, {steps} steps:\n\
-             {:.3} s/step mean (median {median_s:.3}, best {min_s:.3}), {:.1} GFLOP/step, {:.1} GFLOP/s at the median\n\
-             forward + loss {:.3} s, backward {:.3} s, rest of the best step (optimizer, clipping) ~{:.3} s\n\
-             model {} parameters, LoRA {} parameters, peak RSS {}",
-            report.compute,
-            report.threads,
-            per_step,
-            gflop,
-            report.gflop_per_s,
-            forward_s,
-            backward_s,
-            optimizer_s,
-            params,
-            report.lora_parameters,
-            report.peak_rss_mib.map(|m| format!("{m:.0} MiB")).unwrap_or_else(|| "unknown".into())
-        );
+        report.print();
     }
     Ok(())
+}
+
+impl TrainStepReport {
+    fn print(&self) {
+        let r = self;
+        println!(
+            "LoRA step (r 8, q/v, AdamW, {}), batch {} x {}, {} threads, {} steps:\n\
+             {:.3} s/step mean (median {:.3}, best {:.3}), {:.1} GFLOP/step, {:.1} GFLOP/s at the median\n\
+             forward + loss {:.3} s, backward {:.3} s, rest of the best step (optimizer, clipping) ~{:.3} s\n\
+             model {} parameters, LoRA {} parameters, peak RSS {} (heap held: {:.0} MiB before the steps, {:.0} MiB at most)",
+            r.compute,
+            r.batch,
+            r.seq_len,
+            r.threads,
+            r.steps,
+            r.seconds_per_step,
+            r.median_s,
+            r.min_s,
+            r.gflop_per_step,
+            r.gflop_per_s,
+            r.forward_s,
+            r.backward_s,
+            r.optimizer_s,
+            r.model_parameters,
+            r.lora_parameters,
+            r.peak_rss_mib.map(|m| format!("{m:.0} MiB")).unwrap_or_else(|| "unknown".into()),
+            r.held_before_steps_mib,
+            r.peak_held_mib,
+        );
+    }
+}
+
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1 << 20) as f64
 }
 
 /// A `batch × seq_len` batch of seeded token ids spread over the vocabulary;

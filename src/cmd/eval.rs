@@ -87,6 +87,21 @@ pub struct EvalArgs {
     pub split: String,
 }
 
+/// `--compute` and `--device`, else the course's own, else f32 on the CPU.
+fn placement(args: &EvalArgs, course: Option<&CourseFile>) -> Placement {
+    let own = course.and_then(|c| c.llm().ok()).map(|l| l.model.clone());
+    Placement {
+        compute: args
+            .compute
+            .or(own.as_ref().map(|m| m.compute))
+            .unwrap_or_default(),
+        device: args
+            .device
+            .or(own.as_ref().map(|m| m.device))
+            .unwrap_or_default(),
+    }
+}
+
 /// `fedtune eval`.
 pub fn eval(args: EvalArgs) -> Result<()> {
     ensure!(args.batch >= 1, "--batch must be at least 1");
@@ -110,22 +125,8 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         }
         (None, false) => None,
     };
-    // --compute and --device, else the course's own; a device that cannot
-    // be used fails now, before any data or model is read.
-    let course_model = course
-        .as_ref()
-        .and_then(|c| c.llm().ok())
-        .map(|l| l.model.clone());
-    let placement = Placement {
-        compute: args
-            .compute
-            .or(course_model.as_ref().map(|m| m.compute))
-            .unwrap_or_default(),
-        device: args
-            .device
-            .or(course_model.as_ref().map(|m| m.device))
-            .unwrap_or_default(),
-    };
+    // A device that cannot be used fails now, before any data or model is read.
+    let placement = placement(&args, course.as_ref());
     placement.device.open()?;
     // Check the sandbox and load every task's items before the model: a
     // missing file or protection fails fast.
