@@ -163,6 +163,10 @@ impl FullDelta {
 }
 
 impl ProjectionAdapter for FullDelta {
+    fn adapts(&self, layer: usize, proj: Projection) -> bool {
+        self.deltas.contains_key(&(layer, proj))
+    }
+
     fn delta(&self, layer: usize, proj: Projection, x: &Tensor) -> Result<Option<Tensor>> {
         let Some(d) = self.deltas.get(&(layer, proj)) else {
             return Ok(None);

@@ -284,6 +284,10 @@ impl Lora {
 }
 
 impl ProjectionAdapter for Lora {
+    fn adapts(&self, layer: usize, proj: Projection) -> bool {
+        self.factors.contains_key(&(layer, proj))
+    }
+
     fn weight_delta(&self, layer: usize, proj: Projection) -> Result<Option<Tensor>> {
         Ok(self
             .factors

@@ -95,6 +95,45 @@ pub fn cross_entropy_rows(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
         .mean_all()
 }
 
+/// Mean cross-entropy of the logits `hidden · Wᵀ` (`hidden` `(k, in)`, `W`
+/// `(vocab, in)` frozen) against one target per row. On the CPU the output
+/// head and the loss are one op over blocks of rows
+/// ([`crate::kernels::head_loss`]), so the logits of every row never exist
+/// at once; elsewhere [`crate::kernels::frozen_linear`] then
+/// [`cross_entropy_rows`].
+pub fn head_cross_entropy(hidden: &Tensor, w: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    match crate::kernels::head_loss::head_nll_rows(hidden, w, targets)? {
+        Some(nll) => nll.mean_all(),
+        None => cross_entropy_rows(&crate::kernels::frozen_linear(hidden, w)?, targets),
+    }
+}
+
+/// The row-wise negative log-likelihood and its gradient, by element type.
+pub(crate) trait RowLoss: Sized {
+    /// Each row's `logsumexp − row[target]`.
+    fn nll_rows(data: &[Self], v: usize, targets: &[u32]) -> Vec<Self>;
+    /// Each row's `grad · (softmax − onehot(target))`.
+    fn grad_rows(data: &[Self], v: usize, targets: &[u32], grad: &[Self]) -> Vec<Self>;
+}
+
+impl RowLoss for f32 {
+    fn nll_rows(data: &[f32], v: usize, targets: &[u32]) -> Vec<f32> {
+        nll_rows_f32(data, v, targets)
+    }
+    fn grad_rows(data: &[f32], v: usize, targets: &[u32], grad: &[f32]) -> Vec<f32> {
+        grad_rows_f32(data, v, targets, grad)
+    }
+}
+
+impl RowLoss for f64 {
+    fn nll_rows(data: &[f64], v: usize, targets: &[u32]) -> Vec<f64> {
+        nll_rows_f64(data, v, targets)
+    }
+    fn grad_rows(data: &[f64], v: usize, targets: &[u32], grad: &[f64]) -> Vec<f64> {
+        grad_rows_f64(data, v, targets, grad)
+    }
+}
+
 /// Per-row negative log-likelihood; see [`cross_entropy_rows`].
 struct RowCrossEntropy {
     targets: Vec<u32>,

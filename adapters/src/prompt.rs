@@ -382,6 +382,10 @@ impl ProjectionAdapter for PromptAdapter {
         Ok(None)
     }
 
+    fn adapts(&self, _layer: usize, _proj: Projection) -> bool {
+        false
+    }
+
     fn virtual_tokens(&self) -> Result<Option<Tensor>> {
         match self.method {
             PromptMethod::Prefix => Ok(None),

@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor, D};
 use common::{max_abs_diff, model_path, tiny_config, TEXT};
 use fedtune_adapters::adapter::Adapter;
 use fedtune_adapters::lora::{Lora, LoraConfig};
-use fedtune_adapters::model::{load_gguf, DeviceSpec, Llama};
+use fedtune_adapters::model::{load_gguf, DeviceSpec, Llama, Projection};
 use fedtune_adapters::tokenizer::TextTokenizer;
 use fedtune_adapters::train::Batch;
 
@@ -28,17 +28,7 @@ fn lora_pair(model: &Llama, device: &Device) -> (Lora, Lora) {
     let cfg = LoraConfig {
         r: 4,
         lora_dropout: 0.0,
-        target_modules: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-        .map(String::from)
-        .to_vec(),
+        target_modules: Projection::ALL.map(|p| p.name().to_string()).to_vec(),
         ..Default::default()
     };
     let cpu = Lora::new(model.config(), cfg.clone(), 3, DType::F32, &Device::Cpu).unwrap();

@@ -392,20 +392,42 @@ fn lora_dropout_is_seeded_and_only_on_while_training() {
 
 #[test]
 fn a_compute_dtype_converts_there_and_back() {
-    // bf16 and back to f32 gives f32 projections and the weights' own head
-    // again (asking for f32 once left a converted model in bf16).
-    let cfg = common::tiny_config(false);
-    let model = Llama::random(cfg, 5, DType::F32, &Device::Cpu).unwrap();
-    let bf16 = model.with_compute(DType::BF16).unwrap();
-    assert_eq!(bf16.compute_dtype(), DType::BF16);
-    assert_eq!(bf16.output_weight().dtype(), DType::BF16);
-    assert_eq!(bf16.dtype(), DType::F32);
-    let back = bf16.with_compute(DType::F32).unwrap();
-    assert_eq!(back.compute_dtype(), DType::F32);
-    assert_eq!(back.output_weight().dtype(), DType::F32);
-    assert_eq!(
-        back.output_weight().to_vec2::<f32>().unwrap(),
-        model.output_weight().to_vec2::<f32>().unwrap(),
-        "the f32 head is the model's own, not a bf16 round trip"
-    );
+    // bf16 converts the projections, the embeddings and the head, tied or
+    // not, and keeps no f32 copy of them (the memory is the point); the
+    // activations stay f32. Back to f32 widens the rounded weights (asking
+    // for f32 once left a converted model in bf16).
+    for tied in [false, true] {
+        let cfg = common::tiny_config(tied);
+        let model = Llama::random(cfg, 5, DType::F32, &Device::Cpu).unwrap();
+        let bf16 = model.with_compute(DType::BF16).unwrap();
+        assert_eq!(bf16.compute_dtype(), DType::BF16);
+        assert_eq!(bf16.dtype(), DType::F32);
+        let weights = bf16.named_weights();
+        for (name, t) in &weights {
+            let want = if name.contains("norm") {
+                DType::F32
+            } else {
+                DType::BF16
+            };
+            assert_eq!(t.dtype(), want, "{name}");
+        }
+        assert_eq!(weights.len(), model.named_weights().len());
+        let tokens = Tensor::new(&[[3u32, 9, 1, 30, 7]], &Device::Cpu).unwrap();
+        let logits = bf16.forward(&tokens, None, None).unwrap();
+        assert_eq!(logits.dtype(), DType::F32);
+        let f32_logits = model.forward(&tokens, None, None).unwrap();
+        let moved = common::max_abs_diff(&logits, &f32_logits);
+        let scale = common::max_abs_diff(&f32_logits, &f32_logits.zeros_like().unwrap());
+        assert!(
+            moved > 0.0 && moved < 0.05 * scale,
+            "bf16 logits moved by {moved} of {scale}"
+        );
+        let back = bf16.with_compute(DType::F32).unwrap();
+        assert_eq!(back.compute_dtype(), DType::F32);
+        for (name, t) in back.named_weights() {
+            assert_eq!(t.dtype(), DType::F32, "{name}");
+        }
+        let widened = bf16.output_weight().to_dtype(DType::F32).unwrap();
+        assert_eq!(common::max_abs_diff(back.output_weight(), &widened), 0.0);
+    }
 }

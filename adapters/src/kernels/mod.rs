@@ -20,10 +20,11 @@
 //! |---|---|
 //! | [`linear`] | `x · Wᵀ` for a frozen `W` (backward: `g · W` only); `W` may be bf16 with `x` in f32 |
 //! | [`bf16`] | those two products with a bf16 `W`: `vdpbf16ps` on AVX512-BF16, else widened to f32 |
+//! | [`head_loss`] | the output head and the cross-entropy in one op, by blocks of rows (the logits of every position never held at once) |
 //! | [`lora`] | `x · Wᵀ + scale · (x ⊙ mask) Aᵀ Bᵀ`, gradients for `x`, `A`, `B` |
 //! | [`rms_norm`] | RMSNorm with a frozen weight |
 //! | [`softmax`] | softmax over the last dimension |
-//! | [`swiglu`] | `silu(gate) ⊙ up` |
+//! | [`swiglu`] | `silu(gate) ⊙ up`, and with a frozen projection after it as one op |
 //! | [`rope`] | rotary embeddings (Hugging Face's half layout) |
 //! | [`attention`] | causal grouped-query attention with RoPE, probabilities kept for backward |
 //! | `rows` | the CPU plumbing they share: storage access, the worker pool, the row-wise op skeleton |
@@ -32,6 +33,7 @@
 pub mod attention;
 pub mod bf16;
 mod gemm;
+pub mod head_loss;
 pub mod linear;
 pub mod lora;
 pub mod rms_norm;
@@ -51,4 +53,4 @@ pub use rope::rope;
 pub(crate) use rows::par_blocks;
 pub use rows::{composite_forced, composite_only, Real};
 pub use softmax::softmax_last_dim;
-pub use swiglu::swiglu;
+pub use swiglu::{swiglu, swiglu_linear};

@@ -122,6 +122,33 @@ fn swiglu_matches_silu_times_up() {
 }
 
 #[test]
+fn swiglu_then_a_frozen_projection_matches_the_two_ops() {
+    // Through gemm (19 rows) and the streamed rows of decoding (1 row).
+    for rows in [&[19, 23][..], &[1, 1, 23][..]] {
+        let w = seeded(&[7, 23], 6);
+        agree(
+            &[rows, rows],
+            |t| swiglu_linear(&t[0], &t[1], &w.to_dtype(t[0].dtype())?),
+            |t| (t[0].silu()? * &t[1])?.broadcast_matmul(&w.to_dtype(t[0].dtype())?.t()?),
+        );
+    }
+    // A bf16 projection: the same products as the gating then the frozen op.
+    let w = seeded(&[7, 23], 6).to_dtype(DType::BF16).unwrap();
+    let g = Var::from_tensor(&seeded(&[9, 23], 1).to_dtype(DType::F32).unwrap()).unwrap();
+    let u = Var::from_tensor(&seeded(&[9, 23], 2).to_dtype(DType::F32).unwrap()).unwrap();
+    let (g, u) = (g.as_tensor(), u.as_tensor());
+    let a = swiglu_linear(g, u, &w).unwrap();
+    let b = frozen_linear(&swiglu(g, u).unwrap(), &w).unwrap();
+    assert!(max_diff(&a, &b) < 1e-6, "{}", max_diff(&a, &b));
+    let ga = a.sum_all().unwrap().backward().unwrap();
+    let gb = b.sum_all().unwrap().backward().unwrap();
+    for t in [g, u] {
+        let d = max_diff(ga.get(t).unwrap(), gb.get(t).unwrap());
+        assert!(d < 1e-6, "gradients differ by {d}");
+    }
+}
+
+#[test]
 fn rope_matches_candle_and_its_gradient_is_the_inverse_rotation() {
     let (t, d) = (6, 8);
     let cos = seeded(&[t, d / 2], 7).cos().unwrap();
@@ -451,17 +478,9 @@ fn a_training_step_is_the_same_fused_and_composite() {
     use crate::prompt::{PromptConfig, PromptMethod};
     let every_projection = LoraConfig {
         r: 4,
-        target_modules: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-        .map(String::from)
-        .to_vec(),
+        target_modules: crate::model::Projection::ALL
+            .map(|p| p.name().to_string())
+            .to_vec(),
         ..Default::default()
     };
     let prompt = |method| AdapterSpec::Prompt {
@@ -475,6 +494,14 @@ fn a_training_step_is_the_same_fused_and_composite() {
     };
     let specs = [
         ("lora", AdapterSpec::Lora(every_projection)),
+        // q and v only: the MLP's gating and down projection run as one op.
+        (
+            "lora q/v",
+            AdapterSpec::Lora(LoraConfig {
+                r: 4,
+                ..Default::default()
+            }),
+        ),
         ("prefix", prompt(PromptMethod::Prefix)),
         ("p-tuning", prompt(PromptMethod::PTuning)),
     ];
@@ -503,4 +530,76 @@ fn a_training_step_is_the_same_fused_and_composite() {
             }
         }
     }
+}
+
+/// The head and the loss as one op over blocks of rows (4 blocks, the last
+/// shorter) give the per-row NLL and the input gradient of the two ops
+/// apart: in f64, f32 and with a bf16 head; and the value alone when the
+/// input tracks no gradient.
+#[test]
+fn the_head_loss_in_blocks_matches_the_head_then_the_loss() {
+    let (k, h, v) = (11, 6, 50);
+    let targets: Vec<u32> = (0..k as u32).map(|i| (i * 17 + 3) % v as u32).collect();
+    // With a bf16 head the incoming gradient is rounded to bf16 for the
+    // product: the two ops apart round `weight · dlogits`, the fused op
+    // `dlogits` then scales, so their gradients agree to bf16's precision.
+    for (dtype, head, tol, grad_tol) in [
+        (DType::F64, DType::F64, 1e-12, 1e-11),
+        (DType::F32, DType::F32, 1e-5, 1e-4),
+        (DType::F32, DType::BF16, 1e-5, 1e-2),
+    ] {
+        let w = seeded(&[v, h], 4).to_dtype(head).unwrap();
+        let block = 3 * v * dtype.size_in_bytes();
+        let x = Var::from_tensor(&seeded(&[k, h], 5).to_dtype(dtype).unwrap()).unwrap();
+        let fused = head_loss::head_nll_rows_in(x.as_tensor(), &w, &targets, block)
+            .unwrap()
+            .expect("the fused path takes these");
+        let logits = frozen_linear(x.as_tensor(), &w).unwrap();
+        let picks = Tensor::new(targets.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(1)
+            .unwrap();
+        let reference = candle_nn::ops::log_softmax(&logits, D::Minus1)
+            .unwrap()
+            .gather(&picks, 1)
+            .unwrap()
+            .squeeze(1)
+            .unwrap()
+            .neg()
+            .unwrap();
+        let d = max_diff(&fused, &reference);
+        assert!(d < tol, "{dtype:?}/{head:?}: NLL differs by {d}");
+        // A per-row weighting reaches each row's gradient.
+        let weights = seeded(&[k], 8).to_dtype(dtype).unwrap();
+        let g = (fused * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let r = (reference * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let (gx, rx) = (g.get(x.as_tensor()).unwrap(), r.get(x.as_tensor()).unwrap());
+        let d = max_diff(gx, rx) / max_diff(rx, &rx.zeros_like().unwrap());
+        assert!(
+            d < grad_tol,
+            "{dtype:?}/{head:?}: gradients differ by {d} relative"
+        );
+        // Untracked (evaluation): the same values, no gradient prepared.
+        let plain = x.as_tensor().detach();
+        let value = head_loss::head_nll_rows_in(&plain, &w, &targets, block)
+            .unwrap()
+            .unwrap();
+        assert!(max_diff(&value, &fused_value(&x, &w, &targets)) < tol);
+    }
+}
+
+fn fused_value(x: &Var, w: &Tensor, targets: &[u32]) -> Tensor {
+    head_loss::head_nll_rows(x.as_tensor(), w, targets)
+        .unwrap()
+        .unwrap()
 }

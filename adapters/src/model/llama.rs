@@ -11,9 +11,9 @@ use rand_chacha::ChaCha8Rng;
 use super::config::{Family, LlamaConfig};
 use crate::kernels::{
     attention, attention_fuses, frozen_linear, lora_linear, rms_norm, rope, softmax_last_dim,
-    swiglu, AttentionDims, LowRank,
+    swiglu, swiglu_linear, AttentionDims, LowRank,
 };
-use crate::loss::{counted_positions, cross_entropy_rows};
+use crate::loss::{counted_positions, head_cross_entropy};
 
 /// A score small enough that softmax gives it zero weight, yet finite, so a
 /// row with every key masked yields a uniform distribution rather than NaN.
@@ -162,6 +162,13 @@ pub trait ProjectionAdapter {
     /// of shape `(tokens, in)`, as `(tokens, out)`; `None` leaves it alone.
     fn delta(&self, layer: usize, proj: Projection, x: &Tensor) -> Result<Option<Tensor>>;
 
+    /// Whether [`ProjectionAdapter::delta`] (or `low_rank`) may give a term
+    /// for this projection: `false` lets the model fuse the projection with
+    /// the op before it. The default, `true`, is always safe.
+    fn adapts(&self, _layer: usize, _proj: Projection) -> bool {
+        true
+    }
+
     /// The same term when it is low-rank, `scale · (x ⊙ mask) Aᵀ Bᵀ`, so the
     /// projection and the term run as one fused op; draws any dropout mask
     /// (call it instead of [`ProjectionAdapter::delta`], not as well).
@@ -283,9 +290,6 @@ pub struct Llama {
     layers: Vec<LayerWeights>,
     norm: Tensor,
     lm_head: Option<Tensor>,
-    /// The output head in the compute dtype ([`Llama::with_compute`]) when
-    /// that is not the weights' own.
-    compute_head: Option<Tensor>,
     cos: Tensor,
     sin: Tensor,
 }
@@ -352,24 +356,27 @@ impl Llama {
                 }
             }
         }
-        let (cos, sin) = rope_tables(&cfg, embed_tokens.dtype(), embed_tokens.device())?;
+        // The norms keep the activations' dtype; the embeddings may be in
+        // the compute dtype.
+        let (cos, sin) = rope_tables(&cfg, norm.dtype(), norm.device())?;
         Ok(Self {
             cfg,
             embed_tokens,
             layers,
             norm,
             lm_head,
-            compute_head: None,
             cos,
             sin,
         })
     }
 
-    /// This model with its frozen projections and output head stored in
-    /// `dtype` (bf16: half the memory, products on the bf16 units where the
-    /// CPU has them; [`crate::kernels::bf16`]); embeddings, norms and every
-    /// activation stay in the model's own dtype. `dtype` equal to the
-    /// model's gives the model back.
+    /// This model with its frozen projections, token embeddings and output
+    /// head stored in `dtype` (bf16: half the memory, products on the bf16
+    /// units where the CPU has them; [`crate::kernels::bf16`]); norms and
+    /// every activation stay in the model's own dtype ([`Llama::dtype`]),
+    /// and looked-up embeddings are widened to it. The weights are
+    /// converted, not copied: converting back widens the rounded values.
+    /// `dtype` equal to the compute dtype gives the model back.
     pub fn with_compute(&self, dtype: DType) -> Result<Self> {
         self.clone().into_compute(dtype)
     }
@@ -381,12 +388,9 @@ impl Llama {
         if dtype == self.compute_dtype() {
             return Ok(self);
         }
-        // Back in the model's own dtype, the head is the weights' own again.
-        let head = if dtype == self.dtype() {
-            None
-        } else {
-            Some(self.output_weight().to_dtype(dtype)?)
-        };
+        // Tied, the embeddings are the head: one table in `dtype` serves both.
+        self.embed_tokens = self.embed_tokens.to_dtype(dtype)?;
+        self.lm_head = self.lm_head.map(|h| h.to_dtype(dtype)).transpose()?;
         self.layers = std::mem::take(&mut self.layers)
             .into_iter()
             .map(|l| {
@@ -400,7 +404,6 @@ impl Llama {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        self.compute_head = head;
         Ok(self)
     }
 
@@ -435,7 +438,6 @@ impl Llama {
             layers,
             norm: to(&self.norm)?,
             lm_head: self.lm_head.as_ref().map(to).transpose()?,
-            compute_head: self.compute_head.as_ref().map(to).transpose()?,
             cos: to(&self.cos)?,
             sin: to(&self.sin)?,
         })
@@ -445,13 +447,7 @@ impl Llama {
     pub fn compute_dtype(&self) -> DType {
         self.layers
             .first()
-            .map_or_else(|| self.dtype(), |l| l.q_proj.dtype())
-    }
-
-    /// `model` (built from this one's tensors) with this one's compute head.
-    fn keeping_compute(&self, mut model: Self) -> Self {
-        model.compute_head = self.compute_head.clone();
-        model
+            .map_or_else(|| self.embed_tokens.dtype(), |l| l.q_proj.dtype())
     }
 
     /// A model of these layers only (by index, in the order given), sharing
@@ -464,14 +460,13 @@ impl Llama {
             num_hidden_layers: keep.len(),
             ..self.cfg.clone()
         };
-        let model = Self::new(
+        Self::new(
             cfg,
             self.embed_tokens.clone(),
             keep.iter().map(|&i| self.layers[i].clone()).collect(),
             self.norm.clone(),
             self.lm_head.clone(),
-        )?;
-        Ok(self.keeping_compute(model))
+        )
     }
 
     /// This model with `delta(layer, projection)` added to the projection
@@ -502,14 +497,13 @@ impl Llama {
                 )?
             });
         }
-        let model = Self::new(
+        Self::new(
             self.cfg.clone(),
             self.embed_tokens.clone(),
             layers,
             self.norm.clone(),
             self.lm_head.clone(),
-        )?;
-        Ok(self.keeping_compute(model))
+        )
     }
 
     /// What Hugging Face's files store of an RMSNorm weight is the weight
@@ -544,14 +538,13 @@ impl Llama {
                 ..l.clone()
             });
         }
-        let model = Self::new(
+        Self::new(
             self.cfg.clone(),
             self.embed_tokens.clone(),
             layers,
             self.norm.clone(),
             self.lm_head.clone(),
-        )?;
-        Ok(self.keeping_compute(model))
+        )
     }
 
     /// A model of shape `cfg` from tensors named as [`Llama::named_weights`]
@@ -634,9 +627,9 @@ impl Llama {
         &self.cfg
     }
 
-    /// The dtype of the weights.
+    /// The dtype of the activations (and of the norms' weights).
     pub fn dtype(&self) -> DType {
-        self.embed_tokens.dtype()
+        self.norm.dtype()
     }
 
     /// Where the weights live.
@@ -681,17 +674,15 @@ impl Llama {
         out
     }
 
-    /// The token embeddings `(vocab, hidden)`.
+    /// The token embeddings `(vocab, hidden)`, in the compute dtype
+    /// ([`Llama::compute_dtype`]).
     pub fn token_embeddings(&self) -> &Tensor {
         &self.embed_tokens
     }
 
     /// The output head: `lm_head`, or the token embeddings when tied.
     pub fn output_weight(&self) -> &Tensor {
-        self.compute_head
-            .as_ref()
-            .or(self.lm_head.as_ref())
-            .unwrap_or(&self.embed_tokens)
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }
 
     /// Logits `(batch, seq, vocab)` for token ids `(batch, seq)`.
@@ -713,8 +704,9 @@ impl Llama {
 
     /// The training loss: mean next-token cross-entropy over the positions whose
     /// label (shifted, −100 = ignored) counts. Only those positions go through
-    /// the output head, and the loss is the fused [`cross_entropy_rows`]; the
-    /// value equals [`crate::loss::causal_lm_loss`] of [`Llama::forward`].
+    /// the output head, and the head and the loss are one op over blocks of
+    /// rows ([`head_cross_entropy`]: the logits of all positions never exist
+    /// at once); the value equals [`crate::loss::causal_lm_loss`] of [`Llama::forward`].
     pub fn causal_lm_loss(
         &self,
         tokens: &Tensor,
@@ -733,8 +725,7 @@ impl Llama {
         let hidden = self.hidden_states(tokens, attention_mask, adapter)?;
         let n = rows.len();
         let kept = hidden.index_select(&Tensor::from_vec(rows, n, self.device())?, 0)?;
-        let logits = frozen_linear(&kept, self.output_weight())?;
-        cross_entropy_rows(&logits, &targets)
+        head_cross_entropy(&kept, self.output_weight(), &targets)
     }
 
     /// The final-norm hidden states, flattened to `(batch · seq, hidden)`.
@@ -837,6 +828,9 @@ impl Llama {
             )
         }
         let mut h = self.embed_tokens.index_select(&tokens.flatten_all()?, 0)?; // (b·t, hidden)
+        if h.dtype() != self.dtype() {
+            h = h.to_dtype(self.dtype())?;
+        }
         let mut mask_ext = attention_mask.cloned();
         if let Some(v) = &virt {
             let hidden = self.cfg.hidden_size;
@@ -867,15 +861,7 @@ impl Llama {
             let attn = self.attention(i, layer, &x, (b, tt, pos0), &mask, slot, prefix, adapter)?;
             h = (h + attn)?;
             let x = self.block_norm(i, Norm::PostAttention, layer, &h, adapter)?;
-            let gate = self.project(i, Projection::Gate, layer, &x, adapter)?;
-            let up = self.project(i, Projection::Up, layer, &x, adapter)?;
-            let act = match self.cfg.family {
-                // GELU (tanh approximation) gates Gemma's MLP: composite
-                // ops, whose gradients candle provides.
-                Family::Gemma => (gate.gelu()? * up)?,
-                _ => swiglu(&gate, &up)?,
-            };
-            let mlp = self.project(i, Projection::Down, layer, &act, adapter)?;
+            let mlp = self.mlp(i, layer, &x, adapter)?;
             h = (h + mlp)?;
         }
         let mut out = rms_norm(&h, &self.norm, self.cfg.rms_norm_eps)?;
@@ -915,6 +901,60 @@ impl Llama {
         }
     }
 
+    /// The MLP of block `layer` for its normed input `x`.
+    fn mlp(
+        &self,
+        layer: usize,
+        weights: &LayerWeights,
+        x: &Tensor,
+        adapter: Option<&dyn ProjectionAdapter>,
+    ) -> Result<Tensor> {
+        let gate = self.project(layer, Projection::Gate, weights, x, adapter)?;
+        let up = self.project(layer, Projection::Up, weights, x, adapter)?;
+        let act = match self.cfg.family {
+            // GELU (tanh approximation) gates Gemma's MLP: composite
+            // ops, whose gradients candle provides.
+            Family::Gemma => (gate.gelu()? * up)?,
+            // A down projection no adapter term touches runs with the
+            // gating as one op, which keeps no `(tokens, intermediate)`
+            // product for backward.
+            _ if adapter.is_none_or(|a| !a.adapts(layer, Projection::Down)) => {
+                let w = self.weight(layer, Projection::Down, weights, adapter)?;
+                let y = swiglu_linear(&gate, &up, &w)?;
+                return Self::with_bias(y, weights.bias(Projection::Down));
+            }
+            _ => swiglu(&gate, &up)?,
+        };
+        self.project(layer, Projection::Down, weights, &act, adapter)
+    }
+
+    /// Projection `p`'s weight, with the adapter's frozen weight term (a
+    /// LoRA residual) added when it has one.
+    fn weight(
+        &self,
+        layer: usize,
+        p: Projection,
+        weights: &LayerWeights,
+        adapter: Option<&dyn ProjectionAdapter>,
+    ) -> Result<Tensor> {
+        match adapter
+            .map(|a| a.weight_delta(layer, p))
+            .transpose()?
+            .flatten()
+        {
+            // In the delta's dtype: a bf16 weight is widened first.
+            Some(d) => weights.weight(p).to_dtype(d.dtype())? + d,
+            None => Ok(weights.weight(p).clone()),
+        }
+    }
+
+    fn with_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        match bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
     fn project(
         &self,
         layer: usize,
@@ -923,19 +963,7 @@ impl Llama {
         x: &Tensor,
         adapter: Option<&dyn ProjectionAdapter>,
     ) -> Result<Tensor> {
-        let merged;
-        let w = match adapter
-            .map(|a| a.weight_delta(layer, p))
-            .transpose()?
-            .flatten()
-        {
-            Some(d) => {
-                // In the delta's dtype: a bf16 weight is widened first.
-                merged = (weights.weight(p).to_dtype(d.dtype())? + d)?;
-                &merged
-            }
-            None => weights.weight(p),
-        };
+        let w = &self.weight(layer, p, weights, adapter)?;
         let y = match adapter {
             None => frozen_linear(x, w)?,
             Some(a) => match a.low_rank(layer, p, x)? {
@@ -946,10 +974,7 @@ impl Llama {
                 },
             },
         };
-        match weights.bias(p) {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
+        Self::with_bias(y, weights.bias(p))
     }
 
     #[allow(clippy::too_many_arguments)]
