@@ -103,7 +103,20 @@ thread_local! {
 pub fn composite_forced() -> bool {
     static ENV: OnceLock<bool> = OnceLock::new();
     COMPOSITE.with(Cell::get)
-        || *ENV.get_or_init(|| std::env::var("FEDTUNE_KERNELS").is_ok_and(|v| v == "composite"))
+        || *ENV.get_or_init(|| kernels_setting(std::env::var("FEDTUNE_KERNELS").ok()))
+}
+
+/// `FEDTUNE_KERNELS`: `composite` turns the fused kernels off; `fused` (or
+/// nothing) leaves them on; anything else is said and ignored.
+pub(super) fn kernels_setting(value: Option<String>) -> bool {
+    match value.as_deref().map(str::trim) {
+        Some("composite") => true,
+        None | Some("" | "fused") => false,
+        Some(other) => {
+            tracing::warn!("FEDTUNE_KERNELS={other:?} is neither \"composite\" nor \"fused\"; the fused kernels stay on");
+            false
+        }
+    }
 }
 
 /// Runs `f` with every op on this thread in its composite candle form —

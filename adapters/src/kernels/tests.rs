@@ -381,6 +381,19 @@ fn lora_over_a_bf16_weight_adds_the_same_low_rank_term() {
 /// Composite-only mode turns the fused path off on its thread and only there.
 #[test]
 fn composite_only_switches_this_thread_off_the_fused_path() {
+    for (value, composite) in [
+        (None, false),
+        (Some("fused"), false),
+        (Some("composite"), true),
+        (Some(" composite "), true),
+        (Some("composit"), false),
+    ] {
+        assert_eq!(
+            super::rows::kernels_setting(value.map(String::from)),
+            composite,
+            "{value:?}"
+        );
+    }
     let t = seeded(&[2, 3], 1).to_dtype(DType::F32).unwrap();
     let fused_here = || super::rows::fused(&t);
     assert!(fused_here());
