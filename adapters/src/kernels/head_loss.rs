@@ -75,14 +75,7 @@ impl HeadLoss {
             .div_ceil(self.block_bytes.max(1))
             .clamp(1, k.max(1));
         let per = k.div_ceil(blocks).max(1);
-        let forward = Linear {
-            w: self.w.clone(),
-            transposed: true,
-        };
-        let backward = Linear {
-            w: self.w.clone(),
-            transposed: false,
-        };
+        let (forward, backward) = (Linear::forward(&self.w), Linear::backward(&self.w));
         let mut nll = Vec::with_capacity(k);
         let mut grad = Vec::with_capacity(if self.with_grad { k * h } else { 0 });
         for r0 in (0..k).step_by(per) {

@@ -8,7 +8,9 @@
 //! "bf16"`): both products then run in [`super::bf16`], and the output and
 //! gradients stay f32.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType,
+};
 
 use super::gemm::{gemm, Mat, Shared};
 use super::rows::{by_dtype, data, fused, on_pool, pool_threads, with_data, Real};
@@ -18,10 +20,7 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if !fused(x) || !weight_fits(x, w) || !w.is_contiguous() {
         return composite_linear(x, w);
     }
-    x.contiguous()?.apply_op1(Linear {
-        w: w.clone(),
-        transposed: true,
-    })
+    x.contiguous()?.apply_op1(Linear::forward(w))
 }
 
 /// `x · Wᵀ` in candle's ops. A weight in another dtype than `x` is widened
@@ -40,6 +39,56 @@ fn composite_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// `r + x · Wᵀ` for a frozen `W`: a residual connection and the projection
+/// into it as one op, so the projection's output is not a tensor of its own
+/// that the graph holds through backward. Backward: `g · W` for `x`, `g`
+/// for `r`.
+pub fn frozen_linear_add(x: &Tensor, w: &Tensor, r: &Tensor) -> Result<Tensor> {
+    if !fused(x) || !weight_fits(x, w) || !w.is_contiguous() || r.dtype() != x.dtype() {
+        return r + frozen_linear(x, w)?;
+    }
+    x.contiguous()?
+        .apply_op2(&r.contiguous()?, LinearAdd { w: w.clone() })
+}
+
+struct LinearAdd {
+    w: Tensor,
+}
+
+impl CustomOp2 for LinearAdd {
+    fn name(&self) -> &'static str {
+        "frozen-linear-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(s1, "frozen-linear-add", |T| {
+            let x = data(s1, l1, "frozen-linear-add")?;
+            let r = data(s2, l2, "frozen-linear-add")?;
+            let (out, shape) =
+                Linear::forward(&self.w).run_add::<T>(x, l1.dims(), r, l2.shape())?;
+            Ok((T::to_cpu_storage_owned(out), shape))
+        })
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _r: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let back = grad.apply_op1_no_bwd(&Linear::backward(&self.w))?;
+        Ok((Some(back), Some(grad)))
+    }
+}
+
 /// Whether the fused products take a weight of `w`'s dtype beside `x`'s:
 /// the same dtype, or a bf16 weight with f32 activations.
 pub(super) fn weight_fits(x: &Tensor, w: &Tensor) -> bool {
@@ -54,6 +103,38 @@ pub(super) struct Linear {
 }
 
 impl Linear {
+    /// `x · Wᵀ` for the frozen `w`.
+    pub(super) fn forward(w: &Tensor) -> Self {
+        Self {
+            w: w.clone(),
+            transposed: true,
+        }
+    }
+
+    /// `g · W`: the input gradient of [`Linear::forward`].
+    pub(super) fn backward(w: &Tensor) -> Self {
+        Self {
+            w: w.clone(),
+            transposed: false,
+        }
+    }
+
+    /// `r + ` the product, with `r` of the output's shape `r_shape`.
+    pub(super) fn run_add<T: Real>(
+        &self,
+        x: &[T],
+        dims: &[usize],
+        r: &[T],
+        r_shape: &Shape,
+    ) -> Result<(Vec<T>, Shape)> {
+        let (mut out, shape) = self.run(x, dims)?;
+        if &shape != r_shape {
+            candle_core::bail!("a residual of shape {r_shape:?} added to an output of {shape:?}")
+        }
+        out.iter_mut().zip(r).for_each(|(o, &r)| *o += r);
+        Ok((out, shape))
+    }
+
     /// The product for `x` of shape `dims`, and the output's shape.
     pub(super) fn run<T: Real>(&self, x: &[T], dims: &[usize]) -> Result<(Vec<T>, Shape)> {
         let (wr, wc) = self.w.dims2()?;

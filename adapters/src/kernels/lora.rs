@@ -83,11 +83,7 @@ impl LoraLinear {
         let (r, k) = (b.len() / self.w.dim(0)?, *xl.dims().last().unwrap_or(&1));
         let m = x.len() / k.max(1);
         let n = self.w.dim(0)?;
-        let base = Linear {
-            w: self.w.clone(),
-            transposed: true,
-        };
-        let (mut y, shape) = base.run::<T>(x, xl.dims())?;
+        let (mut y, shape) = Linear::forward(&self.w).run::<T>(x, xl.dims())?;
         let scale = T::from_f64(self.scale);
         // h = scale · (x ⊙ mask) Aᵀ (m × r)
         let h =
@@ -116,10 +112,7 @@ impl LoraLinear {
         let (r, k) = (b.len() / n, *dims.last().unwrap_or(&1));
         let m = x.len() / k.max(1);
         let scale = T::from_f64(self.scale);
-        let back = Linear {
-            w: self.w.clone(),
-            transposed: false,
-        };
+        let back = Linear::backward(&self.w);
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().expect("rank ≥ 1") = n;
         let mut dx = if want_dx {

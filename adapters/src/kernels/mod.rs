@@ -18,13 +18,13 @@
 //!
 //! | file | op |
 //! |---|---|
-//! | [`linear`] | `x · Wᵀ` for a frozen `W` (backward: `g · W` only); `W` may be bf16 with `x` in f32 |
+//! | [`linear`] | `x · Wᵀ` for a frozen `W` (backward: `g · W` only), also added into a residual; `W` may be bf16 with `x` in f32 |
 //! | [`bf16`] | those two products with a bf16 `W`: `vdpbf16ps` on AVX512-BF16, else widened to f32 |
 //! | [`head_loss`] | the output head and the cross-entropy in one op, by blocks of rows (the logits of every position never held at once) |
 //! | [`lora`] | `x · Wᵀ + scale · (x ⊙ mask) Aᵀ Bᵀ`, gradients for `x`, `A`, `B` |
 //! | [`rms_norm`] | RMSNorm with a frozen weight |
 //! | [`softmax`] | softmax over the last dimension |
-//! | [`swiglu`] | `silu(gate) ⊙ up`, and with a frozen projection after it as one op |
+//! | [`swiglu`] | `silu(gate) ⊙ up`, and with a frozen projection and a residual after it as one op |
 //! | [`rope`] | rotary embeddings (Hugging Face's half layout) |
 //! | [`attention`] | causal grouped-query attention with RoPE, probabilities kept for backward |
 //! | `rows` | the CPU plumbing they share: storage access, the worker pool, the row-wise op skeleton |
@@ -46,11 +46,11 @@ pub mod swiglu;
 mod tests;
 
 pub use attention::{attention, attention_fuses, AttentionDims};
-pub use linear::frozen_linear;
+pub use linear::{frozen_linear, frozen_linear_add};
 pub use lora::{lora_linear, LowRank};
 pub use rms_norm::{rms_norm, rms_norm_composite};
 pub use rope::rope;
 pub(crate) use rows::par_blocks;
 pub use rows::{composite_forced, composite_only, Real};
 pub use softmax::softmax_last_dim;
-pub use swiglu::{swiglu, swiglu_linear};
+pub use swiglu::{swiglu, swiglu_linear_add};

@@ -15,23 +15,29 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
 }
 
-/// `swiglu(gate, up) · Wᵀ` for a frozen `W` (the MLP's down projection
-/// when no adapter touches it), without keeping `swiglu(gate, up)`: the
-/// graph of the two ops apart holds that `(tokens, intermediate)` product
-/// through backward although the frozen product's backward never reads it
-/// (94 MB over the default model's 30 layers at 512 tokens). Backward is
-/// `g · W`, then the gating's own backward from `gate` and `up`.
-pub fn swiglu_linear(gate: &Tensor, up: &Tensor, w: &Tensor) -> Result<Tensor> {
+/// `r + swiglu(gate, up) · Wᵀ` for a frozen `W` (the MLP's down
+/// projection when no adapter touches it, and the residual connection it
+/// feeds) as one op, keeping neither `swiglu(gate, up)` nor the projection's
+/// output: the graph of the ops apart holds that `(tokens, intermediate)`
+/// product through backward although the frozen product's backward never
+/// reads it (94 MB over the default model's 30 layers at 512 tokens), and
+/// the `(tokens, hidden)` projection besides. Backward is `g · W`, then the
+/// gating's own backward from `gate` and `up`; `g` for `r`.
+pub fn swiglu_linear_add(gate: &Tensor, up: &Tensor, w: &Tensor, r: &Tensor) -> Result<Tensor> {
     if !fused(gate)
         || gate.dtype() != up.dtype()
         || gate.dims() != up.dims()
         || !weight_fits(gate, w)
         || !w.is_contiguous()
+        || r.dtype() != gate.dtype()
     {
-        return frozen_linear(&swiglu(gate, up)?, w);
+        return r + frozen_linear(&swiglu(gate, up)?, w)?;
     }
-    gate.contiguous()?
-        .apply_op2(&up.contiguous()?, SwiGluLinear { w: w.contiguous()? })
+    gate.contiguous()?.apply_op3(
+        &up.contiguous()?,
+        &r.contiguous()?,
+        SwiGluLinearAdd { w: w.contiguous()? },
+    )
 }
 
 struct SwiGlu;
@@ -82,13 +88,13 @@ impl CustomOp2 for SwiGlu {
     }
 }
 
-struct SwiGluLinear {
+struct SwiGluLinearAdd {
     w: Tensor,
 }
 
-impl CustomOp2 for SwiGluLinear {
+impl CustomOp3 for SwiGluLinearAdd {
     fn name(&self) -> &'static str {
-        "swiglu-linear"
+        "swiglu-linear-add"
     }
 
     fn cpu_fwd(
@@ -97,16 +103,16 @@ impl CustomOp2 for SwiGluLinear {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        by_dtype!(s1, "swiglu-linear", |T| {
-            let g = data::<T>(s1, l1, "swiglu-linear")?;
-            let u = data::<T>(s2, l2, "swiglu-linear")?;
+        by_dtype!(s1, "swiglu-linear-add", |T| {
+            let g = data::<T>(s1, l1, "swiglu-linear-add")?;
+            let u = data::<T>(s2, l2, "swiglu-linear-add")?;
             let act = gated(g, u, last_dim(l1));
-            let down = Linear {
-                w: self.w.clone(),
-                transposed: true,
-            };
-            let (out, shape) = down.run::<T>(&act, l1.dims())?;
+            let r = data(s3, l3, "swiglu-linear-add")?;
+            let (out, shape) =
+                Linear::forward(&self.w).run_add::<T>(&act, l1.dims(), r, l3.shape())?;
             Ok((T::to_cpu_storage_owned(out), shape))
         })
     }
@@ -115,16 +121,14 @@ impl CustomOp2 for SwiGluLinear {
         &self,
         gate: &Tensor,
         up: &Tensor,
+        _r: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let back = Linear {
-            w: self.w.clone(),
-            transposed: false,
-        };
-        let grad_act = grad.contiguous()?.apply_op1_no_bwd(&back)?;
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let grad_act = grad.apply_op1_no_bwd(&Linear::backward(&self.w))?;
         let both = gate.apply_op3_no_bwd(up, &grad_act, &SwiGluGrad)?;
-        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+        Ok((Some(both.get(0)?), Some(both.get(1)?), Some(grad)))
     }
 }
 

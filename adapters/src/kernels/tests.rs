@@ -122,27 +122,51 @@ fn swiglu_matches_silu_times_up() {
 }
 
 #[test]
-fn swiglu_then_a_frozen_projection_matches_the_two_ops() {
+fn a_residual_plus_a_frozen_projection_matches_the_two_ops() {
+    for (x, w) in [(&[2, 9, 5][..], [7, 5]), (&[1, 1, 37][..], [100, 37])] {
+        let w = seeded(&w, 3);
+        let out: Vec<usize> = x[..x.len() - 1]
+            .iter()
+            .copied()
+            .chain([w.dim(0).unwrap()])
+            .collect();
+        agree(
+            &[x, &out],
+            |t| frozen_linear_add(&t[0], &w.to_dtype(t[0].dtype())?, &t[1]),
+            |t| &t[1] + t[0].broadcast_matmul(&w.to_dtype(t[0].dtype())?.t()?)?,
+        );
+    }
+}
+
+#[test]
+fn swiglu_then_a_frozen_projection_into_a_residual_matches_the_ops() {
     // Through gemm (19 rows) and the streamed rows of decoding (1 row).
-    for rows in [&[19, 23][..], &[1, 1, 23][..]] {
+    for (rows, out) in [
+        (&[19, 23][..], &[19, 7][..]),
+        (&[1, 1, 23][..], &[1, 1, 7][..]),
+    ] {
         let w = seeded(&[7, 23], 6);
         agree(
-            &[rows, rows],
-            |t| swiglu_linear(&t[0], &t[1], &w.to_dtype(t[0].dtype())?),
-            |t| (t[0].silu()? * &t[1])?.broadcast_matmul(&w.to_dtype(t[0].dtype())?.t()?),
+            &[rows, rows, out],
+            |t| swiglu_linear_add(&t[0], &t[1], &w.to_dtype(t[0].dtype())?, &t[2]),
+            |t| {
+                &t[2] + (t[0].silu()? * &t[1])?.broadcast_matmul(&w.to_dtype(t[0].dtype())?.t()?)?
+            },
         );
     }
     // A bf16 projection: the same products as the gating then the frozen op.
     let w = seeded(&[7, 23], 6).to_dtype(DType::BF16).unwrap();
-    let g = Var::from_tensor(&seeded(&[9, 23], 1).to_dtype(DType::F32).unwrap()).unwrap();
-    let u = Var::from_tensor(&seeded(&[9, 23], 2).to_dtype(DType::F32).unwrap()).unwrap();
-    let (g, u) = (g.as_tensor(), u.as_tensor());
-    let a = swiglu_linear(g, u, &w).unwrap();
-    let b = frozen_linear(&swiglu(g, u).unwrap(), &w).unwrap();
+    let var =
+        |seed| Var::from_tensor(&seeded(&[9, 23], seed).to_dtype(DType::F32).unwrap()).unwrap();
+    let (g, u) = (var(1), var(2));
+    let r = Var::from_tensor(&seeded(&[9, 7], 3).to_dtype(DType::F32).unwrap()).unwrap();
+    let (g, u, r) = (g.as_tensor(), u.as_tensor(), r.as_tensor());
+    let a = swiglu_linear_add(g, u, &w, r).unwrap();
+    let b = (r + frozen_linear(&swiglu(g, u).unwrap(), &w).unwrap()).unwrap();
     assert!(max_diff(&a, &b) < 1e-6, "{}", max_diff(&a, &b));
     let ga = a.sum_all().unwrap().backward().unwrap();
     let gb = b.sum_all().unwrap().backward().unwrap();
-    for t in [g, u] {
+    for t in [g, u, r] {
         let d = max_diff(ga.get(t).unwrap(), gb.get(t).unwrap());
         assert!(d < 1e-6, "gradients differ by {d}");
     }

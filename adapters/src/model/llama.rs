@@ -10,8 +10,8 @@ use rand_chacha::ChaCha8Rng;
 
 use super::config::{Family, LlamaConfig};
 use crate::kernels::{
-    attention, attention_fuses, frozen_linear, lora_linear, rms_norm, rope, softmax_last_dim,
-    swiglu, swiglu_linear, AttentionDims, LowRank,
+    attention, attention_fuses, frozen_linear, frozen_linear_add, lora_linear, rms_norm, rope,
+    softmax_last_dim, swiglu, swiglu_linear_add, AttentionDims, LowRank,
 };
 use crate::loss::{counted_positions, head_cross_entropy};
 
@@ -858,11 +858,10 @@ impl Llama {
                 Some(a) if np > 0 => a.kv_prefix(i)?,
                 _ => None,
             };
-            let attn = self.attention(i, layer, &x, (b, tt, pos0), &mask, slot, prefix, adapter)?;
-            h = (h + attn)?;
+            let y = self.attention(i, layer, &x, (b, tt, pos0), &mask, slot, prefix, adapter)?;
+            h = self.project_add(i, Projection::O, layer, &y, &h, adapter)?;
             let x = self.block_norm(i, Norm::PostAttention, layer, &h, adapter)?;
-            let mlp = self.mlp(i, layer, &x, adapter)?;
-            h = (h + mlp)?;
+            h = self.mlp_add(i, layer, &x, &h, adapter)?;
         }
         let mut out = rms_norm(&h, &self.norm, self.cfg.rms_norm_eps)?;
         if nv > 0 {
@@ -901,12 +900,13 @@ impl Llama {
         }
     }
 
-    /// The MLP of block `layer` for its normed input `x`.
-    fn mlp(
+    /// `h` plus the MLP of block `layer` for its normed input `x`.
+    fn mlp_add(
         &self,
         layer: usize,
         weights: &LayerWeights,
         x: &Tensor,
+        h: &Tensor,
         adapter: Option<&dyn ProjectionAdapter>,
     ) -> Result<Tensor> {
         let gate = self.project(layer, Projection::Gate, weights, x, adapter)?;
@@ -915,17 +915,45 @@ impl Llama {
             // GELU (tanh approximation) gates Gemma's MLP: composite
             // ops, whose gradients candle provides.
             Family::Gemma => (gate.gelu()? * up)?,
-            // A down projection no adapter term touches runs with the
-            // gating as one op, which keeps no `(tokens, intermediate)`
-            // product for backward.
-            _ if adapter.is_none_or(|a| !a.adapts(layer, Projection::Down)) => {
+            // A plain down projection runs with the gating and the
+            // residual as one op, which keeps neither the `(tokens,
+            // intermediate)` product nor the projection for backward.
+            _ if self.plain(layer, Projection::Down, weights, adapter) => {
                 let w = self.weight(layer, Projection::Down, weights, adapter)?;
-                let y = swiglu_linear(&gate, &up, &w)?;
-                return Self::with_bias(y, weights.bias(Projection::Down));
+                return swiglu_linear_add(&gate, &up, &w, h);
             }
             _ => swiglu(&gate, &up)?,
         };
-        self.project(layer, Projection::Down, weights, &act, adapter)
+        h + self.project(layer, Projection::Down, weights, &act, adapter)?
+    }
+
+    /// `h` plus projection `p` of `x`: one op when the projection is plain.
+    fn project_add(
+        &self,
+        layer: usize,
+        p: Projection,
+        weights: &LayerWeights,
+        x: &Tensor,
+        h: &Tensor,
+        adapter: Option<&dyn ProjectionAdapter>,
+    ) -> Result<Tensor> {
+        if self.plain(layer, p, weights, adapter) {
+            let w = self.weight(layer, p, weights, adapter)?;
+            return frozen_linear_add(x, &w, h);
+        }
+        h + self.project(layer, p, weights, x, adapter)?
+    }
+
+    /// Whether projection `p` of block `layer` is its (frozen) weight alone:
+    /// no bias, no adapter term.
+    fn plain(
+        &self,
+        layer: usize,
+        p: Projection,
+        weights: &LayerWeights,
+        adapter: Option<&dyn ProjectionAdapter>,
+    ) -> bool {
+        weights.bias(p).is_none() && adapter.is_none_or(|a| !a.adapts(layer, p))
     }
 
     /// Projection `p`'s weight, with the adapter's frozen weight term (a
@@ -977,6 +1005,8 @@ impl Llama {
         Self::with_bias(y, weights.bias(p))
     }
 
+    /// The attention of block `i` for its normed input `x`, before the
+    /// output projection: `(b·t, heads · head_dim)`.
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
@@ -1007,8 +1037,7 @@ impl Llama {
                 kv_heads: nkv,
                 head_dim: hd,
             };
-            let y = attention(&q, &k, &v, &cos, &sin, mask, dims)?;
-            return self.project(i, Projection::O, layer, &y, adapter);
+            return attention(&q, &k, &v, &cos, &sin, mask, dims);
         }
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             // (b·t, n·hd) → (b, n, t, hd)
@@ -1048,11 +1077,9 @@ impl Llama {
         let scores = scores.broadcast_add(mask)?;
         let probs = softmax_last_dim(&scores)?;
         let y = probs.matmul(&v)?; // (b, nkv, groups·t, hd)
-        let y = y
-            .reshape((b, nh, t, hd))?
+        y.reshape((b, nh, t, hd))?
             .transpose(1, 2)?
-            .reshape((b * t, nh * hd))?;
-        self.project(i, Projection::O, layer, &y, adapter)
+            .reshape((b * t, nh * hd))
     }
 
     /// Additive attention bias `(b, 1, groups·t, offset + t)`: causal over
