@@ -78,12 +78,7 @@ pub fn counted_positions(labels: &Tensor, vocab: usize) -> Result<(Vec<u32>, Vec
 /// composite ops elsewhere.
 pub fn cross_entropy_rows(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
     let (k, v) = logits.dims2()?;
-    if targets.len() != k || targets.iter().any(|&t| t as usize >= v) {
-        candle_core::bail!(
-            "{} targets for {k} rows, or a target outside the vocabulary of {v}",
-            targets.len()
-        )
-    }
+    check_targets(targets, k, v)?;
     if !logits.device().is_cpu() || crate::kernels::composite_forced() {
         return composite_cross_entropy(logits, targets);
     }
@@ -93,6 +88,17 @@ pub fn cross_entropy_rows(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
             targets: targets.to_vec(),
         })?
         .mean_all()
+}
+
+/// One target per row of `k`, each inside the vocabulary of `v`.
+pub(crate) fn check_targets(targets: &[u32], k: usize, v: usize) -> Result<()> {
+    if targets.len() != k || targets.iter().any(|&t| t as usize >= v) {
+        candle_core::bail!(
+            "{} targets for {k} rows, or a target outside the vocabulary of {v}",
+            targets.len()
+        )
+    }
+    Ok(())
 }
 
 /// Mean cross-entropy of the logits `hidden · Wᵀ` (`hidden` `(k, in)`, `W`

@@ -18,7 +18,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDTyp
 
 use super::linear::{weight_fits, Linear};
 use super::rows::{by_dtype, data, fused, Real};
-use crate::loss::RowLoss;
+use crate::loss::{check_targets, RowLoss};
 
 /// The logits of one block of rows at most this large (bytes).
 const BLOCK_BYTES: usize = 32 << 20;
@@ -39,13 +39,7 @@ pub(crate) fn head_nll_rows_in(
     if !fused(x) || !weight_fits(x, w) || !w.is_contiguous() || x.rank() != 2 {
         return Ok(None);
     }
-    let (k, v) = (x.dim(0)?, w.dim(0)?);
-    if targets.len() != k || targets.iter().any(|&t| t as usize >= v) {
-        candle_core::bail!(
-            "{} targets for {k} rows, or one outside the vocabulary of {v}",
-            targets.len()
-        )
-    }
+    check_targets(targets, x.dim(0)?, w.dim(0)?)?;
     let op = HeadLoss {
         w: w.clone(),
         targets: targets.to_vec(),

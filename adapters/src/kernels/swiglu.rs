@@ -83,8 +83,8 @@ impl CustomOp2 for SwiGlu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let both = gate.apply_op3_no_bwd(up, &grad.contiguous()?, &SwiGluGrad)?;
-        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+        let (dgate, dup) = gating_grads(gate, up, &grad.contiguous()?)?;
+        Ok((Some(dgate), Some(dup)))
     }
 }
 
@@ -127,9 +127,15 @@ impl CustomOp3 for SwiGluLinearAdd {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let grad_act = grad.apply_op1_no_bwd(&Linear::backward(&self.w))?;
-        let both = gate.apply_op3_no_bwd(up, &grad_act, &SwiGluGrad)?;
-        Ok((Some(both.get(0)?), Some(both.get(1)?), Some(grad)))
+        let (dgate, dup) = gating_grads(gate, up, &grad_act)?;
+        Ok((Some(dgate), Some(dup), Some(grad)))
     }
+}
+
+/// The gating's input gradients `(dgate, dup)` for the output gradient `grad`.
+fn gating_grads(gate: &Tensor, up: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+    let both = gate.apply_op3_no_bwd(up, grad, &SwiGluGrad)?;
+    Ok((both.get(0)?, both.get(1)?))
 }
 
 /// `(dgate, dup)` stacked as `(2, …)`: `dgate = g_y·u·σ(g)·(1 + g·(1 − σ(g)))`, `dup = g_y·silu(g)`.

@@ -924,7 +924,7 @@ impl Llama {
             }
             _ => swiglu(&gate, &up)?,
         };
-        h + self.project(layer, Projection::Down, weights, &act, adapter)?
+        self.project_add(layer, Projection::Down, weights, &act, h, adapter)
     }
 
     /// `h` plus projection `p` of `x`: one op when the projection is plain.
@@ -976,13 +976,6 @@ impl Llama {
         }
     }
 
-    fn with_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        match bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
-    }
-
     fn project(
         &self,
         layer: usize,
@@ -1002,7 +995,10 @@ impl Llama {
                 },
             },
         };
-        Self::with_bias(y, weights.bias(p))
+        match weights.bias(p) {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
     }
 
     /// The attention of block `i` for its normed input `x`, before the
