@@ -400,9 +400,9 @@ fn completions_cover_every_command_in_each_shell() {
     );
 }
 
-/// `[model] compute` takes f32, bf16 or auto; a wrong value, or bf16 with
-/// FedOT (which trains emulator layers in full), is refused by key before
-/// any model loads.
+/// `[model] compute` takes f32, bf16, int8 or auto; a wrong value, or bf16
+/// or int8 with FedOT (which trains emulator layers in full), is refused by
+/// key before any model loads.
 #[test]
 fn a_compute_setting_is_checked_by_key() {
     let dry = |sets: &[&str]| {
@@ -419,13 +419,15 @@ fn a_compute_setting_is_checked_by_key() {
         err.contains("model.compute") && err.contains("fp8"),
         "{err}"
     );
-    let o = dry(&["model.compute=\"bf16\""]);
-    assert!(!o.status.success());
-    let err = text(&o.stderr);
-    assert!(
-        err.contains("model.compute") && err.contains("[offsite]"),
-        "{err}"
-    );
+    for narrow in ["bf16", "int8"] {
+        let o = dry(&[&format!("model.compute=\"{narrow}\"")]);
+        assert!(!o.status.success());
+        let err = text(&o.stderr);
+        assert!(
+            err.contains("model.compute") && err.contains("[offsite]"),
+            "{narrow}: {err}"
+        );
+    }
     let o = fedtune(&[
         "run",
         "configs/quickstart.toml",

@@ -431,3 +431,83 @@ fn a_compute_dtype_converts_there_and_back() {
         assert_eq!(common::max_abs_diff(back.output_weight(), &widened), 0.0);
     }
 }
+
+#[test]
+fn an_int8_base_trains_as_the_values_it_holds() {
+    // compute int8 (`U8`) stores every projection as int8 blocks and the
+    // embeddings and head in bf16; a model of the dequantized values in
+    // f32 gives the same logits and the same LoRA steps, within the bf16
+    // rounding of the products where they run on the bf16 units. LoRA on
+    // q and v leaves k, o and the MLP plain (the residual and gating paths);
+    // on every projection each takes the LoRA path.
+    use fedtune_adapters::model::{Frozen, Projection};
+    let units = fedtune_adapters::kernels::bf16::bf16_units();
+    let tol = if units { 2e-2 } else { 1e-4 };
+    for (tied, targets) in [
+        (false, vec!["q_proj", "v_proj"]),
+        (true, Projection::ALL.iter().map(|p| p.name()).collect()),
+    ] {
+        // Rows of 48 and 80 values: whole blocks of 32 and short ones.
+        let cfg = LlamaConfig {
+            hidden_size: 48,
+            intermediate_size: 80,
+            ..common::tiny_config(tied)
+        };
+        let model = Llama::random(cfg, 5, DType::F32, &Device::Cpu).unwrap();
+        let int8 = model.with_compute(DType::U8).unwrap();
+        assert_eq!(int8.compute_dtype(), DType::U8);
+        assert_eq!(int8.dtype(), DType::F32, "activations stay f32");
+        assert_eq!(int8.output_weight().dtype(), DType::BF16);
+        for l in int8.layers() {
+            for p in Projection::ALL {
+                assert!(matches!(l.weight(p), Frozen::Int8(_)), "{p:?}");
+            }
+        }
+        let values = int8.with_compute(DType::F32).unwrap();
+        let tokens = Tensor::new(&[[3u32, 9, 1, 30, 7]], &Device::Cpu).unwrap();
+        let logits = |m: &Llama| m.forward(&tokens, None, None).unwrap();
+        let (a, b, f) = (logits(&int8), logits(&values), logits(&model));
+        let scale = common::max_abs_diff(&f, &f.zeros_like().unwrap());
+        let (same, moved) = (common::max_abs_diff(&a, &b), common::max_abs_diff(&a, &f));
+        assert!(same <= tol * scale, "int8 vs its values: {same} of {scale}");
+        assert!(
+            moved > 0.0 && moved < 0.05 * scale,
+            "int8 vs f32: {moved} of {scale}"
+        );
+
+        let lc = LoraConfig {
+            r: 4,
+            lora_alpha: 8.0,
+            lora_dropout: 0.0,
+            target_modules: targets.iter().map(|t| t.to_string()).collect(),
+            ..LoraConfig::default()
+        };
+        let cfg = model.config();
+        let trained = |m: &Llama| {
+            let lora = Lora::new(cfg, lc.clone(), 9, DType::F32, &Device::Cpu).unwrap();
+            let tc = TrainConfig {
+                lr: 1e-2,
+                ..TrainConfig::default()
+            };
+            let mut stepper = Stepper::new(&lora, tc).unwrap();
+            let reports = fit(m, &lora, &mut stepper, &[batch()], 3, &mut NoHooks).unwrap();
+            let losses: Vec<f64> = reports.iter().map(|r| r.loss).collect();
+            (losses, flat(&lora.to_param_set().unwrap()))
+        };
+        let ((la, pa), (lb, pb)) = (trained(&int8), trained(&values));
+        for (x, y) in la.iter().zip(&lb) {
+            assert!((x - y).abs() <= tol * y.abs(), "losses {la:?} vs {lb:?}");
+        }
+        let norm = pb.iter().map(|v| v * v).sum::<f32>().sqrt();
+        let diff = pa
+            .iter()
+            .zip(&pb)
+            .map(|(x, y)| (x - y) * (x - y))
+            .sum::<f32>()
+            .sqrt();
+        assert!(
+            f64::from(diff) <= tol * f64::from(norm),
+            "parameters {diff} apart of {norm}"
+        );
+    }
+}

@@ -113,7 +113,7 @@ pub enum BenchCommand {
         /// With --prompt-len: no GSM8K prefix (the like-for-like comparison).
         #[arg(long, requires = "prompt_len")]
         no_prefix: bool,
-        /// With --prompt-len: the frozen base's dtype (auto, f32, bf16).
+        /// With --prompt-len: the frozen base's dtype (auto, f32, bf16, int8).
         #[arg(long, default_value = "f32")]
         compute: Compute,
         /// With --prompt-len: where the model runs (cpu, cuda, cuda:N).
@@ -149,7 +149,7 @@ pub enum BenchCommand {
         /// Timed steps (after one warm-up step).
         #[arg(long, default_value_t = 3)]
         steps: usize,
-        /// The frozen base's dtype: auto, f32 or bf16 (`[model] compute`).
+        /// The frozen base's dtype: auto, f32, bf16 or int8 (`[model] compute`).
         #[arg(long, default_value = "f32")]
         compute: Compute,
         /// Where the step runs: cpu, cuda or cuda:N (`[model] device`).

@@ -74,7 +74,7 @@ pub struct EvalArgs {
     /// The course config whose data split the `loss` task scores.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// The frozen weights' dtype: f32, bf16 or auto (default: --config's
+    /// The frozen weights' dtype: f32, bf16, int8 or auto (default: --config's
     /// `[model] compute`, else f32).
     #[arg(long)]
     pub compute: Option<Compute>,

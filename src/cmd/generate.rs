@@ -45,7 +45,7 @@ pub struct Sampling {
     #[arg(long)]
     pub quiet: bool,
     /// The frozen weights' dtype: f32, bf16 (half the memory, bf16 products
-    /// where the CPU has them) or auto.
+    /// where the CPU has them), int8 (int8 projection blocks) or auto.
     #[arg(long, default_value = "f32")]
     pub compute: fedtune_adapters::model::Compute,
     /// Where the model runs: cpu, cuda or cuda:N (a build with

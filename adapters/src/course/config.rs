@@ -100,7 +100,8 @@ pub struct ModelSection {
     pub path: Option<PathBuf>,
     /// What the frozen base is stored and multiplied in: `f32` (the
     /// default), `bf16` (half the memory; AVX512-BF16 products where the CPU
-    /// has them) or `auto` (bf16 where it has them). Left out of the
+    /// has them), `int8` (the projections as int8 blocks, the embeddings
+    /// and head bf16) or `auto` (bf16 where it has them). Left out of the
     /// resolved config when f32, so earlier runs keep their fingerprint.
     #[serde(skip_serializing_if = "crate::model::Compute::is_f32")]
     pub compute: crate::model::Compute,

@@ -20,6 +20,8 @@
 //! inside a slice whose length is asserted before the loop (see
 //! [`tile`]).
 
+use std::ops::Range;
+
 use half::bf16;
 
 use super::gemm::{gemm, Mat, Shared};
@@ -64,21 +66,23 @@ pub fn bf16_path() -> &'static str {
 /// (its input gradient).
 pub(crate) fn product(
     x: &[f32],
-    w: &[bf16],
+    w: &impl Stored,
     transposed: bool,
     (m, k, n): (usize, usize, usize),
 ) -> Vec<f32> {
     assert_eq!(x.len(), m * k, "bf16 product: x is not {m} × {k}");
-    assert_eq!(w.len(), k * n, "bf16 product: W does not hold {k} × {n}");
+    let width = if transposed { k } else { n };
+    assert!(
+        w.size() == k * n && w.width() == width,
+        "bf16 product: W does not hold {k} × {n}"
+    );
     if m == 0 || n == 0 || k == 0 {
         return vec![0.0; m * n];
     }
     if bf16_units() && transposed && m <= STREAM_ROWS {
         // Decoding: W's rows streamed once, unpacked, each dotted with every row of x.
         let xb = pairs(x, m, k);
-        return by_column_blocks(m, n, |cols, local| {
-            streamed(&xb, &w[cols.start * k..cols.end * k], (m, k), local)
-        });
+        return by_column_blocks(m, n, |cols, local| streamed(&xb, w, cols, (m, k), local));
     }
     // Rows are written one by one: the output starts zeroed.
     let out = Shared::zeroed(m, n);
@@ -102,7 +106,7 @@ pub(crate) fn product(
                     for (p, &c0) in starts.iter().enumerate() {
                         let cols = c0..(c0 + NR).min(cols.end);
                         let panel = &mut packed[p * size..][..size];
-                        pack(w, transposed, (k, n), (cols, chunk.clone()), panel);
+                        pack(w, transposed, k, (cols, chunk.clone()), panel);
                     }
                     let used = &packed[..starts.len() * size];
                     sweep(&xb, used, (m, k2), chunk.clone(), |row, p, values| {
@@ -118,7 +122,7 @@ pub(crate) fn product(
     } else {
         on_pool(n.div_ceil(per), |b| {
             let cols = b * per..((b + 1) * per).min(n);
-            let wide = widen(w, transposed, (k, n), cols.clone());
+            let wide = widen(w, transposed, k, cols.clone());
             gemm(
                 &mut out.block(0..m, cols.clone()),
                 Mat::new(x, m, k),
@@ -130,23 +134,63 @@ pub(crate) fn product(
     out.into_vec()
 }
 
+/// A frozen weight as the products read it: a row-major matrix of
+/// [`Stored::width`] values a row, one stretch of a row at a time.
+pub trait Stored: Sync {
+    /// Values a stored row.
+    fn width(&self) -> usize;
+    /// Values in all.
+    fn size(&self) -> usize;
+    /// Row `j`'s values `cols` in bf16: borrowed where the weight is stored
+    /// so, else written into `buf`.
+    fn bf16_row<'a>(&'a self, j: usize, cols: Range<usize>, buf: &'a mut Vec<bf16>) -> &'a [bf16];
+    /// Row `j`'s values `cols` in f32, appended to `out`.
+    fn f32_row(&self, j: usize, cols: Range<usize>, out: &mut Vec<f32>);
+}
+
+/// A weight stored in bf16, `width` values a row.
+pub(super) struct Bf16Rows<'a> {
+    pub(super) values: &'a [bf16],
+    pub(super) width: usize,
+}
+
+impl Stored for Bf16Rows<'_> {
+    fn width(&self) -> usize {
+        self.width
+    }
+    fn size(&self) -> usize {
+        self.values.len()
+    }
+    fn bf16_row<'a>(&'a self, j: usize, cols: Range<usize>, _: &'a mut Vec<bf16>) -> &'a [bf16] {
+        &self.values[j * self.width..][cols]
+    }
+    fn f32_row(&self, j: usize, cols: Range<usize>, out: &mut Vec<f32>) {
+        out.extend(
+            self.values[j * self.width..][cols]
+                .iter()
+                .map(|v| v.to_f32()),
+        );
+    }
+}
+
 /// `B`'s columns `cols` (see [`product`]) as an f32 `k × cols` matrix.
-fn widen(
-    w: &[bf16],
-    transposed: bool,
-    (k, n): (usize, usize),
-    cols: std::ops::Range<usize>,
-) -> Vec<f32> {
+fn widen(w: &impl Stored, transposed: bool, k: usize, cols: Range<usize>) -> Vec<f32> {
     let mut out = Vec::with_capacity(k * cols.len());
-    for kk in 0..k {
-        out.extend(cols.clone().map(|j| {
-            let v = if transposed {
-                w[j * k + kk]
-            } else {
-                w[kk * n + j]
-            };
-            v.to_f32()
-        }));
+    if transposed {
+        // B's column j is W's row j: read whole, then laid across.
+        let mut row = Vec::with_capacity(k);
+        out.resize(k * cols.len(), 0.0);
+        for (jj, j) in cols.clone().enumerate() {
+            row.clear();
+            w.f32_row(j, 0..k, &mut row);
+            for (kk, v) in row.iter().enumerate() {
+                out[kk * cols.len() + jj] = *v;
+            }
+        }
+    } else {
+        for kk in 0..k {
+            w.f32_row(kk, cols.clone(), &mut out);
+        }
     }
     out
 }
@@ -186,19 +230,20 @@ fn round_row(row: &[f32], dst: &mut [u32]) {
 /// summed index into `panel`: for each pair `kk`, `NR` words
 /// `(B[2kk, j], B[2kk+1, j])`, columns past `cols` zero.
 fn pack(
-    w: &[bf16],
+    w: &impl Stored,
     transposed: bool,
-    (k, n): (usize, usize),
-    (cols, pairs): (std::ops::Range<usize>, std::ops::Range<usize>),
+    k: usize,
+    (cols, pairs): (Range<usize>, Range<usize>),
     panel: &mut [u32],
 ) {
     assert_eq!(panel.len(), pairs.len() * NR);
     assert!(pairs.end <= k.div_ceil(2) && cols.len() <= NR);
     panel.fill(0);
+    let (mut buf, mut odd_buf) = (Vec::new(), Vec::new());
     if transposed {
         // Row j of W holds B's column j: its pairs are consecutive.
         for (jj, j) in cols.enumerate() {
-            let row = &w[j * k..(j + 1) * k][2 * pairs.start..(2 * pairs.end).min(k)];
+            let row = w.bf16_row(j, 2 * pairs.start..(2 * pairs.end).min(k), &mut buf);
             for (kk, p) in row.chunks(2).enumerate() {
                 let lo = p[0].to_bits() as u32;
                 let hi = p.get(1).map_or(0, |v| v.to_bits() as u32);
@@ -209,9 +254,10 @@ fn pack(
         // Rows 2kk and 2kk + 1 of W, interleaved (the last alone when k is odd).
         let width = cols.len();
         for (dst, kk) in panel.chunks_exact_mut(NR).zip(pairs) {
-            let even = &w[2 * kk * n + cols.start..][..width];
+            let even = w.bf16_row(2 * kk, cols.clone(), &mut buf);
+            debug_assert_eq!(even.len(), width);
             if 2 * kk + 1 < k {
-                let odd = &w[(2 * kk + 1) * n + cols.start..][..width];
+                let odd = w.bf16_row(2 * kk + 1, cols.clone(), &mut odd_buf);
                 for ((d, e), o) in dst.iter_mut().zip(even).zip(odd) {
                     *d = e.to_bits() as u32 | (o.to_bits() as u32) << 16;
                 }
@@ -224,12 +270,20 @@ fn pack(
     }
 }
 
-/// `out[i·c + j] = x_i · w_j` for the `m` rows of `xb` (pairs, see
-/// [`pairs`]) and the `c` rows of `w` (`k` values each).
-fn streamed(xb: &[u32], w: &[bf16], (m, k): (usize, usize), out: &mut [f32]) {
-    let (k2, c) = (k.div_ceil(2), w.len() / k.max(1));
-    assert!(xb.len() == m * k2 && w.len() == c * k && out.len() == m * c);
-    for (j, wj) in w.chunks_exact(k).enumerate() {
+/// `out[i·c + jj] = x_i · w_j` for the `m` rows of `xb` (pairs, see
+/// [`pairs`]) and the `c` rows `rows` of `w` (`k` values each).
+fn streamed(
+    xb: &[u32],
+    w: &impl Stored,
+    rows: Range<usize>,
+    (m, k): (usize, usize),
+    out: &mut [f32],
+) {
+    let (k2, c) = (k.div_ceil(2), rows.len());
+    assert!(xb.len() == m * k2 && w.width() == k && out.len() == m * c);
+    let mut buf = Vec::new();
+    for (j, row) in rows.enumerate() {
+        let wj = w.bf16_row(row, 0..k, &mut buf);
         for (i, xi) in xb.chunks_exact(k2).enumerate() {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: streamed runs only where bf16_units() holds (see product).
@@ -471,7 +525,9 @@ mod tests {
             for transposed in [true, false] {
                 let x = data(m * k, 1);
                 let w: Vec<bf16> = data(k * n, 7).into_iter().map(bf16::from_f32).collect();
-                let y = product(&x, &w, transposed, (m, k, n));
+                let width = if transposed { k } else { n };
+                let stored = Bf16Rows { values: &w, width };
+                let y = product(&x, &stored, transposed, (m, k, n));
                 // The fast path rounds x to bf16; the widened one keeps f32.
                 let exact = reference(&x, &w, transposed, (m, k, n), bf16_units());
                 for (i, (&a, &b)) in y.iter().zip(&exact).enumerate() {

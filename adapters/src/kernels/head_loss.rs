@@ -16,6 +16,7 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType};
 
+use super::frozen::Frozen;
 use super::linear::{weight_fits, Linear};
 use super::rows::{by_dtype, data, fused, Real};
 use crate::loss::{check_targets, RowLoss};
@@ -69,7 +70,8 @@ impl HeadLoss {
             .div_ceil(self.block_bytes.max(1))
             .clamp(1, k.max(1));
         let per = k.div_ceil(blocks).max(1);
-        let (forward, backward) = (Linear::forward(&self.w), Linear::backward(&self.w));
+        let head = Frozen::from(&self.w);
+        let (forward, backward) = (Linear::forward(&head), Linear::backward(&head));
         let mut nll = Vec::with_capacity(k);
         let mut grad = Vec::with_capacity(if self.with_grad { k * h } else { 0 });
         for r0 in (0..k).step_by(per) {

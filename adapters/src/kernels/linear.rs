@@ -12,15 +12,30 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType,
 };
 
+use super::bf16::Bf16Rows;
+use super::frozen::Frozen;
 use super::gemm::{gemm, Mat, Shared};
+use super::int8::Int8Rows;
 use super::rows::{by_dtype, data, fused, on_pool, pool_threads, with_data, Real};
 
-/// `x · Wᵀ` for a frozen weight `W` `(out, in)`; `x` is `(…, in)`.
-pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if !fused(x) || !weight_fits(x, w) || !w.is_contiguous() {
-        return composite_linear(x, w);
+/// `x · Wᵀ` for a frozen weight `W` `(out, in)` (a tensor, or int8
+/// blocks); `x` is `(…, in)`.
+pub fn frozen_linear(x: &Tensor, w: impl Into<Frozen>) -> Result<Tensor> {
+    let w = w.into();
+    if !fused(x) || !w.fits(x) {
+        return composite_frozen(x, &w);
     }
-    x.contiguous()?.apply_op1(Linear::forward(w))
+    x.contiguous()?.apply_op1(Linear::forward(&w))
+}
+
+/// `x · Wᵀ` in candle's ops, int8 blocks dequantized first: to `x`'s dtype
+/// on the CPU, to bf16 on a GPU (its tensor cores).
+fn composite_frozen(x: &Tensor, w: &Frozen) -> Result<Tensor> {
+    match w {
+        Frozen::Dense(w) => composite_linear(x, w),
+        Frozen::Int8(q) if x.device().is_cpu() => composite_linear(x, &q.dequantize(x.dtype())?),
+        Frozen::Int8(q) => composite_linear(x, &q.dequantize(DType::BF16)?),
+    }
 }
 
 /// `x · Wᵀ` in candle's ops. A weight in another dtype than `x` is widened
@@ -43,16 +58,16 @@ fn composite_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// into it as one op, so the projection's output is not a tensor of its own
 /// that the graph holds through backward. Backward: `g · W` for `x`, `g`
 /// for `r`.
-pub fn frozen_linear_add(x: &Tensor, w: &Tensor, r: &Tensor) -> Result<Tensor> {
-    if !fused(x) || !weight_fits(x, w) || !w.is_contiguous() || r.dtype() != x.dtype() {
+pub fn frozen_linear_add(x: &Tensor, w: impl Into<Frozen>, r: &Tensor) -> Result<Tensor> {
+    let w = w.into();
+    if !fused(x) || !w.fits(x) || r.dtype() != x.dtype() {
         return r + frozen_linear(x, w)?;
     }
-    x.contiguous()?
-        .apply_op2(&r.contiguous()?, LinearAdd { w: w.clone() })
+    x.contiguous()?.apply_op2(&r.contiguous()?, LinearAdd { w })
 }
 
 struct LinearAdd {
-    w: Tensor,
+    w: Frozen,
 }
 
 impl CustomOp2 for LinearAdd {
@@ -98,24 +113,35 @@ pub(super) fn weight_fits(x: &Tensor, w: &Tensor) -> bool {
 /// `x · Wᵀ` (`transposed`, the forward) or `g · W` (the backward), blocks
 /// of the output on the worker pool, each through `gemm` on one thread.
 pub(super) struct Linear {
+    /// The weight, or an int8 weight's bytes when `scales` is set.
     pub(super) w: Tensor,
+    /// An int8 weight's block scales ([`super::int8`]).
+    pub(super) scales: Option<Tensor>,
     pub(super) transposed: bool,
 }
 
 impl Linear {
     /// `x · Wᵀ` for the frozen `w`.
-    pub(super) fn forward(w: &Tensor) -> Self {
+    pub(super) fn forward(w: &Frozen) -> Self {
+        let (w, scales) = match w {
+            Frozen::Dense(w) => (w.clone(), None),
+            Frozen::Int8(q) => {
+                let (q, scales) = q.parts();
+                (q.clone(), Some(scales.clone()))
+            }
+        };
         Self {
-            w: w.clone(),
+            w,
+            scales,
             transposed: true,
         }
     }
 
     /// `g · W`: the input gradient of [`Linear::forward`].
-    pub(super) fn backward(w: &Tensor) -> Self {
+    pub(super) fn backward(w: &Frozen) -> Self {
         Self {
-            w: w.clone(),
             transposed: false,
+            ..Self::forward(w)
         }
     }
 
@@ -147,16 +173,30 @@ impl Linear {
             )
         }
         let m = x.len() / k.max(1);
-        let out = if self.w.dtype() == DType::BF16 && T::DTYPE != DType::BF16 {
-            with_data::<half::bf16, _>(&self.w, "linear", |w| {
-                T::bf16_product(x, w, self.transposed, (m, k, n))
-            })?
-            .ok_or_else(|| {
+        let narrow = |what: &str, product: Option<Vec<T>>| {
+            product.ok_or_else(|| {
                 candle_core::Error::Msg(format!(
-                    "linear: a bf16 weight multiplies f32 inputs, not {:?}",
+                    "linear: a {what} weight multiplies f32 inputs, not {:?}",
                     T::DTYPE
                 ))
-            })?
+            })
+        };
+        let mkn = (m, k, n);
+        let out = if let Some(scales) = &self.scales {
+            let product = with_data::<u8, _>(&self.w, "linear", |q| {
+                with_data::<f32, _>(scales, "linear", |scales| {
+                    let width = wc;
+                    let rows = Int8Rows { q, scales, width };
+                    T::bf16_product(x, &rows, self.transposed, mkn)
+                })
+            })??;
+            narrow("int8", product)?
+        } else if self.w.dtype() == DType::BF16 && T::DTYPE != DType::BF16 {
+            let product = with_data::<half::bf16, _>(&self.w, "linear", |values| {
+                let rows = Bf16Rows { values, width: wc };
+                T::bf16_product(x, &rows, self.transposed, mkn)
+            })?;
+            narrow("bf16", product)?
         } else if self.transposed && m <= STREAM_ROWS && k > 0 {
             self.streamed(x, (m, k, n))?
         } else {
@@ -264,6 +304,7 @@ impl CustomOp1 for Linear {
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let back = Linear {
             w: self.w.clone(),
+            scales: self.scales.clone(),
             transposed: !self.transposed,
         };
         Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&back)?))

@@ -5,8 +5,9 @@ use std::borrow::Cow;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 
+use super::frozen::Frozen;
 use super::gemm::{gemm, matmul_t, Mat, MatMut};
-use super::linear::{frozen_linear, weight_fits, Linear};
+use super::linear::{frozen_linear, Linear};
 use super::rows::{block_rows, by_dtype, data, fused, par_blocks, with_data, Real};
 
 /// A low-rank term `scale · (x ⊙ mask) Aᵀ Bᵀ` added to a frozen projection.
@@ -22,30 +23,39 @@ pub struct LowRank {
     pub mask: Option<Tensor>,
 }
 
+impl LowRank {
+    /// The term alone, `scale · (x ⊙ mask) Aᵀ Bᵀ`, in candle's ops.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let xd = match &self.mask {
+            Some(m) => (x * m.to_dtype(x.dtype())?)?,
+            None => x.clone(),
+        };
+        let low = xd
+            .broadcast_matmul(&self.a.t()?)?
+            .broadcast_matmul(&self.b.t()?)?;
+        low * self.scale
+    }
+}
+
 /// `x Wᵀ + scale · (x ⊙ mask) Aᵀ Bᵀ` as one op, with gradients for `x`, `A`
 /// and `B` (none for the frozen `W`).
-pub fn lora_linear(x: &Tensor, w: &Tensor, term: &LowRank) -> Result<Tensor> {
+pub fn lora_linear(x: &Tensor, w: impl Into<Frozen>, term: &LowRank) -> Result<Tensor> {
+    let w = w.into();
     let LowRank { a, b, scale, mask } = term;
     let simple = fused(x)
-        && weight_fits(x, w)
-        && w.rank() == 2
+        && w.fits(x)
         && [a, b]
             .iter()
             .all(|t| t.dtype() == x.dtype() && t.rank() == 2)
         && mask.as_ref().is_none_or(|m| m.dims() == x.dims());
     if !simple {
-        let xd = match mask {
-            Some(m) => (x * m.to_dtype(x.dtype())?)?,
-            None => x.clone(),
-        };
-        let low = xd.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
-        return frozen_linear(x, w)? + (low * *scale)?;
+        return frozen_linear(x, w)? + term.apply(x)?;
     }
     x.contiguous()?.apply_op3(
         &a.contiguous()?,
         &b.contiguous()?,
         LoraLinear {
-            w: w.contiguous()?,
+            w,
             scale: *scale,
             mask: mask.as_ref().map(|m| m.contiguous()).transpose()?,
         },
@@ -53,7 +63,7 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, term: &LowRank) -> Result<Tensor> {
 }
 
 struct LoraLinear {
-    w: Tensor,
+    w: Frozen,
     scale: f64,
     mask: Option<Tensor>,
 }
@@ -80,9 +90,9 @@ impl LoraLinear {
     }
 
     fn forward<T: Real>(&self, x: &[T], xl: &Layout, a: &[T], b: &[T]) -> Result<(Vec<T>, Shape)> {
-        let (r, k) = (b.len() / self.w.dim(0)?, *xl.dims().last().unwrap_or(&1));
+        let n = self.w.dims()?.0;
+        let (r, k) = (b.len() / n, *xl.dims().last().unwrap_or(&1));
         let m = x.len() / k.max(1);
-        let n = self.w.dim(0)?;
         let (mut y, shape) = Linear::forward(&self.w).run::<T>(x, xl.dims())?;
         let scale = T::from_f64(self.scale);
         // h = scale · (x ⊙ mask) Aᵀ (m × r)
@@ -108,7 +118,7 @@ impl LoraLinear {
         dy: &[T],
         want_dx: bool,
     ) -> Result<[Vec<T>; 3]> {
-        let n = self.w.dim(0)?;
+        let n = self.w.dims()?.0;
         let (r, k) = (b.len() / n, *dims.last().unwrap_or(&1));
         let m = x.len() / k.max(1);
         let scale = T::from_f64(self.scale);

@@ -20,6 +20,7 @@
 //! |---|---|
 //! | [`linear`] | `x · Wᵀ` for a frozen `W` (backward: `g · W` only), also added into a residual; `W` may be bf16 with `x` in f32 |
 //! | [`bf16`] | those two products with a bf16 `W`: `vdpbf16ps` on AVX512-BF16, else widened to f32 |
+//! | [`int8`] | a frozen `W` as int8 blocks with f32 scales, dequantized into those products' panels |
 //! | [`head_loss`] | the output head and the cross-entropy in one op, by blocks of rows (the logits of every position never held at once) |
 //! | [`lora`] | `x · Wᵀ + scale · (x ⊙ mask) Aᵀ Bᵀ`, gradients for `x`, `A`, `B` |
 //! | [`rms_norm`] | RMSNorm with a frozen weight |
@@ -32,8 +33,10 @@
 
 pub mod attention;
 pub mod bf16;
+mod frozen;
 mod gemm;
 pub mod head_loss;
+pub mod int8;
 pub mod linear;
 pub mod lora;
 pub mod rms_norm;
@@ -46,6 +49,8 @@ pub mod swiglu;
 mod tests;
 
 pub use attention::{attention, attention_fuses, AttentionDims};
+pub use frozen::Frozen;
+pub use int8::Int8Weight;
 pub use linear::{frozen_linear, frozen_linear_add};
 pub use lora::{lora_linear, LowRank};
 pub use rms_norm::{rms_norm, rms_norm_composite};

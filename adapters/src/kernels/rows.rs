@@ -20,11 +20,12 @@ pub trait Real: WithDType {
     fn max_of(row: &[Self]) -> Self;
     /// `out[i·c + j] = x_i · w_j` over the `k`-long rows of `x` and `w`.
     fn dots(x: &[Self], w: &[Self], k: usize, out: &mut [Self]);
-    /// `x (m × k) · B (k × n)` for a bf16 weight (`B = Wᵀ` when
-    /// `transposed`), or `None` when this type does not multiply with bf16.
+    /// `x (m × k) · B (k × n)` for a weight stored narrower than `x` (bf16,
+    /// or int8 blocks) (`B = Wᵀ` when `transposed`), or `None` when this
+    /// type does not multiply with such weights.
     fn bf16_product(
         x: &[Self],
-        w: &[half::bf16],
+        w: &impl super::bf16::Stored,
         transposed: bool,
         mkn: (usize, usize, usize),
     ) -> Option<Vec<Self>>;
@@ -46,7 +47,7 @@ impl Real for f32 {
     }
     fn bf16_product(
         x: &[Self],
-        w: &[half::bf16],
+        w: &impl super::bf16::Stored,
         transposed: bool,
         mkn: (usize, usize, usize),
     ) -> Option<Vec<Self>> {
@@ -80,7 +81,7 @@ impl Real for f64 {
     }
     fn bf16_product(
         _: &[Self],
-        _: &[half::bf16],
+        _: &impl super::bf16::Stored,
         _: bool,
         _: (usize, usize, usize),
     ) -> Option<Vec<Self>> {

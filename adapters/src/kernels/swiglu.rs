@@ -4,7 +4,8 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 
-use super::linear::{frozen_linear, weight_fits, Linear};
+use super::frozen::Frozen;
+use super::linear::{frozen_linear, Linear};
 use super::rows::{block_rows, by_dtype, data, fused, last_dim, map_rows, par_blocks, row, Real};
 
 /// `silu(gate) ⊙ up`, the Llama MLP's gating.
@@ -23,21 +24,23 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// reads it (94 MB over the default model's 30 layers at 512 tokens), and
 /// the `(tokens, hidden)` projection besides. Backward is `g · W`, then the
 /// gating's own backward from `gate` and `up`; `g` for `r`.
-pub fn swiglu_linear_add(gate: &Tensor, up: &Tensor, w: &Tensor, r: &Tensor) -> Result<Tensor> {
+pub fn swiglu_linear_add(
+    gate: &Tensor,
+    up: &Tensor,
+    w: impl Into<Frozen>,
+    r: &Tensor,
+) -> Result<Tensor> {
+    let w = w.into();
     if !fused(gate)
         || gate.dtype() != up.dtype()
         || gate.dims() != up.dims()
-        || !weight_fits(gate, w)
-        || !w.is_contiguous()
+        || !w.fits(gate)
         || r.dtype() != gate.dtype()
     {
         return r + frozen_linear(&swiglu(gate, up)?, w)?;
     }
-    gate.contiguous()?.apply_op3(
-        &up.contiguous()?,
-        &r.contiguous()?,
-        SwiGluLinearAdd { w: w.contiguous()? },
-    )
+    gate.contiguous()?
+        .apply_op3(&up.contiguous()?, &r.contiguous()?, SwiGluLinearAdd { w })
 }
 
 struct SwiGlu;
@@ -89,7 +92,7 @@ impl CustomOp2 for SwiGlu {
 }
 
 struct SwiGluLinearAdd {
-    w: Tensor,
+    w: Frozen,
 }
 
 impl CustomOp3 for SwiGluLinearAdd {

@@ -304,8 +304,13 @@ fn as_bf16_operand(t: &Tensor) -> Tensor {
     }
 }
 
-#[test]
-fn bf16_weights_give_the_f32_products_of_their_values_forward_and_back() {
+/// A frozen weight stored narrower than f32 multiplies as the f32 values
+/// it holds: `op(x, w)` stores `w` so and multiplies, `values(w)` are the
+/// values the products read.
+fn narrow_weights_multiply_as_their_values(
+    op: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
+    values: impl Fn(&Tensor) -> Tensor,
+) {
     // Rows through the packed kernel (1 to 40, so the 8-row tiles and their
     // remainders), outputs not a multiple of the 32-column panel, odd `in`.
     for (x, w) in [
@@ -315,10 +320,9 @@ fn bf16_weights_give_the_f32_products_of_their_values_forward_and_back() {
         (&[40, 33][..], [33, 33]),
     ] {
         let w32 = seeded(&w, 3).to_dtype(DType::F32).unwrap();
-        let w16 = w32.to_dtype(DType::BF16).unwrap();
-        let wide = w16.to_dtype(DType::F32).unwrap();
+        let wide = values(&w32);
         let xv = Var::from_tensor(&seeded(x, 1).to_dtype(DType::F32).unwrap()).unwrap();
-        let y = frozen_linear(xv.as_tensor(), &w16).unwrap();
+        let y = op(xv.as_tensor(), &w32).unwrap();
         assert_eq!(y.dtype(), DType::F32);
         let expect = as_bf16_operand(xv.as_tensor())
             .to_dtype(DType::F64)
@@ -347,6 +351,26 @@ fn bf16_weights_give_the_f32_products_of_their_values_forward_and_back() {
             max_diff(&dx.to_dtype(DType::F64).unwrap(), &expect)
         );
     }
+}
+
+#[test]
+fn bf16_weights_give_the_f32_products_of_their_values_forward_and_back() {
+    let bf16 = |w: &Tensor| w.to_dtype(DType::BF16);
+    narrow_weights_multiply_as_their_values(
+        |x, w| frozen_linear(x, &bf16(w)?),
+        |w| bf16(w).unwrap().to_dtype(DType::F32).unwrap(),
+    );
+}
+
+#[test]
+fn int8_weights_give_the_f32_products_of_their_values_forward_and_back() {
+    // Where the products run on the bf16 units the dequantized values are
+    // rounded to bf16 as they are packed.
+    let int8 = |w: &Tensor| Int8Weight::quantize(w).unwrap();
+    narrow_weights_multiply_as_their_values(
+        |x, w| frozen_linear(x, Frozen::Int8(int8(w))),
+        |w| as_bf16_operand(&int8(w).dequantize(DType::F32).unwrap()),
+    );
 }
 
 #[test]

@@ -21,6 +21,10 @@ pub enum Compute {
     /// The frozen weights in bf16 (half their memory); on a CPU without
     /// bf16 units they are widened to f32 block by block for each product.
     Bf16,
+    /// The frozen projections as int8 blocks with f32 scales (1.125 bytes a
+    /// weight), the embeddings and head in bf16; the blocks are dequantized
+    /// into the bf16 products' panels ([`crate::kernels::int8`]).
+    Int8,
 }
 
 impl Compute {
@@ -29,12 +33,14 @@ impl Compute {
         *self == Compute::F32
     }
 
-    /// The dtype of the frozen weights on this machine.
+    /// The dtype of the frozen projections on this machine: `U8` stands
+    /// for int8 blocks ([`crate::model::Frozen`]).
     pub fn dtype(self) -> DType {
         match self {
             Compute::Auto if bf16_units() => DType::BF16,
             Compute::Auto | Compute::F32 => DType::F32,
             Compute::Bf16 => DType::BF16,
+            Compute::Int8 => DType::U8,
         }
     }
 
@@ -44,14 +50,16 @@ impl Compute {
             Compute::Auto => "auto",
             Compute::F32 => "f32",
             Compute::Bf16 => "bf16",
+            Compute::Int8 => "int8",
         }
     }
 
     /// The product path this setting takes here, for reports:
-    /// `f32-avx512`, `bf16-avx512`, `bf16-widened-f32`, …
+    /// `f32-avx512`, `bf16-avx512`, `int8-bf16-avx512`, `bf16-widened-f32`, …
     pub fn path(self) -> String {
         match self.dtype() {
             DType::BF16 => crate::kernels::bf16::bf16_path().to_string(),
+            DType::U8 => format!("int8-{}", crate::kernels::bf16::bf16_path()),
             _ => format!("f32-{}", crate::simd::simd_path().name()),
         }
     }
@@ -59,7 +67,7 @@ impl Compute {
 
 /// A compute setting that is none of `auto`, `f32`, `bf16`.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("unknown compute `{0}` (auto, f32 or bf16)")]
+#[error("unknown compute `{0}` (auto, f32, bf16 or int8)")]
 pub struct UnknownCompute(pub String);
 
 impl std::str::FromStr for Compute {
@@ -69,6 +77,7 @@ impl std::str::FromStr for Compute {
             "auto" => Ok(Compute::Auto),
             "f32" => Ok(Compute::F32),
             "bf16" => Ok(Compute::Bf16),
+            "int8" => Ok(Compute::Int8),
             other => Err(UnknownCompute(other.to_string())),
         }
     }
@@ -82,13 +91,14 @@ mod tests {
     fn settings_read_and_resolve() {
         assert_eq!("bf16".parse::<Compute>().unwrap().dtype(), DType::BF16);
         assert_eq!("f32".parse::<Compute>().unwrap().dtype(), DType::F32);
+        assert_eq!("int8".parse::<Compute>().unwrap().dtype(), DType::U8);
         let auto = "auto".parse::<Compute>().unwrap().dtype();
         assert_eq!(auto == DType::BF16, bf16_units());
         assert!("fp8"
             .parse::<Compute>()
             .unwrap_err()
             .to_string()
-            .contains("auto, f32 or bf16"));
+            .contains("auto, f32, bf16 or int8"));
         assert_eq!(Compute::default(), Compute::F32);
     }
 }

@@ -146,10 +146,10 @@ impl Placement {
             DeviceSpec::Cpu => self.compute.path(),
             d => format!(
                 "{d}-{}",
-                if self.dtype() == DType::BF16 {
-                    "bf16"
-                } else {
-                    "f32"
+                match self.dtype() {
+                    DType::BF16 => "bf16",
+                    DType::U8 => "int8",
+                    _ => "f32",
                 }
             ),
         }

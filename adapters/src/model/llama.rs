@@ -11,7 +11,7 @@ use rand_chacha::ChaCha8Rng;
 use super::config::{Family, LlamaConfig};
 use crate::kernels::{
     attention, attention_fuses, frozen_linear, frozen_linear_add, lora_linear, rms_norm, rope,
-    softmax_last_dim, swiglu, swiglu_linear_add, AttentionDims, LowRank,
+    softmax_last_dim, swiglu, swiglu_linear_add, AttentionDims, Frozen, LowRank,
 };
 use crate::loss::{counted_positions, head_cross_entropy};
 
@@ -213,21 +213,21 @@ pub struct LayerWeights {
     /// RMSNorm weight before attention, `(hidden)`.
     pub input_layernorm: Tensor,
     /// `(hidden, hidden)`
-    pub q_proj: Tensor,
+    pub q_proj: Frozen,
     /// `(kv_heads · head_dim, hidden)`
-    pub k_proj: Tensor,
+    pub k_proj: Frozen,
     /// `(kv_heads · head_dim, hidden)`
-    pub v_proj: Tensor,
+    pub v_proj: Frozen,
     /// `(hidden, hidden)`
-    pub o_proj: Tensor,
+    pub o_proj: Frozen,
     /// RMSNorm weight before the MLP, `(hidden)`.
     pub post_attention_layernorm: Tensor,
     /// `(intermediate, hidden)`
-    pub gate_proj: Tensor,
+    pub gate_proj: Frozen,
     /// `(intermediate, hidden)`
-    pub up_proj: Tensor,
+    pub up_proj: Frozen,
     /// `(hidden, intermediate)`
-    pub down_proj: Tensor,
+    pub down_proj: Frozen,
     /// Each projection's bias `(out)`, by [`Projection::index`], where the
     /// family has one ([`LlamaConfig::has_bias`]).
     pub biases: [Option<Tensor>; 7],
@@ -236,11 +236,12 @@ pub struct LayerWeights {
 impl LayerWeights {
     /// Assembles a block from its two norm weights and a source of projection
     /// weights (called once per projection, in block order).
-    pub fn from_parts(
+    pub fn from_parts<W: Into<Frozen>>(
         input_layernorm: Tensor,
         post_attention_layernorm: Tensor,
-        mut projection: impl FnMut(Projection) -> Result<Tensor>,
+        mut projection: impl FnMut(Projection) -> Result<W>,
     ) -> Result<Self> {
+        let mut projection = |p| projection(p).map(Into::into);
         Ok(Self {
             input_layernorm,
             q_proj: projection(Projection::Q)?,
@@ -269,7 +270,7 @@ impl LayerWeights {
     }
 
     /// The weight of one projection.
-    pub fn weight(&self, p: Projection) -> &Tensor {
+    pub fn weight(&self, p: Projection) -> &Frozen {
         match p {
             Projection::Q => &self.q_proj,
             Projection::K => &self.k_proj,
@@ -340,11 +341,15 @@ impl Llama {
             )?;
             for p in Projection::ALL {
                 let (din, dout) = p.dims(&cfg);
-                check(
-                    &format!("model.layers.{i}.{}.weight", p.path()),
-                    l.weight(p),
-                    &[dout, din],
-                )?;
+                let name = format!("model.layers.{i}.{}.weight", p.path());
+                let (rows, cols) = l.weight(p).dims()?;
+                if (rows, cols) != (dout, din) {
+                    candle_core::bail!(
+                        "weight `{name}` has shape {:?}, expected {:?}",
+                        [rows, cols],
+                        [dout, din]
+                    )
+                }
                 let bias = format!("model.layers.{i}.{}.bias", p.path());
                 match (l.bias(p), cfg.has_bias(p)) {
                     (Some(b), true) => check(&bias, b, &[dout])?,
@@ -374,9 +379,11 @@ impl Llama {
     /// head stored in `dtype` (bf16: half the memory, products on the bf16
     /// units where the CPU has them; [`crate::kernels::bf16`]); norms and
     /// every activation stay in the model's own dtype ([`Llama::dtype`]),
-    /// and looked-up embeddings are widened to it. The weights are
-    /// converted, not copied: converting back widens the rounded values.
-    /// `dtype` equal to the compute dtype gives the model back.
+    /// and looked-up embeddings are widened to it. `U8` stores the
+    /// projections as int8 blocks ([`crate::kernels::int8`]) and the
+    /// embeddings and head in bf16. The weights are converted, not copied:
+    /// converting back widens the rounded values. `dtype` equal to the
+    /// compute dtype gives the model back.
     pub fn with_compute(&self, dtype: DType) -> Result<Self> {
         self.clone().into_compute(dtype)
     }
@@ -388,9 +395,15 @@ impl Llama {
         if dtype == self.compute_dtype() {
             return Ok(self);
         }
-        // Tied, the embeddings are the head: one table in `dtype` serves both.
-        self.embed_tokens = self.embed_tokens.to_dtype(dtype)?;
-        self.lm_head = self.lm_head.map(|h| h.to_dtype(dtype)).transpose()?;
+        // Tied, the embeddings are the head: one table serves both. With
+        // int8 projections (`U8`) the embeddings and head are bf16.
+        let dense = if dtype == DType::U8 {
+            DType::BF16
+        } else {
+            dtype
+        };
+        self.embed_tokens = self.embed_tokens.to_dtype(dense)?;
+        self.lm_head = self.lm_head.map(|h| h.to_dtype(dense)).transpose()?;
         self.layers = std::mem::take(&mut self.layers)
             .into_iter()
             .map(|l| {
@@ -399,7 +412,7 @@ impl Llama {
                     ..LayerWeights::from_parts(
                         l.input_layernorm.clone(),
                         l.post_attention_layernorm.clone(),
-                        |p| l.weight(p).to_dtype(dtype),
+                        |p| l.weight(p).to_storage(dtype),
                     )?
                 })
             })
@@ -427,7 +440,7 @@ impl Llama {
                     ..LayerWeights::from_parts(
                         to(&l.input_layernorm)?,
                         to(&l.post_attention_layernorm)?,
-                        |p| to(l.weight(p)),
+                        |p| l.weight(p).to_device(device),
                     )?
                 })
             })
@@ -483,7 +496,9 @@ impl Llama {
                 weights.push(match delta(i, p)? {
                     // A merged weight keeps the model's own precision: a
                     // small delta rounded into bf16 would be lost.
-                    Some(d) => (w.to_dtype(self.dtype())? + d.to_dtype(self.dtype())?)?,
+                    Some(d) => {
+                        Frozen::Dense((w.values(self.dtype())? + d.to_dtype(self.dtype())?)?)
+                    }
                     None => w.clone(),
                 });
             }
@@ -662,16 +677,19 @@ impl Llama {
                 norm(&l.post_attention_layernorm),
             ));
             for p in Projection::ALL {
-                out.push((
-                    format!("model.layers.{i}.{}.weight", p.path()),
-                    l.weight(p).clone(),
-                ));
+                let w = l.weight(p).tensor().expect("int8 blocks dequantize");
+                out.push((format!("model.layers.{i}.{}.weight", p.path()), w));
                 if let Some(b) = l.bias(p) {
                     out.push((format!("model.layers.{i}.{}.bias", p.path()), b.clone()));
                 }
             }
         }
         out
+    }
+
+    /// The frozen weights of every decoder block, in order.
+    pub fn layers(&self) -> &[LayerWeights] {
+        &self.layers
     }
 
     /// The token embeddings `(vocab, hidden)`, in the compute dtype
@@ -920,7 +938,7 @@ impl Llama {
             // intermediate)` product nor the projection for backward.
             _ if self.plain(layer, Projection::Down, weights, adapter) => {
                 let w = self.weight(layer, Projection::Down, weights, adapter)?;
-                return swiglu_linear_add(&gate, &up, &w, h);
+                return swiglu_linear_add(&gate, &up, w, h);
             }
             _ => swiglu(&gate, &up)?,
         };
@@ -939,7 +957,7 @@ impl Llama {
     ) -> Result<Tensor> {
         if self.plain(layer, p, weights, adapter) {
             let w = self.weight(layer, p, weights, adapter)?;
-            return frozen_linear_add(x, &w, h);
+            return frozen_linear_add(x, w, h);
         }
         h + self.project(layer, p, weights, x, adapter)?
     }
@@ -964,14 +982,14 @@ impl Llama {
         p: Projection,
         weights: &LayerWeights,
         adapter: Option<&dyn ProjectionAdapter>,
-    ) -> Result<Tensor> {
+    ) -> Result<Frozen> {
         match adapter
             .map(|a| a.weight_delta(layer, p))
             .transpose()?
             .flatten()
         {
-            // In the delta's dtype: a bf16 weight is widened first.
-            Some(d) => weights.weight(p).to_dtype(d.dtype())? + d,
+            // In the delta's dtype: a bf16 or int8 weight is widened first.
+            Some(d) => Ok(Frozen::Dense((weights.weight(p).values(d.dtype())? + d)?)),
             None => Ok(weights.weight(p).clone()),
         }
     }

@@ -16,7 +16,7 @@ mod hub;
 mod llama;
 mod tiny;
 
-pub use crate::kernels::{frozen_linear, LowRank};
+pub use crate::kernels::{frozen_linear, Frozen, LowRank};
 pub use compute::{Compute, UnknownCompute};
 pub use config::{Family, LlamaConfig, RopeScaling};
 pub use device::{DeviceError, DeviceSpec, Placement, UnknownDevice};
