@@ -81,8 +81,7 @@ pub(crate) fn product(
     }
     if bf16_units() && transposed && m <= STREAM_ROWS {
         // Decoding: W's rows streamed once, unpacked, each dotted with every row of x.
-        let xb = pairs(x, m, k);
-        return by_column_blocks(m, n, |cols, local| streamed(&xb, w, cols, (m, k), local));
+        return w.streamed(x, (m, k, n));
     }
     // Rows are written one by one: the output starts zeroed.
     let out = Shared::zeroed(m, n);
@@ -146,6 +145,27 @@ pub trait Stored: Sync {
     fn bf16_row<'a>(&'a self, j: usize, cols: Range<usize>, buf: &'a mut Vec<bf16>) -> &'a [bf16];
     /// Row `j`'s values `cols` in f32, appended to `out`.
     fn f32_row(&self, j: usize, cols: Range<usize>, out: &mut Vec<f32>);
+
+    /// `x (m × k) · Wᵀ` for `W` `(n × k)` and a few rows of `x`, where the
+    /// CPU has the bf16 units: each row of `W` read once and dotted with
+    /// every row of `x` (rounded to bf16), on the worker pool.
+    fn streamed(&self, x: &[f32], mkn: (usize, usize, usize)) -> Vec<f32>
+    where
+        Self: Sized,
+    {
+        streamed_rows(self, x, mkn)
+    }
+}
+
+/// [`Stored::streamed`] through [`Stored::bf16_row`]: each row of `W` in
+/// bf16, dotted with every row of `x` rounded to bf16 pairs.
+pub(super) fn streamed_rows(
+    w: &impl Stored,
+    x: &[f32],
+    (m, k, n): (usize, usize, usize),
+) -> Vec<f32> {
+    let xb = pairs(x, m, k);
+    by_column_blocks(m, n, |cols, local| streamed(&xb, w, cols, (m, k), local))
 }
 
 /// A weight stored in bf16, `width` values a row.

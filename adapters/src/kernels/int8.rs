@@ -21,10 +21,15 @@ use std::ops::Range;
 use candle_core::{DType, Device, Result, Tensor};
 use half::bf16;
 
-use super::bf16::Stored;
+use super::bf16::{streamed_rows, Stored};
+use super::linear::{by_column_blocks, STREAM_ROWS};
 
 /// Values of a row that share one scale.
 pub const BLOCK: usize = 32;
+
+/// Rows of `x` at most that decoding multiplies with int8 rows widened in
+/// registers (see [`Int8Rows`]'s `streamed`).
+const WIDENED_ROWS: usize = 2;
 
 /// A frozen `(out, in)` weight as int8 blocks: `q` holds the int8 values'
 /// bytes (two's complement, `U8` since candle has no int8), `scales` one
@@ -196,6 +201,32 @@ impl Stored for Int8Rows<'_> {
             dequantize(q, s, out, |v| v)
         });
     }
+
+    /// Decoding a row or two reads each int8 row once and multiplies it,
+    /// widened to f32 in registers, with every row of `x` in f32: no bf16
+    /// row in between. More rows go through bf16 rows, whose products
+    /// take two multiplies an instruction.
+    fn streamed(&self, x: &[f32], (m, k, n): (usize, usize, usize)) -> Vec<f32> {
+        if m > WIDENED_ROWS {
+            return streamed_rows(self, x, (m, k, n));
+        }
+        assert!(x.len() == m * k && self.width == k);
+        let nb = k.div_ceil(BLOCK);
+        by_column_blocks(m, n, |cols, local| {
+            let c = cols.len();
+            for (jj, j) in cols.enumerate() {
+                let q = &self.q[j * k..(j + 1) * k];
+                let scales = &self.scales[j * nb..(j + 1) * nb];
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: streamed runs only where bf16_units() holds, so AVX512F.
+                unsafe {
+                    x86::dots(x, m, (q, scales), &mut local[jj..], c)
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                unreachable!("streamed runs only with the bf16 units ({q:?}, {scales:?}, {c})");
+            }
+        })
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -203,6 +234,8 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use half::bf16;
+
+    use super::{BLOCK, STREAM_ROWS};
 
     /// `bytes` (int8) times `scale`, rounded to bf16 (to nearest, ties to
     /// even, as [`super::round_bf16`]), 16 at a time.
@@ -231,6 +264,52 @@ mod x86 {
             &mut out[16 * full..],
             super::round_bf16,
         );
+    }
+
+    /// `out[i·stride] = x_i · w` for the `m` rows of `x` (`k` values each,
+    /// `m` ≤ [`STREAM_ROWS`]) and one int8 row `w = (q, scales)`: each 16
+    /// values of the row widened and scaled once, then multiplied with
+    /// every row of `x`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX512F. Every load is of 16 values inside the
+    /// first `full` sixteens of `q` and of a row of `x`, whose lengths are
+    /// asserted.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn dots(
+        x: &[f32],
+        m: usize,
+        (q, scales): (&[u8], &[f32]),
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        let k = q.len();
+        assert!((1..=STREAM_ROWS).contains(&m) && x.len() == m * k);
+        assert!(scales.len() == k.div_ceil(BLOCK) && out.len() > (m - 1) * stride);
+        let mut acc = [_mm512_setzero_ps(); STREAM_ROWS];
+        let full = k / 16;
+        for c in 0..full {
+            // 16 divides BLOCK: these 16 values share one scale.
+            let s = _mm512_set1_ps(scales[16 * c / BLOCK]);
+            // SAFETY: c < full, so values 16c..16c+16 are inside q and
+            // inside each row of x (i < m, x holds m rows of k).
+            unsafe {
+                let w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                    q.as_ptr().add(16 * c).cast(),
+                )));
+                let w = _mm512_mul_ps(w, s);
+                for (i, a) in acc.iter_mut().enumerate().take(m) {
+                    let xv = _mm512_loadu_ps(x.as_ptr().add(i * k + 16 * c));
+                    *a = _mm512_fmadd_ps(xv, w, *a);
+                }
+            }
+        }
+        for (i, a) in acc.iter().enumerate().take(m) {
+            let tail: f32 = (16 * full..k)
+                .map(|c| x[i * k + c] * f32::from(q[c] as i8) * scales[c / BLOCK])
+                .sum();
+            out[i * stride] = _mm512_reduce_add_ps(*a) + tail;
+        }
     }
 }
 

@@ -306,28 +306,40 @@ fn as_bf16_operand(t: &Tensor) -> Tensor {
 
 /// A frozen weight stored narrower than f32 multiplies as the f32 values
 /// it holds: `op(x, w)` stores `w` so and multiplies, `values(w)` are the
-/// values the products read.
+/// values it holds. Where the products run on the bf16 units both operands
+/// are rounded to bf16, except, when `f32_when_streamed`, in a forward of
+/// one or two rows (decoding), which multiplies them in f32.
 fn narrow_weights_multiply_as_their_values(
     op: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
     values: impl Fn(&Tensor) -> Tensor,
+    f32_when_streamed: bool,
 ) {
     // Rows through the packed kernel (1 to 40, so the 8-row tiles and their
-    // remainders), outputs not a multiple of the 32-column panel, odd `in`.
+    // remainders) and streamed (1 and 16), outputs not a multiple of the
+    // 32-column panel, odd `in`.
     for (x, w) in [
         (&[2, 9, 5][..], [7, 5]),
         (&[1, 1, 37][..], [100, 37]),
+        (&[1, 2, 70][..], [50, 70]),
+        (&[4, 4, 37][..], [50, 37]),
         (&[2, 20, 64][..], [70, 64]),
         (&[40, 33][..], [33, 33]),
     ] {
         let w32 = seeded(&w, 3).to_dtype(DType::F32).unwrap();
-        let wide = values(&w32);
+        let wide = as_bf16_operand(&values(&w32));
         let xv = Var::from_tensor(&seeded(x, 1).to_dtype(DType::F32).unwrap()).unwrap();
         let y = op(xv.as_tensor(), &w32).unwrap();
         assert_eq!(y.dtype(), DType::F32);
-        let expect = as_bf16_operand(xv.as_tensor())
+        let rows: usize = x[..x.len() - 1].iter().product();
+        let (xf, wf) = if f32_when_streamed && rows <= 2 {
+            (xv.as_tensor().clone(), values(&w32))
+        } else {
+            (as_bf16_operand(xv.as_tensor()), wide.clone())
+        };
+        let expect = xf
             .to_dtype(DType::F64)
             .unwrap()
-            .broadcast_matmul(&wide.to_dtype(DType::F64).unwrap().t().unwrap())
+            .broadcast_matmul(&wf.to_dtype(DType::F64).unwrap().t().unwrap())
             .unwrap();
         let scale = 1.0 + max_diff(&expect, &expect.zeros_like().unwrap());
         assert!(
@@ -359,17 +371,19 @@ fn bf16_weights_give_the_f32_products_of_their_values_forward_and_back() {
     narrow_weights_multiply_as_their_values(
         |x, w| frozen_linear(x, &bf16(w)?),
         |w| bf16(w).unwrap().to_dtype(DType::F32).unwrap(),
+        false,
     );
 }
 
 #[test]
 fn int8_weights_give_the_f32_products_of_their_values_forward_and_back() {
-    // Where the products run on the bf16 units the dequantized values are
-    // rounded to bf16 as they are packed.
+    // Dequantized values are rounded to bf16 as they are packed; decoding
+    // widens the int8 rows in registers and multiplies in f32.
     let int8 = |w: &Tensor| Int8Weight::quantize(w).unwrap();
     narrow_weights_multiply_as_their_values(
         |x, w| frozen_linear(x, Frozen::Int8(int8(w))),
-        |w| as_bf16_operand(&int8(w).dequantize(DType::F32).unwrap()),
+        |w| int8(w).dequantize(DType::F32).unwrap(),
+        true,
     );
 }
 
