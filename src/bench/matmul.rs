@@ -1,6 +1,7 @@
 //! `fedtune bench matmul`: candle's CPU matmul throughput per dtype at the
-//! model's shapes, beside the fused f32 linear kernel the training step uses
-//! (which runs on the SIMD path `FEDTUNE_SIMD` may narrow).
+//! model's shapes, beside the frozen products the training step uses: f32
+//! (on the SIMD path `FEDTUNE_SIMD` may narrow), a bf16 weight and an int8
+//! weight (`[model] compute`), forward and input gradient.
 //!
 //! Decides whether a frozen base stored in bf16 or f16 could train faster
 //! than f32 here: a LoRA step is matmul-bound, so the dtype with the faster
@@ -10,6 +11,8 @@ use std::time::Instant;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
+use fedtune_adapters::kernels::{frozen_linear, Frozen};
+use fedtune_adapters::model::Compute;
 
 pub fn matmul(tokens: usize, reps: usize) -> Result<()> {
     let device = Device::Cpu;
@@ -22,12 +25,13 @@ pub fn matmul(tokens: usize, reps: usize) -> Result<()> {
         (576, 49_152),
     ];
     println!(
-        "x (tokens {tokens} x in) · Wᵀ (out x in), best of {reps}; GFLOP/s (fused f32 on the {} path, fused bf16 weight on {})\n",
-        fedtune_adapters::simd::simd_path().name(),
-        fedtune_adapters::kernels::bf16::bf16_path()
+        "x (tokens {tokens} x in) · Wᵀ (out x in), best of {reps}; GFLOP/s (paths: {}, {}, {})\n",
+        Compute::F32.path(),
+        Compute::Bf16.path(),
+        Compute::Int8.path()
     );
-    println!("| in × out | fused f32 | fused bf16 weight | fused bf16 input grad | candle f32 | candle bf16 | candle f16 |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("| in × out | fused f32 | fused bf16 weight | bf16 input grad | fused int8 weight | int8 input grad | candle f32 | candle bf16 | candle f16 |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (din, dout) in shapes {
         let x = Tensor::rand(-1f32, 1f32, (tokens, din), &device)?;
         let w = Tensor::rand(-1f32, 1f32, (dout, din), &device)?;
@@ -41,27 +45,27 @@ pub fn matmul(tokens: usize, reps: usize) -> Result<()> {
             }
             Ok(best)
         };
-        let fused = best_of(&|| Ok(fedtune_adapters::kernels::frozen_linear(&x, &w)?))?;
-        let w16 = w.to_dtype(DType::BF16)?;
-        let fused16 = best_of(&|| Ok(fedtune_adapters::kernels::frozen_linear(&x, &w16)?))?;
+        let fused = best_of(&|| Ok(frozen_linear(&x, &w)?))?;
+        let mut row = format!("| {din} × {dout} | {:.0} |", gflop / fused);
         // The input gradient g · W of the same projection: the backward of
         // sum(y ⊙ g), timed alone (its elementwise part is m·n of m·n·k).
         let g = Tensor::rand(-1f32, 1f32, (tokens, dout), &device)?;
         let xv = candle_core::Var::from_tensor(&x)?;
-        let mut grad16 = f64::INFINITY;
-        for _ in 0..reps {
-            let y = fedtune_adapters::kernels::frozen_linear(xv.as_tensor(), &w16)?;
-            let loss = (y * &g)?.sum_all()?;
-            let t = Instant::now();
-            drop(loss.backward()?);
-            grad16 = grad16.min(t.elapsed().as_secs_f64());
+        for stored in [
+            Frozen::from(w.to_dtype(DType::BF16)?),
+            Frozen::Dense(w.clone()).to_storage(DType::U8)?,
+        ] {
+            let forward = best_of(&|| Ok(frozen_linear(&x, &stored)?))?;
+            let mut grad = f64::INFINITY;
+            for _ in 0..reps {
+                let y = frozen_linear(xv.as_tensor(), &stored)?;
+                let loss = (y * &g)?.sum_all()?;
+                let t = Instant::now();
+                drop(loss.backward()?);
+                grad = grad.min(t.elapsed().as_secs_f64());
+            }
+            row.push_str(&format!(" {:.0} | {:.0} |", gflop / forward, gflop / grad));
         }
-        let mut row = format!(
-            "| {din} × {dout} | {:.0} | {:.0} | {:.0} |",
-            gflop / fused,
-            gflop / fused16,
-            gflop / grad16
-        );
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             let (x, w) = (x.to_dtype(dtype)?, w.to_dtype(dtype)?);
             let best = best_of(&|| Ok(x.matmul(&w.t()?)?))?;

@@ -3,7 +3,7 @@
 //! | command | file | measures |
 //! |---|---|---|
 //! | `codec` | [`codec`] | encoded size and throughput of a ParamSet per quantization × compression |
-//! | `matmul` | [`matmul`] | candle's CPU matmul throughput by dtype at the default model's shapes |
+//! | `matmul` | [`matmul`] | the frozen products (f32, bf16, int8 weights) and candle's CPU matmul by dtype at the default model's shapes |
 //! | `peft` | [`peft`] | per PEFT method: trainable parameters, bytes per round, step time, memory |
 //! | `wire` | [`wire`] | a broadcast-collect round, in-process vs NATS, per wire encoding |
 //! | `generate` | [`generate`] | decoding throughput with GSM8K's 8-shot prefix, by batch size |
@@ -45,7 +45,9 @@ pub enum BenchCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// candle's CPU matmul throughput in f32, bf16 and f16 at the default model's shapes.
+    /// The frozen products (f32, bf16 and int8 weights, forward and input
+    /// gradient) and candle's CPU matmul in f32, bf16 and f16 at the
+    /// default model's shapes.
     Matmul {
         /// Rows of the activation matrix (tokens in a batch).
         #[arg(long, default_value_t = 512)]

@@ -22,14 +22,14 @@ use candle_core::{DType, Device, Result, Tensor};
 use half::bf16;
 
 use super::bf16::{streamed_rows, Stored};
-use super::linear::{by_column_blocks, STREAM_ROWS};
+use super::linear::by_column_blocks;
 
 /// Values of a row that share one scale.
 pub const BLOCK: usize = 32;
 
 /// Rows of `x` at most that decoding multiplies with int8 rows widened in
 /// registers (see [`Int8Rows`]'s `streamed`).
-const WIDENED_ROWS: usize = 2;
+const WIDENED_ROWS: usize = 8;
 
 /// A frozen `(out, in)` weight as int8 blocks: `q` holds the int8 values'
 /// bytes (two's complement, `U8` since candle has no int8), `scales` one
@@ -235,7 +235,7 @@ mod x86 {
 
     use half::bf16;
 
-    use super::{BLOCK, STREAM_ROWS};
+    use super::{BLOCK, WIDENED_ROWS};
 
     /// `bytes` (int8) times `scale`, rounded to bf16 (to nearest, ties to
     /// even, as [`super::round_bf16`]), 16 at a time.
@@ -267,48 +267,89 @@ mod x86 {
     }
 
     /// `out[i·stride] = x_i · w` for the `m` rows of `x` (`k` values each,
-    /// `m` ≤ [`STREAM_ROWS`]) and one int8 row `w = (q, scales)`: each 16
-    /// values of the row widened and scaled once, then multiplied with
-    /// every row of `x`.
+    /// `m` ≤ [`WIDENED_ROWS`]) and one int8 row `w = (q, scales)`.
     ///
     /// # Safety
-    /// The CPU must have AVX512F. Every load is of 16 values inside the
-    /// first `full` sixteens of `q` and of a row of `x`, whose lengths are
-    /// asserted.
+    /// The CPU must have AVX512F.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn dots(
         x: &[f32],
         m: usize,
+        w: (&[u8], &[f32]),
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        // SAFETY: as this function's.
+        unsafe {
+            match m {
+                1 => dots_of::<1, 4>(x, w, out, stride),
+                2 => dots_of::<2, 4>(x, w, out, stride),
+                3 => dots_of::<3, 2>(x, w, out, stride),
+                4 => dots_of::<4, 2>(x, w, out, stride),
+                5 => dots_of::<5, 1>(x, w, out, stride),
+                6 => dots_of::<6, 1>(x, w, out, stride),
+                7 => dots_of::<7, 1>(x, w, out, stride),
+                8 => dots_of::<8, 1>(x, w, out, stride),
+                _ => unreachable!("1 to {WIDENED_ROWS} rows"),
+            }
+        }
+    }
+
+    /// [`dots`] for `R` rows: each 16 values of the int8 row widened and
+    /// scaled once, then multiplied into every row's sums; `U` sums a row
+    /// (`R · U` ≤ 8 registers), so consecutive multiply-adds do not wait on
+    /// each other.
+    ///
+    /// # Safety
+    /// The CPU must have AVX512F. Every load is of 16 values at an offset
+    /// `off` with `off + 16 ≤ k` (the loops' bounds), inside `q` and inside
+    /// each row of `x`, whose lengths are asserted.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn dots_of<const R: usize, const U: usize>(
+        x: &[f32],
         (q, scales): (&[u8], &[f32]),
         out: &mut [f32],
         stride: usize,
     ) {
         let k = q.len();
-        assert!((1..=STREAM_ROWS).contains(&m) && x.len() == m * k);
-        assert!(scales.len() == k.div_ceil(BLOCK) && out.len() > (m - 1) * stride);
-        let mut acc = [_mm512_setzero_ps(); STREAM_ROWS];
-        let full = k / 16;
-        for c in 0..full {
-            // 16 divides BLOCK: these 16 values share one scale.
-            let s = _mm512_set1_ps(scales[16 * c / BLOCK]);
-            // SAFETY: c < full, so values 16c..16c+16 are inside q and
-            // inside each row of x (i < m, x holds m rows of k).
-            unsafe {
-                let w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-                    q.as_ptr().add(16 * c).cast(),
-                )));
-                let w = _mm512_mul_ps(w, s);
-                for (i, a) in acc.iter_mut().enumerate().take(m) {
-                    let xv = _mm512_loadu_ps(x.as_ptr().add(i * k + 16 * c));
-                    *a = _mm512_fmadd_ps(xv, w, *a);
+        assert!(R >= 1 && x.len() == R * k && scales.len() == k.div_ceil(BLOCK));
+        assert!(out.len() > (R - 1) * stride);
+        let mut acc = [[_mm512_setzero_ps(); U]; R];
+        let sixteens = k / 16;
+        // The 16 values at `off` into sum `u` of every row.
+        macro_rules! step {
+            ($off:expr, $u:expr) => {{
+                let off = $off;
+                // 16 divides BLOCK: these 16 values share one scale.
+                let s = _mm512_set1_ps(scales[off / BLOCK]);
+                // SAFETY: off + 16 ≤ 16 · sixteens ≤ k, inside q and each row of x.
+                unsafe {
+                    let w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                        q.as_ptr().add(off).cast(),
+                    )));
+                    let w = _mm512_mul_ps(w, s);
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let xv = _mm512_loadu_ps(x.as_ptr().add(r * k + off));
+                        a[$u % U] = _mm512_fmadd_ps(xv, w, a[$u % U]);
+                    }
                 }
-            }
+            }};
         }
-        for (i, a) in acc.iter().enumerate().take(m) {
-            let tail: f32 = (16 * full..k)
-                .map(|c| x[i * k + c] * f32::from(q[c] as i8) * scales[c / BLOCK])
+        for c in 0..sixteens / 4 {
+            step!(64 * c, 0);
+            step!(64 * c + 16, 1);
+            step!(64 * c + 32, 2);
+            step!(64 * c + 48, 3);
+        }
+        for c in 4 * (sixteens / 4)..sixteens {
+            step!(16 * c, 0);
+        }
+        for (r, a) in acc.iter().enumerate() {
+            let tail: f32 = (16 * sixteens..k)
+                .map(|c| x[r * k + c] * f32::from(q[c] as i8) * scales[c / BLOCK])
                 .sum();
-            out[i * stride] = _mm512_reduce_add_ps(*a) + tail;
+            let sum = a[1..].iter().fold(a[0], |s, &v| _mm512_add_ps(s, v));
+            out[r * stride] = _mm512_reduce_add_ps(sum) + tail;
         }
     }
 }

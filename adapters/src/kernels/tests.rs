@@ -308,19 +308,21 @@ fn as_bf16_operand(t: &Tensor) -> Tensor {
 /// it holds: `op(x, w)` stores `w` so and multiplies, `values(w)` are the
 /// values it holds. Where the products run on the bf16 units both operands
 /// are rounded to bf16, except, when `f32_when_streamed`, in a forward of
-/// one or two rows (decoding), which multiplies them in f32.
+/// at most 8 rows (decoding), which multiplies them in f32.
 fn narrow_weights_multiply_as_their_values(
     op: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
     values: impl Fn(&Tensor) -> Tensor,
     f32_when_streamed: bool,
 ) {
     // Rows through the packed kernel (1 to 40, so the 8-row tiles and their
-    // remainders) and streamed (1 and 16), outputs not a multiple of the
+    // remainders) and streamed (1, 2, 3, 5 and 16), outputs not a multiple of the
     // 32-column panel, odd `in`.
     for (x, w) in [
         (&[2, 9, 5][..], [7, 5]),
         (&[1, 1, 37][..], [100, 37]),
         (&[1, 2, 70][..], [50, 70]),
+        (&[3, 150][..], [20, 150]),
+        (&[5, 70][..], [40, 70]),
         (&[4, 4, 37][..], [50, 37]),
         (&[2, 20, 64][..], [70, 64]),
         (&[40, 33][..], [33, 33]),
@@ -331,7 +333,7 @@ fn narrow_weights_multiply_as_their_values(
         let y = op(xv.as_tensor(), &w32).unwrap();
         assert_eq!(y.dtype(), DType::F32);
         let rows: usize = x[..x.len() - 1].iter().product();
-        let (xf, wf) = if f32_when_streamed && rows <= 2 {
+        let (xf, wf) = if f32_when_streamed && rows <= 8 {
             (xv.as_tensor().clone(), values(&w32))
         } else {
             (as_bf16_operand(xv.as_tensor()), wide.clone())
