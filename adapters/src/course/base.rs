@@ -126,8 +126,12 @@ impl Base {
         if !convert && !moves {
             return Ok(self);
         }
+        let stored = match dtype {
+            DType::U8 => "int8 blocks".to_string(),
+            d => format!("{d:?}"),
+        };
         say(&format!(
-            "frozen base in {dtype:?} on {} (model.compute = \"{}\": {})",
+            "frozen base in {stored} on {} (model.compute = \"{}\": {})",
             placement.device,
             placement.compute.name(),
             placement.path()

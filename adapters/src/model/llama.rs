@@ -256,6 +256,22 @@ impl LayerWeights {
         })
     }
 
+    /// This block with each projection's weight `f(projection, weight)`,
+    /// sharing its norms and biases.
+    pub fn map_projections(
+        &self,
+        mut f: impl FnMut(Projection, &Frozen) -> Result<Frozen>,
+    ) -> Result<Self> {
+        Ok(Self {
+            biases: self.biases.clone(),
+            ..Self::from_parts(
+                self.input_layernorm.clone(),
+                self.post_attention_layernorm.clone(),
+                |p| f(p, self.weight(p)),
+            )?
+        })
+    }
+
     /// The bias of one projection, if it has one.
     pub fn bias(&self, p: Projection) -> Option<&Tensor> {
         self.biases[p.index()].as_ref()
@@ -406,16 +422,7 @@ impl Llama {
         self.lm_head = self.lm_head.map(|h| h.to_dtype(dense)).transpose()?;
         self.layers = std::mem::take(&mut self.layers)
             .into_iter()
-            .map(|l| {
-                Ok(LayerWeights {
-                    biases: l.biases.clone(),
-                    ..LayerWeights::from_parts(
-                        l.input_layernorm.clone(),
-                        l.post_attention_layernorm.clone(),
-                        |p| l.weight(p).to_storage(dtype),
-                    )?
-                })
-            })
+            .map(|l| l.map_projections(|_, w| w.to_storage(dtype)))
             .collect::<Result<Vec<_>>>()?;
         Ok(self)
     }
@@ -431,18 +438,13 @@ impl Llama {
             .layers
             .iter()
             .map(|l| {
-                let mut biases: [Option<Tensor>; 7] = Default::default();
-                for (moved, b) in biases.iter_mut().zip(&l.biases) {
-                    *moved = b.as_ref().map(to).transpose()?;
+                let mut moved = l.map_projections(|_, w| w.to_device(device))?;
+                moved.input_layernorm = to(&l.input_layernorm)?;
+                moved.post_attention_layernorm = to(&l.post_attention_layernorm)?;
+                for b in moved.biases.iter_mut() {
+                    *b = b.as_ref().map(to).transpose()?;
                 }
-                Ok(LayerWeights {
-                    biases,
-                    ..LayerWeights::from_parts(
-                        to(&l.input_layernorm)?,
-                        to(&l.post_attention_layernorm)?,
-                        |p| l.weight(p).to_device(device),
-                    )?
-                })
+                Ok(moved)
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -490,27 +492,16 @@ impl Llama {
     ) -> Result<Self> {
         let mut layers = Vec::with_capacity(self.layers.len());
         for (i, l) in self.layers.iter().enumerate() {
-            let mut weights = Vec::with_capacity(Projection::ALL.len());
-            for p in Projection::ALL {
-                let w = l.weight(p);
-                weights.push(match delta(i, p)? {
+            layers.push(l.map_projections(|p, w| {
+                Ok(match delta(i, p)? {
                     // A merged weight keeps the model's own precision: a
                     // small delta rounded into bf16 would be lost.
                     Some(d) => {
                         Frozen::Dense((w.values(self.dtype())? + d.to_dtype(self.dtype())?)?)
                     }
                     None => w.clone(),
-                });
-            }
-            let mut weights = weights.into_iter();
-            layers.push(LayerWeights {
-                biases: l.biases.clone(),
-                ..LayerWeights::from_parts(
-                    l.input_layernorm.clone(),
-                    l.post_attention_layernorm.clone(),
-                    |_| Ok(weights.next().expect("one weight per projection")),
-                )?
-            });
+                })
+            })?);
         }
         Self::new(
             self.cfg.clone(),
