@@ -168,6 +168,15 @@ fn the_default_model_predicts_and_differentiates_as_on_the_cpu() {
                 .to_device(&gpu)
                 .unwrap(),
         ),
+        (
+            // int8 blocks dequantized to bf16 on the GPU for each product.
+            "int8 base",
+            cpu_model
+                .with_compute(DType::U8)
+                .unwrap()
+                .to_device(&gpu)
+                .unwrap(),
+        ),
     ] {
         let logits = model.forward(&tokens, None, None).unwrap();
         let (agree, n) = argmax_agreement(&reference, &logits);
