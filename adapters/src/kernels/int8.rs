@@ -10,7 +10,9 @@
 //! [`Stored`], a stretch of a row at a time, dequantized into the panels
 //! the bf16 products pack (rounded to bf16, multiplied on `vdpbf16ps`
 //! where the CPU has AVX512-BF16) or widened to f32 for `gemm` elsewhere.
-//! Activations stay f32, so nothing is quantized but the frozen weight.
+//! Decoding (at most 8 rows of `x`) widens each row of blocks to f32 in
+//! registers instead and multiplies it with `x` in f32. Activations stay
+//! f32, so nothing is quantized but the frozen weight.
 //!
 //! Off the CPU (and with `FEDTUNE_KERNELS=composite`) the weight is
 //! dequantized in candle's ops for each product: the same values, on any
@@ -60,9 +62,11 @@ impl Int8Weight {
         let nb = k.div_ceil(BLOCK);
         let (mut q, mut scales) = (vec![0u8; n * k], vec![0f32; n * nb]);
         // Blocks restart at each row: a row's last block may be short.
-        let rows = values
-            .chunks_exact(k.max(1))
-            .take(if k == 0 { 0 } else { n });
+        let rows = if k == 0 {
+            [].chunks_exact(1)
+        } else {
+            values.chunks_exact(k)
+        };
         for (j, row) in rows.enumerate() {
             for (c, block) in row.chunks(BLOCK).enumerate() {
                 let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
