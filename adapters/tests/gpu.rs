@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor, D};
 use common::{max_abs_diff, model_path, tiny_config, TEXT};
 use fedtune_adapters::adapter::Adapter;
 use fedtune_adapters::lora::{Lora, LoraConfig};
-use fedtune_adapters::model::{load_gguf, DeviceSpec, Llama, Projection};
+use fedtune_adapters::model::{load_gguf, Compute, DeviceSpec, Llama, Placement, Projection};
 use fedtune_adapters::tokenizer::TextTokenizer;
 use fedtune_adapters::train::Batch;
 
@@ -190,4 +190,16 @@ fn the_default_model_predicts_and_differentiates_as_on_the_cpu() {
     println!("LoRA loss: cpu {la:.6}, cuda {lb:.6}");
     assert!((la - lb).abs() < 1e-4 * la, "loss {la} vs {lb}");
     assert_grads_agree("default model", &ga, &gb, 1e-3);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: tests/gpu.sh"]
+fn auto_is_bf16_on_an_ampere_or_newer_gpu() {
+    // tests/gpu.sh runs on such a GPU (an H100 or H200).
+    let _ = gpu();
+    let auto = Placement {
+        compute: Compute::Auto,
+        device: DeviceSpec::Cuda(0),
+    };
+    assert_eq!(auto.dtype(), DType::BF16);
 }

@@ -78,6 +78,22 @@ impl DeviceSpec {
     }
 }
 
+/// Whether a CUDA device multiplies bf16 on its tensor cores: compute
+/// capability 8.0 (Ampere) or newer. False when it cannot be asked.
+#[cfg(feature = "cuda")]
+fn cuda_has_bf16(device: &Device) -> bool {
+    device
+        .as_cuda_device()
+        .ok()
+        .and_then(|d| d.cuda_stream().context().compute_capability().ok())
+        .is_some_and(|(major, _)| major >= 8)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_has_bf16(_: &Device) -> bool {
+    false
+}
+
 impl fmt::Display for DeviceSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -130,11 +146,20 @@ pub struct Placement {
 }
 
 impl Placement {
-    /// The dtype of the frozen weights: on a GPU `auto` means bf16 (its
-    /// tensor cores multiply it), on the CPU what [`Compute::dtype`] says.
+    /// The dtype of the frozen weights: on a GPU `auto` means bf16 where
+    /// its tensor cores multiply bf16 (compute capability 8.0, Ampere, or
+    /// newer) and f32 on an older one; on the CPU what [`Compute::dtype`]
+    /// says.
     pub fn dtype(&self) -> DType {
         match (self.device, self.compute) {
-            (DeviceSpec::Cuda(_), Compute::Auto) => DType::BF16,
+            (DeviceSpec::Cuda(_), Compute::Auto) => {
+                let bf16 = self.device.open().is_ok_and(|d| cuda_has_bf16(&d));
+                if bf16 {
+                    DType::BF16
+                } else {
+                    DType::F32
+                }
+            }
             (_, c) => c.dtype(),
         }
     }
@@ -198,9 +223,13 @@ mod tests {
     }
 
     #[test]
-    fn auto_is_bf16_on_a_gpu() {
+    fn auto_is_bf16_only_on_a_gpu_that_has_it() {
+        // A GPU that cannot be opened (none here) or asked gives f32; one of
+        // compute capability 8.0 or newer gives bf16 (adapters/tests/gpu.rs).
         let on = |device, compute| Placement { compute, device };
-        assert_eq!(on(DeviceSpec::Cuda(0), Compute::Auto).dtype(), DType::BF16);
+        if DeviceSpec::Cuda(0).open().is_err() {
+            assert_eq!(on(DeviceSpec::Cuda(0), Compute::Auto).dtype(), DType::F32);
+        }
         assert_eq!(on(DeviceSpec::Cuda(1), Compute::F32).dtype(), DType::F32);
         assert_eq!(on(DeviceSpec::Cuda(1), Compute::F32).path(), "cuda:1-f32");
         assert_eq!(on(DeviceSpec::Cpu, Compute::Bf16).dtype(), DType::BF16);
