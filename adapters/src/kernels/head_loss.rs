@@ -17,7 +17,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType};
 
 use super::frozen::Frozen;
-use super::linear::{weight_fits, Linear};
+use super::linear::Linear;
 use super::rows::{by_dtype, data, fused, Real};
 use crate::loss::{check_targets, RowLoss};
 
@@ -37,12 +37,13 @@ pub(crate) fn head_nll_rows_in(
     targets: &[u32],
     block_bytes: usize,
 ) -> Result<Option<Tensor>> {
-    if !fused(x) || !weight_fits(x, w) || !w.is_contiguous() || x.rank() != 2 {
+    let w = Frozen::from(w);
+    if !fused(x) || !w.fits(x) || x.rank() != 2 {
         return Ok(None);
     }
-    check_targets(targets, x.dim(0)?, w.dim(0)?)?;
+    check_targets(targets, x.dim(0)?, w.dims()?.0)?;
     let op = HeadLoss {
-        w: w.clone(),
+        w,
         targets: targets.to_vec(),
         // Evaluation tracks no graph: no gradient to prepare.
         with_grad: x.track_op(),
@@ -53,7 +54,7 @@ pub(crate) fn head_nll_rows_in(
 }
 
 struct HeadLoss {
-    w: Tensor,
+    w: Frozen,
     targets: Vec<u32>,
     with_grad: bool,
     block_bytes: usize,
@@ -64,14 +65,13 @@ struct HeadLoss {
 
 impl HeadLoss {
     fn run<T: Real + RowLoss>(&self, x: &[T], (k, h): (usize, usize)) -> Result<(Vec<T>, Vec<T>)> {
-        let v = self.w.dim(0)?;
+        let v = self.w.dims()?.0;
         let row_bytes = v * std::mem::size_of::<T>();
         let blocks = (k * row_bytes)
             .div_ceil(self.block_bytes.max(1))
             .clamp(1, k.max(1));
         let per = k.div_ceil(blocks).max(1);
-        let head = Frozen::from(&self.w);
-        let (forward, backward) = (Linear::forward(&head), Linear::backward(&head));
+        let (forward, backward) = (Linear::forward(&self.w), Linear::backward(&self.w));
         let mut nll = Vec::with_capacity(k);
         let mut grad = Vec::with_capacity(if self.with_grad { k * h } else { 0 });
         for r0 in (0..k).step_by(per) {

@@ -322,20 +322,17 @@ impl Llama {
         lm_head: Option<Tensor>,
     ) -> Result<Self> {
         cfg.validate().map_err(candle_core::Error::msg)?;
-        let check = |name: &str, t: &Tensor, dims: &[usize]| {
-            if t.dims() != dims {
-                candle_core::bail!(
-                    "weight `{name}` has shape {:?}, expected {dims:?}",
-                    t.dims()
-                )
+        let check = |name: &str, t: &[usize], dims: &[usize]| {
+            if t != dims {
+                candle_core::bail!("weight `{name}` has shape {t:?}, expected {dims:?}")
             }
             Ok(())
         };
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
-        check("model.embed_tokens.weight", &embed_tokens, &[v, h])?;
-        check("model.norm.weight", &norm, &[h])?;
+        check("model.embed_tokens.weight", embed_tokens.dims(), &[v, h])?;
+        check("model.norm.weight", norm.dims(), &[h])?;
         if let Some(head) = &lm_head {
-            check("lm_head.weight", head, &[v, h])?;
+            check("lm_head.weight", head.dims(), &[v, h])?;
         }
         if layers.len() != cfg.num_hidden_layers {
             candle_core::bail!(
@@ -347,28 +344,25 @@ impl Llama {
         for (i, l) in layers.iter().enumerate() {
             check(
                 &format!("model.layers.{i}.input_layernorm.weight"),
-                &l.input_layernorm,
+                l.input_layernorm.dims(),
                 &[h],
             )?;
             check(
                 &format!("model.layers.{i}.post_attention_layernorm.weight"),
-                &l.post_attention_layernorm,
+                l.post_attention_layernorm.dims(),
                 &[h],
             )?;
             for p in Projection::ALL {
                 let (din, dout) = p.dims(&cfg);
-                let name = format!("model.layers.{i}.{}.weight", p.path());
                 let (rows, cols) = l.weight(p).dims()?;
-                if (rows, cols) != (dout, din) {
-                    candle_core::bail!(
-                        "weight `{name}` has shape {:?}, expected {:?}",
-                        [rows, cols],
-                        [dout, din]
-                    )
-                }
+                check(
+                    &format!("model.layers.{i}.{}.weight", p.path()),
+                    &[rows, cols],
+                    &[dout, din],
+                )?;
                 let bias = format!("model.layers.{i}.{}.bias", p.path());
                 match (l.bias(p), cfg.has_bias(p)) {
-                    (Some(b), true) => check(&bias, b, &[dout])?,
+                    (Some(b), true) => check(&bias, b.dims(), &[dout])?,
                     (None, false) => {}
                     (Some(_), false) => {
                         candle_core::bail!("weight `{bias}` is given, the config has no such bias")
